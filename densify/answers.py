@@ -1,0 +1,127 @@
+"""Answers: engine texts -> values, with a failure record for every answer that gives none."""
+
+from __future__ import annotations
+
+import math
+import re
+from collections import Counter
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from densify.engines.base import Completion
+from densify.profiles import Profile, Question
+
+THINK_RE = re.compile(r"<think>.*?</think>", re.DOTALL)
+
+# failure kinds
+MISSING_TAG = "missing_tag"
+NOT_A_NUMBER = "not_a_number"
+NON_POSITIVE = "non_positive"
+NO_MATCH = "no_match"
+ENGINE_ERROR = "engine_error"
+
+
+@dataclass
+class Parsed:
+    value: object | None
+    failure: str | None = None
+
+
+def _compiled(regex: str, flags=0) -> re.Pattern:
+    return _cache.setdefault((regex, flags), re.compile(regex, flags))
+
+
+_cache: dict = {}
+
+
+def _num(s: str) -> float | None:
+    try:
+        v = float(s)
+    except ValueError:
+        return None
+    return v if math.isfinite(v) else None
+
+
+def parse_text(question: Question, text: str) -> Parsed:
+    body = THINK_RE.sub("", text) if question.strip_think else text
+    kind = question.parser
+    if kind == "depth":
+        m = _compiled(question.regex).search(body)
+        if m is None:
+            return Parsed(None, NOT_A_NUMBER if "<answer>" in body else MISSING_TAG)
+        v = _num(m.group(1))
+        if v is None:
+            return Parsed(None, NOT_A_NUMBER)
+        if v <= 0:
+            return Parsed(None, NON_POSITIVE)
+        return Parsed(v)
+    if kind == "euler":
+        out = []
+        for axis in ("yaw", "pitch", "roll"):
+            m = _compiled(question.regex.replace("{axis}", axis), re.IGNORECASE).search(body)
+            if m is None:
+                return Parsed(None, NO_MATCH)
+            out.append(float(m.group(1)))
+        return Parsed(tuple(out))
+    m = _compiled(question.regex, re.IGNORECASE if kind == "distance" else 0).search(body)
+    if m is None:
+        return Parsed(None, NO_MATCH)
+    vals = [_num(g) for g in m.groups()]
+    if any(v is None for v in vals):
+        return Parsed(None, NOT_A_NUMBER)
+    if kind in ("angle", "distance"):
+        if kind == "distance" and vals[0] < 0:
+            return Parsed(None, NON_POSITIVE)
+        return Parsed(vals[0])
+    return Parsed(tuple(vals))
+
+
+def parse_completion(question: Question, c: Completion) -> Parsed:
+    if c.error is not None:
+        return Parsed(None, ENGINE_ERROR)
+    return parse_text(question, c.text)
+
+
+@dataclass
+class PointAnswers:
+    """Answers about points of one image (depth) or one pair (correspondences)."""
+
+    pixels: np.ndarray            # Nx2 original pixels asked about
+    prompt_xy: np.ndarray | None  # Nx2 prompt coordinates (None for marker profiles)
+    texts: list[str]
+    values: np.ndarray            # N (depth, metres) or Nx2 (matched pixel in image 2, original px); NaN = none
+    failures: list[str | None]
+    logprobs: np.ndarray          # N, NaN when not reported
+    errors: list[str | None] = field(default_factory=list)
+
+    @property
+    def valid(self) -> np.ndarray:
+        return np.array([f is None for f in self.failures], dtype=bool)
+
+    def failure_counts(self) -> dict[str, int]:
+        return dict(Counter(f for f in self.failures if f is not None))
+
+    def records(self):
+        """One JSON-ready dict per answer (for answers.jsonl)."""
+        for i, text in enumerate(self.texts):
+            v = self.values[i]
+            val = None if np.any(np.isnan(v)) else (np.asarray(v).tolist())
+            yield {"pixel": [float(p) for p in self.pixels[i]],
+                   "prompt": None if self.prompt_xy is None else [int(p) for p in self.prompt_xy[i]],
+                   "text": text, "value": val, "failure": self.failures[i],
+                   "logprob": None if np.isnan(self.logprobs[i]) else float(self.logprobs[i])}
+
+
+def collect_depth(profile: Profile, pixels: np.ndarray, prompt_xy, completions: list[Completion]) -> PointAnswers:
+    q = profile.question
+    vals = np.full(len(completions), np.nan)
+    fails: list[str | None] = []
+    for i, c in enumerate(completions):
+        p = parse_completion(q, c)
+        fails.append(p.failure)
+        if p.failure is None:
+            vals[i] = p.value
+    lps = np.array([np.nan if c.logprob is None else c.logprob for c in completions], dtype=float)
+    return PointAnswers(np.asarray(pixels), prompt_xy, [c.text for c in completions], vals, fails, lps,
+                        [c.error for c in completions])

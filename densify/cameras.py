@@ -1,0 +1,246 @@
+"""Cameras: intrinsics from sidecars or JSONL, and the exact pixel mappings a model profile needs.
+
+Coordinate conventions (from the published formats): a pixel position is a float (x, y) in the
+image's own pixel grid; resizing is a pure scale, x' = x * W' / W (no half-pixel shift), which is what
+the VLM3 release does (600x400 -> 1024x683 maps x=264 to 450.56).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+DEFAULT_HFOV_DEG = 60.0
+
+
+class CameraError(ValueError):
+    """Bad or missing intrinsics; the message names the file and the fix."""
+
+
+@dataclass(frozen=True)
+class Camera:
+    """Pinhole intrinsics of one image, in that image's pixels."""
+
+    fx: float
+    fy: float
+    cx: float
+    cy: float
+    width: int
+    height: int
+    source: str = "given"
+    """Where the intrinsics came from: 'given', 'sidecar', 'jsonl' or 'default-fov'."""
+
+    def __post_init__(self) -> None:
+        vals = (self.fx, self.fy, self.cx, self.cy)
+        if not all(math.isfinite(v) for v in vals):
+            raise CameraError(f"intrinsics must be finite numbers, got fx,fy,cx,cy={vals}")
+        if self.fx <= 0 or self.fy <= 0:
+            raise CameraError(f"focal lengths must be positive, got fx={self.fx}, fy={self.fy}")
+        if self.width <= 0 or self.height <= 0:
+            raise CameraError(f"image size must be positive, got {self.width}x{self.height}")
+
+    @property
+    def K(self) -> np.ndarray:
+        return np.array([[self.fx, 0, self.cx], [0, self.fy, self.cy], [0, 0, 1]], dtype=np.float64)
+
+    def scaled(self, width: int, height: int) -> "Camera":
+        """The same camera after resizing the image to width x height (pure scale)."""
+        sx, sy = width / self.width, height / self.height
+        return Camera(self.fx * sx, self.fy * sy, self.cx * sx, self.cy * sy, width, height, self.source)
+
+    def to_dict(self) -> dict:
+        return {"fx": self.fx, "fy": self.fy, "cx": self.cx, "cy": self.cy,
+                "width": self.width, "height": self.height, "source": self.source}
+
+    @classmethod
+    def from_list(cls, values, width: int | None = None, height: int | None = None,
+                  source: str = "given") -> "Camera":
+        """From [fx, fy, cx, cy] or the DepthLM/iBims form [fx, fy, cx, cy, W, H]."""
+        try:
+            vals = [float(v) for v in values]
+        except (TypeError, ValueError) as exc:
+            raise CameraError(f"intrinsics must be numbers [fx, fy, cx, cy(, W, H)], got {values!r}") from exc
+        if len(vals) == 6:
+            w, h = int(round(vals[4])), int(round(vals[5]))
+        elif len(vals) == 4 and width and height:
+            w, h = width, height
+        else:
+            raise CameraError(f"intrinsics need [fx, fy, cx, cy] plus the image size, or "
+                              f"[fx, fy, cx, cy, W, H]; got {values!r}")
+        cam = cls(vals[0], vals[1], vals[2], vals[3], w, h, source)
+        if width and height and (w, h) != (width, height):
+            # Intrinsics given for another resolution of the same image: rescale.
+            cam = cam.scaled(width, height)
+        return cam
+
+    @classmethod
+    def default(cls, width: int, height: int, hfov_deg: float = DEFAULT_HFOV_DEG) -> "Camera":
+        f = 0.5 * width / math.tan(math.radians(hfov_deg) / 2)
+        return cls(f, f, width / 2, height / 2, width, height, "default-fov")
+
+
+def parse_intrinsics_arg(text: str) -> list[float]:
+    """'fx,fy,cx,cy' from the command line."""
+    try:
+        vals = [float(v) for v in text.replace(" ", "").split(",") if v]
+    except ValueError as exc:
+        raise CameraError(f"--intrinsics must be 'fx,fy,cx,cy' numbers, got {text!r}") from exc
+    if len(vals) not in (4, 6):
+        raise CameraError(f"--intrinsics must be 'fx,fy,cx,cy' (4 numbers), got {text!r}")
+    return vals
+
+
+def read_sidecar(path: Path, width: int, height: int) -> Camera:
+    """A JSON sidecar: {"fx":..,"fy":..,"cx":..,"cy":..} or {"intrinsics": [...]} or {"K": 3x3}."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise CameraError(f"{path}: cannot read intrinsics JSON ({exc}); fix or delete the file") from exc
+    try:
+        if "intrinsics" in data:
+            return Camera.from_list(data["intrinsics"], width, height, source="sidecar")
+        if "K" in data:
+            K = np.asarray(data["K"], dtype=float).reshape(3, 3)
+            vals = [K[0, 0], K[1, 1], K[0, 2], K[1, 2]]
+        else:
+            vals = [data["fx"], data["fy"], data["cx"], data["cy"]]
+        w = int(data.get("width", width))
+        h = int(data.get("height", height))
+        return Camera.from_list(vals + [w, h], width, height, source="sidecar")
+    except CameraError as exc:
+        raise CameraError(f"{path}: {exc}") from exc
+    except (KeyError, TypeError, ValueError) as exc:
+        raise CameraError(f"{path}: intrinsics JSON needs fx, fy, cx, cy (or 'intrinsics' or 'K'); "
+                          f"problem: {exc!r}") from exc
+
+
+def sidecar_path(image_path: Path) -> Path | None:
+    """`img.json` or `img.png.json` beside the image, if present."""
+    for cand in (image_path.with_suffix(".json"), image_path.with_name(image_path.name + ".json")):
+        if cand.is_file():
+            return cand
+    return None
+
+
+def resolve_camera(image_path: Path | None, width: int, height: int, given=None,
+                   default_hfov_deg: float = DEFAULT_HFOV_DEG) -> Camera:
+    """Explicit values, else a sidecar, else a default field of view (with a warning)."""
+    if given is not None:
+        return given if isinstance(given, Camera) else Camera.from_list(given, width, height)
+    if image_path is not None:
+        side = sidecar_path(Path(image_path))
+        if side is not None:
+            return read_sidecar(side, width, height)
+    log.warning("%s: no intrinsics given; assuming a %.0f degree horizontal field of view. Metric depth "
+                "will be off by the focal error: pass --intrinsics or add a JSON sidecar.",
+                image_path or "image", default_hfov_deg)
+    return Camera.default(width, height, default_hfov_deg)
+
+
+@dataclass(frozen=True)
+class PixelMap:
+    """Exact two-way mapping: original pixel <-> preprocessed pixel <-> prompt coordinates.
+
+    `range_` is the prompt's normalised range (2000 for VLM3-depth, 1000 for VLM3-corr); prompt
+    coordinates are Python-rounded (half to even, as the release's `round`).
+    """
+
+    orig_size: tuple[int, int]
+    pre_size: tuple[int, int]
+    range_: int | None = None
+
+    @property
+    def sx(self) -> float:
+        return self.pre_size[0] / self.orig_size[0]
+
+    @property
+    def sy(self) -> float:
+        return self.pre_size[1] / self.orig_size[1]
+
+    def to_pre(self, x, y):
+        return np.asarray(x, float) * self.pre_size[0] / self.orig_size[0], \
+            np.asarray(y, float) * self.pre_size[1] / self.orig_size[1]
+
+    def to_orig(self, xp, yp):
+        return np.asarray(xp, float) * self.orig_size[0] / self.pre_size[0], \
+            np.asarray(yp, float) * self.orig_size[1] / self.pre_size[1]
+
+    def pre_to_prompt_float(self, xp, yp):
+        if self.range_ is None:
+            raise ValueError("this profile has no prompt coordinates")
+        return np.asarray(xp, float) / self.pre_size[0] * self.range_, \
+            np.asarray(yp, float) / self.pre_size[1] * self.range_
+
+    def to_prompt(self, x: float, y: float) -> tuple[int, int]:
+        """Original pixel -> integer prompt coordinates, computed the way the release does."""
+        xp, yp = self.to_pre(x, y)
+        u, v = self.pre_to_prompt_float(xp, yp)
+        return int(round(float(u))), int(round(float(v)))
+
+    def prompt_to_pre(self, u, v):
+        return np.asarray(u, float) / self.range_ * self.pre_size[0], \
+            np.asarray(v, float) / self.range_ * self.pre_size[1]
+
+    def prompt_to_orig(self, u, v):
+        return self.to_orig(*self.prompt_to_pre(u, v))
+
+
+@dataclass
+class PreparedImage:
+    """An image as a model profile wants it: undistorted, resized, and its pixel map."""
+
+    pixels: np.ndarray  # HxWx3 uint8 RGB
+    camera: Camera      # intrinsics of `pixels`
+    pixel_map: PixelMap
+    meta: dict = field(default_factory=dict)
+
+
+def preprocessed_size(camera: Camera, *, focal: float | None = None, max_side: int | None = None,
+                      square_pixels: bool = True) -> tuple[int, int]:
+    """The size a profile resizes an image to.
+
+    focal: scale so fx == focal (new size = round(W * s), round(H' * s), s = focal / fx), after first
+    resampling rows so fy == fx when `square_pixels` and fx != fy.
+    max_side: scale so max(W, H) == max_side.
+    """
+    w, h = camera.width, camera.height
+    if focal is not None:
+        if square_pixels and camera.fx != camera.fy:
+            h = int(round(h * camera.fx / camera.fy))
+        s = focal / camera.fx
+        return int(round(w * s)), int(round(h * s))
+    if max_side is not None:
+        s = max_side / max(w, h)
+        return int(round(w * s)), int(round(h * s))
+    return w, h
+
+
+def resize_rgb(rgb: np.ndarray, size: tuple[int, int], resample: str = "bicubic") -> np.ndarray:
+    """Resize with PIL, as the Hugging Face image pipelines of the releases do."""
+    from PIL import Image
+
+    if (rgb.shape[1], rgb.shape[0]) == tuple(size):
+        return rgb
+    modes = {"bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR, "lanczos": Image.LANCZOS,
+             "nearest": Image.NEAREST, "area": Image.BOX}
+    return np.asarray(Image.fromarray(rgb).resize(tuple(size), modes[resample]))
+
+
+def prepare_image(rgb: np.ndarray, camera: Camera, *, focal: float | None = None,
+                  max_side: int | None = None, square_pixels: bool = True, coord_range: int | None = None,
+                  resample: str = "bicubic") -> PreparedImage:
+    """Undistort (square pixels) and resize an image for a profile, keeping the exact pixel map."""
+    if rgb.shape[1] != camera.width or rgb.shape[0] != camera.height:
+        raise CameraError(f"intrinsics are for {camera.width}x{camera.height} but the image is "
+                          f"{rgb.shape[1]}x{rgb.shape[0]}")
+    size = preprocessed_size(camera, focal=focal, max_side=max_side, square_pixels=square_pixels)
+    pixels = resize_rgb(rgb, size, resample)
+    pmap = PixelMap((camera.width, camera.height), size, coord_range)
+    return PreparedImage(pixels, camera.scaled(*size), pmap)

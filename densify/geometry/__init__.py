@@ -1,0 +1,1 @@
+"""Geometry: point clouds, relative poses, pose graphs and fusion."""

@@ -1,0 +1,106 @@
+"""Model profiles: everything model-specific (preprocessing, coordinates, templates, parsers, limits).
+
+Profiles are YAML files in configs/profiles/, validated on load; nothing in the pipeline branches on a
+model name.
+"""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from densify.config import config_dir, load_yaml_model
+
+
+class Preprocess(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    focal: float | None = Field(None, description="resize so the focal length is this many pixels")
+    max_side: int | None = Field(None, description="resize so max(W, H) equals this")
+    square_pixels: bool = Field(True, description="resample rows first when fx != fy")
+    resample: Literal["bicubic", "bilinear", "lanczos", "nearest", "area"] = "bicubic"
+
+    @model_validator(mode="after")
+    def _one_rule(self):
+        if (self.focal is None) == (self.max_side is None):
+            raise ValueError("set exactly one of preprocess.focal and preprocess.max_side")
+        return self
+
+
+class Marker(BaseModel):
+    """A mark drawn on the image at the queried pixel (DepthLM's red arrow)."""
+    model_config = ConfigDict(extra="forbid")
+    kind: Literal["arrow"] = "arrow"
+    color: tuple[int, int, int] = (255, 0, 0)
+    length: float = Field(40.0, description="arrow length in preprocessed pixels")
+    thickness: int = 3
+    angle_deg: float = Field(225.0, description="direction the arrow comes from (225: from lower left)")
+    tip_length: float = 0.3
+
+
+class Question(BaseModel):
+    """One kind of question a profile asks, with its exact template and parser."""
+    model_config = ConfigDict(extra="forbid")
+    template: str = Field(description="exact text; {x} {y} (or {x1} {y1}) are prompt coordinates")
+    parser: Literal["depth", "xy", "angle", "euler", "vector3", "distance"]
+    regex: str = Field(description="the release's answer regex (Python syntax)")
+    strip_think: bool = Field(False, description="remove <think>...</think> before matching")
+    structured_regex: str | None = Field(None, description="optional regex for guided decoding")
+    max_tokens: int = 256
+
+
+class Profile(BaseModel):
+    """A point-query model's trained input format."""
+    model_config = ConfigDict(extra="forbid")
+    name: str
+    model: str = Field(description="checkpoint name or path")
+    task: Literal["depth", "corr", "pose"]
+    images_per_query: Literal[1, 2] = 1
+    preprocess: Preprocess
+    coord_range: int | None = Field(None, description="prompt coordinates are in [0, coord_range)")
+    marker: Marker | None = None
+    system_prompt: str | None = None
+    suffix: str = Field("", description="appended to every question (e.g. a thinking request)")
+    prefill: str | None = Field(None, description="assistant-answer prefix; off unless set")
+    questions: dict[str, Question]
+    default_question: str
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.default_question not in self.questions:
+            raise ValueError(f"default_question {self.default_question!r} is not in questions")
+        if self.marker is None and self.coord_range is None and self.task in ("depth", "corr"):
+            raise ValueError("a depth or corr profile needs coord_range or a marker")
+        return self
+
+    @property
+    def question(self) -> Question:
+        return self.questions[self.default_question]
+
+
+def profiles_dir() -> Path:
+    return config_dir() / "profiles"
+
+
+def available_profiles() -> list[str]:
+    return sorted(p.stem for p in profiles_dir().glob("*.yaml"))
+
+
+@functools.lru_cache(maxsize=None)
+def _load_named(name: str) -> Profile:
+    path = profiles_dir() / f"{name}.yaml"
+    if not path.is_file():
+        raise KeyError(f"unknown profile {name!r}; available: {', '.join(available_profiles())} "
+                       f"(or pass a path to a profile YAML)")
+    return load_yaml_model(Profile, path)
+
+
+def load_profile(name_or_path: str | Path | Profile) -> Profile:
+    if isinstance(name_or_path, Profile):
+        return name_or_path
+    p = Path(name_or_path)
+    if p.suffix in (".yaml", ".yml") and p.is_file():
+        return load_yaml_model(Profile, p)
+    return _load_named(str(name_or_path))
