@@ -62,6 +62,7 @@ def label_truth(prep: PreparedImage, pixels: np.ndarray, depth: np.ndarray) -> G
 
 class SimulatedEngine:
     name = "simulated"
+    uses_truth = True
 
     def __init__(self, profile: Profile | str, *, seed: int = 0, error: ErrorModel | dict | None = None,
                  noise: bool = True):

@@ -1,0 +1,5 @@
+import sys
+
+from densify.cli import main
+
+sys.exit(main())

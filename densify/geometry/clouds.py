@@ -1,0 +1,36 @@
+"""Depth maps -> coloured point clouds in the camera frame (x right, y down, z forward)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from densify.cameras import Camera
+
+
+def backproject(depth: np.ndarray, camera: Camera, mask: np.ndarray | None = None,
+                stride: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    """Pixels with depth -> (Nx3 points in metres, Nx2 pixel indices (x, y)). Pixel (x, y) is the ray
+    through (x, y), the same convention as the prompts."""
+    h, w = depth.shape
+    ys, xs = np.mgrid[0:h:stride, 0:w:stride]
+    z = depth[::stride, ::stride]
+    ok = np.isfinite(z) & (z > 0)
+    if mask is not None:
+        ok &= mask[::stride, ::stride]
+    xs, ys, z = xs[ok], ys[ok], z[ok].astype(np.float64)
+    pts = np.stack([(xs - camera.cx) / camera.fx * z, (ys - camera.cy) / camera.fy * z, z], 1)
+    return pts, np.stack([xs, ys], 1)
+
+
+def depth_to_cloud(depth: np.ndarray, rgb: np.ndarray, camera: Camera, *, mask: np.ndarray | None = None,
+                   stride: int = 1, cam_to_world: np.ndarray | None = None):
+    """An Open3D point cloud (coloured) from a depth map; in world coordinates when a pose is given."""
+    import open3d as o3d
+
+    pts, pix = backproject(depth, camera, mask, stride)
+    if cam_to_world is not None:
+        T = np.asarray(cam_to_world, float)
+        pts = pts @ T[:3, :3].T + T[:3, 3]
+    pc = o3d.geometry.PointCloud(o3d.utility.Vector3dVector(pts))
+    pc.colors = o3d.utility.Vector3dVector(rgb[pix[:, 1], pix[:, 0]].astype(np.float64) / 255.0)
+    return pc
