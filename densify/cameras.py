@@ -148,29 +148,31 @@ def resolve_camera(image_path: Path | None, width: int, height: int, given=None,
 class PixelMap:
     """Exact two-way mapping: original pixel <-> preprocessed pixel <-> prompt coordinates.
 
-    `range_` is the prompt's normalised range (2000 for VLM3-depth, 1000 for VLM3-corr); prompt
-    coordinates are Python-rounded (half to even, as the release's `round`).
+    The releases scale coordinates by the exact resize factor (e.g. 1024 / 600 on both axes), then
+    normalise by the *rounded* resized size: (264, 24) in 600x400 -> (450.56, 40.96) in 1024x683 ->
+    (440.0, 59.971) -> prompt (440, 60). `range_` is the prompt's normalised range (2000 for VLM3-depth,
+    1000 for VLM3-corr); prompt coordinates are Python-rounded (half to even, as the release's `round`).
     """
 
     orig_size: tuple[int, int]
     pre_size: tuple[int, int]
     range_: int | None = None
+    scale: tuple[float, float] | None = None
+    """Exact (sx, sy) resize factors; default: the ratio of the sizes."""
 
     @property
     def sx(self) -> float:
-        return self.pre_size[0] / self.orig_size[0]
+        return self.scale[0] if self.scale else self.pre_size[0] / self.orig_size[0]
 
     @property
     def sy(self) -> float:
-        return self.pre_size[1] / self.orig_size[1]
+        return self.scale[1] if self.scale else self.pre_size[1] / self.orig_size[1]
 
     def to_pre(self, x, y):
-        return np.asarray(x, float) * self.pre_size[0] / self.orig_size[0], \
-            np.asarray(y, float) * self.pre_size[1] / self.orig_size[1]
+        return np.asarray(x, float) * self.sx, np.asarray(y, float) * self.sy
 
     def to_orig(self, xp, yp):
-        return np.asarray(xp, float) * self.orig_size[0] / self.pre_size[0], \
-            np.asarray(yp, float) * self.orig_size[1] / self.pre_size[1]
+        return np.asarray(xp, float) / self.sx, np.asarray(yp, float) / self.sy
 
     def pre_to_prompt_float(self, xp, yp):
         if self.range_ is None:
@@ -202,24 +204,29 @@ class PreparedImage:
     meta: dict = field(default_factory=dict)
 
 
-def preprocessed_size(camera: Camera, *, focal: float | None = None, max_side: int | None = None,
-                      square_pixels: bool = True) -> tuple[int, int]:
-    """The size a profile resizes an image to.
+def preprocess_scale(camera: Camera, *, focal: float | None = None, max_side: int | None = None,
+                     square_pixels: bool = True) -> tuple[tuple[int, int], tuple[float, float]]:
+    """The size a profile resizes an image to, and the exact per-axis coordinate scale.
 
-    focal: scale so fx == focal (new size = round(W * s), round(H' * s), s = focal / fx), after first
-    resampling rows so fy == fx when `square_pixels` and fx != fy.
-    max_side: scale so max(W, H) == max_side.
+    focal: scale so the focal length becomes `focal` (s = focal / fx; new size round(W * s), round(H' * s),
+    where H' = round(H * fx / fy) resamples rows to square pixels when fx != fy; coordinates scale by
+    focal / fx and focal / fy). max_side: scale so max(W, H) == max_side.
     """
     w, h = camera.width, camera.height
     if focal is not None:
-        if square_pixels and camera.fx != camera.fy:
-            h = int(round(h * camera.fx / camera.fy))
         s = focal / camera.fx
-        return int(round(w * s)), int(round(h * s))
+        if square_pixels and camera.fx != camera.fy:
+            h1 = int(round(h * camera.fx / camera.fy))
+            return (int(round(w * s)), int(round(h1 * s))), (s, focal / camera.fy)
+        return (int(round(w * s)), int(round(h * s))), (s, s)
     if max_side is not None:
         s = max_side / max(w, h)
-        return int(round(w * s)), int(round(h * s))
-    return w, h
+        return (int(round(w * s)), int(round(h * s))), (s, s)
+    return (w, h), (1.0, 1.0)
+
+
+def preprocessed_size(camera: Camera, **kwargs) -> tuple[int, int]:
+    return preprocess_scale(camera, **kwargs)[0]
 
 
 def resize_rgb(rgb: np.ndarray, size: tuple[int, int], resample: str = "bicubic") -> np.ndarray:
@@ -240,7 +247,9 @@ def prepare_image(rgb: np.ndarray, camera: Camera, *, focal: float | None = None
     if rgb.shape[1] != camera.width or rgb.shape[0] != camera.height:
         raise CameraError(f"intrinsics are for {camera.width}x{camera.height} but the image is "
                           f"{rgb.shape[1]}x{rgb.shape[0]}")
-    size = preprocessed_size(camera, focal=focal, max_side=max_side, square_pixels=square_pixels)
+    size, scale = preprocess_scale(camera, focal=focal, max_side=max_side, square_pixels=square_pixels)
     pixels = resize_rgb(rgb, size, resample)
-    pmap = PixelMap((camera.width, camera.height), size, coord_range)
-    return PreparedImage(pixels, camera.scaled(*size), pmap)
+    pmap = PixelMap((camera.width, camera.height), size, coord_range, scale)
+    c = camera
+    pre_cam = Camera(c.fx * scale[0], c.fy * scale[1], c.cx * scale[0], c.cy * scale[1], size[0], size[1], c.source)
+    return PreparedImage(pixels, pre_cam, pmap)

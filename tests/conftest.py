@@ -1,0 +1,35 @@
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+IBIMS = SHARED / "data" / "ibims1-sample" / "ibims1_sample.jsonl"
+MODEL_FORMATS = SHARED / "reference" / "model-formats.md"
+
+
+def pytest_collection_modifyitems(config, items):
+    try:
+        import torch
+        has_cuda = torch.cuda.is_available()
+    except Exception:
+        has_cuda = False
+    if not has_cuda:
+        skip = pytest.mark.skip(reason="needs a CUDA GPU (gpu marker)")
+        for item in items:
+            if "gpu" in item.keywords:
+                item.add_marker(skip)
+
+
+@pytest.fixture
+def rng():
+    return np.random.default_rng(0)
+
+
+@pytest.fixture
+def textured_image(rng):
+    """A 640x480 RGB image with structure (for tests that need a real-looking input)."""
+    import cv2
+    img = (rng.random((60, 80, 3)) * 255).astype(np.uint8)
+    return cv2.resize(img, (640, 480), interpolation=cv2.INTER_CUBIC)
