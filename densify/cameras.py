@@ -186,6 +186,12 @@ class PixelMap:
         u, v = self.pre_to_prompt_float(xp, yp)
         return int(round(float(u))), int(round(float(v)))
 
+    def to_prompt_array(self, xy: np.ndarray) -> np.ndarray:
+        """Vectorised to_prompt (np.rint rounds half to even exactly like Python's round)."""
+        xy = np.asarray(xy, float).reshape(-1, 2)
+        u, v = self.pre_to_prompt_float(*self.to_pre(xy[:, 0], xy[:, 1]))
+        return np.stack([np.rint(u), np.rint(v)], 1).astype(np.int64)
+
     def prompt_to_pre(self, u, v):
         return np.asarray(u, float) / self.range_ * self.pre_size[0], \
             np.asarray(v, float) / self.range_ * self.pre_size[1]

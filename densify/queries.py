@@ -71,7 +71,7 @@ def plan_queries(points: np.ndarray, pixel_map: PixelMap, *, dedupe: bool = True
             _, keep = np.unique(np.round(pts).astype(np.int64), axis=0, return_index=True)
             pts = pts[np.sort(keep)]
         return QueryPlan(pts, None)
-    prompt = np.array([pixel_map.to_prompt(x, y) for x, y in pts], dtype=np.int64).reshape(-1, 2)
+    prompt = pixel_map.to_prompt_array(pts)
     if dedupe and len(prompt):
         _, keep = np.unique(prompt, axis=0, return_index=True)
         keep = np.sort(keep)

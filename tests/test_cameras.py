@@ -98,3 +98,11 @@ def test_bad_sidecar_names_file(tmp_path, content, match):
     with pytest.raises(CameraError, match=match) as e:
         read_sidecar(p, 640, 480)
     assert str(p) in str(e.value)
+
+
+def test_vectorised_prompt_rounding_matches_python_round(rng):
+    cam = Camera(559.62, 558.14, 361.87, 241.99, 640, 480)
+    pm = prepare_image(np.zeros((480, 640, 3), np.uint8), cam, focal=1000, coord_range=2000).pixel_map
+    pts = np.c_[rng.uniform(0, 640, 5000), rng.uniform(0, 480, 5000)]
+    pts = np.r_[pts, np.mgrid[0:640:7, 0:480:5].reshape(2, -1).T]
+    assert np.array_equal(pm.to_prompt_array(pts), np.array([pm.to_prompt(x, y) for x, y in pts]))
