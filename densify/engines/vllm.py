@@ -1,0 +1,478 @@
+"""The `vllm` engine: an in-process `vllm.LLM` on one GPU (or one tensor-parallel group).
+
+Built for this workload: thousands of short greedy questions about the same image. All queries of an
+image are submitted together; their prompts share the image's tokens as a prefix, so with prefix caching
+the image is encoded and prefilled once and every further query only prefills its own ~60 text tokens.
+`stream(batches)` keeps the engine fed: the next image's queries are submitted while the last ones of the
+current image are still decoding (no idle tail between images), but only once the current image is mostly
+scheduled, so the running batch is dominated by one shared prefix.
+
+Prompts are rendered with the model's chat template exactly as the hf engine does (optional system
+message; one user turn holding the images, then the text; the generation prompt; then the optional
+prefill, which is also put back at the start of each answer). Images go in as PIL images with their
+`PromptImage.uid` as `multi_modal_uuids`, so vLLM's processor and encoder caches key on the uid and the
+image is neither re-hashed nor re-processed per query.
+
+Options (engine.options in a pipeline config) are the explicit keyword arguments of `VLLMEngine`; any
+other keyword goes to `vllm.LLM` unchanged. vLLM is imported only when an engine is built.
+"""
+
+from __future__ import annotations
+
+import collections
+import gc
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Iterator
+
+from densify.engines import register_engine
+from densify.engines.base import Completion, EngineBatch, EngineError, PromptImage, Query, Sampling, check_batch
+from densify.profiles import Profile, load_profile
+
+log = logging.getLogger(__name__)
+
+# Defaults for thousands of short requests per image (see benchmarks/engine_bench.py and
+# benchmarks/results/): large running batches and large prefill steps amortise the per-step overhead;
+# prefix caching is what makes per-image batching pay.
+DEFAULT_MAX_NUM_SEQS = 1024
+DEFAULT_MAX_NUM_BATCHED_TOKENS = 32768
+DEFAULT_MAX_MODEL_LEN = 8192
+DEFAULT_GPU_MEMORY_UTILIZATION = 0.90
+
+_OOM_WORDS = ("out of memory", "outofmemory", "cuda error: out of memory", "no available memory",
+              "insufficient memory", "not enough memory", "cublas_status_alloc_failed",
+              "less than desired gpu memory utilization", "kv cache", "cache blocks")
+
+
+def _oom_advice(opts: dict) -> str:
+    return (f"lower gpu_memory_utilization (now {opts.get('gpu_memory_utilization')}) if other processes use "
+            f"the GPU, or lower max_num_seqs (now {opts.get('max_num_seqs')}), max_num_batched_tokens (now "
+            f"{opts.get('max_num_batched_tokens')}) or max_model_len (now {opts.get('max_model_len')}); "
+            f"a larger model needs quantization='fp8' or tensor_parallel_size > 1")
+
+
+def _looks_like_oom(exc: BaseException) -> bool:
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        name = type(exc).__name__.lower()
+        if "outofmemory" in name or any(w in str(exc).lower() for w in _OOM_WORDS):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
+# ---------------------------------------------------------------------------------------------- prompts
+_SENTINEL = "\x00DENSIFY_QUERY_TEXT\x00"
+
+
+def chat_messages(n_images: int, text: str, system_prompt: str | None = None) -> list[dict]:
+    """The conversation the VLM3/DepthLM releases send: [system], user(images..., text)."""
+    msgs: list[dict] = []
+    if system_prompt:
+        msgs.append({"role": "system", "content": system_prompt})
+    content = [{"type": "image"} for _ in range(n_images)] + [{"type": "text", "text": text}]
+    msgs.append({"role": "user", "content": content})
+    return msgs
+
+
+class PromptRenderer:
+    """Chat-template rendering, cached per (images, system prompt, prefill).
+
+    The template is rendered once around a sentinel text and split there; each query's prompt is then
+    prefix + text + suffix. The split is checked against a full rendering of the first real query, and
+    a template that changes the text (or does not contain it once) falls back to full rendering.
+    """
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self._parts: dict[tuple, tuple[str, str] | None] = {}
+
+    def full(self, n_images: int, text: str, system_prompt: str | None, prefill: str | None) -> str:
+        out = self.tokenizer.apply_chat_template(chat_messages(n_images, text, system_prompt), tokenize=False,
+                                                 add_generation_prompt=True)
+        if not isinstance(out, str):
+            raise EngineError(f"the tokenizer's chat template returned {type(out).__name__}, not text")
+        return out + (prefill or "")
+
+    def __call__(self, n_images: int, text: str, system_prompt: str | None = None,
+                 prefill: str | None = None) -> str:
+        key = (n_images, system_prompt, prefill)
+        if key not in self._parts:
+            parts = None
+            whole = self.full(n_images, _SENTINEL, system_prompt, prefill)
+            if whole.count(_SENTINEL) == 1:
+                pre, post = whole.split(_SENTINEL)
+                if pre + text + post == self.full(n_images, text, system_prompt, prefill):
+                    parts = (pre, post)
+            if parts is None:
+                log.warning("chat template does not render query text verbatim; rendering every prompt in full")
+            self._parts[key] = parts
+        parts = self._parts[key]
+        if parts is None:
+            return self.full(n_images, text, system_prompt, prefill)
+        return parts[0] + text + parts[1]
+
+
+class _PILCache:
+    """uid -> PIL image for the last few images (a query batch shows the same image thousands of times)."""
+
+    def __init__(self, size: int = 64):
+        self.size = size
+        self._d: collections.OrderedDict[str, Any] = collections.OrderedDict()
+
+    def get(self, img: PromptImage):
+        pil = self._d.get(img.uid)
+        if pil is None:
+            from PIL import Image
+
+            pil = Image.fromarray(img.pixels).convert("RGB")
+            self._d[img.uid] = pil
+            while len(self._d) > self.size:
+                self._d.popitem(last=False)
+        else:
+            self._d.move_to_end(img.uid)
+        return pil
+
+
+# ---------------------------------------------------------------------------------------------- engine
+@dataclass
+class _InFlight:
+    seq: int
+    batch: EngineBatch
+    completions: list
+    remaining: int
+    request_ids: list = field(default_factory=list)
+    """vLLM's internal request ids"""
+    started: float = 0.0
+
+
+class VLLMEngine:
+    """Point queries through an in-process vLLM engine (one GPU, or one tensor-parallel group).
+
+    Options (all keyword):
+      model: checkpoint folder or name (default: the profile's `model`).
+      gpu_memory_utilization: share of the GPU's memory vLLM may take (weights + activations + KV cache).
+      max_model_len: longest prompt + answer in tokens (a 1000x750 image is ~713 tokens; two 1024-wide
+        images ~1400); small values keep the memory profile small.
+      tensor_parallel_size, dtype, quantization (e.g. "fp8": online fp8 weights, ~2x matmul rate),
+      load_format ("dummy": random weights, for benchmarks), enforce_eager (off: CUDA graphs on).
+      max_num_seqs: requests decoded together (1024: a whole image's answers in a few waves).
+      max_num_batched_tokens: tokens per engine step (32768: ~500 queries' prompt suffixes per step).
+      enable_prefix_caching: reuse an image's KV across its queries (the point of per-image batches).
+      cascade_attention: let vLLM use cascade attention when the running batch shares a long prefix
+        (None: vLLM's default, which is off).
+      limit_mm_per_prompt: default {"image": profile.images_per_query, "video": 0}.
+      queries_in_flight: `stream` submits the next batch once fewer than this many queries are
+        unfinished (default 2 * max_num_seqs; 0: one batch at a time).
+      batches_in_flight: at most this many batches submitted at once (for many small batches).
+      min_tokens, ignore_eos: benchmark only - force every answer to a fixed length.
+      llm: an already built `vllm.LLM` to use (the engine then does not own it).
+      **engine_kwargs: passed to `vllm.LLM` as is (e.g. mm_processor_cache_gb, kv_cache_dtype, seed).
+    """
+
+    name = "vllm"
+    uses_truth = False
+
+    def __init__(self, profile: Profile | str, *, model: str | None = None,
+                 gpu_memory_utilization: float = DEFAULT_GPU_MEMORY_UTILIZATION,
+                 max_model_len: int | None = DEFAULT_MAX_MODEL_LEN, tensor_parallel_size: int = 1,
+                 dtype: str = "auto", max_num_seqs: int = DEFAULT_MAX_NUM_SEQS,
+                 max_num_batched_tokens: int | None = DEFAULT_MAX_NUM_BATCHED_TOKENS,
+                 enable_prefix_caching: bool = True, load_format: str = "auto", enforce_eager: bool = False,
+                 limit_mm_per_prompt: dict | None = None, quantization: str | None = None,
+                 cascade_attention: bool | None = None, queries_in_flight: int | None = None,
+                 batches_in_flight: int = 16, min_tokens: int = 0, ignore_eos: bool = False,
+                 llm: Any = None, **engine_kwargs: Any):
+        self.profile = load_profile(profile)
+        self.model = str(model or self.profile.model)
+        self.max_num_seqs = int(max_num_seqs)
+        self.queries_in_flight = 2 * self.max_num_seqs if queries_in_flight is None else int(queries_in_flight)
+        self.batches_in_flight = max(1, int(batches_in_flight))
+        self.min_tokens = int(min_tokens)
+        self.ignore_eos = bool(ignore_eos)
+        self.llm_options = dict(
+            model=self.model, gpu_memory_utilization=float(gpu_memory_utilization), max_model_len=max_model_len,
+            tensor_parallel_size=int(tensor_parallel_size), dtype=dtype, max_num_seqs=self.max_num_seqs,
+            max_num_batched_tokens=max_num_batched_tokens, enable_prefix_caching=bool(enable_prefix_caching),
+            load_format=load_format, enforce_eager=bool(enforce_eager), quantization=quantization,
+            limit_mm_per_prompt=limit_mm_per_prompt or {"image": self.profile.images_per_query, "video": 0},
+        )
+        if cascade_attention is not None:
+            self.llm_options["disable_cascade_attn"] = not cascade_attention
+        self.llm_options.update(engine_kwargs)
+        self.llm_options = {k: v for k, v in self.llm_options.items() if v is not None}
+        self._own_llm = llm is None
+        self.llm = llm if llm is not None else self._start()
+        try:
+            self._renderer = PromptRenderer(self.llm.get_tokenizer())
+        except Exception as exc:
+            raise EngineError(f"vllm engine: cannot get the tokenizer of {self.model}: {exc}") from exc
+        self._images = _PILCache()
+        self._params: dict[Sampling, Any] = {}
+        self._seq = 0
+        self.stats = collections.Counter()
+
+    # -- lifecycle
+    def _start(self):
+        try:
+            from vllm import LLM
+        except ImportError as exc:
+            raise EngineError("the vllm engine needs vLLM: pip install 'densify[vllm]' (vllm>=0.26, a CUDA "
+                              f"GPU); import failed: {exc}") from exc
+        self._check_free_memory()
+        opts = dict(self.llm_options)
+        log.info("starting vLLM: %s", {k: v for k, v in opts.items() if k != "model"})
+        t0 = time.perf_counter()
+        try:
+            llm = LLM(**opts)
+        except Exception as exc:
+            if _looks_like_oom(exc):
+                raise EngineError(f"vllm engine: out of GPU memory while starting {self.model}: "
+                                  f"{_oom_advice(opts)}. ({type(exc).__name__}: {exc})") from exc
+            raise EngineError(f"vllm engine: could not start {self.model}: {type(exc).__name__}: {exc}. If the "
+                              f"log above shows CUDA out of memory or 'No available memory for the cache blocks', "
+                              f"{_oom_advice(opts)}.") from exc
+        log.info("vLLM ready in %.1f s", time.perf_counter() - t0)
+        return llm
+
+    def _check_free_memory(self) -> None:
+        """Fail fast (instead of a hung or dead engine) when the GPU lacks the memory asked for."""
+        want = float(self.llm_options.get("gpu_memory_utilization", DEFAULT_GPU_MEMORY_UTILIZATION))
+        try:
+            import pynvml
+
+            pynvml.nvmlInit()
+            try:
+                h = pynvml.nvmlDeviceGetHandleByIndex(0)
+                mem = pynvml.nvmlDeviceGetMemoryInfo(h)
+            finally:
+                pynvml.nvmlShutdown()
+        except Exception:  # no NVML (not an NVIDIA GPU, or no GPU): vLLM reports it
+            return
+        import os
+
+        if os.environ.get("CUDA_VISIBLE_DEVICES", "0").split(",")[0] not in ("", "0"):
+            return  # device 0 is not the one vLLM will use
+        free, total = mem.free / 2**30, mem.total / 2**30
+        if free < want * total - 0.5:
+            raise EngineError(f"vllm engine: gpu_memory_utilization={want} asks for {want * total:.1f} GiB but only "
+                              f"{free:.1f} of {total:.1f} GiB are free on GPU 0 (other processes hold the rest): "
+                              f"lower gpu_memory_utilization to at most {max(0.05, free / total - 0.02):.2f} or free "
+                              f"the GPU")
+
+    def close(self) -> None:
+        llm, self.llm = getattr(self, "llm", None), None
+        if llm is None or not self._own_llm:
+            return
+        try:
+            core = getattr(getattr(llm, "llm_engine", None), "engine_core", None)
+            if core is not None and hasattr(core, "shutdown"):
+                core.shutdown()
+        except Exception as exc:  # pragma: no cover - best effort
+            log.warning("vLLM shutdown: %s", exc)
+        del llm
+        gc.collect()
+        try:
+            import torch
+
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+        except Exception:  # pragma: no cover
+            pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    # -- requests
+    def sampling_params(self, s: Sampling):
+        """The vLLM SamplingParams for a batch's Sampling (greedy; cached)."""
+        sp = self._params.get(s)
+        if sp is None:
+            from vllm import SamplingParams
+
+            kw: dict[str, Any] = dict(max_tokens=int(s.max_tokens), temperature=0.0, top_p=1.0, top_k=0)
+            if s.logprobs:
+                kw["logprobs"] = 1
+            if self.min_tokens:
+                kw["min_tokens"] = min(self.min_tokens, int(s.max_tokens))
+            if self.ignore_eos:
+                kw["ignore_eos"] = True
+            if s.structured_regex:
+                from vllm.sampling_params import StructuredOutputsParams
+
+                kw["structured_outputs"] = StructuredOutputsParams(regex=s.structured_regex)
+            sp = SamplingParams(**kw)
+            self._params[s] = sp
+        return sp
+
+    def prompt(self, batch: EngineBatch, q: Query) -> dict:
+        """One query as a vLLM prompt dict (text, PIL images, image uids)."""
+        s = batch.sampling
+        text = self._renderer(len(q.image_uids), q.text, s.system_prompt, s.prefill)
+        p: dict[str, Any] = {"prompt": text}
+        if q.image_uids:
+            p["multi_modal_data"] = {"image": [self._images.get(batch.images[u]) for u in q.image_uids]}
+            p["multi_modal_uuids"] = {"image": list(q.image_uids)}
+        return p
+
+    def prompts(self, batch: EngineBatch) -> list[dict]:
+        check_batch(batch)
+        return [self.prompt(batch, q) for q in batch.queries]
+
+    @staticmethod
+    def _completion(out, s: Sampling) -> Completion:
+        c = out.outputs[0] if getattr(out, "outputs", None) else None
+        if c is None:
+            return Completion("", error="vLLM returned no output for this query")
+        text = c.text or ""
+        if s.prefill:
+            text = s.prefill + text
+        n_gen = len(c.token_ids) if c.token_ids is not None else None
+        lp = None
+        if s.logprobs:
+            lp = getattr(c, "cumulative_logprob", None)
+            if lp is None and c.logprobs is not None:
+                lp = _sum_chosen_logprobs(c.token_ids, c.logprobs)
+            lp = None if lp is None or not math.isfinite(lp) else float(lp)
+        ptoks = getattr(out, "prompt_token_ids", None)
+        err = None
+        if getattr(c, "finish_reason", None) == "abort":
+            err = "vLLM aborted this request"
+        return Completion(text=text, logprob=lp, n_prompt_tokens=len(ptoks) if ptoks is not None else None,
+                          n_generated_tokens=n_gen, cached_prompt_tokens=getattr(out, "num_cached_tokens", None),
+                          error=err)
+
+    # -- the protocol
+    def generate(self, batch: EngineBatch) -> list[Completion]:
+        out = None
+        for _, completions in self._stream([batch], self.queries_in_flight):
+            out = completions
+        return out if out is not None else []
+
+    def stream(self, batches: Iterable[EngineBatch]) -> Iterator[tuple[EngineBatch, list[Completion]]]:
+        """Answer batches with several in flight; yields each batch with its answers as it finishes."""
+        yield from self._stream(batches, self.queries_in_flight)
+
+    def _stream(self, batches: Iterable[EngineBatch], queries_in_flight: int):
+        if self.llm is None:
+            raise EngineError("vllm engine is closed")
+        engine = self.llm.llm_engine
+        it = iter(batches)
+        inflight: dict[int, _InFlight] = {}
+        by_id: dict[str, tuple[_InFlight, int]] = {}
+        unfinished = 0
+        exhausted = False
+        try:
+            while True:
+                while not exhausted and (not inflight or (unfinished < queries_in_flight
+                                                          and len(inflight) < self.batches_in_flight)):
+                    try:
+                        batch = next(it)
+                    except StopIteration:
+                        exhausted = True
+                        break
+                    fl = self._submit(batch, by_id)
+                    if fl.remaining == 0:  # empty batch, or failed as a whole before reaching the engine
+                        yield fl.batch, fl.completions
+                        continue
+                    inflight[fl.seq] = fl
+                    unfinished += fl.remaining
+                if not inflight:
+                    return
+                if not engine.has_unfinished_requests():
+                    raise EngineError(f"vllm engine lost {unfinished} queries (no unfinished requests left)")
+                try:
+                    outs = engine.step()
+                except Exception as exc:
+                    raise self._generation_error(exc) from exc
+                finished: list[_InFlight] = []
+                for o in outs:
+                    if not getattr(o, "finished", True):
+                        continue
+                    ent = by_id.pop(str(o.request_id), None)
+                    if ent is None:
+                        continue
+                    fl, i = ent
+                    fl.completions[i] = self._completion(o, fl.batch.sampling)
+                    fl.remaining -= 1
+                    unfinished -= 1
+                    if fl.remaining == 0:
+                        finished.append(fl)
+                for fl in finished:
+                    del inflight[fl.seq]
+                    for rid in fl.request_ids:
+                        by_id.pop(rid, None)
+                        by_id.pop(_external_id(rid), None)
+                    self.stats["batches"] += 1
+                    self.stats["queries"] += len(fl.completions)
+                    yield fl.batch, fl.completions
+        finally:
+            if inflight:  # the caller stopped early or an error: drop what is still queued
+                try:
+                    engine.abort_request([rid for fl in inflight.values() for rid in fl.request_ids], internal=True)
+                except Exception as exc:  # pragma: no cover
+                    log.warning("could not abort unfinished vLLM requests: %s", exc)
+
+    def _submit(self, batch: EngineBatch, by_id: dict) -> _InFlight:
+        self._seq += 1
+        n = len(batch.queries)
+        fl = _InFlight(self._seq, batch, [None] * n, n, started=time.perf_counter())
+        if n == 0:
+            return fl
+        prompts = self.prompts(batch)
+        params = self.sampling_params(batch.sampling)
+        try:
+            ids = self.llm.enqueue(prompts, params, use_tqdm=False)
+        except ValueError as exc:  # e.g. prompt longer than max_model_len: this batch fails, the run goes on
+            log.error("vllm engine: batch %r rejected: %s", batch.tag if isinstance(batch.tag, str) else fl.seq, exc)
+            fl.completions = [Completion("", error=f"rejected by vLLM: {exc}") for _ in range(n)]
+            fl.remaining = 0
+            return fl
+        except Exception as exc:
+            raise self._generation_error(exc) from exc
+        if len(ids) != n:
+            raise EngineError(f"vllm engine: enqueued {len(ids)} requests for {n} queries")
+        for i, rid in enumerate(ids):
+            rid = str(rid)
+            fl.request_ids.append(rid)
+            by_id[rid] = (fl, i)
+            # outputs carry the caller-side id; vLLM appends '-<random>' to make its internal one
+            by_id[_external_id(rid)] = (fl, i)
+        return fl
+
+    def _generation_error(self, exc: BaseException) -> EngineError:
+        if isinstance(exc, EngineError):
+            return exc
+        if _looks_like_oom(exc):
+            return EngineError(f"vllm engine: out of GPU memory while generating: {_oom_advice(self.llm_options)}. "
+                               f"({type(exc).__name__}: {exc})")
+        if "dead" in type(exc).__name__.lower() or "dead" in str(exc).lower():
+            return EngineError(f"vllm engine died while generating ({type(exc).__name__}: {exc}); its log above "
+                               f"has the cause. If that is CUDA out of memory, {_oom_advice(self.llm_options)}.")
+        return EngineError(f"vllm engine failed while generating: {type(exc).__name__}: {exc}")
+
+
+def _external_id(rid: str) -> str:
+    return rid.rsplit("-", 1)[0] if "-" in rid else rid
+
+
+def _sum_chosen_logprobs(token_ids, logprobs) -> float | None:
+    total = 0.0
+    for tok, pos in zip(token_ids, logprobs):
+        try:
+            entry = pos[tok]
+        except (KeyError, IndexError, TypeError):
+            return None
+        total += float(getattr(entry, "logprob", entry))
+    return total
+
+
+@register_engine("vllm")
+def _make(profile: Profile | str, **options) -> VLLMEngine:
+    return VLLMEngine(profile, **options)

@@ -1,0 +1,314 @@
+"""The vllm engine on the CPU, against a fake `vllm` module: prompts, image uids, sampling params, the
+in-flight policy of `stream`, answer bookkeeping and error handling. No vLLM or GPU needed."""
+
+from __future__ import annotations
+
+import random
+import sys
+import types
+
+import numpy as np
+import pytest
+
+from densify.engines.base import EngineBatch, EngineError, PromptImage, Query, Sampling
+from densify.profiles import load_profile
+from densify.prompts import render_text
+
+
+class FakeSamplingParams:
+    def __init__(self, **kw):
+        self.kw = kw
+        self.__dict__.update(kw)
+
+
+class FakeStructured:
+    def __init__(self, regex=None, **kw):
+        self.regex = regex
+
+
+class FakeTokenizer:
+    """A Qwen-like chat template in plain Python."""
+
+    def apply_chat_template(self, messages, tokenize=False, add_generation_prompt=False):
+        out = ""
+        for m in messages:
+            out += f"<|im_start|>{m['role']}\n"
+            for c in ([{"type": "text", "text": m["content"]}] if isinstance(m["content"], str) else m["content"]):
+                out += "<|vision_start|><|image_pad|><|vision_end|>" if c["type"] == "image" else c["text"]
+            out += "<|im_end|>\n"
+        return out + ("<|im_start|>assistant\n" if add_generation_prompt else "")
+
+
+class Out:
+    def __init__(self, **kw):
+        self.__dict__.update(kw)
+
+
+class FakeCore:
+    def __init__(self, llm):
+        self.llm = llm
+        self.queue: list = []  # (internal id, prompt, params)
+        self.steps = 0
+        self.aborted: list = []
+        self.max_unfinished = 0
+        self.fail_at_step: int | None = None
+        self.rng = random.Random(0)
+        self.shutdown_called = False
+        self.max_per_step = 40
+
+    def has_unfinished_requests(self):
+        return bool(self.queue)
+
+    def step(self):
+        self.steps += 1
+        if self.fail_at_step is not None and self.steps >= self.fail_at_step:
+            raise RuntimeError("EngineCore encountered a fatal error: CUDA error: out of memory")
+        self.max_unfinished = max(self.max_unfinished, len(self.queue))
+        k = min(len(self.queue), self.rng.randint(1, self.max_per_step))
+        done = self.rng.sample(self.queue, k)  # finish out of order
+        outs = [Out(request_id="x-unrelated", finished=False, outputs=[])]
+        for item in done:
+            self.queue.remove(item)
+            rid, prompt, params = item
+            text = f"<answer>{len(prompt['prompt']) % 97}.5</answer>"
+            toks = list(range(min(params.max_tokens, 7)))
+            outs.append(Out(request_id=rid.rsplit("-", 1)[0], finished=True, prompt_token_ids=[0] * 100,
+                            num_cached_tokens=96,
+                            outputs=[Out(text=text, token_ids=toks, cumulative_logprob=-0.25 if params.kw.get("logprobs") else None,
+                                         logprobs=None, finish_reason="stop")]))
+        return outs
+
+    def abort_request(self, ids, internal=False):
+        self.aborted.extend(ids)
+        self.queue = [q for q in self.queue if q[0] not in ids]
+
+    # engine_core.shutdown()
+    @property
+    def engine_core(self):
+        return self
+
+    def shutdown(self):
+        self.shutdown_called = True
+
+
+class FakeLLM:
+    instances: list = []
+
+    def __init__(self, **kw):
+        self.kw = kw
+        self.llm_engine = FakeCore(self)
+        self.enqueued: list = []
+        self.counter = 0
+        FakeLLM.instances.append(self)
+
+    def get_tokenizer(self):
+        return FakeTokenizer()
+
+    def enqueue(self, prompts, params, use_tqdm=True):
+        assert use_tqdm is False
+        ids = []
+        for p in prompts:
+            if len(p["prompt"]) > 100000:
+                raise ValueError("The decoder prompt is longer than the maximum model length")
+            rid = f"{self.counter}-abcdefgh"
+            self.counter += 1
+            self.enqueued.append((rid, p, params))
+            self.llm_engine.queue.append((rid, p, params))
+            ids.append(rid)
+        return ids
+
+
+@pytest.fixture
+def fake_vllm(monkeypatch):
+    vllm = types.ModuleType("vllm")
+    vllm.LLM = FakeLLM
+    vllm.SamplingParams = FakeSamplingParams
+    sp = types.ModuleType("vllm.sampling_params")
+    sp.StructuredOutputsParams = FakeStructured
+    sp.SamplingParams = FakeSamplingParams
+    vllm.sampling_params = sp
+    monkeypatch.setitem(sys.modules, "vllm", vllm)
+    monkeypatch.setitem(sys.modules, "vllm.sampling_params", sp)
+    FakeLLM.instances.clear()
+    return vllm
+
+
+def depth_batch(n: int, uid: str = "img0", h: int = 48, w: int = 64, sampling: Sampling | None = None, tag=None):
+    prof = load_profile("vlm3-depth")
+    px = np.random.default_rng(0).integers(0, 255, (h, w, 3), dtype=np.uint8)
+    img = PromptImage(uid, px)
+    qs = [Query(render_text(prof, x=10 * i, y=7 * i), (uid,)) for i in range(n)]
+    return EngineBatch({uid: img}, qs, sampling or Sampling(max_tokens=256), tag)
+
+
+def make(fake_vllm, **kw):
+    from densify.engines import create_engine
+
+    return create_engine("vllm", profile="vlm3-depth", model="/models/x", **kw)
+
+
+def test_module_imports_without_vllm():
+    import importlib
+
+    mod = importlib.import_module("densify.engines.vllm")
+    assert hasattr(mod, "VLLMEngine")
+
+
+def test_engine_options_reach_llm(fake_vllm):
+    eng = make(fake_vllm, load_format="dummy", quantization="fp8", cascade_attention=True, seed=3,
+               mm_processor_cache_gb=2)
+    kw = FakeLLM.instances[0].kw
+    assert kw["model"] == "/models/x"
+    assert kw["enable_prefix_caching"] is True
+    assert kw["max_num_seqs"] == 1024 and kw["max_num_batched_tokens"] == 32768
+    assert kw["load_format"] == "dummy" and kw["quantization"] == "fp8"
+    assert kw["disable_cascade_attn"] is False
+    assert kw["limit_mm_per_prompt"] == {"image": 1, "video": 0}
+    assert kw["seed"] == 3 and kw["mm_processor_cache_gb"] == 2
+    assert kw["enforce_eager"] is False
+    eng.close()
+    assert FakeLLM.instances[0].llm_engine.shutdown_called
+
+
+def test_prompts_uids_and_sampling(fake_vllm):
+    eng = make(fake_vllm)
+    s = Sampling(max_tokens=64, system_prompt="SYS", prefill="<think> </think><answer>",
+                 structured_regex=r"[0-9]+", logprobs=True)
+    b = depth_batch(5, sampling=s)
+    outs = eng.generate(b)
+    llm = FakeLLM.instances[0]
+    assert len(llm.enqueued) == 5
+    first = llm.enqueued[0][1]
+    text = b.queries[0].text
+    assert first["prompt"] == ("<|im_start|>system\nSYS<|im_end|>\n<|im_start|>user\n"
+                               "<|vision_start|><|image_pad|><|vision_end|>" + text +
+                               "<|im_end|>\n<|im_start|>assistant\n<think> </think><answer>")
+    assert first["multi_modal_uuids"] == {"image": ["img0"]}
+    imgs = first["multi_modal_data"]["image"]
+    assert len(imgs) == 1 and imgs[0].size == (64, 48) and imgs[0].mode == "RGB"
+    # one PIL image per uid, shared by every query of the image
+    assert all(p["multi_modal_data"]["image"][0] is imgs[0] for _, p, _ in llm.enqueued)
+    params = llm.enqueued[0][2]
+    assert params.kw["max_tokens"] == 64 and params.kw["temperature"] == 0.0 and params.kw["logprobs"] == 1
+    assert params.structured_outputs.regex == r"[0-9]+"
+    assert "min_tokens" not in params.kw and "ignore_eos" not in params.kw
+    # answers in query order, with the prefill put back, and token counts
+    for q, c, (_, p, _) in zip(b.queries, outs, llm.enqueued):
+        assert c.text.startswith("<think> </think><answer><answer>")
+        assert c.text.endswith(f"{len(p['prompt']) % 97}.5</answer>")
+        assert c.n_prompt_tokens == 100 and c.cached_prompt_tokens == 96 and c.n_generated_tokens == 7
+        assert c.logprob == -0.25 and c.error is None
+
+
+def test_prompt_without_system_or_prefill_and_two_images(fake_vllm):
+    eng = make(fake_vllm)
+    a = PromptImage("a", np.zeros((8, 8, 3), np.uint8))
+    b = PromptImage("b", np.ones((8, 8, 3), np.uint8))
+    batch = EngineBatch({"a": a, "b": b}, [Query("corr?", ("a", "b"))], Sampling(max_tokens=9))
+    out = eng.generate(batch)
+    p = FakeLLM.instances[0].enqueued[0][1]
+    assert p["prompt"] == ("<|im_start|>user\n" + "<|vision_start|><|image_pad|><|vision_end|>" * 2 +
+                           "corr?<|im_end|>\n<|im_start|>assistant\n")
+    assert p["multi_modal_uuids"] == {"image": ["a", "b"]}
+    assert out[0].logprob is None and not out[0].text.startswith("<think>")
+
+
+def test_benchmark_length_forcing(fake_vllm):
+    eng = make(fake_vllm, min_tokens=12, ignore_eos=True)
+    eng.generate(depth_batch(2, sampling=Sampling(max_tokens=12)))
+    params = FakeLLM.instances[0].enqueued[0][2]
+    assert params.kw["min_tokens"] == 12 and params.kw["ignore_eos"] is True
+
+
+def test_stream_keeps_next_image_in_flight_but_bounded(fake_vllm):
+    eng = make(fake_vllm, max_num_seqs=16)  # queries_in_flight = 32
+    batches = [depth_batch(50, uid=f"img{i}", tag=i) for i in range(4)]
+    seen = []
+    for b, outs in eng.stream(batches):
+        assert len(outs) == 50 and all(o is not None and o.error is None for o in outs)
+        seen.append(b.tag)
+    assert sorted(seen) == [0, 1, 2, 3]
+    core = FakeLLM.instances[0].llm_engine
+    # never more than one batch ahead: < 32 unfinished + a whole new batch of 50
+    assert 50 < core.max_unfinished < 32 + 50
+    uids = [p["multi_modal_uuids"]["image"][0] for _, p, _ in FakeLLM.instances[0].enqueued]
+    assert uids == sorted(uids)  # batches are submitted whole, in order
+
+
+def test_one_batch_at_a_time(fake_vllm):
+    eng = make(fake_vllm, queries_in_flight=0)
+    list(eng.stream([depth_batch(30, uid=f"i{i}") for i in range(3)]))
+    assert FakeLLM.instances[0].llm_engine.max_unfinished <= 30
+
+
+def test_generate_stream_uses_engine_stream(fake_vllm):
+    from densify.engines import generate_stream
+
+    eng = make(fake_vllm)
+    got = list(generate_stream(eng, [depth_batch(3, uid="u1"), depth_batch(0, uid="u2")]))
+    assert sorted(len(o) for _, o in got) == [0, 3]
+
+
+def test_rejected_batch_is_a_per_query_failure(fake_vllm):
+    eng = make(fake_vllm)
+    b = depth_batch(2)
+    b.queries[1] = Query("x" * 200000, ("img0",))
+    outs = eng.generate(b)
+    assert len(outs) == 2 and all(o.error and "maximum model length" in o.error for o in outs)
+    # the engine still works afterwards
+    assert all(o.error is None for o in eng.generate(depth_batch(3)))
+
+
+def test_generation_failure_raises_engine_error_with_advice(fake_vllm):
+    eng = make(fake_vllm)
+    FakeLLM.instances[0].llm_engine.fail_at_step = 1
+    with pytest.raises(EngineError, match="out of GPU memory.*max_num_batched_tokens"):
+        eng.generate(depth_batch(10))
+
+
+def test_early_stop_aborts_queued_requests(fake_vllm):
+    eng = make(fake_vllm, max_num_seqs=4)
+    FakeLLM.instances[0].llm_engine.max_per_step = 3
+    gen = eng.stream([depth_batch(20, uid=f"i{i}") for i in range(3)])
+    next(gen)
+    assert FakeLLM.instances[0].llm_engine.queue  # the next image is queued
+    gen.close()
+    core = FakeLLM.instances[0].llm_engine
+    assert core.aborted and not core.queue
+
+
+def test_start_failure_is_engine_error(fake_vllm, monkeypatch):
+    class Boom(FakeLLM):
+        def __init__(self, **kw):
+            raise ValueError("No available memory for the cache blocks. Try increasing gpu_memory_utilization")
+
+    monkeypatch.setattr(fake_vllm, "LLM", Boom)
+    with pytest.raises(EngineError, match="out of GPU memory while starting.*gpu_memory_utilization"):
+        make(fake_vllm)
+
+
+def test_missing_vllm_is_a_clear_error(monkeypatch):
+    monkeypatch.setitem(sys.modules, "vllm", None)
+    from densify.engines.vllm import VLLMEngine
+
+    with pytest.raises(EngineError, match="pip install"):
+        VLLMEngine("vlm3-depth", model="/m")
+
+
+def test_prompt_renderer_matches_real_chat_template(tmp_path):
+    """The cached prefix/suffix split renders byte-identically to the tokenizer's template."""
+    pytest.importorskip("tokenizers")
+    transformers = pytest.importorskip("transformers")
+    from densify.engines.vllm import PromptRenderer, chat_messages
+    from densify.synthetic.qwen3vl import build_model_folder
+
+    folder = build_model_folder(tmp_path / "m", shape="4b")
+    tok = transformers.AutoTokenizer.from_pretrained(folder)
+    r = PromptRenderer(tok)
+    prof = load_profile("depthlm")
+    for n, sys_prompt, prefill in [(1, None, None), (1, prof.system_prompt, None), (2, None, "<think> </think>")]:
+        for text in ["Given this image, how far is (12, 34)?", "a {brace} and \\ backslash"]:
+            want = tok.apply_chat_template(chat_messages(n, text, sys_prompt), tokenize=False,
+                                           add_generation_prompt=True) + (prefill or "")
+            assert r(n, text, sys_prompt, prefill) == want
+    assert r(1, "q", None, None).count("<|image_pad|>") == 1
