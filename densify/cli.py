@@ -24,6 +24,20 @@ COMMANDS = {
 }
 
 
+class _Unavailable:
+    def __init__(self, name: str, exc: ImportError):
+        self.name, self.exc = name, exc
+        self.__doc__ = f"unavailable here: {exc}"
+
+    def add_arguments(self, p) -> None:
+        p.add_argument("rest", nargs=argparse.REMAINDER)
+
+    def run(self, args) -> int:
+        print(f"densify {self.name}: needs a package that is not installed ({self.exc}); "
+              f"install densify's extras (scripts/setup.sh)", file=sys.stderr)
+        return 2
+
+
 def build_parser() -> tuple[argparse.ArgumentParser, dict]:
     parser = argparse.ArgumentParser(prog="densify", description="Dense 3D outputs from point-query VLMs.")
     parser.add_argument("--version", action="version", version=f"densify {__version__}")
@@ -34,10 +48,11 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict]:
     for name, (modname, help_) in COMMANDS.items():
         try:
             mod = importlib.import_module(modname)
-        except ModuleNotFoundError as exc:
-            if exc.name == modname:  # pipeline not part of this build
+        except ImportError as exc:
+            if getattr(exc, "name", None) == modname:  # pipeline not part of this build
                 continue
-            raise
+            # A missing optional dependency (e.g. Open3D on a GPU host) disables only that command.
+            mod = _Unavailable(name, exc)
         p = sub.add_parser(name, help=help_, description=(mod.__doc__ or help_).strip().splitlines()[0])
         mod.add_arguments(p)
         modules[name] = mod
