@@ -110,6 +110,13 @@ def finish_task(task: DepthTask, completions, profile: Profile, cfg: DepthJobCon
     dense = densify_depth(ans.pixels, ans.values, (h, w), outliers=cfg.densify.outliers, **cfg.densify.options) \
         if cfg.densify.method == "linear" else _densify_by_method(cfg, task, ans)
     res = ImageResult(task.source.id, "ok", len(completions), ans.failure_counts(), depth=dense.values, answers=ans)
+    if not ans.valid.any():
+        res.status, res.error_kind = "failed", "answers"
+        res.error = (f"none of {len(completions)} answers could be parsed ({res.failures}); check that the "
+                     f"profile ({profile.name}) matches the model; answers are in answers.jsonl")
+        if out_dir is not None and cfg.outputs.answers:
+            outputs.write_jsonl(out_dir / task.source.id / "answers.jsonl", ans.records())
+        return res
     if task.truth_depth is not None:
         res.metrics = {"dense": depth_report(dense.values, task.truth_depth)}
     labels = task.source.labels
@@ -214,6 +221,8 @@ def run_depth(sources: list[ImageSource], cfg: DepthJobConfig, out_dir: str | Pa
             except (OSError, ValueError) as exc:
                 log.error("%s: %s", task.source.path, exc)
                 res = ImageResult(task.source.id, "failed", len(completions), error=str(exc), error_kind="output")
+            if res.status == "failed":
+                log.error("%s: %s", task.source.path, res.error)
             results.append(res)
             bar.update(queries=res.queries, failed=int(res.status == "failed"))
     finally:

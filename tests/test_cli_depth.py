@@ -122,3 +122,15 @@ def test_config_errors_name_the_key(tmp_path, capsys):
     assert main(["depth", str(tmp_path), "--out", str(tmp_path / "o"), "--config", str(cfg)]) == 2
     err = capsys.readouterr().err
     assert "engine.nmae" in err and str(cfg) in err
+
+
+def test_unparseable_answers_fail_the_image_with_a_clear_record(scene_dir, tmp_path):
+    out = tmp_path / "out"
+    rc = main(["depth", str(scene_dir / "view_000.png"), "--out", str(out), "--count", "48",
+               "--set", "engine.options.error={unparseable_rate: 1.0}"])
+    assert rc == 1
+    s = json.loads((out / "summary.json").read_text())
+    assert s["failed_images"][0]["kind"] == "answers" and "profile" in s["failed_images"][0]["error"]
+    assert sum(s["answer_failures"].values()) == 48
+    assert len((out / "view_000" / "answers.jsonl").read_text().splitlines()) == 48
+    assert not (out / "view_000" / "result.json").exists()
