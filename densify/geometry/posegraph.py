@@ -1,0 +1,165 @@
+"""Global camera poses from pairwise relative poses: Open3D pose-graph optimisation.
+
+Open3D's convention (checked by a round-trip test): a PoseGraphNode's pose is that camera's
+camera-to-world transform, and a PoseGraphEdge(source, target, T) says x_target = T @ x_source, i.e.
+T = inv(pose_target) @ pose_source. A PairPose's metric T (camera 1 -> camera 2) is exactly that with
+source = image 1 and target = image 2.
+
+Only the largest connected component of the pair graph can be placed in one frame; the rest is reported
+as dropped. The world frame is the reference camera's frame (the first image of the component).
+"""
+
+from __future__ import annotations
+
+import heapq
+import logging
+from dataclasses import dataclass, field
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
+
+log = logging.getLogger(__name__)
+
+__all__ = ["PoseEdge", "PoseGraphConfig", "PoseGraphResult", "connected_components", "optimize_poses",
+           "information_from_points"]
+
+
+class PoseGraphConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    optimize: bool = Field(True, description="run Levenberg-Marquardt (else keep the spanning-tree chain)")
+    loop_edges_uncertain: bool = Field(True, description="edges between non-consecutive images may be pruned")
+    max_correspondence_distance: float = Field(0.05, gt=0, description="metres; scales the line process "
+                                               "that weighs uncertain edges (Open3D)")
+    edge_prune_threshold: float = Field(0.25, ge=0, le=1, description="uncertain edges whose line-process "
+                                        "weight falls below this are dropped")
+    preference_loop_closure: float = Field(1.0, ge=0, description="weight of uncertain edges vs odometry")
+
+
+@dataclass
+class PoseEdge:
+    """A relative pose between two images (indices), metric: x_j = T @ x_i."""
+
+    i: int
+    j: int
+    T: np.ndarray
+    information: np.ndarray | None = None
+    """6x6 (Open3D order: rotation, then translation); default: identity times `weight`."""
+    weight: float = 1.0
+    uncertain: bool = False
+
+
+@dataclass
+class PoseGraphResult:
+    cam_to_world: dict[int, np.ndarray]
+    """image index -> 4x4 camera-to-world (world = the reference camera)."""
+    reference: int | None
+    component: list[int]
+    dropped: list[int]
+    """Images with no path of usable pairs to the reference."""
+    pruned_edges: list[tuple[int, int]] = field(default_factory=list)
+    """Uncertain edges the optimiser rejected."""
+
+
+def information_from_points(points_target: np.ndarray, scale: float = 1.0) -> np.ndarray:
+    """Information matrix of a rigid alignment supported by 3D points (target frame), as Open3D computes
+    it for point clouds: sum of G^T G with G = [-skew(p) | I]."""
+    p = np.asarray(points_target, float).reshape(-1, 3)
+    G = np.zeros((len(p), 3, 6))
+    G[:, 0, 1], G[:, 0, 2] = p[:, 2], -p[:, 1]
+    G[:, 1, 0], G[:, 1, 2] = -p[:, 2], p[:, 0]
+    G[:, 2, 0], G[:, 2, 1] = p[:, 1], -p[:, 0]
+    G[:, :, 3:] = np.eye(3)
+    return scale * np.einsum("nki,nkj->ij", G, G)
+
+
+def connected_components(nodes: list[int], edges: list[PoseEdge]) -> list[list[int]]:
+    """Components of the pair graph, largest first (ties: the one holding the earliest image)."""
+    parent = {n: n for n in nodes}
+
+    def find(a):
+        while parent[a] != a:
+            parent[a] = parent[parent[a]]
+            a = parent[a]
+        return a
+
+    for e in edges:
+        if e.i in parent and e.j in parent:
+            ra, rb = find(e.i), find(e.j)
+            if ra != rb:
+                parent[max(ra, rb)] = min(ra, rb)
+    comps: dict[int, list[int]] = {}
+    for n in nodes:
+        comps.setdefault(find(n), []).append(n)
+    return sorted((sorted(c) for c in comps.values()), key=lambda c: (-len(c), c[0]))
+
+
+def _spanning_tree_poses(root: int, comp: set[int], edges: list[PoseEdge]) -> dict[int, np.ndarray]:
+    """Chain relative poses along a maximum-weight spanning tree (certain edges preferred)."""
+    adj: dict[int, list[tuple[float, int, np.ndarray]]] = {n: [] for n in comp}
+    for e in edges:
+        if e.i in comp and e.j in comp:
+            w = e.weight * (0.5 if e.uncertain else 1.0)
+            adj[e.i].append((w, e.j, e.T))                    # x_j = T x_i
+            adj[e.j].append((w, e.i, np.linalg.inv(e.T)))     # x_i = T^-1 x_j
+    poses = {root: np.eye(4)}
+    heap = [(-w, n, k, T, root) for k, (w, n, T) in enumerate(adj[root])]
+    heapq.heapify(heap)
+    count = len(heap)
+    while heap:
+        _, n, _, T, frm = heapq.heappop(heap)
+        if n in poses:
+            continue
+        # pose_n = pose_frm @ inv(T_n_from_frm)
+        poses[n] = poses[frm] @ np.linalg.inv(T)
+        for w, m, T2 in adj[n]:
+            if m not in poses:
+                count += 1
+                heapq.heappush(heap, (-w, m, count, T2, n))
+    return poses
+
+
+def optimize_poses(nodes: list[int], edges: list[PoseEdge], cfg: PoseGraphConfig | None = None) -> PoseGraphResult:
+    """Camera-to-world poses of the largest connected component; world = its first image's camera."""
+    import open3d as o3d
+
+    cfg = cfg or PoseGraphConfig()
+    if not nodes:
+        return PoseGraphResult({}, None, [], [])
+    comps = connected_components(nodes, edges)
+    comp = comps[0]
+    dropped = sorted(n for c in comps[1:] for n in c)
+    root = comp[0]
+    cset = set(comp)
+    init = _spanning_tree_poses(root, cset, edges)
+    used = [e for e in edges if e.i in cset and e.j in cset]
+    if len(comp) == 1 or not cfg.optimize or not used:
+        return PoseGraphResult(init, root, comp, dropped)
+
+    reg = o3d.pipelines.registration
+    graph = reg.PoseGraph()
+    index = {n: k for k, n in enumerate(comp)}
+    for n in comp:
+        graph.nodes.append(reg.PoseGraphNode(np.asarray(init[n], np.float64)))
+    for e in used:
+        info = e.information if e.information is not None else np.eye(6) * e.weight
+        graph.edges.append(reg.PoseGraphEdge(index[e.i], index[e.j], np.asarray(e.T, np.float64),
+                                             np.asarray(info, np.float64), uncertain=bool(e.uncertain)))
+    option = reg.GlobalOptimizationOption(max_correspondence_distance=cfg.max_correspondence_distance,
+                                          edge_prune_threshold=cfg.edge_prune_threshold,
+                                          preference_loop_closure=cfg.preference_loop_closure,
+                                          reference_node=index[root])
+    level = o3d.utility.get_verbosity_level()
+    o3d.utility.set_verbosity_level(o3d.utility.VerbosityLevel.Error)
+    try:
+        reg.global_optimization(graph, reg.GlobalOptimizationLevenbergMarquardt(),
+                                reg.GlobalOptimizationConvergenceCriteria(), option)
+    finally:
+        o3d.utility.set_verbosity_level(level)
+    kept = {(comp[e.source_node_id], comp[e.target_node_id]) for e in graph.edges}
+    pruned = [(e.i, e.j) for e in used if (e.i, e.j) not in kept]
+    if pruned:
+        log.info("pose graph pruned %d inconsistent pair(s): %s", len(pruned), pruned)
+    # Re-anchor on the reference exactly (the optimiser keeps it fixed, this removes rounding drift).
+    ref_inv = np.linalg.inv(np.asarray(graph.nodes[index[root]].pose))
+    poses = {n: ref_inv @ np.asarray(graph.nodes[index[n]].pose) for n in comp}
+    return PoseGraphResult(poses, root, comp, dropped, pruned)

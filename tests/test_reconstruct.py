@@ -1,0 +1,194 @@
+"""`densify reconstruct` and `densify pose` end to end with the simulated engine on rendered scenes."""
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+from densify.engines.simulated import SimulatedEngine
+from densify.eval.pose_eval import chamfer, trajectory_error, visible_surface_samples
+from densify.geometry.export import OPENCV_TO_OPENGL
+from densify.images import discover
+from densify.profiles import load_profile
+from densify.truth import SceneTruth
+from pipelines.configs_reconstruct import load_reconstruct_config
+from pipelines.reconstruct import run_reconstruct
+
+FAST = {"fusion": {"voxel_length": 0.04, "sdf_trunc": 0.16}, "depth": {"plan": {"count": 1200}}}
+
+
+def _engines(seed=0):
+    return {stage: SimulatedEngine(load_profile(p), seed=seed)
+            for stage, p in (("depth", "vlm3-depth"), ("corr", "vlm3-corr"), ("pose", "vlm3-pose"))}
+
+
+@pytest.fixture(scope="module")
+def scene():
+    from densify.synthetic.scenes import SceneSpec, make_scene
+
+    return make_scene(SceneSpec(seed=4, n_views=5, width=320, height=240))
+
+
+@pytest.fixture(scope="module")
+def run(scene, tmp_path_factory):
+    root = tmp_path_factory.mktemp("rec")
+    images = scene.save(root / "scene")
+    cfg = load_reconstruct_config(None, {**FAST, "pairs": "consecutive+skip2"})
+    s = run_reconstruct(discover([str(p) for p in images]), cfg, root / "out", engines=_engines(),
+                        truth=SceneTruth(scene), progress=False)
+    return root / "out", s
+
+
+def test_every_image_posed_and_trajectory_recovered(scene, run):
+    out, s = run
+    assert s["posed"] == 5 and not s["dropped"] and not s["failed_pairs"]
+    g = s["_graph"]
+    err = trajectory_error(g.cam_to_world, {k: v.cam_to_world for k, v in enumerate(scene.views)}, g.reference)
+    assert err["ate_rmse_m"] < 0.06 and err["rot_mean_deg"] < 1.5, err
+
+
+def test_poses_json(run):
+    out, s = run
+    p = json.loads((out / "poses.json").read_text())
+    assert p["reference"] == "view_000" and len(p["frames"]) == 5
+    f0 = p["frames"][0]
+    np.testing.assert_allclose(f0["cam_to_world"], np.eye(4), atol=1e-9)
+    assert {"fx", "fy", "cx", "cy", "width", "height"} <= set(f0["intrinsics"])
+    assert (out / "pairs.jsonl").is_file() and (out / "summary.json").is_file()
+    assert (out / "depth" / "view_003" / "depth.npy").is_file()
+    rec = [json.loads(x) for x in (out / "pairs.jsonl").read_text().splitlines()]
+    assert len(rec) == 4 + 3 and all(r["verdict"] in ("good", "weak") for r in rec)
+
+
+def test_fused_mesh_is_close_to_the_scene(scene, run):
+    import open3d as o3d
+
+    out, s = run
+    mesh = o3d.io.read_triangle_mesh(str(out / "mesh.ply"))
+    cloud = o3d.io.read_point_cloud(str(out / "cloud.ply"))
+    assert len(mesh.triangles) > 1000 and len(cloud.points) > 1000
+    gt = visible_surface_samples(scene.mesh, [(v.depth, v.camera, v.cam_to_world) for v in scene.views],
+                                 n=60_000, max_depth=8.0)
+    A = scene.views[0].cam_to_world  # world = first camera: back into the scene's frame
+    pts = np.asarray(mesh.vertices) @ A[:3, :3].T + A[:3, 3]
+    c = chamfer(pts, gt, gt_mesh=scene.mesh)
+    # simulated depth answers carry 12.5 % log-normal noise (plus outliers): a decimetre-level surface
+    assert c["accuracy"] < 0.25 and c["completeness"] < 0.2, c
+
+
+def test_tsdf_fusion_of_exact_depth_is_exact(scene):
+    """Exact depth and poses through the same fusion code: errors are the voxel's, not a convention's."""
+    from densify.geometry.fusion import FusionConfig, FusionFrame, tsdf_fuse
+
+    frames = [FusionFrame(v.camera, v.cam_to_world, lambda v=v: v.depth, lambda v=v: v.rgb) for v in scene.views]
+    mesh, cloud, n = tsdf_fuse(frames, FusionConfig(voxel_length=0.03, sdf_trunc=0.09))
+    assert n == 5
+    gt = visible_surface_samples(scene.mesh, [(v.depth, v.camera, v.cam_to_world) for v in scene.views],
+                                 n=100_000, max_depth=8.0)
+    c = chamfer(np.asarray(mesh.vertices), gt, gt_mesh=scene.mesh)
+    assert c["accuracy"] < 0.01 and c["completeness"] < 0.06, c
+    # millimetre uint16 depth with depth_scale 1000 gives the same surface
+    frames = [FusionFrame(v.camera, v.cam_to_world, lambda v=v: np.round(v.depth * 1000).astype(np.uint16),
+                          lambda v=v: v.rgb) for v in scene.views]
+    mesh_mm, _, _ = tsdf_fuse(frames, FusionConfig(voxel_length=0.03, sdf_trunc=0.09, depth_scale=1000))
+    assert chamfer(np.asarray(mesh_mm.vertices), gt, gt_mesh=scene.mesh)["accuracy"] < 0.01
+
+
+def test_colmap_model_reads_back_with_multiview_tracks(scene, run):
+    import pycolmap
+
+    out, s = run
+    rec = pycolmap.Reconstruction(str(out / "colmap"))
+    assert rec.num_images() == 5 and rec.num_points3D() > 100
+    lengths = [p.track.length() for p in rec.points3D.values()]
+    assert max(lengths) >= 3 and sum(n >= 3 for n in lengths) > 20
+    assert rec.compute_mean_reprojection_error() < 3.0
+    poses = json.loads((out / "poses.json").read_text())["frames"]
+    img = rec.find_image_with_name("view_002.png")
+    w2c = np.linalg.inv(np.asarray(poses[2]["cam_to_world"]))
+    np.testing.assert_allclose(img.cam_from_world().matrix(), w2c[:3], atol=1e-6)
+    cam = rec.cameras[img.camera_id]
+    assert cam.model.name == "PINHOLE"
+    np.testing.assert_allclose(cam.params, [poses[2]["intrinsics"][k] for k in ("fx", "fy", "cx", "cy")])
+    assert s["export"]["colmap"]["tracks_ge3"] > 20
+
+
+def test_nerfstudio_transforms(run):
+    out, _ = run
+    t = json.loads((out / "transforms.json").read_text())
+    for k in ("fl_x", "fl_y", "cx", "cy", "w", "h"):
+        assert k in t
+    assert len(t["frames"]) == 5
+    poses = json.loads((out / "poses.json").read_text())["frames"]
+    M = np.asarray(t["frames"][1]["transform_matrix"])
+    np.testing.assert_allclose(M, np.asarray(poses[1]["cam_to_world"]) @ OPENCV_TO_OPENGL)
+    # OpenGL camera: looking down its -z axis = the OpenCV camera's +z
+    np.testing.assert_allclose(-M[:3, 2], np.asarray(poses[1]["cam_to_world"])[:3, 2])
+    assert (out / t["frames"][1]["file_path"]).is_file()
+
+
+def test_rerun_resumes_from_outputs(run, scene):
+    out, s = run
+    cfg = load_reconstruct_config(None, {**FAST, "pairs": "consecutive+skip2", "export": {"colmap": False,
+                                                                                          "nerfstudio": False}})
+    engines = _engines()
+    again = run_reconstruct(discover([str(out.parent / "scene")]), cfg, out, engines=engines,
+                            truth=SceneTruth(scene), progress=False)
+    assert again["depth"]["skipped"] == 5 and again["posed"] == 5
+    assert sum(e.queries_answered for e in engines.values()) == 0
+
+
+def test_bad_inputs_give_failure_records_and_the_rest_reconstructs(tmp_path, scene):
+    """A missing image and an unrelated image: failed pairs with reasons, the connected part is posed."""
+    from densify.cli import main
+    from densify.synthetic.scenes import SceneSpec, make_scene
+
+    src = tmp_path / "scene"
+    images = scene.save(src)
+    other = make_scene(SceneSpec(seed=11, n_views=1, width=320, height=240))
+    other.save(tmp_path / "other")
+    shutil.copy(tmp_path / "other" / "view_000.png", src / "zz_unrelated.png")  # no depth/pose: no truth
+    seq = [str(images[0]), str(images[1]), str(src / "missing.png"), str(images[2]), str(images[3]),
+           str(src / "zz_unrelated.png")]
+    out = tmp_path / "out"
+    rc = main(["-q", "reconstruct", *seq, "--out", str(out), "--pairs", "+skip2", "--grid", "16", "12",
+               "--set", "fusion.voxel_length=0.05", "--set", "fusion.sdf_trunc=0.2", "--set",
+               "depth.plan.count=600"])
+    assert rc == 0
+    s = json.loads((out / "summary.json").read_text())
+    assert s["posed"] == 4
+    dropped = {d["id"]: d["reason"] for d in s["dropped"]}
+    assert set(dropped) == {"missing", "zz_unrelated"}
+    assert "no such file" in dropped["missing"]
+    assert "connected" in dropped["zz_unrelated"]
+    failed = {tuple(f["pair"]): f for f in s["failed_pairs"]}
+    assert failed[("view_001", "missing")]["error_kind"] == "image"
+    unrelated = failed[("view_003", "zz_unrelated")]
+    assert unrelated["error_kind"] == "pose" and unrelated["error"]
+    # the bridge over the missing image keeps the sequence in one piece
+    assert ("view_001", "view_002") not in failed
+    poses = json.loads((out / "poses.json").read_text())
+    assert [f["id"] for f in poses["frames"]] == ["view_000", "view_001", "view_002", "view_003"]
+    assert (out / "mesh.ply").is_file() and (out / "colmap" / "points3D.txt").is_file()
+
+
+def test_pose_command_with_vlm_cross_check(tmp_path, scene):
+    from pipelines.pose import run_pose
+
+    images = scene.save(tmp_path / "scene")
+    cfg = load_reconstruct_config(None, {**FAST, "pose": {"source": "both"}})
+    rep = run_pose(images[0], images[2], cfg, tmp_path / "out", engines=_engines(), progress=False)
+    assert rep["status"] == "ok"
+    pose = rep["pose"]
+    T = scene.relative_pose(0, 2)
+    assert np.linalg.norm(np.asarray(pose["t_metric"]) - T[:3, 3]) < 0.08
+    cc = rep["record"]["cross_check"]
+    assert cc["rotation_deg"] < 10
+    pair = tmp_path / "out" / "pairs" / "view_000__view_002"
+    assert (pair / "flow.npy").is_file() and (pair / "vlm_pose.json").is_file()
+    flow = np.load(pair / "flow.npy")
+    assert flow.shape == (240, 320, 2)
+    vlm_only = run_pose(images[0], images[2], cfg.model_copy(update={"pose": cfg.pose.model_copy(
+        update={"source": "vlm"})}), tmp_path / "out_vlm", engines=_engines(), progress=False)
+    assert vlm_only["record"]["source"] == "vlm" and vlm_only["status"] == "ok"
