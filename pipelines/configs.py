@@ -20,6 +20,12 @@ class PlanConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
     stride: float | None = Field(None, description="one query every `stride` original pixels")
     count: int | list[int] | None = Field(3072, description="total queries (aspect kept) or [nx, ny]")
+    mode: Literal["grid", "adaptive"] = Field(
+        "grid", description="grid: one uniform grid; adaptive: a coarse grid, then rounds of queries where the "
+                            "field is uncertain (densify.fields.adaptive), one engine call per round")
+    budget: int | None = Field(None, ge=1, description="adaptive: queries per image (default: the grid's size)")
+    rounds: int = Field(3, ge=0, description="adaptive: refinement rounds after the coarse grid")
+    coarse: float = Field(0.5, gt=0, le=1, description="adaptive: share of the budget spent on the coarse grid")
 
     @model_validator(mode="after")
     def _one(self):

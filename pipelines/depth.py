@@ -8,6 +8,7 @@ outputs exist are skipped unless `overwrite` is set; a bad image gets a failure 
 from __future__ import annotations
 
 import argparse
+import inspect
 import logging
 import time
 from dataclasses import dataclass, field
@@ -73,9 +74,35 @@ def plan_for(src: ImageSource, camera: Camera, prep: PreparedImage, cfg: DepthJo
         points = np.asarray(src.extra["points"], float)
     if points is not None:
         pts = check_points(points, camera.width, camera.height, str(src.path))
+    elif cfg.plan.mode == "adaptive":
+        pts = adaptive_planner(cfg, camera.width, camera.height).first_points()
     else:
         pts = grid_points(camera.width, camera.height, **cfg.plan.grid_kwargs())
     return plan_queries(pts, prep.pixel_map)
+
+
+def adaptive_planner(cfg: DepthJobConfig, width: int, height: int, rgb=None):
+    """plan.mode=adaptive: the planner for one image (budget: plan.budget, else the grid's size)."""
+    from densify.fields.adaptive import AdaptivePlanner
+
+    p = cfg.plan
+    budget = p.budget or len(grid_points(width, height, **p.grid_kwargs()))
+    return AdaptivePlanner((height, width), budget, coarse=p.coarse, rounds=p.rounds, rgb=rgb)
+
+
+def _adaptive_stream(engine: Engine, batches: Iterator[EngineBatch], profile: Profile, cfg: DepthJobConfig):
+    """plan.mode=adaptive: per image, the first batch then refinement rounds (one engine call each)."""
+    from densify.fields.adaptive import run_adaptive_depth
+
+    for batch in batches:
+        task: DepthTask = batch.tag
+        planner = adaptive_planner(cfg, task.camera.width, task.camera.height, rgb=task.rgb)
+        truth = next(iter(batch.images.values())).truth
+        run = run_adaptive_depth(engine, planner, task.prep, profile, uid=image_uid(task.prep, task.source.id),
+                                 truth=truth, sampling=batch.sampling, tag=task, first_batch=batch,
+                                 first_plan=task.plan)
+        task.plan = QueryPlan(run.pixels, run.prompt_xy)
+        yield batch, run.completions
 
 
 def prepare_task(src: ImageSource, profile: Profile, cfg: DepthJobConfig, *, with_truth: bool,
@@ -137,7 +164,10 @@ def _densify_by_method(cfg, task, ans):
     fn = getattr(fields, f"densify_depth_{cfg.densify.method}", None)
     if fn is None:
         raise ConfigError(f"densify.method: unknown method {cfg.densify.method!r}")
-    return fn(ans.pixels, ans.values, task.rgb, outliers=cfg.densify.outliers, **cfg.densify.options)
+    opts = dict(cfg.densify.options)
+    if np.isfinite(ans.logprobs).any() and "logprobs" in inspect.signature(fn).parameters:
+        opts.setdefault("logprobs", ans.logprobs)
+    return fn(ans.pixels, ans.values, task.rgb, outliers=cfg.densify.outliers, **opts)
 
 
 def _truth_at(task: DepthTask, pixels: np.ndarray) -> np.ndarray | None:
@@ -214,7 +244,9 @@ def run_depth(sources: list[ImageSource], cfg: DepthJobConfig, out_dir: str | Pa
             yield batch
 
     try:
-        for batch, completions in generate_stream(engine, batches()):
+        stream = _adaptive_stream(engine, batches(), profile, cfg) if cfg.plan.mode == "adaptive" \
+            else generate_stream(engine, batches())
+        for batch, completions in stream:
             task: DepthTask = batch.tag
             try:
                 res = finish_task(task, completions, profile, cfg, out)

@@ -1,0 +1,382 @@
+"""Densification accuracy against the query budget: uniform grid + linear vs edge-aware vs adaptive.
+
+    python -m benchmarks.densify_bench            # full sweep: 10 scenes x 7 budgets (~5 min on 2 cores)
+    python -m benchmarks.densify_bench --quick    # 4 scenes x 3 budgets (~30 s)
+
+Seeded synthetic rooms (densify.synthetic.scenes, 640x480) are answered by the simulated VLM3-depth engine
+at its default error model (12.5% log-normal noise, 2% outliers, 1% unparseable answers), through the real
+prompts, parser and pixel maps. For each budget (queries per image) and method:
+
+* ``bilinear``: uniform grid, piecewise-linear interpolation in inverse depth, no outlier rejection
+  (`densify_depth(outliers=False)`: the honest plain-interpolation baseline);
+* ``linear``: the same with outlier rejection (`densify_depth`, the pipeline's former default);
+* ``edge``: uniform grid, edge-aware densification (`densify_depth_edge`);
+* ``adaptive+linear``: adaptive placement (`AdaptivePlanner`), piecewise-linear interpolation (ablation);
+* ``adaptive+edge``: adaptive placement and edge-aware densification.
+
+Every method asks at most the budget (grids are the largest that fit). Metrics over all valid pixels:
+delta_1 and AbsRel; near discontinuities: AbsRel and delta_1 within 5 px of a ground-truth depth edge
+(4-neighbours whose |log depth ratio| > 0.1). The "budget ratio" interpolates the baseline's curve in
+log-budget: the budget the baseline needs for the accuracy a method reaches at 1024.
+
+Writes benchmarks/results/densify_<date>.json, docs/densify_budget.png, docs/densify_example.png and
+prints a markdown table.
+
+Note: `densify_depth`'s triangle rasteriser can extrapolate a few border pixels of a triangle with an
+outlier corner to absurd depths (1e6 m); a linear interpolation never leaves the range of its answers,
+so baseline outputs are clipped to that range here (it only removes that artefact).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+
+METHODS = ["bilinear", "linear", "edge", "adaptive+linear", "adaptive+edge"]
+BASELINES = ["bilinear", "linear"]
+FULL_BUDGETS = [256, 512, 1024, 2048, 4096, 8192, 16384]
+QUICK_BUDGETS = [256, 1024, 4096]
+METRICS = {"delta1": "higher", "absrel": "lower", "edge_absrel": "lower", "edge_delta1": "higher"}
+
+
+# ---------------------------------------------------------------------------------------------- one scene
+
+class SceneCase:
+    """One rendered view with the simulated engine and everything needed to ask and score."""
+
+    def __init__(self, seed: int, *, width: int = 640, height: int = 480, logprobs: bool = False,
+                 engine_seed: int | None = None):
+        import cv2
+
+        from densify.cameras import prepare_image
+        from densify.engines.simulated import SimulatedEngine, depth_truth
+        from densify.profiles import load_profile
+        from densify.prompts import image_uid, sampling_for
+        from densify.synthetic.scenes import SceneSpec, make_scene
+
+        self.profile = load_profile("vlm3-depth")
+        view = make_scene(SceneSpec(seed=seed, width=width, height=height)).views[0]
+        self.rgb, self.depth, self.camera = view.rgb, view.depth.astype(np.float32), view.camera
+        p = self.profile.preprocess
+        self.prep = prepare_image(self.rgb, self.camera, focal=p.focal, max_side=p.max_side,
+                                  square_pixels=p.square_pixels, coord_range=self.profile.coord_range,
+                                  resample=p.resample)
+        self.truth = depth_truth(self.prep, self.depth)
+        self.uid = image_uid(self.prep, f"bench-scene-{seed}")
+        self.engine = SimulatedEngine(self.profile, seed=seed if engine_seed is None else engine_seed)
+        self.sampling = sampling_for(self.profile, logprobs=logprobs)
+        self.valid = np.isfinite(self.depth) & (self.depth > 0)
+        ld = np.log(np.where(self.valid, self.depth, 1.0))
+        e = np.zeros(self.depth.shape, bool)
+        dx = np.abs(np.diff(ld, axis=1)) > 0.1
+        dy = np.abs(np.diff(ld, axis=0)) > 0.1
+        e[:, 1:] |= dx
+        e[:, :-1] |= dx
+        e[1:] |= dy
+        e[:-1] |= dy
+        disk = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (11, 11))
+        self.edge_band = (cv2.dilate(e.astype(np.uint8), disk) > 0) & self.valid
+        self.calls = 0
+
+    def ask(self, points):
+        """One engine call for these pixels -> PointAnswers."""
+        from densify import answers
+        from densify.prompts import depth_batch
+        from densify.queries import plan_queries
+
+        plan = plan_queries(points, self.prep.pixel_map)
+        batch = depth_batch(self.prep, plan, self.profile, uid=self.uid, truth=self.truth, sampling=self.sampling)
+        self.calls += 1
+        comps = self.engine.generate(batch)
+        return answers.collect_depth(self.profile, plan.pixels, plan.prompt_xy, comps)
+
+    def ask_adaptive(self, budget: int, **planner_opts):
+        from densify.fields.adaptive import run_adaptive_depth, AdaptivePlanner
+
+        h, w = self.depth.shape
+        planner = AdaptivePlanner((h, w), budget, rgb=self.rgb, **planner_opts)
+        run = run_adaptive_depth(self.engine, planner, self.prep, self.profile, uid=self.uid, truth=self.truth,
+                                 sampling=self.sampling)
+        from densify import answers
+
+        return answers.collect_depth(self.profile, run.pixels, run.prompt_xy, run.completions), run.calls
+
+    def score(self, pred: np.ndarray) -> dict:
+        from densify.eval.metrics import absrel, delta1
+
+        v, b = self.valid, self.edge_band
+        return {"delta1": delta1(pred[v], self.depth[v]), "absrel": absrel(pred[v], self.depth[v]),
+                "edge_absrel": absrel(pred[b], self.depth[b]), "edge_delta1": delta1(pred[b], self.depth[b])}
+
+
+def _linear(ans, shape, outliers):
+    from densify.fields import densify_depth
+
+    f = densify_depth(ans.pixels, ans.values, shape, outliers=outliers)
+    ok = np.isfinite(ans.values) & (ans.values > 0)
+    lo, hi = float(ans.values[ok].min()), float(ans.values[ok].max())
+    return np.clip(f.values, lo, hi)  # see the module note: removes the rasteriser's extrapolation artefact
+
+
+def run_scene(args) -> dict:
+    """All budgets and methods on one scene (a worker process)."""
+    seed, budgets, opts = args
+    from densify.fields import densify_depth_edge
+    from densify.fields.adaptive import grid_within
+
+    t0 = time.perf_counter()
+    case = SceneCase(seed, logprobs=opts.get("logprobs", False))
+    h, w = case.depth.shape
+    edge_opts = opts.get("edge", {})
+    planner_opts = opts.get("planner", {})
+    out = {"seed": seed, "edge_fraction": float(case.edge_band.mean()), "results": {}}
+    for B in budgets:
+        row = {}
+        grid = grid_within(w, h, B)
+        ans = case.ask(grid)
+        lp = ans.logprobs if opts.get("logprobs") else None
+        t = time.perf_counter()
+        row["bilinear"] = case.score(_linear(ans, (h, w), False))
+        row["bilinear"]["densify_s"] = time.perf_counter() - t
+        t = time.perf_counter()
+        row["linear"] = case.score(_linear(ans, (h, w), True))
+        row["linear"]["densify_s"] = time.perf_counter() - t
+        t = time.perf_counter()
+        row["edge"] = case.score(densify_depth_edge(ans.pixels, ans.values, case.rgb, logprobs=lp, **edge_opts).values)
+        row["edge"]["densify_s"] = time.perf_counter() - t
+        for m in ("bilinear", "linear", "edge"):
+            row[m].update(queries=len(ans.pixels), calls=1)
+        t = time.perf_counter()
+        aans, calls = case.ask_adaptive(B, **planner_opts)
+        plan_s = time.perf_counter() - t
+        t = time.perf_counter()
+        row["adaptive+linear"] = case.score(_linear(aans, (h, w), True))
+        row["adaptive+linear"]["densify_s"] = time.perf_counter() - t
+        alp = aans.logprobs if opts.get("logprobs") else None
+        t = time.perf_counter()
+        row["adaptive+edge"] = case.score(densify_depth_edge(aans.pixels, aans.values, case.rgb, logprobs=alp,
+                                                             **edge_opts).values)
+        row["adaptive+edge"]["densify_s"] = time.perf_counter() - t
+        for m in ("adaptive+linear", "adaptive+edge"):
+            row[m].update(queries=len(aans.pixels), calls=len(calls), plan_s=plan_s)
+        out["results"][str(B)] = row
+    out["wall_s"] = time.perf_counter() - t0
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- summary
+
+def aggregate(scenes: list[dict], budgets: list[int]) -> dict:
+    agg = {}
+    for m in METHODS:
+        agg[m] = {}
+        for B in budgets:
+            rows = [s["results"][str(B)][m] for s in scenes]
+            agg[m][str(B)] = {k: float(np.nanmean([r[k] for r in rows])) for k in rows[0]}
+    return agg
+
+
+def equivalent_budget(base: dict, budgets: list[int], metric: str, value: float) -> tuple[float | None, str]:
+    """The budget the baseline needs to reach `value` (log-budget interpolation of its curve).
+
+    Returns (budget or None, note): note is "" when inside the sweep, ">" when the baseline never gets there
+    within the sweep, "<" when it is already better at the smallest budget.
+    """
+    sign = 1.0 if METRICS[metric] == "higher" else -1.0
+    ys = [sign * base[str(B)][metric] for B in budgets]
+    v = sign * value
+    if ys[0] >= v:
+        return float(budgets[0]), "<"
+    for i in range(1, len(budgets)):
+        if ys[i] >= v:
+            x0, x1 = math.log2(budgets[i - 1]), math.log2(budgets[i])
+            t = (v - ys[i - 1]) / (ys[i] - ys[i - 1])
+            return float(2 ** (x0 + t * (x1 - x0))), ""
+    return None, ">"
+
+
+def ratios(agg: dict, budgets: list[int], at: int = 1024) -> dict:
+    out = {}
+    if at not in budgets:
+        return out
+    for base in BASELINES:
+        for m in METHODS:
+            if m == base:
+                continue
+            for metric in METRICS:
+                val = agg[m][str(at)][metric]
+                b, note = equivalent_budget(agg[base], budgets, metric, val)
+                out.setdefault(base, {}).setdefault(m, {})[metric] = {
+                    "value_at": val, "equivalent_budget": b, "note": note,
+                    "ratio": None if b is None else b / at,
+                    "text": (f"> {budgets[-1]} (beyond the sweep)" if note == ">" else
+                             f"<= {budgets[0]}" if note == "<" else f"{b:.0f}")}
+    return out
+
+
+def markdown_table(agg: dict, budgets: list[int]) -> str:
+    lines = ["| budget | method | queries | calls | δ1 | AbsRel | edge AbsRel | edge δ1 | densify s |",
+             "|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for B in budgets:
+        for m in METHODS:
+            r = agg[m][str(B)]
+            lines.append(f"| {B} | {m} | {r['queries']:.0f} | {r['calls']:.1f} | {r['delta1']:.4f} | "
+                         f"{r['absrel']:.4f} | {r['edge_absrel']:.4f} | {r['edge_delta1']:.4f} | "
+                         f"{r['densify_s']:.2f} |")
+    return "\n".join(lines)
+
+
+def ratio_table(rat: dict, at: int = 1024) -> str:
+    lines = [f"| method at {at} | baseline | " + " | ".join(METRICS) + " |",
+             "|---|---|" + "---:|" * len(METRICS)]
+    for base, d in rat.items():
+        for m, mm in d.items():
+            cells = []
+            for metric in METRICS:
+                e = mm[metric]
+                cells.append(e["text"] + ("" if e["ratio"] is None or e["note"] else f" ({e['ratio']:.1f}x)"))
+            lines.append(f"| {m} | {base} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def plot(agg: dict, budgets: list[int], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(2, 2, figsize=(11, 8))
+    styles = {"bilinear": ("tab:gray", "--", "o"), "linear": ("tab:blue", "--", "s"),
+              "edge": ("tab:orange", "-", "^"), "adaptive+linear": ("tab:purple", ":", "v"),
+              "adaptive+edge": ("tab:red", "-", "D")}
+    names = {"delta1": "δ1 (all pixels)", "absrel": "AbsRel (all pixels)",
+             "edge_absrel": "AbsRel within 5 px of depth edges", "edge_delta1": "δ1 within 5 px of depth edges"}
+    for ax, metric in zip(axes.ravel(), ["absrel", "edge_absrel", "delta1", "edge_delta1"]):
+        for m in METHODS:
+            c, ls, mk = styles[m]
+            ax.plot(budgets, [agg[m][str(B)][metric] for B in budgets], ls, color=c, marker=mk, label=m)
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(budgets)
+        ax.set_xticklabels([str(b) for b in budgets], rotation=45)
+        ax.set_xlabel("queries per image")
+        ax.set_title(names[metric])
+        ax.grid(True, alpha=0.3)
+    axes[0, 0].legend()
+    fig.suptitle(title)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def example_figure(seed: int, budget: int, path: Path, opts: dict) -> None:
+    """Qualitative comparison on one scene: inputs, baseline and adaptive+edge at one budget."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from densify.fields import densify_depth_edge
+    from densify.fields.adaptive import grid_within
+
+    case = SceneCase(seed)
+    h, w = case.depth.shape
+    ans = case.ask(grid_within(w, h, budget))
+    base = _linear(ans, (h, w), False)
+    aans, _ = case.ask_adaptive(budget, **opts.get("planner", {}))
+    field = densify_depth_edge(aans.pixels, aans.values, case.rgb, **opts.get("edge", {}))
+    lo, hi = np.percentile(case.depth[case.valid], [1, 99])
+    fig, axes = plt.subplots(2, 3, figsize=(15, 8))
+    axes[0, 0].imshow(case.rgb)
+    axes[0, 0].plot(aans.pixels[:, 0], aans.pixels[:, 1], ".", ms=1.5, color="lime")
+    axes[0, 0].set_title(f"image + adaptive queries ({len(aans.pixels)})")
+    axes[0, 1].imshow(case.depth, vmin=lo, vmax=hi, cmap="turbo")
+    axes[0, 1].set_title("ground truth")
+    axes[0, 2].imshow(field.confidence, vmin=0, vmax=1, cmap="gray")
+    axes[0, 2].set_title("adaptive+edge confidence")
+    axes[1, 0].imshow(base, vmin=lo, vmax=hi, cmap="turbo")
+    axes[1, 0].set_title(f"grid + bilinear ({len(ans.pixels)} queries)")
+    axes[1, 1].imshow(field.values, vmin=lo, vmax=hi, cmap="turbo")
+    axes[1, 1].set_title("adaptive + edge-aware")
+    err_b = np.abs(base - case.depth) / np.maximum(case.depth, 1e-6)
+    err_a = np.abs(field.values - case.depth) / np.maximum(case.depth, 1e-6)
+    axes[1, 2].imshow(np.concatenate([err_b, err_a], axis=0), vmin=0, vmax=0.3, cmap="inferno")
+    axes[1, 2].set_title("|rel. error| (0-0.3): bilinear (top), adaptive+edge (bottom)")
+    for ax in axes.ravel():
+        ax.axis("off")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+# ---------------------------------------------------------------------------------------------- main
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help="4 scenes x budgets 256, 1024, 4096")
+    p.add_argument("--scenes", type=int, help="number of seeded scenes (default 10; quick 4)")
+    p.add_argument("--budgets", type=lambda s: [int(x) for x in s.split(",")], help="comma-separated budgets")
+    p.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1))
+    p.add_argument("--logprobs", action="store_true", help="ask for answer log-probabilities and use them")
+    p.add_argument("--json", type=Path, help="results JSON (default benchmarks/results/densify_<date>.json)")
+    p.add_argument("--plot", type=Path, help="budget plot (default docs/densify_budget.png)")
+    p.add_argument("--no-plot", action="store_true")
+    args = p.parse_args(argv)
+
+    budgets = args.budgets or (QUICK_BUDGETS if args.quick else FULL_BUDGETS)
+    n_scenes = args.scenes or (4 if args.quick else 10)
+    seeds = list(range(100, 100 + n_scenes))
+    opts = {"logprobs": args.logprobs, "edge": {}, "planner": {}}
+    t0 = time.perf_counter()
+    jobs = [(s, budgets, opts) for s in seeds]
+    if args.workers > 1:
+        import multiprocessing as mp
+
+        with mp.get_context("fork").Pool(args.workers) as pool:
+            scenes = pool.map(run_scene, jobs, chunksize=1)
+    else:
+        scenes = [run_scene(j) for j in jobs]
+    wall = time.perf_counter() - t0
+    agg = aggregate(scenes, budgets)
+    rat = ratios(agg, budgets)
+    date = _dt.date.today().isoformat()
+    suffix = ("_quick" if args.quick else "") + ("_logprobs" if args.logprobs else "")
+    json_path = args.json or REPO / "benchmarks" / "results" / f"densify_{date}{suffix}.json"
+    record = {
+        "benchmark": "densify_bench", "date": date, "wall_s": wall, "workers": args.workers,
+        "scenes": seeds, "size": [640, 480], "budgets": budgets, "profile": "vlm3-depth",
+        "engine": "simulated (default ErrorModel)", "logprobs": args.logprobs, "methods": METHODS,
+        "options": opts, "edge_band": "within 5 px of 4-neighbour |log depth ratio| > 0.1",
+        "aggregate": agg, "ratios_at_1024": rat, "per_scene": scenes,
+    }
+    json_path.parent.mkdir(parents=True, exist_ok=True)
+    json_path.write_text(json.dumps(record, indent=1))
+    if not args.no_plot:
+        plot_path = args.plot or REPO / "docs" / f"densify_budget{suffix}.png"
+        plot(agg, budgets, plot_path, f"Dense depth vs queries per image ({n_scenes} synthetic 640x480 scenes, "
+                                      f"simulated VLM3-depth{' + logprobs' if args.logprobs else ''})")
+        if not args.quick and not args.logprobs:
+            example_figure(seeds[0], 1024 if 1024 in budgets else budgets[0], REPO / "docs" / "densify_example.png",
+                           opts)
+    print(f"## densify_bench: {n_scenes} scenes, budgets {budgets}, {wall:.0f} s on {args.workers} workers\n")
+    print(markdown_table(agg, budgets))
+    if rat:
+        print("\nBaseline budget needed for each method's accuracy at 1024 queries (log-budget interpolation):\n")
+        print(ratio_table(rat))
+    print(f"\nresults: {json_path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

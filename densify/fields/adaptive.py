@@ -1,0 +1,353 @@
+"""Adaptive query placement: a coarse grid first, then rounds that spend the rest of the budget where the
+field is uncertain.
+
+Queries are the cost, and a uniform grid spends most of them on smooth surfaces that a few answers
+already describe, while every depth edge is smeared across a whole grid spacing. The planner asks a coarse
+grid, then, round by round, scores every pixel by how much one more answer there would tell:
+
+* **discontinuity**: a Delaunay triangle of answers whose corners disagree beyond what each corner's local
+  plane explains (the local planes of `densify.fields.edge_aware`, compared in units of the image's own
+  answer noise), i.e. large depth ratios (or flow differences) between neighbouring answers;
+* **doubtful answers**: low answer log-probability, or (flow) a large forward-backward error;
+* **image edges**: inside uncertain triangles, pixels near strong image edges score higher (that is where
+  the boundary most likely runs);
+* **gaps**: the distance to the nearest answer (a new answer next to an old one says little).
+
+It picks the best-scoring pixels, spread out (one per cell, then thinned), as ONE batch per round, so a
+prefix-caching engine computes the image tokens once per round. It never asks more than `budget` queries
+and never asks the same pixel twice.
+
+    planner = AdaptivePlanner((h, w), budget=1024, rgb=rgb)
+    pts = planner.first_points()
+    while pts is not None:
+        answers = ask(pts)                      # one engine call
+        ...accumulate pixels / values / logprobs...
+        pts = planner.next_points(pixels, values, logprobs)
+
+`run_adaptive_depth` does this loop for the depth pipeline (prompts, engine, parsing).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import cv2
+import numpy as np
+from scipy.spatial import Delaunay, cKDTree
+
+from densify.fields.edge_aware import guide_maps, guided_planes
+from densify.fields.interpolate import reject_outliers
+from densify.queries import grid_points
+
+__all__ = ["AdaptivePlanner", "AdaptiveRun", "run_adaptive", "run_adaptive_depth", "round_sizes"]
+
+
+def round_sizes(budget: int, coarse: float, rounds: int) -> list[int]:
+    """Queries per engine call: a coarse grid, then the rest split evenly over `rounds` refinements
+    (no rounds: the whole budget as one grid)."""
+    budget = int(budget)
+    if rounds <= 0:
+        return [budget]
+    first = min(budget, max(16, int(round(coarse * budget))))
+    rest = budget - first
+    sizes = [first]
+    for r in range(rounds):
+        n = rest // (rounds - r)
+        if n > 0:
+            sizes.append(n)
+        rest -= n
+    return sizes
+
+
+def grid_within(width: int, height: int, n: int) -> np.ndarray:
+    """The largest regular grid (aspect kept) with at most n points."""
+    count = max(1, int(n))
+    while True:
+        pts = grid_points(width, height, count=count)
+        if len(pts) <= n or count == 1:
+            return pts[: max(int(n), 0)]
+        count -= max(1, (len(pts) - n) // 2)
+
+
+class AdaptivePlanner:
+    """Chooses where to ask next from the answers so far (see module docstring).
+
+    shape: (H, W) of the image (original pixels). budget: total queries for the image.
+    coarse: share of the budget spent on the first uniform grid. rounds: refinement rounds after it.
+    rgb: the image (guides the placement to image edges; optional). kind: "depth" or "flow".
+    base: score of a pixel with no sign of trouble, relative to a clear discontinuity (keeps some
+    density everywhere). edge_weight: how much image edges attract samples inside uncertain triangles.
+    """
+
+    def __init__(self, shape: tuple[int, int], budget: int, *, coarse: float = 0.5, rounds: int = 3,
+                 rgb: np.ndarray | None = None, kind: str = "depth", base: float = 0.05,
+                 edge_weight: float = 1.0, tau: float | None = None, logprob_scale: float = 1.0,
+                 min_gap: float = 2.0, z0: float = 1.5, z1: float = 2.5):
+        if kind not in ("depth", "flow"):
+            raise ValueError(f"kind must be 'depth' or 'flow', got {kind!r}")
+        if budget < 1:
+            raise ValueError(f"budget must be positive, got {budget}")
+        if not 0 < coarse <= 1:
+            raise ValueError(f"coarse must be in (0, 1], got {coarse}")
+        self.shape = (int(shape[0]), int(shape[1]))
+        self.budget = int(budget)
+        self.coarse = float(coarse)
+        self.rounds = max(0, int(rounds))
+        self.rgb = rgb
+        self.kind = kind
+        self.base = float(base)
+        self.edge_weight = float(edge_weight)
+        self.tau = tau if tau is not None else (0.3 if kind == "depth" else 6.0)
+        self.logprob_scale = float(logprob_scale)
+        self.min_gap = float(min_gap)
+        self.z0, self.z1 = float(z0), float(z1)
+        self.sizes = round_sizes(self.budget, self.coarse, self.rounds)
+        self.round = 0
+        self.last_uncertainty: np.ndarray | None = None
+
+    # -- rounds
+    def first_points(self) -> np.ndarray:
+        """The coarse grid (Nx2 integer pixels, N <= budget)."""
+        h, w = self.shape
+        self.round = 1
+        return grid_within(w, h, self.sizes[0])
+
+    def next_points(self, pixels, values, logprobs=None, *, fb_error=None) -> np.ndarray | None:
+        """Pixels for the next round, given every pixel asked so far and its answer (NaN = no answer), or
+        None when the budget or the rounds are spent.
+
+        values: N depths (depth) or Nx2 target pixels (flow). logprobs: N answer log-probabilities (NaN =
+        unknown). fb_error: N forward-backward errors in pixels (flow; NaN = unknown).
+        """
+        pixels = np.asarray(pixels, float).reshape(-1, 2)
+        asked = len(pixels)
+        left = self.budget - asked
+        if self.round >= len(self.sizes) or left <= 0:
+            return None
+        n = min(left, self.sizes[self.round]) if self.round < len(self.sizes) - 1 else left
+        self.round += 1
+        if n <= 0:
+            return None
+        score = self.uncertainty(pixels, values, logprobs, fb_error=fb_error)
+        pts = self._pick(score, n, pixels)
+        return pts if len(pts) else None
+
+    # -- scoring
+    def uncertainty(self, pixels, values, logprobs=None, *, fb_error=None) -> np.ndarray:
+        """HxW score of asking at each pixel (also kept as `last_uncertainty`)."""
+        h, w = self.shape
+        pixels = np.asarray(pixels, float).reshape(-1, 2)
+        if self.kind == "depth":
+            v = np.asarray(values, float).reshape(-1)
+            ok = np.isfinite(v) & (v > 0)
+        else:
+            v = np.asarray(values, float).reshape(-1, 2)
+            ok = np.all(np.isfinite(v), axis=1)
+        xy = pixels[ok]
+        gap = self._gap(xy)
+        if ok.sum() < 4 or np.linalg.matrix_rank(np.c_[xy, np.ones(len(xy))]) < 3:
+            self.last_uncertainty = gap
+            return gap
+        if self.kind == "depth":
+            vals = 1.0 / v[ok]
+            keep = reject_outliers(xy, v[ok]) if ok.sum() > 8 else np.ones(len(xy), bool)
+        else:
+            vals = v[ok] - xy
+            keep = np.ones(len(xy), bool)
+        doubt = np.zeros(len(xy))
+        if logprobs is not None:
+            lp = np.asarray(logprobs, float).reshape(-1)
+            if len(lp) == len(pixels) and np.isfinite(lp[ok]).any():
+                lpo = lp[ok]
+                lpo = np.where(np.isfinite(lpo), lpo, np.nanmedian(lpo))
+                doubt = np.maximum(doubt, 1.0 - np.exp(lpo / self.logprob_scale))
+        if fb_error is not None:
+            fb = np.asarray(fb_error, float).reshape(-1)
+            if len(fb) == len(pixels):
+                fbo = np.nan_to_num(fb[ok], nan=0.0)
+                doubt = np.maximum(doubt, np.clip(fbo / (2 * self.tau), 0, 1))
+        # Answers flagged as outliers are left out (one stray answer is not a reason to ask around it).
+        xy, vals, doubt = xy[keep], vals[keep], doubt[keep]
+        if len(xy) < 4 or np.linalg.matrix_rank(np.c_[xy, np.ones(len(xy))]) < 3:
+            self.last_uncertainty = gap
+            return gap
+        planes = guided_planes(xy, vals, self.rgb, (h, w), kind=self.kind, tau=self.tau, iters=2)
+        tri = Delaunay(xy)
+        simp = tri.simplices
+        # Disagreement across each triangle edge: one corner's plane against the other corner's denoised
+        # value (a discontinuity between them shows however the planes fall).
+        cv = self._feat(planes.center)
+        disc = np.zeros(len(simp))
+        for a in range(3):
+            for b in range(3):
+                if a == b:
+                    continue
+                i, j = simp[:, a], simp[:, b]
+                pred = planes.predict(i, xy[j, 0], xy[j, 1])
+                disc = np.maximum(disc, self._dist(self._feat(pred), cv[j]))
+        # In units of the typical disagreement (most triangles are smooth: that is the answer noise).
+        sig = max(float(np.median(disc)), 1e-6)
+        z = np.clip((disc / sig - self.z0) / self.z1, 0.0, 1.0)
+        if doubt.any():
+            z = np.maximum(z, doubt[simp].max(axis=1))
+        tri_score = self._raster(xy, simp, z)
+        score = self.base + tri_score
+        if self.rgb is not None and self.edge_weight > 0:
+            edges, _ = guide_maps(self.rgb, (h, w))
+            near = cv2.GaussianBlur(edges, (0, 0), 2.0)
+            near = near / max(float(near.max()), 1e-6)
+            score = score * (1.0 + self.edge_weight * near * (tri_score > 0))
+        score = (score * gap).astype(np.float32)
+        self.last_uncertainty = score
+        return score
+
+    def _feat(self, vals):
+        vals = np.asarray(vals, float)
+        if self.kind == "depth":
+            return np.log(np.maximum(vals.reshape(len(vals), -1)[:, :1], 1e-9))
+        return vals.reshape(len(vals), -1)
+
+    @staticmethod
+    def _dist(a, b):
+        return np.sqrt(((a - b) ** 2).sum(-1))
+
+    def _gap(self, xy) -> np.ndarray:
+        """HxW in [0, 1]: distance to the nearest answer relative to the current mean spacing."""
+        h, w = self.shape
+        mask = np.full((h, w), 255, np.uint8)
+        if len(xy):
+            xi = np.clip(np.rint(xy[:, 0]).astype(int), 0, w - 1)
+            yi = np.clip(np.rint(xy[:, 1]).astype(int), 0, h - 1)
+            mask[yi, xi] = 0
+        d = cv2.distanceTransform(mask, cv2.DIST_L2, 5)
+        s = math.sqrt(h * w / max(len(xy), 1))
+        g = np.clip(d / (0.5 * s), 0, 1)
+        g[d < self.min_gap] = 0.0
+        return g.astype(np.float32)
+
+    def _raster(self, xy, simp, z) -> np.ndarray:
+        h, w = self.shape
+        out = np.zeros((h, w), np.float32)
+        shift = 4
+        verts = np.round(xy * (1 << shift)).astype(np.int32)
+        for k in np.flatnonzero(z > 0):
+            cv2.fillConvexPoly(out, verts[simp[k]], float(z[k]), cv2.LINE_8, shift)
+        return out
+
+    def _pick(self, score: np.ndarray, n: int, asked: np.ndarray) -> np.ndarray:
+        """The n best pixels, at most one per cell, thinned so that no two are closer than half a cell."""
+        h, w = self.shape
+        s = score.copy()
+        if len(asked):
+            xi = np.clip(np.rint(asked[:, 0]).astype(int), 0, w - 1)
+            yi = np.clip(np.rint(asked[:, 1]).astype(int), 0, h - 1)
+            s[yi, xi] = 0.0
+        pos = float((s > 0.2 * max(float(s.max()), 1e-9)).sum())
+        cell = int(np.clip(math.sqrt(max(pos, 1.0) / (1.5 * n)), 2, 64))
+        H, W = (h + cell - 1) // cell * cell, (w + cell - 1) // cell * cell
+        pad = np.zeros((H, W), np.float32)
+        pad[:h, :w] = s
+        blocks = pad.reshape(H // cell, cell, W // cell, cell).transpose(0, 2, 1, 3).reshape(-1, cell * cell)
+        arg = blocks.argmax(axis=1)
+        val = blocks[np.arange(len(blocks)), arg]
+        bi, bj = np.divmod(np.arange(len(blocks)), W // cell)
+        ys = bi * cell + arg // cell
+        xs = bj * cell + arg % cell
+        good = (val > 0) & (ys < h) & (xs < w)
+        order = np.argsort(-val[good], kind="stable")
+        cand = np.stack([xs[good], ys[good]], 1)[order]
+        cval = val[good][order]
+        if len(cand) > 1:
+            # Thin pairs closer than half a cell: the lower-scoring one goes.
+            pairs = cKDTree(cand).query_pairs(max(cell / 2, self.min_gap), output_type="ndarray")
+            if len(pairs):
+                drop = np.zeros(len(cand), bool)
+                drop[np.maximum(pairs[:, 0], pairs[:, 1])] = True  # sorted by score: larger index is worse
+                cand, cval = cand[~drop], cval[~drop]
+        return cand[:n].astype(np.int64)
+
+
+# ---------------------------------------------------------------------------------------------- running
+
+@dataclass
+class AdaptiveRun:
+    """Everything asked about one image, in the order asked."""
+
+    pixels: np.ndarray
+    prompt_xy: np.ndarray | None
+    completions: list = field(default_factory=list)
+    calls: list[int] = field(default_factory=list)
+    """Queries per engine call (one call per round)."""
+
+
+def run_adaptive(planner: AdaptivePlanner, ask, parse, *, first_points=None) -> AdaptiveRun:
+    """Generic loop: `ask(points) -> (pixels, prompt_xy | None, completions)` makes ONE engine call for the
+    points (it may drop points it has asked before); `parse(run) -> (values, logprobs)` reads all answers
+    so far. Stops when the planner has nothing more to ask (budget or rounds spent). first_points: ask
+    these in the first round instead of the planner's coarse grid (at most the budget)."""
+    run = AdaptiveRun(np.zeros((0, 2), np.int64), None)
+    pts = planner.first_points()
+    if first_points is not None:
+        pts = np.asarray(first_points).reshape(-1, 2)[: planner.budget]
+    while pts is not None and len(pts):
+        pix, pxy, comps = ask(pts)
+        if len(pix) == 0:
+            break
+        run.pixels = np.concatenate([run.pixels, np.asarray(pix).reshape(-1, 2)])
+        if pxy is not None:
+            run.prompt_xy = pxy if run.prompt_xy is None else np.concatenate([run.prompt_xy, pxy])
+        run.completions.extend(comps)
+        run.calls.append(len(comps))
+        values, logprobs = parse(run)
+        pts = planner.next_points(run.pixels, values, logprobs)
+    return run
+
+
+def run_adaptive_depth(engine, planner: AdaptivePlanner, prep, profile, *, uid: str, truth=None,
+                       sampling=None, tag=None, first_batch=None, first_plan=None) -> AdaptiveRun:
+    """The depth pipeline's adaptive loop for one image: per round one `depth_batch` and one
+    `engine.generate` call. Returns all pixels asked (original pixels), prompt coordinates and
+    completions in order, ready for `answers.collect_depth`.
+
+    first_batch / first_plan: an already built first-round batch and its query plan (the pipeline's
+    `prepare_task` builds it); otherwise the planner's coarse grid is asked first.
+    """
+    from densify import answers as answers_mod
+    from densify.prompts import depth_batch
+    from densify.queries import plan_queries
+
+    seen: set = set()
+    prebuilt = [first_batch, first_plan] if first_batch is not None and first_plan is not None else None
+
+    def ask(points):
+        if prebuilt is not None and prebuilt[0] is not None:
+            batch, plan = prebuilt
+            prebuilt[0] = None
+            seen.update(_keys(plan))
+            return plan.pixels, plan.prompt_xy, engine.generate(batch)
+        plan = plan_queries(points, prep.pixel_map)
+        keys = _keys(plan)
+        fresh = np.array([k not in seen for k in keys], bool)
+        if not fresh.all():
+            plan.pixels = plan.pixels[fresh]
+            if plan.prompt_xy is not None:
+                plan.prompt_xy = plan.prompt_xy[fresh]
+        if len(plan) == 0:
+            return plan.pixels, plan.prompt_xy, []
+        seen.update(k for k, f in zip(keys, fresh) if f)
+        batch = depth_batch(prep, plan, profile, uid=uid, truth=truth, sampling=sampling, tag=tag)
+        return plan.pixels, plan.prompt_xy, engine.generate(batch)
+
+    def parse(run):
+        ans = answers_mod.collect_depth(profile, run.pixels, run.prompt_xy, run.completions)
+        return ans.values, ans.logprobs
+
+    first = first_plan.pixels if prebuilt is not None else None
+    return run_adaptive(planner, ask, parse, first_points=first)
+
+
+def _keys(plan) -> list[tuple[int, int]]:
+    """What makes two queries the same prompt: prompt coordinates, else the (rounded) pixel."""
+    src = plan.prompt_xy if plan.prompt_xy is not None else np.rint(plan.pixels)
+    return [tuple(map(int, p)) for p in src]

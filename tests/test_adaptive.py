@@ -1,0 +1,166 @@
+"""Adaptive query placement: budget, one batch per round, where the queries go, pipeline end to end."""
+
+import json
+
+import cv2
+import numpy as np
+import pytest
+
+from densify.cameras import Camera, prepare_image
+from densify.engines.simulated import SimulatedEngine, depth_truth
+from densify.fields import AdaptivePlanner, run_adaptive_depth
+from densify.fields.adaptive import grid_within, round_sizes
+from densify.profiles import load_profile
+from densify.prompts import image_uid, sampling_for
+
+H, W = 120, 160
+
+
+def step_scene(seed=0):
+    rng = np.random.default_rng(seed)
+    gy, gx = np.mgrid[0:H, 0:W].astype(float)
+    depth = 1.0 / (1.0 / 6.0 + 0.0004 * gx + 0.0002 * gy)
+    box = (gx >= 53) & (gx < 111) & (gy >= 37) & (gy < 95)
+    depth[box] = 2.0
+    rgb = np.empty((H, W, 3), np.float32)
+    rgb[:] = (70, 110, 200)
+    rgb[box] = (200, 150, 60)
+    rgb += rng.normal(0, 6, rgb.shape)
+    return np.clip(rgb, 0, 255).astype(np.uint8), depth.astype(np.float32), box
+
+
+def boundary_band(mask, r):
+    m = mask.astype(np.uint8)
+    e = cv2.dilate(m, np.ones((3, 3), np.uint8)) != cv2.erode(m, np.ones((3, 3), np.uint8))
+    return cv2.dilate(e.astype(np.uint8), cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * r + 1, 2 * r + 1))) > 0
+
+
+def simulate(planner, depth, sigma=0.08, seed=0):
+    """Drive a planner with noisy answers; returns pixels, values and the size of every round."""
+    rng = np.random.default_rng(seed)
+    pix = np.zeros((0, 2))
+    vals = np.zeros(0)
+    rounds = []
+    pts = planner.first_points()
+    while pts is not None:
+        pts = np.asarray(pts)
+        d = depth[pts[:, 1].astype(int), pts[:, 0].astype(int)] * np.exp(rng.normal(0, sigma, len(pts)))
+        d[rng.random(len(pts)) < 0.02] = np.nan        # a few unparseable answers
+        pix, vals = np.concatenate([pix, pts]), np.concatenate([vals, d])
+        rounds.append(len(pts))
+        pts = planner.next_points(pix, vals)
+    return pix, vals, rounds
+
+
+@pytest.mark.parametrize("budget,coarse,rounds", [(50, 0.5, 3), (300, 0.4, 2), (1000, 0.6, 4), (200, 1.0, 3),
+                                                  (120, 0.3, 0)])
+def test_never_exceeds_the_budget_and_stops(budget, coarse, rounds):
+    rgb, depth, _ = step_scene()
+    planner = AdaptivePlanner((H, W), budget, coarse=coarse, rounds=rounds, rgb=rgb)
+    pix, _, sizes = simulate(planner, depth)
+    assert len(pix) <= budget
+    assert len(sizes) <= rounds + 1
+    assert len(pix) >= 0.9 * budget              # and it does spend it
+    assert len(np.unique(pix, axis=0)) == len(pix)  # never the same pixel twice
+    assert planner.next_points(pix, np.ones(len(pix))) is None
+
+
+def test_round_sizes_add_up():
+    for b in (1, 17, 100, 1024, 4096):
+        s = round_sizes(b, 0.5, 3)
+        assert sum(s) <= b and len(s) <= 4
+    assert len(grid_within(640, 480, 1024)) <= 1024
+
+
+def test_concentrates_queries_near_discontinuities():
+    rgb, depth, box = step_scene()
+    planner = AdaptivePlanner((H, W), 600, coarse=0.4, rounds=3, rgb=rgb)
+    pix, _, sizes = simulate(planner, depth)
+    refine = pix[sizes[0]:].astype(int)
+    near = boundary_band(box, 6)
+    share = near[refine[:, 1], refine[:, 0]].mean()
+    assert share > 2.5 * near.mean(), (share, near.mean())
+    assert planner.last_uncertainty is not None and planner.last_uncertainty.shape == (H, W)
+
+
+def test_one_batch_per_round_through_the_engine():
+    rgb, depth, box = step_scene()
+    profile = load_profile("vlm3-depth")
+    cam = Camera.default(W, H)
+    p = profile.preprocess
+    prep = prepare_image(rgb, cam, focal=p.focal, square_pixels=p.square_pixels, coord_range=profile.coord_range)
+    engine = SimulatedEngine(profile, seed=0)
+    batches = []
+    gen = engine.generate
+    engine.generate = lambda b: (batches.append(b), gen(b))[1]
+    planner = AdaptivePlanner((H, W), 400, coarse=0.5, rounds=3, rgb=rgb)
+    uid = image_uid(prep, "step")
+    run = run_adaptive_depth(engine, planner, prep, profile, uid=uid, truth=depth_truth(prep, depth),
+                             sampling=sampling_for(profile))
+    assert len(batches) == len(run.calls) <= 4
+    assert [len(b.queries) for b in batches] == run.calls
+    assert sum(run.calls) == len(run.pixels) == len(run.completions) <= 400
+    for b in batches:                               # every round shows the same single image: cacheable
+        assert list(b.images) == [uid]
+    assert len({tuple(q) for q in run.prompt_xy}) == len(run.prompt_xy)
+
+
+def test_flow_planner_on_scene_matches():
+    from densify.fields import densify_flow_edge
+    from densify.synthetic.scenes import SceneSpec, make_scene
+
+    scene = make_scene(SceneSpec(seed=4, n_views=2, width=320, height=240, step_m=0.4, step_deg=4.0))
+    m = scene.matches(0, 1)
+    rgb = scene.views[0].rgb
+    h, w = m.shape[:2]
+    rng = np.random.default_rng(0)
+    planner = AdaptivePlanner((h, w), 500, coarse=0.5, rounds=2, rgb=rgb, kind="flow")
+    pix, tgt, sizes = np.zeros((0, 2)), np.zeros((0, 2)), []
+    pts = planner.first_points()
+    while pts is not None:
+        t = m[pts[:, 1], pts[:, 0]].astype(float) + rng.normal(0, 1.0, (len(pts), 2))
+        pix, tgt = np.concatenate([pix, pts]), np.concatenate([tgt, t])
+        sizes.append(len(pts))
+        pts = planner.next_points(pix, tgt, fb_error=np.zeros(len(pix)))
+    assert len(pix) <= 500 and len(sizes) <= 3
+    # refinement goes where the flow varies (motion boundaries): local spread of the true displacement
+    ok = np.isfinite(m).all(-1)
+    disp = np.where(ok[..., None], m - np.stack(np.mgrid[0:h, 0:w][::-1], -1), 0.0).astype(np.float32)
+    k = np.ones((9, 9), np.uint8)
+    spread = sum(cv2.dilate(disp[..., c], k) - cv2.erode(disp[..., c], k) for c in range(2))
+    spread[cv2.erode(ok.astype(np.uint8), k) == 0] = np.nan      # judge only where the flow is known
+    coarse, ref = pix[:sizes[0]].astype(int), pix[sizes[0]:].astype(int)
+    s_ref, s_coarse = spread[ref[:, 1], ref[:, 0]], spread[coarse[:, 1], coarse[:, 0]]
+    assert np.nanmean(s_ref) > 1.5 * np.nanmean(s_coarse), (np.nanmean(s_ref), np.nanmean(s_coarse))
+    f = densify_flow_edge(pix, tgt, rgb)
+    assert f.values.shape == (h, w, 2)
+
+
+def test_pipeline_adaptive_mode_end_to_end(tmp_path):
+    from densify.images import discover
+    from densify.synthetic.scenes import SceneSpec, make_scene
+    from pipelines.configs import DepthJobConfig, load_job_config
+    from pipelines.depth import run_depth
+
+    make_scene(SceneSpec(seed=2, n_views=1, width=320, height=240)).save(tmp_path / "scene")
+    sources = discover([str(tmp_path / "scene")])
+    engine = SimulatedEngine("vlm3-depth", seed=0)
+    calls = []
+    gen = engine.generate
+    engine.generate = lambda b: (calls.append(len(b.queries)), gen(b))[1]
+    cfg = load_job_config(DepthJobConfig, None, {"plan": {"mode": "adaptive", "budget": 300, "rounds": 2},
+                                                 "densify": {"method": "edge"}}, default_name="depth")
+    out = tmp_path / "out"
+    summary = run_depth(sources, cfg, out, engine=engine, progress=False)
+    assert summary["ok"] == 1 and summary["failed"] == 0
+    assert summary["queries"] == sum(calls) <= 300 and len(calls) <= 3
+    assert summary["metrics"]["dense"]["delta1"] > 0.9
+    img_dir = out / sources[0].id
+    assert (img_dir / "depth.npy").is_file() and (img_dir / "confidence.npy").is_file()
+    answers = [json.loads(line) for line in (img_dir / "answers.jsonl").read_text().splitlines()]
+    assert len(answers) == summary["queries"]
+    # the grid path is unchanged: one call per image with the grid's size
+    calls.clear()
+    cfg2 = load_job_config(DepthJobConfig, None, {"plan": {"count": 300}, "overwrite": True}, default_name="depth")
+    run_depth(sources, cfg2, tmp_path / "out2", engine=engine, progress=False)
+    assert len(calls) == 1
