@@ -115,6 +115,8 @@ class Matches:
     """N round-trip errors in image-1 pixels (NaN where not checked); None without the check."""
     size1: tuple[int, int] = (0, 0)
     size2: tuple[int, int] = (0, 0)
+    backward_queries: int = 0
+    """Reverse questions asked for the forward-backward check (each answered point once)."""
 
     def __len__(self) -> int:
         return len(self.xy1)
@@ -251,7 +253,7 @@ def apply_forward_backward(fwd: Matches, back: Matches, row: np.ndarray, thresh_
         if err[i] > thresh_px:
             fails[i] = FB_REJECTED
     return Matches(fwd.id1, fwd.id2, fwd.xy1, fwd.xy2, fwd.prompt1, fwd.prompt2, fails, fwd.texts, err,
-                   fwd.size1, fwd.size2)
+                   fwd.size1, fwd.size2, len(back))
 
 
 @dataclass

@@ -15,7 +15,8 @@ from densify.geometry.pose import FAILED, PairPose, PoseConfig, estimate_pair_po
 from densify.geometry.posegraph import information_from_points
 from densify.matching import Matches
 
-__all__ = ["pair_list", "PairResult", "solve_pair", "pair_key", "failed_pair", "classify", "PAIR_MODES"]
+__all__ = ["pair_list", "PairResult", "solve_pair", "solve_pair_xy", "pair_key", "failed_pair", "classify",
+           "PAIR_MODES"]
 
 PAIR_MODES = ("consecutive", "consecutive+skip2")
 
@@ -78,7 +79,12 @@ class PairResult:
 def solve_pair(m: Matches, cam1: Camera, cam2: Camera, depth1: np.ndarray | None,
                cfg: PoseConfig) -> tuple[PairPose, np.ndarray | None]:
     """Pose from the valid matches (+ depth of image 1 for the metric scale) and its information matrix."""
-    xy1, xy2 = m.pairs()
+    return solve_pair_xy(*m.pairs(), cam1, cam2, depth1, cfg)
+
+
+def solve_pair_xy(xy1: np.ndarray, xy2: np.ndarray, cam1: Camera, cam2: Camera, depth1: np.ndarray | None,
+                  cfg: PoseConfig) -> tuple[PairPose, np.ndarray | None]:
+    """solve_pair for any matcher's points (original pixels)."""
     pose = estimate_pair_pose(xy1, xy2, cam1, cam2, depth1=depth1, cfg=cfg)
     info = None
     if pose.ok and pose.T is not None and depth1 is not None and pose.inlier_mask is not None:

@@ -59,9 +59,11 @@ def run_pose(image1, image2, cfg: ReconstructJobConfig, out_dir, *, engines=None
         infos = [_camera_info(k, s, cfg, intrinsics) for k, s in enumerate(sources)]
     results = None
     if cfg.pose.source in ("matches", "both"):
-        results = pair_stage(infos, [(0, 1)], cfg, out, engines=engines, truth=truth, progress=progress)
+        results = pair_stage(infos, [(0, 1)], cfg, out, engines=engines, truth=truth, progress=progress,
+                             require_metric=False)
     if cfg.pose.source in ("vlm", "both"):
-        results = vlm_pose_stage(infos, [(0, 1)], results, cfg, out, engines=engines, truth=truth, progress=progress)
+        results = vlm_pose_stage(infos, [(0, 1)], results, cfg, out, engines=engines, truth=truth, progress=progress,
+                                 require_metric=False)
     res = results[0]
     report = {"images": [str(s.path) for s in sources], "status": res.status, "record": res.record(),
               "pose": res.pose.to_dict() if res.pose is not None else None,

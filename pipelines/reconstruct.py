@@ -37,8 +37,7 @@ from densify.geometry.fusion import frames_from_outputs, tsdf_fuse
 from densify.geometry.pose import PairPose
 from densify.geometry.posegraph import PoseEdge, PoseGraphResult, optimize_poses
 from densify.images import ImageError, ImageSource, discover, load_rgb
-from densify.matching import CorrView, Matches, PairRequest, corr_view, dense_flow, match_pairs, pair_truth, \
-    track_points
+from densify.matching import Matches, PairRequest, corr_view, dense_flow, match_pairs, pair_truth, track_points
 from densify.pairs import PairResult, classify, failed_pair, pair_key, pair_list, solve_pair
 from densify.profiles import Profile, load_profile
 from densify.progress import Progress
@@ -207,8 +206,11 @@ def _unusable(i, j, a: ImageInfo, b: ImageInfo) -> PairResult:
 
 
 def pair_stage(infos: list[ImageInfo], pairs: list[tuple[int, int]], cfg: ReconstructJobConfig, out: Path, *,
-               engines=None, truth: TruthProvider | None = None, progress: bool = True) -> list[PairResult]:
-    """Correspondences and RANSAC/PnP poses for every pair, one pair at a time (resumable)."""
+               engines=None, truth: TruthProvider | None = None, progress: bool = True,
+               require_metric: bool = True) -> list[PairResult]:
+    """Correspondences and RANSAC/PnP poses for every pair, one pair at a time (resumable).
+
+    require_metric: a pose without metric scale counts as failed (it cannot join a pose graph)."""
     profile = load_profile(cfg.corr.profile)
     if profile.task != "corr":
         raise ConfigError(f"corr.profile: {profile.name!r} is a {profile.task} profile, not a correspondence profile")
@@ -266,17 +268,18 @@ def pair_stage(infos: list[ImageInfo], pairs: list[tuple[int, int]], cfg: Recons
             depth1 = _load_depth(out, a) if cfg.pose.use_depth else None
             pose, info = solve_pair(m, a.camera, b.camera, depth1, cfg.pose.estimator)
             del depth1
-            counts = {"asked": len(m), "valid": m.n_valid, "failures": m.failure_counts(),
+            counts = {"asked": len(m), "asked_backward": m.backward_queries, "valid": m.n_valid,
+                      "failures": m.failure_counts(),
                       "fb_median_px": float(np.nanmedian(m.fb_error)) if m.fb_error is not None
                       and np.isfinite(m.fb_error).any() else None, "wall_s": time.perf_counter() - t0}
-            res = classify(PairResult(i, j, a.id, b.id, "ok", pose, counts, information=info))
+            res = classify(PairResult(i, j, a.id, b.id, "ok", pose, counts, information=info),
+                           require_metric=require_metric)
             if res.status == "failed":
                 log.warning("pair %s/%s failed: %s", a.id, b.id, res.error)
             _write_pair(d, res, m, cfg)
             carried.setdefault(j, []).append(m.pairs()[1])
             results.append(res)
-            bar.update(queries=len(m) + (int((m.fb_error is not None) and np.isfinite(m.fb_error).sum())),
-                       failed=int(res.status == "failed"))
+            bar.update(queries=len(m) + m.backward_queries, failed=int(res.status == "failed"))
     finally:
         bar.close()
         if owned and engine is not None:
@@ -288,7 +291,7 @@ def pair_stage(infos: list[ImageInfo], pairs: list[tuple[int, int]], cfg: Recons
 
 def vlm_pose_stage(infos: list[ImageInfo], pairs: list[tuple[int, int]], results: list[PairResult] | None,
                    cfg: ReconstructJobConfig, out: Path, *, engines=None, truth: TruthProvider | None = None,
-                   progress: bool = True) -> list[PairResult]:
+                   progress: bool = True, require_metric: bool = True) -> list[PairResult]:
     """Ask the pose profile about every pair; source 'vlm' replaces the poses, 'both' cross-checks them."""
     profile = load_profile(cfg.pose.profile)
     if profile.task != "pose":
@@ -318,7 +321,7 @@ def vlm_pose_stage(infos: list[ImageInfo], pairs: list[tuple[int, int]], results
                 res.status, res.error, res.error_kind = "ok", None, None
                 res.pose, res.information = vpose, None
                 res.vlm = vp.to_dict()
-                classify(res)
+                classify(res, require_metric=require_metric)
             else:
                 res = res or failed_pair(i, j, a.id, b.id, "no correspondence pose", "pose")
                 res.vlm = vp.to_dict()
@@ -391,7 +394,8 @@ def fusion_stage(infos, graph: PoseGraphResult, cfg: ReconstructJobConfig, out: 
             "cloud_points": len(cloud.points)}
 
 
-def export_stage(infos, results: list[PairResult], graph: PoseGraphResult, cfg: ReconstructJobConfig, out: Path) -> dict:
+def export_stage(infos, results: list[PairResult], graph: PoseGraphResult, cfg: ReconstructJobConfig,
+                 out: Path) -> dict:
     posed = graph.cam_to_world
     report: dict = {}
     if cfg.export.colmap:
@@ -492,7 +496,7 @@ def run_reconstruct(sources: list[ImageSource], cfg: ReconstructJobConfig, out_d
         "verdicts": {v: sum(1 for r in results if r.pose is not None and r.pose.verdict == v)
                      for v in ("good", "weak", "failed")},
         "depth": {k: depth_summary[k] for k in ("ok", "skipped", "failed", "queries", "answer_failures", "metrics")},
-        "pair_queries": sum(r.matches.get("asked", 0) for r in results),
+        "pair_queries": sum(r.matches.get("asked", 0) + r.matches.get("asked_backward", 0) for r in results),
         "fusion": fusion, "export": export, "timings_s": timings, "wall_s": sum(timings.values()),
         "config": cfg.model_dump(mode="json"),
     }
@@ -557,7 +561,7 @@ def print_summary(s: dict, out) -> None:
     t = s["timings_s"]
     c.print(f"[bold]densify reconstruct[/]: {s['posed']} of {s['images']} images posed "
             f"(reference {s['reference']}); pairs {s['pairs_ok']} ok of {s['pairs']} "
-            f"(verdicts {s['verdicts']}); {s['pair_queries']:,} correspondence queries; "
+            f"(verdicts {s['verdicts']}); {s['pair_queries']:,} correspondence queries (forward + backward); "
             f"{s['wall_s']:.1f} s (" + ", ".join(f"{k} {v:.1f}" for k, v in t.items()) + ")")
     for f in s["failed_pairs"]:
         c.print(f"  [red]failed pair[/] {f['pair'][0]} -> {f['pair'][1]} ({f.get('error_kind')}): {f.get('error')}")
@@ -568,5 +572,6 @@ def print_summary(s: dict, out) -> None:
         c.print(f"  COLMAP model: {ex['colmap']}")
     fu = s["fusion"]
     if fu.get("frames"):
-        c.print(f"  fused {fu['frames']} frames: mesh {fu['mesh_vertices']:,} vertices, cloud {fu['cloud_points']:,} points")
+        c.print(f"  fused {fu['frames']} frames: mesh {fu['mesh_vertices']:,} vertices, "
+                f"cloud {fu['cloud_points']:,} points")
     c.print(f"outputs in {out} (poses.json, mesh.ply, cloud.ply, colmap/, transforms.json, pairs.jsonl, summary.json)")

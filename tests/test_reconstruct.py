@@ -192,3 +192,7 @@ def test_pose_command_with_vlm_cross_check(tmp_path, scene):
     vlm_only = run_pose(images[0], images[2], cfg.model_copy(update={"pose": cfg.pose.model_copy(
         update={"source": "vlm"})}), tmp_path / "out_vlm", engines=_engines(), progress=False)
     assert vlm_only["record"]["source"] == "vlm" and vlm_only["status"] == "ok"
+    no_depth = run_pose(images[0], images[1], cfg.model_copy(update={"pose": cfg.pose.model_copy(
+        update={"source": "matches", "use_depth": False})}), tmp_path / "out_nd", engines=_engines(), progress=False)
+    assert no_depth["status"] == "ok" and no_depth["pose"]["t_metric"] is None
+    assert not (tmp_path / "out_nd" / "depth").exists()

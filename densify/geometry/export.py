@@ -251,7 +251,8 @@ def write_colmap_text(folder: str | Path, images: list[tuple[int, str, Camera, n
                  "#   POINTS2D[] as (X, Y, POINT3D_ID)", f"# Number of images: {len(images)}"]
     for idx, name, cam, c2w in images:
         iid = idx_to_id[idx]
-        cam_lines.append(f"{iid} PINHOLE {cam.width} {cam.height} {cam.fx:.10g} {cam.fy:.10g} {cam.cx:.10g} {cam.cy:.10g}")
+        cam_lines.append(f"{iid} PINHOLE {cam.width} {cam.height} {cam.fx:.10g} {cam.fy:.10g} {cam.cx:.10g} "
+                         f"{cam.cy:.10g}")
         w2c = np.linalg.inv(np.asarray(c2w, float))
         q = rotmat_to_qvec(w2c[:3, :3])
         tv = w2c[:3, 3]

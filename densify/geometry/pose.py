@@ -52,6 +52,11 @@ class PoseConfig(BaseModel):
     prefer: Literal["pnp", "essential"] = Field("pnp", description="with a depth map: the PnP pose (robust "
                                                 "to the essential matrix's ambiguities on short forward steps), or "
                                                 "the essential matrix's R and direction with the depth's scale")
+    essential_units: Literal["normalised", "pixels"] = Field(
+        "normalised", description="coordinates the essential RANSAC sees: each image's points normalised with its "
+        "own K and an identity K (threshold / focal), or those normalised points times the mean focal length "
+        "(threshold in pixels). With OpenCV's MAGSAC, 'pixels' is ~5x more accurate on precise (SIFT) matches, "
+        "'normalised' about 2x on noisy VLM answers (benchmarks/reconstruct_bench.py)")
     seed: int = Field(0, description="RANSAC random seed (results are reproducible)")
 
 
@@ -135,14 +140,18 @@ def essential_pose(xy1: np.ndarray, xy2: np.ndarray, cam1: Camera, cam2: Camera,
     """(R, unit t, inlier mask) from the essential matrix, or None when no model is found."""
     n1, n2 = _normalise(xy1, cam1), _normalise(xy2, cam2)
     f = np.mean([cam1.fx, cam1.fy, cam2.fx, cam2.fy])
-    thr = cfg.ransac_thresh_px / f
+    if cfg.essential_units == "pixels":
+        # The same normalised points, scaled by one shared focal length: pixel-sized numbers, one K.
+        n1, n2, K, thr = n1 * f, n2 * f, np.diag([f, f, 1.0]), cfg.ransac_thresh_px
+    else:
+        K, thr = np.eye(3), cfg.ransac_thresh_px / f
     cv2.setRNGSeed(cfg.seed)
     try:
-        E, mask = cv2.findEssentialMat(n1, n2, np.eye(3), method=_robust_method(), prob=cfg.confidence,
+        E, mask = cv2.findEssentialMat(n1, n2, K, method=_robust_method(), prob=cfg.confidence,
                                        threshold=thr, maxIters=cfg.max_iters)
     except cv2.error as exc:  # USAC unavailable in this build, or a degenerate sample set
         log.debug("findEssentialMat with USAC failed (%s); falling back to RANSAC", exc)
-        E, mask = cv2.findEssentialMat(n1, n2, np.eye(3), method=cv2.RANSAC, prob=cfg.confidence, threshold=thr,
+        E, mask = cv2.findEssentialMat(n1, n2, K, method=cv2.RANSAC, prob=cfg.confidence, threshold=thr,
                                        maxIters=cfg.max_iters)
     if E is None or mask is None or E.shape[0] < 3:
         return None
@@ -150,7 +159,7 @@ def essential_pose(xy1: np.ndarray, xy2: np.ndarray, cam1: Camera, cam2: Camera,
     # The 5-point solver may return up to ten stacked solutions: keep the one with most cheiral inliers.
     for k in range(E.shape[0] // 3):
         Ek = E[3 * k:3 * k + 3]
-        n_in, R, t, m = cv2.recoverPose(Ek, n1, n2, np.eye(3), mask=mask.copy())
+        n_in, R, t, m = cv2.recoverPose(Ek, n1, n2, K, mask=mask.copy())
         if best is None or n_in > best[0]:
             best = (n_in, R, t.ravel(), m.ravel() > 0, Ek)
     n_in, R, t, inl, Ek = best

@@ -1,0 +1,287 @@
+"""Poses and fused geometry on seeded synthetic sequences: densify (simulated VLM3 answers) vs SIFT.
+
+    python benchmarks/reconstruct_bench.py [--seeds 0 1] [--views 10] [--pairs consecutive+skip2]
+
+Per sequence: a ray-cast room (densify.synthetic.scenes) seen along an arc of `--views` 640x480 views;
+`densify reconstruct` runs on it with the simulated engine and its default ErrorModel (depth 12.5 %
+log-normal noise, correspondences 4/1000 of the image per axis, 2 % outliers, 1 % unparseable answers)
+answering from exact ground truth. The classical baseline uses the same pairs, the same depth maps and
+the same estimator: OpenCV SIFT + Lowe's ratio test (0.8) -> essential matrix (USAC_MAGSAC) / PnP ->
+the same pose graph and TSDF fusion. A third row fuses the same depth maps with the true poses (the
+depth-noise floor of the geometry).
+
+Metrics: match end-point error (pixels, against the exact match map; answers before and after the
+forward-backward check), rotation and translation-direction error (degrees; direction folded as in
+SuperGlue), metric translation error (m), pose AUC@5/10/30 of max(R, t) errors (a failed pair counts as a
+miss), the same pose errors without depth (essential matrix alone, in normalised and in pixel units),
+trajectory error after the pose
+graph, and Chamfer accuracy / completeness (m) of the fused mesh against the scene mesh (accuracy: exact
+distance to the mesh; completeness: from mesh samples the cameras saw). Writes
+benchmarks/results/reconstruct_<date>.json and prints a table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import logging
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+if __package__ in (None, ""):  # run as a script: python benchmarks/reconstruct_bench.py
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from densify.engines.simulated import ErrorModel, SimulatedEngine  # noqa: E402
+from densify.eval.pose_eval import (chamfer, match_epe, pose_auc, pose_errors, trajectory_error,  # noqa: E402
+                                    visible_surface_samples)
+from densify.geometry.fusion import frames_from_outputs, tsdf_fuse  # noqa: E402
+from densify.geometry.pose import estimate_pair_pose  # noqa: E402
+from densify.geometry.posegraph import PoseGraphResult  # noqa: E402
+from densify.images import discover, load_rgb  # noqa: E402
+from densify.matching import Matches, sift_matches  # noqa: E402
+from densify.pairs import PairResult, classify, pair_key, solve_pair_xy  # noqa: E402
+from densify.profiles import load_profile  # noqa: E402
+from densify.truth import SceneTruth  # noqa: E402
+from pipelines.configs_reconstruct import load_reconstruct_config  # noqa: E402
+from pipelines.reconstruct import graph_stage, run_reconstruct  # noqa: E402
+
+log = logging.getLogger("reconstruct_bench")
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _engines(seed: int) -> dict:
+    return {stage: SimulatedEngine(load_profile(p), seed=seed, error=ErrorModel())
+            for stage, p in (("depth", "vlm3-depth"), ("corr", "vlm3-corr"), ("pose", "vlm3-pose"))}
+
+
+def _fuse_and_score(infos, cam_to_world: dict, reference: int, depth_dir: Path, cfg, scene, gt_pts) -> dict:
+    items = [(infos[k].id, infos[k].path, infos[k].camera, cam_to_world[k]) for k in sorted(cam_to_world)]
+    mesh, _, _ = tsdf_fuse(frames_from_outputs(items, depth_dir, load_rgb), cfg.fusion)
+    A = scene.views[reference].cam_to_world  # estimated world = the reference camera -> scene world
+    pts = np.asarray(mesh.vertices) @ A[:3, :3].T + A[:3, 3]
+    return chamfer(pts, gt_pts, gt_mesh=scene.mesh)
+
+
+def run_sequence(seed: int, args, work: Path) -> dict:
+    from densify.synthetic.scenes import SceneSpec, make_scene
+
+    t0 = time.perf_counter()
+    scene = make_scene(SceneSpec(seed=seed, n_views=args.views, width=args.width, height=args.height,
+                                 trajectory=args.trajectory))
+    images = scene.save(work / "scene")
+    t_scene = time.perf_counter() - t0
+    over = {"pairs": args.pairs, "corr": {"grid": list(args.grid)}}
+    cfg = load_reconstruct_config(None, over)
+    t0 = time.perf_counter()
+    s = run_reconstruct(discover([str(p) for p in images]), cfg, work / "ours", engines=_engines(seed),
+                        truth=SceneTruth(scene), progress=False)
+    t_ours = time.perf_counter() - t0
+    infos, results, graph = s["_infos"], s["_pairs"], s["_graph"]
+    gt_c2w = {k: v.cam_to_world for k, v in enumerate(scene.views)}
+    depth_dir = work / "ours" / "depth"
+
+    rows = {"ours": [], "sift": []}
+    px_cfg = cfg.pose.estimator.model_copy(update={"essential_units": "pixels"})
+    sift_results, t_sift = [], 0.0
+    for r in results:
+        i, j = r.i, r.j
+        T = scene.relative_pose(i, j)
+        gt_map = scene.matches(i, j)
+        cam1, cam2 = infos[i].camera, infos[j].camera
+        depth1 = np.load(depth_dir / infos[i].id / "depth.npy")
+        m = Matches.load(work / "ours" / "pairs" / pair_key(infos[i].id, infos[j].id) / "matches.npz")
+        answered = np.all(np.isfinite(m.xy2), 1)
+        e_raw = match_epe(m.xy1[answered], m.xy2[answered], gt_map)
+        xy1, xy2 = m.pairs()
+        e_kept = match_epe(xy1, xy2, gt_map)
+        ess = estimate_pair_pose(xy1, xy2, cam1, cam2, cfg=cfg.pose.estimator)
+        ess_px = estimate_pair_pose(xy1, xy2, cam1, cam2, cfg=px_cfg)
+        rows["ours"].append({"pair": [i, j], "n_matches": int(len(xy1)), "queries": int(len(m)),
+                             "epe_answers": _stats(e_raw), "epe_kept": _stats(e_kept),
+                             "outliers_kept": int(np.sum(np.nan_to_num(e_kept, nan=1e9) > 20)),
+                             "final": pose_errors(r.pose, T), "verdict": r.pose.verdict if r.pose else "failed",
+                             "essential_only": pose_errors(ess, T), "essential_pixels": pose_errors(ess_px, T)})
+        t1 = time.perf_counter()
+        a, b = sift_matches(scene.views[i].rgb, scene.views[j].rgb, ratio=0.8)
+        pose, info = solve_pair_xy(a, b, cam1, cam2, depth1, cfg.pose.estimator)
+        ess_s = estimate_pair_pose(a, b, cam1, cam2, cfg=cfg.pose.estimator)
+        ess_s_px = estimate_pair_pose(a, b, cam1, cam2, cfg=px_cfg)
+        t_sift += time.perf_counter() - t1
+        sift_results.append(classify(PairResult(i, j, infos[i].id, infos[j].id, "ok", pose, {}, information=info)))
+        e_s = match_epe(a, b, gt_map)
+        rows["sift"].append({"pair": [i, j], "n_matches": int(len(a)), "epe_kept": _stats(e_s),
+                             "outliers_kept": int(np.sum(np.nan_to_num(e_s, nan=1e9) > 20)),
+                             "final": pose_errors(pose, T), "verdict": pose.verdict,
+                             "essential_only": pose_errors(ess_s, T), "essential_pixels": pose_errors(ess_s_px, T)})
+    t0 = time.perf_counter()
+    sift_graph = graph_stage(infos, sift_results, cfg)
+    t_sift += time.perf_counter() - t0
+
+    gt_pts = visible_surface_samples(scene.mesh, [(v.depth, v.camera, v.cam_to_world) for v in scene.views],
+                                     n=300_000, max_depth=cfg.fusion.depth_trunc)
+    out = {"seed": seed, "views": args.views, "pairs": len(results), "scene_s": t_scene, "ours_s": t_ours,
+           "ours_stage_s": s["timings_s"], "sift_pose_s": t_sift, "rows": rows,
+           "pair_queries": s["pair_queries"], "depth_queries": s["depth"]["queries"],
+           "colmap": s["export"].get("colmap"), "tracks": s["export"].get("tracks")}
+    out["trajectory"] = {"ours": trajectory_error(graph.cam_to_world, gt_c2w, graph.reference),
+                         "sift": trajectory_error(sift_graph.cam_to_world, gt_c2w, sift_graph.reference),
+                         "ours_posed": len(graph.cam_to_world), "sift_posed": len(sift_graph.cam_to_world)}
+    out["fusion"] = {
+        "ours": _fuse_and_score(infos, graph.cam_to_world, graph.reference, depth_dir, cfg, scene, gt_pts),
+        "sift": _fuse_and_score(infos, sift_graph.cam_to_world, sift_graph.reference, depth_dir, cfg, scene,
+                                gt_pts) if sift_graph.cam_to_world else None,
+        "true_poses": _fuse_and_score(infos, {k: np.linalg.inv(gt_c2w[0]) @ gt_c2w[k] for k in gt_c2w}, 0,
+                                      depth_dir, cfg, scene, gt_pts),
+    }
+    return out
+
+
+def _stats(e) -> dict:
+    e = np.asarray(e, float)
+    e = e[np.isfinite(e)]
+    return {"mean": float(e.mean()) if len(e) else float("nan"),
+            "median": float(np.median(e)) if len(e) else float("nan"), "n": int(len(e))}
+
+
+def aggregate(seqs: list[dict]) -> dict:
+    agg = {}
+    for method in ("ours", "sift"):
+        rows = [r for s in seqs for r in s["rows"][method]]
+        fin = [r["final"] for r in rows]
+        ess = [r["essential_only"] for r in rows]
+
+        def m(vals, fn=np.median):
+            v = np.asarray(vals, float)
+            v = v[np.isfinite(v)]
+            return float(fn(v)) if len(v) else float("nan")
+
+        epe_all = [r["epe_kept"]["median"] for r in rows]
+        agg[method] = {
+            "pairs": len(rows), "pairs_ok": int(sum(f["ok"] for f in fin)),
+            "rot_deg_median": m([f["rot_deg"] for f in fin]), "rot_deg_mean": m([f["rot_deg"] for f in fin], np.mean),
+            "trans_deg_median": m([f["trans_deg"] for f in fin]),
+            "trans_deg_mean": m([f["trans_deg"] for f in fin], np.mean),
+            "trans_m_median": m([f["trans_m"] for f in fin]), "trans_m_mean": m([f["trans_m"] for f in fin], np.mean),
+            **pose_auc([f["max_deg"] for f in fin]),
+            **{key: {"rot_deg_median": m([f["rot_deg"] for f in ev]),
+                     "trans_deg_median": m([f["trans_deg"] for f in ev]),
+                     "trans_deg_mean": m([f["trans_deg"] for f in ev], np.mean),
+                     **pose_auc([f["max_deg"] for f in ev])}
+               for key, ev in (("essential_only", ess), ("essential_pixels", [r["essential_pixels"] for r in rows]))},
+            "epe_median_px": m(epe_all), "matches_per_pair": m([r["n_matches"] for r in rows], np.mean),
+            "outliers_kept_per_pair": m([r["outliers_kept"] for r in rows], np.mean),
+            "ate_rmse_m": m([s["trajectory"][method]["ate_rmse_m"] for s in seqs], np.mean),
+            "chamfer_accuracy_m": m([s["fusion"][method]["accuracy"] for s in seqs if s["fusion"][method]], np.mean),
+            "chamfer_completeness_m": m([s["fusion"][method]["completeness"] for s in seqs if s["fusion"][method]],
+                                        np.mean),
+        }
+        if method == "ours":
+            agg[method]["epe_answers_median_px"] = m([r["epe_answers"]["median"] for r in rows])
+    agg["true_poses"] = {k: float(np.mean([s["fusion"]["true_poses"][k] for s in seqs]))
+                         for k in ("accuracy", "completeness")}
+    return agg
+
+
+def print_table(agg: dict, seqs: list[dict]) -> None:
+    o, s = agg["ours"], agg["sift"]
+    lines = [
+        f"{'':34s}{'densify (sim. VLM3)':>22s}{'SIFT + ratio':>16s}",
+        f"{'pairs posed / total':34s}{o['pairs_ok']:>17d} / {o['pairs']:<3d}{s['pairs_ok']:>11d} / {s['pairs']:<3d}",
+        f"{'matches per pair (kept)':34s}{o['matches_per_pair']:>22.0f}{s['matches_per_pair']:>16.0f}",
+        f"{'match EPE median (px)':34s}{o['epe_median_px']:>22.2f}{s['epe_median_px']:>16.2f}",
+        f"{'  answers before FB check':34s}{o['epe_answers_median_px']:>22.2f}{'':>16s}",
+        f"{'outliers > 20 px kept per pair':34s}{o['outliers_kept_per_pair']:>22.1f}"
+        f"{s['outliers_kept_per_pair']:>16.1f}",
+        f"{'rotation error median / mean (deg)':34s}{o['rot_deg_median']:>14.2f} / {o['rot_deg_mean']:<5.2f}"
+        f"{s['rot_deg_median']:>9.2f} / {s['rot_deg_mean']:<5.2f}",
+        f"{'t-direction error med / mean (deg)':34s}{o['trans_deg_median']:>14.2f} / {o['trans_deg_mean']:<5.2f}"
+        f"{s['trans_deg_median']:>9.2f} / {s['trans_deg_mean']:<5.2f}",
+        f"{'metric t error median / mean (m)':34s}{o['trans_m_median']:>14.3f} / {o['trans_m_mean']:<5.3f}"
+        f"{s['trans_m_median']:>9.3f} / {s['trans_m_mean']:<5.3f}",
+        f"{'pose AUC @5 / @10 / @30':34s}{o['auc@5']:>10.3f} {o['auc@10']:.3f} {o['auc@30']:.3f}"
+        f"{s['auc@5']:>8.3f} {s['auc@10']:.3f} {s['auc@30']:.3f}",
+    ]
+    for key, title in (("essential_only", "no depth, essential (normalised):"),
+                       ("essential_pixels", "no depth, essential (pixel units):")):
+        oe, se = o[key], s[key]
+        lines += [
+            f"{title:34s}",
+            f"{'  R / t-dir median (deg)':34s}{oe['rot_deg_median']:>14.2f} / {oe['trans_deg_median']:<5.2f}"
+            f"{se['rot_deg_median']:>9.2f} / {se['trans_deg_median']:<5.2f}",
+            f"{'  pose AUC @5 / @10 / @30':34s}{oe['auc@5']:>10.3f} {oe['auc@10']:.3f} {oe['auc@30']:.3f}"
+            f"{se['auc@5']:>8.3f} {se['auc@10']:.3f} {se['auc@30']:.3f}",
+        ]
+    lines += [
+        f"{'trajectory RMSE after pose graph (m)':34s}{o['ate_rmse_m']:>22.3f}{s['ate_rmse_m']:>16.3f}",
+        f"{'Chamfer accuracy (m)':34s}{o['chamfer_accuracy_m']:>22.3f}{s['chamfer_accuracy_m']:>16.3f}"
+        f"   true poses: {agg['true_poses']['accuracy']:.3f}",
+        f"{'Chamfer completeness (m)':34s}{o['chamfer_completeness_m']:>22.3f}{s['chamfer_completeness_m']:>16.3f}"
+        f"   true poses: {agg['true_poses']['completeness']:.3f}",
+    ]
+    print("\n".join(lines))
+    for q in seqs:
+        c = q["colmap"] or {}
+        print(f"seed {q['seed']}: {q['views']} views, {q['pairs']} pairs, {q['pair_queries']:,} correspondence "
+              f"(forward + backward) + {q['depth_queries']:,} depth queries; densify {q['ours_s']:.1f} s "
+              f"({', '.join(f'{k} {v:.1f}' for k, v in q['ours_stage_s'].items())}); "
+              f"SIFT poses {q['sift_pose_s']:.1f} s;"
+              f" COLMAP {c.get('points3D')} points, {c.get('tracks_ge3')} tracks >= 3 views "
+              f"(max {c.get('max_track_length')}), "
+              f"reprojection {c.get('mean_reprojection_error', float('nan')):.2f} px")
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--seeds", type=int, nargs="+", default=[0])
+    p.add_argument("--views", type=int, default=10)
+    p.add_argument("--width", type=int, default=640)
+    p.add_argument("--height", type=int, default=480)
+    p.add_argument("--trajectory", default="arc", choices=["arc", "orbit"])
+    p.add_argument("--pairs", default="consecutive+skip2", choices=["consecutive", "consecutive+skip2"])
+    p.add_argument("--grid", type=int, nargs=2, default=[24, 18])
+    p.add_argument("--work", help="keep the outputs here (default: a temporary folder)")
+    p.add_argument("--json", help="result file (default: benchmarks/results/reconstruct_<date>.json)")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    if args.views < 8:
+        log.warning("fewer than 8 views: numbers are not comparable to the reported ones")
+    t0 = time.perf_counter()
+    seqs = []
+    with tempfile.TemporaryDirectory(prefix="reconstruct-bench-") as tmp:
+        base = Path(args.work) if args.work else Path(tmp)
+        for seed in args.seeds:
+            seqs.append(run_sequence(seed, args, base / f"seed{seed}"))
+    agg = aggregate(seqs)
+    wall = time.perf_counter() - t0
+    print_table(agg, seqs)
+    print(f"total {wall:.1f} s on {platform.machine()} ({platform.processor() or 'cpu'})")
+    default = ROOT / "benchmarks" / "results" / f"reconstruct_{dt.date.today():%Y%m%d}.json"
+    path = Path(args.json) if args.json else default
+    path.parent.mkdir(parents=True, exist_ok=True)
+    result = {"benchmark": "reconstruct", "date": dt.datetime.now().isoformat(timespec="seconds"),
+              "command": "python benchmarks/reconstruct_bench.py " + " ".join(sys.argv[1:] if argv is None else argv),
+              "settings": vars(args), "error_model": ErrorModel().__dict__, "summary": agg, "sequences": seqs,
+              "wall_s": wall}
+    path.write_text(json.dumps(result, indent=1, default=_json))
+    print(f"wrote {path}")
+    return 0
+
+
+def _json(o):
+    if isinstance(o, np.generic):
+        return o.item()
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    if isinstance(o, (PoseGraphResult, Path)):
+        return str(o)
+    raise TypeError(type(o))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
