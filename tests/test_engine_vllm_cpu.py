@@ -4,6 +4,7 @@ in-flight policy of `stream`, answer bookkeeping and error handling. No vLLM or 
 from __future__ import annotations
 
 import random
+import re
 import sys
 import types
 
@@ -26,8 +27,39 @@ class FakeStructured:
         self.regex = regex
 
 
+SPECIAL = re.compile(r"(<\|[a-z_]+\|>)")
+
+
+def fake_tokenize(text: str) -> list[int]:
+    """Special tokens are single ids; every other character is its code point."""
+    out = []
+    for piece in SPECIAL.split(text):
+        if SPECIAL.fullmatch(piece):
+            out.append(1_000_000 + sum(map(ord, piece)))
+        else:
+            out.extend(ord(c) for c in piece)
+    return out
+
+
+IMAGE_PAD = fake_tokenize("<|image_pad|>")[0]
+
+
+def expand(ids: list[int], n: int = 5) -> list[int]:
+    out = []
+    for t in ids:
+        out.extend([t] * n if t == IMAGE_PAD else [t])
+    return out
+
+
 class FakeTokenizer:
     """A Qwen-like chat template in plain Python."""
+
+    skew = False  # tokenise lists differently from vLLM's renderer (to test the fallback)
+
+    def __call__(self, texts, add_special_tokens=False):
+        one = isinstance(texts, str)
+        ids = [fake_tokenize(t) + ([7] if self.skew and not one else []) for t in ([texts] if one else texts)]
+        return {"input_ids": ids[0] if one else ids}
 
     def apply_chat_template(self, messages, tokenize=False, add_generation_prompt=False):
         out = ""
@@ -55,6 +87,7 @@ class FakeCore:
         self.rng = random.Random(0)
         self.shutdown_called = False
         self.max_per_step = 40
+        self.added: list = []
 
     def has_unfinished_requests(self):
         return bool(self.queue)
@@ -70,13 +103,21 @@ class FakeCore:
         for item in done:
             self.queue.remove(item)
             rid, prompt, params = item
-            text = f"<answer>{len(prompt['prompt']) % 97}.5</answer>"
+            ids = prompt.get("prompt_token_ids") or expand(fake_tokenize(prompt["prompt"]))
+            text = f"<answer>{sum(ids) % 997}.5</answer>"
             toks = list(range(min(params.max_tokens, 7)))
             outs.append(Out(request_id=rid.rsplit("-", 1)[0], finished=True, prompt_token_ids=[0] * 100,
                             num_cached_tokens=96,
                             outputs=[Out(text=text, token_ids=toks, cumulative_logprob=-0.25 if params.kw.get("logprobs") else None,
                                          logprobs=None, finish_reason="stop")]))
         return outs
+
+    def add_request(self, request_id, prompt, params):
+        assert prompt["type"] == "multimodal" and "-" not in request_id
+        rid = f"{request_id}-abcdefgh"
+        self.added.append((rid, prompt, params))
+        self.queue.append((rid, prompt, params))
+        return rid
 
     def abort_request(self, ids, internal=False):
         self.aborted.extend(ids)
@@ -99,10 +140,13 @@ class FakeLLM:
         self.llm_engine = FakeCore(self)
         self.enqueued: list = []
         self.counter = 0
+        self.renders = 0
+        self.tokenizer = FakeTokenizer()
         FakeLLM.instances.append(self)
 
     def get_tokenizer(self):
-        return FakeTokenizer()
+        return self.tokenizer
+
 
     def enqueue(self, prompts, params, use_tqdm=True):
         assert use_tqdm is False
@@ -116,6 +160,17 @@ class FakeLLM:
             self.llm_engine.queue.append((rid, p, params))
             ids.append(rid)
         return ids
+
+
+class FastFakeLLM(FakeLLM):
+    """Also has the internals the fast prompt path uses."""
+
+    def _preprocess_cmpl_one(self, prompt):
+        self.renders += 1
+        uuids = prompt["multi_modal_uuids"]["image"]
+        return {"type": "multimodal", "prompt_token_ids": expand(fake_tokenize(prompt["prompt"])),
+                "prompt": prompt["prompt"], "mm_kwargs": {"image": [None] * len(uuids)},
+                "mm_hashes": {"image": list(uuids)}, "mm_placeholders": {"image": ["range"] * len(uuids)}}
 
 
 @pytest.fixture
@@ -195,7 +250,7 @@ def test_prompts_uids_and_sampling(fake_vllm):
     # answers in query order, with the prefill put back, and token counts
     for q, c, (_, p, _) in zip(b.queries, outs, llm.enqueued):
         assert c.text.startswith("<think> </think><answer><answer>")
-        assert c.text.endswith(f"{len(p['prompt']) % 97}.5</answer>")
+        assert c.text.endswith(f"{sum(expand(fake_tokenize(p['prompt']))) % 997}.5</answer>")
         assert c.n_prompt_tokens == 100 and c.cached_prompt_tokens == 96 and c.n_generated_tokens == 7
         assert c.logprob == -0.25 and c.error is None
 
@@ -312,3 +367,56 @@ def test_prompt_renderer_matches_real_chat_template(tmp_path):
                                            add_generation_prompt=True) + (prefill or "")
             assert r(n, text, sys_prompt, prefill) == want
     assert r(1, "q", None, None).count("<|image_pad|>") == 1
+
+
+@pytest.fixture
+def fast_vllm(fake_vllm, monkeypatch):
+    monkeypatch.setattr(fake_vllm, "LLM", FastFakeLLM)
+    sp = sys.modules["vllm.sampling_params"]
+    sp.RequestOutputKind = types.SimpleNamespace(FINAL_ONLY="final_only")
+    return fake_vllm
+
+
+@pytest.mark.parametrize("sampling", [Sampling(max_tokens=12),
+                                      Sampling(max_tokens=12, system_prompt="S", prefill="<think> </think>")])
+def test_fast_prompt_path_matches_full_rendering(fast_vllm, sampling):
+    slow = make(fast_vllm, fast_prompts=False)
+    want = slow.generate(depth_batch(40, sampling=sampling))
+    fast = make(fast_vllm)
+    got = fast.generate(depth_batch(40, sampling=sampling))
+    llm = FakeLLM.instances[-1]
+    assert llm.renders == 2 and len(llm.llm_engine.added) == 40 and not llm.enqueued
+    assert [c.text for c in got] == [c.text for c in want]
+    # every derived input keeps the image reference of vLLM's own second rendering
+    assert all(p["mm_hashes"] == {"image": ["img0"]} for _, p, _ in llm.llm_engine.added)
+    assert all(params.output_kind == "final_only" for _, _, params in llm.llm_engine.added)
+    assert fast.stats["fast_prompt_batches"] == 1
+
+
+def test_fast_prompt_path_falls_back_on_mismatch(fast_vllm):
+    eng = make(fast_vllm)
+    llm = FakeLLM.instances[-1]
+    llm.tokenizer.skew = True
+    got = eng.generate(depth_batch(10))
+    assert llm.renders == 2 and len(llm.llm_engine.added) == 2 and len(llm.enqueued) == 8
+    assert eng.fast_prompts is False and all(c.error is None for c in got)
+    ref = make(fast_vllm, fast_prompts=False).generate(depth_batch(10))
+    assert [c.text for c in got] == [c.text for c in ref]
+
+
+def test_fast_prompt_path_skips_marker_batches(fast_vllm):
+    eng = make(fast_vllm)
+    b = depth_batch(6)
+    for i, q in enumerate(b.queries):  # every query its own image (DepthLM markers)
+        uid = f"m{i}"
+        b.images[uid] = PromptImage(uid, b.images["img0"].pixels)
+        q.image_uids = (uid,)
+    eng.generate(b)
+    llm = FakeLLM.instances[-1]
+    assert llm.renders == 0 and len(llm.enqueued) == 6
+
+
+def test_fast_prompt_path_streams(fast_vllm):
+    eng = make(fast_vllm, max_num_seqs=8)
+    got = {b.tag: outs for b, outs in eng.stream([depth_batch(30, uid=f"i{k}", tag=k) for k in range(3)])}
+    assert sorted(got) == [0, 1, 2] and all(len(v) == 30 and all(c.error is None for c in v) for v in got.values())

@@ -1,0 +1,417 @@
+"""Engine throughput on one GPU for the VLM3-depth workload (queries/s, tokens, cache hits, memory).
+
+    python -m benchmarks.engine_bench --out benchmarks/results [--phases base,hf,cascade,fp8] [--model DIR]
+
+What runs (each phase its own engine; phases append to one JSON file, written after every phase):
+  base     vLLM, prefix caching on, max_num_seqs 1024, max_num_batched_tokens 32768, CUDA graphs:
+           (a) one 1000x750 image, its 64x48 grid (3072 queries) in one submission;
+           seconds per image, 3 images one at a time vs 3 images streamed (next image submitted while the
+           last answers of the current one decode); (b) the same engine with prefix-cache reads off;
+           structured-output decoding vs plain; (c) DepthLM-style marker prompts (depthlm profile: every
+           query its own image with a red arrow, so nothing is shared).
+  cascade  as base with cascade attention allowed (vLLM's default is off): (a) and the streamed images.
+  fp8      as the best of base/cascade with online fp8 weights (quantization="fp8"): (a).
+  seqs2048 as base with max_num_seqs 2048: (a).
+  hf       (d) transformers the way the VLM3 release notebook runs it (one query per generate call) and
+           batched (64 per call); random bf16 weights built on the GPU (the 4B folder has none).
+
+Model: the 4B-shaped synthetic Qwen3-VL (densify.synthetic.qwen3vl, load_format="dummy"). Random weights
+write garbage, so for speed comparisons every answer is forced to exactly 12 generated tokens
+(max_tokens = min_tokens = 12, ignore_eos) - the VLM3-depth answer `<think> </think><answer>3.42</answer>`
+is about that long; hf stops at max_new_tokens=12 (random weights rarely emit EOS). The template is the
+profile's, unchanged. Ceiling per query: 2 x 4.4e9 x (uncached prompt + generated tokens) FLOP against the
+bf16 matmul rate measured on the card (torch, 8192^3).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import logging
+import platform
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+if __package__ in (None, ""):  # run as a script: python benchmarks/engine_bench.py
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from densify.cameras import Camera, prepare_image, resize_rgb  # noqa: E402
+from densify.engines.base import EngineBatch, Sampling  # noqa: E402
+from densify.images import load_rgb  # noqa: E402
+from densify.profiles import load_profile  # noqa: E402
+from densify.prompts import depth_batch, image_uid, render_text  # noqa: E402
+from densify.queries import grid_points, plan_queries  # noqa: E402
+
+log = logging.getLogger("engine_bench")
+ROOT = Path(__file__).resolve().parents[1]
+IMAGE = ROOT / "tests" / "data" / "ibims1_factory_01.png"
+PARAMS = 4.4e9
+GEN_TOKENS = 12
+GRID = (64, 48)
+
+
+# ---------------------------------------------------------------------------------------------- helpers
+class GPUMemory:
+    """Peak used memory of GPU 0 (all processes), sampled by NVML every 50 ms."""
+
+    def __init__(self):
+        self.peak = 0
+        self._stop = threading.Event()
+        self._th = None
+        try:
+            import pynvml
+
+            pynvml.nvmlInit()
+            self._h = pynvml.nvmlDeviceGetHandleByIndex(0)
+            self._nvml = pynvml
+        except Exception:
+            self._nvml = None
+
+    def used(self) -> int:
+        return int(self._nvml.nvmlDeviceGetMemoryInfo(self._h).used) if self._nvml else 0
+
+    def __enter__(self):
+        self.peak = self.used()
+        self._stop.clear()
+
+        def loop():
+            while not self._stop.wait(0.05):
+                self.peak = max(self.peak, self.used())
+        self._th = threading.Thread(target=loop, daemon=True)
+        self._th.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._th.join()
+        self.peak = max(self.peak, self.used())
+
+    @property
+    def peak_gib(self) -> float:
+        return round(self.peak / 2**30, 2)
+
+
+def matmul_rate(n: int = 8192, reps: int = 10) -> float:
+    import torch
+
+    a = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    for _ in range(3):
+        a @ b
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        s.record()
+        a @ b
+        e.record()
+        e.synchronize()
+        times.append(s.elapsed_time(e) / 1e3)
+    del a, b
+    torch.cuda.empty_cache()
+    return 2 * n ** 3 / float(np.median(times))
+
+
+def photo(k: int, size=(1000, 750)) -> tuple[np.ndarray, Camera]:
+    """The test photo resized to `size` with fx = 1000 (so VLM3-depth keeps it at that size); image k is
+    shifted by k * 17 pixels so every measurement sees a new image (no prefix-cache carry-over)."""
+    rgb = resize_rgb(load_rgb(IMAGE), size)
+    if k:
+        rgb = np.ascontiguousarray(np.roll(rgb, 17 * k, axis=1))
+    w, h = size
+    return rgb, Camera(1000.0, 1000.0, w / 2, h / 2, w, h)
+
+
+def image_batch(profile, k: int, n: int | None = None, sampling: Sampling | None = None, tag=None) -> EngineBatch:
+    rgb, cam = photo(k)
+    p = profile.preprocess
+    prep = prepare_image(rgb, cam, focal=p.focal, max_side=p.max_side, square_pixels=p.square_pixels,
+                         coord_range=profile.coord_range, resample=p.resample)
+    pts = grid_points(cam.width, cam.height, count=GRID)
+    if n is not None and n < len(pts):
+        pts = pts[np.linspace(0, len(pts) - 1, n).round().astype(int)]
+    plan = plan_queries(pts, prep.pixel_map)
+    s = sampling or Sampling(max_tokens=GEN_TOKENS)
+    return depth_batch(prep, plan, profile, uid=image_uid(prep, f"bench-{profile.name}-{k}"), sampling=s,
+                       tag=tag if tag is not None else k)
+
+
+def summarize(name: str, completions: list, wall: float, rate: float, **extra) -> dict:
+    n = len(completions)
+    errs = sum(c.error is not None for c in completions)
+    pt = np.array([c.n_prompt_tokens or 0 for c in completions], float)
+    gt = np.array([c.n_generated_tokens or 0 for c in completions], float)
+    ct = np.array([c.cached_prompt_tokens or 0 for c in completions], float)
+    uncached = pt - ct
+    flop = 2 * PARAMS * (uncached + gt)
+    ceiling = rate / flop.mean() if n and flop.mean() > 0 else None
+    qps = n / wall if wall > 0 else None
+    row = {"variant": name, "queries": n, "errors": errs, "wall_s": round(wall, 3),
+           "queries_per_s": round(qps, 2) if qps else None,
+           "prompt_tokens_per_query": round(float(pt.mean()), 1) if n else None,
+           "generated_tokens_per_query": round(float(gt.mean()), 2) if n else None,
+           "cached_tokens_per_query": round(float(ct.mean()), 1) if n else None,
+           "uncached_prompt_tokens_per_query": round(float(uncached.mean()), 1) if n else None,
+           "prefix_cache_hit_rate": round(float(ct.sum() / pt.sum()), 4) if pt.sum() else None,
+           "flop_per_query": float(flop.mean()) if n else None,
+           "ceiling_queries_per_s": round(ceiling, 1) if ceiling else None,
+           "share_of_ceiling": round(qps / ceiling, 3) if qps and ceiling else None}
+    row.update(extra)
+    log.info("%-34s %6d q in %7.2f s = %8.1f q/s  prompt %.0f (cached %.0f) gen %.1f  ceiling %s", name, n, wall,
+             qps or 0, row["prompt_tokens_per_query"] or 0, row["cached_tokens_per_query"] or 0,
+             row["generated_tokens_per_query"] or 0, row["ceiling_queries_per_s"])
+    return row
+
+
+def timed(fn):
+    t0 = time.perf_counter()
+    out = fn()
+    return out, time.perf_counter() - t0
+
+
+def versions() -> dict:
+    out = {"python": platform.python_version()}
+    for mod in ("vllm", "torch", "transformers"):
+        try:
+            out[mod] = __import__(mod).__version__
+        except Exception as exc:  # noqa: BLE001
+            out[mod] = f"unavailable ({type(exc).__name__})"
+    try:
+        import torch
+
+        out["cuda"] = torch.version.cuda
+        out["device"] = torch.cuda.get_device_name(0)
+    except Exception:  # noqa: BLE001
+        pass
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- phases
+BASE_OPTS = dict(load_format="dummy", gpu_memory_utilization=0.90, max_model_len=8192, max_num_seqs=1024,
+                 max_num_batched_tokens=32768, enable_prefix_caching=True, min_tokens=GEN_TOKENS, ignore_eos=True)
+
+
+def vllm_phase(name: str, model: str, opts: dict, rate: float, what: set[str], state: dict) -> list[dict]:
+    from densify.engines import create_engine
+
+    prof = load_profile("vlm3-depth")
+    rows: list[dict] = []
+    mem = GPUMemory()
+    t0 = time.perf_counter()
+    with mem:
+        eng = create_engine("vllm", profile=prof, model=model, **opts)
+        start_s = time.perf_counter() - t0
+        log.info("[%s] engine ready in %.1f s", name, start_s)
+        k = state.setdefault("next_image", 100)
+
+        def new_image():
+            nonlocal k
+            k += 1
+            state["next_image"] = k
+            return k
+        try:
+            eng.generate(image_batch(prof, new_image(), 512))  # warm-up (graphs, encoder, caches)
+            if "a" in what:
+                b = image_batch(prof, new_image())
+                outs, wall = timed(lambda: eng.generate(b))
+                rows.append(summarize(f"{name}: (a) prefix cache, 1 image", outs, wall, rate, engine_start_s=start_s))
+            if "images" in what:
+                for label, qif in (("one at a time", 0), ("streamed", eng.queries_in_flight)):
+                    eng.queries_in_flight = qif
+                    bs = [image_batch(prof, new_image()) for _ in range(3)]
+                    res, wall = timed(lambda: list(eng.stream(bs)))
+                    outs = [c for _, cs in res for c in cs]
+                    rows.append(summarize(f"{name}: 3 images {label}", outs, wall, rate,
+                                          seconds_per_image=round(wall / 3, 3), queries_in_flight=qif))
+                eng.queries_in_flight = 2 * eng.max_num_seqs
+            if "b" in what:
+                eng.read_prefix_cache = False
+                b = image_batch(prof, new_image(), 1024)
+                outs, wall = timed(lambda: eng.generate(b))
+                rows.append(summarize(f"{name}: (b) no prefix-cache reads", outs, wall, rate))
+                eng.read_prefix_cache = True
+            if "structured" in what:
+                for label, regex in (("plain", None), ("structured", prof.question.structured_regex)):
+                    b = image_batch(prof, new_image(), 1024, Sampling(max_tokens=GEN_TOKENS, structured_regex=regex))
+                    outs, wall = timed(lambda: eng.generate(b))
+                    rows.append(summarize(f"{name}: {label} decoding", outs, wall, rate,
+                                          sample_answer=outs[0].text[:60]))
+            if "c" in what:
+                dlm = load_profile("depthlm")
+                b = image_batch(dlm, new_image(), 256, Sampling(max_tokens=GEN_TOKENS, system_prompt=dlm.system_prompt))
+                outs, wall = timed(lambda: eng.generate(b))
+                rows.append(summarize(f"{name}: (c) DepthLM markers", outs, wall, rate))
+        finally:
+            fast = int(eng.stats.get("fast_prompt_batches", 0))
+            eng.close()
+    for r in rows:
+        r["peak_gpu_memory_gib"] = mem.peak_gib
+        r["engine_options"] = {k: v for k, v in opts.items()}
+        r["fast_prompt_batches_in_phase"] = fast
+    return rows
+
+
+def hf_phase(model: str, rate: float, n_single: int, n_batched: int) -> list[dict]:
+    import torch
+    from transformers import AutoConfig, AutoModelForImageTextToText
+
+    from densify.engines.hf import HFEngine
+
+    prof = load_profile("vlm3-depth")
+
+    def random_on_gpu(path, **kw):  # the 4B folder has no weights: build random ones on the GPU
+        cfg = AutoConfig.from_pretrained(path)
+        with torch.device("cuda"):
+            return AutoModelForImageTextToText.from_config(cfg, dtype=kw.get("dtype", torch.bfloat16))
+
+    rows = []
+    orig = AutoModelForImageTextToText.from_pretrained
+    AutoModelForImageTextToText.from_pretrained = random_on_gpu
+    try:
+        t0 = time.perf_counter()
+        eng = HFEngine(prof, model=model, device="cuda", dtype="bfloat16", batch_size=1)
+        log.info("[hf] model ready in %.1f s", time.perf_counter() - t0)
+    finally:
+        AutoModelForImageTextToText.from_pretrained = orig
+    mem = GPUMemory()
+    try:
+        with mem:
+            eng.generate(image_batch(prof, 900, 2))  # warm-up
+            torch.cuda.reset_peak_memory_stats()
+            for label, bs, n in (("one query per generate", 1, n_single), ("batched 64", 64, n_batched)):
+                eng.batch_size = bs
+                b = image_batch(prof, 901 + bs, n)
+                outs, wall = timed(lambda: eng.generate(b))
+                rows.append(summarize(f"hf: (d) {label}", outs, wall, rate, batch_size=bs,
+                                      torch_peak_allocated_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2)))
+    finally:
+        eng.close()
+    for r in rows:
+        r["peak_gpu_memory_gib"] = mem.peak_gib
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------- main
+def print_table(result: dict) -> None:
+    cols = [("variant", 36), ("queries", 7), ("queries_per_s", 9), ("prompt_tokens_per_query", 7),
+            ("cached_tokens_per_query", 7), ("generated_tokens_per_query", 5), ("prefix_cache_hit_rate", 6),
+            ("ceiling_queries_per_s", 8), ("share_of_ceiling", 6), ("seconds_per_image", 7), ("peak_gpu_memory_gib", 6)]
+    heads = ["variant", "n", "q/s", "prompt", "cached", "gen", "hit", "ceiling", "share", "s/img", "GiB"]
+    print(" ".join(h.ljust(w) if i == 0 else h.rjust(w) for i, (h, (_, w)) in enumerate(zip(heads, cols))))
+    for r in result["rows"]:
+        cells = []
+        for i, (k, w) in enumerate(cols):
+            v = r.get(k)
+            if v is None:
+                s = ""
+            elif isinstance(v, float):
+                s = f"{v:.0f}" if abs(v) >= 1000 else f"{v:.4g}"
+            else:
+                s = str(v)
+            cells.append(s.ljust(w) if i == 0 else s.rjust(w))
+        print(" ".join(cells))
+    for k, v in result.get("summary", {}).items():
+        print(f"{k}: {v}")
+
+
+def derive(result: dict) -> None:
+    rows = {r["variant"]: r for r in result["rows"]}
+    s = {}
+    a = [r for n, r in rows.items() if "(a)" in n and r.get("queries_per_s")]
+    single = rows.get("hf: (d) one query per generate")
+    if a:
+        best = max(a, key=lambda r: r["queries_per_s"])
+        s["best_(a)"] = f"{best['variant']}: {best['queries_per_s']} q/s"
+        if single and single.get("queries_per_s"):
+            s["best_(a)_over_hf_one_per_call"] = round(best["queries_per_s"] / single["queries_per_s"], 1)
+    result["summary"] = s
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"), help="folder for the JSON result")
+    ap.add_argument("--phases", default="base,hf,cascade,fp8", help="comma list: base,cascade,fp8,seqs2048,hf")
+    ap.add_argument("--model", help="4B-shaped model folder (default: build one in a temporary folder)")
+    ap.add_argument("--hf-single", type=int, default=32, help="queries for hf one-per-call")
+    ap.add_argument("--hf-batched", type=int, default=256, help="queries for hf batched")
+    ap.add_argument("--name", help="result file name (default engine_bench-<device>-<date>.json)")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+
+    import torch
+
+    if not torch.cuda.is_available():
+        print("engine_bench: needs a CUDA GPU", file=sys.stderr)
+        return 2
+    info = versions()
+    rate = matmul_rate()
+    log.info("bf16 matmul 8192^3: %.0f TFLOP/s", rate / 1e12)
+    tmp = None
+    model = args.model
+    if model is None:
+        from densify.synthetic.qwen3vl import build_model_folder
+
+        tmp = tempfile.TemporaryDirectory(prefix="densify-bench-")
+        model = str(build_model_folder(Path(tmp.name) / "qwen3vl-4b", shape="4b"))
+    prof = load_profile("vlm3-depth")
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stamp = dt.datetime.now(dt.timezone.utc)
+    dev = info.get("device", "gpu").replace(" ", "-")
+    path = out_dir / (args.name or f"engine_bench-{dev}-{stamp:%Y%m%d-%H%M}.json")
+    result = {"benchmark": "densify engine_bench", "date_utc": stamp.isoformat(timespec="seconds"),
+              "host": platform.node(), **info, "bf16_matmul_tflops": round(rate / 1e12, 1),
+              "params_for_ceiling": PARAMS, "generated_tokens_forced": GEN_TOKENS,
+              "image": f"{IMAGE.name} resized to 1000x750 (fx=1000): {GRID[0]}x{GRID[1]} grid",
+              "template": render_text(prof, x=1000, y=1000),
+              "notes": ["dummy (random) weights: vLLM answers forced to 12 tokens (min_tokens=max_tokens=12, "
+                        "ignore_eos); hf answers stop at max_new_tokens=12",
+                        "peak_gpu_memory_gib: NVML used memory of the whole GPU while the phase ran (vLLM "
+                        "reserves gpu_memory_utilization of the card up front)",
+                        "ceiling: bf16 matmul rate / (2 * 4.4e9 * (uncached prompt + generated tokens))"],
+              "rows": []}
+    phases = [p.strip() for p in args.phases.split(",") if p.strip()]
+    best_extra: dict = {}
+    state: dict = {}
+    for ph in phases:
+        t0 = time.perf_counter()
+        try:
+            if ph == "base":
+                rows = vllm_phase("base", model, dict(BASE_OPTS), rate, {"a", "images", "b", "structured", "c"}, state)
+            elif ph == "cascade":
+                rows = vllm_phase("cascade", model, dict(BASE_OPTS, cascade_attention=True), rate, {"a", "images"}, state)
+            elif ph == "seqs2048":
+                rows = vllm_phase("seqs2048", model, dict(BASE_OPTS, max_num_seqs=2048), rate, {"a"}, state)
+            elif ph == "fp8":
+                base = [r for r in result["rows"] if r["variant"] in ("base: (a) prefix cache, 1 image",
+                                                                     "cascade: (a) prefix cache, 1 image")]
+                if base:
+                    best = max(base, key=lambda r: r["queries_per_s"] or 0)
+                    best_extra = {"cascade_attention": True} if best["variant"].startswith("cascade") else {}
+                rows = vllm_phase("fp8", model, dict(BASE_OPTS, quantization="fp8", **best_extra), rate, {"a"}, state)
+            elif ph == "hf":
+                rows = hf_phase(model, rate, args.hf_single, args.hf_batched)
+            else:
+                raise SystemExit(f"unknown phase {ph!r}")
+        except Exception as exc:  # keep what the other phases measured
+            log.exception("phase %s failed", ph)
+            rows = [{"variant": f"{ph}: FAILED", "error": f"{type(exc).__name__}: {exc}"[:2000]}]
+        log.info("phase %s took %.0f s", ph, time.perf_counter() - t0)
+        result["rows"].extend(rows)
+        derive(result)
+        path.write_text(json.dumps(result, indent=2) + "\n")
+    print_table(result)
+    print(f"results: {path}")
+    if tmp is not None:
+        tmp.cleanup()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# GPU session job: the gpu tests and the engine benchmark, logs and JSON into $OUT.
+#
+# On the GPU host, from the repository root, after staging vLLM (../shared/gpu/README.md):
+#   bash benchmarks/gpu_session.sh [tests|bench|all] [benchmark phases, default base,hf,cascade,fp8]
+# e.g. the last staging call and the tests together:
+#   bash .gpu-stage/p5/recv.sh && bash benchmarks/gpu_session.sh tests
+# Writes $OUT/gpu-tests.log, $OUT/bench.log, $OUT/engine_bench-*.json, $OUT/env.txt (at most 8 files come
+# back from the host). PYTEST_K=EXPR selects tests (pytest -k). Exit status: that of the last step that failed, else 0.
+set -uo pipefail
+what=${1:-all}
+phases=${2:-base,hf,cascade,fp8}
+OUT=${OUT:-/tmp/densify-gpu-out}
+mkdir -p "$OUT"
+if [ -f /tmp/gpu-env.sh ]; then
+  # shellcheck disable=SC1091
+  source /tmp/gpu-env.sh
+fi
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 VLLM_NO_USAGE_STATS=1 DO_NOT_TRACK=1
+export TOKENIZERS_PARALLELISM=false
+rc=0
+{
+  date -u
+  nvidia-smi --query-gpu=name,memory.total,memory.used,driver_version --format=csv
+  python3 - <<'EOF'
+import importlib
+for m in ("torch", "transformers", "vllm", "tokenizers", "pynvml"):
+    try:
+        mod = importlib.import_module(m)
+        print(m, getattr(mod, "__version__", "?"))
+    except Exception as exc:
+        print(m, "MISSING", type(exc).__name__, exc)
+EOF
+} > "$OUT/env.txt" 2>&1
+cat "$OUT/env.txt"
+
+if [ "$what" = tests ] || [ "$what" = all ]; then
+  kargs=()
+  [ -n "${PYTEST_K:-}" ] && kargs=(-k "$PYTEST_K")
+  python3 -m pytest -m gpu -v -s -rA -p no:cacheprovider "${kargs[@]}" tests/test_engine_vllm.py 2>&1 \
+    | grep -v "jit_monitor\|Capturing CUDA graphs" | tee "$OUT/gpu-tests.log"
+  r=${PIPESTATUS[0]}; [ "$r" -ne 0 ] && rc=$r
+fi
+if [ "$what" = bench ] || [ "$what" = all ]; then
+  python3 -m benchmarks.engine_bench --out "$OUT" --phases "$phases" 2>&1 \
+    | grep -v "jit_monitor\|Capturing CUDA graphs" | tee "$OUT/bench.log"
+  r=${PIPESTATUS[0]}; [ "$r" -ne 0 ] && rc=$r
+fi
+exit $rc
