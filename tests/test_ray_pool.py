@@ -1,0 +1,198 @@
+"""The Ray actor pool engine on CPU actors: same answers as in-process, streaming with backpressure, tags
+kept on the driver, actors killed mid-run, and the depth pipeline through the pool."""
+
+import os
+import sys
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ray = pytest.importorskip("ray")
+
+from densify.engines import EngineBatch, create_engine  # noqa: E402
+from densify.engines.base import GroundTruth, PromptImage, Query, Sampling  # noqa: E402
+from densify.engines.ray_pool import RayPoolEngine  # noqa: E402
+from densify.engines.simulated import SimulatedEngine  # noqa: E402
+from densify.profiles import load_profile  # noqa: E402
+from densify.prompts import render_text  # noqa: E402
+
+PROFILE = load_profile("vlm3-depth")
+
+# Engines defined here run inside Ray workers, which cannot import this test module: ship them by value.
+ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+
+
+class CrashingEngine:
+    """The simulated engine, except that its worker process dies (os._exit) on its `crash_on`-th batch
+    (once per `flag` file, so the restarted actor carries on), on every batch of image `poison_uid`, or
+    raises on every batch of image `raise_uid`."""
+
+    name = "crashing"
+    uses_truth = True
+
+    def __init__(self, profile, *, crash_on=None, flag=None, poison_uid=None, raise_uid=None, **options):
+        self.inner = SimulatedEngine(profile, **options)
+        self.crash_on, self.flag, self.poison_uid, self.raise_uid = crash_on, flag, poison_uid, raise_uid
+        self.n = 0
+
+    def generate(self, batch):
+        self.n += 1
+        if self.poison_uid in batch.images:
+            os._exit(1)
+        if self.raise_uid in batch.images:
+            raise RuntimeError("engine failed on this image")
+        if self.n == self.crash_on and self.flag and not os.path.exists(self.flag):
+            Path(self.flag).touch()
+            os._exit(1)
+        return self.inner.generate(batch)
+
+    def close(self):
+        pass
+
+
+@pytest.fixture(scope="module", autouse=True)
+def ray_cluster():
+    ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def pool():
+    p = RayPoolEngine(PROFILE, num_actors=2, max_in_flight_per_actor=2)
+    yield p
+    p.close()
+
+
+def make_batch(i: int, n: int = 200, logprobs: bool = False, tag=None) -> EngineBatch:
+    rng = np.random.default_rng(i)
+    uid = f"img{i}"
+    px = (rng.random((48, 64, 3)) * 255).astype(np.uint8)
+    truth = GroundTruth(depth=(1 + rng.random((48, 64)) * 4).astype(np.float32))
+    queries = [Query(render_text(PROFILE, x=int(x), y=int(y)), (uid,)) for x, y in rng.integers(0, 2000, (n, 2))]
+    return EngineBatch({uid: PromptImage(uid, px, truth)}, queries, Sampling(logprobs=logprobs),
+                       tag if tag is not None else i)
+
+
+def test_answers_equal_the_in_process_engine(pool):
+    batches = [make_batch(i, logprobs=True) for i in range(8)]
+    local = SimulatedEngine(PROFILE)
+    got = {b.tag: c for b, c in pool.stream(batches)}
+    assert sorted(got) == list(range(8))
+    for b in batches:
+        ref = local.generate(b)
+        assert [c.text for c in got[b.tag]] == [c.text for c in ref]
+        assert [c.logprob for c in got[b.tag]] == [c.logprob for c in ref]
+    assert pool.uses_truth is True and pool.num_actors == 2
+    assert pool.generate(batches[0])[5].text == local.generate(batches[0])[5].text
+
+
+def test_tags_stay_on_the_driver_and_empty_batches_pass(pool):
+    lock = threading.Lock()  # unpicklable: would fail if shipped to an actor
+    tagged = make_batch(1, tag=("mine", lock))
+    empty = EngineBatch({}, [], Sampling(), tag="empty")
+    out = list(pool.stream([tagged, empty]))
+    tags = {id(b.tag): c for b, c in out}
+    assert tags[id(tagged.tag)] and tags[id(empty.tag)] == []
+    assert [b for b, _ in out if b.tag == ("mine", lock)][0] is tagged
+
+
+def test_streams_with_backpressure(pool):
+    """Results come back while the input is still being read, and never more than capacity batches are
+    taken from the input and not yet handed back."""
+    pulled, received, gaps = [0], [0], []
+
+    def source():
+        for i in range(12):
+            gaps.append(pulled[0] - received[0])
+            pulled[0] += 1
+            yield make_batch(100 + i, n=300)
+
+    first_at = None
+    for _ in pool.stream(source()):
+        received[0] += 1
+        if first_at is None:
+            first_at = pulled[0]
+    assert received[0] == 12
+    assert first_at < 12  # the first answer came before the input was exhausted
+    assert max(gaps) < pool.capacity == 4  # at the moment of each pull, fewer than capacity were out
+
+
+def test_actor_dying_mid_run_loses_nothing(tmp_path):
+    flag = tmp_path / "crashed"
+    batches = [make_batch(200 + i) for i in range(10)]
+    with RayPoolEngine(PROFILE, engine=CrashingEngine, engine_options={"crash_on": 2, "flag": str(flag)},
+                       num_actors=2, max_retries=2) as p:
+        got = {b.tag: c for b, c in p.stream(batches)}
+        stats = dict(p.stats)
+    assert flag.exists(), "the actor was supposed to crash"
+    assert stats["actor_failures"] >= 1 and stats["retries"] >= 1 and stats["failed_batches"] == 0
+    local = SimulatedEngine(PROFILE)
+    for b in batches:
+        assert all(c.error is None for c in got[b.tag])
+        assert [c.text for c in got[b.tag]] == [c.text for c in local.generate(b)]
+
+
+def test_batches_that_keep_failing_become_error_records(tmp_path):
+    """A batch that kills its actor every time, or whose engine raises, fails after max_retries with one
+    error completion per query; the other batches are answered."""
+    batches = [make_batch(300 + i, n=50) for i in range(4)]
+    with RayPoolEngine(PROFILE, engine=CrashingEngine, engine_options={"poison_uid": "img301", "raise_uid": "img302"},
+                       num_actors=2, max_retries=1) as p:
+        got = {b.tag: c for b, c in p.stream(batches)}
+        stats = dict(p.stats)
+    assert sorted(got) == [300, 301, 302, 303]
+    for bad in (301, 302):
+        assert len(got[bad]) == 50 and all(c.text == "" and c.error for c in got[bad])
+    assert "died" in got[301][0].error and "engine failed" in got[302][0].error
+    for good in (300, 303):
+        assert all(c.error is None for c in got[good])
+    assert stats["failed_batches"] == 2 and stats["retries"] >= 2
+
+
+def test_unknown_engine_and_broken_engine_fail_early():
+    with pytest.raises(KeyError):
+        RayPoolEngine(PROFILE, engine="no-such-engine")
+    from densify.engines.base import EngineError
+    with pytest.raises(EngineError, match="could not start"):
+        RayPoolEngine(PROFILE, engine="simulated", engine_options={"no_such_option": 1}, num_actors=1,
+                      actor_max_restarts=0)
+
+
+def test_close_kills_the_actors():
+    p = create_engine("ray", profile=PROFILE, num_actors=1)
+    actor = p.actors[0]
+    assert ray.get(actor.ping.remote())
+    p.close()
+    with pytest.raises(ray.exceptions.RayActorError):
+        ray.get(actor.ping.remote(), timeout=30)
+    assert ray.is_initialized()  # the pool did not start Ray, so it leaves it running
+
+
+def test_depth_pipeline_through_the_pool(tmp_path):
+    import cv2
+
+    from pipelines.configs import DepthJobConfig
+    from pipelines.depth import run_depth
+    from densify.images import discover
+
+    rng = np.random.default_rng(5)
+    src = tmp_path / "in"
+    src.mkdir()
+    for i in range(3):
+        img = cv2.resize((rng.random((30, 40, 3)) * 255).astype(np.uint8), (160, 120), interpolation=cv2.INTER_CUBIC)
+        cv2.imwrite(str(src / f"v{i}.png"), img)
+        np.save(src / f"v{i}.depth.npy", np.full((120, 160), 1.5 + i, np.float32))
+    outputs = {"preview": False, "ply": False, "answers": False}
+    cfg_ray = DepthJobConfig(engine={"name": "ray", "options": {"num_actors": 2}}, plan={"count": 300},
+                             outputs=outputs)
+    cfg_local = DepthJobConfig(plan={"count": 300}, outputs=outputs)
+    s_ray = run_depth(discover([src]), cfg_ray, tmp_path / "ray", progress=False)
+    s_local = run_depth(discover([src]), cfg_local, tmp_path / "local", progress=False)
+    assert s_ray["ok"] == 3 and s_ray["queries"] == s_local["queries"]
+    assert s_ray["metrics"]["points"]["delta1"] > 0.8  # ground truth reached the actors
+    for i in range(3):
+        a = (tmp_path / "ray" / f"v{i}" / "depth.npy").read_bytes()
+        assert a == (tmp_path / "local" / f"v{i}" / "depth.npy").read_bytes()
