@@ -110,7 +110,13 @@ def test_colmap_model_reads_back_with_multiview_tracks(scene, run):
     np.testing.assert_allclose(img.cam_from_world().matrix(), w2c[:3], atol=1e-6)
     cam = rec.cameras[img.camera_id]
     assert cam.model.name == "PINHOLE"
-    np.testing.assert_allclose(cam.params, [poses[2]["intrinsics"][k] for k in ("fx", "fy", "cx", "cy")])
+    i = poses[2]["intrinsics"]  # COLMAP puts pixel centres at +0.5
+    np.testing.assert_allclose(cam.params, [i["fx"], i["fy"], i["cx"] + 0.5, i["cy"] + 0.5])
+    # a 3D point projects onto its 2D observation with those intrinsics
+    p2d = next(p for p in img.points2D if p.has_point3D())
+    X = rec.points3D[p2d.point3D_id].xyz
+    xy = cam.img_from_cam(img.cam_from_world() * X)
+    assert np.linalg.norm(np.asarray(xy).ravel()[:2] - p2d.xy) < 3.0
     assert s["export"]["colmap"]["tracks_ge3"] > 20
 
 
@@ -120,6 +126,8 @@ def test_nerfstudio_transforms(run):
     for k in ("fl_x", "fl_y", "cx", "cy", "w", "h"):
         assert k in t
     assert len(t["frames"]) == 5
+    poses0 = json.loads((out / "poses.json").read_text())["frames"][0]["intrinsics"]
+    assert t["cx"] == poses0["cx"] + 0.5 and t["fl_x"] == poses0["fx"]
     poses = json.loads((out / "poses.json").read_text())["frames"]
     M = np.asarray(t["frames"][1]["transform_matrix"])
     np.testing.assert_allclose(M, np.asarray(poses[1]["cam_to_world"]) @ OPENCV_TO_OPENGL)

@@ -6,9 +6,9 @@ image's observations are dropped from it. Each track is triangulated from all it
 poses (linear DLT), or placed from the depth map of its first view when the views are too close to
 triangulate, and kept only if it reprojects within `max_reproj_px` in every view.
 
-Pixel convention: densify's (pixel (0, 0)'s centre at 0.0). Intrinsics are written as given, principal
-point included, and the 2D points in the same convention, so the model is consistent in itself; COLMAP's
-own feature extractor would put pixel centres at +0.5.
+Pixel convention: densify (like OpenCV) puts pixel (0, 0)'s centre at 0.0; COLMAP and nerfstudio put it
+at 0.5. Exports shift the principal point and the 2D points by +0.5 (PIXEL_CENTER), so the given
+intrinsics mean the same rays in every tool.
 """
 
 from __future__ import annotations
@@ -231,6 +231,10 @@ def rotmat_to_qvec(R: np.ndarray) -> np.ndarray:
     return -q if q[0] < 0 else q
 
 
+PIXEL_CENTER = 0.5
+"""Added to principal points and 2D points on export (COLMAP / nerfstudio pixel-centre convention)."""
+
+
 def write_colmap_text(folder: str | Path, images: list[tuple[int, str, Camera, np.ndarray]], tracks: TrackSet) -> Path:
     """cameras.txt (PINHOLE fx fy cx cy per image), images.txt (world-to-camera qvec/tvec and 2D points),
     points3D.txt (tracks). images: (image index, file name, Camera, cam_to_world)."""
@@ -251,14 +255,14 @@ def write_colmap_text(folder: str | Path, images: list[tuple[int, str, Camera, n
                  "#   POINTS2D[] as (X, Y, POINT3D_ID)", f"# Number of images: {len(images)}"]
     for idx, name, cam, c2w in images:
         iid = idx_to_id[idx]
-        cam_lines.append(f"{iid} PINHOLE {cam.width} {cam.height} {cam.fx:.10g} {cam.fy:.10g} {cam.cx:.10g} "
-                         f"{cam.cy:.10g}")
+        cam_lines.append(f"{iid} PINHOLE {cam.width} {cam.height} {cam.fx:.10g} {cam.fy:.10g} "
+                         f"{cam.cx + PIXEL_CENTER:.10g} {cam.cy + PIXEL_CENTER:.10g}")
         w2c = np.linalg.inv(np.asarray(c2w, float))
         q = rotmat_to_qvec(w2c[:3, :3])
         tv = w2c[:3, 3]
         img_lines.append(f"{iid} {q[0]:.12g} {q[1]:.12g} {q[2]:.12g} {q[3]:.12g} {tv[0]:.12g} {tv[1]:.12g} "
                          f"{tv[2]:.12g} {iid} {name}")
-        img_lines.append(" ".join(f"{x:.4f} {y:.4f} {pid}" for x, y, pid in pts2d[idx]))
+        img_lines.append(" ".join(f"{x + PIXEL_CENTER:.4f} {y + PIXEL_CENTER:.4f} {pid}" for x, y, pid in pts2d[idx]))
     pt_lines = ["# 3D point list with one line of data per point:",
                 "#   POINT3D_ID, X, Y, Z, R, G, B, ERROR, TRACK[] as (IMAGE_ID, POINT2D_IDX)",
                 f"# Number of points: {len(tracks.tracks)}"]
@@ -296,7 +300,7 @@ def write_nerfstudio(path: str | Path, frames: list[tuple[str, Camera, np.ndarra
     keys = ("fl_x", "fl_y", "cx", "cy", "w", "h")
 
     def intr(c: Camera) -> dict:
-        return dict(zip(keys, (c.fx, c.fy, c.cx, c.cy, int(c.width), int(c.height))))
+        return dict(zip(keys, (c.fx, c.fy, c.cx + PIXEL_CENTER, c.cy + PIXEL_CENTER, int(c.width), int(c.height))))
 
     shared = bool(cams) and all(intr(c) == intr(cams[0]) for c in cams)
     out: dict = {"camera_model": "OPENCV"}
