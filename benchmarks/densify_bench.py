@@ -209,9 +209,9 @@ def ratios(agg: dict, budgets: list[int], at: int = 1024) -> dict:
     out = {}
     if at not in budgets:
         return out
-    for base in BASELINES:
+    for base in BASELINES + ["edge"]:
         for m in METHODS:
-            if m == base:
+            if m == base or (base == "edge" and m != "adaptive+edge") or m in BASELINES:
                 continue
             for metric in METRICS:
                 val = agg[m][str(at)][metric]
@@ -296,27 +296,35 @@ def example_figure(seed: int, budget: int, path: Path, opts: dict) -> None:
     aans, _ = case.ask_adaptive(budget, **opts.get("planner", {}))
     field = densify_depth_edge(aans.pixels, aans.values, case.rgb, **opts.get("edge", {}))
     lo, hi = np.percentile(case.depth[case.valid], [1, 99])
-    fig, axes = plt.subplots(2, 3, figsize=(15, 8))
-    axes[0, 0].imshow(case.rgb)
-    axes[0, 0].plot(aans.pixels[:, 0], aans.pixels[:, 1], ".", ms=1.5, color="lime")
-    axes[0, 0].set_title(f"image + adaptive queries ({len(aans.pixels)})")
-    axes[0, 1].imshow(case.depth, vmin=lo, vmax=hi, cmap="turbo")
-    axes[0, 1].set_title("ground truth")
-    axes[0, 2].imshow(field.confidence, vmin=0, vmax=1, cmap="gray")
-    axes[0, 2].set_title("adaptive+edge confidence")
-    axes[1, 0].imshow(base, vmin=lo, vmax=hi, cmap="turbo")
-    axes[1, 0].set_title(f"grid + bilinear ({len(ans.pixels)} queries)")
-    axes[1, 1].imshow(field.values, vmin=lo, vmax=hi, cmap="turbo")
-    axes[1, 1].set_title("adaptive + edge-aware")
     err_b = np.abs(base - case.depth) / np.maximum(case.depth, 1e-6)
     err_a = np.abs(field.values - case.depth) / np.maximum(case.depth, 1e-6)
-    axes[1, 2].imshow(np.concatenate([err_b, err_a], axis=0), vmin=0, vmax=0.3, cmap="inferno")
-    axes[1, 2].set_title("|rel. error| (0-0.3): bilinear (top), adaptive+edge (bottom)")
-    for ax in axes.ravel():
+    fig, axes = plt.subplots(2, 4, figsize=(20, 8))
+    panels = [
+        (case.rgb, None, f"image + uniform grid ({len(ans.pixels)} queries)", ans.pixels),
+        (case.depth, "depth", "ground truth", None),
+        (base, "depth", "grid + bilinear", None),
+        (field.values, "depth", "adaptive + edge-aware", None),
+        (case.rgb, None, f"image + adaptive queries ({len(aans.pixels)}, {budget} budget)", aans.pixels),
+        (field.confidence, "conf", "adaptive + edge-aware: confidence", None),
+        (err_b, "err", "grid + bilinear: |relative error| (0-0.3)", None),
+        (err_a, "err", "adaptive + edge-aware: |relative error| (0-0.3)", None),
+    ]
+    for ax, (img, kind, title, pts) in zip(axes.ravel(), panels):
+        if kind == "depth":
+            ax.imshow(img, vmin=lo, vmax=hi, cmap="turbo")
+        elif kind == "conf":
+            ax.imshow(img, vmin=0, vmax=1, cmap="gray")
+        elif kind == "err":
+            ax.imshow(img, vmin=0, vmax=0.3, cmap="inferno")
+        else:
+            ax.imshow(img)
+        if pts is not None:
+            ax.plot(pts[:, 0], pts[:, 1], ".", ms=2, color="lime")
+        ax.set_title(title)
         ax.axis("off")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=90)
+    fig.savefig(path, dpi=80)
     plt.close(fig)
 
 

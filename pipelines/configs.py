@@ -24,7 +24,7 @@ class PlanConfig(BaseModel):
         "grid", description="grid: one uniform grid; adaptive: a coarse grid, then rounds of queries where the "
                             "field is uncertain (densify.fields.adaptive), one engine call per round")
     budget: int | None = Field(None, ge=1, description="adaptive: queries per image (default: the grid's size)")
-    rounds: int = Field(3, ge=0, description="adaptive: refinement rounds after the coarse grid")
+    rounds: int = Field(4, ge=0, description="adaptive: refinement rounds after the coarse grid")
     coarse: float = Field(0.5, gt=0, le=1, description="adaptive: share of the budget spent on the coarse grid")
 
     @model_validator(mode="after")

@@ -90,12 +90,17 @@ def adaptive_planner(cfg: DepthJobConfig, width: int, height: int, rgb=None):
     return AdaptivePlanner((height, width), budget, coarse=p.coarse, rounds=p.rounds, rgb=rgb)
 
 
-def _adaptive_stream(engine: Engine, batches: Iterator[EngineBatch], profile: Profile, cfg: DepthJobConfig):
-    """plan.mode=adaptive: per image, the first batch then refinement rounds (one engine call each)."""
+def _adaptive_stream(engine: Engine, batches: Iterator[EngineBatch], profile: Profile, cfg: DepthJobConfig,
+                     points=None):
+    """plan.mode=adaptive: per image, the first batch then refinement rounds (one engine call each).
+    Images with explicit points are asked exactly those."""
     from densify.fields.adaptive import run_adaptive_depth
 
     for batch in batches:
         task: DepthTask = batch.tag
+        if points is not None or task.source.extra.get("points") is not None:
+            yield batch, engine.generate(batch)
+            continue
         planner = adaptive_planner(cfg, task.camera.width, task.camera.height, rgb=task.rgb)
         truth = next(iter(batch.images.values())).truth
         run = run_adaptive_depth(engine, planner, task.prep, profile, uid=image_uid(task.prep, task.source.id),
@@ -244,7 +249,7 @@ def run_depth(sources: list[ImageSource], cfg: DepthJobConfig, out_dir: str | Pa
             yield batch
 
     try:
-        stream = _adaptive_stream(engine, batches(), profile, cfg) if cfg.plan.mode == "adaptive" \
+        stream = _adaptive_stream(engine, batches(), profile, cfg, points) if cfg.plan.mode == "adaptive" \
             else generate_stream(engine, batches())
         for batch, completions in stream:
             task: DepthTask = batch.tag

@@ -159,8 +159,14 @@ def test_pipeline_adaptive_mode_end_to_end(tmp_path):
     assert (img_dir / "depth.npy").is_file() and (img_dir / "confidence.npy").is_file()
     answers = [json.loads(line) for line in (img_dir / "answers.jsonl").read_text().splitlines()]
     assert len(answers) == summary["queries"]
+    # explicit points are asked exactly (no refinement)
+    calls.clear()
+    pts = np.array([[10, 10], [100, 50], [200, 120], [300, 230]])
+    s3 = run_depth(sources, cfg, tmp_path / "out3", engine=engine, progress=False, points=pts)
+    assert calls == [4] and s3["queries"] == 4
     # the grid path is unchanged: one call per image with the grid's size
     calls.clear()
-    cfg2 = load_job_config(DepthJobConfig, None, {"plan": {"count": 300}, "overwrite": True}, default_name="depth")
+    cfg2 = load_job_config(DepthJobConfig, None, {"plan": {"count": 300, "mode": "grid"}, "overwrite": True},
+                           default_name="depth")
     run_depth(sources, cfg2, tmp_path / "out2", engine=engine, progress=False)
     assert len(calls) == 1

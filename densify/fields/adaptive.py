@@ -9,8 +9,9 @@ grid, then, round by round, scores every pixel by how much one more answer there
   plane explains (the local planes of `densify.fields.edge_aware`, compared in units of the image's own
   answer noise), i.e. large depth ratios (or flow differences) between neighbouring answers;
 * **doubtful answers**: low answer log-probability, or (flow) a large forward-backward error;
-* **image edges**: inside uncertain triangles, pixels near strong image edges score higher (that is where
-  the boundary most likely runs);
+* **image edges**: the local planes are fitted image-guided (they do not reach across object outlines),
+  so a triangle across an outline shows its jump clearly; optionally (`edge_weight`) pixels near strong
+  image edges inside uncertain triangles score higher;
 * **gaps**: the distance to the nearest answer (a new answer next to an old one says little).
 
 It picks the best-scoring pixels, spread out (one per cell, then thinned), as ONE batch per round, so a
@@ -43,13 +44,13 @@ from densify.queries import grid_points
 __all__ = ["AdaptivePlanner", "AdaptiveRun", "run_adaptive", "run_adaptive_depth", "round_sizes"]
 
 
-def round_sizes(budget: int, coarse: float, rounds: int) -> list[int]:
-    """Queries per engine call: a coarse grid, then the rest split evenly over `rounds` refinements
-    (no rounds: the whole budget as one grid)."""
+def round_sizes(budget: int, coarse: float, rounds: int, min_coarse: int = 16) -> list[int]:
+    """Queries per engine call: a coarse grid (coarse x budget, at least min_coarse), then the rest split
+    evenly over `rounds` refinements (no rounds: the whole budget as one grid)."""
     budget = int(budget)
     if rounds <= 0:
         return [budget]
-    first = min(budget, max(16, int(round(coarse * budget))))
+    first = min(budget, max(16, int(min_coarse), int(round(coarse * budget))))
     rest = budget - first
     sizes = [first]
     for r in range(rounds):
@@ -74,16 +75,22 @@ class AdaptivePlanner:
     """Chooses where to ask next from the answers so far (see module docstring).
 
     shape: (H, W) of the image (original pixels). budget: total queries for the image.
-    coarse: share of the budget spent on the first uniform grid. rounds: refinement rounds after it.
-    rgb: the image (guides the placement to image edges; optional). kind: "depth" or "flow".
+    coarse: share of the budget spent on the first uniform grid, and at least min_coarse queries (a grid
+    must be dense enough to show the scene's layout and average the answer noise: below ~256 answers on a
+    640x480 image a plain grid is better). rounds: refinement rounds after it.
+    rgb: the image (optional): the local planes are fitted image-guided, as in `densify_depth_edge`, so a
+    triangle across an object outline shows its jump. kind: "depth" or "flow".
     base: score of a pixel with no sign of trouble, relative to a clear discontinuity (keeps some
-    density everywhere). edge_weight: how much image edges attract samples inside uncertain triangles.
+    density everywhere). edge_weight: how much image edges also attract samples inside uncertain
+    triangles (off by default: on textured images surface patterns attract as much as outlines, and the
+    benchmark is better without). z0, z1: a triangle's disagreement counts from z0 to z0 + z1 times the
+    typical one. logprob_scale: log-probability below the image's median at which an answer is doubtful.
     """
 
-    def __init__(self, shape: tuple[int, int], budget: int, *, coarse: float = 0.5, rounds: int = 3,
+    def __init__(self, shape: tuple[int, int], budget: int, *, coarse: float = 0.5, rounds: int = 4,
                  rgb: np.ndarray | None = None, kind: str = "depth", base: float = 0.05,
-                 edge_weight: float = 1.0, tau: float | None = None, logprob_scale: float = 1.0,
-                 min_gap: float = 2.0, z0: float = 1.5, z1: float = 2.5):
+                 edge_weight: float = 0.0, tau: float | None = None, logprob_scale: float = 2.0,
+                 min_gap: float = 2.0, z0: float = 1.5, z1: float = 2.5, min_coarse: int = 256):
         if kind not in ("depth", "flow"):
             raise ValueError(f"kind must be 'depth' or 'flow', got {kind!r}")
         if budget < 1:
@@ -102,7 +109,7 @@ class AdaptivePlanner:
         self.logprob_scale = float(logprob_scale)
         self.min_gap = float(min_gap)
         self.z0, self.z1 = float(z0), float(z1)
-        self.sizes = round_sizes(self.budget, self.coarse, self.rounds)
+        self.sizes = round_sizes(self.budget, self.coarse, self.rounds, min_coarse)
         self.round = 0
         self.last_uncertainty: np.ndarray | None = None
 
@@ -160,8 +167,10 @@ class AdaptivePlanner:
             lp = np.asarray(logprobs, float).reshape(-1)
             if len(lp) == len(pixels) and np.isfinite(lp[ok]).any():
                 lpo = lp[ok]
-                lpo = np.where(np.isfinite(lpo), lpo, np.nanmedian(lpo))
-                doubt = np.maximum(doubt, 1.0 - np.exp(lpo / self.logprob_scale))
+                med = float(np.nanmedian(lpo))
+                lpo = np.where(np.isfinite(lpo), lpo, med)
+                # Doubt: how much less likely than the image's typical answer (0 at or above it).
+                doubt = np.maximum(doubt, np.clip(1.0 - np.exp((lpo - med) / self.logprob_scale), 0, 1))
         if fb_error is not None:
             fb = np.asarray(fb_error, float).reshape(-1)
             if len(fb) == len(pixels):

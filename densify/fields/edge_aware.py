@@ -4,21 +4,25 @@ Point answers of a VLM are noisy (VLM3-depth: ~12% log error per answer) and spa
 interpolation keeps every answer's noise and smears each depth edge across a whole sample spacing. Here:
 
 1. **Local planes per answer.** Each answer gets a plane (inverse depth, or flow displacement, affine in the
-   pixel position) fitted by iteratively reweighted least squares to its neighbouring answers, with weights
-   that fall with distance (relative to the local sample spacing) and with disagreement (|log depth ratio|
-   or flow difference beyond `range_tau`). Neighbours across a depth discontinuity get no weight, so the
-   plane describes the answer's own surface; the fit averages the noise of ~10-20 answers. Planes are exact
-   on planar scenes (inverse depth is affine in the pixel for a plane) and on affine flow.
-2. **Partition of unity per pixel.** A pixel's value is the spatially weighted mean of its nearby answers'
-   planes evaluated at the pixel. Where those planes disagree (a discontinuity lies in between), the image
-   decides the side: a candidate answer loses weight when the straight path from the pixel to it crosses a
-   strong image edge (texture-suppressed gradient of the guide), and the pixel takes the surface (mode of the
-   candidates' predictions) with the most support, blending only planes consistent with it.
-3. **Confidence** per pixel in [0, 1]: distance to the nearest answer, ambiguity between surfaces (share
-   of weight on other surfaces), image edges inside ambiguous zones, the fit residual of the chosen planes,
-   and the answers' log-probabilities when the engine reports them.
+   pixel position) fitted by iteratively reweighted least squares to its ~40 nearest answers, with weights
+   that fall with distance (kernel `radius` x the local sample spacing) and with disagreement (|log depth
+   ratio| or flow difference beyond `tau`). The fit averages the noise of tens of answers; it is exact on
+   planar scenes (inverse depth is affine in the pixel for a plane) and on affine flow.
+2. **Image guidance where the answers jump.** Answers whose neighbours disagree with their plane more than
+   the image's typical (noise) level mark discontinuity zones (`gate`). There, the planes are refitted
+   with the image: a neighbour loses weight when the straight path to it crosses a strong image edge
+   (texture-suppressed, thinned colour gradient) or when its colour differs. Outside those zones surface
+   texture is ignored, so it does not cut the noise averaging.
+3. **Partition of unity per pixel.** A pixel's value is the spatially weighted mean of its nearby answers'
+   planes evaluated at the pixel (computed on a block grid and interpolated where the planes agree). Where
+   they disagree, the candidates are weighted by image visibility and colour, the pixel takes the surface
+   (mode of the candidates' predictions) with the most support, and blends only planes consistent with it.
+4. **Confidence** per pixel in [0, 1]: distance to the nearest answer, ambiguity between surfaces (share
+   of weight on other surfaces), image edges inside discontinuity zones, the fit residual of the chosen
+   planes, and the answers' log-probabilities when the engine reports them (low ones also weigh less).
 
-Everything is vectorised numpy/OpenCV: ~0.3-1 s per 640x480 image on one CPU core.
+Vectorised numpy/OpenCV: ~0.5-1.5 s per 640x480 image on one CPU core. `benchmarks/densify_bench.py`
+measures it against the query budget.
 """
 
 from __future__ import annotations
@@ -180,8 +184,8 @@ def _local_spacing(tree: cKDTree, xy: np.ndarray, n: int) -> np.ndarray:
     return np.maximum(d[:, 1:].mean(axis=1), 1.0)
 
 
-def fit_sample_planes(xy: np.ndarray, vals: np.ndarray, *, kind: str = "depth", k: int = 24,
-                      radius: float = 1.6, tau: float = 0.3, weights: np.ndarray | None = None,
+def fit_sample_planes(xy: np.ndarray, vals: np.ndarray, *, kind: str = "depth", k: int = 40,
+                      radius: float = 2.5, tau: float = 0.3, weights: np.ndarray | None = None,
                       iters: int = 3, ridge: float = 1e-3, edges: np.ndarray | None = None,
                       edge_sigma: float = 0.3, colour: np.ndarray | None = None,
                       colour_sigma: float = 20.0) -> SamplePlanes:
@@ -403,12 +407,14 @@ def _lp_weights(logprobs, n, scale):
     lp = np.asarray(logprobs, float).reshape(-1)
     if len(lp) != n or not np.isfinite(lp).any():
         return None
-    lp = np.where(np.isfinite(lp), lp, np.nanmedian(lp))
-    return np.clip(np.exp(lp / max(scale, 1e-9)), 1e-3, 1.0)
+    med = float(np.nanmedian(lp))
+    lp = np.where(np.isfinite(lp), lp, med)
+    # Relative to the image's typical answer: log-probabilities are only comparable within one model.
+    return np.clip(np.exp((lp - med) / max(scale, 1e-9)), 1e-3, 1.0)
 
 
-def guided_planes(xy, vals, rgb, shape, *, kind: str = "depth", tau: float = 0.3, sw=None, k_fit: int = 24,
-                  radius: float = 1.6, edge_sigma: float = 0.3, texture_suppress: bool = True, iters: int = 3,
+def guided_planes(xy, vals, rgb, shape, *, kind: str = "depth", tau: float = 0.3, sw=None, k_fit: int = 40,
+                  radius: float = 2.5, edge_sigma: float = 0.3, texture_suppress: bool = True, iters: int = 3,
                   gate=(1.3, 1.8), colour_sigma: float | None = 20.0) -> SamplePlanes:
     """Local planes per answer, image-guided where the answers jump (what `densify_*_edge` fits)."""
     return _guided(xy, vals, rgb, shape, kind=kind, tau=tau, sw=sw, k_fit=k_fit, radius=radius,
@@ -454,7 +460,7 @@ def _guided(xy, vals, rgb, shape, *, kind, tau, sw, k_fit, radius, edge_sigma, t
 # ---------------------------------------------------------------------------------------------- depth
 
 def densify_depth_edge(pixels, values, rgb, *, outliers: bool = True, logprobs=None, shape=None,
-                       k_fit: int = 24, radius: float = 1.6, tau: float = 0.3, k_blend: int = 12,
+                       k_fit: int = 40, radius: float = 2.5, tau: float = 0.3, k_blend: int = 12,
                        blend_radius: float = 0.9, edge_sigma: float = 0.3, texture_suppress: bool = True,
                        gate: tuple[float, float] | None = (1.3, 1.8), colour_sigma: float | None = 20.0,
                        logprob_scale: float = 1.0,
@@ -462,7 +468,8 @@ def densify_depth_edge(pixels, values, rgb, *, outliers: bool = True, logprobs=N
     """Sparse depth answers (Nx2 pixels, N metres) + guide image -> dense HxW depth (see module doc).
 
     outliers: drop answers that disagree with their neighbours first (as `densify_depth`).
-    logprobs: N answer log-probabilities (NaN = unknown): answers weigh exp(logprob / logprob_scale).
+    logprobs: N answer log-probabilities (NaN = unknown): an answer weighs
+        min(1, exp((logprob - median logprob) / logprob_scale)).
     radius: plane-fit kernel, in local sample spacings (larger = more noise averaging, more bias on curves).
     tau: log-depth disagreement treated as another surface. blend_radius: per-pixel kernel, in spacings.
     edge_sigma: image-edge strength (0-1) at which a path to an answer counts as crossing a boundary.
@@ -525,7 +532,7 @@ def reject_flow_outliers(xy: np.ndarray, disp: np.ndarray, *, k: int = 8, thresh
 
 
 def densify_flow_edge(pixels, targets, rgb, *, outliers: bool = True, logprobs=None, shape=None,
-                      k_fit: int = 24, radius: float = 1.6, tau: float = 6.0, k_blend: int = 12,
+                      k_fit: int = 40, radius: float = 2.5, tau: float = 6.0, k_blend: int = 12,
                       blend_radius: float = 0.9, edge_sigma: float = 0.3, texture_suppress: bool = True,
                       gate: tuple[float, float] | None = (1.3, 1.8), colour_sigma: float | None = 20.0,
                       outlier_thresh: float = 20.0,
