@@ -8,6 +8,7 @@ outputs exist are skipped unless `overwrite` is set; a bad image gets a failure 
 from __future__ import annotations
 
 import argparse
+import itertools
 import inspect
 import logging
 import time
@@ -92,22 +93,43 @@ def adaptive_planner(cfg: DepthJobConfig, width: int, height: int, rgb=None):
 
 def _adaptive_stream(engine: Engine, batches: Iterator[EngineBatch], profile: Profile, cfg: DepthJobConfig,
                      points=None):
-    """plan.mode=adaptive: per image, the first batch then refinement rounds (one engine call each).
-    Images with explicit points are asked exactly those."""
-    from densify.fields.adaptive import run_adaptive_depth
+    """plan.mode=adaptive: per image, the first batch then refinement rounds, one batch each.
 
-    for batch in batches:
-        task: DepthTask = batch.tag
-        if points is not None or task.source.extra.get("points") is not None:
-            yield batch, engine.generate(batch)
-            continue
-        planner = adaptive_planner(cfg, task.camera.width, task.camera.height, rgb=task.rgb)
-        truth = next(iter(batch.images.values())).truth
-        run = run_adaptive_depth(engine, planner, task.prep, profile, uid=image_uid(task.prep, task.source.id),
-                                 truth=truth, sampling=batch.sampling, tag=task, first_batch=batch,
-                                 first_plan=task.plan)
-        task.plan = QueryPlan(run.pixels, run.prompt_xy)
-        yield batch, run.completions
+    `images_in_flight` images advance in lockstep, so every round sends that many batches through the
+    engine's stream at once (a vLLM engine or Ray pool stays busy across images). Images with explicit
+    points are asked exactly those.
+    """
+    from densify.fields.adaptive import AdaptiveDepthImage
+
+    it = iter(batches)
+    while group := list(itertools.islice(it, cfg.images_in_flight)):
+        states = []
+        for batch in group:
+            task: DepthTask = batch.tag
+            fixed = points is not None or task.source.extra.get("points") is not None
+            planner = adaptive_planner(cfg, task.camera.width, task.camera.height, rgb=task.rgb)
+            if fixed:  # one round: exactly the given points
+                planner.budget = len(task.plan)
+                planner.rounds = 0
+            truth = next(iter(batch.images.values())).truth
+            states.append(AdaptiveDepthImage(planner, task.prep, profile, uid=image_uid(task.prep, task.source.id),
+                                             truth=truth, sampling=batch.sampling, tag=task, first_batch=batch,
+                                             first_plan=task.plan))
+        active = [s for s in states if not s.done]
+        while active:
+            round_batches = []
+            for s in active:
+                b = s.next_batch()
+                if b is not None:
+                    b.tag = s  # routes the answers back; restored to the task below
+                    round_batches.append(b)
+            for b, completions in generate_stream(engine, round_batches):
+                b.tag.receive(completions)
+            active = [s for s in active if not s.done]
+        for batch, s in zip(group, states):
+            s.tag.plan = QueryPlan(s.run.pixels, s.run.prompt_xy)
+            batch.tag = s.tag
+            yield batch, s.run.completions
 
 
 def prepare_task(src: ImageSource, profile: Profile, cfg: DepthJobConfig, *, with_truth: bool,

@@ -170,3 +170,34 @@ def test_pipeline_adaptive_mode_end_to_end(tmp_path):
                            default_name="depth")
     run_depth(sources, cfg2, tmp_path / "out2", engine=engine, progress=False)
     assert len(calls) == 1
+
+
+def test_pipeline_keeps_images_in_flight_per_round(tmp_path):
+    """Adaptive rounds of several images go through the engine's stream together, one batch per image."""
+    from densify.engines.simulated import SimulatedEngine
+    from densify.images import discover
+    from densify.synthetic.scenes import SceneSpec, make_scene
+    from pipelines.configs import DepthJobConfig
+    from pipelines.depth import run_depth
+
+    class Recording(SimulatedEngine):
+        def __init__(self, *a, **k):
+            super().__init__(*a, **k)
+            self.calls = []
+
+        def stream(self, batches):
+            group = list(batches)
+            self.calls.append([next(iter(b.images)) for b in group])
+            for b in group:
+                yield b, self.generate(b)
+
+    paths = make_scene(SceneSpec(seed=4, n_views=3, width=160, height=120)).save(tmp_path / "scene")
+    cfg = DepthJobConfig(plan={"mode": "adaptive", "count": 400, "rounds": 3},
+                         images_in_flight=3, outputs={"ply": False, "preview": False})
+    eng = Recording("vlm3-depth", seed=0)
+    s = run_depth(discover([str(p) for p in paths]), cfg, tmp_path / "out", engine=eng, progress=False)
+    assert s["ok"] == 3
+    assert len(eng.calls) >= 2 and len(eng.calls[0]) == 3  # coarse round, then refinement rounds
+    for call in eng.calls:  # one batch per image per round
+        assert len(set(call)) == len(call)
+    assert all(r.queries <= 400 for r in s["_results"])

@@ -41,7 +41,7 @@ from densify.fields.edge_aware import guide_maps, guided_planes
 from densify.fields.interpolate import reject_outliers
 from densify.queries import grid_points
 
-__all__ = ["AdaptivePlanner", "AdaptiveRun", "run_adaptive", "run_adaptive_depth", "round_sizes"]
+__all__ = ["AdaptiveDepthImage", "AdaptivePlanner", "AdaptiveRun", "run_adaptive", "run_adaptive_depth", "round_sizes"]
 
 
 def round_sizes(budget: int, coarse: float, rounds: int, min_coarse: int = 16) -> list[int]:
@@ -313,48 +313,83 @@ def run_adaptive(planner: AdaptivePlanner, ask, parse, *, first_points=None) -> 
     return run
 
 
-def run_adaptive_depth(engine, planner: AdaptivePlanner, prep, profile, *, uid: str, truth=None,
-                       sampling=None, tag=None, first_batch=None, first_plan=None) -> AdaptiveRun:
-    """The depth pipeline's adaptive loop for one image: per round one `depth_batch` and one
-    `engine.generate` call. Returns all pixels asked (original pixels), prompt coordinates and
-    completions in order, ready for `answers.collect_depth`.
+class AdaptiveDepthImage:
+    """One image's adaptive depth run, a round at a time: `next_batch()` gives the round's single batch
+    (or None when done), `receive(completions)` takes its answers. Callers can keep many images in
+    flight, one batch each per round (see pipelines/depth.py).
 
     first_batch / first_plan: an already built first-round batch and its query plan (the pipeline's
     `prepare_task` builds it); otherwise the planner's coarse grid is asked first.
     """
-    from densify import answers as answers_mod
-    from densify.prompts import depth_batch
-    from densify.queries import plan_queries
 
-    seen: set = set()
-    prebuilt = [first_batch, first_plan] if first_batch is not None and first_plan is not None else None
+    def __init__(self, planner: AdaptivePlanner, prep, profile, *, uid: str, truth=None, sampling=None,
+                 tag=None, first_batch=None, first_plan=None):
+        self.planner, self.prep, self.profile = planner, prep, profile
+        self.uid, self.truth, self.sampling, self.tag = uid, truth, sampling, tag
+        self.run = AdaptiveRun(np.zeros((0, 2), np.int64), None)
+        self.seen: set = set()
+        self._plan = None
+        self._prebuilt = first_batch if first_plan is not None else None
+        if first_plan is not None:
+            self._points = np.asarray(first_plan.pixels).reshape(-1, 2)[: planner.budget]
+            self._first_plan = first_plan
+        else:
+            self._points = planner.first_points()
+            self._first_plan = None
+        self.done = self._points is None or len(self._points) == 0
 
-    def ask(points):
-        if prebuilt is not None and prebuilt[0] is not None:
-            batch, plan = prebuilt
-            prebuilt[0] = None
-            seen.update(_keys(plan))
-            return plan.pixels, plan.prompt_xy, engine.generate(batch)
-        plan = plan_queries(points, prep.pixel_map)
-        keys = _keys(plan)
-        fresh = np.array([k not in seen for k in keys], bool)
-        if not fresh.all():
-            plan.pixels = plan.pixels[fresh]
-            if plan.prompt_xy is not None:
-                plan.prompt_xy = plan.prompt_xy[fresh]
-        if len(plan) == 0:
-            return plan.pixels, plan.prompt_xy, []
-        seen.update(k for k, f in zip(keys, fresh) if f)
-        batch = depth_batch(prep, plan, profile, uid=uid, truth=truth, sampling=sampling, tag=tag)
-        return plan.pixels, plan.prompt_xy, engine.generate(batch)
+    def next_batch(self):
+        """The next round's batch, or None (and `done`) when the planner has nothing more to ask."""
+        from densify.prompts import depth_batch
+        from densify.queries import plan_queries
 
-    def parse(run):
-        ans = answers_mod.collect_depth(profile, run.pixels, run.prompt_xy, run.completions)
-        return ans.values, ans.logprobs
+        while not self.done:
+            if self._prebuilt is not None:
+                batch, plan = self._prebuilt, self._first_plan
+                self._prebuilt = None
+            else:
+                plan = plan_queries(self._points, self.prep.pixel_map)
+                keys = _keys(plan)
+                fresh = np.array([k not in self.seen for k in keys], bool)
+                if not fresh.all():
+                    plan.pixels = plan.pixels[fresh]
+                    if plan.prompt_xy is not None:
+                        plan.prompt_xy = plan.prompt_xy[fresh]
+                if len(plan) == 0:
+                    self.done = True
+                    return None
+                batch = depth_batch(self.prep, plan, self.profile, uid=self.uid, truth=self.truth,
+                                    sampling=self.sampling, tag=self.tag)
+            self.seen.update(_keys(plan))
+            self._plan = plan
+            return batch
+        return None
 
-    first = first_plan.pixels if prebuilt is not None else None
-    return run_adaptive(planner, ask, parse, first_points=first)
+    def receive(self, completions) -> None:
+        from densify import answers as answers_mod
 
+        plan, run = self._plan, self.run
+        run.pixels = np.concatenate([run.pixels, np.asarray(plan.pixels).reshape(-1, 2)])
+        if plan.prompt_xy is not None:
+            run.prompt_xy = plan.prompt_xy if run.prompt_xy is None else np.concatenate([run.prompt_xy,
+                                                                                          plan.prompt_xy])
+        run.completions.extend(completions)
+        run.calls.append(len(completions))
+        ans = answers_mod.collect_depth(self.profile, run.pixels, run.prompt_xy, run.completions)
+        self._points = self.planner.next_points(run.pixels, ans.values, ans.logprobs)
+        self.done = self._points is None or len(self._points) == 0
+
+
+def run_adaptive_depth(engine, planner: AdaptivePlanner, prep, profile, *, uid: str, truth=None,
+                       sampling=None, tag=None, first_batch=None, first_plan=None) -> AdaptiveRun:
+    """The depth pipeline's adaptive loop for one image: per round one `depth_batch` and one
+    `engine.generate` call. Returns all pixels asked (original pixels), prompt coordinates and
+    completions in order, ready for `answers.collect_depth`."""
+    img = AdaptiveDepthImage(planner, prep, profile, uid=uid, truth=truth, sampling=sampling, tag=tag,
+                             first_batch=first_batch, first_plan=first_plan)
+    while (batch := img.next_batch()) is not None:
+        img.receive(engine.generate(batch))
+    return img.run
 
 def _keys(plan) -> list[tuple[int, int]]:
     """What makes two queries the same prompt: prompt coordinates, else the (rounded) pixel."""

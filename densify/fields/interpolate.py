@@ -56,24 +56,44 @@ def _fill(xy: np.ndarray, vals: np.ndarray, shape: tuple[int, int]) -> np.ndarra
         for k, simplex in enumerate(tri.simplices):
             cv2.fillConvexPoly(label, verts[simplex], int(k), cv2.LINE_8, shift)
         lab = label.ravel()
-        inside = lab >= 0
-        simp = tri.simplices[lab[inside]]
-        a, b, c = xy[simp[:, 0]], xy[simp[:, 1]], xy[simp[:, 2]]
-        v0, v1, v2 = b - a, c - a, pix[inside] - a
-        d00, d01, d11 = (v0 * v0).sum(1), (v0 * v1).sum(1), (v1 * v1).sum(1)
-        d20, d21 = (v2 * v0).sum(1), (v2 * v1).sum(1)
-        den = d00 * d11 - d01 * d01
-        den[den == 0] = 1e-12
-        wb = (d11 * d20 - d01 * d21) / den
-        wc = (d00 * d21 - d01 * d20) / den
-        wa = 1.0 - wb - wc
-        out[inside] = (wa[:, None] * vals2[simp[:, 0]] + wb[:, None] * vals2[simp[:, 1]]
-                       + wc[:, None] * vals2[simp[:, 2]])
+        idx = np.flatnonzero(lab >= 0)
+        simplex = lab[idx]
+        w3 = _barycentric(xy, tri.simplices[simplex], pix[idx])
+        # Rasterised edges can hand a pixel to a neighbouring triangle; locate those few exactly, so
+        # nothing extrapolates (wildly, next to an outlier).
+        off = np.flatnonzero(w3.min(1) < -1e-6)
+        for _ in range(8):  # walk such pixels across the most violated edge to their triangle
+            if not len(off):
+                break
+            nb = tri.neighbors[simplex[off], np.argmin(w3[off], axis=1)]
+            inside_hull = nb >= 0
+            off = off[inside_hull]
+            simplex[off] = nb[inside_hull]
+            w3[off] = _barycentric(xy, tri.simplices[simplex[off]], pix[idx[off]])
+            off = off[w3[off].min(1) < -1e-6]
+        bad = w3.min(1) < -1e-6
+        if bad.any():  # just outside the hull (or still unresolved): clamp rather than extrapolate
+            wt = np.maximum(w3[bad], 0)
+            w3[bad] = wt / wt.sum(1, keepdims=True)
+        simp = tri.simplices[simplex]
+        out[idx] = np.einsum("nk,nkc->nc", w3, vals2[simp])
     miss = np.isnan(out[:, 0])
     if miss.any():
         _, idx = cKDTree(xy).query(pix[miss])
         out[miss] = vals2[idx]
     return out.reshape((h, w) + vals.shape[1:])
+
+
+def _barycentric(xy: np.ndarray, simplices: np.ndarray, p: np.ndarray) -> np.ndarray:
+    a, b, c = xy[simplices[:, 0]], xy[simplices[:, 1]], xy[simplices[:, 2]]
+    v0, v1, v2 = b - a, c - a, p - a
+    d00, d01, d11 = (v0 * v0).sum(1), (v0 * v1).sum(1), (v1 * v1).sum(1)
+    d20, d21 = (v2 * v0).sum(1), (v2 * v1).sum(1)
+    den = d00 * d11 - d01 * d01
+    den[den == 0] = 1e-12
+    wb = (d11 * d20 - d01 * d21) / den
+    wc = (d00 * d21 - d01 * d20) / den
+    return np.stack([1.0 - wb - wc, wb, wc], 1)
 
 
 def confidence_map(xy: np.ndarray, shape: tuple[int, int], spacing: float) -> np.ndarray:
