@@ -178,7 +178,9 @@ def test_densify_depth_cli_vllm_4b_dummy(model_4b, tmp_path):
                "--set", "outputs.ply=false"])
     summary = json.loads((out / "summary.json").read_text())
     print("\n", {k: summary[k] for k in ("images", "ok", "failed", "queries", "queries_per_s", "answer_failures")})
-    # dummy weights write garbage, so answers fail to parse; the run itself must complete
-    assert summary["images"] == 1 and summary["failed"] == 0 and summary["queries"] >= 240
-    assert (out / IMAGE.stem / "answers.jsonl").is_file()
+    # dummy weights write garbage, so no answer parses and the pipeline records the image as failed for
+    # that reason ("answers"); what this checks is that every query went through the engine without error
+    assert summary["images"] == 1 and summary["queries"] >= 240
+    assert all(f["kind"] == "answers" for f in summary["failed_images"]), summary["failed_images"]
+    assert "engine_error" not in summary["answer_failures"]
     assert rc in (0, 1)
