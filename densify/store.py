@@ -53,9 +53,10 @@ CREATE TABLE IF NOT EXISTS meta (k TEXT PRIMARY KEY, v TEXT);
 _MAGIC = b"DSA1"
 
 
-def _pack(qparts: list[bytes], answers: list[tuple]) -> bytes:
+def _pack(qparts: list[bytes], answers: list[Completion]) -> bytes:
     """MAGIC, n (4 bytes), n 16-byte query parts, zlib(JSON [texts, logprobs, n_prompt, n_generated])."""
-    cols = [list(c) for c in zip(*answers)] if answers else [[], [], [], []]
+    cols = [[c.text for c in answers], [c.logprob for c in answers], [c.n_prompt_tokens for c in answers],
+            [c.n_generated_tokens for c in answers]]
     payload = zlib.compress(json.dumps(cols, separators=(",", ":")).encode(), 1)
     return _MAGIC + len(qparts).to_bytes(4, "little") + b"".join(qparts) + payload
 
@@ -157,11 +158,11 @@ class AnswerStore:
         return out
 
     # -- writes
-    def commit(self, groups: list[tuple[bytes, list[bytes], list[tuple]]], *, image: str, queries: int, hits: int,
-               asked: int) -> None:
+    def commit(self, groups: list[tuple[bytes, list[bytes], list[Completion]]], *, image: str, queries: int,
+               hits: int, asked: int) -> None:
         """Store a batch's new answers, atomically with its record.
 
-        groups: (image part, query parts, answers (text, logprob, n_prompt, n_generated)) for each image part
+        groups: (image part, query parts, their answers) for each image part
         the batch's queries are under (one for a depth batch). The first row carries the batch's counts.
         """
         rows, t = [], time.time()
@@ -226,6 +227,7 @@ class BatchStats:
 class _Pending:
     batch: EngineBatch
     keys: list[bytes]
+    prefixes: list[bytes]
     found: dict[bytes, tuple]
     ask_keys: list[bytes]
 
@@ -273,8 +275,8 @@ class StoredEngine:
             yield self._finish(sub, answers)
 
     # -- internals
-    def keys(self, batch: EngineBatch) -> list[bytes]:
-        """32-byte keys (image part + query part) of a batch's queries."""
+    def keys(self, batch: EngineBatch) -> tuple[list[bytes], list[bytes]]:
+        """32-byte keys (image part + query part) of a batch's queries, and the distinct image parts."""
         prefix_of: dict[str, bytes] = {}
         keys = []
         qpart = AnswerStore.query_part
@@ -284,15 +286,15 @@ class StoredEngine:
             if p is None:
                 p = prefix_of[base] = AnswerStore.image_part(self.model_key, self.profile, batch.sampling, base)
             keys.append(p + qpart(q))
-        return keys
+        return keys, list(prefix_of.values())
 
     def _feed(self, batches: Iterable[EngineBatch]) -> Iterator[EngineBatch]:
         for batch in batches:
             t0 = time.perf_counter()
-            keys = self.keys(batch)
+            keys, prefixes = self.keys(batch)
             t1 = time.perf_counter()
             found: dict[bytes, tuple] = {}
-            for p in dict.fromkeys(k[:16] for k in keys):
+            for p in prefixes:
                 found.update((p + q, row) for q, row in self.store.lookup(p).items())
             self.times["keys"] += t1 - t0
             self.times["lookup"] += time.perf_counter() - t1
@@ -308,7 +310,7 @@ class StoredEngine:
             else:
                 uids = {u for q in ask_queries for u in q.image_uids}
                 images = {u: im for u, im in batch.images.items() if u in uids}
-            yield EngineBatch(images, ask_queries, batch.sampling, _Pending(batch, keys, found, ask_keys))
+            yield EngineBatch(images, ask_queries, batch.sampling, _Pending(batch, keys, prefixes, found, ask_keys))
 
     def _finish(self, sub: EngineBatch, answers: list[Completion]):
         pend: _Pending = sub.tag
@@ -317,18 +319,20 @@ class StoredEngine:
             raise RuntimeError(f"inner engine returned {len(answers)} answers for {len(pend.ask_keys)} queries")
         hits = sum(k in pend.found for k in pend.keys) if pend.found else 0
         t0 = time.perf_counter()
+        errors = sum(c.error is not None for c in answers)
         if pend.ask_keys:
-            groups: dict[bytes, tuple[list, list]] = {}
-            for k, c in zip(pend.ask_keys, answers):
-                if c.error is None:
-                    g = groups.get(k[:16])
-                    if g is None:
-                        g = groups[k[:16]] = ([], [])
-                    g[0].append(k[16:])
-                    g[1].append((c.text, c.logprob, c.n_prompt_tokens, c.n_generated_tokens))
+            if not errors and len(pend.prefixes) == 1:  # the common case: one image, every answer good
+                groups = [(pend.prefixes[0], [k[16:] for k in pend.ask_keys], answers)]
+            else:
+                by_prefix: dict[bytes, tuple[list, list]] = {}
+                for k, c in zip(pend.ask_keys, answers):
+                    if c.error is None:
+                        g = by_prefix.setdefault(k[:16], ([], []))
+                        g[0].append(k[16:])
+                        g[1].append(c)
+                groups = [(p, qs, cs) for p, (qs, cs) in by_prefix.items()]
             first = batch.queries[0].image_uids[0] if batch.queries and batch.queries[0].image_uids else ""
-            self.store.commit([(p, qs, rows) for p, (qs, rows) in groups.items()], image=first,
-                              queries=len(batch.queries), hits=hits, asked=len(pend.ask_keys))
+            self.store.commit(groups, image=first, queries=len(batch.queries), hits=hits, asked=len(pend.ask_keys))
         self.times["commit"] += time.perf_counter() - t0
         if not pend.found and len(pend.ask_keys) == len(pend.keys):
             out = answers
@@ -340,5 +344,4 @@ class StoredEngine:
                 out.append(Completion(row[0], row[1], row[2], row[3]) if row is not None else new[k])
         self.hits += hits
         self.asked += len(pend.ask_keys)
-        errors = sum(c.error is not None for c in answers)
         return batch, out, BatchStats(len(batch.queries), hits, len(pend.ask_keys), errors)

@@ -69,6 +69,8 @@ class RayConfig(BaseModel):
                                                               "one finishes)")
     max_retries: int = Field(2, ge=0, description="resubmissions of an image after its actor died or failed")
     actor_max_restarts: int = Field(4, ge=0, description="times Ray restarts a dead actor")
+    runtime_env: dict | None = Field(None, description="Ray runtime_env for the actors (e.g. working_dir, pip) "
+                                                       "when the cluster's workers lack densify")
 
 
 def _label_outputs() -> OutputConfig:
@@ -322,19 +324,19 @@ def build_engine(cfg: LabelJobConfig, profile):
     """The configured engine, in a pool of Ray actors unless `ray.enabled` is false."""
     if cfg.engine.name == "ray" or not cfg.ray.enabled:
         return create_engine(cfg.engine.name, profile=profile, **cfg.engine.options)
+    try:
+        import ray  # noqa: F401
+    except ModuleNotFoundError:
+        raise ConfigError("ray.enabled: Ray is not installed; pip install 'densify[ray]', or run the engine in "
+                          "this process with --no-ray") from None
     from densify.engines.ray_pool import RayPoolEngine
 
     r = cfg.ray
     return RayPoolEngine(profile, engine=cfg.engine.name, engine_options=cfg.engine.options, num_actors=r.num_actors,
                          num_gpus_per_actor=r.num_gpus_per_actor, num_cpus_per_actor=r.num_cpus_per_actor,
                          ray_address=r.address, max_in_flight_per_actor=r.max_in_flight_per_actor,
-                         max_retries=r.max_retries, actor_max_restarts=r.actor_max_restarts)
-
-
-def _engine_model_key(cfg: LabelJobConfig, engine) -> str:
-    if engine is None or cfg.engine.name == "ray" or not cfg.ray.enabled:
-        return model_key_for(cfg.engine.name, cfg.engine.options)
-    return model_key_for("ray", {"engine": cfg.engine.name, "engine_options": cfg.engine.options})
+                         max_retries=r.max_retries, actor_max_restarts=r.actor_max_restarts,
+                         runtime_env=r.runtime_env)
 
 
 def run_label(inputs: list[str] | str, cfg: LabelJobConfig, out_dir: str | Path, *, shard: tuple[int, int] = (0, 1),
@@ -370,7 +372,8 @@ def run_label(inputs: list[str] | str, cfg: LabelJobConfig, out_dir: str | Path,
         if store is not None:
             store.close()
         raise
-    key = model_key or _engine_model_key(cfg, None if engine is not None else inner)
+    # The same answers whether the engine runs in actors or here: the key names the engine and its options.
+    key = model_key or model_key_for(cfg.engine.name, cfg.engine.options)
     eng = StoredEngine(inner, store, key, profile=profile.name) if store is not None else inner
     with_truth = bool(getattr(inner, "uses_truth", False))
     t_ready = time.perf_counter()
@@ -461,10 +464,14 @@ def run_label(inputs: list[str] | str, cfg: LabelJobConfig, out_dir: str | Path,
     finally:
         bar.close()
         if own_engine:
-            eng.close()
+            eng.close()  # before reading the pool's stats: closing adds the actors' CPU time
         pool_stats = dict(getattr(inner, "stats", {}) or {})
-        store_totals = store.totals() if store is not None else None
+        store_totals = None
         if store is not None:
+            try:
+                store_totals = store.totals()
+            except Exception:  # a broken store must not hide the error that stopped the job
+                pass
             store.close()
         manifest.write()
         wall = time.perf_counter() - t0

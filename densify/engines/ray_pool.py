@@ -49,10 +49,15 @@ class _EngineActor:
 
     def info(self) -> dict:
         return {"name": getattr(self.engine, "name", type(self.engine).__name__),
-                "uses_truth": bool(getattr(self.engine, "uses_truth", False)), "pid": os.getpid()}
+                "uses_truth": bool(getattr(self.engine, "uses_truth", False)), "pid": os.getpid(),
+                "cpu_s": time.process_time()}
 
     def ping(self) -> bool:
         return True
+
+    def cpu_seconds(self) -> float:
+        """CPU time this actor's process has used (engine and transfers)."""
+        return time.process_time()
 
     def generate(self, payload: tuple) -> tuple:
         """A batch as columns in (see `_to_columns`), answers as columns out: ~20x cheaper to move between
@@ -110,6 +115,10 @@ class _Slot:
     """ok: takes batches; probing: died, waiting for Ray's restart (a ping is out); dead: restarts used up."""
     failures: int = 0
     ping: Any = None
+    jobs: list = field(default_factory=list)
+    """Batches submitted and not yet back, oldest first: an actor runs its calls in order, so when it dies
+    the oldest was running (the suspect) and the others were only queued behind it."""
+    suspect: Any = None
 
 
 @dataclass
@@ -118,6 +127,9 @@ class _Job:
     payload: Any
     """ObjectRef of the batch without its tag, put once and reused by retries."""
     attempts: int = 0
+    """Failed attempts charged to this batch (it was running when its actor died, or its engine raised)."""
+    requeues: int = 0
+    """Resubmissions after an actor died while this batch was only queued there (not charged)."""
     last_slot: int | None = None
     errors: list[str] = field(default_factory=list)
 
@@ -160,16 +172,20 @@ class RayPoolEngine:
         self.max_in_flight = int(max_in_flight_per_actor)
         self.max_retries = int(max_retries)
         self.actor_max_restarts = int(actor_max_restarts)
+        # Counters, and seconds: engine_s actors spent in the engine, wait_s the driver waited on actors,
+        # put_s putting batches into the object store; actor_cpu_s (set by close) the actors' CPU time.
         self.stats = {"batches": 0, "retries": 0, "actor_failures": 0, "failed_batches": 0, "dead_actors": 0,
                       "engine_s": 0.0, "wait_s": 0.0, "put_s": 0.0}
-        """engine_s: time actors spent in the engine; wait_s: time the driver waited on actors; put_s: time
-        spent putting batches into the object store."""
         self._started_ray = False
         self._slots: list[_Slot] = []
+        self._cpu0 = 0.0
         if not ray.is_initialized():
+            # A local Ray by default (or the cluster RAY_ADDRESS names); `ray_address` for an existing cluster.
+            # close() shuts down what this call started: the local Ray, or this driver's connection.
             ray.init(address=ray_address, include_dashboard=False, log_to_driver=False, ignore_reinit_error=True,
                      configure_logging=False, runtime_env=runtime_env)
-            self._started_ray = ray_address is None or ray_address == "local"
+            self._started_ray = True
+            runtime_env = None  # the job's runtime_env now applies to every actor
         try:
             self._start_actors(engine, engine_options or {}, num_actors, num_gpus_per_actor, num_cpus_per_actor,
                                runtime_env, startup_timeout_s)
@@ -204,6 +220,7 @@ class RayPoolEngine:
             infos = ray.get(refs)
         except Exception as exc:  # an engine that cannot be built: say why, once
             raise EngineError(f"the engine could not start in a Ray actor: {_short(exc)}") from None
+        self._cpu0 = sum(i["cpu_s"] for i in infos)
         self.inner_name = infos[0]["name"]
         self.uses_truth = infos[0]["uses_truth"]
         log.info("Ray pool: %d actor(s) running %s (%s CPU, %s GPU each, %d batches in flight each)",
@@ -248,6 +265,7 @@ class RayPoolEngine:
                 return False
             ref = slot.handle.generate.remote(job.payload)
             slot.in_flight += 1
+            slot.jobs.append(job)
             job.last_slot = slot.index
             pending[ref] = (job, slot)
             return True
@@ -311,17 +329,23 @@ class RayPoolEngine:
                         self._on_ping(pings.pop(ref), ref, pings)
                         continue
                     job, slot = pending.pop(ref)
-                    slot.in_flight -= 1
                     try:
                         cols = ray.get(ref)
                     except _dead_errors() as exc:
                         self.stats["actor_failures"] += 1
                         self._on_actor_error(slot, pings)
-                        self._retry_or_fail(job, f"actor {slot.index} died: {_short(exc)}", retry, fail)
+                        charged = job is slot.suspect or job.requeues >= 4 * (self.max_retries + 1)
+                        self._forget(slot, job)
+                        self._retry_or_fail(job, f"actor {slot.index} died: {_short(exc)}", retry, fail,
+                                            charge=charged)
                         continue
                     except Exception as exc:  # the engine raised, or the batch's object was lost
+                        self._forget(slot, job)
                         self._retry_or_fail(job, f"actor {slot.index}: {_short(exc)}", retry, fail)
                         continue
+                    self._forget(slot, job)
+                    if slot.suspect is job:  # it had finished before the actor died: the next one was running
+                        slot.suspect = slot.jobs[0] if slot.jobs else None
                     if slot.state == "ok":
                         slot.failures = 0
                     outstanding -= 1
@@ -340,9 +364,18 @@ class RayPoolEngine:
         others = [s for s in free if s.index != avoid]
         return min(others or free, key=lambda s: (s.in_flight, s.index))
 
-    def _retry_or_fail(self, job: _Job, reason: str, retry: deque, fail) -> None:
-        job.attempts += 1
+    @staticmethod
+    def _forget(slot: _Slot, job: _Job) -> None:
+        slot.in_flight -= 1
+        slot.jobs.remove(job)
+
+    def _retry_or_fail(self, job: _Job, reason: str, retry: deque, fail, *, charge: bool = True) -> None:
         job.errors.append(reason)
+        if not charge:  # it was queued behind the batch that killed the actor: resubmit, no attempt used
+            job.requeues += 1
+            retry.append(job)
+            return
+        job.attempts += 1
         if job.attempts > self.max_retries:
             fail(job, reason)
         else:
@@ -355,6 +388,7 @@ class RayPoolEngine:
         """Stop routing to a failed actor and ping it: the ping answers once Ray has restarted it."""
         if slot.state != "ok":
             return
+        slot.suspect = slot.jobs[0] if slot.jobs else None
         slot.failures += 1
         slot.state = "probing"
         log.warning("Ray pool: actor %d died; waiting for Ray to restart it", slot.index)
@@ -376,6 +410,7 @@ class RayPoolEngine:
                 pings[slot.handle.ping.remote()] = slot
             return
         slot.state = "ok"
+        slot.suspect = None
         log.info("Ray pool: actor %d is back", slot.index)
 
     def close(self) -> None:
@@ -383,6 +418,14 @@ class RayPoolEngine:
 
         if not ray.is_initialized():
             return
+        live = [s.handle.cpu_seconds.remote() for s in self._slots if s.state == "ok"]
+        if live:
+            ready, _ = ray.wait(live, num_returns=len(live), timeout=5)
+            try:
+                # CPU time the actors used after their engines were built (approximate after a restart)
+                self.stats["actor_cpu_s"] = float(sum(ray.get(ready))) - self._cpu0
+            except Exception:  # an actor died on the way out: no total
+                pass
         for s in self._slots:
             try:
                 ray.kill(s.handle, no_restart=True)
