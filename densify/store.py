@@ -240,7 +240,7 @@ class StoredEngine:
     flowing in the inner engine's order and memory stays bounded.
     """
 
-    def __init__(self, inner, store: AnswerStore, model_key: str, *, profile: str = ""):
+    def __init__(self, inner, store: AnswerStore, model_key: str, *, profile: str = "", track_images: bool = False):
         self.inner = inner
         self.store = store
         self.model_key = model_key
@@ -251,6 +251,9 @@ class StoredEngine:
         self.asked = 0
         self.times = {"keys": 0.0, "lookup": 0.0, "commit": 0.0}
         """Seconds spent hashing query keys, looking answers up and committing them."""
+        self.image_stats: dict[str, list[int]] | None = {} if track_images else None
+        """With track_images: source image uid -> [store hits, inner-engine queries], summed over its batches
+        (an image asked in several rounds); the caller pops an image's entry when it is done with it."""
 
     def close(self) -> None:
         self.inner.close()
@@ -344,4 +347,9 @@ class StoredEngine:
                 out.append(Completion(row[0], row[1], row[2], row[3]) if row is not None else new[k])
         self.hits += hits
         self.asked += len(pend.ask_keys)
+        if self.image_stats is not None and batch.queries:
+            uids = batch.queries[0].image_uids
+            st = self.image_stats.setdefault(uids[0].split(":", 1)[0] if uids else "", [0, 0])
+            st[0] += hits
+            st[1] += len(pend.ask_keys)
         return batch, out, BatchStats(len(batch.queries), hits, len(pend.ask_keys), errors)

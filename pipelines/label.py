@@ -20,7 +20,6 @@ import argparse
 import glob
 import json
 import logging
-import math
 import os
 import time
 from dataclasses import dataclass
@@ -32,14 +31,14 @@ from pydantic import BaseModel, ConfigDict, Field
 from densify import outputs
 from densify.cameras import CameraError
 from densify.config import ConfigError, parse_set_options
-from densify.engines import EngineBatch, create_engine
+from densify.engines import EngineBatch, create_engine, generate_stream
 from densify.images import IMAGE_SUFFIXES, ImageError, ImageSource
 from densify.profiles import load_profile
 from densify.progress import Progress
 from densify.queries import PlanError
 from densify.store import AnswerStore, StoredEngine, model_key_for, store_path
 from pipelines.configs import DepthJobConfig, OutputConfig, load_job_config
-from pipelines.depth import DepthTask, finish_task, prepare_task
+from pipelines.depth import DepthTask, _adaptive_stream, finish_task, prepare_task
 
 __all__ = ["LabelJobConfig", "RayConfig", "StoreConfig", "iter_manifest", "run_label"]
 
@@ -213,7 +212,8 @@ def count_manifest(inputs: list[str] | str, shard: tuple[int, int] = (0, 1)) -> 
 
 # -- failures
 
-FAILURE_KINDS = ("missing", "image", "too_large", "intrinsics", "points", "manifest", "engine", "output", "error")
+FAILURE_KINDS = ("missing", "image", "too_large", "intrinsics", "points", "manifest", "engine", "answers", "output",
+                 "error")
 
 
 def failure_kind(exc: BaseException, src: ImageSource | None = None) -> str:
@@ -374,7 +374,7 @@ def run_label(inputs: list[str] | str, cfg: LabelJobConfig, out_dir: str | Path,
         raise
     # The same answers whether the engine runs in actors or here: the key names the engine and its options.
     key = model_key or model_key_for(cfg.engine.name, cfg.engine.options)
-    eng = StoredEngine(inner, store, key, profile=profile.name) if store is not None else inner
+    eng = StoredEngine(inner, store, key, profile=profile.name, track_images=True) if store is not None else inner
     with_truth = bool(getattr(inner, "uses_truth", False))
     t_ready = time.perf_counter()
     log.info("label: %d image(s) in shard %d/%d; engine %s ready in %.1f s; store %s", total, i_shard, n_shard,
@@ -429,16 +429,23 @@ def run_label(inputs: list[str] | str, cfg: LabelJobConfig, out_dir: str | Path,
             timer.prepare += time.perf_counter() - ts
             yield batch
 
-    stream = eng.stream_stats(batches()) if store is not None else \
-        ((b, c, None) for b, c in _plain_stream(eng, batches()))
+    if cfg.plan.mode == "adaptive":  # rounds per image, images_in_flight of them in lockstep
+        lockstep = cfg.model_copy(update={"images_in_flight": max(cfg.images_in_flight,
+                                                                  getattr(inner, "capacity", 1))})
+        stream = _adaptive_stream(eng, batches(), profile, lockstep)
+    else:
+        stream = generate_stream(eng, batches())
     interrupted = True
     try:
-        for batch, completions, stats in stream:
+        for batch, completions in stream:
             task: DepthTask = batch.tag
             src = task.source
             ts = time.perf_counter()
-            hits = stats.hits if stats else 0
-            asked = stats.asked if stats else len(completions)
+            if store is not None:
+                uid = batch.queries[0].image_uids[0].split(":", 1)[0] if batch.queries else ""
+                hits, asked = eng.image_stats.pop(uid, (0, 0))
+            else:
+                hits, asked = 0, len(completions)
             totals["store_hits"] += hits
             totals["engine_queries"] += asked
             errors = [c.error for c in completions if c.error is not None]
@@ -457,6 +464,10 @@ def run_label(inputs: list[str] | str, cfg: LabelJobConfig, out_dir: str | Path,
                 continue
             finally:
                 timer.finish += time.perf_counter() - ts
+            if res.status == "failed":  # no answer could be parsed: nothing to densify
+                record(src, "failed", kind=res.error_kind or "answers", error=res.error, queries=res.queries,
+                       hits=hits, asked=asked, wall=time.perf_counter() - ts + wall)
+                continue
             totals["queries"] += res.queries
             totals["answer_failures"] += sum(res.failures.values())
             record(src, "ok", queries=res.queries, hits=hits, asked=asked, wall=time.perf_counter() - ts + wall)
@@ -487,12 +498,6 @@ def run_label(inputs: list[str] | str, cfg: LabelJobConfig, out_dir: str | Path,
                            store_totals, cfg, profile.name, shard, total, interrupted)
         outputs.write_json(out / f"summary{suffix}.json", summary)
     return summary
-
-
-def _plain_stream(engine, batches):
-    from densify.engines import generate_stream
-
-    return generate_stream(engine, batches)
 
 
 def _summary(counts, fail_kinds, failed_images, totals, wall, startup, times, pool_stats, store_totals, cfg,

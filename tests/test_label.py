@@ -336,3 +336,51 @@ def test_kill_9_at_random_points_and_resume(tmp_path):
     with AnswerStore(store_path(out / "store")) as st, AnswerStore(store_path(tmp_path / "ref" / "store")) as rst:
         assert st.totals()["asked"] == rst.totals()["asked"] == ref["engine_queries"] == ref["queries"]
         assert len(st) == len(rst) and st.answers() == rst.answers()
+
+
+def test_adaptive_plan_rounds_go_through_the_store(dataset, tmp_path):
+    """plan.mode=adaptive asks each image in rounds; every round's answers are stored, so a rerun asks
+    the engine nothing and reproduces the labels."""
+    import pyarrow.parquet as pq
+
+    cfg = label_config(plan={"mode": "adaptive", "count": 1024, "rounds": 2}, densify={"method": "edge"})
+    out = tmp_path / "out"
+    s = run_label(str(dataset), cfg, out, progress=False)
+    assert s["ok"] == 6 and s["engine_queries"] == s["queries"] > 0
+    rows = pq.read_table(out / "manifest.parquet").to_pylist()
+    assert all(r["engine_queries"] == r["queries"] for r in rows)
+    with AnswerStore(store_path(out / "store")) as st:
+        assert st.totals()["batches"] > 6  # several rounds per image
+    first = {i: (out / i / "depth.npy").read_bytes() for i in ids_of(6)}
+    for i in ids_of(6):
+        (out / i / "result.json").unlink()
+    s2 = run_label(str(dataset), cfg, out, progress=False)
+    assert s2["ok"] == 6 and s2["engine_queries"] == 0 and s2["store_hits"] == s["queries"]
+    rows = pq.read_table(out / "manifest.parquet").to_pylist()
+    assert all(r["store_hits"] == r["queries"] > 0 for r in rows)
+    assert first == {i: (out / i / "depth.npy").read_bytes() for i in ids_of(6)}
+
+
+def ids_of(n: int) -> list[str]:
+    return [f"im{i:02d}" for i in range(n)]
+
+
+class RefusingEngine:
+    """Answers every query with text no parser accepts."""
+
+    name = "refusing"
+    uses_truth = False
+
+    def generate(self, batch):
+        return [Completion("I cannot determine that from the image.") for _ in batch.queries]
+
+    def close(self):
+        pass
+
+
+def test_images_without_a_usable_answer_fail_as_answers(dataset, tmp_path):
+    s = run_label(str(dataset), label_config(), tmp_path / "out", engine=RefusingEngine(), model_key="refusing",
+                  progress=False)
+    assert s["failed"] == 6 and s["failed_by_kind"] == {"answers": 6}
+    assert "could be parsed" in s["failed_images"][0]["error"]
+    assert not (tmp_path / "out" / "im00" / "result.json").exists()
