@@ -154,6 +154,7 @@ class RayPoolEngine:
     """
 
     name = "ray"
+    uses_truth = False  # set from the actors' engine once they are up
 
     def __init__(self, profile: Profile | str, *, engine: EngineSpec = "simulated", engine_options: dict | None = None,
                  num_actors: int | None = None, num_gpus_per_actor: float = 0, num_cpus_per_actor: float = 1,
