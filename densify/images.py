@@ -56,6 +56,9 @@ def load_rgb(path: str | Path, max_pixels: int = MAX_PIXELS) -> np.ndarray:
             rgb = np.asarray(im.convert("RGB"))
     except ImageError:
         raise
+    except Image.DecompressionBombError as exc:
+        raise ImageError(f"{path}: larger than the {Image.MAX_IMAGE_PIXELS * 2:,}-pixel limit of the decoder ({exc}); "
+                         f"downscale it first") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
         raise ImageError(f"{path}: not a readable image ({exc.__class__.__name__}: {exc}); "
                          f"re-export it or remove it from the input") from None

@@ -50,8 +50,8 @@ def depth_batch(prep: PreparedImage, plan: QueryPlan, profile: Profile, *, uid: 
     qname = profile.default_question
     if profile.marker is None:
         images = {uid: PromptImage(uid, prep.pixels, truth)}
-        queries = [Query(render_text(profile, qname, x=int(u), y=int(v)), (uid,), qname)
-                   for u, v in plan.prompt_xy]
+        template, suffix, uids = profile.questions[qname].template, profile.suffix, (uid,)
+        queries = [Query(template.format(x=u, y=v) + suffix, uids, qname) for u, v in plan.prompt_xy.tolist()]
         return EngineBatch(images, queries, sampling, tag)
     images, queries = {}, []
     text = render_text(profile, qname)

@@ -91,7 +91,7 @@ def adaptive_planner(cfg: DepthJobConfig, width: int, height: int, rgb=None):
     return AdaptivePlanner((height, width), budget, coarse=p.coarse, rounds=p.rounds, rgb=rgb)
 
 
-def _adaptive_stream(engine: Engine, batches: Iterator[EngineBatch], profile: Profile, cfg: DepthJobConfig,
+def adaptive_stream(engine: Engine, batches: Iterator[EngineBatch], profile: Profile, cfg: DepthJobConfig,
                      points=None):
     """plan.mode=adaptive: per image, the first batch then refinement rounds, one batch each.
 
@@ -271,7 +271,7 @@ def run_depth(sources: list[ImageSource], cfg: DepthJobConfig, out_dir: str | Pa
             yield batch
 
     try:
-        stream = _adaptive_stream(engine, batches(), profile, cfg, points) if cfg.plan.mode == "adaptive" \
+        stream = adaptive_stream(engine, batches(), profile, cfg, points) if cfg.plan.mode == "adaptive" \
             else generate_stream(engine, batches())
         for batch, completions in stream:
             task: DepthTask = batch.tag

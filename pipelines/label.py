@@ -38,7 +38,7 @@ from densify.progress import Progress
 from densify.queries import PlanError
 from densify.store import AnswerStore, StoredEngine, model_key_for, store_path
 from pipelines.configs import DepthJobConfig, OutputConfig, load_job_config
-from pipelines.depth import DepthTask, _adaptive_stream, finish_task, prepare_task
+from pipelines.depth import DepthTask, adaptive_stream, finish_task, prepare_task
 
 __all__ = ["LabelJobConfig", "RayConfig", "StoreConfig", "iter_manifest", "run_label"]
 
@@ -432,7 +432,7 @@ def run_label(inputs: list[str] | str, cfg: LabelJobConfig, out_dir: str | Path,
     if cfg.plan.mode == "adaptive":  # rounds per image, images_in_flight of them in lockstep
         lockstep = cfg.model_copy(update={"images_in_flight": max(cfg.images_in_flight,
                                                                   getattr(inner, "capacity", 1))})
-        stream = _adaptive_stream(eng, batches(), profile, lockstep)
+        stream = adaptive_stream(eng, batches(), profile, lockstep)
     else:
         stream = generate_stream(eng, batches())
     interrupted = True

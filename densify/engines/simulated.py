@@ -72,6 +72,8 @@ class SimulatedEngine:
         self.error = (error or ErrorModel()) if noise else ErrorModel.exact()
         self.seed = int(seed)
         self.queries_answered = 0
+        self._bitgen = np.random.PCG64(0)
+        self._gen = np.random.Generator(self._bitgen)
 
     def close(self) -> None:
         pass
@@ -102,7 +104,11 @@ class SimulatedEngine:
         h.update(q.text.encode())
         if q.hint:
             h.update(repr(sorted(q.hint.items())).encode())
-        return np.random.default_rng(int.from_bytes(h.digest(), "little"))
+        # Re-seeding one bit generator is ~10x cheaper than a new default_rng per query.
+        self._bitgen.state = {"bit_generator": "PCG64",
+                              "state": {"state": int.from_bytes(h.digest(), "little"), "inc": 1},
+                              "has_uint32": 0, "uinteger": 0}
+        return self._gen
 
     def _pre_xy(self, q: Query, img: PromptImage) -> tuple[float, float] | None:
         m = COORD_RE.search(q.text)
