@@ -21,7 +21,7 @@ class PlanConfig(BaseModel):
     stride: float | None = Field(None, description="one query every `stride` original pixels")
     count: int | list[int] | None = Field(3072, description="total queries (aspect kept) or [nx, ny]")
     mode: Literal["grid", "adaptive"] = Field(
-        "grid", description="grid: one uniform grid; adaptive: a coarse grid, then rounds of queries where the "
+        "adaptive", description="grid: one uniform grid; adaptive: a coarse grid, then rounds of queries where the "
                             "field is uncertain (densify.fields.adaptive), one engine call per round")
     budget: int | None = Field(None, ge=1, description="adaptive: queries per image (default: the grid's size)")
     rounds: int = Field(4, ge=0, description="adaptive: refinement rounds after the coarse grid")
@@ -43,7 +43,7 @@ class PlanConfig(BaseModel):
 
 class DensifyConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    method: str = Field("linear", description="interpolation method (see densify.fields)")
+    method: str = Field("edge", description="edge (edge-aware, image-guided) or linear (see densify.fields)")
     outliers: bool = Field(True, description="drop answers that disagree with their neighbours")
     options: dict = Field(default_factory=dict, description="method-specific options")
 

@@ -132,6 +132,14 @@ def adaptive_stream(engine: Engine, batches: Iterator[EngineBatch], profile: Pro
             yield batch, s.run.completions
 
 
+def depth_stream(engine: Engine, batches: Iterator[EngineBatch], profile: Profile, cfg: DepthJobConfig,
+                 points=None):
+    """Batches (tag: DepthTask) -> (batch, completions) through the engine, in rounds when adaptive."""
+    if cfg.plan.mode == "adaptive":
+        return adaptive_stream(engine, batches, profile, cfg, points)
+    return generate_stream(engine, batches)
+
+
 def prepare_task(src: ImageSource, profile: Profile, cfg: DepthJobConfig, *, with_truth: bool,
                  intrinsics=None, points=None) -> tuple[DepthTask, EngineBatch]:
     rgb = load_rgb(src.path)
@@ -271,8 +279,7 @@ def run_depth(sources: list[ImageSource], cfg: DepthJobConfig, out_dir: str | Pa
             yield batch
 
     try:
-        stream = adaptive_stream(engine, batches(), profile, cfg, points) if cfg.plan.mode == "adaptive" \
-            else generate_stream(engine, batches())
+        stream = depth_stream(engine, batches(), profile, cfg, points)
         for batch, completions in stream:
             task: DepthTask = batch.tag
             try:

@@ -45,7 +45,7 @@ from densify.queries import PlanError
 from densify.truth import SidecarTruth, TruthProvider
 from densify.vlm_pose import ask_pose, compare_poses, pose_view
 from pipelines.configs_reconstruct import ReconstructJobConfig, load_reconstruct_config
-from pipelines.depth import ImageResult, finish_task, prepare_task, summarize
+from pipelines.depth import ImageResult, depth_stream, finish_task, prepare_task, summarize
 
 log = logging.getLogger("densify.reconstruct")
 
@@ -106,6 +106,8 @@ def depth_stage(sources: list[ImageSource], cfg: ReconstructJobConfig, depth_dir
         engine, owned = _engine("depth", profile, cfg, engines)
         with_truth = _uses_truth(engine)
 
+        info_by_id = {}
+
         def batches():
             for info, src in todo:
                 try:
@@ -118,12 +120,13 @@ def depth_stage(sources: list[ImageSource], cfg: ReconstructJobConfig, depth_dir
                     light.append(ImageResult(src.id, "failed", error=str(exc), error_kind=kind))
                     bar.update(failed=1)
                     continue
-                batch.tag = (info, task)
+                info_by_id[src.id] = info
                 yield batch
 
         try:
-            for batch, completions in generate_stream(engine, batches()):
-                info, task = batch.tag
+            for batch, completions in depth_stream(engine, batches(), profile, dcfg):
+                task = batch.tag
+                info = info_by_id.pop(task.source.id)
                 try:
                     res = finish_task(task, completions, profile, dcfg, depth_dir)
                     info.camera = task.camera
