@@ -88,6 +88,7 @@ def run(args) -> int:
     if args.model:
         over.setdefault("engine", {}).setdefault("options", {})["model"] = args.model
     over.setdefault("outputs", {}).update({"ply": False, "preview": False})
+    over.setdefault("densify", {}).setdefault("method", "linear")  # scores are at the asked points
     cfg = load_job_config(DepthJobConfig, args.config, over, default_name="depth")
     rep = evaluate_labels(data, cfg, args.out, limit=args.limit)
     print(f"eval {args.suite} ({rep['engine']} engine, {rep['profile']}): {rep['images']} images, "
