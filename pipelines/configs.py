@@ -84,5 +84,26 @@ def load_job_config(model: type[BaseModel], path: str | Path | None, overrides: 
     return load_yaml_model(model, path, overrides)
 
 
-__all__ = ["EngineConfig", "PlanConfig", "DensifyConfig", "OutputConfig", "DepthJobConfig", "load_job_config",
+def depth_overrides(args) -> dict:
+    """The depth-job options every command shares (--set, --profile, --engine, --model, --stride, --count,
+    --overwrite) as config overrides; options a command lacks are skipped."""
+    from densify.config import parse_set_options
+
+    over = parse_set_options(getattr(args, "set", None))
+    if getattr(args, "profile", None):
+        over["profile"] = args.profile
+    if getattr(args, "engine", None):
+        over.setdefault("engine", {})["name"] = args.engine
+    if getattr(args, "model", None):
+        over.setdefault("engine", {}).setdefault("options", {})["model"] = args.model
+    if getattr(args, "stride", None):
+        over["plan"] = {"stride": args.stride, "count": None}
+    elif getattr(args, "count", None):
+        over["plan"] = {"count": args.count}
+    if getattr(args, "overwrite", False):
+        over["overwrite"] = True
+    return over
+
+
+__all__ = ["depth_overrides", "EngineConfig", "PlanConfig", "DensifyConfig", "OutputConfig", "DepthJobConfig", "load_job_config",
            "deep_merge"]

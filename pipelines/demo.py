@@ -9,9 +9,8 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 
-from densify.engines.simulated import ErrorModel, SimulatedEngine
+from densify.engines.simulated import SimulatedEngine
 from densify.images import discover
 from densify.profiles import load_profile
 from pipelines.configs import DepthJobConfig, load_job_config

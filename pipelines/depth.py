@@ -21,8 +21,8 @@ import numpy as np
 from densify import answers as answers_mod
 from densify import outputs
 from densify.cameras import Camera, CameraError, PreparedImage, prepare_image, resolve_camera
-from densify.config import ConfigError, parse_set_options
-from densify.engines import EngineBatch, GroundTruth, create_engine, generate_stream
+from densify.config import ConfigError
+from densify.engines import EngineBatch, create_engine, generate_stream
 from densify.engines.base import Engine, EngineError
 from densify.engines.simulated import depth_truth, label_truth
 from densify.eval.metrics import delta1, depth_report
@@ -32,7 +32,7 @@ from densify.profiles import Profile, load_profile
 from densify.progress import Progress
 from densify.prompts import depth_batch, image_uid, sampling_for
 from densify.queries import PlanError, QueryPlan, check_points, grid_points, plan_queries
-from pipelines.configs import DepthJobConfig, load_job_config
+from pipelines.configs import DepthJobConfig, depth_overrides, load_job_config
 
 log = logging.getLogger("densify.depth")
 
@@ -348,20 +348,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def config_from_args(args) -> DepthJobConfig:
-    over = parse_set_options(args.set)
-    if args.profile:
-        over["profile"] = args.profile
-    if args.engine:
-        over.setdefault("engine", {})["name"] = args.engine
-    if getattr(args, "model", None):
-        over.setdefault("engine", {}).setdefault("options", {})["model"] = args.model
-    if args.stride:
-        over["plan"] = {"stride": args.stride, "count": None}
-    elif args.count:
-        over["plan"] = {"count": args.count}
-    if args.overwrite:
-        over["overwrite"] = True
-    return load_job_config(DepthJobConfig, args.config, over, default_name="depth")
+    return load_job_config(DepthJobConfig, args.config, depth_overrides(args), default_name="depth")
 
 
 def run(args) -> int:

@@ -13,9 +13,8 @@ import numpy as np
 
 from densify import outputs
 from densify.images import read_jsonl_manifest
-from pipelines.configs import DepthJobConfig, load_job_config
+from pipelines.configs import DepthJobConfig, depth_overrides, load_job_config
 from pipelines.depth import run_depth
-from densify.config import parse_set_options
 from densify.eval.metrics import absrel, delta1
 
 log = logging.getLogger("densify.eval")
@@ -80,13 +79,7 @@ def run(args) -> int:
     data = Path(args.data)
     if not data.is_file():
         raise FileNotFoundError(f"{data}: no such JSONL; pass --data PATH/TO/ibims.jsonl")
-    over = parse_set_options(args.set)
-    if args.profile:
-        over["profile"] = args.profile
-    if args.engine:
-        over.setdefault("engine", {})["name"] = args.engine
-    if args.model:
-        over.setdefault("engine", {}).setdefault("options", {})["model"] = args.model
+    over = depth_overrides(args)
     over.setdefault("outputs", {}).update({"ply": False, "preview": False})
     over.setdefault("densify", {}).setdefault("method", "linear")  # scores are at the asked points
     cfg = load_job_config(DepthJobConfig, args.config, over, default_name="depth")

@@ -30,14 +30,14 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from densify import outputs
 from densify.cameras import CameraError
-from densify.config import ConfigError, parse_set_options
+from densify.config import ConfigError
 from densify.engines import EngineBatch, create_engine, generate_stream
 from densify.images import IMAGE_SUFFIXES, ImageError, ImageSource
 from densify.profiles import load_profile
 from densify.progress import Progress
 from densify.queries import PlanError
 from densify.store import AnswerStore, StoredEngine, model_key_for, store_path
-from pipelines.configs import DepthJobConfig, OutputConfig, load_job_config
+from pipelines.configs import DepthJobConfig, OutputConfig, depth_overrides, load_job_config
 from pipelines.depth import DepthTask, adaptive_stream, finish_task, prepare_task
 
 __all__ = ["LabelJobConfig", "RayConfig", "StoreConfig", "iter_manifest", "run_label"]
@@ -549,19 +549,7 @@ def parse_shard(text: str) -> tuple[int, int]:
 
 
 def config_from_args(args) -> LabelJobConfig:
-    over = parse_set_options(args.set)
-    if args.profile:
-        over["profile"] = args.profile
-    if args.engine:
-        over.setdefault("engine", {})["name"] = args.engine
-    if args.model:
-        over.setdefault("engine", {}).setdefault("options", {})["model"] = args.model
-    if args.stride:
-        over["plan"] = {"stride": args.stride, "count": None}
-    elif args.count:
-        over["plan"] = {"count": args.count}
-    if args.overwrite:
-        over["overwrite"] = True
+    over = depth_overrides(args)
     if args.ray_address:
         over.setdefault("ray", {})["address"] = args.ray_address
     if args.no_ray:

@@ -29,7 +29,7 @@ import numpy as np
 from densify import outputs
 from densify.cameras import Camera, CameraError
 from densify.config import ConfigError, parse_set_options
-from densify.engines import create_engine, generate_stream
+from densify.engines import create_engine
 from densify.engines.base import Engine, EngineError
 from densify.geometry.export import (build_tracks, read_colmap_check, triangulate_tracks, write_colmap_text,
                                      write_nerfstudio)

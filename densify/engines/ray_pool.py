@@ -18,7 +18,6 @@ objects) and are reattached to the results.
 from __future__ import annotations
 
 import logging
-import math
 import os
 import time
 from collections import deque
