@@ -306,11 +306,22 @@ def _generate(engine: Engine, batch: EngineBatch) -> list[Completion]:
     return next(generate_stream(engine, [batch]))[1]
 
 
-def dense_flow(m: Matches) -> DenseField:
-    """Dense flow image 1 -> image 2 (HxWx2 target positions in image 2's original pixels)."""
+def dense_flow(m: Matches, *, method: str = "linear", rgb1: np.ndarray | None = None, **options) -> DenseField:
+    """Dense flow image 1 -> image 2 (HxWx2 target positions in image 2's original pixels).
+
+    method "linear": piecewise-linear displacement; "edge": locally affine, image-guided at motion
+    boundaries (densify.fields.densify_flow_edge; needs image 1's pixels)."""
     xy1, xy2 = m.pairs()
     w, h = m.size1
-    return densify_flow(xy1, xy2, (h, w))
+    if method == "linear":
+        return densify_flow(xy1, xy2, (h, w))
+    if method == "edge":
+        from densify.fields import densify_flow_edge
+
+        if rgb1 is None:
+            raise ValueError("flow method 'edge' needs image 1's pixels (rgb1)")
+        return densify_flow_edge(xy1, xy2, rgb1, **options)
+    raise ValueError(f"unknown flow method {method!r}; use linear or edge")
 
 
 # -- a classical baseline

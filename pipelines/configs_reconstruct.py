@@ -31,6 +31,8 @@ class CorrConfig(BaseModel):
     track_queries: bool = Field(True, description="ask pair (i, j) at the points where earlier pairs' answers "
                                 "landed in image i (one per grid cell), chaining matches into multi-view tracks")
     save_flow: bool = Field(False, description="write the dense flow image 1 -> 2 (flow.npy, HxWx2) per pair")
+    flow_method: Literal["linear", "edge"] = Field("edge", description="flow densifier: edge (image-guided, "
+                                                   "locally affine) or linear")
 
     @field_validator("grid")
     @classmethod

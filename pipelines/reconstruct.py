@@ -176,7 +176,7 @@ def _load_depth(out: Path, info: ImageInfo) -> np.ndarray | None:
     return np.load(p) if p.is_file() else None
 
 
-def _write_pair(d: Path, res: PairResult, m: Matches | None, cfg: ReconstructJobConfig) -> None:
+def _write_pair(d: Path, res: PairResult, m: Matches | None, cfg: ReconstructJobConfig, rgb1=None) -> None:
     if m is not None:
         inl = np.zeros(len(m), bool)
         if res.pose is not None and res.pose.inlier_mask is not None:
@@ -184,7 +184,8 @@ def _write_pair(d: Path, res: PairResult, m: Matches | None, cfg: ReconstructJob
         m.save(d / "matches.npz", inliers=inl)
         outputs.write_jsonl(d / "answers.jsonl", m.records())
         if cfg.corr.save_flow and m.n_valid:
-            outputs.write_npy(d / "flow.npy", dense_flow(m).values)
+            method = cfg.corr.flow_method if rgb1 is not None else "linear"
+            outputs.write_npy(d / "flow.npy", dense_flow(m, method=method, rgb1=rgb1).values)
     outputs.write_json(d / "pose.json", {"record": res.record(),
                                          "pose": res.pose.to_dict() if res.pose is not None else None,
                                          "information": res.information})
@@ -279,7 +280,7 @@ def pair_stage(infos: list[ImageInfo], pairs: list[tuple[int, int]], cfg: Recons
                            require_metric=require_metric)
             if res.status == "failed":
                 log.warning("pair %s/%s failed: %s", a.id, b.id, res.error)
-            _write_pair(d, res, m, cfg)
+            _write_pair(d, res, m, cfg, rgb1=load_rgb(a.path) if cfg.corr.save_flow else None)
             carried.setdefault(j, []).append(m.pairs()[1])
             results.append(res)
             bar.update(queries=len(m) + m.backward_queries, failed=int(res.status == "failed"))

@@ -157,3 +157,19 @@ def test_sift_baseline_matches(scene):
     assert len(a) > 50
     e = match_epe(a, b, scene.matches(0, 1))
     assert np.nanmedian(e) < 1.5
+
+
+def test_edge_flow_beats_linear_against_true_flow(scene, views, corr_profile):
+    """The image-guided flow densifier (the default in reconstruct) is closer to the scene's true flow."""
+    eng = SimulatedEngine(corr_profile, seed=0)
+    t1, t2 = _truths(scene, views, 0, 1)
+    m = match_pair(eng, corr_profile, views[0], views[1], truth1=t1, truth2=t2, fb_check=True)
+    true = scene.matches(0, 1)
+    ok = np.all(np.isfinite(true), axis=-1)
+    errs = {}
+    for method in ("linear", "edge"):
+        f = dense_flow(m, method=method, rgb1=scene.views[0].rgb)
+        errs[method] = float(np.median(np.hypot(*(f.values[ok] - true[ok]).T)))
+    assert errs["edge"] < errs["linear"]
+    with pytest.raises(ValueError, match="rgb1"):
+        dense_flow(m, method="edge")
