@@ -247,8 +247,12 @@ def _failure_kind(exc: Exception) -> str:
 
 
 def run_depth(sources: list[ImageSource], cfg: DepthJobConfig, out_dir: str | Path | None, *,
-              engine: Engine | None = None, progress: bool = True, intrinsics=None, points=None) -> dict:
-    """Run the depth pipeline over images; returns the run summary (also written as summary.json)."""
+              engine: Engine | None = None, progress: bool = True, intrinsics=None, points=None,
+              keep_maps: bool = False) -> dict:
+    """Run the depth pipeline over images; returns the run summary (also written as summary.json).
+
+    summary["_results"] holds one ImageResult per image; its depth map and answers only with `keep_maps`
+    (otherwise memory stays flat however many images run)."""
     profile = load_profile(cfg.profile)
     if profile.task != "depth":
         raise ConfigError(f"profile: {profile.name!r} is a {profile.task} profile; densify depth needs a depth "
@@ -289,6 +293,8 @@ def run_depth(sources: list[ImageSource], cfg: DepthJobConfig, out_dir: str | Pa
                 res = ImageResult(task.source.id, "failed", len(completions), error=str(exc), error_kind="output")
             if res.status == "failed":
                 log.error("%s: %s", task.source.path, res.error)
+            if not keep_maps:
+                res.depth = res.answers = None
             results.append(res)
             bar.update(queries=res.queries, failed=int(res.status == "failed"))
     finally:

@@ -33,7 +33,7 @@ def evaluate_labels(jsonl: str | Path, cfg: DepthJobConfig, out_dir=None, *, eng
             raise ValueError(f"{jsonl}: image {s.path} has no pixel_coords/depth labels")
         s.extra["points"] = np.asarray(s.labels["pixels"], float)
     cfg = cfg.model_copy(update={"overwrite": True})
-    summary = run_depth(sources, cfg, out_dir, engine=engine, progress=progress)
+    summary = run_depth(sources, cfg, out_dir, engine=engine, progress=progress, keep_maps=True)
     preds, gts, per_image = [], [], []
     for r in summary.pop("_results"):
         if r.status != "ok":

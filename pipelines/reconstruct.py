@@ -41,11 +41,10 @@ from densify.matching import Matches, PairRequest, corr_view, dense_flow, match_
 from densify.pairs import PairResult, classify, failed_pair, pair_key, pair_list, solve_pair
 from densify.profiles import Profile, load_profile
 from densify.progress import Progress
-from densify.queries import PlanError
 from densify.truth import SidecarTruth, TruthProvider
 from densify.vlm_pose import ask_pose, compare_poses, pose_view
 from pipelines.configs_reconstruct import ReconstructJobConfig, load_reconstruct_config
-from pipelines.depth import ImageResult, depth_stream, finish_task, prepare_task, summarize
+from pipelines.depth import run_depth
 
 log = logging.getLogger("densify.reconstruct")
 
@@ -83,70 +82,31 @@ def _uses_truth(engine) -> bool:
 
 def depth_stage(sources: list[ImageSource], cfg: ReconstructJobConfig, depth_dir: Path, *, engines=None,
                 intrinsics=None, progress: bool = True) -> tuple[list[ImageInfo], dict]:
-    """The depth pipeline per image, keeping only light records in memory (depth maps go to disk)."""
+    """The depth pipeline (pipelines.depth.run_depth) over the sequence; per image only a light record
+    stays in memory, the camera read back from the camera.json the depth stage wrote."""
+    import json
+
     dcfg = cfg.depth_job()
     profile = load_profile(dcfg.profile)
     if profile.task != "depth":
         raise ConfigError(f"depth.profile: {profile.name!r} is a {profile.task} profile, not a depth profile")
-    infos = [ImageInfo(k, s.id, Path(s.path), "ok") for k, s in enumerate(sources)]
-    light: list[ImageResult] = []
-    todo = []
-    for info, src in zip(infos, sources):
+    engine, owned = _engine("depth", profile, cfg, engines)
+    try:
+        summary = run_depth(sources, dcfg, depth_dir, engine=engine, progress=progress, intrinsics=intrinsics)
+    except EngineError as exc:
+        raise EngineError(f"depth stage: {exc}") from exc
+    finally:
+        if owned:
+            engine.close()
+    by_id = {r.id: r for r in summary.pop("_results")}
+    infos = []
+    for k, src in enumerate(sources):
+        r = by_id[src.id]
+        info = ImageInfo(k, src.id, Path(src.path), r.status, error=r.error, error_kind=r.error_kind)
         cam_file = depth_dir / src.id / "camera.json"
-        if not dcfg.overwrite and (depth_dir / src.id / "result.json").is_file() and cam_file.is_file():
-            import json
-            info.status = "skipped"
+        if r.status != "failed" and cam_file.is_file():
             info.camera = Camera(**json.loads(cam_file.read_text())["intrinsics"])
-            light.append(ImageResult(src.id, "skipped"))
-        else:
-            todo.append((info, src))
-    bar = Progress(len(todo), enabled=progress, label="depth")
-    t0 = time.perf_counter()
-    if todo:
-        engine, owned = _engine("depth", profile, cfg, engines)
-        with_truth = _uses_truth(engine)
-
-        info_by_id = {}
-
-        def batches():
-            for info, src in todo:
-                try:
-                    task, batch = prepare_task(src, profile, dcfg, with_truth=with_truth, intrinsics=intrinsics)
-                except (ImageError, CameraError, PlanError, OSError, ValueError) as exc:
-                    kind = "image" if isinstance(exc, (ImageError, OSError)) else "intrinsics" \
-                        if isinstance(exc, CameraError) else "points"
-                    log.error("%s: %s", src.path, exc)
-                    info.status, info.error, info.error_kind = "failed", str(exc), kind
-                    light.append(ImageResult(src.id, "failed", error=str(exc), error_kind=kind))
-                    bar.update(failed=1)
-                    continue
-                info_by_id[src.id] = info
-                yield batch
-
-        try:
-            for batch, completions in depth_stream(engine, batches(), profile, dcfg):
-                task = batch.tag
-                info = info_by_id.pop(task.source.id)
-                try:
-                    res = finish_task(task, completions, profile, dcfg, depth_dir)
-                    info.camera = task.camera
-                except (OSError, ValueError) as exc:
-                    log.error("%s: %s", task.source.path, exc)
-                    res = ImageResult(task.source.id, "failed", len(completions), error=str(exc), error_kind="output")
-                    info.status, info.error, info.error_kind = "failed", str(exc), "output"
-                # Keep counts and metrics only: the depth map is on disk (memory stays flat).
-                light.append(ImageResult(res.id, res.status, res.queries, res.failures, res.error, res.error_kind,
-                                         res.metrics))
-                bar.update(queries=res.queries, failed=int(res.status == "failed"))
-                del task, res
-        except EngineError as exc:
-            raise EngineError(f"depth stage: {exc}") from exc
-        finally:
-            bar.close()
-            if owned:
-                engine.close()
-    summary = summarize(light, time.perf_counter() - t0, profile, dcfg)
-    outputs.write_json(depth_dir / "summary.json", summary)
+        infos.append(info)
     return infos, summary
 
 
