@@ -17,7 +17,12 @@ MAX_PIXELS = 64_000_000
 
 
 class ImageError(ValueError):
-    """An image cannot be used; the message names the file and the fix."""
+    """An image cannot be used; the message names the file and the fix. `kind` is the failure record's
+    kind: image, missing or too_large."""
+
+    def __init__(self, message: str, kind: str = "image"):
+        super().__init__(message)
+        self.kind = kind
 
 
 @dataclass
@@ -38,7 +43,7 @@ def load_rgb(path: str | Path, max_pixels: int = MAX_PIXELS) -> np.ndarray:
 
     path = Path(path)
     if not path.is_file():
-        raise ImageError(f"{path}: no such file; check the path or the manifest entry")
+        raise ImageError(f"{path}: no such file; check the path or the manifest entry", "missing")
     if path.stat().st_size == 0:
         raise ImageError(f"{path}: empty file; re-export or remove it")
     try:
@@ -46,7 +51,7 @@ def load_rgb(path: str | Path, max_pixels: int = MAX_PIXELS) -> np.ndarray:
             w, h = im.size
             if w * h > max_pixels:
                 raise ImageError(f"{path}: {w}x{h} is larger than the {max_pixels:,}-pixel limit; "
-                                 f"downscale it first (intrinsics scale with it)")
+                                 f"downscale it first (intrinsics scale with it)", "too_large")
             im.load()
             if im.mode in ("I;16", "I;16B", "I;16L", "I"):
                 a = np.asarray(im, dtype=np.float64)
@@ -58,7 +63,7 @@ def load_rgb(path: str | Path, max_pixels: int = MAX_PIXELS) -> np.ndarray:
         raise
     except Image.DecompressionBombError as exc:
         raise ImageError(f"{path}: larger than the {Image.MAX_IMAGE_PIXELS * 2:,}-pixel limit of the decoder ({exc}); "
-                         f"downscale it first") from None
+                         f"downscale it first", "too_large") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
         raise ImageError(f"{path}: not a readable image ({exc.__class__.__name__}: {exc}); "
                          f"re-export it or remove it from the input") from None

@@ -241,9 +241,19 @@ def write_image_outputs(d: Path, task: DepthTask, ans, dense, cfg: DepthJobConfi
                                            "image": str(task.source.path)})
 
 
-def _failure_kind(exc: Exception) -> str:
-    return {ImageError: "image", CameraError: "intrinsics", PlanError: "points", EngineError: "engine"}.get(
-        type(exc), "error")
+def failure_kind(exc: BaseException, src: ImageSource | None = None) -> str:
+    """The kind of a per-image failure record."""
+    if isinstance(exc, ImageError):
+        return exc.kind
+    if isinstance(exc, CameraError):
+        return "intrinsics"
+    if isinstance(exc, PlanError):
+        return "points"
+    if isinstance(exc, EngineError):
+        return "engine"
+    if isinstance(exc, OSError):
+        return "missing" if src is not None and not Path(src.path).exists() else "image"
+    return "error"
 
 
 def run_depth(sources: list[ImageSource], cfg: DepthJobConfig, out_dir: str | Path | None, *,
@@ -277,7 +287,7 @@ def run_depth(sources: list[ImageSource], cfg: DepthJobConfig, out_dir: str | Pa
                                         points=points)
             except (ImageError, CameraError, PlanError, OSError, ValueError) as exc:
                 log.error("%s: %s", src.path, exc)
-                results.append(ImageResult(src.id, "failed", error=str(exc), error_kind=_failure_kind(exc)))
+                results.append(ImageResult(src.id, "failed", error=str(exc), error_kind=failure_kind(exc, src)))
                 bar.update(failed=1)
                 continue
             yield batch

@@ -29,16 +29,14 @@ from typing import Iterator
 from pydantic import BaseModel, ConfigDict, Field
 
 from densify import outputs
-from densify.cameras import CameraError
 from densify.config import ConfigError
 from densify.engines import EngineBatch, create_engine, generate_stream
 from densify.images import IMAGE_SUFFIXES, ImageError, ImageSource
 from densify.profiles import load_profile
 from densify.progress import Progress
-from densify.queries import PlanError
 from densify.store import AnswerStore, StoredEngine, model_key_for, store_path
 from pipelines.configs import DepthJobConfig, OutputConfig, depth_overrides, load_job_config
-from pipelines.depth import DepthTask, adaptive_stream, finish_task, prepare_task
+from pipelines.depth import DepthTask, adaptive_stream, failure_kind, finish_task, prepare_task
 
 __all__ = ["LabelJobConfig", "RayConfig", "StoreConfig", "iter_manifest", "run_label"]
 
@@ -208,28 +206,6 @@ def count_manifest(inputs: list[str] | str, shard: tuple[int, int] = (0, 1)) -> 
             total += sum(1 for m in glob.glob(str(item), recursive=True) if Path(m).suffix.lower() in IMAGE_SUFFIXES)
     i, n = shard
     return len(range(i, total, n))
-
-
-# -- failures
-
-FAILURE_KINDS = ("missing", "image", "too_large", "intrinsics", "points", "manifest", "engine", "answers", "output",
-                 "error")
-
-
-def failure_kind(exc: BaseException, src: ImageSource | None = None) -> str:
-    if type(exc).__name__ == "DecompressionBombError":
-        return "too_large"
-    if isinstance(exc, ImageError):
-        if src is not None and not src.path.is_file():
-            return "missing"
-        return "too_large" if "-pixel limit" in str(exc) else "image"
-    if isinstance(exc, CameraError):
-        return "intrinsics"
-    if isinstance(exc, PlanError):
-        return "points"
-    if isinstance(exc, OSError):
-        return "missing" if src is not None and not src.path.exists() else "image"
-    return "error"
 
 
 # -- the output manifest
