@@ -14,10 +14,17 @@ from typing import Protocol
 
 import numpy as np
 
-from densify.cameras import Camera
+from densify.cameras import Camera, read_sidecar, sidecar_path
+from densify.geometry.clouds import backproject
 from densify.images import ImageSource
 
-__all__ = ["TruthProvider", "SceneTruth", "SidecarTruth", "reproject_matches"]
+__all__ = ["TruthProvider", "SceneTruth", "SidecarTruth", "reproject_matches", "saved_depth"]
+
+
+def saved_depth(src: ImageSource) -> np.ndarray | None:
+    """Dense ground truth saved beside an image (<stem>.depth.npy, as Scene.save writes it), if any."""
+    p = Path(src.extra.get("depth_path") or Path(src.path).with_suffix(".depth.npy"))
+    return np.load(p).astype(np.float32) if p.is_file() else None
 
 
 class TruthProvider(Protocol):
@@ -45,21 +52,19 @@ def reproject_matches(depth_i: np.ndarray, cam_i: Camera, c2w_i: np.ndarray, dep
                       c2w_j: np.ndarray, rtol: float = 0.02) -> np.ndarray:
     """Matches from depth and poses: pixel of i -> 3D -> j, kept where j's depth agrees (not occluded)."""
     h, w = depth_i.shape
-    ys, xs = np.mgrid[0:h, 0:w].astype(np.float64)
-    z = depth_i.astype(np.float64)
-    pc = np.stack([(xs - cam_i.cx) / cam_i.fx * z, (ys - cam_i.cy) / cam_i.fy * z, z], -1).reshape(-1, 3)
+    pc, pix = backproject(depth_i, cam_i)
     T = np.linalg.inv(c2w_j) @ c2w_i
     pj = pc @ T[:3, :3].T + T[:3, 3]
-    out = np.full((h * w, 2), np.nan, np.float32)
+    out = np.full((h, w, 2), np.nan, np.float32)
     with np.errstate(divide="ignore", invalid="ignore"):
         u = cam_j.fx * pj[:, 0] / pj[:, 2] + cam_j.cx
         v = cam_j.fy * pj[:, 1] / pj[:, 2] + cam_j.cy
-    ok = (z.ravel() > 0) & (pj[:, 2] > 1e-6) & (u >= 0) & (u <= cam_j.width - 1) & (v >= 0) & (v <= cam_j.height - 1)
+    ok = (pj[:, 2] > 1e-6) & (u >= 0) & (u <= cam_j.width - 1) & (v >= 0) & (v <= cam_j.height - 1)
     idx = np.flatnonzero(ok)
     dj = depth_j[np.round(v[idx]).astype(int), np.round(u[idx]).astype(int)]
     vis = idx[np.abs(dj - pj[idx, 2]) <= rtol * pj[idx, 2]]
-    out[vis, 0], out[vis, 1] = u[vis], v[vis]
-    return out.reshape(h, w, 2)
+    out[pix[vis, 1], pix[vis, 0]] = np.stack([u[vis], v[vis]], 1)
+    return out
 
 
 class SidecarTruth:
@@ -69,14 +74,11 @@ class SidecarTruth:
         self.sources = sources
 
     def _side(self, i: int) -> dict | None:
-        p = self.sources[i].path
-        for cand in (p.with_suffix(".json"), p.with_name(p.name + ".json")):
-            if cand.is_file():
-                try:
-                    return json.loads(cand.read_text())
-                except (OSError, json.JSONDecodeError):
-                    return None
-        return None
+        side = sidecar_path(Path(self.sources[i].path))
+        try:
+            return json.loads(side.read_text()) if side is not None else None
+        except (OSError, json.JSONDecodeError):
+            return None
 
     def _pose(self, i: int) -> np.ndarray | None:
         side = self._side(i)
@@ -85,15 +87,12 @@ class SidecarTruth:
         return np.asarray(side["cam_to_world"], float)
 
     def _depth_cam(self, i: int):
-        side = self._side(i)
-        dp = Path(self.sources[i].path).with_suffix(".depth.npy")
-        if side is None or not dp.is_file():
+        side = sidecar_path(Path(self.sources[i].path))
+        d = saved_depth(self.sources[i])
+        if side is None or d is None:
             return None
-        d = np.load(dp).astype(np.float32)
         h, w = d.shape
-        cam = Camera(float(side["fx"]), float(side["fy"]), float(side["cx"]), float(side["cy"]),
-                     int(side.get("width", w)), int(side.get("height", h)))
-        return d, cam
+        return d, read_sidecar(side, w, h)
 
     def matches(self, i, j):
         a, b = self._depth_cam(i), self._depth_cam(j)

@@ -28,6 +28,7 @@ from densify.engines.simulated import depth_truth, label_truth
 from densify.eval.metrics import delta1, depth_report
 from densify.fields import densify_depth
 from densify.images import ImageError, ImageSource, discover, load_rgb
+from densify.truth import saved_depth
 from densify.profiles import Profile, load_profile
 from densify.progress import Progress
 from densify.prompts import depth_batch, image_uid, sampling_for
@@ -60,13 +61,6 @@ class ImageResult:
     metrics: dict = field(default_factory=dict)
     depth: np.ndarray | None = None
     answers: answers_mod.PointAnswers | None = None
-
-
-def source_truth(src: ImageSource) -> np.ndarray | None:
-    """Dense ground truth saved beside an image (<stem>.depth.npy), if any."""
-    p = src.extra.get("depth_path") or src.path.with_suffix(".depth.npy")
-    p = Path(p)
-    return np.load(p).astype(np.float32) if p.is_file() else None
 
 
 def plan_for(src: ImageSource, camera: Camera, prep: PreparedImage, cfg: DepthJobConfig,
@@ -152,7 +146,7 @@ def prepare_task(src: ImageSource, profile: Profile, cfg: DepthJobConfig, *, wit
     plan = plan_for(src, camera, prep, cfg, points)
     truth, truth_depth = None, None
     if with_truth:
-        truth_depth = source_truth(src)
+        truth_depth = saved_depth(src)
         if src.labels is not None:
             truth = label_truth(prep, np.asarray(src.labels["pixels"], float), np.asarray(src.labels["depth"]))
             if truth_depth is not None:
