@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from densify.cameras import Camera
+from densify.geometry.clouds import depth_at_pixels, unproject
 from densify.geometry.pose import FAILED, PairPose, PoseConfig, estimate_pair_pose
 from densify.geometry.posegraph import information_from_points
 from densify.matching import Matches
@@ -89,10 +90,9 @@ def solve_pair_xy(xy1: np.ndarray, xy2: np.ndarray, cam1: Camera, cam2: Camera, 
     info = None
     if pose.ok and pose.T is not None and depth1 is not None and pose.inlier_mask is not None:
         a = xy1[pose.inlier_mask]
-        h, w = depth1.shape
-        z = depth1[np.clip(np.round(a[:, 1]).astype(int), 0, h - 1), np.clip(np.round(a[:, 0]).astype(int), 0, w - 1)]
+        z = depth_at_pixels(depth1, a)
         ok = np.isfinite(z) & (z > 0)
-        X = np.stack([(a[ok, 0] - cam1.cx) / cam1.fx * z[ok], (a[ok, 1] - cam1.cy) / cam1.fy * z[ok], z[ok]], 1)
+        X = unproject(a[ok], z[ok], cam1)
         T = pose.T
         if len(X) >= 3:
             info = information_from_points(X @ T[:3, :3].T + T[:3, 3])

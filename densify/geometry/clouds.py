@@ -7,6 +7,22 @@ import numpy as np
 from densify.cameras import Camera
 
 
+def unproject(xy: np.ndarray, z: np.ndarray, camera: Camera) -> np.ndarray:
+    """Pixels (Nx2) at depths z (N) -> Nx3 camera-frame points (pixel (x, y) is the ray through (x, y))."""
+    xy = np.asarray(xy, np.float64).reshape(-1, 2)
+    z = np.asarray(z, np.float64).reshape(-1)
+    return np.stack([(xy[:, 0] - camera.cx) / camera.fx * z, (xy[:, 1] - camera.cy) / camera.fy * z, z], 1)
+
+
+def depth_at_pixels(depth: np.ndarray, xy: np.ndarray) -> np.ndarray:
+    """Nearest depth-map value at each (x, y), positions clamped to the image."""
+    h, w = depth.shape
+    xy = np.asarray(xy, np.float64).reshape(-1, 2)
+    xi = np.clip(np.round(xy[:, 0]).astype(int), 0, w - 1)
+    yi = np.clip(np.round(xy[:, 1]).astype(int), 0, h - 1)
+    return depth[yi, xi].astype(np.float64)
+
+
 def backproject(depth: np.ndarray, camera: Camera, mask: np.ndarray | None = None,
                 stride: int = 1) -> tuple[np.ndarray, np.ndarray]:
     """Pixels with depth -> (Nx3 points in metres, Nx2 pixel indices (x, y)). Pixel (x, y) is the ray
@@ -17,9 +33,8 @@ def backproject(depth: np.ndarray, camera: Camera, mask: np.ndarray | None = Non
     ok = np.isfinite(z) & (z > 0)
     if mask is not None:
         ok &= mask[::stride, ::stride]
-    xs, ys, z = xs[ok], ys[ok], z[ok].astype(np.float64)
-    pts = np.stack([(xs - camera.cx) / camera.fx * z, (ys - camera.cy) / camera.fy * z, z], 1)
-    return pts, np.stack([xs, ys], 1)
+    pix = np.stack([xs[ok], ys[ok]], 1)
+    return unproject(pix, z[ok], camera), pix
 
 
 def depth_to_cloud(depth: np.ndarray, rgb: np.ndarray, camera: Camera, *, mask: np.ndarray | None = None,

@@ -23,6 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from densify import outputs
 from densify.cameras import Camera
+from densify.geometry.clouds import depth_at_pixels, unproject
 
 log = logging.getLogger(__name__)
 
@@ -214,11 +215,10 @@ def _max_ray_angle(X, centres) -> float:
 
 def _from_depth(ob, depth, cam: Camera, c2w) -> np.ndarray | None:
     _, x, y = ob
-    h, w = depth.shape
-    z = float(depth[min(int(round(y)), h - 1), min(int(round(x)), w - 1)])
-    if not (np.isfinite(z) and z > 0):
+    z = depth_at_pixels(depth, [x, y])
+    if not (np.isfinite(z[0]) and z[0] > 0):
         return None
-    pc = np.array([(x - cam.cx) / cam.fx * z, (y - cam.cy) / cam.fy * z, z])
+    pc = unproject([x, y], z, cam)[0]
     return c2w[:3, :3] @ pc + c2w[:3, 3]
 
 

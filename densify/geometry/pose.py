@@ -20,6 +20,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from densify.cameras import Camera
+from densify.geometry.clouds import depth_at_pixels, unproject
 from densify.geometry.rotations import angle_between_deg, rotation_angle_deg
 
 log = logging.getLogger(__name__)
@@ -265,14 +266,11 @@ def _rotation_only_inliers(xy1, xy2, cam1: Camera, cam2: Camera, cfg: PoseConfig
 def pnp_pose(xy1: np.ndarray, xy2: np.ndarray, depth1: np.ndarray, cam1: Camera, cam2: Camera,
              cfg: PoseConfig, guess: tuple[np.ndarray, np.ndarray] | None = None):
     """Metric (R, t, inlier mask) from 3D points of image 1 (its depth map) and their matches in image 2."""
-    h, w = depth1.shape
-    xi = np.clip(np.round(xy1[:, 0]).astype(int), 0, w - 1)
-    yi = np.clip(np.round(xy1[:, 1]).astype(int), 0, h - 1)
-    z = depth1[yi, xi].astype(np.float64)
+    z = depth_at_pixels(depth1, xy1)
     ok = np.isfinite(z) & (z > 0)
     if ok.sum() < max(cfg.pnp_min_inliers, 6):
         return None
-    X = np.stack([(xy1[:, 0] - cam1.cx) / cam1.fx * z, (xy1[:, 1] - cam1.cy) / cam1.fy * z, z], 1)
+    X = unproject(xy1, z, cam1)
     Xo, xo = np.ascontiguousarray(X[ok]), np.ascontiguousarray(xy2[ok], np.float64)
     res = None
     cv2.setRNGSeed(cfg.seed)
