@@ -13,6 +13,15 @@ from densify.profiles import Marker, Profile
 from densify.queries import QueryPlan
 
 
+def chat_messages(n_images: int | list[dict], text: str, system_prompt: str | None = None) -> list[dict]:
+    """The conversation the releases send: [system], then one user turn with the images first, then the
+    text. n_images: a count (plain image placeholders) or the image content parts themselves."""
+    parts = [{"type": "image"} for _ in range(n_images)] if isinstance(n_images, int) else list(n_images)
+    msgs: list[dict] = [{"role": "system", "content": system_prompt}] if system_prompt else []
+    msgs.append({"role": "user", "content": parts + [{"type": "text", "text": text}]})
+    return msgs
+
+
 def render_text(profile: Profile, question: str | None = None, **coords: int) -> str:
     q = profile.questions[question or profile.default_question]
     return q.template.format(**coords) + profile.suffix

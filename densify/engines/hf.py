@@ -39,6 +39,7 @@ import numpy as np
 from densify.engines import register_engine
 from densify.engines.base import Completion, EngineBatch, EngineError, PromptImage, Query, check_batch
 from densify.profiles import Profile, load_profile
+from densify.prompts import chat_messages
 
 log = logging.getLogger(__name__)
 
@@ -203,12 +204,7 @@ class HFEngine:
 
     def prompt_text(self, query: Query, sampling) -> str:
         """The rendered prompt of one query, one image placeholder per image (before expansion)."""
-        content: list[dict] = [{"type": "image"} for _ in query.image_uids]
-        content.append({"type": "text", "text": query.text})
-        messages: list[dict] = []
-        if sampling.system_prompt:
-            messages.append({"role": "system", "content": sampling.system_prompt})
-        messages.append({"role": "user", "content": content})
+        messages = chat_messages(len(query.image_uids), query.text, sampling.system_prompt)
         text = self.tokenizer.apply_chat_template(messages, chat_template=self.chat_template, tokenize=False,
                                                   add_generation_prompt=True)
         return text + (sampling.prefill or "")

@@ -35,6 +35,7 @@ from typing import Any, Iterable, Iterator
 from densify.engines import register_engine
 from densify.engines.base import Completion, EngineBatch, EngineError, PromptImage, Query, check_batch
 from densify.profiles import Profile, load_profile
+from densify.prompts import chat_messages
 
 log = logging.getLogger(__name__)
 
@@ -218,17 +219,13 @@ class OpenAIEngine:
 
     def request_body(self, batch: EngineBatch, q: Query) -> dict:
         s = batch.sampling
-        content: list[dict] = []
+        parts: list[dict] = []
         for uid in q.image_uids:
             part: dict[str, Any] = {"type": "image_url", "image_url": {"url": self.image_url(batch.images[uid])}}
             if self.send_uuids:
                 part["uuid"] = uid
-            content.append(part)
-        content.append({"type": "text", "text": q.text})
-        messages: list[dict] = []
-        if s.system_prompt:
-            messages.append({"role": "system", "content": s.system_prompt})
-        messages.append({"role": "user", "content": content})
+            parts.append(part)
+        messages = chat_messages(parts, q.text, s.system_prompt)
         body: dict[str, Any] = {"model": self.model, "messages": messages, "max_tokens": int(s.max_tokens),
                                 "temperature": 0.0, "n": 1, "stream": False}
         if s.prefill:

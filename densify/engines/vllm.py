@@ -30,6 +30,7 @@ from typing import Any, Iterable, Iterator
 from densify.engines import register_engine
 from densify.engines.base import Completion, EngineBatch, EngineError, PromptImage, Query, Sampling, check_batch
 from densify.profiles import Profile, load_profile
+from densify.prompts import chat_messages
 
 log = logging.getLogger(__name__)
 
@@ -69,16 +70,6 @@ def _looks_like_oom(exc: BaseException) -> bool:
 
 # ---------------------------------------------------------------------------------------------- prompts
 _SENTINEL = "\x00DENSIFY_QUERY_TEXT\x00"
-
-
-def chat_messages(n_images: int, text: str, system_prompt: str | None = None) -> list[dict]:
-    """The conversation the VLM3/DepthLM releases send: [system], user(images..., text)."""
-    msgs: list[dict] = []
-    if system_prompt:
-        msgs.append({"role": "system", "content": system_prompt})
-    content = [{"type": "image"} for _ in range(n_images)] + [{"type": "text", "text": text}]
-    msgs.append({"role": "user", "content": content})
-    return msgs
 
 
 class PromptRenderer:
