@@ -24,7 +24,7 @@ from densify import outputs
 from densify.answers import parse_completion
 from densify.cameras import Camera, PixelMap, PreparedImage, prepare_image
 from densify.engines.base import Completion, Engine, EngineBatch, GroundTruth, generate_stream
-from densify.fields import DenseField, densify_flow
+from densify.fields import DenseField
 from densify.profiles import Profile
 from densify.prompts import corr_batch, image_uid, sampling_for
 from densify.queries import QueryPlan, grid_points, plan_queries
@@ -307,21 +307,17 @@ def _generate(engine: Engine, batch: EngineBatch) -> list[Completion]:
 
 
 def dense_flow(m: Matches, *, method: str = "linear", rgb1: np.ndarray | None = None, **options) -> DenseField:
-    """Dense flow image 1 -> image 2 (HxWx2 target positions in image 2's original pixels).
+    """Dense flow image 1 -> image 2 (HxWx2 target positions in image 2's original pixels), by a registered
+    flow densifier (densify.fields.FLOW_METHODS): "linear" needs only the size, "edge" image 1's pixels."""
+    from densify.fields import FLOW_METHODS
 
-    method "linear": piecewise-linear displacement; "edge": locally affine, image-guided at motion
-    boundaries (densify.fields.densify_flow_edge; needs image 1's pixels)."""
+    if method not in FLOW_METHODS:
+        raise ValueError(f"unknown flow method {method!r}; use one of {', '.join(FLOW_METHODS)}")
+    if rgb1 is None and method != "linear":
+        raise ValueError(f"flow method {method!r} needs image 1's pixels (rgb1)")
     xy1, xy2 = m.pairs()
     w, h = m.size1
-    if method == "linear":
-        return densify_flow(xy1, xy2, (h, w))
-    if method == "edge":
-        from densify.fields import densify_flow_edge
-
-        if rgb1 is None:
-            raise ValueError("flow method 'edge' needs image 1's pixels (rgb1)")
-        return densify_flow_edge(xy1, xy2, rgb1, **options)
-    raise ValueError(f"unknown flow method {method!r}; use linear or edge")
+    return FLOW_METHODS[method](xy1, xy2, rgb1, shape=(h, w), **options)
 
 
 # -- a classical baseline

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import inspect
 import logging
 import time
 from dataclasses import dataclass, field
@@ -26,7 +25,7 @@ from densify.engines import EngineBatch, create_engine, generate_stream
 from densify.engines.base import Engine, EngineError
 from densify.engines.simulated import depth_truth, label_truth
 from densify.eval.metrics import delta1, depth_report
-from densify.fields import densify_depth
+from densify.fields import depth_method
 from densify.images import ImageError, ImageSource, discover, load_rgb
 from densify.truth import saved_depth
 from densify.profiles import Profile, load_profile
@@ -162,9 +161,13 @@ def prepare_task(src: ImageSource, profile: Profile, cfg: DepthJobConfig, *, wit
 def finish_task(task: DepthTask, completions, profile: Profile, cfg: DepthJobConfig,
                 out_dir: Path | None) -> ImageResult:
     ans = answers_mod.collect_depth(profile, task.plan.pixels, task.plan.prompt_xy, completions)
-    h, w = task.rgb.shape[:2]
-    dense = densify_depth(ans.pixels, ans.values, (h, w), outliers=cfg.densify.outliers, **cfg.densify.options) \
-        if cfg.densify.method == "linear" else _densify_by_method(cfg, task, ans)
+    try:
+        densifier = depth_method(cfg.densify.method)
+    except KeyError as exc:
+        raise ConfigError(f"densify.method: {exc.args[0]}") from None
+    lps = ans.logprobs if np.isfinite(ans.logprobs).any() else None
+    dense = densifier(ans.pixels, ans.values, task.rgb, outliers=cfg.densify.outliers, logprobs=lps,
+                      **cfg.densify.options)
     res = ImageResult(task.source.id, "ok", len(completions), ans.failure_counts(), depth=dense.values, answers=ans)
     if not ans.valid.any():
         res.status, res.error_kind = "failed", "answers"
@@ -185,18 +188,6 @@ def finish_task(task: DepthTask, completions, profile: Profile, cfg: DepthJobCon
     if out_dir is not None:
         write_image_outputs(out_dir / task.source.id, task, ans, dense, cfg, res)
     return res
-
-
-def _densify_by_method(cfg, task, ans):
-    from densify import fields
-
-    fn = getattr(fields, f"densify_depth_{cfg.densify.method}", None)
-    if fn is None:
-        raise ConfigError(f"densify.method: unknown method {cfg.densify.method!r}")
-    opts = dict(cfg.densify.options)
-    if np.isfinite(ans.logprobs).any() and "logprobs" in inspect.signature(fn).parameters:
-        opts.setdefault("logprobs", ans.logprobs)
-    return fn(ans.pixels, ans.values, task.rgb, outliers=cfg.densify.outliers, **opts)
 
 
 def _truth_at(task: DepthTask, pixels: np.ndarray) -> np.ndarray | None:
