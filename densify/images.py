@@ -5,8 +5,10 @@ from __future__ import annotations
 import glob
 import json
 import logging
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 
@@ -73,58 +75,123 @@ def load_rgb(path: str | Path, max_pixels: int = MAX_PIXELS) -> np.ndarray:
 
 
 def _stem_id(path: Path, root: Path | None) -> str:
-    rel = path.relative_to(root) if root and path.is_relative_to(root) else Path(path.name)
+    rel = path.relative_to(root) if root is not None and path.is_relative_to(root) else Path(path.name)
     return str(rel.with_suffix("")).replace("/", "__")
 
 
+def walk_images(root: Path) -> Iterator[Path]:
+    for d, dirs, files in os.walk(root):
+        dirs.sort()
+        for f in sorted(files):
+            if Path(f).suffix.lower() in IMAGE_SUFFIXES:
+                yield Path(d) / f
+
+
+def _record_source(rec, base: Path, where: str) -> ImageSource:
+    """One manifest record -> an image source; a bad record becomes a source carrying its error
+    (extra["manifest_error"]). DepthLM records ({"pixel_coords", "depth"}) carry labels."""
+    if not isinstance(rec, dict) or not rec.get("image"):
+        return ImageSource(f"bad-record-{where.rsplit(':', 1)[-1]}", Path(where),
+                           extra={"manifest_error": f"{where}: each record needs an 'image' path"})
+    img = Path(str(rec["image"]))
+    img = img if img.is_absolute() else base / img
+    labels = None
+    if rec.get("pixel_coords") is not None and rec.get("depth") is not None:
+        labels = {"pixels": rec["pixel_coords"], "depth": rec["depth"]}
+    skip = ("image", "intrinsics", "id", "pixel_coords", "depth")
+    extra = {k: v for k, v in rec.items() if k not in skip and v is not None}
+    sid = str(rec["id"]) if rec.get("id") else _stem_id(img, base)
+    return ImageSource(sid, img, rec.get("intrinsics"), labels, extra)
+
+
+def iter_jsonl(path: Path) -> Iterator[ImageSource]:
+    """A JSONL manifest (DepthLM/iBims format or {"image", "intrinsics"}), streamed."""
+    with open(path) as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as exc:
+                yield ImageSource(f"bad-record-{n}", path, extra={"manifest_error": f"{path}:{n}: not JSON ({exc})"})
+                continue
+            yield _record_source(rec, path.parent, f"{path}:{n}")
+
+
+def iter_parquet(path: Path, batch_rows: int = 4096) -> Iterator[ImageSource]:
+    import pyarrow.parquet as pq
+
+    pf = pq.ParquetFile(path)
+    if "image" not in pf.schema_arrow.names:
+        raise ImageError(f"{path}: a Parquet manifest needs an 'image' column (has {pf.schema_arrow.names})")
+    n = 0
+    for rb in pf.iter_batches(batch_size=batch_rows):
+        for rec in rb.to_pylist():
+            n += 1
+            yield _record_source(rec, path.parent, f"{path}:{n}")
+
+
+def manifest_kind(item: str) -> str:
+    p = Path(item)
+    if p.is_dir():
+        return "dir"
+    if p.suffix == ".jsonl" and p.is_file():
+        return "jsonl"
+    if p.suffix == ".parquet" and p.is_file():
+        return "parquet"
+    if p.is_file() or (p.suffix.lower() in IMAGE_SUFFIXES and not any(c in str(item) for c in "*?[")):
+        return "file"  # a missing image file fails as that image, later
+    return "glob"
+
+
+def iter_sources(inputs) -> Iterator[ImageSource]:
+    """Folders (recursive), globs, image files, JSONL and Parquet manifests -> image sources, streamed, in
+    order, with unique ids (they name output folders)."""
+    inputs = [inputs] if isinstance(inputs, (str, Path)) else list(inputs)
+    seen: dict[str, int] = {}
+    for src in _iter_raw([str(x) for x in inputs]):
+        if src.id in seen:
+            seen[src.id] += 1
+            src.id = f"{src.id}_{seen[src.id]}"
+        else:
+            seen[src.id] = 0
+        yield src
+
+
+def _iter_raw(inputs: list[str]) -> Iterator[ImageSource]:
+    for item in inputs:
+        kind = manifest_kind(item)
+        p = Path(item)
+        if kind == "dir":
+            yield from (ImageSource(_stem_id(f, p), f) for f in walk_images(p))
+        elif kind == "jsonl":
+            yield from iter_jsonl(p)
+        elif kind == "parquet":
+            yield from iter_parquet(p)
+        elif kind == "file":
+            yield ImageSource(_stem_id(p, None), p)
+        else:
+            matches = sorted(Path(m) for m in glob.glob(item, recursive=True))
+            if not matches:
+                raise ImageError(f"{item}: matches no file or folder; give image files, a folder, a glob, a "
+                                 f".jsonl or a .parquet manifest")
+            yield from (ImageSource(_stem_id(m, None), m) for m in matches if m.suffix.lower() in IMAGE_SUFFIXES)
+
+
 def read_jsonl_manifest(path: Path) -> list[ImageSource]:
-    """DepthLM/iBims JSONL: {"image": rel/path, "intrinsics": [fx, fy, cx, cy, W, H],
-    "pixel_coords": [[x, y], ...], "depth": [m, ...]}; also plain {"image": ..., "intrinsics": ...}."""
+    """A whole JSONL manifest; a bad record is an error here (evaluation needs every record)."""
     out = []
-    base = path.parent
-    for n, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-            img = Path(rec["image"])
-        except (json.JSONDecodeError, KeyError, TypeError) as exc:
-            raise ImageError(f"{path}:{n}: each line needs a JSON object with an 'image' key ({exc})") from None
-        img = img if img.is_absolute() else base / img
-        labels = None
-        if "pixel_coords" in rec and "depth" in rec:
-            labels = {"pixels": rec["pixel_coords"], "depth": rec["depth"]}
-        out.append(ImageSource(_stem_id(img, base), img, rec.get("intrinsics"), labels,
-                               {k: v for k, v in rec.items() if k not in ("image", "intrinsics", "pixel_coords", "depth")}))
+    for src in iter_jsonl(Path(path)):
+        if "manifest_error" in src.extra:
+            raise ImageError(f"{src.extra['manifest_error']}; each line needs a JSON object with an 'image' key")
+        out.append(src)
     return out
 
 
 def discover(inputs: list[str | Path]) -> list[ImageSource]:
-    """Folders (recursive), globs, image files and JSONL manifests -> image sources, in order."""
-    found: list[ImageSource] = []
-    for item in inputs:
-        p = Path(item)
-        if p.is_dir():
-            files = sorted(f for f in p.rglob("*") if f.suffix.lower() in IMAGE_SUFFIXES and f.is_file())
-            found += [ImageSource(_stem_id(f, p), f) for f in files]
-        elif p.suffix == ".jsonl" and p.is_file():
-            found += read_jsonl_manifest(p)
-        elif p.is_file() or p.suffix.lower() in IMAGE_SUFFIXES and not any(c in str(item) for c in "*?["):
-            found.append(ImageSource(_stem_id(p, None), p))  # missing files fail per image later
-        else:
-            matches = sorted(Path(m) for m in glob.glob(str(item), recursive=True))
-            if not matches:
-                raise ImageError(f"{item}: matches no file or folder; give image files, a folder, a glob "
-                                 f"or a .jsonl manifest")
-            found += [ImageSource(_stem_id(m, None), m) for m in matches if m.suffix.lower() in IMAGE_SUFFIXES]
+    """All image sources of the inputs (see iter_sources); an empty result is an error."""
+    found = list(iter_sources(inputs))
     if not found:
         raise ImageError(f"no images found in {', '.join(map(str, inputs))}; supported: "
-                         f"{', '.join(sorted(IMAGE_SUFFIXES))}, folders, globs, .jsonl manifests")
-    ids: dict[str, int] = {}
-    for src in found:  # ids name output files: keep them unique
-        if src.id in ids:
-            ids[src.id] += 1
-            src.id = f"{src.id}_{ids[src.id]}"
-        else:
-            ids[src.id] = 0
+                         f"{', '.join(sorted(IMAGE_SUFFIXES))}, folders, globs, .jsonl and .parquet manifests")
     return found

@@ -31,7 +31,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from densify import outputs
 from densify.config import ConfigError
 from densify.engines import EngineBatch, create_engine, generate_stream
-from densify.images import IMAGE_SUFFIXES, ImageError, ImageSource
+from densify.images import IMAGE_SUFFIXES, ImageSource, iter_sources, manifest_kind, walk_images
 from densify.profiles import load_profile
 from densify.progress import Progress
 from densify.store import AnswerStore, StoredEngine, model_key_for, store_path
@@ -85,103 +85,12 @@ class LabelJobConfig(DepthJobConfig):
     log_every_s: float = Field(30.0, gt=0, description="progress log line interval when not on a terminal")
 
 
-# -- the input manifest, as a stream
-
-def _stem_id(path: Path, root: Path | None) -> str:
-    rel = path.relative_to(root) if root is not None and path.is_relative_to(root) else Path(path.name)
-    return str(rel.with_suffix("")).replace("/", "__")
-
-
-def _walk(root: Path) -> Iterator[Path]:
-    for d, dirs, files in os.walk(root):
-        dirs.sort()
-        for f in sorted(files):
-            if Path(f).suffix.lower() in IMAGE_SUFFIXES:
-                yield Path(d) / f
-
-
-def _record_source(rec, base: Path, where: str) -> ImageSource:
-    """One manifest record -> an image source; a bad record becomes a source carrying its error."""
-    if not isinstance(rec, dict) or not rec.get("image"):
-        return ImageSource(f"bad-record-{where.rsplit(':', 1)[-1]}", Path(where),
-                           extra={"manifest_error": f"{where}: each record needs an 'image' path"})
-    img = Path(str(rec["image"]))
-    img = img if img.is_absolute() else base / img
-    extra = {k: v for k, v in rec.items() if k not in ("image", "intrinsics", "id") and v is not None}
-    sid = str(rec["id"]) if rec.get("id") else _stem_id(img, base)
-    return ImageSource(sid, img, rec.get("intrinsics"), None, extra)
-
-
-def _iter_jsonl(path: Path) -> Iterator[ImageSource]:
-    with open(path) as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as exc:
-                yield ImageSource(f"bad-record-{n}", path, extra={"manifest_error": f"{path}:{n}: not JSON ({exc})"})
-                continue
-            yield _record_source(rec, path.parent, f"{path}:{n}")
-
-
-def _iter_parquet(path: Path, batch_rows: int = 4096) -> Iterator[ImageSource]:
-    import pyarrow.parquet as pq
-
-    pf = pq.ParquetFile(path)
-    if "image" not in pf.schema_arrow.names:
-        raise ImageError(f"{path}: a Parquet manifest needs an 'image' column (has {pf.schema_arrow.names})")
-    n = 0
-    for rb in pf.iter_batches(batch_size=batch_rows):
-        for rec in rb.to_pylist():
-            n += 1
-            yield _record_source(rec, path.parent, f"{path}:{n}")
-
-
-def _manifest_kind(item: str) -> str:
-    p = Path(item)
-    if p.is_dir():
-        return "dir"
-    if p.suffix == ".jsonl" and p.is_file():
-        return "jsonl"
-    if p.suffix == ".parquet" and p.is_file():
-        return "parquet"
-    if p.is_file() or (p.suffix.lower() in IMAGE_SUFFIXES and not any(c in str(item) for c in "*?[")):
-        return "file"  # a missing image file fails as that image, later
-    return "glob"
-
-
-def _iter_raw(inputs: list[str]) -> Iterator[ImageSource]:
-    for item in inputs:
-        kind = _manifest_kind(str(item))
-        p = Path(item)
-        if kind == "dir":
-            yield from (ImageSource(_stem_id(f, p), f) for f in _walk(p))
-        elif kind == "jsonl":
-            yield from _iter_jsonl(p)
-        elif kind == "parquet":
-            yield from _iter_parquet(p)
-        elif kind == "file":
-            yield ImageSource(_stem_id(p, None), p)
-        else:
-            matches = sorted(Path(m) for m in glob.glob(str(item), recursive=True))
-            if not matches:
-                raise ImageError(f"{item}: matches no file or folder; give a folder, a glob, a .jsonl or a "
-                                 f".parquet manifest")
-            yield from (ImageSource(_stem_id(m, None), m) for m in matches if m.suffix.lower() in IMAGE_SUFFIXES)
-
+# -- the input manifest, as a stream (densify.images)
 
 def iter_manifest(inputs: list[str] | str, shard: tuple[int, int] = (0, 1)) -> Iterator[ImageSource]:
     """Image sources of a manifest, in order, streamed; ids made unique; only shard i of n (every n-th)."""
-    inputs = [inputs] if isinstance(inputs, (str, Path)) else list(inputs)
     i, n = shard
-    seen: dict[str, int] = {}
-    for k, src in enumerate(_iter_raw([str(x) for x in inputs])):
-        if src.id in seen:  # ids name output folders: keep them unique (as densify.images.discover does)
-            seen[src.id] += 1
-            src.id = f"{src.id}_{seen[src.id]}"
-        else:
-            seen[src.id] = 0
+    for k, src in enumerate(iter_sources(inputs)):
         if k % n == i:
             yield src
 
@@ -191,7 +100,7 @@ def count_manifest(inputs: list[str] | str, shard: tuple[int, int] = (0, 1)) -> 
     inputs = [inputs] if isinstance(inputs, (str, Path)) else list(inputs)
     total = 0
     for item in inputs:
-        kind = _manifest_kind(str(item))
+        kind = manifest_kind(str(item))
         if kind == "parquet":
             import pyarrow.parquet as pq
             total += pq.ParquetFile(item).metadata.num_rows
@@ -199,7 +108,7 @@ def count_manifest(inputs: list[str] | str, shard: tuple[int, int] = (0, 1)) -> 
             with open(item) as f:
                 total += sum(1 for line in f if line.strip())
         elif kind == "dir":
-            total += sum(1 for _ in _walk(Path(item)))
+            total += sum(1 for _ in walk_images(Path(item)))
         elif kind == "file":
             total += 1
         else:
