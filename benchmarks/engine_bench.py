@@ -12,6 +12,12 @@ What runs (each phase its own engine; phases append to one JSON file, written af
   cascade  as base with cascade attention allowed (vLLM's default is off): (a) and the streamed images.
   fp8      as the best of base/cascade with online fp8 weights (quantization="fp8"): (a).
   seqs2048 as base with max_num_seqs 2048: (a).
+  tuned    max_num_batched_tokens 65536, CUDA graphs up to 1024 requests, cascade attention: (a), streamed.
+  tuned-fp8  tuned with online fp8 weights.
+  --custom NAME=JSON  any engine options over base's: (a), streamed.
+Every (a) row also says where the time went: CPU share of this process (frontend) and of the vLLM engine
+core, NVML GPU busy share, seconds spent adding requests and blocked in engine steps; --pyspy DIR adds a
+py-spy profile of both processes. "(a) N images streamed" is the steady state the depth pipeline runs in.
   hf       (d) transformers the way the VLM3 release notebook runs it (one query per generate call) and
            batched (64 per call); random bf16 weights built on the GPU (the 4B folder has none).
 
@@ -58,10 +64,11 @@ GRID = (64, 48)
 
 # ---------------------------------------------------------------------------------------------- helpers
 class GPUMemory:
-    """Peak used memory of GPU 0 (all processes), sampled by NVML every 50 ms."""
+    """Peak used memory of GPU 0 (all processes) and its busy share, sampled by NVML every 50 ms."""
 
     def __init__(self):
         self.peak = 0
+        self.util: list[tuple[float, int]] = []
         self._stop = threading.Event()
         self._th = None
         try:
@@ -83,6 +90,8 @@ class GPUMemory:
         def loop():
             while not self._stop.wait(0.05):
                 self.peak = max(self.peak, self.used())
+                if self._nvml:
+                    self.util.append((time.perf_counter(), int(self._nvml.nvmlDeviceGetUtilizationRates(self._h).gpu)))
         self._th = threading.Thread(target=loop, daemon=True)
         self._th.start()
         return self
@@ -95,6 +104,11 @@ class GPUMemory:
     @property
     def peak_gib(self) -> float:
         return round(self.peak / 2**30, 2)
+
+    def busy(self, t0: float, t1: float) -> float | None:
+        """Mean NVML utilisation (share of time a kernel ran) between two perf_counter times."""
+        v = [u for t, u in self.util if t0 <= t <= t1]
+        return round(float(np.mean(v)) / 100, 3) if v else None
 
 
 def matmul_rate(n: int = 8192, reps: int = 10) -> float:
@@ -175,6 +189,93 @@ def timed(fn):
     return out, time.perf_counter() - t0
 
 
+def _children_cpu() -> float:
+    try:
+        import psutil
+
+        tot = 0.0
+        for c in psutil.Process().children(recursive=True):
+            try:
+                t = c.cpu_times()
+                tot += t.user + t.system
+            except psutil.Error:
+                pass
+        return tot
+    except ImportError:
+        return float("nan")
+
+
+class Probe:
+    """Where the time of one measurement goes: wall, CPU of this (frontend) process and of its children (the
+    vLLM engine core: scheduler, model runner, kernel launches), GPU busy share, and time spent adding
+    requests (submit) and blocked in engine steps. Optionally a py-spy profile of both processes."""
+
+    def __init__(self, eng=None, mem: GPUMemory | None = None, pyspy: str | None = None, seconds: float = 10.0):
+        self.eng, self.mem, self.pyspy, self.seconds = eng, mem, pyspy, seconds
+        self.submit_s = self.step_s = 0.0
+        self.steps = 0
+        if eng is not None and getattr(eng, "llm", None) is not None:
+            sub, core = eng._submit, eng.llm.llm_engine
+
+            def submit(*a, **k):
+                t = time.perf_counter()
+                try:
+                    return sub(*a, **k)
+                finally:
+                    self.submit_s += time.perf_counter() - t
+            step = core.step
+
+            def stepped(*a, **k):
+                t = time.perf_counter()
+                try:
+                    return step(*a, **k)
+                finally:
+                    self.step_s += time.perf_counter() - t
+                    self.steps += 1
+            self._patch = [(eng, "_submit", submit), (core, "step", stepped)]
+        else:
+            self._patch = []
+
+    def run(self, fn):
+        import subprocess
+
+        for obj, name, f in self._patch:
+            setattr(obj, name, f)
+        spy = None
+        if self.pyspy:
+            import os
+
+            spy = subprocess.Popen(["py-spy", "record", "--pid", str(os.getpid()), "--subprocesses", "--rate", "200",
+                                    "--duration", str(int(self.seconds)), "--format", "raw", "--nonblocking",
+                                    "--threads", "-o", self.pyspy], stdout=subprocess.DEVNULL,
+                                   stderr=subprocess.STDOUT)
+            time.sleep(1.0)  # py-spy attaches
+        c0, k0, t0 = time.process_time(), _children_cpu(), time.perf_counter()
+        try:
+            out = fn()
+        finally:
+            for obj, name, _ in self._patch:
+                try:
+                    delattr(obj, name)
+                except AttributeError:
+                    pass
+        t1 = time.perf_counter()
+        wall = t1 - t0
+        extra = {"frontend_cpu_share": round((time.process_time() - c0) / wall, 3),
+                 "engine_core_cpu_share": round((_children_cpu() - k0) / wall, 3)}
+        if self.mem is not None:
+            extra["gpu_busy_share"] = self.mem.busy(t0, t1)
+        if self._patch:
+            extra.update(submit_s=round(self.submit_s, 3), blocked_in_step_s=round(self.step_s, 3), steps=self.steps)
+        if spy is not None:
+            try:
+                spy.wait(timeout=self.seconds + 30)
+            except subprocess.TimeoutExpired:
+                spy.kill()
+            extra["pyspy"] = self.pyspy
+        return out, wall, extra
+
+
 def versions() -> dict:
     out = {"python": platform.python_version()}
     for mod in ("vllm", "torch", "transformers"):
@@ -195,9 +296,14 @@ def versions() -> dict:
 # ---------------------------------------------------------------------------------------------- phases
 BASE_OPTS = dict(load_format="dummy", gpu_memory_utilization=0.90, max_model_len=8192, max_num_seqs=1024,
                  max_num_batched_tokens=32768, enable_prefix_caching=True, min_tokens=GEN_TOKENS, ignore_eos=True)
+# larger prefill steps, CUDA graphs for full decode batches (vLLM captures up to 512 by default), cascade
+# attention (the running batch shares one image prefix)
+TUNED_OPTS = dict(BASE_OPTS, max_num_batched_tokens=65536, cascade_attention=True,
+                  compilation_config={"max_cudagraph_capture_size": 1024})
 
 
-def vllm_phase(name: str, model: str, opts: dict, rate: float, what: set[str], state: dict) -> list[dict]:
+def vllm_phase(name: str, model: str, opts: dict, rate: float, what: set[str], state: dict,
+               pyspy_dir: str | None = None, stream_images: int = 4) -> list[dict]:
     from densify.engines import create_engine
 
     prof = load_profile("vlm3-depth")
@@ -219,8 +325,16 @@ def vllm_phase(name: str, model: str, opts: dict, rate: float, what: set[str], s
             eng.generate(image_batch(prof, new_image(), 512))  # warm-up (graphs, encoder, caches)
             if "a" in what:
                 b = image_batch(prof, new_image())
-                outs, wall = timed(lambda: eng.generate(b))
-                rows.append(summarize(f"{name}: (a) prefix cache, 1 image", outs, wall, rate, engine_start_s=start_s))
+                spy = str(Path(pyspy_dir) / f"pyspy-{name}.txt") if pyspy_dir else None
+                outs, wall, extra = Probe(eng, mem, spy, seconds=12).run(lambda: eng.generate(b))
+                rows.append(summarize(f"{name}: (a) prefix cache, 1 image", outs, wall, rate, engine_start_s=start_s,
+                                      **extra))
+            if "stream" in what:  # steady state: the pipeline's default (next image submitted while one decodes)
+                bs = [image_batch(prof, new_image()) for _ in range(stream_images)]
+                res, wall, extra = Probe(eng, mem).run(lambda: list(eng.stream(bs)))
+                outs = [c for _, cs in res for c in cs]
+                rows.append(summarize(f"{name}: (a) {stream_images} images streamed", outs, wall, rate,
+                                      seconds_per_image=round(wall / stream_images, 3), **extra))
             if "images" in what:
                 for label, qif in (("one at a time", 0), ("streamed", eng.queries_in_flight)):
                     eng.queries_in_flight = qif
@@ -336,7 +450,13 @@ def derive(result: dict) -> None:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"), help="folder for the JSON result")
-    ap.add_argument("--phases", default="base,hf,cascade,fp8", help="comma list: base,cascade,fp8,seqs2048,hf")
+    ap.add_argument("--phases", default="base,hf,cascade,fp8",
+                    help="comma list: base,cascade,fp8,seqs2048,tuned,tuned-fp8,hf, or names given with --custom")
+    ap.add_argument("--custom", action="append", default=[], metavar="NAME=JSON",
+                    help='an extra vLLM phase: engine options over BASE_OPTS as JSON, e.g. '
+                         'fp8kv=\'{"quantization": "fp8", "kv_cache_dtype": "fp8"}\' (measures (a) and streamed)')
+    ap.add_argument("--stream-images", type=int, default=4, help="images in the streamed steady-state measurement")
+    ap.add_argument("--pyspy", help="folder for py-spy profiles of the (a) measurement (needs py-spy)")
     ap.add_argument("--model", help="4B-shaped model folder (default: build one in a temporary folder)")
     ap.add_argument("--hf-single", type=int, default=32, help="queries for hf one-per-call")
     ap.add_argument("--hf-batched", type=int, default=256, help="queries for hf batched")
@@ -377,13 +497,19 @@ def main(argv=None) -> int:
                         "ceiling: bf16 matmul rate / (2 * 4.4e9 * (uncached prompt + generated tokens))"],
               "rows": []}
     phases = [p.strip() for p in args.phases.split(",") if p.strip()]
+    custom = {}
+    for c in args.custom:
+        k, _, v = c.partition("=")
+        custom[k.strip()] = json.loads(v)
+    kw = dict(pyspy_dir=args.pyspy, stream_images=args.stream_images)
     best_extra: dict = {}
     state: dict = {}
     for ph in phases:
         t0 = time.perf_counter()
         try:
             if ph == "base":
-                rows = vllm_phase("base", model, dict(BASE_OPTS), rate, {"a", "images", "b", "structured", "c"}, state)
+                rows = vllm_phase("base", model, dict(BASE_OPTS), rate, {"a", "stream", "images", "b", "structured", "c"},
+                                  state, **kw)
             elif ph == "cascade":
                 rows = vllm_phase("cascade", model, dict(BASE_OPTS, cascade_attention=True), rate, {"a", "images"}, state)
             elif ph == "seqs2048":
@@ -395,6 +521,13 @@ def main(argv=None) -> int:
                     best = max(base, key=lambda r: r["queries_per_s"] or 0)
                     best_extra = {"cascade_attention": True} if best["variant"].startswith("cascade") else {}
                 rows = vllm_phase("fp8", model, dict(BASE_OPTS, quantization="fp8", **best_extra), rate, {"a"}, state)
+            elif ph == "tuned":
+                rows = vllm_phase("tuned", model, dict(TUNED_OPTS), rate, {"a", "stream"}, state, **kw)
+            elif ph == "tuned-fp8":
+                rows = vllm_phase("tuned-fp8", model, dict(TUNED_OPTS, quantization="fp8"), rate, {"a", "stream"},
+                                  state, **kw)
+            elif ph in custom:
+                rows = vllm_phase(ph, model, dict(BASE_OPTS, **custom[ph]), rate, {"a", "stream"}, state, **kw)
             elif ph == "hf":
                 rows = hf_phase(model, rate, args.hf_single, args.hf_batched)
             else:

@@ -184,3 +184,111 @@ def test_densify_depth_cli_vllm_4b_dummy(model_4b, tmp_path):
     assert all(f["kind"] == "answers" for f in summary["failed_images"]), summary["failed_images"]
     assert "engine_error" not in summary["answer_failures"]
     assert rc in (0, 1)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# (5) the openai engine against a real `vllm serve` (started here): the same answers as the in-process engine
+def test_openai_engine_against_vllm_serve(tiny_model, monkeypatch):
+    import os
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    from densify.engines.base import EngineError
+
+    prof = load_profile("vlm3-depth")
+    plain = queries(prof, 12, Sampling(max_tokens=24))
+    extra = queries(prof, 4, Sampling(max_tokens=16, system_prompt=load_profile("depthlm").system_prompt,
+                                      prefill="<think> </think><answer>"))
+    local = _run("vllm", plain, model=str(tiny_model), dtype="float32", **TINY)
+    local_extra = _run("vllm", extra, model=str(tiny_model), dtype="float32", **TINY)
+
+    port, key = _free_port(), "densify-test-key-7f3a"
+    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(tiny_model),
+           "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32", "--enforce-eager",
+           "--gpu-memory-utilization", "0.25", "--max-model-len", "4096", "--max-num-seqs", "64",
+           "--api-key", key, "--limit-mm-per-prompt", '{"image": 1, "video": 0}']
+    log_path = Path(os.environ.get("OUT", "/tmp")) / "vllm-serve.log"
+    with open(log_path, "w") as log_f:
+        srv = subprocess.Popen(cmd, stdout=log_f, stderr=subprocess.STDOUT, env=dict(os.environ))
+        try:
+            deadline = time.time() + 420
+            while True:
+                assert srv.poll() is None, f"vllm serve exited with {srv.returncode}; see {log_path}"
+                try:
+                    with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as r:
+                        if r.status == 200:
+                            break
+                except OSError:
+                    pass
+                assert time.time() < deadline, f"vllm serve not up after 420 s; see {log_path}"
+                time.sleep(2)
+            base = f"http://127.0.0.1:{port}/v1"
+            # a wrong key is refused when the engine starts, naming the variable to fix
+            monkeypatch.setenv("DENSIFY_TEST_KEY", "wrong")
+            with pytest.raises(EngineError, match="DENSIFY_TEST_KEY"):
+                create_engine("openai", profile=prof, base_url=base, api_key_env="DENSIFY_TEST_KEY")
+            monkeypatch.setenv("DENSIFY_TEST_KEY", key)
+            eng = create_engine("openai", profile=prof, base_url=base, api_key_env="DENSIFY_TEST_KEY",
+                                concurrency=16, timeout=60)
+            try:
+                assert key not in repr(eng)
+                remote = eng.generate(plain)
+                remote_extra = eng.generate(extra)
+                streamed = [outs for _, outs in eng.stream([plain, extra])]
+            finally:
+                eng.close()
+        finally:
+            srv.terminate()
+            try:
+                srv.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                srv.kill()
+    for o in remote + remote_extra:
+        assert o.error is None, o.error
+    # the same prompt tokens (chat template, image expansion, prefill rendering) and the same greedy answers
+    assert [o.n_prompt_tokens for o in remote] == [o.n_prompt_tokens for o in local]
+    assert [o.n_prompt_tokens for o in remote_extra] == [o.n_prompt_tokens for o in local_extra]
+    same = sum(a.text == b.text for a, b in zip(remote + remote_extra, local + local_extra))
+    print(f"\nopenai vs in-process vllm (float32): {same}/{len(remote) + len(remote_extra)} identical; "
+          f"first {remote[0].text!r}")
+    assert [o.text for o in remote] == [o.text for o in local]
+    assert [o.text for o in remote_extra] == [o.text for o in local_extra]
+    assert [[o.text for o in outs] for outs in streamed] == [[o.text for o in remote], [o.text for o in remote_extra]]
+
+
+# (6) the Ray pool with a vLLM engine in a GPU actor: several images in flight, the same answers as in-process
+def test_ray_pool_runs_vllm_actor_on_the_gpu(tiny_model):
+    pytest.importorskip("ray")
+    from densify.engines.ray_pool import RayPoolEngine
+
+    prof = load_profile("vlm3-depth")
+    s = Sampling(max_tokens=12)
+    batches = [queries(prof, 48, s, tag="a"), queries(prof, 40, s, size=(500, 380), tag="b"),
+               queries(prof, 32, s, size=(640, 480), tag="c")]
+    opts = dict(model=str(tiny_model), dtype="float32", **TINY)
+    eng = create_engine("vllm", profile=prof, **opts)
+    try:
+        local = {b.tag: [o.text for o in outs] for b, outs in eng.stream(batches)}
+    finally:
+        eng.close()
+    pool = RayPoolEngine(prof, engine="vllm", engine_options=opts, num_actors=1, num_gpus_per_actor=1,
+                         max_in_flight_per_actor=3)
+    try:
+        got = {b.tag: outs for b, outs in pool.stream(batches)}
+        stats = dict(pool.stats)
+    finally:
+        pool.close()
+    print("\nray pool stats:", {k: (round(v, 2) if isinstance(v, float) else v) for k, v in stats.items()})
+    assert sorted(got) == ["a", "b", "c"]
+    for tag, outs in got.items():
+        assert all(o.error is None for o in outs), [o.error for o in outs if o.error][:2]
+        assert [o.text for o in outs] == local[tag]
