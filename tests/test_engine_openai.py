@@ -278,3 +278,31 @@ def test_server_dying_mid_run_gives_failure_records(server):
     assert all(o.error and "connection error" in o.error for o in outs)
     assert mod  # module stays importable without any third-party client
     eng.close()
+
+
+def test_stream_source_may_yield_none(server):
+    """None from the source ("nothing new yet") hands back finished batches without blocking; order kept,
+    every batch answered, and Nones with nothing held do not end the stream."""
+    url, state = server
+    state.delay = 0.02
+    eng = engine(url, concurrency=4, batches_in_flight=3)
+    bs = [batch([f"b{j} q{i}" for i in range(4)]) for j in range(4)]
+    for j, b in enumerate(bs):
+        b.tag = j
+    got = []
+
+    def source():
+        yield None
+        for b in bs:
+            yield b
+            for _ in range(3):
+                yield None
+        while len(got) < len(bs):  # everything held is handed back on Nones alone
+            yield None
+        yield None
+
+    for b, outs in eng.stream(source()):
+        assert len(outs) == 4 and all(o.error is None and o.text for o in outs)
+        got.append(b.tag)
+    assert got == [0, 1, 2, 3]
+    eng.close()

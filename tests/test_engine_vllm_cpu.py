@@ -420,3 +420,35 @@ def test_fast_prompt_path_streams(fast_vllm):
     eng = make(fast_vllm, max_num_seqs=8)
     got = {b.tag: outs for b, outs in eng.stream([depth_batch(30, uid=f"i{k}", tag=k) for k in range(3)])}
     assert sorted(got) == [0, 1, 2] and all(len(v) == 30 and all(c.error is None for c in v) for v in got.values())
+
+
+def test_stream_source_may_yield_none(fake_vllm):
+    """None from the source means "nothing new yet": the engine steps what it holds, and with nothing in
+    flight it waits for the source instead of ending the stream."""
+    eng = make(fake_vllm, max_num_seqs=8)
+    core = FakeLLM.instances[0].llm_engine
+    core.max_per_step = 3  # "a" takes several steps
+    answered, steps_at_none = [], []
+
+    def source():
+        yield None  # nothing held yet
+        yield depth_batch(30, uid="a", tag="a")
+        for _ in range(10_000):  # the engine keeps stepping "a" meanwhile
+            if "a" in answered:
+                break
+            steps_at_none.append(core.steps)
+            yield None
+        for _ in range(3):  # nothing in flight
+            yield None
+        yield depth_batch(30, uid="b", tag="b")
+        yield None
+        yield depth_batch(30, uid="c", tag="c")
+        yield None
+
+    got = {}
+    for b, outs in eng.stream(source()):
+        answered.append(b.tag)
+        got[b.tag] = outs
+    assert sorted(got) == ["a", "b", "c"]
+    assert all(len(v) == 30 and all(c is not None and c.error is None for c in v) for v in got.values())
+    assert len(steps_at_none) > 1 and steps_at_none == sorted(set(steps_at_none))  # a step per None

@@ -53,6 +53,55 @@ class CrashingEngine:
         pass
 
 
+class StreamingEngine:
+    """The simulated engine behind a `stream` that takes batches until it holds `hold` of them or its
+    source has nothing new (None), then answers the oldest after `delay` seconds. It writes the most
+    batches it held at once to the file `record`, and raises when it takes a batch of image `raise_uid`
+    (only once when `flag` names a file, which it then creates)."""
+
+    name = "streaming"
+    uses_truth = True
+
+    def __init__(self, profile, *, record=None, hold=3, delay=0.05, raise_uid=None, flag=None, **options):
+        self.inner = SimulatedEngine(profile, **options)
+        self.record, self.hold, self.delay, self.raise_uid, self.flag = record, hold, delay, raise_uid, flag
+        self.most = 0
+
+    def generate(self, batch):
+        return self.inner.generate(batch)
+
+    def stream(self, batches):
+        it, held, exhausted = iter(batches), [], False
+        while True:
+            while not exhausted and len(held) < self.hold:
+                try:
+                    b = next(it)
+                except StopIteration:
+                    exhausted = True
+                    break
+                if b is None:
+                    if held:
+                        break
+                    time.sleep(0.001)
+                    continue
+                if self.raise_uid in b.images and not (self.flag and os.path.exists(self.flag)):
+                    if self.flag:
+                        Path(self.flag).touch()
+                    raise RuntimeError("engine stream failed")
+                held.append(b)
+                if len(held) > self.most and self.record:
+                    self.most = len(held)
+                    Path(self.record).write_text(str(self.most))
+            if not held:
+                return
+            time.sleep(self.delay)
+            b = held.pop(0)
+            yield b, self.inner.generate(b)
+
+    def close(self):
+        pass
+
+
 @pytest.fixture(scope="module", autouse=True)
 def ray_cluster():
     ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False, configure_logging=False)
@@ -199,3 +248,75 @@ def test_depth_pipeline_through_the_pool(tmp_path):
     for i in range(3):
         a = (tmp_path / "ray" / f"v{i}" / "depth.npy").read_bytes()
         assert a == (tmp_path / "local" / f"v{i}" / "depth.npy").read_bytes()
+
+
+def _stream_in_thread(pool, batches, timeout=120):
+    """The pool's stream run in a thread: a hang fails the test instead of blocking it."""
+    out: dict = {}
+
+    def run():
+        out["got"] = {b.tag: c for b, c in pool.stream(batches)}
+        out["stats"] = dict(pool.stats)
+
+    th = threading.Thread(target=run, daemon=True)
+    th.start()
+    th.join(timeout)
+    assert not th.is_alive(), "the pool's stream hung"
+    return out["got"], out["stats"]
+
+
+def test_actor_feeds_a_streaming_engine_several_batches_at_once(tmp_path):
+    record = tmp_path / "most"
+    batches = [make_batch(400 + i, n=100) for i in range(12)]
+    with RayPoolEngine(PROFILE, engine=StreamingEngine, engine_options={"record": str(record)}, num_actors=1,
+                       max_in_flight_per_actor=3) as p:
+        got, stats = _stream_in_thread(p, batches)
+        # the actor answers pings while its engine thread works
+        assert ray.get(p.actors[0].ping.remote(), timeout=30)
+    assert int(record.read_text()) >= 2
+    assert sorted(got) == list(range(400, 412)) and stats["failed_batches"] == 0
+    local = SimulatedEngine(PROFILE)
+    for b in batches:
+        assert [c.text for c in got[b.tag]] == [c.text for c in local.generate(b)]
+        assert all(c.error is None for c in got[b.tag])
+
+
+def test_streaming_engine_that_raises_is_retried(tmp_path):
+    """The engine's stream raising fails the batches it held; the pool retries them and the actor starts a
+    new stream for the batches still queued."""
+    batches = [make_batch(500 + i, n=30) for i in range(8)]
+    opts = {"raise_uid": "img503", "flag": str(tmp_path / "raised"), "delay": 0.02}
+    with RayPoolEngine(PROFILE, engine=StreamingEngine, engine_options=opts, num_actors=1,
+                       max_in_flight_per_actor=3, max_retries=2) as p:
+        got, stats = _stream_in_thread(p, batches)
+    assert (tmp_path / "raised").exists()
+    assert sorted(got) == list(range(500, 508))
+    assert stats["retries"] >= 1 and stats["failed_batches"] == 0
+    local = SimulatedEngine(PROFILE)
+    for b in batches:
+        assert [c.text for c in got[b.tag]] == [c.text for c in local.generate(b)]
+
+
+def test_streaming_engine_that_always_raises_gives_error_records():
+    batches = [make_batch(600 + i, n=20) for i in range(6)]
+    with RayPoolEngine(PROFILE, engine=StreamingEngine, engine_options={"raise_uid": "img602", "delay": 0.01},
+                       num_actors=2, max_in_flight_per_actor=2, max_retries=1) as p:
+        got, stats = _stream_in_thread(p, batches)
+    assert sorted(got) == list(range(600, 606))
+    assert len(got[602]) == 20 and all(c.text == "" and "engine stream failed" in c.error for c in got[602])
+    assert stats["failed_batches"] >= 1 and stats["retries"] >= 1
+
+
+def test_pool_source_may_yield_none(pool):
+    """None from the source ("nothing new yet") neither counts as a batch nor ends the stream."""
+    bs = [make_batch(800 + i, n=50) for i in range(3)]
+
+    def source():
+        yield None
+        for b in bs:
+            yield b
+            yield None
+            yield None
+
+    got = _stream_in_thread(pool, source())[0]
+    assert sorted(got) == [800, 801, 802] and all(len(c) == 50 for c in got.values())

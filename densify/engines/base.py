@@ -97,6 +97,12 @@ class EngineError(RuntimeError):
 
 @runtime_checkable
 class Engine(Protocol):
+    """What every engine does. Engines that keep several batches in flight also have
+    `stream(batches) -> Iterator[(batch, completions)]`, yielding each batch (tag included) as it finishes.
+    Its source may yield None, meaning "no new batch right now": the engine goes on with the batches it
+    holds (without blocking on them for long) and asks the source again; a source that is fed from another
+    thread uses this to keep the engine busy without blocking it."""
+
     name: str
 
     def generate(self, batch: EngineBatch) -> list[Completion]:
@@ -109,14 +115,16 @@ class Engine(Protocol):
 def generate_stream(engine: Engine, batches: Iterable[EngineBatch]) -> Iterator[tuple[EngineBatch, list[Completion]]]:
     """Run batches through an engine, yielding each batch with its answers as it finishes.
 
-    Engines that keep several batches in flight (vllm, the Ray pool) provide their own `stream`.
+    Engines that keep several batches in flight (vllm, openai, the Ray pool) provide their own `stream`.
+    `batches` may yield None ("no new batch right now", see `Engine`); without a `stream` it is skipped.
     """
     stream = getattr(engine, "stream", None)
     if stream is not None:
         yield from stream(batches)
         return
     for batch in batches:
-        yield batch, engine.generate(batch)
+        if batch is not None:
+            yield batch, engine.generate(batch)
 
 
 def check_batch(batch: EngineBatch) -> None:

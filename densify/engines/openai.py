@@ -318,12 +318,24 @@ class OpenAIEngine:
         return [f.result() for f in self._submit(batch)]
 
     def stream(self, batches: Iterable[EngineBatch]) -> Iterator[tuple[EngineBatch, list[Completion]]]:
-        """Keeps `batches_in_flight` batches queued on the pool; yields them in order."""
+        """Keeps `batches_in_flight` batches queued on the pool; yields them in order.
+
+        On a None from `batches` ("nothing new yet") it yields the finished batches at the head of the
+        window without blocking, waiting at most a few milliseconds for the head when none is finished."""
         if self._pool is None:
             raise EngineError("openai engine is closed")
         window: collections.deque = collections.deque()
         try:
             for batch in batches:
+                if batch is None:
+                    if not window:
+                        time.sleep(0.001)  # nothing held: do not spin on the source
+                        continue
+                    cf.wait(window[0][1], timeout=0.005)
+                    while window and all(f.done() for f in window[0][1]):
+                        b, futs = window.popleft()
+                        yield b, [f.result() for f in futs]
+                    continue
                 window.append((batch, self._submit(batch)))
                 while len(window) >= self.batches_in_flight:
                     b, futs = window.popleft()

@@ -1,8 +1,10 @@
 """A pool of Ray actors, each running one engine; whole images are routed to actors, never single queries.
 
-Each `EngineBatch` (all queries of one image) goes to one actor. Every actor has a few batches queued
-(`max_in_flight_per_actor`) so it never waits between images, and `stream` pulls no more batches from its
-input than the pool can hold in flight (backpressure), yielding each batch as soon as its answers are back.
+Each `EngineBatch` (all queries of one image) goes to one actor. Every actor holds a few batches
+(`max_in_flight_per_actor`) so it never waits between images; an engine with its own `stream` (vllm,
+openai) gets them all at once, so it works on the next image while the last one finishes. `stream` pulls no
+more batches from its input than the pool can hold in flight (backpressure), yielding each batch as soon as
+its answers are back.
 
 Faults: an actor that dies (segfault, OOM kill, lost node) is restarted by Ray (`actor_max_restarts`);
 its unfinished batches are resubmitted, to another actor when there is one, up to `max_retries` times each.
@@ -17,8 +19,11 @@ objects) and are reattached to the results.
 
 from __future__ import annotations
 
+import concurrent.futures as cf
 import logging
 import os
+import queue
+import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -36,8 +41,18 @@ EngineSpec = str | Callable[..., Engine]
 """A registered engine name, or a factory called as factory(profile=..., **engine_options)."""
 
 
+_STOP = object()  # on an actor's queue: the engine thread finishes what it holds and ends
+
+
 class _EngineActor:
-    """One engine in one Ray worker process (made a Ray actor class in `_actor_class`)."""
+    """One engine in one Ray worker process (a threaded Ray actor: `_actor_class`, `_start_actors`).
+
+    `generate` is called concurrently (up to the pool's batches in flight per actor). An engine with
+    `stream` gets every batch through one background engine thread that feeds `engine.stream`, so the
+    engine holds several batches at once (the next image is submitted while the last one's answers finish
+    decoding); each `generate` call waits on its batch's future. Other engines answer one call at a time.
+    `ping`, `info` and `cpu_seconds` answer while batches run.
+    """
 
     def __init__(self, engine: EngineSpec, profile, options: dict):
         if isinstance(engine, str):
@@ -45,6 +60,10 @@ class _EngineActor:
         else:
             self.engine = engine(profile=profile, **options)
         self.batches = 0
+        self._streams = callable(getattr(self.engine, "stream", None))
+        self._lock = threading.Lock()  # guards the queue/thread hand-over, or the engine without `stream`
+        self._queue: queue.Queue = queue.Queue()
+        self._thread: threading.Thread | None = None
 
     def info(self) -> dict:
         return {"name": getattr(self.engine, "name", type(self.engine).__name__),
@@ -60,19 +79,118 @@ class _EngineActor:
 
     def generate(self, payload: tuple) -> tuple:
         """A batch as columns in (see `_to_columns`), answers as columns out: ~20x cheaper to move between
-        processes than lists of dataclasses."""
+        processes than lists of dataclasses. The last element is the batch's seconds in this actor (queued
+        and in the engine; batches overlap when the engine streams)."""
         batch = _from_columns(payload)
-        self.batches += 1
-        t0 = time.perf_counter()
-        out = self.engine.generate(batch)
+        if self._streams:
+            fut: cf.Future = cf.Future()
+            batch.tag = fut  # engines pass tags through: the engine thread answers this future
+            t0 = time.perf_counter()
+            with self._lock:
+                self.batches += 1
+                self._queue.put(batch)
+                if self._thread is None:
+                    self._thread = threading.Thread(target=self._run, name="densify-engine", daemon=True)
+                    self._thread.start()
+            out = self._wait(fut)
+            if out is None:
+                return ()
+        else:
+            with self._lock:
+                self.batches += 1
+                t0 = time.perf_counter()
+                out = self.engine.generate(batch)
         if len(out) != len(batch.queries):
             raise EngineError(f"engine returned {len(out)} answers for {len(batch.queries)} queries")
         return ([c.text for c in out], [c.logprob for c in out], [c.n_prompt_tokens for c in out],
                 [c.n_generated_tokens for c in out], [c.cached_prompt_tokens for c in out],
                 [c.error for c in out], time.perf_counter() - t0)
 
+    @staticmethod
+    def _wait(fut: cf.Future) -> list[Completion] | None:
+        import ray
+
+        while True:
+            try:
+                return fut.result(timeout=0.2)
+            except cf.TimeoutError:
+                pass
+            # ray.cancel only flags a running call of a threaded actor: drop the batch if still queued.
+            # None, not an exception: the driver has dropped this call, and Ray would log the error.
+            if ray.get_runtime_context().is_canceled():
+                fut.cancel()
+                return None
+
+    def _run(self) -> None:
+        """The engine thread. When the engine's stream raises, the batches it holds get the exception
+        (the driver retries them) and a new stream takes the queued ones, which the engine never saw."""
+        while True:
+            held: set = set()  # futures of batches handed to the engine and not yet answered
+            state = {"stop": False, "pulled": 0}
+
+            def feed():
+                while True:
+                    if held:  # the engine is busy: never block it
+                        try:
+                            b = self._queue.get_nowait()
+                        except queue.Empty:
+                            yield None
+                            continue
+                    else:
+                        b = self._queue.get()
+                    if b is _STOP:
+                        state["stop"] = True
+                        return
+                    if not b.tag.set_running_or_notify_cancel():  # cancelled while queued
+                        continue
+                    held.add(b.tag)
+                    state["pulled"] += 1
+                    yield b
+
+            err: BaseException | None = None
+            try:
+                for b, outs in self.engine.stream(feed()):
+                    held.discard(b.tag)
+                    _settle(b.tag, outs)
+                if held:
+                    err = EngineError(f"the engine's stream ended with {len(held)} batch(es) unanswered")
+            except BaseException as exc:  # noqa: BLE001 - every waiting call must hear of it
+                err = exc
+                log.error("engine stream failed with %d batch(es) in it: %s", len(held), _short(exc))
+            for f in held:
+                _settle(f, exc=err)
+            if state["stop"] or state["pulled"] == 0:  # closing, or a stream that fails before taking any
+                with self._lock:
+                    self._thread = None
+                    rest = []
+                    while not self._queue.empty():
+                        rest.append(self._queue.get_nowait())
+                why = err or EngineError("the actor is closing" if state["stop"] else
+                                         "the engine's stream ended without taking a batch")
+                for b in rest:
+                    if b is not _STOP:
+                        _settle(b.tag, exc=why)
+                return
+
     def close(self) -> None:
+        with self._lock:
+            thread = self._thread
+            if thread is not None:
+                self._queue.put(_STOP)
+        if thread is not None:
+            thread.join(timeout=60)
         self.engine.close()
+
+
+def _settle(fut: cf.Future, result: Any = None, exc: BaseException | None = None) -> None:
+    """Answer a batch's future unless it is already done (cancelled by its caller)."""
+    try:
+        if exc is not None:
+            fut.set_exception(exc)
+        else:
+            fut.set_result(result)
+    except cf.InvalidStateError:
+        pass
 
 
 def _to_columns(batch: EngineBatch) -> tuple:
@@ -115,8 +233,9 @@ class _Slot:
     failures: int = 0
     ping: Any = None
     jobs: list = field(default_factory=list)
-    """Batches submitted and not yet back, oldest first: an actor runs its calls in order, so when it dies
-    the oldest was running (the suspect) and the others were only queued behind it."""
+    """Batches submitted and not yet back, oldest first. When the actor dies the oldest is the suspect (the
+    one charged an attempt): with a streaming engine several were running, but the oldest has been in the
+    engine longest; the others are resubmitted uncharged."""
     suspect: Any = None
 
 
@@ -204,8 +323,9 @@ class RayPoolEngine:
             else:
                 num_actors = int(res.get("CPU", 1) // max(num_cpus, 1e-9))
         num_actors = max(1, int(num_actors))
+        # threaded: all batches in flight reach a streaming engine at once, and pings answer meanwhile
         opts: dict = {"num_cpus": num_cpus, "num_gpus": num_gpus, "max_restarts": self.actor_max_restarts,
-                      "max_task_retries": 0}
+                      "max_task_retries": 0, "max_concurrency": self.max_in_flight + 4}
         if runtime_env is not None:
             opts["runtime_env"] = runtime_env
         cls = _actor_class().options(**opts)
@@ -248,7 +368,8 @@ class RayPoolEngine:
 
     def stream(self, batches: Iterable[EngineBatch]) -> Iterator[tuple[EngineBatch, list[Completion]]]:
         """Yield (batch, completions) as batches finish, in completion order; never more than `capacity`
-        batches are taken from `batches` and not yet yielded."""
+        batches are taken from `batches` and not yet yielded. A None from `batches` means "nothing new yet":
+        the pool waits a few milliseconds for answers, then asks again."""
         import ray
 
         it = iter(batches)
@@ -278,6 +399,7 @@ class RayPoolEngine:
 
         try:
             while True:
+                idle = False  # the source said it has nothing new right now
                 if self.num_actors == 0:  # every actor used up its restarts: fail what is left, keep going
                     for job in list(retry) + [j for j, _ in pending.values()]:
                         fail(job, "no live actors left (all used up their restarts); " + "; ".join(job.errors[-1:]))
@@ -290,6 +412,9 @@ class RayPoolEngine:
                         batch = next(it)
                     except StopIteration:
                         exhausted = True
+                        break
+                    if batch is None:
+                        idle = True
                         break
                     outstanding += 1
                     self.stats["batches"] += 1
@@ -313,6 +438,8 @@ class RayPoolEngine:
                     if exhausted and not retry:
                         return
                     if not retry:
+                        if idle:
+                            time.sleep(0.001)
                         continue  # input left and room to pull
                 waiting = list(pending) + list(pings)
                 if not waiting:
@@ -322,7 +449,7 @@ class RayPoolEngine:
                     retry.clear()
                     continue
                 tw = time.perf_counter()
-                ready, _ = ray.wait(waiting, num_returns=1)
+                ready, _ = ray.wait(waiting, num_returns=1, timeout=0.005 if idle else None)
                 self.stats["wait_s"] += time.perf_counter() - tw
                 for ref in ready:
                     if ref in pings:

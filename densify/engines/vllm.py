@@ -369,7 +369,10 @@ class VLLMEngine:
         return out if out is not None else []
 
     def stream(self, batches: Iterable[EngineBatch]) -> Iterator[tuple[EngineBatch, list[Completion]]]:
-        """Answer batches with several in flight; yields each batch with its answers as it finishes."""
+        """Answer batches with several in flight; yields each batch with its answers as it finishes.
+
+        `batches` may yield None for "nothing new yet": the engine goes on stepping what it holds (or, holding
+        nothing, asks again after a millisecond) instead of waiting on the source."""
         yield from self._stream(batches, self.queries_in_flight)
 
     def _stream(self, batches: Iterable[EngineBatch], queries_in_flight: int):
@@ -390,6 +393,11 @@ class VLLMEngine:
                     except StopIteration:
                         exhausted = True
                         break
+                    if batch is None:  # the source has nothing new right now
+                        if inflight:
+                            break  # go on stepping what is in flight
+                        time.sleep(0.001)  # nothing to step: ask again shortly
+                        continue
                     fl = self._submit(batch, by_id)
                     if fl.remaining == 0:  # empty batch, or failed as a whole before reaching the engine
                         yield fl.batch, fl.completions
