@@ -17,6 +17,14 @@ if [ -f /tmp/gpu-env.sh ]; then
   source /tmp/gpu-env.sh
 fi
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+# Extra wheels carried in .whl/ (git-ignored): vLLM's api_server (the `vllm serve` test) imports
+# model_hosting_container_standards, which the stage lacks; py-spy for engine_bench --pyspy. Made here with
+#   pip download --no-deps --only-binary=:all: --python-version 3.12 --platform manylinux2014_x86_64 -d .whl \
+#     model-hosting-container-standards jmespath supervisor py-spy
+if ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --upgrade --target /tmp/site .whl/*.whl >/dev/null 2>&1
+  export PATH="/tmp/site/bin:$PATH"
+fi
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 VLLM_NO_USAGE_STATS=1 DO_NOT_TRACK=1
 export TOKENIZERS_PARALLELISM=false
 rc=0
@@ -39,12 +47,12 @@ if [ "$what" = tests ] || [ "$what" = all ]; then
   kargs=()
   [ -n "${PYTEST_K:-}" ] && kargs=(-k "$PYTEST_K")
   python3 -m pytest -m gpu -v -s -rA -p no:cacheprovider "${kargs[@]}" tests/test_engine_vllm.py 2>&1 \
-    | grep -v "jit_monitor\|Capturing CUDA graphs" | tee "$OUT/gpu-tests.log"
+    | grep --line-buffered -v "jit_monitor\|Capturing CUDA graphs" | tee "$OUT/gpu-tests.log"
   r=${PIPESTATUS[0]}; [ "$r" -ne 0 ] && rc=$r
 fi
 if [ "$what" = bench ] || [ "$what" = all ]; then
   python3 -m benchmarks.engine_bench --out "$OUT" --phases "$phases" 2>&1 \
-    | grep -v "jit_monitor\|Capturing CUDA graphs" | tee "$OUT/bench.log"
+    | grep --line-buffered -v "jit_monitor\|Capturing CUDA graphs" | tee "$OUT/bench.log"
   r=${PIPESTATUS[0]}; [ "$r" -ne 0 ] && rc=$r
 fi
 exit $rc

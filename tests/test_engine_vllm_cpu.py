@@ -452,3 +452,13 @@ def test_stream_source_may_yield_none(fake_vllm):
     assert sorted(got) == ["a", "b", "c"]
     assert all(len(v) == 30 and all(c is not None and c.error is None for c in v) for v in got.values())
     assert len(steps_at_none) > 1 and steps_at_none == sorted(set(steps_at_none))  # a step per None
+
+
+def test_cuda_graphs_cover_a_full_decode_batch(fake_vllm):
+    make(fake_vllm, max_num_seqs=768)
+    assert FakeLLM.instances[-1].kw["compilation_config"] == {"max_cudagraph_capture_size": 768}
+    make(fake_vllm, enforce_eager=True)
+    assert "compilation_config" not in FakeLLM.instances[-1].kw
+    mine = {"cudagraph_capture_sizes": [1, 2, 4]}
+    make(fake_vllm, compilation_config=mine)
+    assert FakeLLM.instances[-1].kw["compilation_config"] == mine

@@ -35,11 +35,13 @@ from densify.prompts import chat_messages
 log = logging.getLogger(__name__)
 
 # Defaults for thousands of short requests per image (benchmarks/engine_bench.py; numbers in
-# benchmarks/results/engine_bench-H100-20261123.json, 4B shape, 1000x750 image, 12-token answers, H100):
+# benchmarks/results/engine_bench-H100-*.json, 4B shape, 1000x750 image, 12-token answers, H100):
 # large running batches and prefill steps amortise per-step overhead; prefix caching makes per-image
 # batching pay (388 q/s with it, 86 without); the fast prompt path lifts the frontend bound (325 -> 388);
-# streaming the next image beats one image at a time (8.2 vs 8.7 s per image); cascade attention
-# (vLLM's default: off) and fp8 weights (484 q/s; changes numerics) are options, not defaults.
+# CUDA graphs up to max_num_seqs (388 -> 412); streaming the next image beats one image at a time;
+# cascade attention (vLLM's default: off) and fp8 weights (changes numerics) are options, not defaults.
+# max_num_batched_tokens 65536 ran out of memory at gpu_memory_utilization 0.9 (FlashAttention's split
+# workspace for a 64k-token step is not in vLLM's memory profile).
 DEFAULT_MAX_NUM_SEQS = 1024
 DEFAULT_MAX_NUM_BATCHED_TOKENS = 32768
 DEFAULT_MAX_MODEL_LEN = 8192
@@ -158,7 +160,8 @@ class VLLMEngine:
       max_model_len: longest prompt + answer in tokens (a 1000x750 image is ~713 tokens; two 1024-wide
         images ~1400); small values keep the memory profile small.
       tensor_parallel_size, dtype, quantization (e.g. "fp8": online fp8 weights, ~2x matmul rate),
-      load_format ("dummy": random weights, for benchmarks), enforce_eager (off: CUDA graphs on).
+      load_format ("dummy": random weights, for benchmarks), enforce_eager (off: CUDA graphs on,
+        captured up to max_num_seqs requests unless a compilation_config is given).
       max_num_seqs: requests decoded together (1024: a whole image's answers in a few waves).
       max_num_batched_tokens: tokens per engine step (32768: ~500 queries' prompt suffixes per step).
       enable_prefix_caching: reuse an image's KV across its queries (the point of per-image batches).
@@ -208,6 +211,10 @@ class VLLMEngine:
         )
         if cascade_attention is not None:
             self.llm_options["disable_cascade_attn"] = not cascade_attention
+        if not enforce_eager and "compilation_config" not in engine_kwargs:
+            # vLLM captures CUDA graphs for at most 512 requests; a full decode batch of a dense grid is
+            # max_num_seqs, and eager decode steps left the GPU idle (388 -> 412 q/s, one image)
+            self.llm_options["compilation_config"] = {"max_cudagraph_capture_size": self.max_num_seqs}
         self.llm_options.update(engine_kwargs)
         self.llm_options = {k: v for k, v in self.llm_options.items() if v is not None}
         self._own_llm = llm is None
