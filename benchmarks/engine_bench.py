@@ -3,23 +3,23 @@
     python -m benchmarks.engine_bench --out benchmarks/results [--phases base,hf,cascade,fp8] [--model DIR]
 
 What runs (each phase its own engine; phases append to one JSON file, written after every phase):
-  base     vLLM, prefix caching on, max_num_seqs 1024, max_num_batched_tokens 32768, CUDA graphs:
-           (a) one 1000x750 image, its 64x48 grid (3072 queries) in one submission;
-           seconds per image, 3 images one at a time vs 3 images streamed (next image submitted while the
-           last answers of the current one decode); (b) the same engine with prefix-cache reads off;
-           structured-output decoding vs plain; (c) DepthLM-style marker prompts (depthlm profile: every
-           query its own image with a red arrow, so nothing is shared).
-  cascade  as base with cascade attention allowed (vLLM's default is off): (a) and the streamed images.
-  fp8      as the best of base/cascade with online fp8 weights (quantization="fp8"): (a).
-  seqs2048 as base with max_num_seqs 2048: (a).
-  tuned    max_num_batched_tokens 65536, CUDA graphs up to 1024 requests, cascade attention: (a), streamed.
-  tuned-fp8  tuned with online fp8 weights.
-  --custom NAME=JSON  any engine options over base's: (a), streamed.
-Every (a) row also says where the time went: CPU share of this process (frontend) and of the vLLM engine
-core, NVML GPU busy share, seconds spent adding requests and blocked in engine steps; --pyspy DIR adds a
-py-spy profile of both processes. "(a) N images streamed" is the steady state the depth pipeline runs in.
+  base     vLLM, prefix caching on, max_num_seqs 1024, max_num_batched_tokens 32768, CUDA graphs up to
+           1024 requests (the engine's defaults):
+           (a) one 1000x750 image, its 64x48 grid (3072 queries) in one submission, and N images streamed
+           (the next image submitted while the last answers of the current one decode: the steady state
+           the depth pipeline runs in); seconds per image, 3 images one at a time vs streamed; (b) the same
+           engine with prefix-cache reads off; structured-output decoding vs plain; (c) DepthLM-style
+           marker prompts (depthlm profile: every query its own image with a red arrow, nothing shared).
+  cascade  base with cascade attention allowed (vLLM's default is off): (a), streamed.
+  fp8      base with online fp8 weights (quantization="fp8"; changes numerics): (a), streamed.
+  rayK     the production path: a Ray pool of K vLLM actors on the one GPU (num_gpus_per_actor 1/K, each
+           with 0.88/K of the memory), N images streamed through it.
   hf       (d) transformers the way the VLM3 release notebook runs it (one query per generate call) and
            batched (64 per call); random bf16 weights built on the GPU (the 4B folder has none).
+  --custom NAME=JSON  any engine options over base's: (a), streamed.
+Rows also say where the time went: CPU share of this process (frontend) and of its children (the vLLM
+engine core), NVML GPU busy share, seconds spent adding requests and blocked in engine steps; --pyspy DIR
+adds a py-spy profile of both processes during (a).
 
 Model: the 4B-shaped synthetic Qwen3-VL (densify.synthetic.qwen3vl, load_format="dummy"). Random weights
 write garbage, so for speed comparisons every answer is forced to exactly 12 generated tokens
@@ -296,10 +296,6 @@ def versions() -> dict:
 # ---------------------------------------------------------------------------------------------- phases
 BASE_OPTS = dict(load_format="dummy", gpu_memory_utilization=0.90, max_model_len=8192, max_num_seqs=1024,
                  max_num_batched_tokens=32768, enable_prefix_caching=True, min_tokens=GEN_TOKENS, ignore_eos=True)
-# larger prefill steps, CUDA graphs for full decode batches (vLLM captures up to 512 by default), cascade
-# attention (the running batch shares one image prefix)
-TUNED_OPTS = dict(BASE_OPTS, max_num_batched_tokens=65536, cascade_attention=True,
-                  compilation_config={"max_cudagraph_capture_size": 1024})
 
 
 def vllm_phase(name: str, model: str, opts: dict, rate: float, what: set[str], state: dict,
@@ -369,6 +365,40 @@ def vllm_phase(name: str, model: str, opts: dict, rate: float, what: set[str], s
         r["engine_options"] = {k: v for k, v in opts.items()}
         r["fast_prompt_batches_in_phase"] = fast
     return rows
+
+
+def ray_phase(name: str, model: str, opts: dict, rate: float, per_gpu: int, state: dict, n_images: int,
+              engine: str = "vllm") -> list[dict]:
+    """K vLLM engines on the one GPU as Ray actors (several engine-core processes feed one GPU: the engine
+    core's per-request CPU work - scheduling, request setup, M-RoPE positions - overlaps)."""
+    from densify.engines.ray_pool import RayPoolEngine
+
+    prof = load_profile("vlm3-depth")
+    k0 = state.setdefault("next_image", 100)
+    opts = dict(opts, model=model, gpu_memory_utilization=round(0.88 / per_gpu, 3))
+    mem = GPUMemory()
+    t0 = time.perf_counter()
+    with mem:
+        pool = RayPoolEngine(prof, engine=engine, engine_options=opts, num_actors=per_gpu,
+                             num_gpus_per_actor=1.0 / per_gpu, max_in_flight_per_actor=3)
+        start_s = time.perf_counter() - t0
+        log.info("[%s] %d actor(s) ready in %.1f s", name, per_gpu, start_s)
+        try:
+            list(pool.stream([image_batch(prof, k0 + 1 + i, 512) for i in range(2 * per_gpu)]))  # warm-up
+            n = max(n_images, 2 * per_gpu)
+            bs = [image_batch(prof, k0 + 10 + i) for i in range(n)]
+            res, wall, extra = Probe(None, mem).run(lambda: list(pool.stream(bs)))
+        finally:
+            pool.close()
+    state["next_image"] = k0 + 10 + n
+    outs = [c for _, cs in res for c in cs]
+    extra["children_cpu_share"] = extra.pop("engine_core_cpu_share")
+    row = summarize(f"{name}: (a) {n} images streamed, Ray pool, {per_gpu} engine(s) on the GPU", outs, wall, rate,
+                    seconds_per_image=round(wall / n, 3), engine_start_s=round(start_s, 1), **extra)
+    row["peak_gpu_memory_gib"] = mem.peak_gib
+    row["engine_options"] = {k: v for k, v in opts.items() if k != "model"}
+    row["ray"] = {"num_actors": per_gpu, "num_gpus_per_actor": round(1.0 / per_gpu, 3), "max_in_flight_per_actor": 3}
+    return [row]
 
 
 def hf_phase(model: str, rate: float, n_single: int, n_batched: int) -> list[dict]:
@@ -451,7 +481,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"), help="folder for the JSON result")
     ap.add_argument("--phases", default="base,hf,cascade,fp8",
-                    help="comma list: base,cascade,fp8,seqs2048,tuned,tuned-fp8,hf, or names given with --custom")
+                    help="comma list: base,cascade,fp8,rayN (N engines per GPU in Ray actors),hf, or --custom names")
     ap.add_argument("--custom", action="append", default=[], metavar="NAME=JSON",
                     help='an extra vLLM phase: engine options over BASE_OPTS as JSON, e.g. '
                          'fp8kv=\'{"quantization": "fp8", "kv_cache_dtype": "fp8"}\' (measures (a) and streamed)')
@@ -502,7 +532,6 @@ def main(argv=None) -> int:
         k, _, v = c.partition("=")
         custom[k.strip()] = json.loads(v)
     kw = dict(pyspy_dir=args.pyspy, stream_images=args.stream_images)
-    best_extra: dict = {}
     state: dict = {}
     for ph in phases:
         t0 = time.perf_counter()
@@ -511,21 +540,12 @@ def main(argv=None) -> int:
                 rows = vllm_phase("base", model, dict(BASE_OPTS), rate, {"a", "stream", "images", "b", "structured", "c"},
                                   state, **kw)
             elif ph == "cascade":
-                rows = vllm_phase("cascade", model, dict(BASE_OPTS, cascade_attention=True), rate, {"a", "images"}, state)
-            elif ph == "seqs2048":
-                rows = vllm_phase("seqs2048", model, dict(BASE_OPTS, max_num_seqs=2048), rate, {"a"}, state)
-            elif ph == "fp8":
-                base = [r for r in result["rows"] if r["variant"] in ("base: (a) prefix cache, 1 image",
-                                                                     "cascade: (a) prefix cache, 1 image")]
-                if base:
-                    best = max(base, key=lambda r: r["queries_per_s"] or 0)
-                    best_extra = {"cascade_attention": True} if best["variant"].startswith("cascade") else {}
-                rows = vllm_phase("fp8", model, dict(BASE_OPTS, quantization="fp8", **best_extra), rate, {"a"}, state)
-            elif ph == "tuned":
-                rows = vllm_phase("tuned", model, dict(TUNED_OPTS), rate, {"a", "stream"}, state, **kw)
-            elif ph == "tuned-fp8":
-                rows = vllm_phase("tuned-fp8", model, dict(TUNED_OPTS, quantization="fp8"), rate, {"a", "stream"},
+                rows = vllm_phase("cascade", model, dict(BASE_OPTS, cascade_attention=True), rate, {"a", "stream"},
                                   state, **kw)
+            elif ph == "fp8":
+                rows = vllm_phase("fp8", model, dict(BASE_OPTS, quantization="fp8"), rate, {"a", "stream"}, state, **kw)
+            elif ph.startswith("ray") and ph[3:].isdigit():
+                rows = ray_phase(ph, model, dict(BASE_OPTS), rate, int(ph[3:]), state, args.stream_images)
             elif ph in custom:
                 rows = vllm_phase(ph, model, dict(BASE_OPTS, **custom[ph]), rate, {"a", "stream"}, state, **kw)
             elif ph == "hf":

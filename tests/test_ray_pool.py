@@ -320,3 +320,28 @@ def test_pool_source_may_yield_none(pool):
 
     got = _stream_in_thread(pool, source())[0]
     assert sorted(got) == [800, 801, 802] and all(len(c) == 50 for c in got.values())
+
+
+class SlowStartEngine(SimulatedEngine):
+    """Appends (start, end) of its construction to the file `log` (stands in for vLLM's memory profile)."""
+
+    def __init__(self, profile, *, log, **options):
+        t0 = time.time()
+        time.sleep(0.8)
+        super().__init__(profile, **options)
+        with open(log, "a") as f:
+            f.write(f"{t0} {time.time()}\n")
+
+
+def test_actors_sharing_a_gpu_start_one_by_one(tmp_path):
+    log = tmp_path / "starts.txt"
+    pool = RayPoolEngine(PROFILE, engine=SlowStartEngine, engine_options={"log": str(log)}, num_actors=3,
+                         start_one_by_one=True)
+    try:
+        spans = sorted(tuple(map(float, line.split())) for line in log.read_text().split("\n") if line)
+        assert len(spans) == 3
+        assert all(b[0] >= a[1] for a, b in zip(spans, spans[1:])), spans  # no two constructions overlap
+        outs = pool.generate(make_batch(1, n=20))
+        assert len(outs) == 20 and all(o.error is None for o in outs)
+    finally:
+        pool.close()

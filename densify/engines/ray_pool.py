@@ -268,7 +268,9 @@ class RayPoolEngine:
     """Run an engine in `num_actors` Ray actors (one per GPU when GPUs are requested).
 
     Only `profile` is positional; all other options are keyword-only. `engine_options` go to the engine
-    each actor builds (`create_engine(engine, profile=profile, **engine_options)`).
+    each actor builds (`create_engine(engine, profile=profile, **engine_options)`). A fractional
+    `num_gpus_per_actor` (e.g. 0.5) runs several engines on one GPU (give each a matching
+    gpu_memory_utilization); such actors start one by one (`start_one_by_one`, default: when fractional).
     """
 
     name = "ray"
@@ -277,7 +279,8 @@ class RayPoolEngine:
     def __init__(self, profile: Profile | str, *, engine: EngineSpec = "simulated", engine_options: dict | None = None,
                  num_actors: int | None = None, num_gpus_per_actor: float = 0, num_cpus_per_actor: float = 1,
                  ray_address: str | None = None, max_in_flight_per_actor: int = 2, max_retries: int = 2,
-                 runtime_env: dict | None = None, actor_max_restarts: int = 4, startup_timeout_s: float = 900.0):
+                 runtime_env: dict | None = None, actor_max_restarts: int = 4, startup_timeout_s: float = 900.0,
+                 start_one_by_one: bool | None = None):
         import ray
 
         if isinstance(engine, str) and engine not in _REGISTRY and engine not in ENGINE_MODULES:
@@ -291,6 +294,7 @@ class RayPoolEngine:
         self.max_in_flight = int(max_in_flight_per_actor)
         self.max_retries = int(max_retries)
         self.actor_max_restarts = int(actor_max_restarts)
+        self.start_one_by_one = start_one_by_one
         # Counters, and seconds: engine_s actors spent in the engine, wait_s the driver waited on actors,
         # put_s putting batches into the object store; actor_cpu_s (set by close) the actors' CPU time.
         self.stats = {"batches": 0, "retries": 0, "actor_failures": 0, "failed_batches": 0, "dead_actors": 0,
@@ -329,17 +333,24 @@ class RayPoolEngine:
         if runtime_env is not None:
             opts["runtime_env"] = runtime_env
         cls = _actor_class().options(**opts)
-        self._slots = [_Slot(i, cls.remote(engine, self.profile, options)) for i in range(num_actors)]
-        refs = [s.handle.info.remote() for s in self._slots]
-        ready, not_ready = ray.wait(refs, num_returns=len(refs), timeout=timeout_s)
-        if not_ready:
-            raise EngineError(f"{len(not_ready)} of {num_actors} Ray actors did not start within {timeout_s:.0f} s; "
-                              f"the cluster has {res}; each actor asks for {num_cpus} CPU and {num_gpus} GPU "
-                              f"(lower num_actors or the per-actor resources)")
-        try:
-            infos = ray.get(refs)
-        except Exception as exc:  # an engine that cannot be built: say why, once
-            raise EngineError(f"the engine could not start in a Ray actor: {_short(exc)}") from None
+        # Actors that share a GPU start one after another: vLLM sizes its KV cache from a memory profile that
+        # fails (or comes out wrong) when another process allocates on the GPU meanwhile.
+        one_by_one = self.start_one_by_one if self.start_one_by_one is not None else 0 < num_gpus < 1
+        groups = [[i] for i in range(num_actors)] if one_by_one else [list(range(num_actors))]
+        infos, deadline = [], time.monotonic() + timeout_s
+        for group in groups:
+            slots = [_Slot(i, cls.remote(engine, self.profile, options)) for i in group]
+            self._slots.extend(slots)
+            refs = [s.handle.info.remote() for s in slots]
+            ready, not_ready = ray.wait(refs, num_returns=len(refs), timeout=max(0.0, deadline - time.monotonic()))
+            if not_ready:
+                raise EngineError(f"{len(not_ready)} of {num_actors} Ray actors did not start within {timeout_s:.0f} "
+                                  f"s; the cluster has {res}; each actor asks for {num_cpus} CPU and {num_gpus} GPU "
+                                  f"(lower num_actors or the per-actor resources)")
+            try:
+                infos += ray.get(refs)
+            except Exception as exc:  # an engine that cannot be built: say why, once
+                raise EngineError(f"the engine could not start in a Ray actor: {_short(exc)}") from None
         self._cpu0 = sum(i["cpu_s"] for i in infos)
         self.inner_name = infos[0]["name"]
         self.uses_truth = infos[0]["uses_truth"]
