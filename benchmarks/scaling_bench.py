@@ -30,7 +30,7 @@ if __package__ in (None, ""):
 
 from densify.cameras import Camera, prepare_image, resize_rgb  # noqa: E402
 from densify.engines import create_engine, generate_stream  # noqa: E402
-from densify.engines.base import GroundTruth  # noqa: E402
+from densify.engines.base import GroundTruth, Sampling  # noqa: E402
 from densify.images import load_rgb  # noqa: E402
 from densify.profiles import load_profile  # noqa: E402
 from densify.prompts import depth_batch, sampling_for  # noqa: E402
@@ -42,7 +42,14 @@ IMAGE = ROOT / "tests" / "data" / "ibims1_factory_01.png"
 GEN_TOKENS = 12
 
 
-def make_batches(n: int, profile, grid=(64, 48), with_truth: bool = False, tag_prefix: str = "img"):
+def bench_sampling(profile, engine: str) -> Sampling:
+    """Forced 12-token answers for vLLM (min_tokens and ignore_eos are set on the engine, so max_tokens
+    must be 12 too: the profile's own limit would make every answer that long); the profile's for others."""
+    return Sampling(max_tokens=GEN_TOKENS) if engine == "vllm" else sampling_for(profile)
+
+
+def make_batches(n: int, profile, grid=(64, 48), with_truth: bool = False, tag_prefix: str = "img",
+                 sampling: Sampling | None = None):
     rgb = resize_rgb(load_rgb(IMAGE), (1000, 750)) if IMAGE.is_file() else \
         np.random.default_rng(0).integers(0, 255, (750, 1000, 3), dtype=np.uint8)
     cam = Camera(1000, 1000, 500, 375, 1000, 750)
@@ -51,8 +58,8 @@ def make_batches(n: int, profile, grid=(64, 48), with_truth: bool = False, tag_p
     plan = plan_queries(grid_points(1000, 750, count=grid), prep.pixel_map)
     truth = GroundTruth(depth=np.full(prep.pixels.shape[:2], 3.0, np.float32)) if with_truth else None
     for i in range(n):
-        yield depth_batch(prep, plan, profile, uid=f"{tag_prefix}{i}", truth=truth, sampling=sampling_for(profile),
-                          tag=i)
+        yield depth_batch(prep, plan, profile, uid=f"{tag_prefix}{i}", truth=truth,
+                          sampling=sampling or sampling_for(profile), tag=i)
 
 
 def measure(n_gpus: int, args, profile) -> dict:
@@ -67,12 +74,13 @@ def measure(n_gpus: int, args, profile) -> dict:
                          num_actors=n_gpus, num_gpus_per_actor=1 if args.engine != "simulated" else 0,
                          max_in_flight_per_actor=args.in_flight, ray_address=args.ray_address)
     try:
+        s = bench_sampling(profile, args.engine)
         warm = list(generate_stream(pool, make_batches(n_gpus, profile, with_truth=args.engine == "simulated",
-                                                       tag_prefix="warm")))
+                                                       tag_prefix="warm", sampling=s)))
         t0 = time.perf_counter()
         n_q = 0
         errors = 0
-        for batch, comps in generate_stream(pool, make_batches(args.images, profile,
+        for batch, comps in generate_stream(pool, make_batches(args.images, profile, sampling=s,
                                                                 with_truth=args.engine == "simulated")):
             n_q += len(comps)
             errors += sum(c.error is not None for c in comps)

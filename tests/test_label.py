@@ -268,7 +268,7 @@ def test_ray_job_survives_an_actor_dying(dataset, reference, tmp_path):
         s = run_label(str(dataset), label_config(), tmp_path / "out", engine=pool, progress=False)
     finally:
         pool.close()
-    assert flag.exists() and s["pool"]["actor_failures"] >= 1 and s["pool"]["retries"] >= 1
+    assert flag.exists() and s["pool"]["actor_failures"] >= 1 and s["pool"]["retries"] + s["pool"]["requeued"] >= 1
     assert s["ok"] == 6 and s["failed"] == 0 and s["queries"] == ref["queries"]
     same_outputs(tmp_path / "out", ref_out, [f"im{i:02d}" for i in range(6)])
     assert not ray.is_initialized()  # the pool started Ray, and shut it down

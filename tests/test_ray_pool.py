@@ -178,7 +178,8 @@ def test_actor_dying_mid_run_loses_nothing(tmp_path):
         got = {b.tag: c for b, c in p.stream(batches)}
         stats = dict(p.stats)
     assert flag.exists(), "the actor was supposed to crash"
-    assert stats["actor_failures"] >= 1 and stats["retries"] >= 1 and stats["failed_batches"] == 0
+    # the dead actor's batches went again: charged (one batch on it) or requeued to run alone (several)
+    assert stats["actor_failures"] >= 1 and stats["retries"] + stats["requeued"] >= 1 and stats["failed_batches"] == 0
     local = SimulatedEngine(PROFILE)
     for b in batches:
         assert all(c.error is None for c in got[b.tag])

@@ -14,3 +14,14 @@ def test_scaling_bench_runs_on_cpu_actors(tmp_path):
     (res,) = tmp_path.glob("scaling_bench-simulated-*.json")
     rows = json.loads(res.read_text())["rows"]
     assert rows[0]["queries"] == 2 * 3072 and rows[0]["engine_errors"] == 0 and rows[0]["efficiency"] == 1.0
+
+
+def test_vllm_answers_are_forced_to_the_benchmark_length():
+    # the first H200 run used the profile's max_tokens with ignore_eos, so every answer ran to that limit
+    from benchmarks.scaling_bench import GEN_TOKENS, bench_sampling, make_batches
+    from densify.profiles import load_profile
+
+    prof = load_profile("vlm3-depth")
+    (b,) = make_batches(1, prof, sampling=bench_sampling(prof, "vllm"))
+    assert b.sampling.max_tokens == GEN_TOKENS == 12
+    assert bench_sampling(prof, "simulated").max_tokens == prof.question.max_tokens

@@ -233,9 +233,9 @@ class _Slot:
     failures: int = 0
     ping: Any = None
     jobs: list = field(default_factory=list)
-    """Batches submitted and not yet back, oldest first. When the actor dies the oldest is the suspect (the
-    one charged an attempt): with a streaming engine several were running, but the oldest has been in the
-    engine longest; the others are resubmitted uncharged."""
+    """Batches submitted and not yet back, oldest first. When the actor dies holding one, that one is the
+    suspect (charged an attempt); holding several, none is charged and each is resubmitted to run alone
+    (`_Job.isolate`)."""
     suspect: Any = None
 
 
@@ -250,6 +250,9 @@ class _Job:
     """Resubmissions after an actor died while this batch was only queued there (not charged)."""
     last_slot: int | None = None
     errors: list[str] = field(default_factory=list)
+    isolate: bool = False
+    """Run alone on an actor: it was one of several batches on an actor that died, so which of them
+    killed it is unknown (a threaded actor runs its calls in no set order)."""
 
 
 _DEAD_ERRORS: tuple = ()
@@ -297,8 +300,8 @@ class RayPoolEngine:
         self.start_one_by_one = start_one_by_one
         # Counters, and seconds: engine_s actors spent in the engine, wait_s the driver waited on actors,
         # put_s putting batches into the object store; actor_cpu_s (set by close) the actors' CPU time.
-        self.stats = {"batches": 0, "retries": 0, "actor_failures": 0, "failed_batches": 0, "dead_actors": 0,
-                      "engine_s": 0.0, "wait_s": 0.0, "put_s": 0.0}
+        self.stats = {"batches": 0, "retries": 0, "requeued": 0, "actor_failures": 0, "failed_batches": 0,
+                      "dead_actors": 0, "engine_s": 0.0, "wait_s": 0.0, "put_s": 0.0}
         self._started_ray = False
         self._slots: list[_Slot] = []
         self._cpu0 = 0.0
@@ -392,7 +395,7 @@ class RayPoolEngine:
         outstanding = 0               # taken from `it` and not yet yielded
 
         def submit(job: _Job) -> bool:
-            slot = self._pick(job.last_slot)
+            slot = self._pick(job.last_slot, alone=job.isolate)
             if slot is None:
                 return False
             ref = slot.handle.generate.remote(job.payload)
@@ -483,7 +486,7 @@ class RayPoolEngine:
                         continue
                     self._forget(slot, job)
                     if slot.suspect is job:  # it had finished before the actor died: the next one was running
-                        slot.suspect = slot.jobs[0] if slot.jobs else None
+                        slot.suspect = slot.jobs[0] if len(slot.jobs) == 1 else None
                     if slot.state == "ok":
                         slot.failures = 0
                     outstanding -= 1
@@ -495,8 +498,12 @@ class RayPoolEngine:
                 ray.cancel(ref, force=False)
 
     # -- internals
-    def _pick(self, avoid: int | None) -> _Slot | None:
-        free = [s for s in self._slots if s.state == "ok" and s.in_flight < self.max_in_flight]
+    def _pick(self, avoid: int | None, alone: bool = False) -> _Slot | None:
+        if alone:  # an idle actor, which takes nothing else meanwhile
+            free = [s for s in self._slots if s.state == "ok" and s.in_flight == 0]
+        else:
+            free = [s for s in self._slots if s.state == "ok" and s.in_flight < self.max_in_flight
+                    and not any(j.isolate for j in s.jobs)]
         if not free:
             return None
         others = [s for s in free if s.index != avoid]
@@ -511,6 +518,7 @@ class RayPoolEngine:
         job.errors.append(reason)
         if not charge:  # it was queued behind the batch that killed the actor: resubmit, no attempt used
             job.requeues += 1
+            self.stats["requeued"] += 1
             retry.append(job)
             return
         job.attempts += 1
@@ -526,7 +534,12 @@ class RayPoolEngine:
         """Stop routing to a failed actor and ping it: the ping answers once Ray has restarted it."""
         if slot.state != "ok":
             return
-        slot.suspect = slot.jobs[0] if slot.jobs else None
+        # One batch on it: that one is charged an attempt. Several: none is charged, and each runs alone
+        # next time, so the one that kills its actor again is the one charged.
+        slot.suspect = slot.jobs[0] if len(slot.jobs) == 1 else None
+        if len(slot.jobs) > 1:
+            for j in slot.jobs:
+                j.isolate = True
         slot.failures += 1
         slot.state = "probing"
         log.warning("Ray pool: actor %d died; waiting for Ray to restart it", slot.index)
