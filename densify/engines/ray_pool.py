@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Iterator
 
 from densify.engines import ENGINE_MODULES, _REGISTRY, create_engine, register_engine
-from densify.engines.base import Completion, Engine, EngineBatch, EngineError, Query
+from densify.engines.base import Completion, Engine, EngineBatch, EngineError, Query, generate_stream
 from densify.profiles import Profile
 
 __all__ = ["RayPoolEngine"]
@@ -47,11 +47,11 @@ _STOP = object()  # on an actor's queue: the engine thread finishes what it hold
 class _EngineActor:
     """One engine in one Ray worker process (a threaded Ray actor: `_actor_class`, `_start_actors`).
 
-    `generate` is called concurrently (up to the pool's batches in flight per actor). An engine with
-    `stream` gets every batch through one background engine thread that feeds `engine.stream`, so the
-    engine holds several batches at once (the next image is submitted while the last one's answers finish
-    decoding); each `generate` call waits on its batch's future. Other engines answer one call at a time.
-    `ping`, `info` and `cpu_seconds` answer while batches run.
+    `generate` is called concurrently (up to the pool's batches in flight per actor). Every batch goes
+    through one background engine thread that feeds `generate_stream(engine, ...)` from a queue, so an
+    engine with its own `stream` holds several batches at once (the next image is submitted while the last
+    one's answers finish decoding) and any other engine answers them one at a time, in queue order; each
+    `generate` call waits on its batch's future. `ping`, `info` and `cpu_seconds` answer while batches run.
     """
 
     def __init__(self, engine: EngineSpec, profile, options: dict):
@@ -60,8 +60,7 @@ class _EngineActor:
         else:
             self.engine = engine(profile=profile, **options)
         self.batches = 0
-        self._streams = callable(getattr(self.engine, "stream", None))
-        self._lock = threading.Lock()  # guards the queue/thread hand-over, or the engine without `stream`
+        self._lock = threading.Lock()  # guards the queue/thread hand-over
         self._queue: queue.Queue = queue.Queue()
         self._thread: threading.Thread | None = None
 
@@ -82,24 +81,18 @@ class _EngineActor:
         processes than lists of dataclasses. The last element is the batch's seconds in this actor (queued
         and in the engine; batches overlap when the engine streams)."""
         batch = _from_columns(payload)
-        if self._streams:
-            fut: cf.Future = cf.Future()
-            batch.tag = fut  # engines pass tags through: the engine thread answers this future
-            t0 = time.perf_counter()
-            with self._lock:
-                self.batches += 1
-                self._queue.put(batch)
-                if self._thread is None:
-                    self._thread = threading.Thread(target=self._run, name="densify-engine", daemon=True)
-                    self._thread.start()
-            out = self._wait(fut)
-            if out is None:
-                return ()
-        else:
-            with self._lock:
-                self.batches += 1
-                t0 = time.perf_counter()
-                out = self.engine.generate(batch)
+        fut: cf.Future = cf.Future()
+        batch.tag = fut  # engines pass tags through: the engine thread answers this future
+        t0 = time.perf_counter()
+        with self._lock:
+            self.batches += 1
+            self._queue.put(batch)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="densify-engine", daemon=True)
+                self._thread.start()
+        out = self._wait(fut)
+        if out is None:
+            return ()
         if len(out) != len(batch.queries):
             raise EngineError(f"engine returned {len(out)} answers for {len(batch.queries)} queries")
         return ([c.text for c in out], [c.logprob for c in out], [c.n_prompt_tokens for c in out],
@@ -122,8 +115,9 @@ class _EngineActor:
                 return None
 
     def _run(self) -> None:
-        """The engine thread. When the engine's stream raises, the batches it holds get the exception
-        (the driver retries them) and a new stream takes the queued ones, which the engine never saw."""
+        """The engine thread. When the engine raises, the batches it holds get the exception (the driver
+        retries them) and a new stream takes the queued ones, which the engine never saw. An engine without
+        `stream` holds one batch at a time, so the source never answers it with None."""
         while True:
             held: set = set()  # futures of batches handed to the engine and not yet answered
             state = {"stop": False, "pulled": 0}
@@ -149,7 +143,7 @@ class _EngineActor:
 
             err: BaseException | None = None
             try:
-                for b, outs in self.engine.stream(feed()):
+                for b, outs in generate_stream(self.engine, feed()):
                     held.discard(b.tag)
                     _settle(b.tag, outs)
                 if held:
@@ -247,7 +241,7 @@ class _Job:
     attempts: int = 0
     """Failed attempts charged to this batch (it was running when its actor died, or its engine raised)."""
     requeues: int = 0
-    """Resubmissions after an actor died while this batch was only queued there (not charged)."""
+    """Resubmissions, not charged, after an actor died holding this batch and others."""
     last_slot: int | None = None
     errors: list[str] = field(default_factory=list)
     isolate: bool = False
@@ -485,8 +479,6 @@ class RayPoolEngine:
                         self._retry_or_fail(job, f"actor {slot.index}: {_short(exc)}", retry, fail)
                         continue
                     self._forget(slot, job)
-                    if slot.suspect is job:  # it had finished before the actor died: the next one was running
-                        slot.suspect = slot.jobs[0] if len(slot.jobs) == 1 else None
                     if slot.state == "ok":
                         slot.failures = 0
                     outstanding -= 1
@@ -516,7 +508,7 @@ class RayPoolEngine:
 
     def _retry_or_fail(self, job: _Job, reason: str, retry: deque, fail, *, charge: bool = True) -> None:
         job.errors.append(reason)
-        if not charge:  # it was queued behind the batch that killed the actor: resubmit, no attempt used
+        if not charge:  # one of several batches on an actor that died: resubmit, no attempt used
             job.requeues += 1
             self.stats["requeued"] += 1
             retry.append(job)
