@@ -211,30 +211,25 @@ class Probe:
     requests (submit) and blocked in engine steps. Optionally a py-spy profile of both processes."""
 
     def __init__(self, eng=None, mem: GPUMemory | None = None, pyspy: str | None = None, seconds: float = 10.0):
-        self.eng, self.mem, self.pyspy, self.seconds = eng, mem, pyspy, seconds
-        self.submit_s = self.step_s = 0.0
-        self.steps = 0
+        self.mem, self.pyspy, self.seconds = mem, pyspy, seconds
+        self.spent = {"submit": [0.0, 0], "step": [0.0, 0]}  # seconds, calls
+        self._patch = []
         if eng is not None and getattr(eng, "llm", None) is not None:
-            sub, core = eng._submit, eng.llm.llm_engine
+            core = eng.llm.llm_engine
+            self._patch = [(eng, "_submit", self._timed(eng._submit, "submit")),
+                           (core, "step", self._timed(core.step, "step"))]
 
-            def submit(*a, **k):
-                t = time.perf_counter()
-                try:
-                    return sub(*a, **k)
-                finally:
-                    self.submit_s += time.perf_counter() - t
-            step = core.step
+    def _timed(self, fn, key: str):
+        acc = self.spent[key]
 
-            def stepped(*a, **k):
-                t = time.perf_counter()
-                try:
-                    return step(*a, **k)
-                finally:
-                    self.step_s += time.perf_counter() - t
-                    self.steps += 1
-            self._patch = [(eng, "_submit", submit), (core, "step", stepped)]
-        else:
-            self._patch = []
+        def timed_call(*a, **k):
+            t = time.perf_counter()
+            try:
+                return fn(*a, **k)
+            finally:
+                acc[0] += time.perf_counter() - t
+                acc[1] += 1
+        return timed_call
 
     def run(self, fn):
         import subprocess
@@ -266,7 +261,8 @@ class Probe:
         if self.mem is not None:
             extra["gpu_busy_share"] = self.mem.busy(t0, t1)
         if self._patch:
-            extra.update(submit_s=round(self.submit_s, 3), blocked_in_step_s=round(self.step_s, 3), steps=self.steps)
+            extra.update(submit_s=round(self.spent["submit"][0], 3), blocked_in_step_s=round(self.spent["step"][0], 3),
+                         steps=self.spent["step"][1])
         if spy is not None:
             try:
                 spy.wait(timeout=self.seconds + 30)
