@@ -20,6 +20,16 @@ def _scene(textured_image):
     return depth, cam
 
 
+def _depth_case(textured_image, count, sampling=None):
+    """VLM3-depth queries on a count grid of the scene: (true depth, profile, plan, batch with truth)."""
+    depth, cam = _scene(textured_image)
+    p = load_profile("vlm3-depth")
+    prep = prepare_image(textured_image, cam, focal=1000, coord_range=2000)
+    plan = plan_queries(grid_points(640, 480, count=count), prep.pixel_map)
+    batch = depth_batch(prep, plan, p, uid="i", truth=depth_truth(prep, depth), sampling=sampling)
+    return depth, p, plan, batch
+
+
 @pytest.mark.parametrize("profile", ["vlm3-depth", "depthlm"])
 def test_exact_answers_read_coordinates_from_the_prompt(textured_image, profile):
     depth, cam = _scene(textured_image)
@@ -34,11 +44,7 @@ def test_exact_answers_read_coordinates_from_the_prompt(textured_image, profile)
 
 
 def test_wrong_prompt_gives_wrong_answers(textured_image):
-    depth, cam = _scene(textured_image)
-    p = load_profile("vlm3-depth")
-    prep = prepare_image(textured_image, cam, focal=1000, coord_range=2000)
-    plan = plan_queries(grid_points(640, 480, count=(8, 6)), prep.pixel_map)
-    batch = depth_batch(prep, plan, p, uid="i", truth=depth_truth(prep, depth))
+    depth, p, plan, batch = _depth_case(textured_image, (8, 6))
     for q in batch.queries:  # swap x and y in the text: a prompt bug
         q.text = q.text.replace("coordinates (", "coordinates (X").replace(", ", ") (", 1)
     ans = collect_depth(p, plan.pixels, plan.prompt_xy, SimulatedEngine(p, noise=False).generate(batch))
@@ -47,13 +53,9 @@ def test_wrong_prompt_gives_wrong_answers(textured_image):
 
 
 def test_default_noise_gives_point_delta1_near_090(textured_image):
-    depth, cam = _scene(textured_image)
-    p = load_profile("vlm3-depth")
-    prep = prepare_image(textured_image, cam, focal=1000, coord_range=2000)
-    plan = plan_queries(grid_points(640, 480, count=(80, 60)), prep.pixel_map)
+    depth, p, plan, batch = _depth_case(textured_image, (80, 60))
     eng = SimulatedEngine(p, seed=3)
-    ans = collect_depth(p, plan.pixels, plan.prompt_xy,
-                        eng.generate(depth_batch(prep, plan, p, uid="i", truth=depth_truth(prep, depth))))
+    ans = collect_depth(p, plan.pixels, plan.prompt_xy, eng.generate(batch))
     d1 = delta1(ans.values, depth[plan.pixels[:, 1], plan.pixels[:, 0]])
     assert 0.87 < d1 < 0.93
     fails = ans.failure_counts()
@@ -61,11 +63,7 @@ def test_default_noise_gives_point_delta1_near_090(textured_image):
 
 
 def test_answers_do_not_depend_on_batching(textured_image):
-    depth, cam = _scene(textured_image)
-    p = load_profile("vlm3-depth")
-    prep = prepare_image(textured_image, cam, focal=1000, coord_range=2000)
-    plan = plan_queries(grid_points(640, 480, count=(8, 6)), prep.pixel_map)
-    batch = depth_batch(prep, plan, p, uid="i", truth=depth_truth(prep, depth))
+    depth, p, plan, batch = _depth_case(textured_image, (8, 6))
     eng = SimulatedEngine(p, seed=1)
     full = [c.text for c in eng.generate(batch)]
     rev = EngineBatch(batch.images, batch.queries[::-1], batch.sampling)
@@ -74,11 +72,7 @@ def test_answers_do_not_depend_on_batching(textured_image):
 
 
 def test_logprobs_track_error(textured_image):
-    depth, cam = _scene(textured_image)
-    p = load_profile("vlm3-depth")
-    prep = prepare_image(textured_image, cam, focal=1000, coord_range=2000)
-    plan = plan_queries(grid_points(640, 480, count=(40, 30)), prep.pixel_map)
-    batch = depth_batch(prep, plan, p, uid="i", truth=depth_truth(prep, depth), sampling=Sampling(logprobs=True))
+    depth, p, plan, batch = _depth_case(textured_image, (40, 30), Sampling(logprobs=True))
     comps = SimulatedEngine(p, error=ErrorModel(unparseable_rate=0)).generate(batch)
     ans = collect_depth(p, plan.pixels, plan.prompt_xy, comps)
     err = np.abs(np.log(ans.values / depth[plan.pixels[:, 1], plan.pixels[:, 0]]))
