@@ -70,6 +70,36 @@ class View:
     camera: Camera
     cam_to_world: np.ndarray
     """4x4 float64; camera frame x right, y down, z forward."""
+    object_ids: np.ndarray | None = None
+    """HxW int16: id of the surface each pixel sees (`Scene.objects[k].id`), -1 where no hit."""
+
+
+@dataclass(frozen=True)
+class SceneObject:
+    """One surface of the scene: a room surface (floor, ceiling, wall) or a piece of furniture.
+
+    `id` is its Open3D geometry id, which is also its value in `View.object_ids`. Boxes carry their
+    size in their own frame (x width, y height, z depth) and yaw about world y; spheres and cylinders
+    their radius and height; room surfaces only their kind.
+    """
+
+    id: int
+    kind: str
+    """floor, ceiling, wall, shelf, table, cabinet, crate, sphere or cylinder."""
+    center: tuple[float, float, float]
+    """World position of the object's centre (metres)."""
+    size: tuple[float, float, float]
+    """Extents along the object's own x, y, z axes (metres): a sphere of radius r is (2r, 2r, 2r)."""
+    yaw: float = 0.0
+    """Rotation about world y (radians) of the object's frame."""
+
+    @property
+    def is_room(self) -> bool:
+        return self.kind in ("floor", "ceiling", "wall")
+
+    def to_dict(self) -> dict:
+        return {"id": self.id, "kind": self.kind, "center": list(self.center), "size": list(self.size),
+                "yaw": self.yaw}
 
 
 @dataclass
@@ -93,6 +123,8 @@ class Scene:
     spec: SceneSpec
     views: list[View]
     mesh: o3d.geometry.TriangleMesh
+    objects: list[SceneObject] = field(default_factory=list)
+    """Every surface, indexed by id (room surfaces first)."""
     _raycaster: o3d.t.geometry.RaycastingScene | None = field(default=None, repr=False, compare=False)
 
     def raycaster(self) -> o3d.t.geometry.RaycastingScene:
@@ -140,7 +172,8 @@ class Scene:
                            pose_to={uid: self.relative_pose(i, j) for uid, j in others.items()})
 
     def save(self, folder) -> list[Path]:
-        """Write view_NNN.png, view_NNN.depth.npy, view_NNN.json (intrinsics + cam_to_world), scene.ply."""
+        """Write view_NNN.png, view_NNN.depth.npy, view_NNN.objects.npy (object id per pixel), view_NNN.json
+        (intrinsics + cam_to_world), objects.json (every surface: id, kind, centre, size, yaw), scene.ply."""
         from PIL import Image
 
         folder = Path(folder)
@@ -151,11 +184,14 @@ class Scene:
             img = folder / f"{stem}.png"
             Image.fromarray(v.rgb).save(img)
             np.save(folder / f"{stem}.depth.npy", v.depth.astype(np.float32))
+            if v.object_ids is not None:
+                np.save(folder / f"{stem}.objects.npy", v.object_ids.astype(np.int16))
             c = v.camera
             side = {"fx": c.fx, "fy": c.fy, "cx": c.cx, "cy": c.cy, "width": c.width, "height": c.height,
                     "cam_to_world": np.asarray(v.cam_to_world, float).tolist()}
             (folder / f"{stem}.json").write_text(json.dumps(side, indent=1))
             paths.append(img)
+        (folder / "objects.json").write_text(json.dumps([o.to_dict() for o in self.objects], indent=1))
         o3d.io.write_triangle_mesh(str(folder / "scene.ply"), self.mesh)
         return paths
 
@@ -173,7 +209,7 @@ def make_scene(spec: SceneSpec | None = None, **overrides) -> Scene:
         raise ValueError(f"n_views must be >= 1, got {spec.n_views}")
     rng = np.random.default_rng(spec.seed)
     poses = _camera_path(spec, rng)
-    meshes, kinds, frames = _build_geometry(spec, rng, poses)
+    meshes, kinds, frames, objects = _build_geometry(spec, rng, poses)
 
     rs = o3d.t.geometry.RaycastingScene()
     whole = o3d.geometry.TriangleMesh()
@@ -186,7 +222,7 @@ def make_scene(spec: SceneSpec | None = None, **overrides) -> Scene:
     camera = Camera.default(spec.width, spec.height, spec.fov_deg)
     camera = dataclasses.replace(camera, source="synthetic")
     views = [render_view(rs, materials, camera, T) for T in poses]
-    return Scene(spec=spec, views=views, mesh=whole)
+    return Scene(spec=spec, views=views, mesh=whole, objects=objects)
 
 
 def _look_rotation(yaw_deg: float, pitch_deg: float, roll_deg: float) -> np.ndarray:
@@ -289,6 +325,15 @@ def _build_geometry(spec: SceneSpec, rng: np.random.Generator, poses):
     meshes = _room_meshes(W, H, D)
     kinds = ["floor", "ceiling", "wall", "wall", "wall", "wall"]
     frames = [np.eye(4)[:3] for _ in meshes]
+    room = [((0, 0, 0), (W, 0, D)), ((0, H, 0), (W, 0, D)), ((0, H / 2, -D / 2), (W, H, 0)),
+            ((0, H / 2, D / 2), (W, H, 0)), ((-W / 2, H / 2, 0), (0, H, D)), ((W / 2, H / 2, 0), (0, H, D))]
+    objects = [SceneObject(k, kinds[k], tuple(map(float, c)), tuple(map(float, sz))) for k, (c, sz) in enumerate(room)]
+
+    def add(mesh, kind, frame, center, size, yaw=0.0):
+        objects.append(SceneObject(len(meshes), kind, tuple(map(float, center)), tuple(map(float, size)), float(yaw)))
+        meshes.append(mesh)
+        kinds.append(kind)
+        frames.append(frame)
 
     # Points the furniture must keep clear of: camera positions and 1 m ahead of each camera.
     keep = []
@@ -340,9 +385,7 @@ def _build_geometry(spec: SceneSpec, rng: np.random.Generator, poses):
             log.debug("no free spot for a %s; skipped", kind)
             continue
         center = np.array([cxz[0], size[1] / 2, cxz[1]])
-        meshes.append(_box_mesh(size, center, yaw))
-        kinds.append(kind)
-        frames.append(_local_frame(center, yaw))
+        add(_box_mesh(size, center, yaw), kind, _local_frame(center, yaw), center, size, yaw)
         placed.append((cxz, rad))
         if kind in ("table", "cabinet", "crate"):
             tables.append((cxz, size, yaw, size[1]))
@@ -358,9 +401,7 @@ def _build_geometry(spec: SceneSpec, rng: np.random.Generator, poses):
                 continue
             m = o3d.geometry.TriangleMesh.create_sphere(r, resolution=24)
             m.translate(center)
-            meshes.append(m)
-            kinds.append("sphere")
-            frames.append(_local_frame(center, 0.0))
+            add(m, "sphere", _local_frame(center, 0.0), center, (2 * r, 2 * r, 2 * r))
             continue
         for _ in range(200):
             if sphere:
@@ -384,15 +425,14 @@ def _build_geometry(spec: SceneSpec, rng: np.random.Generator, poses):
             m.rotate(np.array([[1, 0, 0], [0, 0, 1], [0, -1, 0]], float), center=np.zeros(3))
             center = np.array([cxz[0], h / 2, cxz[1]])
             m.translate(center)
-        meshes.append(m)
-        kinds.append("sphere" if sphere else "cylinder")
-        frames.append(_local_frame(center, rng.uniform(-math.pi, math.pi)))
+        add(m, "sphere" if sphere else "cylinder", _local_frame(center, rng.uniform(-math.pi, math.pi)), center,
+            (2 * r, h, 2 * r))
         placed.append((cxz, r))
 
     for m in meshes:
         m.compute_triangle_normals()
         m.compute_vertex_normals()
-    return meshes, kinds, frames
+    return meshes, kinds, frames, objects
 
 
 def _local_frame(center, yaw) -> np.ndarray:
@@ -501,7 +541,9 @@ def render_view(rs_scene, materials: Materials, camera: Camera, cam_to_world) ->
         rgb[idx] = _albedo(materials, p, n, gid) * _shading(rs_scene, materials, p, n)[:, None]
     img = np.clip(rgb, 0, 1) ** np.float32(1 / 2.2) * 255 + 0.5
     img = img.astype(np.uint8).reshape(camera.height, camera.width, 3)
-    return View(rgb=img, depth=depth, camera=camera, cam_to_world=cam_to_world)
+    gids = hit["geometry_ids"].numpy().astype(np.int64)
+    ids = np.where(ok, gids, -1).reshape(camera.height, camera.width).astype(np.int16)
+    return View(rgb=img, depth=depth, camera=camera, cam_to_world=cam_to_world, object_ids=ids)
 
 
 def _shading(rs, mat: Materials, p, n) -> np.ndarray:
