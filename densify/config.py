@@ -1,9 +1,11 @@
-"""Config loading: YAML -> pydantic models, with errors that name the file and the bad key."""
+"""Config loading: YAML -> pydantic models, with errors that name the file, the key and the override."""
 
 from __future__ import annotations
 
+import difflib
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import yaml
 from pydantic import BaseModel, ValidationError
@@ -24,30 +26,85 @@ def config_dir() -> Path:
     raise FileNotFoundError("densify's configs/ folder is missing from this installation")
 
 
-def format_validation_error(exc: ValidationError, source: str) -> str:
-    lines = [f"{source}: invalid config"]
+@dataclass(frozen=True)
+class Override:
+    """One setting given on the command line: its key path, value and how the user wrote it."""
+
+    path: tuple[str, ...]
+    value: Any
+    origin: str
+    """e.g. "--set plan.count=0" or "--count 0": named in the error when this override is the bad one."""
+
+
+def _model_at(model: type[BaseModel], loc: tuple) -> type[BaseModel] | None:
+    """The nested model a validation error's location points into (for 'did you mean')."""
+    for part in loc:
+        f = model.model_fields.get(str(part)) if isinstance(model, type) else None
+        ann = getattr(f, "annotation", None)
+        if not (isinstance(ann, type) and issubclass(ann, BaseModel)):
+            return None
+        model = ann
+    return model
+
+
+def format_validation_error(exc: ValidationError, source: str, model: type[BaseModel] | None = None,
+                            overrides: tuple[Override, ...] = ()) -> str:
+    lines = []
     for err in exc.errors():
-        key = ".".join(str(p) for p in err["loc"]) or "(top level)"
-        lines.append(f"  {key}: {err['msg']}")
+        loc = tuple(str(p) for p in err["loc"])
+        key = ".".join(loc) or "(top level)"
+        msg = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden":
+            parent = _model_at(model, loc[:-1]) if model is not None else None
+            known = list(parent.model_fields) if parent is not None else []
+            close = difflib.get_close_matches(loc[-1], known, n=1)
+            msg = f"unknown key {loc[-1]!r}" + (f" (did you mean {close[0]!r}?)" if close else "") + \
+                (f"; known keys: {', '.join(known)}" if known else "")
+        elif msg.startswith(key + ".") or msg.startswith(key + ":"):
+            key = ""  # the message names the key itself (engine options)
+        blame = next((o for o in reversed(overrides) if o.path[:len(loc)] == loc or loc[:len(o.path)] == o.path),
+                     None)
+        where = f"{blame.origin}: " if blame is not None else f"{source}: "
+        lines.append(where + (f"{key}: " if key else "") + msg)
     return "\n".join(lines)
 
 
-def validate(model: type[M], data: dict, source: str) -> M:
+def validate(model: type[M], data: dict, source: str, overrides: tuple[Override, ...] = ()) -> M:
     try:
         return model.model_validate(data or {})
     except ValidationError as exc:
-        raise ConfigError(format_validation_error(exc, source)) from None
+        raise ConfigError(format_validation_error(exc, source, model, overrides)) from None
 
 
-def load_yaml_model(model: type[M], path: str | Path, overrides: dict | None = None) -> M:
+def read_yaml(path: str | Path) -> dict:
     path = Path(path)
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except (OSError, yaml.YAMLError) as exc:
         raise ConfigError(f"{path}: cannot read YAML ({exc})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: a config must be a YAML mapping (key: value), got {type(data).__name__}")
+    return data
+
+
+def load_yaml_model(model: type[M], path: str | Path, overrides: dict | None = None) -> M:
+    data = read_yaml(path)
     if overrides:
         data = deep_merge(data, overrides)
     return validate(model, data, str(path))
+
+
+def apply_overrides(data: dict, overrides) -> dict:
+    """Overrides (in order) merged into a config dict."""
+    out = dict(data)
+    for o in overrides:
+        node: dict = {}
+        leaf = node
+        for p in o.path[:-1]:
+            leaf = leaf.setdefault(p, {})
+        leaf[o.path[-1]] = o.value
+        out = deep_merge(out, node)
+    return out
 
 
 def deep_merge(base: dict, extra: dict) -> dict:
@@ -57,16 +114,21 @@ def deep_merge(base: dict, extra: dict) -> dict:
     return out
 
 
-def parse_set_options(items: list[str] | None) -> dict:
-    """`--set a.b=3 --set engine.name=hf` -> nested dict (values parsed as YAML scalars)."""
-    out: dict = {}
+def parse_set(items: list[str] | None) -> list[Override]:
+    """`--set a.b=3 --set engine.name=hf` -> overrides (values parsed as YAML scalars)."""
+    out = []
     for item in items or []:
-        if "=" not in item:
-            raise ConfigError(f"--set expects key=value, got {item!r}")
+        if "=" not in item or not item.split("=", 1)[0].strip():
+            raise ConfigError(f"--set {item}: expected key=value, e.g. --set plan.count=1024")
         key, value = item.split("=", 1)
-        node = out
-        parts = key.strip().split(".")
-        for p in parts[:-1]:
-            node = node.setdefault(p, {})
-        node[parts[-1]] = yaml.safe_load(value)
+        try:
+            val = yaml.safe_load(value)
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"--set {item}: the value is not valid YAML ({exc})") from None
+        out.append(Override(tuple(key.strip().split(".")), val, f"--set {item}"))
     return out
+
+
+def parse_set_options(items: list[str] | None) -> dict:
+    """`--set` items as one nested dict."""
+    return apply_overrides({}, parse_set(items))

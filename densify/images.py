@@ -35,8 +35,10 @@ class ImageSource:
     path: Path
     intrinsics: list[float] | None = None
     labels: dict | None = None
-    """Sparse labelled depth: {"pixels": Nx2, "depth": N} (DepthLM evaluation format)."""
+    """Sparse labelled depth: {"pixels": Nx2, "depth": N} (DepthLM evaluation format), for evaluation only."""
     extra: dict = field(default_factory=dict)
+    manifest: str | None = None
+    """The JSONL/Parquet manifest that listed the image, if any."""
 
 
 def load_rgb(path: str | Path, max_pixels: int = MAX_PIXELS) -> np.ndarray:
@@ -74,9 +76,9 @@ def load_rgb(path: str | Path, max_pixels: int = MAX_PIXELS) -> np.ndarray:
     return np.ascontiguousarray(rgb)
 
 
-def _stem_id(path: Path, root: Path | None) -> str:
-    rel = path.relative_to(root) if root is not None and path.is_relative_to(root) else Path(path.name)
-    return str(rel.with_suffix("")).replace("/", "__")
+def _stem_id(path: Path, root: Path | None = None) -> str:
+    """The default id: the file name without its extension, whatever the input kind (see densify.layout)."""
+    return Path(path).stem
 
 
 def walk_images(root: Path) -> Iterator[Path]:
@@ -100,8 +102,8 @@ def _record_source(rec, base: Path, where: str) -> ImageSource:
         labels = {"pixels": rec["pixel_coords"], "depth": rec["depth"]}
     skip = ("image", "intrinsics", "id", "pixel_coords", "depth")
     extra = {k: v for k, v in rec.items() if k not in skip and v is not None}
-    sid = str(rec["id"]) if rec.get("id") else _stem_id(img, base)
-    return ImageSource(sid, img, rec.get("intrinsics"), labels, extra)
+    sid = str(rec["id"]) if rec.get("id") else _stem_id(img)
+    return ImageSource(sid, img, rec.get("intrinsics"), labels, extra, where.rsplit(":", 1)[0])
 
 
 def iter_jsonl(path: Path) -> Iterator[ImageSource]:
@@ -113,7 +115,8 @@ def iter_jsonl(path: Path) -> Iterator[ImageSource]:
             try:
                 rec = json.loads(line)
             except json.JSONDecodeError as exc:
-                yield ImageSource(f"bad-record-{n}", path, extra={"manifest_error": f"{path}:{n}: not JSON ({exc})"})
+                yield ImageSource(f"bad-record-{n}", path, extra={"manifest_error": f"{path}:{n}: not JSON ({exc})"},
+                                  manifest=str(path))
                 continue
             yield _record_source(rec, path.parent, f"{path}:{n}")
 
@@ -146,15 +149,17 @@ def manifest_kind(item: str) -> str:
 
 def iter_sources(inputs) -> Iterator[ImageSource]:
     """Folders (recursive), globs, image files, JSONL and Parquet manifests -> image sources, streamed, in
-    order, with unique ids (they name output folders)."""
+    order, with safe, unique, stable ids (they name output folders: densify.layout). A source whose id had
+    to change carries extra["id_wanted"]."""
+    from densify.layout import IdAssigner
+
     inputs = [inputs] if isinstance(inputs, (str, Path)) else list(inputs)
-    seen: dict[str, int] = {}
+    ids = IdAssigner()
     for src in _iter_raw([str(x) for x in inputs]):
-        if src.id in seen:
-            seen[src.id] += 1
-            src.id = f"{src.id}_{seen[src.id]}"
-        else:
-            seen[src.id] = 0
+        new = ids.assign(src.id, str(src.path))
+        if new != src.id:
+            src.extra["id_wanted"] = src.id
+            src.id = new
         yield src
 
 
@@ -163,19 +168,19 @@ def _iter_raw(inputs: list[str]) -> Iterator[ImageSource]:
         kind = manifest_kind(item)
         p = Path(item)
         if kind == "dir":
-            yield from (ImageSource(_stem_id(f, p), f) for f in walk_images(p))
+            yield from (ImageSource(_stem_id(f), f) for f in walk_images(p))
         elif kind == "jsonl":
             yield from iter_jsonl(p)
         elif kind == "parquet":
             yield from iter_parquet(p)
         elif kind == "file":
-            yield ImageSource(_stem_id(p, None), p)
+            yield ImageSource(_stem_id(p), p)
         else:
             matches = sorted(Path(m) for m in glob.glob(item, recursive=True))
             if not matches:
                 raise ImageError(f"{item}: matches no file or folder; give image files, a folder, a glob, a "
                                  f".jsonl or a .parquet manifest")
-            yield from (ImageSource(_stem_id(m, None), m) for m in matches if m.suffix.lower() in IMAGE_SUFFIXES)
+            yield from (ImageSource(_stem_id(m), m) for m in matches if m.suffix.lower() in IMAGE_SUFFIXES)
 
 
 def read_jsonl_manifest(path: Path) -> list[ImageSource]:

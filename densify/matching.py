@@ -22,16 +22,16 @@ import numpy as np
 
 from densify import outputs
 from densify.answers import parse_completion
-from densify.cameras import Camera, PixelMap, PreparedImage, prepare_image
-from densify.engines.base import Completion, Engine, EngineBatch, GroundTruth, generate_stream
+from densify.cameras import Camera, PreparedImage, prepare_image
+from densify.engines.base import Completion, Engine, EngineBatch, ImageRef, generate_stream
 from densify.fields import DenseField
 from densify.profiles import Profile
-from densify.prompts import corr_batch, image_uid, sampling_for
+from densify.prompts import corr_batch, image_ref, image_uid, sampling_for
 from densify.queries import QueryPlan, grid_points, plan_queries
 
 log = logging.getLogger(__name__)
 
-__all__ = ["CorrView", "Matches", "corr_view", "corr_truth", "pair_truth", "plan_pair", "track_points",
+__all__ = ["CorrView", "Matches", "corr_view", "plan_pair", "track_points",
            "collect_matches", "backward_plan", "apply_forward_backward", "match_pair", "match_pairs",
            "dense_flow", "sift_matches", "DEFAULT_GRID"]
 
@@ -52,44 +52,19 @@ class CorrView:
     camera: Camera
     prep: PreparedImage
     uid: str
+    ref: ImageRef | None = None
 
     @property
     def size(self) -> tuple[int, int]:
         return self.camera.width, self.camera.height
 
 
-def corr_view(image_id: str, rgb: np.ndarray, camera: Camera, profile: Profile) -> CorrView:
+def corr_view(image_id: str, rgb: np.ndarray, camera: Camera, profile: Profile, *, path=None,
+              manifest=None) -> CorrView:
     p = profile.preprocess
     prep = prepare_image(rgb, camera, focal=p.focal, max_side=p.max_side, square_pixels=p.square_pixels,
                          coord_range=profile.coord_range, resample=p.resample)
-    return CorrView(image_id, camera, prep, image_uid(prep, image_id))
-
-
-# -- ground truth for the simulated engine
-
-def corr_truth(orig_matches: np.ndarray, pmap1: PixelMap, pmap2: PixelMap) -> np.ndarray:
-    """Original-resolution match map (HxWx2, image-2 original pixels, NaN = not visible) -> the same map
-    in the preprocessed frames of both images: sampled (nearest) at each preprocessed pixel of image 1,
-    target scaled into image 2's preprocessed frame."""
-    w1, h1 = pmap1.pre_size
-    xs, ys = pmap1.to_orig(np.arange(w1, dtype=np.float64), np.arange(h1, dtype=np.float64))
-    mx, my = np.meshgrid(xs.astype(np.float32), ys.astype(np.float32))
-    m = np.ascontiguousarray(orig_matches, dtype=np.float32)
-    # Nearest: matches are not smooth across occlusion edges; NaN stays NaN.
-    s = cv2.remap(m, mx, my, cv2.INTER_NEAREST, borderMode=cv2.BORDER_CONSTANT, borderValue=float("nan"))
-    tx, ty = pmap2.to_pre(s[..., 0], s[..., 1])
-    return np.stack([tx, ty], -1).astype(np.float32)
-
-
-def pair_truth(v1: CorrView, v2: CorrView, orig_matches_12: np.ndarray | None,
-               T_2_from_1: np.ndarray | None = None) -> GroundTruth:
-    """GroundTruth for image 1 of a pair (matches and pose towards image 2)."""
-    gt = GroundTruth()
-    if orig_matches_12 is not None:
-        gt.matches_to[v2.uid] = corr_truth(orig_matches_12, v1.prep.pixel_map, v2.prep.pixel_map)
-    if T_2_from_1 is not None:
-        gt.pose_to[v2.uid] = np.asarray(T_2_from_1, float)
-    return gt
+    return CorrView(image_id, camera, prep, image_uid(prep, image_id), image_ref(image_id, prep, path, manifest))
 
 
 # -- matches
@@ -258,14 +233,11 @@ def apply_forward_backward(fwd: Matches, back: Matches, row: np.ndarray, thresh_
 
 @dataclass
 class PairRequest:
-    """One pair to match: views, optional query points in image 1, optional ground truth (simulated)."""
+    """One pair to match: views and optional query points in image 1."""
 
     v1: CorrView
     v2: CorrView
     points: np.ndarray | None = None
-    truth1: GroundTruth | None = None
-    truth2: GroundTruth | None = None
-    """Truth for the backward questions (image 2 -> image 1)."""
     key: object = None
 
 
@@ -280,12 +252,12 @@ def match_pairs(engine: Engine, profile: Profile, requests, *, grid: tuple[int, 
     for req in requests:
         plan = plan_pair(req.v1, req.points, grid)
         batch = corr_batch(req.v1.prep, req.v2.prep, plan, profile, uid1=req.v1.uid, uid2=req.v2.uid,
-                           truth1=req.truth1, sampling=sampling)
+                           ref1=req.v1.ref, ref2=req.v2.ref, sampling=sampling)
         fwd = collect_matches(profile, plan, req.v1, req.v2, _generate(engine, batch))
         if fb_check and fwd.n_valid:
             bplan, row = backward_plan(fwd, req.v2)
             bbatch = corr_batch(req.v2.prep, req.v1.prep, bplan, profile, uid1=req.v2.uid, uid2=req.v1.uid,
-                                truth1=req.truth2, sampling=sampling)
+                                ref1=req.v2.ref, ref2=req.v1.ref, sampling=sampling)
             back = collect_matches(profile, bplan, req.v2, req.v1, _generate(engine, bbatch))
             fwd = apply_forward_backward(fwd, back, row, fb_thresh_px)
         log.debug("%s -> %s: %d of %d answers kept (%s)", req.v1.id, req.v2.id, fwd.n_valid, len(fwd),
@@ -294,9 +266,8 @@ def match_pairs(engine: Engine, profile: Profile, requests, *, grid: tuple[int, 
 
 
 def match_pair(engine: Engine, profile: Profile, v1: CorrView, v2: CorrView, *, points=None,
-               truth1: GroundTruth | None = None, truth2: GroundTruth | None = None,
                grid: tuple[int, int] = DEFAULT_GRID, fb_check: bool = True, fb_thresh_px: float = 10.0) -> Matches:
-    req = PairRequest(v1, v2, points, truth1, truth2)
+    req = PairRequest(v1, v2, points)
     return next(match_pairs(engine, profile, [req], grid=grid, fb_check=fb_check, fb_thresh_px=fb_thresh_px))[1]
 
 

@@ -8,7 +8,7 @@ import cv2
 import numpy as np
 
 from densify.cameras import PreparedImage
-from densify.engines.base import EngineBatch, GroundTruth, PromptImage, Query, Sampling
+from densify.engines.base import EngineBatch, ImageRef, PromptImage, Query, Sampling
 from densify.profiles import Marker, Profile
 from densify.queries import QueryPlan
 
@@ -52,13 +52,20 @@ def image_uid(prep: PreparedImage, source_id: str) -> str:
     return PromptImage.content_uid(prep.pixels, salt=source_id)
 
 
+def image_ref(image_id: str, prep: PreparedImage, path: str | None = None, manifest: str | None = None) -> ImageRef:
+    """Where a prompt image came from (id, file, manifest, exact resize): no truth, only provenance."""
+    pm = prep.pixel_map
+    return ImageRef(image_id, str(path or ""), str(manifest) if manifest else None, tuple(pm.orig_size),
+                    (float(pm.sx), float(pm.sy)))
+
+
 def depth_batch(prep: PreparedImage, plan: QueryPlan, profile: Profile, *, uid: str,
-                truth: GroundTruth | None = None, sampling: Sampling | None = None, tag=None) -> EngineBatch:
+                ref: ImageRef | None = None, sampling: Sampling | None = None, tag=None) -> EngineBatch:
     """One batch per image; with a marker profile each query carries its own marked image."""
     sampling = sampling or sampling_for(profile)
     qname = profile.default_question
     if profile.marker is None:
-        images = {uid: PromptImage(uid, prep.pixels, truth)}
+        images = {uid: PromptImage(uid, prep.pixels, ref)}
         template, suffix, uids = profile.questions[qname].template, profile.suffix, (uid,)
         queries = [Query(template.format(x=u, y=v) + suffix, uids, qname) for u, v in plan.prompt_xy.tolist()]
         return EngineBatch(images, queries, sampling, tag)
@@ -67,32 +74,33 @@ def depth_batch(prep: PreparedImage, plan: QueryPlan, profile: Profile, *, uid: 
     xp, yp = prep.pixel_map.to_pre(plan.pixels[:, 0], plan.pixels[:, 1])
     for i, (x, y) in enumerate(zip(np.atleast_1d(xp), np.atleast_1d(yp))):
         quid = f"{uid}:m{i}"
-        images[quid] = PromptImage(quid, draw_marker(prep.pixels, float(x), float(y), profile.marker), truth)
+        images[quid] = PromptImage(quid, draw_marker(prep.pixels, float(x), float(y), profile.marker), ref)
         queries.append(Query(text, (quid,), qname, hint={"pre_xy": (float(x), float(y))}))
     return EngineBatch(images, queries, sampling, tag)
 
 
 def pair_images(prep1: PreparedImage, prep2: PreparedImage, uid1: str, uid2: str,
-                truth1: GroundTruth | None = None, truth2: GroundTruth | None = None) -> dict[str, PromptImage]:
-    return {uid1: PromptImage(uid1, prep1.pixels, truth1), uid2: PromptImage(uid2, prep2.pixels, truth2)}
+                ref1: ImageRef | None = None, ref2: ImageRef | None = None) -> dict[str, PromptImage]:
+    return {uid1: PromptImage(uid1, prep1.pixels, ref1), uid2: PromptImage(uid2, prep2.pixels, ref2)}
 
 
 def corr_batch(prep1: PreparedImage, prep2: PreparedImage, plan: QueryPlan, profile: Profile, *,
-               uid1: str, uid2: str, truth1: GroundTruth | None = None, sampling: Sampling | None = None,
-               tag=None) -> EngineBatch:
+               uid1: str, uid2: str, ref1: ImageRef | None = None, ref2: ImageRef | None = None,
+               sampling: Sampling | None = None, tag=None) -> EngineBatch:
     """Correspondence questions about pixels of image 1 (two images per prompt, image 1 first)."""
     qname = profile.default_question
     queries = [Query(render_text(profile, qname, x1=int(u), y1=int(v)), (uid1, uid2), qname)
                for u, v in plan.prompt_xy]
-    return EngineBatch(pair_images(prep1, prep2, uid1, uid2, truth1), queries,
+    return EngineBatch(pair_images(prep1, prep2, uid1, uid2, ref1, ref2), queries,
                        sampling or sampling_for(profile), tag)
 
 
 def pose_batch(prep1: PreparedImage, prep2: PreparedImage, profile: Profile, *, uid1: str, uid2: str,
-               questions: list[str] | None = None, truth1: GroundTruth | None = None, tag=None) -> EngineBatch:
+               questions: list[str] | None = None, ref1: ImageRef | None = None, ref2: ImageRef | None = None,
+               tag=None) -> EngineBatch:
     """The pose profile's questions about one image pair (one query each)."""
     names = questions or list(profile.questions)
     queries = [Query(render_text(profile, n), (uid1, uid2), n) for n in names]
     mt = max(profile.questions[n].max_tokens for n in names)
     s = Sampling(max_tokens=mt, system_prompt=profile.system_prompt, prefill=profile.prefill)
-    return EngineBatch(pair_images(prep1, prep2, uid1, uid2, truth1), queries, s, tag)
+    return EngineBatch(pair_images(prep1, prep2, uid1, uid2, ref1, ref2), queries, s, tag)

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator
 
-from densify.engines.base import Completion, EngineBatch, Query, Sampling
+from densify.engines.base import Completion, Engine, EngineBatch, Query, Sampling
 
 __all__ = ["AnswerStore", "StoredEngine", "BatchStats", "StoreError", "model_key_for", "store_path"]
 
@@ -232,7 +232,7 @@ class _Pending:
     ask_keys: list[bytes]
 
 
-class StoredEngine:
+class StoredEngine(Engine):
     """An engine wrapper that answers from the store first and commits every new answer.
 
     Only the misses of a batch reach the inner engine, as one smaller batch of the same image. A batch
@@ -245,8 +245,8 @@ class StoredEngine:
         self.store = store
         self.model_key = model_key
         self.profile = profile
-        self.name = f"stored({getattr(inner, 'name', type(inner).__name__)})"
-        self.uses_truth = bool(getattr(inner, "uses_truth", False))
+        self.name = f"stored({inner.name})"
+        self.simulated = inner.simulated
         self.hits = 0
         self.asked = 0
         self.times = {"keys": 0.0, "lookup": 0.0, "commit": 0.0}
@@ -254,6 +254,14 @@ class StoredEngine:
         self.image_stats: dict[str, list[int]] | None = {} if track_images else None
         """With track_images: source image uid -> [store hits, inner-engine queries], summed over its batches
         (an image asked in several rounds); the caller pops an image's entry when it is done with it."""
+
+    @property
+    def capacity(self) -> int:
+        return self.inner.capacity
+
+    @property
+    def stats(self):
+        return self.inner.stats
 
     def close(self) -> None:
         self.inner.close()
@@ -269,12 +277,7 @@ class StoredEngine:
 
     def stream_stats(self, batches: Iterable[EngineBatch]) -> Iterator[tuple[EngineBatch, list[Completion], BatchStats]]:
         """Like `stream`, with each batch's store hits and inner-engine queries."""
-        feed = self._feed(batches)
-        if getattr(self.inner, "stream", None) is not None:
-            results = self.inner.stream(feed)
-        else:
-            results = ((sub, self.inner.generate(sub) if sub.queries else []) for sub in feed)
-        for sub, answers in results:
+        for sub, answers in self.inner.stream(self._feed(batches)):
             yield self._finish(sub, answers)
 
     # -- internals

@@ -14,11 +14,11 @@ import numpy as np
 
 from densify.answers import parse_completion
 from densify.cameras import Camera, PreparedImage, prepare_image
-from densify.engines.base import Completion, Engine, GroundTruth, generate_stream
+from densify.engines.base import Completion, Engine, generate_stream
 from densify.geometry.pose import FAILED, GOOD, PairPose
 from densify.geometry.rotations import angle_between_deg, matrix_from_euler, rotation_angle_deg
 from densify.profiles import Profile
-from densify.prompts import image_uid, pose_batch
+from densify.prompts import image_ref, image_uid, pose_batch
 
 __all__ = ["VlmPose", "pose_view", "ask_pose", "collect_pose", "vlm_answer_from_T", "compare_poses"]
 
@@ -95,13 +95,12 @@ def collect_pose(profile: Profile, questions: list[str], completions: list[Compl
 
 
 def ask_pose(engine: Engine, profile: Profile, prep1: PreparedImage, prep2: PreparedImage, *, id1: str, id2: str,
-             questions: list[str] | None = None, T_2_from_1: np.ndarray | None = None) -> VlmPose:
-    """Ask the pose profile's questions about a pair (one query each). T_2_from_1 is ground truth for
-    the simulated engine only."""
+             questions: list[str] | None = None, path1=None, path2=None) -> VlmPose:
+    """Ask the pose profile's questions about a pair (one query each)."""
     uid1, uid2 = image_uid(prep1, id1), image_uid(prep2, id2)
-    truth = GroundTruth(pose_to={uid2: np.asarray(T_2_from_1, float)}) if T_2_from_1 is not None else None
     names = questions or list(profile.questions)
-    batch = pose_batch(prep1, prep2, profile, uid1=uid1, uid2=uid2, questions=names, truth1=truth)
+    batch = pose_batch(prep1, prep2, profile, uid1=uid1, uid2=uid2, questions=names,
+                       ref1=image_ref(id1, prep1, path1), ref2=image_ref(id2, prep2, path2))
     completions = next(generate_stream(engine, [batch]))[1]
     return collect_pose(profile, names, completions)
 

@@ -1,52 +1,58 @@
-"""`densify demo`: render a seeded synthetic room, run the depth pipeline on it with the simulated engine,
-and report accuracy against the exact ground truth. Runs offline, in about a minute on 2 cores.
+"""`densify demo`: render a seeded synthetic room, run the depth stage on it with the simulated engine, and
+report accuracy against the exact ground truth. Offline, in seconds on 2 cores; no model needed.
+
+The simulated engine answers from the scene's truth through an error model: the report says so.
 """
 
 from __future__ import annotations
 
-import logging
 import tempfile
 import time
 from pathlib import Path
 
-
-from densify.engines.simulated import SimulatedEngine
+from densify.engines import create_engine
+from densify.eval.metrics import delta1, depth_report
 from densify.images import discover
-from densify.profiles import load_profile
-from pipelines.configs import DepthJobConfig, load_job_config
-from pipelines.depth import run_depth
-from densify.config import parse_set_options
-
-log = logging.getLogger("densify.demo")
+from densify.layout import RunLayout
+from densify.settings import DepthConfig
+from densify.stages.depth import run_depth
+from pipelines import common
 
 
 def run_demo(out_dir: str | Path, *, seed: int = 0, views: int = 2, noise: bool = True,
-             cfg: DepthJobConfig | None = None, progress: bool = True) -> dict:
+             cfg: DepthConfig | None = None, progress=None) -> dict:
     from densify.synthetic.scenes import SceneSpec, make_scene
+    from densify.truth import SceneTruth
 
     out = Path(out_dir)
     t0 = time.perf_counter()
     scene = make_scene(SceneSpec(seed=seed, n_views=views))
-    scene_dir = out / "scene"
-    images = scene.save(scene_dir)
+    images = scene.save(out / "scene")
     t_render = time.perf_counter() - t0
-    cfg = cfg or load_job_config(DepthJobConfig, None, {}, default_name="depth")
-    engine = SimulatedEngine(load_profile(cfg.profile), seed=seed, noise=noise)
-    summary = run_depth(discover([str(p) for p in images]), cfg, out / "depth", engine=engine, progress=progress)
-    summary.pop("_results")
-    summary["render_s"] = t_render
-    summary["total_s"] = time.perf_counter() - t0
-    summary["noise"] = noise
-    summary["error_model"] = engine.error.__dict__
+    cfg = cfg or DepthConfig(engine={"name": "simulated"})
+    truth = SceneTruth(scene)
+    engine = create_engine("simulated", profile=cfg.profile, seed=seed, noise=noise, truth=truth)
+    view = {f"view_{k:03d}": v for k, v in enumerate(scene.views)}
+
+    def evaluate(src, res) -> dict:  # the scene's exact depth: the demo knows it, the stage does not
+        gt = view[src.id].depth
+        p = res.answers.pixels.astype(int)
+        return {"dense": depth_report(res.depth, gt),
+                "points": {"delta1": delta1(res.answers.values, gt[p[:, 1], p[:, 0]])}}
+
+    summary, _ = run_depth(discover([str(p) for p in images]), cfg, engine, RunLayout(out / "depth"),
+                           evaluate=evaluate, progress=progress)
+    summary.update(render_s=t_render, total_s=time.perf_counter() - t0, noise=noise, error_model=engine.error.__dict__)
     return summary
 
 
-def format_report(s: dict, out) -> str:
+def format_report(s: dict, out, kept: bool) -> str:
     m = s["metrics"]
     pts, dense = m.get("points", {}), m.get("dense", {})
-    lines = [
-        "densify demo - SIMULATED engine: answers come from the scene's exact depth through an error model "
-        f"({'noise on' if s['noise'] else 'noise OFF'}), not from a real model.",
+    where = f"{out}/depth/<image>/ (depth.npy, depth.png, preview.png, cloud.ply, answers.jsonl)" if kept else \
+        "a temporary folder, now removed (use --out DIR to keep them)"
+    return "\n".join([
+        f"densify demo - {common.SIMULATED_NOTE} ({'noise on' if s['noise'] else 'noise OFF'}).",
         f"  images            {s['ok']} of {s['images']} ({s['profile']} profile)",
         f"  queries           {s['queries']:,} ({s['queries'] // max(s['ok'], 1):,} per image), "
         f"answer failures {s['answer_failures'] or 'none'}",
@@ -55,22 +61,30 @@ def format_report(s: dict, out) -> str:
         f"   RMSE {dense.get('rmse', float('nan')):.3f} m   (full-resolution map vs ground truth)",
         f"  wall time         {s['total_s']:.1f} s (render {s['render_s']:.1f} s, pipeline {s['wall_s']:.1f} s, "
         f"{s['queries_per_s']:,.0f} simulated q/s)",
-        f"  outputs           {out}/depth/<image>/ (depth.npy, depth.png, preview.png, cloud.ply, answers.jsonl)",
-    ]
-    return "\n".join(lines)
+        f"  outputs           {where}",
+    ])
 
 
 def add_arguments(p) -> None:
-    p.add_argument("--out", help="output folder (default: a temporary folder)")
-    p.add_argument("--seed", type=int, default=0, help="scene and noise seed")
-    p.add_argument("--views", type=int, default=2, help="images to render")
-    p.add_argument("--no-noise", action="store_true", help="exact answers (checks the pipeline, not a model)")
-    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a depth config key")
+    p.add_argument("--out", help="The output folder (default: a temporary folder, removed at the end).")
+    p.add_argument("--seed", type=int, default=0, help="The scene and noise seed (default 0).")
+    p.add_argument("--views", type=int, default=2, help="Images to render (default 2).")
+    p.add_argument("--no-noise", action="store_true", help="Exact answers: checks the pipeline, not a model.")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", default=[],
+                   help="Override a depth setting, e.g. --set plan.count=1024; repeatable.")
 
 
 def run(args) -> int:
-    out = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="densify-demo-"))
-    cfg = load_job_config(DepthJobConfig, None, parse_set_options(args.set), default_name="depth")
-    s = run_demo(out, seed=args.seed, views=args.views, noise=not args.no_noise, cfg=cfg)
-    print(format_report(s, out))
+    from densify.config import Override
+
+    cfg = common.load(args, DepthConfig, "depth", [Override(("engine", "name"), "simulated", "densify demo")])
+    if args.views < 1:
+        from densify.config import ConfigError
+
+        raise ConfigError(f"--views {args.views}: render at least one view")
+    with tempfile.TemporaryDirectory(prefix="densify-demo-") as tmp:
+        out = Path(args.out) if args.out else Path(tmp)
+        RunLayout(out).check()
+        s = run_demo(out, seed=args.seed, views=args.views, noise=not args.no_noise, cfg=cfg)
+        print(format_report(s, out, kept=bool(args.out)))
     return 1 if s["failed"] else 0

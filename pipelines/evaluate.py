@@ -6,87 +6,58 @@ release: one JSON object per image with intrinsics, pixel_coords and metric dept
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 
-import numpy as np
-
-from densify import outputs
-from densify.images import read_jsonl_manifest
-from pipelines.configs import DepthJobConfig, depth_overrides, load_job_config
-from pipelines.depth import run_depth
-from densify.eval.metrics import absrel, delta1
-
-log = logging.getLogger("densify.eval")
+from densify.config import ConfigError, Override
+from densify.eval.labels import evaluate_labels, label_sources
+from densify.layout import RunLayout
+from densify.profiles import load_profile
+from densify.settings import DepthConfig
+from densify.stages.engine import build_engine
+from pipelines import common
 
 DEFAULT_IBIMS = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "ibims1-sample" / "ibims1_sample.jsonl"
 
 
-def evaluate_labels(jsonl: str | Path, cfg: DepthJobConfig, out_dir=None, *, engine=None, limit: int | None = None,
-                    progress: bool = True) -> dict:
-    """Ask the engine exactly the labelled pixels of every image; score the point answers."""
-    sources = read_jsonl_manifest(Path(jsonl))
-    if limit:
-        sources = sources[:limit]
-    for s in sources:
-        if s.labels is None:
-            raise ValueError(f"{jsonl}: image {s.path} has no pixel_coords/depth labels")
-        s.extra["points"] = np.asarray(s.labels["pixels"], float)
-    cfg = cfg.model_copy(update={"overwrite": True})
-    summary = run_depth(sources, cfg, out_dir, engine=engine, progress=progress, keep_maps=True)
-    preds, gts, per_image = [], [], []
-    for r in summary.pop("_results"):
-        if r.status != "ok":
-            continue
-        src = next(s for s in sources if s.id == r.id)
-        lookup = {tuple(map(int, p)): v for p, v in zip(r.answers.pixels, r.answers.values)}
-        pred = np.array([lookup.get(tuple(map(int, p)), np.nan) for p in src.labels["pixels"]])
-        gt = np.asarray(src.labels["depth"], float)
-        preds.append(pred)
-        gts.append(gt)
-        per_image.append({"id": r.id, "delta1": delta1(pred, gt), "absrel": absrel(pred, gt),
-                          "answered": int(np.isfinite(pred).sum()), "labels": len(gt)})
-    pred, gt = (np.concatenate(preds), np.concatenate(gts)) if preds else (np.array([]), np.array([]))
-    report = {
-        "data": str(jsonl), "profile": summary["profile"], "engine": summary["engine"],
-        "images": summary["ok"], "failed_images": summary["failed_images"], "points": int(len(gt)),
-        "answered": int(np.isfinite(pred).sum()),
-        # as DepthLM reports it: over all labelled points; a failed answer counts as a miss
-        "delta1": float(np.mean(np.where(np.isfinite(pred), np.maximum(pred / gt, gt / pred) < 1.25, False)))
-        if len(gt) else float("nan"),
-        "delta1_answered": delta1(pred, gt), "absrel_answered": absrel(pred, gt),
-        "parse_failures": summary["answer_failures"], "wall_s": summary["wall_s"],
-        "queries_per_s": summary["queries_per_s"], "per_image": per_image,
-    }
-    if out_dir is not None:
-        outputs.write_json(Path(out_dir) / "eval.json", report)
-    return report
-
-
 def add_arguments(p) -> None:
-    p.add_argument("suite", choices=["ibims"], help="evaluation suite")
-    p.add_argument("--data", default=str(DEFAULT_IBIMS), help="DepthLM-format JSONL (default: the iBims sample)")
-    p.add_argument("--profile", default=None, help="depth profile (default vlm3-depth)")
-    p.add_argument("--engine", default=None, help="simulated | hf | vllm | openai | ray")
-    p.add_argument("--model", help="checkpoint for the engine")
-    p.add_argument("--config", help="pipeline YAML")
-    p.add_argument("--limit", type=int, help="first N images only")
-    p.add_argument("--out", help="write per-image outputs and eval.json here")
-    p.add_argument("--set", action="append", metavar="KEY=VALUE")
+    p.add_argument("suite", choices=["ibims"], help="The evaluation suite: ibims (DepthLM-format labelled points).")
+    p.add_argument("--data", default=str(DEFAULT_IBIMS),
+                   help="A DepthLM-format JSONL (default: the iBims-1 sample in ../shared/data).")
+    common.add_engine_args(p)
+    p.add_argument("--limit", type=int, help="Score the first N images only (default: all).")
+    p.add_argument("--out", help="Write per-image outputs and eval.json here (default: nothing written).")
+    common.add_config_args(p, "depth")
 
 
 def run(args) -> int:
     data = Path(args.data)
     if not data.is_file():
-        raise FileNotFoundError(f"{data}: no such JSONL; pass --data PATH/TO/ibims.jsonl")
-    over = depth_overrides(args)
-    over.setdefault("outputs", {}).update({"ply": False, "preview": False})
-    over.setdefault("densify", {}).setdefault("method", "linear")  # scores are at the asked points
-    cfg = load_job_config(DepthJobConfig, args.config, over, default_name="depth")
-    rep = evaluate_labels(data, cfg, args.out, limit=args.limit)
-    print(f"eval {args.suite} ({rep['engine']} engine, {rep['profile']}): {rep['images']} images, "
-          f"{rep['points']} labelled points, answered {rep['answered']}")
-    print(f"  delta_1 {rep['delta1']:.3f} (over answered: {rep['delta1_answered']:.3f}), "
-          f"AbsRel {rep['absrel_answered']:.3f}, parse failures {rep['parse_failures'] or 'none'}, "
-          f"{rep['queries_per_s']:.0f} q/s")
+        raise ConfigError(f"--data {data}: no such file; pass --data PATH/TO/ibims.jsonl")
+    if args.limit is not None and args.limit < 1:
+        raise ConfigError(f"--limit {args.limit}: give a positive number of images")
+    # Scores are at the asked points: no previews or clouds, and the fast densifier.
+    extra = [Override(("outputs", "ply"), False, "eval"), Override(("outputs", "preview"), False, "eval"),
+             Override(("densify", "method"), "linear", "eval")]
+    cfg = common.load(args, DepthConfig, "depth", extra)
+    layout = RunLayout(args.out) if args.out else None
+    if layout is not None:
+        layout.check()
+    sources = label_sources(data, args.limit)
+    engine = build_engine(cfg.engine, load_profile(cfg.profile), model=cfg.model)
+    try:
+        if layout is not None:
+            layout.root.mkdir(parents=True, exist_ok=True)
+        rep = evaluate_labels(sources, cfg, engine, layout, data=str(data))
+    finally:
+        engine.close()
+    c = common.console()
+    if rep["simulated"]:
+        c.print(f"[yellow]{common.SIMULATED_NOTE}[/]")
+    c.print(f"eval {args.suite} ({rep['engine']} engine, {rep['profile']}, model {rep['model']}): {rep['images']} "
+            f"images, {rep['points']} labelled points, answered {rep['answered']}")
+    c.print(f"  delta_1 {rep['delta1']:.3f} (over answered: {rep['delta1_answered']:.3f}), AbsRel "
+            f"{rep['absrel_answered']:.3f}, parse failures {rep['parse_failures'] or 'none'}, "
+            f"{rep['queries_per_s']:.0f} q/s")
+    for f in rep["failed_images"][:10]:
+        c.print(f"  [red]failed[/] {f['id']} ({f['kind']}): {f['error']}")
     return 1 if rep["failed_images"] else 0

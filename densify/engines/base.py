@@ -1,6 +1,7 @@
 """The engine protocol: a batch of text queries over shared images in, answer texts out.
 
-Every engine (simulated, hf, vllm, openai, the Ray pool) implements `generate(batch)`. A batch holds the
+Every engine (simulated, hf, vllm, openai, the Ray pool) subclasses `Engine` and implements
+`generate(batch)` or `stream(batches)` (each has a default in terms of the other). A batch holds the
 prompt images once, keyed by a stable id, and many queries that refer to them; all queries of one image
 travel together so a prefix-caching engine computes that image's tokens once.
 """
@@ -8,8 +9,9 @@ travel together so a prefix-caching engine computes that image's tokens once.
 from __future__ import annotations
 
 import hashlib
+import types
 from dataclasses import dataclass, field
-from typing import Iterable, Iterator, Protocol, Sequence, runtime_checkable
+from typing import ClassVar, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 
@@ -17,7 +19,7 @@ import numpy as np
 @dataclass
 class GroundTruth:
     """What is known about a prompt image, in its preprocessed pixel frame. Only the simulated engine
-    reads it; real engines ignore it."""
+    builds and reads it (from a `densify.truth` provider); nothing on the real data path carries it."""
 
     depth: np.ndarray | None = None
     """HxW metric depth (0 or NaN = unknown)."""
@@ -30,13 +32,28 @@ class GroundTruth:
     """other image uid -> 4x4 transform from this camera's frame to the other's (x_other = T @ x_this)."""
 
 
+@dataclass(frozen=True)
+class ImageRef:
+    """Where a prompt image comes from: the source image's id and file, and the exact resize from its
+    original pixels. Real engines ignore it; the simulated engine uses it to look up ground truth."""
+
+    id: str
+    path: str = ""
+    manifest: str | None = None
+    """The JSONL/Parquet manifest that listed the image, if any."""
+    size: tuple[int, int] = (0, 0)
+    """Original (width, height)."""
+    scale: tuple[float, float] = (1.0, 1.0)
+    """Prompt-image pixel = original pixel * scale (per axis, the profile's exact resize factors)."""
+
+
 @dataclass
 class PromptImage:
     """One preprocessed image as the model sees it."""
 
     uid: str
     pixels: np.ndarray  # HxWx3 uint8 RGB
-    truth: GroundTruth | None = None
+    ref: ImageRef | None = None
 
     @staticmethod
     def content_uid(pixels: np.ndarray, salt: str = "") -> str:
@@ -95,36 +112,62 @@ class EngineError(RuntimeError):
     """An engine failed as a whole (not one answer): out of memory, unreachable server, ..."""
 
 
-@runtime_checkable
-class Engine(Protocol):
-    """What every engine does. Engines that keep several batches in flight also have
-    `stream(batches) -> Iterator[(batch, completions)]`, yielding each batch (tag included) as it finishes.
-    Its source may yield None, meaning "no new batch right now": the engine goes on with the batches it
-    holds (without blocking on them for long) and asks the source again; a source that is fed from another
-    thread uses this to keep the engine busy without blocking it."""
+class EngineStartError(EngineError):
+    """An engine could not start: missing package, model not found, server unreachable, key refused.
+    The message names the fix; commands exit with their 'engine unavailable' code."""
 
-    name: str
+
+class Engine:
+    """The base of every engine.
+
+    Subclasses implement `generate(batch)` (answer every query of one batch, in order) or
+    `stream(batches)` (yield `(batch, completions)` as batches finish, tags passed through), or both; each
+    has a default in terms of the other. A `stream` source may yield None, meaning "no new batch right now":
+    the engine goes on with the batches it holds (without blocking on them for long) and asks again; a
+    source fed from another thread uses this to keep the engine busy without blocking it.
+    """
+
+    name: ClassVar[str] = "engine"
+    simulated: ClassVar[bool] = False
+    """True for engines that answer from ground truth (tests and demos), never from a model."""
+    stats: Mapping = types.MappingProxyType({})
+    """Counters and seconds an engine chooses to report (engines assign their own dict)."""
+
+    def __init_subclass__(cls, **kw):
+        super().__init_subclass__(**kw)
+        if cls.generate is Engine.generate and cls.stream is Engine.stream:
+            raise TypeError(f"{cls.__name__} must implement generate() or stream()")
 
     def generate(self, batch: EngineBatch) -> list[Completion]:
         """Answer every query of the batch, in order."""
-        ...
+        for _, completions in self.stream([batch]):
+            return completions
+        raise EngineError(f"{self.name} engine returned no answers")
 
-    def close(self) -> None: ...
+    def stream(self, batches: Iterable[EngineBatch | None]) -> Iterator[tuple[EngineBatch, list[Completion]]]:
+        """Answer batches, yielding each with its answers as it finishes (one at a time by default)."""
+        for batch in batches:
+            if batch is not None:
+                yield batch, self.generate(batch)
+
+    @property
+    def capacity(self) -> int:
+        """Batches worth keeping in flight at once (several images inside a streaming engine or pool)."""
+        return 1
+
+    def close(self) -> None:
+        """Free what the engine holds (GPU memory, threads, actors); idempotent."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
 def generate_stream(engine: Engine, batches: Iterable[EngineBatch]) -> Iterator[tuple[EngineBatch, list[Completion]]]:
-    """Run batches through an engine, yielding each batch with its answers as it finishes.
-
-    Engines that keep several batches in flight (vllm, openai, the Ray pool) provide their own `stream`.
-    `batches` may yield None ("no new batch right now", see `Engine`); without a `stream` it is skipped.
-    """
-    stream = getattr(engine, "stream", None)
-    if stream is not None:
-        yield from stream(batches)
-        return
-    for batch in batches:
-        if batch is not None:
-            yield batch, engine.generate(batch)
+    """Run batches through an engine, yielding each batch with its answers as it finishes."""
+    return engine.stream(batches)
 
 
 def check_batch(batch: EngineBatch) -> None:

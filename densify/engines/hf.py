@@ -36,8 +36,7 @@ from typing import Any
 
 import numpy as np
 
-from densify.engines import register_engine
-from densify.engines.base import Completion, EngineBatch, EngineError, PromptImage, Query, check_batch
+from densify.engines.base import Completion, Engine, EngineBatch, EngineError, PromptImage, Query, check_batch
 from densify.profiles import Profile, load_profile
 from densify.prompts import chat_messages
 
@@ -100,7 +99,7 @@ def load_image_processor(path: str):
         return cls.from_pretrained(path)
 
 
-class HFEngine:
+class HFEngine(Engine):
     name = "hf"
 
     def __init__(self, profile: Profile | str, *, model: str | None = None, device: str = "auto",
@@ -303,7 +302,3 @@ class HFEngine:
                                   n_generated_tokens=n))
         return out
 
-
-@register_engine("hf")
-def _make(profile: Profile | str, **options) -> HFEngine:
-    return HFEngine(profile, **options)

@@ -32,8 +32,7 @@ import time
 import urllib.parse
 from typing import Any, Iterable, Iterator
 
-from densify.engines import register_engine
-from densify.engines.base import Completion, EngineBatch, EngineError, PromptImage, Query, check_batch
+from densify.engines.base import Completion, Engine, EngineBatch, EngineError, EngineStartError, PromptImage, Query, check_batch
 from densify.profiles import Profile, load_profile
 from densify.prompts import chat_messages
 
@@ -57,7 +56,7 @@ def png_data_url(pixels) -> str:
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
 
 
-class OpenAIEngine:
+class OpenAIEngine(Engine):
     """Point queries against an OpenAI-compatible server.
 
     Options: base_url (".../v1"), model (default: the server's only model, else the profile's), api_key_env
@@ -69,7 +68,6 @@ class OpenAIEngine:
     """
 
     name = "openai"
-    uses_truth = False
 
     def __init__(self, profile: Profile | str, *, base_url: str = "http://127.0.0.1:8000/v1",
                  model: str | None = None, api_key_env: str = "OPENAI_API_KEY", concurrency: int = 64,
@@ -178,12 +176,12 @@ class OpenAIEngine:
             listing = self._request("GET", "/models", timeout=self.connect_timeout)
         except _HTTPError as exc:
             if exc.status in (401, 403):
-                raise EngineError(f"openai engine: {url} refused the API key ({exc}); put the key in the "
+                raise EngineStartError(f"openai engine: {url} refused the API key ({exc}); put the key in the "
                                   f"environment variable {self.api_key_env!r} (engine option api_key_env)") from exc
             log.warning("openai engine: %s answered %s; going on without a model listing", url, exc)
             return model
         except (OSError, http.client.HTTPException) as exc:
-            raise EngineError(f"openai engine: cannot reach an OpenAI-compatible server at {url} "
+            raise EngineStartError(f"openai engine: cannot reach an OpenAI-compatible server at {url} "
                               f"({type(exc).__name__}: {exc}). Start one, e.g. `vllm serve MODEL --port "
                               f"{self._port or 8000}`, or set engine.options.base_url to where it runs") from exc
         finally:
@@ -195,11 +193,11 @@ class OpenAIEngine:
             if self.profile.model in ids:
                 return self.profile.model
             if ids:
-                raise EngineError(f"openai engine: the server at {self.base_url} serves {ids}; choose one with "
+                raise EngineStartError(f"openai engine: the server at {self.base_url} serves {ids}; choose one with "
                                   f"engine.options.model")
             return None
         if ids and model not in ids:
-            raise EngineError(f"openai engine: the server at {self.base_url} does not serve {model!r} (it serves "
+            raise EngineStartError(f"openai engine: the server at {self.base_url} does not serve {model!r} (it serves "
                               f"{ids}); fix engine.options.model")
         return model
 
@@ -353,7 +351,3 @@ class OpenAIEngine:
         if pool is not None:
             pool.shutdown(wait=True, cancel_futures=True)
 
-
-@register_engine("openai")
-def _make(profile: Profile | str, **options) -> OpenAIEngine:
-    return OpenAIEngine(profile, **options)

@@ -29,8 +29,8 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Iterator
 
-from densify.engines import ENGINE_MODULES, _REGISTRY, create_engine, register_engine
-from densify.engines.base import Completion, Engine, EngineBatch, EngineError, Query, generate_stream
+from densify.engines import create_engine, engine_names
+from densify.engines.base import Completion, Engine, EngineBatch, EngineError, EngineStartError, Query, generate_stream
 from densify.profiles import Profile
 
 __all__ = ["RayPoolEngine"]
@@ -66,7 +66,7 @@ class _EngineActor:
 
     def info(self) -> dict:
         return {"name": getattr(self.engine, "name", type(self.engine).__name__),
-                "uses_truth": bool(getattr(self.engine, "uses_truth", False)), "pid": os.getpid(),
+                "simulated": bool(getattr(self.engine, "simulated", False)), "pid": os.getpid(),
                 "cpu_s": time.process_time()}
 
     def ping(self) -> bool:
@@ -261,7 +261,7 @@ def _dead_errors() -> tuple:
     return _DEAD_ERRORS
 
 
-class RayPoolEngine:
+class RayPoolEngine(Engine):
     """Run an engine in `num_actors` Ray actors (one per GPU when GPUs are requested).
 
     Only `profile` is positional; all other options are keyword-only. `engine_options` go to the engine
@@ -271,7 +271,6 @@ class RayPoolEngine:
     """
 
     name = "ray"
-    uses_truth = False  # set from the actors' engine once they are up
 
     def __init__(self, profile: Profile | str, *, engine: EngineSpec = "simulated", engine_options: dict | None = None,
                  num_actors: int | None = None, num_gpus_per_actor: float = 0, num_cpus_per_actor: float = 1,
@@ -280,8 +279,8 @@ class RayPoolEngine:
                  start_one_by_one: bool | None = None):
         import ray
 
-        if isinstance(engine, str) and engine not in _REGISTRY and engine not in ENGINE_MODULES:
-            raise KeyError(f"unknown engine {engine!r}; available: {', '.join(sorted(ENGINE_MODULES))}")
+        if isinstance(engine, str) and engine not in engine_names():
+            raise KeyError(f"unknown engine {engine!r}; available: {', '.join(engine_names())}")
         if engine == "ray":
             raise ValueError("the Ray pool cannot wrap itself; name the engine each actor runs")
         if max_in_flight_per_actor < 1:
@@ -302,8 +301,13 @@ class RayPoolEngine:
         if not ray.is_initialized():
             # A local Ray by default (or the cluster RAY_ADDRESS names); `ray_address` for an existing cluster.
             # close() shuts down what this call started: the local Ray, or this driver's connection.
-            ray.init(address=ray_address, include_dashboard=False, log_to_driver=False, ignore_reinit_error=True,
-                     configure_logging=False, runtime_env=runtime_env)
+            try:
+                ray.init(address=ray_address, include_dashboard=False, log_to_driver=False, ignore_reinit_error=True,
+                         configure_logging=False, runtime_env=runtime_env)
+            except Exception as exc:  # no cluster at that address, a bad address, ...
+                raise EngineStartError(f"Ray could not start or connect (ray_address={ray_address!r}): "
+                                       f"{_short(exc)}; start a cluster (`ray start --head`) or leave the "
+                                       f"address unset for a local one") from None
             self._started_ray = True
             runtime_env = None  # the job's runtime_env now applies to every actor
         try:
@@ -347,10 +351,10 @@ class RayPoolEngine:
             try:
                 infos += ray.get(refs)
             except Exception as exc:  # an engine that cannot be built: say why, once
-                raise EngineError(f"the engine could not start in a Ray actor: {_short(exc)}") from None
+                raise EngineStartError(f"the engine could not start in a Ray actor: {_short(exc)}") from None
         self._cpu0 = sum(i["cpu_s"] for i in infos)
         self.inner_name = infos[0]["name"]
-        self.uses_truth = infos[0]["uses_truth"]
+        self.simulated = infos[0]["simulated"]
         log.info("Ray pool: %d actor(s) running %s (%s CPU, %s GPU each, %d batches in flight each)",
                  num_actors, self.inner_name, num_cpus, num_gpus, self.max_in_flight)
 
@@ -593,7 +597,3 @@ def _short(exc: BaseException, limit: int = 300) -> str:
     text = " ".join(str(exc).split())
     return f"{type(exc).__name__}: {text[:limit]}{'...' if len(text) > limit else ''}"
 
-
-@register_engine("ray")
-def _make(profile: Profile | str, **options) -> RayPoolEngine:
-    return RayPoolEngine(profile, **options)

@@ -1,5 +1,9 @@
 """A simulated point-query model: answers from ground truth through a seeded error model.
 
+A test and demo tool, never a default: it answers only where truth exists, looked up by image through a
+`densify.truth` provider (by default `FileTruth`: files beside the image and its manifest record). An image
+without truth gets an error answer for every query, never an invented one.
+
 It writes answers as text, the way the model would, so the profile's parser is always exercised, and it
 reads the queried coordinates back out of the prompt text, so a wrong prompt gives wrong answers.
 Each answer's randomness is seeded by (seed, images, text): answers do not depend on batching or order.
@@ -7,6 +11,7 @@ Each answer's randomness is seeded by (seed, images, text): answers do not depen
 
 from __future__ import annotations
 
+import collections
 import hashlib
 import math
 import re
@@ -15,9 +20,8 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
-from densify.cameras import PreparedImage
-from densify.engines import register_engine
-from densify.engines.base import Completion, EngineBatch, GroundTruth, PromptImage, Query, check_batch
+from densify.cameras import PixelMap
+from densify.engines.base import Completion, Engine, EngineBatch, GroundTruth, ImageRef, PromptImage, Query, check_batch
 from densify.geometry.rotations import euler_from_matrix, relative_from_T, rotation_angle_deg
 from densify.profiles import Profile, load_profile
 
@@ -47,36 +51,51 @@ class ErrorModel:
         return cls(0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0)
 
 
-def depth_truth(prep: PreparedImage, depth: np.ndarray) -> GroundTruth:
-    """Dense ground truth at the original resolution -> the prompt image's frame (nearest)."""
-    w, h = prep.pixel_map.pre_size
-    d = np.asarray(depth, np.float32)
-    return GroundTruth(depth=cv2.resize(d, (w, h), interpolation=cv2.INTER_NEAREST))
+def _pixel_map(img: PromptImage) -> PixelMap:
+    h, w = img.pixels.shape[:2]
+    return PixelMap(tuple(img.ref.size), (w, h), None, tuple(img.ref.scale))
 
 
-def label_truth(prep: PreparedImage, pixels: np.ndarray, depth: np.ndarray) -> GroundTruth:
-    """Sparse labelled points (original pixels) -> the prompt image's frame."""
-    xp, yp = prep.pixel_map.to_pre(np.asarray(pixels)[:, 0], np.asarray(pixels)[:, 1])
-    return GroundTruth(label_xy=np.stack([xp, yp], 1), label_depth=np.asarray(depth, float))
+def corr_truth(orig_matches: np.ndarray, pmap1: PixelMap, pmap2: PixelMap) -> np.ndarray:
+    """Original-resolution match map (HxWx2, image-2 original pixels, NaN = not visible) -> the same map
+    in the preprocessed frames of both images: sampled (nearest) at each preprocessed pixel of image 1,
+    target scaled into image 2's preprocessed frame."""
+    w1, h1 = pmap1.pre_size
+    xs, ys = pmap1.to_orig(np.arange(w1, dtype=np.float64), np.arange(h1, dtype=np.float64))
+    mx, my = np.meshgrid(xs.astype(np.float32), ys.astype(np.float32))
+    m = np.ascontiguousarray(orig_matches, dtype=np.float32)
+    # Nearest: matches are not smooth across occlusion edges; NaN stays NaN.
+    s = cv2.remap(m, mx, my, cv2.INTER_NEAREST, borderMode=cv2.BORDER_CONSTANT, borderValue=float("nan"))
+    tx, ty = pmap2.to_pre(s[..., 0], s[..., 1])
+    return np.stack([tx, ty], -1).astype(np.float32)
 
 
-class SimulatedEngine:
+class NoTruth(LookupError):
+    """The provider knows nothing needed to answer this query."""
+
+
+class SimulatedEngine(Engine):
+    """Options: seed, noise (False: exact answers), error (ErrorModel fields); in Python also `truth`, a
+    `densify.truth.Truth` provider (default `FileTruth()`)."""
+
     name = "simulated"
-    uses_truth = True
+    simulated = True
 
-    def __init__(self, profile: Profile | str, *, seed: int = 0, error: ErrorModel | dict | None = None,
-                 noise: bool = True):
+    def __init__(self, profile: Profile | str, *, seed: int = 0, noise: bool = True,
+                 error: ErrorModel | dict | None = None, truth=None):
+        from densify.truth import FileTruth
+
         self.profile = load_profile(profile)
         if isinstance(error, dict):
             error = ErrorModel(**error)
         self.error = (error or ErrorModel()) if noise else ErrorModel.exact()
         self.seed = int(seed)
-        self.queries_answered = 0
+        self.truth = truth if truth is not None else FileTruth()
+        self.stats = collections.Counter()
         self._bitgen = np.random.PCG64(0)
         self._gen = np.random.Generator(self._bitgen)
-
-    def close(self) -> None:
-        pass
+        self._pre: collections.OrderedDict = collections.OrderedDict()   # image key -> GroundTruth | None
+        self._pairs: collections.OrderedDict = collections.OrderedDict()  # (key1, key2) -> (matches, T) in pre frames
 
     # -- the protocol
     def generate(self, batch: EngineBatch) -> list[Completion]:
@@ -84,7 +103,12 @@ class SimulatedEngine:
         out = []
         for q in batch.queries:
             rng = self._rng(batch, q)
-            text = self._answer(batch, q, rng)
+            try:
+                text = self._answer(batch, q, rng)
+            except NoTruth as exc:
+                self.stats["no_truth"] += 1
+                out.append(Completion("", error=str(exc)))
+                continue
             lp = None
             if batch.sampling.logprobs and isinstance(text, tuple):
                 text, rel_err = text
@@ -92,8 +116,64 @@ class SimulatedEngine:
             elif isinstance(text, tuple):
                 text = text[0]
             out.append(Completion(text=text, logprob=lp, n_generated_tokens=max(1, len(text) // 3)))
-        self.queries_answered += len(out)
+        self.stats["queries"] += len(out)
         return out
+
+    # -- truth, in each prompt image's own frame (cached: a batch shows the same image thousands of times)
+    @staticmethod
+    def _key(img: PromptImage):
+        return (img.ref.id, img.ref.path, img.ref.scale, img.pixels.shape[:2]) if img.ref is not None else None
+
+    def _image_truth(self, img: PromptImage) -> GroundTruth:
+        key = self._key(img)
+        if key is None:
+            raise NoTruth(f"simulated engine: prompt image {img.uid[:12]} names no source image, so it has no "
+                          f"ground truth to answer from")
+        if key in self._pre:
+            self._pre.move_to_end(key)
+            gt = self._pre[key]
+        else:
+            gt = self._build_truth(img)
+            self._pre[key] = gt
+            while len(self._pre) > 16:
+                self._pre.popitem(last=False)
+        if gt is None:
+            raise NoTruth(f"simulated engine: no ground truth for image {img.ref.id} ({img.ref.path}); it answers "
+                          f"only where truth exists (a <stem>.depth.npy beside the image, depth labels in its "
+                          f"DepthLM manifest, or a densify.truth provider). Real images need a real engine: "
+                          f"--engine vllm, hf or openai with --model")
+        return gt
+
+    def _build_truth(self, img: PromptImage) -> GroundTruth | None:
+        ref, t = img.ref, self.truth
+        h, w = img.pixels.shape[:2]
+        sx, sy = ref.scale
+        depth, labels = t.depth(ref), t.labels(ref)
+        if depth is None and labels is None:
+            return None
+        gt = GroundTruth()
+        if depth is not None:
+            gt.depth = cv2.resize(np.asarray(depth, np.float32), (w, h), interpolation=cv2.INTER_NEAREST)
+        if labels is not None:
+            xy, d = labels
+            gt.label_xy = np.asarray(xy, float) * np.array([sx, sy])
+            gt.label_depth = np.asarray(d, float)
+        return gt
+
+    def _pair_truth(self, img1: PromptImage, img2: PromptImage):
+        """(matches 1 -> 2 in the prompt images' frames or None, T_2_from_1 or None)."""
+        k1, k2 = self._key(img1), self._key(img2)
+        if k1 is None or k2 is None:
+            raise NoTruth("simulated engine: a pair's prompt images name no source images, so there is no truth")
+        key = (k1, k2)
+        if key not in self._pairs:
+            m = self.truth.matches(img1.ref, img2.ref)
+            if m is not None:
+                m = corr_truth(m, _pixel_map(img1), _pixel_map(img2))
+            self._pairs[key] = (m, self.truth.relative_pose(img1.ref, img2.ref))
+            while len(self._pairs) > 8:
+                self._pairs.popitem(last=False)
+        return self._pairs[key]
 
     # -- internals
     def _rng(self, batch: EngineBatch, q: Query) -> np.random.Generator:
@@ -123,6 +203,11 @@ class SimulatedEngine:
     def _answer(self, batch: EngineBatch, q: Query, rng: np.random.Generator):
         kind = self.profile.questions[q.question].parser if q.question in self.profile.questions else "depth"
         img = batch.images[q.image_uids[0]]
+        # Truth first: an image without truth gets an error, never even an "unparseable" answer.
+        if kind == "depth":
+            self._image_truth(img)
+        else:
+            self._pair_truth(img, batch.images[q.image_uids[1]])
         if self.error.unparseable_rate and rng.random() < self.error.unparseable_rate:
             return rng.choice(["<think> </think><answer>far away</answer>",
                                "I cannot determine that from the image.",
@@ -131,12 +216,13 @@ class SimulatedEngine:
             return self._depth(q, img, rng)
         if kind == "xy":
             return self._corr(q, img, batch.images[q.image_uids[1]], rng)
-        return self._pose(q, kind, img, q.image_uids[1], rng)
+        return self._pose(q, kind, img, batch.images[q.image_uids[1]], rng)
 
     def _depth(self, q: Query, img: PromptImage, rng):
-        gt = self._depth_at(img, self._pre_xy(q, img))
+        xy = self._pre_xy(q, img)
+        gt = self._depth_at(self._image_truth(img), xy)
         if gt is None:
-            gt = float(np.exp(rng.uniform(np.log(0.5), np.log(10.0))))  # the model still answers
+            raise NoTruth(f"simulated engine: no ground truth at the queried point {xy} of image {img.ref.id}")
         e = self.error
         if e.outlier_rate and rng.random() < e.outlier_rate:
             pred = float(np.exp(rng.uniform(np.log(0.3), np.log(30.0))))
@@ -146,9 +232,8 @@ class SimulatedEngine:
         return f"<think> </think><answer>{pred:.2f}</answer>", abs(math.log(pred / gt))
 
     @staticmethod
-    def _depth_at(img: PromptImage, xy) -> float | None:
-        t = img.truth
-        if t is None or xy is None:
+    def _depth_at(t: GroundTruth, xy) -> float | None:
+        if xy is None:
             return None
         x, y = xy
         if t.label_xy is not None and len(t.label_xy):
@@ -169,8 +254,11 @@ class SimulatedEngine:
         xy = self._pre_xy(q, img1)
         h2, w2 = img2.pixels.shape[:2]
         target = None
-        if xy is not None and img1.truth is not None and img2.uid in img1.truth.matches_to:
-            m = img1.truth.matches_to[img2.uid]
+        m, _ = self._pair_truth(img1, img2)
+        if m is None:
+            raise NoTruth(f"simulated engine: no correspondence truth for the pair {img1.ref.id} -> {img2.ref.id} "
+                          f"(needs depth, intrinsics and cam_to_world for both)")
+        if xy is not None:
             h, w = m.shape[:2]
             p = m[min(int(xy[1]), h - 1), min(int(xy[0]), w - 1)]
             if np.all(np.isfinite(p)):
@@ -187,11 +275,12 @@ class SimulatedEngine:
         u, v = min(max(u, 0), r - 1), min(max(v, 0), r - 1)
         return f"({int(round(u))}, {int(round(v))})", err
 
-    def _pose(self, q: Query, kind: str, img1: PromptImage, uid2: str, rng):
-        t = img1.truth
-        if t is None or uid2 not in t.pose_to:
-            return "I cannot tell how the camera moved."
-        R, C = relative_from_T(t.pose_to[uid2])
+    def _pose(self, q: Query, kind: str, img1: PromptImage, img2: PromptImage, rng):
+        _, T = self._pair_truth(img1, img2)
+        if T is None:
+            raise NoTruth(f"simulated engine: no pose truth for the pair {img1.ref.id} -> {img2.ref.id} (needs "
+                          f"cam_to_world for both)")
+        R, C = relative_from_T(T)
         e = self.error
         if kind == "angle":
             a = rotation_angle_deg(R) + rng.normal(0, e.rot_sigma_deg) if e.rot_sigma_deg else rotation_angle_deg(R)
@@ -217,7 +306,3 @@ class SimulatedEngine:
             return f"Translation distance: {dist:.2f} meters"
         raise ValueError(f"simulated engine cannot answer parser kind {kind!r}")
 
-
-@register_engine("simulated")
-def _make(profile: Profile | str, **options) -> SimulatedEngine:
-    return SimulatedEngine(profile, **options)

@@ -27,8 +27,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Iterator
 
-from densify.engines import register_engine
-from densify.engines.base import Completion, EngineBatch, EngineError, PromptImage, Query, Sampling, check_batch
+from densify.engines.base import (Completion, Engine, EngineBatch, EngineError, EngineStartError, PromptImage, Query,
+                                  Sampling, check_batch)
 from densify.profiles import Profile, load_profile
 from densify.prompts import chat_messages
 
@@ -151,7 +151,7 @@ class _InFlight:
     started: float = 0.0
 
 
-class VLLMEngine:
+class VLLMEngine(Engine):
     """Point queries through an in-process vLLM engine (one GPU, or one tensor-parallel group).
 
     Options (all keyword):
@@ -181,7 +181,6 @@ class VLLMEngine:
     """
 
     name = "vllm"
-    uses_truth = False
 
     def __init__(self, profile: Profile | str, *, model: str | None = None,
                  gpu_memory_utilization: float = DEFAULT_GPU_MEMORY_UTILIZATION,
@@ -233,7 +232,7 @@ class VLLMEngine:
         try:
             from vllm import LLM
         except ImportError as exc:
-            raise EngineError("the vllm engine needs vLLM: pip install 'densify[vllm]' (vllm>=0.26, a CUDA "
+            raise EngineStartError("the vllm engine needs vLLM: pip install 'densify[vllm]' (vllm>=0.26, a CUDA "
                               f"GPU); import failed: {exc}") from exc
         self._check_free_memory()
         # fork is unsafe once this process has touched CUDA (torch.cuda.is_available() is enough)
@@ -576,7 +575,3 @@ def _sum_chosen_logprobs(token_ids, logprobs) -> float | None:
         total += float(getattr(entry, "logprob", entry))
     return total
 
-
-@register_engine("vllm")
-def _make(profile: Profile | str, **options) -> VLLMEngine:
-    return VLLMEngine(profile, **options)

@@ -322,10 +322,10 @@ class AdaptiveDepthImage:
     `prepare_task` builds it); otherwise the planner's coarse grid is asked first.
     """
 
-    def __init__(self, planner: AdaptivePlanner, prep, profile, *, uid: str, truth=None, sampling=None,
+    def __init__(self, planner: AdaptivePlanner, prep, profile, *, uid: str, ref=None, sampling=None,
                  tag=None, first_batch=None, first_plan=None):
         self.planner, self.prep, self.profile = planner, prep, profile
-        self.uid, self.truth, self.sampling, self.tag = uid, truth, sampling, tag
+        self.uid, self.ref, self.sampling, self.tag = uid, ref, sampling, tag
         self.run = AdaptiveRun(np.zeros((0, 2), np.int64), None)
         self.seen: set = set()
         self._plan = None
@@ -358,7 +358,7 @@ class AdaptiveDepthImage:
                 if len(plan) == 0:
                     self.done = True
                     return None
-                batch = depth_batch(self.prep, plan, self.profile, uid=self.uid, truth=self.truth,
+                batch = depth_batch(self.prep, plan, self.profile, uid=self.uid, ref=self.ref,
                                     sampling=self.sampling, tag=self.tag)
             self.seen.update(_keys(plan))
             self._plan = plan
@@ -380,12 +380,12 @@ class AdaptiveDepthImage:
         self.done = self._points is None or len(self._points) == 0
 
 
-def run_adaptive_depth(engine, planner: AdaptivePlanner, prep, profile, *, uid: str, truth=None,
+def run_adaptive_depth(engine, planner: AdaptivePlanner, prep, profile, *, uid: str, ref=None,
                        sampling=None, tag=None, first_batch=None, first_plan=None) -> AdaptiveRun:
     """The depth pipeline's adaptive loop for one image: per round one `depth_batch` and one
     `engine.generate` call. Returns all pixels asked (original pixels), prompt coordinates and
     completions in order, ready for `answers.collect_depth`."""
-    img = AdaptiveDepthImage(planner, prep, profile, uid=uid, truth=truth, sampling=sampling, tag=tag,
+    img = AdaptiveDepthImage(planner, prep, profile, uid=uid, ref=ref, sampling=sampling, tag=tag,
                              first_batch=first_batch, first_plan=first_plan)
     while (batch := img.next_batch()) is not None:
         img.receive(engine.generate(batch))

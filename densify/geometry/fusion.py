@@ -22,7 +22,7 @@ from densify.cameras import Camera
 
 log = logging.getLogger(__name__)
 
-__all__ = ["FusionConfig", "FusionFrame", "tsdf_fuse", "frames_from_outputs"]
+__all__ = ["FusionConfig", "FusionFrame", "tsdf_fuse"]
 
 
 class FusionConfig(BaseModel):
@@ -98,14 +98,3 @@ def tsdf_fuse(frames: Iterable[FusionFrame], cfg: FusionConfig | None = None):
     log.info("fused %d frames: mesh %d vertices, cloud %d points", n, len(mesh.vertices), len(cloud.points))
     return mesh, cloud, n
 
-
-def frames_from_outputs(items, depth_dir: Path, load_rgb_fn) -> Iterable[FusionFrame]:
-    """FusionFrames reading <depth_dir>/<id>/depth.npy (and confidence.npy) lazily.
-
-    items: (image id, image path, Camera, cam_to_world) tuples.
-    """
-    for image_id, path, cam, c2w in items:
-        d = Path(depth_dir) / image_id
-        conf = d / "confidence.npy"
-        yield FusionFrame(cam, c2w, lambda d=d: np.load(d / "depth.npy"), lambda p=path: load_rgb_fn(p),
-                          (lambda c=conf: np.load(c) if c.is_file() else None))

@@ -23,7 +23,6 @@ import numpy as np
 import open3d as o3d
 
 from densify.cameras import Camera
-from densify.engines.base import GroundTruth
 from densify.geometry.rotations import matrix_from_euler
 
 log = logging.getLogger(__name__)
@@ -161,15 +160,6 @@ class Scene:
         if pixel_size is None or tuple(pixel_size) == (v.camera.width, v.camera.height):
             return v.depth
         return _raycast_depth(self.raycaster(), v.camera.scaled(*pixel_size), v.cam_to_world)
-
-    def ground_truth(self, i: int, others: dict[str, int] | None = None,
-                     pixel_size: tuple[int, int] | None = None) -> GroundTruth:
-        """View i's truth for the simulated engine: depth, and matches/poses to other views keyed by uid."""
-        others = others or {}
-        return GroundTruth(depth=self.depth_at(i, pixel_size),
-                           matches_to={uid: self.matches(i, j, pixel_size=pixel_size)
-                                       for uid, j in others.items()},
-                           pose_to={uid: self.relative_pose(i, j) for uid, j in others.items()})
 
     def save(self, folder) -> list[Path]:
         """Write view_NNN.png, view_NNN.depth.npy, view_NNN.objects.npy (object id per pixel), view_NNN.json

@@ -1,0 +1,167 @@
+"""Where every output file goes: one object owns the names, and image ids become safe folder names.
+
+    out/
+      config.yaml  summary.json  failures.jsonl  manifest.parquet   (per run; -<i> suffix per label shard)
+      store/answers-<i>.sqlite                                       (label)
+      <id>/  depth.npy depth.png confidence.npy preview.png cloud.ply answers.jsonl camera.json result.json
+      depth/<id>/...  pairs/<id1>__<id2>/{matches.npz,answers.jsonl,pose.json,flow.npy,vlm_pose.json}
+      poses.json  mesh.ply  cloud.ply  colmap/  transforms.json  pairs.jsonl                (reconstruct)
+
+An image's id is its manifest `id`, else its file name without extension, made a safe name (letters,
+digits, `._-`; no leading dot; at most 96 characters, longer ones shortened with a hash; never a name the
+job itself uses). Ids are unique within a job: a later image whose id is taken gets `-<8 hex>` of its
+path appended, so the same inputs always give the same folders. `result.json` is written last: it names
+the settings' fingerprint and certifies the size of every file of the image, so a folder is "done" only
+when all of those hold.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+__all__ = ["RunLayout", "ImageFiles", "PairFiles", "safe_id", "IdAssigner", "fingerprint", "RESERVED"]
+
+RESERVED = {"config", "summary", "failures", "manifest", "store", "depth", "pairs", "poses", "mesh", "cloud",
+            "colmap", "transforms", "eval", "scene"}
+"""Names the job itself uses in --out: never an image's folder."""
+
+_UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
+MAX_ID = 96
+
+
+def _hash(text: str, n: int = 8) -> str:
+    return hashlib.blake2b(text.encode("utf-8", "surrogateescape"), digest_size=16).hexdigest()[:n]
+
+
+def safe_id(raw: str) -> str:
+    """A name that is one folder strictly inside the output folder, whatever `raw` holds."""
+    s = _UNSAFE.sub("_", str(raw)).strip("._-") or "image"
+    base = s.split(".", 1)[0].lower()
+    if base in RESERVED or base.startswith("answers-") or base.startswith(("summary-", "manifest-", "failures-")):
+        s = f"img_{s}"
+    if len(s) > MAX_ID or s != raw and len(s) > MAX_ID - 9:
+        s = f"{s[:MAX_ID - 9]}-{_hash(str(raw))}"
+    return s
+
+
+class IdAssigner:
+    """Unique, stable ids for a job's images (see the module docstring); collisions are kept for the record."""
+
+    def __init__(self):
+        self.taken: set[str] = set()
+        self.collisions: list[dict] = []
+
+    def assign(self, raw: str, path: str) -> str:
+        sid = safe_id(raw)
+        if sid.lower() in self.taken:
+            new = f"{sid[:MAX_ID - 9]}-{_hash(str(path))}"
+            k = 1
+            while new.lower() in self.taken:  # the same path twice in one job
+                new = f"{sid[:MAX_ID - 12]}-{_hash(f'{path}#{k}')}"
+                k += 1
+            self.collisions.append({"id": new, "wanted": sid, "image": str(path)})
+            sid = new
+        self.taken.add(sid.lower())  # case-insensitive file systems
+        return sid
+
+
+def fingerprint(settings: dict) -> str:
+    """A short stable hash of the settings that shape a result."""
+    return hashlib.blake2b(json.dumps(settings, sort_keys=True, default=str).encode(), digest_size=8).hexdigest()
+
+
+@dataclass(frozen=True)
+class ImageFiles:
+    """One image's output folder."""
+
+    dir: Path
+
+    depth_npy = property(lambda self: self.dir / "depth.npy")
+    depth_png = property(lambda self: self.dir / "depth.png")
+    confidence = property(lambda self: self.dir / "confidence.npy")
+    preview = property(lambda self: self.dir / "preview.png")
+    cloud = property(lambda self: self.dir / "cloud.ply")
+    answers = property(lambda self: self.dir / "answers.jsonl")
+    camera = property(lambda self: self.dir / "camera.json")
+    result = property(lambda self: self.dir / "result.json")
+
+    def read_result(self) -> dict | None:
+        try:
+            return json.loads(self.result.read_text())
+        except (OSError, ValueError):
+            return None
+
+    def done(self, fp: str) -> dict | None:
+        """The earlier result when this folder holds a finished run with the same settings, whole."""
+        res = self.read_result()
+        if not res or res.get("status") != "ok" or res.get("fingerprint") != fp:
+            return None
+        for name, size in (res.get("files") or {}).items():
+            p = self.dir / name
+            try:
+                if p.stat().st_size != size:
+                    return None
+            except OSError:
+                return None
+        return res
+
+    def certify(self, record: dict, files: list[Path]) -> dict:
+        """The result record with the size of each file it vouches for (written last, by the caller)."""
+        return {**record, "files": {p.name: p.stat().st_size for p in files if p.is_file()}}
+
+
+@dataclass(frozen=True)
+class PairFiles:
+    dir: Path
+
+    matches = property(lambda self: self.dir / "matches.npz")
+    answers = property(lambda self: self.dir / "answers.jsonl")
+    pose = property(lambda self: self.dir / "pose.json")
+    flow = property(lambda self: self.dir / "flow.npy")
+    vlm_pose = property(lambda self: self.dir / "vlm_pose.json")
+
+
+class RunLayout:
+    """Every path of one run's output folder."""
+
+    def __init__(self, root: str | Path, *, images_under: str | None = None, shard: tuple[int, int] = (0, 1)):
+        self.root = Path(root)
+        self.images_root = self.root / images_under if images_under else self.root
+        self.suffix = "" if shard[1] == 1 else f"-{shard[0]}"
+        self.shard = shard
+
+    def check(self) -> None:
+        """Fail before any work when the output folder cannot be one."""
+        from densify.config import ConfigError
+
+        if self.root.exists() and not self.root.is_dir():
+            raise ConfigError(f"--out {self.root}: is a file, not a folder; give a new or existing folder")
+
+    @property
+    def depth(self) -> "RunLayout":
+        """The depth stage's layout inside a reconstruction (<out>/depth/<id>/)."""
+        return RunLayout(self.root, images_under="depth")
+
+    def image(self, image_id: str) -> ImageFiles:
+        return ImageFiles(self.images_root / image_id)
+
+    def pair(self, id1: str, id2: str) -> PairFiles:
+        return PairFiles(self.root / "pairs" / f"{id1}__{id2}")
+
+    config = property(lambda self: self.root / f"config{self.suffix}.yaml")
+    summary = property(lambda self: self.root / f"summary{self.suffix}.json")
+    failures = property(lambda self: self.root / f"failures{self.suffix}.jsonl")
+    manifest = property(lambda self: self.root / f"manifest{self.suffix}.parquet")
+    store_dir = property(lambda self: self.root / "store")
+    poses = property(lambda self: self.root / "poses.json")
+    pose_report = property(lambda self: self.root / "pose.json")
+    mesh = property(lambda self: self.root / "mesh.ply")
+    cloud = property(lambda self: self.root / "cloud.ply")
+    colmap = property(lambda self: self.root / "colmap")
+    transforms = property(lambda self: self.root / "transforms.json")
+    pairs_jsonl = property(lambda self: self.root / "pairs.jsonl")
+    eval = property(lambda self: self.root / "eval.json")

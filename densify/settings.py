@@ -1,0 +1,275 @@
+"""Settings of every job: pydantic models, each field documented, validated when the config loads.
+
+Loaded from configs/pipelines/<job>.yaml (the defaults), an optional `--config FILE` and command-line
+overrides; an error names the key, and the override that set it (`--set plan.count=0`, `--count -5`).
+Nothing is checked later than here that could be checked here: engine options against the engine's typed
+options, the densifier by name, counts and strides positive, the profile's existence and task.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+from typing import Literal, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from densify.config import ConfigError, Override, apply_overrides, config_dir, read_yaml, validate
+from densify.geometry.export import ExportConfig
+from densify.geometry.fusion import FusionConfig
+from densify.geometry.pose import PoseConfig
+from densify.geometry.posegraph import PoseGraphConfig
+
+__all__ = ["EngineConfig", "PlanConfig", "DensifyConfig", "OutputConfig", "DepthConfig", "StoreConfig",
+           "RayConfig", "LabelConfig", "CorrConfig", "PoseStageConfig", "ModelsConfig", "ReconstructConfig",
+           "load_config", "default_engine"]
+
+M = TypeVar("M", bound=BaseModel)
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+
+def default_engine() -> str:
+    """The real model's engine: vLLM when it is installed, else transformers."""
+    return "vllm" if importlib.util.find_spec("vllm") is not None else "hf"
+
+
+class EngineConfig(_Model):
+    name: str = Field("auto", description="auto (the real model: vllm when installed, else hf) | vllm | hf | "
+                                          "openai | ray | simulated (tests and demos only: answers from ground truth)")
+    options: dict = Field(default_factory=dict, description="that engine's options (densify.engines.options)")
+
+    @model_validator(mode="after")
+    def _check(self):
+        from densify.engines import validate_engine_options
+
+        if self.name == "auto":
+            self.name = default_engine()
+        try:
+            validate_engine_options(self.name, self.options)
+        except KeyError as exc:
+            raise ValueError(f"engine.name: {exc.args[0]}") from None
+        return self
+
+    def inner_name(self) -> str:
+        """The engine that answers (the Ray pool's actors' engine for `ray`)."""
+        return self.options.get("engine", "simulated") if self.name == "ray" else self.name
+
+
+class PlanConfig(_Model):
+    stride: float | None = Field(None, gt=0, description="one query every `stride` original pixels (grid)")
+    count: int | list[int] | None = Field(3072, description="queries per image (aspect kept), or [nx, ny]")
+    mode: Literal["grid", "adaptive"] = Field(
+        "adaptive", description="grid: one uniform grid; adaptive: a coarse grid, then rounds of queries where the "
+                                "field is uncertain (densify.fields.adaptive), one engine call per round")
+    budget: int | None = Field(None, ge=1, description="adaptive: queries per image (default: the grid's size)")
+    rounds: int = Field(4, ge=0, description="adaptive: refinement rounds after the coarse grid")
+    coarse: float = Field(0.5, gt=0, le=1, description="adaptive: share of the budget spent on the coarse grid")
+
+    @field_validator("count")
+    @classmethod
+    def _count(cls, v):
+        if v is None:
+            return v
+        vals = v if isinstance(v, list) else [v]
+        if (isinstance(v, list) and len(v) != 2) or any(int(x) < 1 for x in vals):
+            raise ValueError(f"must be a positive number of queries or [nx, ny] with both >= 1, got {v}")
+        return v
+
+    @model_validator(mode="after")
+    def _one(self):
+        if self.stride is not None:
+            self.count = None
+        if self.stride is None and self.count is None:
+            raise ValueError("set plan.stride or plan.count")
+        return self
+
+    def grid_kwargs(self) -> dict:
+        if self.stride is not None:
+            return {"stride": self.stride}
+        return {"count": tuple(self.count) if isinstance(self.count, list) else self.count}
+
+
+class DensifyConfig(_Model):
+    method: str = Field("edge", description="edge (edge-aware, image-guided) or linear (see densify.fields)")
+    outliers: bool = Field(True, description="drop answers that disagree with their neighbours")
+    options: dict = Field(default_factory=dict, description="method-specific options")
+
+    @field_validator("method")
+    @classmethod
+    def _method(cls, v):
+        from densify.fields import DEPTH_METHODS
+
+        if v not in DEPTH_METHODS:
+            raise ValueError(f"unknown densifier {v!r}; available: {', '.join(DEPTH_METHODS)}")
+        return v
+
+
+class OutputConfig(_Model):
+    npy: bool = Field(True, description="depth.npy, float32 metres")
+    png16: bool = Field(True, description="depth.png, uint16 millimetres (0 = none)")
+    preview: bool = Field(True, description="preview.png: the image beside its coloured depth, with a metre scale")
+    ply: bool = Field(True, description="cloud.ply, coloured point cloud in the camera frame")
+    ply_stride: int = Field(2, ge=1, description="keep every n-th pixel in the point cloud")
+    answers: bool = Field(True, description="answers.jsonl: every query's pixel, prompt, text, value, failure")
+    confidence: bool = Field(True, description="confidence.npy")
+
+
+def _check_profile(name: str, task: str, key: str) -> str:
+    from densify.profiles import load_profile
+
+    try:
+        prof = load_profile(name)
+    except (KeyError, ConfigError) as exc:
+        raise ValueError(str(exc.args[0] if exc.args else exc)) from None
+    if prof.task != task:
+        raise ValueError(f"{prof.name!r} is a {prof.task} profile; {key} needs a {task} profile")
+    return name
+
+
+class DepthConfig(_Model):
+    """`densify depth`: per image, point-query depth answers densified to a metric depth map."""
+    profile: str = Field("vlm3-depth", description="depth profile (configs/profiles) or a profile YAML path")
+    model: str | None = Field(None, description="checkpoint folder or hub name (default: the profile's model)")
+    engine: EngineConfig = Field(default_factory=EngineConfig)
+    plan: PlanConfig = Field(default_factory=PlanConfig)
+    densify: DensifyConfig = Field(default_factory=DensifyConfig)
+    outputs: OutputConfig = Field(default_factory=OutputConfig)
+    default_hfov_deg: float = Field(60.0, gt=0, lt=180, description="field of view assumed when no intrinsics are given")
+    logprobs: bool = Field(False, description="ask engines for answer log-probabilities")
+    structured: bool = Field(False, description="constrain answers with the profile's regex (vllm, openai)")
+    images_in_flight: int = Field(2, ge=1, description="images prepared ahead of the engine")
+    overwrite: bool = Field(False, description="redo images whose outputs exist")
+
+    @field_validator("profile")
+    @classmethod
+    def _profile(cls, v):
+        return _check_profile(v, "depth", "the depth stage")
+
+
+class StoreConfig(_Model):
+    enabled: bool = Field(True, description="commit every answer to the answer store (resume without re-asking)")
+    dir: str | None = Field(None, description="store folder (default <out>/store); one answers-<shard>.sqlite per shard")
+    synchronous: str = Field("NORMAL", pattern="^(OFF|NORMAL|FULL|EXTRA)$",
+                             description="SQLite synchronous: NORMAL survives a killed job, FULL also a power cut")
+    exclusive: bool = Field(True, description="lock the store file for the job's lifetime (WAL without shared "
+                                              "memory: safe on network file systems, one job per shard)")
+
+
+class RayConfig(_Model):
+    enabled: bool = Field(True, description="run engines in Ray actors; false: in this process")
+    address: str | None = Field(None, description="existing cluster ('auto' or ray://...); default a local Ray")
+    num_actors: int | None = Field(None, ge=1, description="default: one per GPU, else one per CPU")
+    num_gpus_per_actor: float = Field(0, ge=0, description="GPUs per actor (1 for a GPU engine)")
+    num_cpus_per_actor: float = Field(1, gt=0, description="CPUs per actor")
+    max_in_flight_per_actor: int = Field(2, ge=1, description="images queued per actor")
+    max_retries: int = Field(2, ge=0, description="resubmissions of an image after its actor died or failed")
+    actor_max_restarts: int = Field(4, ge=0, description="times Ray restarts a dead actor")
+    runtime_env: dict | None = Field(None, description="Ray runtime_env for the actors (working_dir, pip) when the "
+                                                       "cluster's workers lack densify")
+
+
+def _label_outputs() -> OutputConfig:
+    return OutputConfig(preview=False, ply=False, answers=False)
+
+
+class LabelConfig(DepthConfig):
+    """`densify label`: the depth stage's settings plus the batch-job machinery (store, Ray, manifests)."""
+    outputs: OutputConfig = Field(default_factory=_label_outputs,
+                                  description="per-image files (labels: depth, 16-bit PNG, confidence)")
+    store: StoreConfig = Field(default_factory=StoreConfig)
+    ray: RayConfig = Field(default_factory=RayConfig)
+    manifest_every_s: float = Field(60.0, gt=0, description="rewrite the output manifest this often (seconds)")
+    log_every_s: float = Field(30.0, gt=0, description="progress log line interval when not on a terminal")
+
+
+class CorrConfig(_Model):
+    """Correspondence questions (one per queried pixel of image 1)."""
+    profile: str = Field("vlm3-corr", description="correspondence profile (configs/profiles) or YAML path")
+    grid: list[int] = Field([24, 18], description="queries per pair as [nx, ny] over image 1 (432 by default: "
+                            "each is a two-image prompt on a real model)")
+    fb_check: bool = Field(True, description="ask the reverse question at every answer and drop matches whose "
+                           "round trip misses (doubles the queries)")
+    fb_thresh_px: float = Field(10.0, gt=0, description="forward-backward round-trip limit, original pixels of "
+                                "image 1 (about 1.5% of a 640-pixel-wide image)")
+    track_queries: bool = Field(True, description="ask pair (i, j) at the points where earlier pairs' answers "
+                                "landed in image i (one per grid cell), chaining matches into multi-view tracks")
+    save_flow: bool = Field(False, description="write the dense flow image 1 -> 2 (flow.npy, HxWx2) per pair")
+    flow_method: Literal["linear", "edge"] = Field("edge", description="flow densifier: edge (image-guided, "
+                                                   "locally affine) or linear")
+
+    @field_validator("grid")
+    @classmethod
+    def _grid(cls, v):
+        if len(v) != 2 or min(v) < 2:
+            raise ValueError("grid must be [nx, ny] with both >= 2")
+        return v
+
+    @field_validator("profile")
+    @classmethod
+    def _profile(cls, v):
+        return _check_profile(v, "corr", "corr.profile")
+
+
+class PoseStageConfig(_Model):
+    """Relative poses: from matches (essential matrix + PnP on depth) and/or asked of a pose profile."""
+    source: Literal["matches", "vlm", "both"] = Field("matches", description="matches: RANSAC on the "
+                                                      "correspondences; vlm: the pose profile's answers alone; "
+                                                      "both: RANSAC, with the VLM's answer as a cross-check")
+    profile: str = Field("vlm3-pose", description="pose profile for source vlm/both")
+    questions: list[str] | None = Field(None, description="pose questions to ask (default: all of the profile's)")
+    use_depth: bool = Field(True, description="metric scale from image 1's depth map (PnP)")
+    estimator: PoseConfig = Field(default_factory=PoseConfig)
+
+    @field_validator("profile")
+    @classmethod
+    def _profile(cls, v):
+        return _check_profile(v, "pose", "pose.profile")
+
+
+class ModelsConfig(_Model):
+    """Checkpoints per stage (default: each profile's own model)."""
+    depth: str | None = None
+    corr: str | None = None
+    pose: str | None = None
+
+
+class ReconstructConfig(_Model):
+    """`densify reconstruct` / `densify pose`: depth per image, pairwise poses, pose graph, fusion, exports."""
+    engine: EngineConfig = Field(default_factory=EngineConfig, description="engine for every stage (one "
+                                 "stage's model at a time is loaded)")
+    models: ModelsConfig = Field(default_factory=ModelsConfig)
+    depth: DepthConfig = Field(default_factory=DepthConfig, description="the depth stage (its own "
+                               "engine and model are replaced by `engine` and `models.depth`)")
+    corr: CorrConfig = Field(default_factory=CorrConfig)
+    pose: PoseStageConfig = Field(default_factory=PoseStageConfig)
+    pairs: Literal["consecutive", "consecutive+skip2"] = Field("consecutive", description="which image pairs: "
+                                                               "(i, i+1), plus (i, i+2) with +skip2")
+    posegraph: PoseGraphConfig = Field(default_factory=PoseGraphConfig)
+    fusion: FusionConfig = Field(default_factory=FusionConfig)
+    export: ExportConfig = Field(default_factory=ExportConfig)
+    overwrite: bool = Field(False, description="redo images and pairs whose outputs exist")
+
+    def depth_config(self) -> DepthConfig:
+        return self.depth.model_copy(update={"engine": self.engine, "model": self.models.depth,
+                                             "overwrite": self.overwrite})
+
+
+def load_config(model: type[M], path: str | Path | None = None, overrides: list[Override] | tuple = (),
+                default_name: str | None = None) -> M:
+    """Defaults (configs/pipelines/<default_name>.yaml), then the YAML at `path`, then the overrides."""
+    data: dict = {}
+    source = "defaults"
+    if default_name is not None:
+        cand = config_dir() / "pipelines" / f"{default_name}.yaml"
+        if cand.is_file():
+            data, source = read_yaml(cand), str(cand)
+    if path is not None:
+        if not Path(path).is_file():
+            raise ConfigError(f"--config {path}: no such file")
+        from densify.config import deep_merge
+
+        data, source = deep_merge(data, read_yaml(path)), str(path)
+    return validate(model, apply_overrides(data, overrides), source, tuple(overrides))

@@ -1,0 +1,415 @@
+"""The depth stage: a stream of images -> plan -> prompts -> engine rounds -> answers -> dense field -> outputs.
+
+    stage = DepthStage(cfg, engine, layout=RunLayout(out))
+    for result in stage.run(sources):      # DepthResult per image: ok, skipped (done earlier) or failed
+        ...
+
+Each image is prepared as the profile wants it, asked a grid (plan.mode=grid) or a coarse grid and then
+refinement rounds (adaptive), one engine batch per image per round; `images_in_flight` images (at least
+the engine's capacity) advance together so a streaming engine or pool stays busy. Answers are parsed and
+densified at full resolution; with a layout the files are written and `result.json` last. A bad image
+becomes a failed result and the stream goes on. Used by `densify depth`, `label`, `eval`, `reconstruct`,
+the Python facade and the benchmarks.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable, Iterator
+
+import numpy as np
+
+from densify import answers as answers_mod
+from densify import outputs
+from densify.cameras import Camera, CameraError, PreparedImage, prepare_image, resolve_camera
+from densify.engines import Engine, EngineBatch, EngineError, ImageRef, answer_identity
+from densify.eval.metrics import delta1, depth_report
+from densify.fields import DenseField, depth_method
+from densify.images import ImageError, ImageSource, load_rgb
+from densify.layout import ImageFiles, RunLayout, fingerprint
+from densify.profiles import Profile, load_profile
+from densify.prompts import depth_batch, image_ref, image_uid, sampling_for
+from densify.queries import PlanError, QueryPlan, check_points, grid_points, plan_queries
+from densify.settings import DepthConfig
+
+log = logging.getLogger("densify.depth")
+
+__all__ = ["DepthStage", "DepthResult", "DepthTask", "failure_kind", "settings_fingerprint"]
+
+
+@dataclass
+class DepthTask:
+    """One image on its way through the engine."""
+
+    source: ImageSource
+    rgb: np.ndarray
+    camera: Camera
+    prep: PreparedImage
+    plan: QueryPlan
+    uid: str
+    ref: ImageRef
+    fixed: bool = False
+    """Exactly the given points are asked (no adaptive rounds)."""
+    started: float = 0.0
+
+
+@dataclass
+class DepthResult:
+    """One image's outcome. Maps and answers are kept only when the stage was asked to (keep_maps)."""
+
+    id: str
+    image: str
+    status: str
+    """ok | skipped (done earlier with the same settings) | failed"""
+    queries: int = 0
+    failures: dict = field(default_factory=dict)
+    """Answer failures by kind (unparseable answers and the like; the image itself may still be ok)."""
+    error: str | None = None
+    error_kind: str | None = None
+    uid: str | None = None
+    """The prompt image's uid (answer-store statistics are keyed by it)."""
+    camera: Camera | None = None
+    metrics: dict = field(default_factory=dict)
+    wall_s: float = 0.0
+    depth: np.ndarray | None = None
+    confidence: np.ndarray | None = None
+    answers: answers_mod.PointAnswers | None = None
+    rgb: np.ndarray | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.status != "failed"
+
+    def record(self) -> dict:
+        return {"id": self.id, "image": self.image, "status": self.status, "queries": self.queries,
+                "failures": self.failures, "error": self.error, "kind": self.error_kind, "metrics": self.metrics}
+
+
+def failure_kind(exc: BaseException, src: ImageSource | None = None) -> str:
+    """The kind of a per-image failure record."""
+    if isinstance(exc, ImageError):
+        return exc.kind
+    if isinstance(exc, CameraError):
+        return "intrinsics"
+    if isinstance(exc, PlanError):
+        return "points"
+    if isinstance(exc, EngineError):
+        return "engine"
+    if isinstance(exc, OSError):
+        return "missing" if src is not None and not Path(src.path).exists() else "image"
+    return "error"
+
+
+def settings_fingerprint(cfg: DepthConfig, profile: Profile) -> str:
+    """What shapes a depth result: the profile, the model, the engine's answer-changing options, the plan,
+    the densifier and the sampling options (not memory, scheduling or network settings)."""
+    ident = answer_identity(cfg.engine.name, cfg.engine.options)
+    return fingerprint({"profile": profile.model_dump(mode="json"), "model": cfg.model or profile.model,
+                        "engine": ident, "plan": cfg.plan.model_dump(mode="json"),
+                        "densify": cfg.densify.model_dump(mode="json"), "logprobs": cfg.logprobs,
+                        "structured": cfg.structured})
+
+
+class DepthStage:
+    """Depth maps for a stream of images through one engine (see the module docstring).
+
+    layout: where files go (None: nothing is written). keep_maps: keep depth maps, confidence, answers
+    and pixels in the results (memory then grows with the images). evaluate(source, result) -> metrics:
+    an evaluation hook (the demo's ground truth); labelled points of DepthLM manifests are scored anyway.
+    on_round(queries): called as answers of each engine round arrive (progress inside an image).
+    """
+
+    def __init__(self, cfg: DepthConfig, engine: Engine, *, layout: RunLayout | None = None,
+                 keep_maps: bool = False, evaluate: Callable[[ImageSource, DepthResult], dict] | None = None,
+                 on_round: Callable[[int], None] | None = None):
+        self.cfg = cfg
+        self.profile = load_profile(cfg.profile)
+        self.engine = engine
+        self.layout = layout
+        self.keep_maps = keep_maps
+        self.evaluate = evaluate
+        self.on_round = on_round
+        self.fingerprint = settings_fingerprint(cfg, self.profile)
+        self.sampling = sampling_for(self.profile, logprobs=cfg.logprobs, structured=cfg.structured)
+
+    # -- one image
+    def prepare(self, src: ImageSource, *, intrinsics=None, points=None) -> tuple[DepthTask, EngineBatch]:
+        cfg, profile = self.cfg, self.profile
+        t0 = time.perf_counter()
+        rgb = load_rgb(src.path)
+        h, w = rgb.shape[:2]
+        camera = resolve_camera(src.path, w, h, intrinsics if intrinsics is not None else src.intrinsics,
+                                cfg.default_hfov_deg)
+        p = profile.preprocess
+        prep = prepare_image(rgb, camera, focal=p.focal, max_side=p.max_side, square_pixels=p.square_pixels,
+                             coord_range=profile.coord_range, resample=p.resample)
+        if points is None and src.extra.get("points") is not None:
+            points = np.asarray(src.extra["points"], float)
+        if points is not None:
+            pts = check_points(points, w, h, str(src.path))
+        elif cfg.plan.mode == "adaptive":
+            pts = self._planner(w, h).first_points()
+        else:
+            pts = grid_points(w, h, **cfg.plan.grid_kwargs())
+        plan = plan_queries(pts, prep.pixel_map)
+        uid = image_uid(prep, src.id)
+        ref = image_ref(src.id, prep, src.path, src.manifest)
+        task = DepthTask(src, rgb, camera, prep, plan, uid, ref, fixed=points is not None, started=t0)
+        return task, depth_batch(prep, plan, profile, uid=uid, ref=ref, sampling=self.sampling, tag=task)
+
+    def _planner(self, width: int, height: int, rgb=None):
+        from densify.fields.adaptive import AdaptivePlanner
+
+        p = self.cfg.plan
+        budget = p.budget or len(grid_points(width, height, **p.grid_kwargs()))
+        return AdaptivePlanner((height, width), budget, coarse=p.coarse, rounds=p.rounds, rgb=rgb)
+
+    def finish(self, task: DepthTask, completions) -> DepthResult:
+        """Answers -> dense depth -> files (result.json last) -> the image's result."""
+        cfg, profile, src = self.cfg, self.profile, task.source
+        res = DepthResult(src.id, str(src.path), "ok", len(completions), uid=task.uid, camera=task.camera)
+        errors = [c.error for c in completions if c.error is not None]
+        ans = answers_mod.collect_depth(profile, task.plan.pixels, task.plan.prompt_xy, completions)
+        res.failures = ans.failure_counts()
+        files = self.layout.image(src.id) if self.layout is not None else None
+        if errors:
+            res.status, res.error_kind = "failed", "engine"
+            res.error = f"{len(errors)} of {len(completions)} answers failed: {errors[0]}"
+        elif not ans.valid.any():
+            res.status, res.error_kind = "failed", "answers"
+            res.error = (f"none of {len(completions)} answers could be parsed ({res.failures}); check that the "
+                         f"profile ({profile.name}) matches the model; answers are in answers.jsonl")
+        if res.status == "failed":
+            if files is not None and cfg.outputs.answers and completions:
+                outputs.write_jsonl(files.answers, ans.records())
+            return res
+        lps = ans.logprobs if np.isfinite(ans.logprobs).any() else None
+        dense = depth_method(cfg.densify.method)(ans.pixels, ans.values, task.rgb, outliers=cfg.densify.outliers,
+                                                 logprobs=lps, **cfg.densify.options)
+        res.depth, res.confidence, res.answers, res.rgb = dense.values, dense.confidence, ans, task.rgb
+        res.metrics = label_metrics(src, res)
+        if self.evaluate is not None:
+            res.metrics.update(self.evaluate(src, res))
+        if files is not None:
+            self.write(files, task, ans, dense, res)
+        return res
+
+    def write(self, files: ImageFiles, task: DepthTask, ans, dense: DenseField, res: DepthResult) -> None:
+        o = self.cfg.outputs
+        depth = dense.values
+        written = []
+        if o.npy:
+            written.append(outputs.write_npy(files.depth_npy, depth.astype(np.float32)))
+        if o.confidence:
+            written.append(outputs.write_npy(files.confidence, dense.confidence.astype(np.float32)))
+        if o.png16:
+            written.append(outputs.write_png(files.depth_png, outputs.depth_png16(depth)))
+        if o.preview:
+            from densify.preview import depth_preview
+
+            written.append(outputs.write_png(files.preview, depth_preview(task.rgb, depth)))
+        if o.answers:
+            written.append(outputs.write_jsonl(files.answers, ans.records()))
+        if o.ply:
+            from densify.geometry.clouds import depth_to_cloud
+
+            written.append(outputs.write_ply(files.cloud, depth_to_cloud(depth, task.rgb, task.camera,
+                                                                          stride=o.ply_stride)))
+        written.append(outputs.write_json(files.camera, {"intrinsics": task.camera.to_dict(),
+                                                         "preprocessed_size": list(task.prep.pixel_map.pre_size)}))
+        record = {**res.record(), "fingerprint": self.fingerprint, "profile": self.profile.name}
+        outputs.write_json(files.result, files.certify(record, [Path(p) for p in written]))
+
+    # -- a stream of images
+    def run(self, sources: Iterable[ImageSource], *, intrinsics=None, points=None) -> Iterator[DepthResult]:
+        """One DepthResult per source, in completion order (skipped and failed ones as they are found)."""
+        ready: deque[DepthResult] = deque()
+
+        def batches() -> Iterator[EngineBatch]:
+            for src in sources:
+                t0 = time.perf_counter()
+                if "manifest_error" in src.extra:
+                    ready.append(DepthResult(src.id, str(src.path), "failed", error=src.extra["manifest_error"],
+                                             error_kind="manifest"))
+                    continue
+                skipped = self._skip(src)
+                if skipped is not None:
+                    ready.append(skipped)
+                    continue
+                try:
+                    _, batch = self.prepare(src, intrinsics=intrinsics, points=points)
+                except (ImageError, CameraError, PlanError, OSError, ValueError, MemoryError) as exc:
+                    ready.append(DepthResult(src.id, str(src.path), "failed", error=str(exc),
+                                             error_kind=failure_kind(exc, src), wall_s=time.perf_counter() - t0))
+                    continue
+                yield batch
+
+        for batch, completions in self._rounds(batches()):
+            yield from _drain(ready)
+            task: DepthTask = batch.tag
+            try:
+                res = self.finish(task, completions)
+            except (OSError, ValueError, MemoryError) as exc:
+                res = DepthResult(task.source.id, str(task.source.path), "failed", len(completions),
+                                  error=f"{type(exc).__name__}: {exc}", error_kind="output")
+            res.wall_s = time.perf_counter() - task.started
+            if not self.keep_maps:
+                res.depth = res.confidence = res.answers = res.rgb = None
+            yield res
+        yield from _drain(ready)
+
+    def _skip(self, src: ImageSource) -> DepthResult | None:
+        """A result for an image done earlier with the same settings; None when it must be (re)done."""
+        if self.layout is None:
+            return None
+        files = self.layout.image(src.id)
+        if self.cfg.overwrite:
+            files.result.unlink(missing_ok=True)  # an interrupted overwrite must not look done
+            return None
+        prev = files.done(self.fingerprint)
+        if prev is None:
+            if files.result.exists():
+                log.info("%s: settings changed or files incomplete since the last run: redoing it", src.id)
+                files.result.unlink(missing_ok=True)
+            return None
+        return DepthResult(src.id, str(src.path), "skipped", int(prev.get("queries", 0)), prev.get("failures", {}),
+                           metrics=prev.get("metrics", {}))
+
+    def _rounds(self, batches: Iterator[EngineBatch]):
+        if self.cfg.plan.mode != "adaptive":
+            yield from self._engine_stream(batches)
+            return
+        from densify.fields.adaptive import AdaptiveDepthImage
+
+        width = max(self.cfg.images_in_flight, self.engine.capacity)
+        it = iter(batches)
+        while group := list(itertools.islice(it, width)):
+            states = []
+            for batch in group:
+                task: DepthTask = batch.tag
+                planner = self._planner(task.camera.width, task.camera.height, rgb=task.rgb)
+                if task.fixed:  # one round: exactly the given points
+                    planner.budget, planner.rounds = len(task.plan), 0
+                states.append(AdaptiveDepthImage(planner, task.prep, self.profile, uid=task.uid, ref=task.ref,
+                                                 sampling=batch.sampling, tag=task, first_batch=batch,
+                                                 first_plan=task.plan))
+            active = [s for s in states if not s.done]
+            while active:
+                round_batches = []
+                for s in active:
+                    b = s.next_batch()
+                    if b is not None:
+                        b.tag = s  # routes the answers back; restored to the task below
+                        round_batches.append(b)
+                for b, completions in self._engine_stream(round_batches):
+                    b.tag.receive(completions)
+                    if any(c.error is not None for c in completions):
+                        b.tag.done = True  # engine errors: no more rounds, the image fails in finish()
+                active = [s for s in active if not s.done]
+            for batch, s in zip(group, states):
+                task = s.tag
+                task.plan = QueryPlan(s.run.pixels, s.run.prompt_xy)
+                batch.tag = task
+                yield batch, s.run.completions
+
+    def _engine_stream(self, batches):
+        for batch, completions in self.engine.stream(batches):
+            if self.on_round is not None:
+                self.on_round(len(completions))
+            yield batch, completions
+
+
+def _drain(ready: deque) -> Iterator[DepthResult]:
+    while ready:
+        yield ready.popleft()
+
+
+def label_metrics(src: ImageSource, res: DepthResult) -> dict:
+    """Scores at the labelled points of a DepthLM-style manifest (evaluation data, never shown to the engine)."""
+    if src.labels is None or res.depth is None:
+        return {}
+    lp = np.asarray(src.labels["pixels"], float).reshape(-1, 2)
+    gt = np.asarray(src.labels["depth"], float)
+    h, w = res.depth.shape
+    xi = np.clip(np.round(lp[:, 0]).astype(int), 0, w - 1)
+    yi = np.clip(np.round(lp[:, 1]).astype(int), 0, h - 1)
+    out = {"labels_dense": depth_report(res.depth[yi, xi], gt)}
+    if res.answers is not None:
+        lookup = {tuple(map(int, np.round(p))): v for p, v in zip(res.answers.pixels, res.answers.values)}
+        pred = np.array([lookup.get(tuple(map(int, np.round(p))), np.nan) for p in lp])
+        if np.isfinite(pred).any():
+            out["labels_points"] = {"delta1": delta1(pred, gt), "n": int(np.isfinite(pred).sum())}
+    return out
+
+
+def summarize(results: list[DepthResult], wall: float, profile: Profile, cfg: DepthConfig, **extra) -> dict:
+    """A run's summary: counts, failures by kind, answer failures, throughput, mean metrics."""
+    q = sum(r.queries for r in results if r.status == "ok")
+    fails: dict[str, int] = {}
+    for r in results:
+        if r.status == "ok":
+            for k, v in r.failures.items():
+                fails[k] = fails.get(k, 0) + v
+    kinds: dict[str, int] = {}
+    for r in results:
+        if r.status == "failed":
+            kinds[r.error_kind or "error"] = kinds.get(r.error_kind or "error", 0) + 1
+    agg = {}
+    metrics = [r.metrics for r in results if r.metrics]
+    for key in sorted({k for m in metrics for k in m}):
+        vals = [m[key] for m in metrics if key in m]
+        agg[key] = {k: float(np.nanmean([v[k] for v in vals])) for k in vals[0] if k != "n"}
+    return {
+        "profile": profile.name, "engine": cfg.engine.name,
+        "model": None if extra.get("simulated") else cfg.model or profile.model, "images": len(results), "ok": sum(r.status == "ok" for r in results),
+        "skipped": sum(r.status == "skipped" for r in results),
+        "failed": sum(r.status == "failed" for r in results), "failed_by_kind": kinds,
+        "failed_images": [{"id": r.id, "image": r.image, "kind": r.error_kind, "error": r.error}
+                          for r in results if r.status == "failed"][:1000],
+        "queries": q, "answer_failures": fails, "answer_failure_rate": sum(fails.values()) / q if q else 0.0,
+        "wall_s": wall, "queries_per_s": q / wall if wall > 0 else 0.0, "metrics": agg, **extra,
+    }
+
+
+def read_camera(files: ImageFiles) -> Camera | None:
+    try:
+        return Camera(**json.loads(files.camera.read_text())["intrinsics"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def run_depth(sources: list[ImageSource], cfg: DepthConfig, engine: Engine, layout: RunLayout | None, *,
+              intrinsics=None, points=None, keep_maps: bool = False, evaluate=None, progress=None,
+              **summary_extra) -> tuple[dict, list[DepthResult]]:
+    """The depth stage over a list of images as one run: results in input order and the run's summary,
+    written (summary.json, failures.jsonl) even when the run is interrupted, which the summary then says."""
+    profile = load_profile(cfg.profile)
+    on_round = (lambda n: progress.update(images=0, queries=n)) if progress is not None else None
+    stage = DepthStage(cfg, engine, layout=layout, keep_maps=keep_maps, evaluate=evaluate, on_round=on_round)
+    results: dict[str, DepthResult] = {}
+    t0 = time.perf_counter()
+    interrupted = True
+    try:
+        for r in stage.run(sources, intrinsics=intrinsics, points=points):
+            results[r.id] = r
+            if progress is not None:
+                progress.update(failed=int(r.status == "failed"))
+        interrupted = False
+    finally:
+        if progress is not None:
+            progress.close()
+        ordered = [results[s.id] for s in sources if s.id in results]
+        summary = summarize(ordered, time.perf_counter() - t0, profile, cfg, simulated=engine.simulated,
+                            interrupted=interrupted, complete=not interrupted and len(ordered) == len(sources),
+                            **summary_extra)
+        if layout is not None and layout.root.is_dir():
+            outputs.write_json(layout.summary, summary)
+            outputs.write_jsonl(layout.failures, ({"id": r.id, "image": r.image, "kind": r.error_kind,
+                                                   "error": r.error} for r in ordered if r.status == "failed"))
+    return summary, ordered

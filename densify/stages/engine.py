@@ -1,0 +1,101 @@
+"""Building a stage's engine from settings: the model is checked first, so a missing one fails at once."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+from densify.config import ConfigError
+from densify.engines import Engine, EngineStartError, create_engine
+from densify.profiles import Profile
+from densify.settings import EngineConfig, RayConfig
+
+log = logging.getLogger("densify.engine")
+
+NO_MODEL_HINT = ("give a checkpoint with --model PATH (a local folder) and an engine with --engine vllm, hf or "
+                 "openai; or try `densify demo` (a synthetic scene and the simulated engine, no model needed)")
+_LOCAL_ENGINES = ("hf", "vllm")
+
+
+def _looks_local(model: str) -> bool:
+    """A path, not a hub name ('org/name' or 'name')."""
+    return model.startswith(("/", ".", "~")) or model.count("/") > 1 or "\\" in model
+
+
+def check_model(model: str) -> None:
+    """A checkpoint hf/vllm can load: a local folder with config.json, or a hub name that is cached here or
+    reachable. Never waits long on the network (a 5 s probe), and never goes to the hub for a local path."""
+    p = Path(model).expanduser()
+    if p.exists():
+        if p.is_dir() and not (p / "config.json").is_file():
+            raise EngineStartError(f"--model {model}: the folder has no config.json, so it is not a model checkpoint; "
+                                   f"{NO_MODEL_HINT}")
+        return
+    if _looks_local(model):
+        raise EngineStartError(f"--model {model}: no such folder; {NO_MODEL_HINT}")
+    try:
+        import huggingface_hub as hub
+    except ImportError:
+        raise EngineStartError(f"model {model!r} is a hub name but huggingface_hub is not installed; "
+                               f"{NO_MODEL_HINT}") from None
+    if isinstance(hub.try_to_load_from_cache(model, "config.json"), str):
+        return
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0"):
+        raise EngineStartError(f"model {model!r} is not in the local Hugging Face cache and HF_HUB_OFFLINE is set; "
+                               f"{NO_MODEL_HINT}")
+    try:
+        hub.model_info(model, timeout=5)
+    except Exception as exc:  # no network, no such repo, gated: all mean "not loadable from here"
+        why = " ".join(str(exc).split())[:200]
+        raise EngineStartError(f"model {model!r} is not available: not in the local Hugging Face cache, and the hub "
+                               f"could not be asked ({type(exc).__name__}: {why}); {NO_MODEL_HINT}") from None
+
+
+def engine_options(engine: EngineConfig, model: str | None) -> dict:
+    """The engine's options with the stage's model put where that engine takes it."""
+    opts = dict(engine.options)
+    if model is None:
+        return opts
+    inner = engine.inner_name()
+    if inner == "simulated":
+        raise ConfigError("--model: the simulated engine answers from ground truth and takes no model; drop "
+                          "--model, or choose a real engine with --engine")
+    if engine.name == "ray":
+        opts["engine_options"] = {**opts.get("engine_options", {}), "model": model}
+    else:
+        opts["model"] = model
+    return opts
+
+
+def build_engine(engine: EngineConfig, profile: Profile, *, model: str | None = None,
+                 ray: RayConfig | None = None) -> Engine:
+    """The configured engine for a profile; in a pool of Ray actors when `ray` is given and enabled."""
+    opts = engine_options(engine, model)
+    inner = engine.inner_name()
+    if inner in _LOCAL_ENGINES:
+        inner_opts = opts.get("engine_options", {}) if engine.name == "ray" else opts
+        if inner_opts.get("load_format") != "dummy":
+            check_model(inner_opts.get("model") or profile.model)
+    if ray is not None and ray.enabled and engine.name != "ray":
+        r = ray
+        opts = dict(engine=engine.name, engine_options=opts, num_actors=r.num_actors,
+                    num_gpus_per_actor=r.num_gpus_per_actor, num_cpus_per_actor=r.num_cpus_per_actor,
+                    ray_address=r.address, max_in_flight_per_actor=r.max_in_flight_per_actor,
+                    max_retries=r.max_retries, actor_max_restarts=r.actor_max_restarts, runtime_env=r.runtime_env)
+        return create_engine("ray", profile=profile, **opts)
+    return create_engine(engine.name, profile=profile, **opts)
+
+
+class StageEngines:
+    """The engine of each stage of a multi-stage run ('depth', 'corr', 'pose'), built when the stage first
+    needs it (one model loaded at a time) unless the caller gave one; `open` says whether the caller must
+    close it."""
+
+    def __init__(self, engine: EngineConfig, models: dict[str, str | None], given: dict[str, Engine] | None = None):
+        self.engine, self.models, self.given = engine, models, given if given is not None else {}
+
+    def open(self, stage: str, profile: Profile) -> tuple[Engine, bool]:
+        if stage in self.given:
+            return self.given[stage], False
+        return build_engine(self.engine, profile, model=self.models.get(stage)), True

@@ -1,0 +1,232 @@
+"""The label job: the depth stage over a whole manifest as a resumable batch job.
+
+    job = LabelJob(cfg, out, shard=(0, 4))
+    summary = job.run(inputs)            # also <out>/summary[-i].json
+
+Around the depth stage it adds the answer store (every answer committed as its image's batch comes back,
+so a killed job re-asks nothing), the output manifest (one Parquet row per image, rewritten periodically
+and at the end), shards (every n-th image, own store, manifest and summary files) and the Ray pool.
+"""
+
+from __future__ import annotations
+
+import glob
+import logging
+import time
+from pathlib import Path
+from typing import Iterator
+
+from densify import outputs
+from densify.config import ConfigError
+from densify.engines import Engine, answer_identity
+from densify.images import IMAGE_SUFFIXES, ImageSource, iter_sources, manifest_kind, walk_images
+from densify.layout import RunLayout
+from densify.profiles import load_profile
+from densify.settings import LabelConfig
+from densify.stages.depth import DepthResult, DepthStage
+from densify.stages.engine import build_engine
+from densify.store import AnswerStore, StoredEngine, store_path
+
+log = logging.getLogger("densify.label")
+
+__all__ = ["LabelJob", "iter_manifest", "count_manifest", "ManifestWriter"]
+
+
+def iter_manifest(inputs: list[str] | str, shard: tuple[int, int] = (0, 1)) -> Iterator[ImageSource]:
+    """Image sources of a manifest, in order, streamed; ids safe and unique; only shard i of n (every n-th)."""
+    i, n = shard
+    for k, src in enumerate(iter_sources(inputs)):
+        if k % n == i:
+            yield src
+
+
+def count_manifest(inputs: list[str] | str, shard: tuple[int, int] = (0, 1)) -> int:
+    """Images in the shard (a cheap first pass: Parquet metadata, JSONL lines, a folder walk)."""
+    inputs = [inputs] if isinstance(inputs, (str, Path)) else list(inputs)
+    total = 0
+    for item in inputs:
+        kind = manifest_kind(str(item))
+        if kind == "parquet":
+            import pyarrow.parquet as pq
+            total += pq.ParquetFile(item).metadata.num_rows
+        elif kind == "jsonl":
+            with open(item) as f:
+                total += sum(1 for line in f if line.strip())
+        elif kind == "dir":
+            total += sum(1 for _ in walk_images(Path(item)))
+        elif kind == "file":
+            total += 1
+        else:
+            total += sum(1 for m in glob.glob(str(item), recursive=True) if Path(m).suffix.lower() in IMAGE_SUFFIXES)
+    i, n = shard
+    return len(range(i, total, n))
+
+
+_COLUMNS = ("id", "image", "status", "error_kind", "error", "queries", "store_hits", "engine_queries",
+            "dir", "depth_npy", "depth_png", "confidence", "cloud", "wall_s")
+
+
+def _schema():
+    import pyarrow as pa
+
+    s, i, f = pa.string(), pa.int64(), pa.float64()
+    types = {"queries": i, "store_hits": i, "engine_queries": i, "wall_s": f}
+    return pa.schema([pa.field(c, types.get(c, s)) for c in _COLUMNS])
+
+
+class ManifestWriter:
+    """One status row per image, kept as Arrow record batches; written atomically as Parquet."""
+
+    def __init__(self, path: Path, every_s: float):
+        self.path = path
+        self.every_s = every_s
+        self._rows: dict[str, list] = {c: [] for c in _COLUMNS}
+        self._batches: list = []
+        self._last = time.perf_counter()
+
+    def add(self, **row) -> None:
+        for c in _COLUMNS:
+            self._rows[c].append(row.get(c))
+        if len(self._rows["id"]) >= 1024:
+            self._seal()
+        if time.perf_counter() - self._last >= self.every_s:
+            self.write()
+
+    def _seal(self) -> None:
+        import pyarrow as pa
+
+        if self._rows["id"]:
+            schema = _schema()
+            self._batches.append(pa.record_batch([pa.array(self._rows[f.name], type=f.type) for f in schema],
+                                                 schema=schema))
+            self._rows = {c: [] for c in _COLUMNS}
+
+    def write(self) -> None:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        self._seal()
+        table = pa.Table.from_batches(self._batches, schema=_schema())
+        with outputs.atomic_path(self.path) as tmp:
+            pq.write_table(table, tmp)
+        self._last = time.perf_counter()
+
+
+class LabelJob:
+    """One shard of a labelling job (see the module docstring).
+
+    engine: a ready engine to use instead of the configured one (not closed here; its answers are keyed in
+    the store by `model_key`, default from the config). progress: a `densify.progress.Progress` or None.
+    """
+
+    def __init__(self, cfg: LabelConfig, out: str | Path, *, shard: tuple[int, int] = (0, 1),
+                 engine: Engine | None = None, model_key: str | None = None, progress=None):
+        i, n = shard
+        if not (n >= 1 and 0 <= i < n):
+            raise ConfigError(f"--shard: need 0 <= i < n, got {i}/{n}")
+        self.cfg, self.shard = cfg, shard
+        self.profile = load_profile(cfg.profile)
+        self.layout = RunLayout(out, shard=shard)
+        self.layout.check()
+        self.engine = engine
+        self.model_key = model_key
+        self.progress = progress
+
+    def run(self, inputs: list[str] | str) -> dict:
+        cfg, layout = self.cfg, self.layout
+        t0, cpu0 = time.perf_counter(), time.process_time()
+        total = count_manifest(inputs, self.shard)
+        own = self.engine is None
+        inner = self.engine if self.engine is not None else build_engine(cfg.engine, self.profile, model=cfg.model,
+                                                                          ray=cfg.ray)
+        store = None
+        try:
+            if cfg.store.enabled:
+                store = AnswerStore(store_path(cfg.store.dir or layout.store_dir, self.shard[0]),
+                                    synchronous=cfg.store.synchronous, exclusive=cfg.store.exclusive)
+        except BaseException:
+            if own:
+                inner.close()
+            raise
+        layout.root.mkdir(parents=True, exist_ok=True)
+        key = self.model_key or _model_key(cfg)
+        eng = StoredEngine(inner, store, key, profile=self.profile.name, track_images=True) \
+            if store is not None else inner
+        t_ready = time.perf_counter()
+        log.info("label: %d image(s) in shard %d/%d; engine %s ready in %.1f s; store %s", total, *self.shard,
+                 inner.name, t_ready - t0, store.path if store is not None else "off")
+        stage = DepthStage(cfg, eng, layout=layout)
+        manifest = ManifestWriter(layout.manifest, cfg.manifest_every_s)
+        counts = {"ok": 0, "skipped": 0, "failed": 0}
+        kinds: dict[str, int] = {}
+        failed: list[dict] = []
+        totals = {"queries": 0, "store_hits": 0, "engine_queries": 0, "answer_failures": 0}
+        simulated = inner.simulated
+        interrupted = True
+        try:
+            for res in stage.run(iter_manifest(inputs, self.shard)):
+                hits, asked = eng.image_stats.pop(res.uid, (0, 0)) if store is not None and res.uid else \
+                    (0, res.queries if res.status != "skipped" else 0)
+                self._record(res, hits, asked, counts, kinds, failed, totals, manifest)
+            interrupted = False
+        finally:
+            if own:
+                eng.close()  # before reading the pool's stats: closing adds the actors' CPU time
+            pool_stats = dict(inner.stats)
+            store_totals = None
+            if store is not None:
+                try:
+                    store_totals = store.totals()
+                except Exception:  # a broken store must not hide the error that stopped the job
+                    pass
+                store.close()
+            manifest.write()
+            wall = time.perf_counter() - t0
+            times = {"startup": t_ready - t0, "driver_cpu": time.process_time() - cpu0}
+            times.update({f"store_{k}": v for k, v in getattr(eng, "times", {}).items()})
+            images = sum(counts.values())
+            run_s = max(wall - (t_ready - t0), 1e-9)
+            summary = {
+                "profile": self.profile.name, "engine": cfg.engine.name, "model": cfg.model or self.profile.model,
+                "simulated": simulated, "ray": cfg.ray.enabled and cfg.engine.name != "ray",
+                "shard": f"{self.shard[0]}/{self.shard[1]}", "images_in_shard": total, "images": images, **counts,
+                "complete": not interrupted and images == total, "interrupted": interrupted,
+                "failed_by_kind": kinds, "failed_images": failed, **totals,
+                "wall_s": wall, "startup_s": t_ready - t0, "images_per_s": counts["ok"] / run_s,
+                "queries_per_s": totals["queries"] / run_s, "time_s": times, "pool": pool_stats,
+                "store": store_totals,
+            }
+            outputs.write_json(layout.summary, summary)
+        return summary
+
+    def _record(self, res: DepthResult, hits, asked, counts, kinds, failed, totals, manifest) -> None:
+        counts[res.status] += 1
+        if res.status == "failed":
+            kinds[res.error_kind] = kinds.get(res.error_kind, 0) + 1
+            if len(failed) < 1000:
+                failed.append({"id": res.id, "image": res.image, "kind": res.error_kind, "error": res.error})
+            log.error("%s (%s): %s", res.id, res.error_kind, res.error)
+        elif res.status == "ok":
+            totals["queries"] += res.queries
+            totals["answer_failures"] += sum(res.failures.values())
+        totals["store_hits"] += hits
+        totals["engine_queries"] += asked
+        o = self.cfg.outputs
+        paths = {}
+        if res.status != "failed":
+            f = self.layout.image(res.id)
+            rel = lambda p, on: str(p.relative_to(self.layout.root)) if on else None  # noqa: E731
+            paths = {"dir": rel(f.dir, True), "depth_npy": rel(f.depth_npy, o.npy), "depth_png": rel(f.depth_png, o.png16),
+                     "confidence": rel(f.confidence, o.confidence), "cloud": rel(f.cloud, o.ply)}
+        manifest.add(id=res.id, image=res.image, status=res.status, error_kind=res.error_kind, error=res.error,
+                     queries=res.queries, store_hits=hits, engine_queries=asked, wall_s=res.wall_s, **paths)
+        if self.progress is not None:
+            self.progress.update(queries=res.queries if res.status == "ok" else 0,
+                                 failed=int(res.status == "failed"), store_hits=hits if res.status == "ok" else 0)
+
+
+def _model_key(cfg: LabelConfig) -> str:
+    import json
+
+    ident = answer_identity(cfg.engine.name, cfg.engine.options)
+    return json.dumps([ident, cfg.model], sort_keys=True, default=str)

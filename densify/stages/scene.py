@@ -1,0 +1,296 @@
+"""The scene stage: pose graph, TSDF fusion and exports; and `reconstruct`, which runs every stage in turn.
+
+    depth   every image through the depth stage (<out>/depth/<id>/, resumable)
+    pairs   correspondences and RANSAC/PnP poses per pair (i, i+1) [+ (i, i+2)] (densify.stages.pairs)
+    graph   Open3D pose-graph optimisation over the largest connected component -> poses.json
+    fusion  TSDF of the written depth maps (loaded one at a time) -> mesh.ply, cloud.ply
+    export  multi-view tracks -> colmap/ (read back with pycolmap), transforms.json
+
+A missing image or a failed pair gets a record; reconstruction goes on with what still connects and says
+what it dropped and why. With fewer than two posed images there is no scene: no mesh, cloud or exports
+are written (never an empty file), and the summary says so.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from densify import outputs
+from densify.engines import Engine
+from densify.geometry.export import build_tracks, read_colmap_check, triangulate_tracks, write_colmap_text, \
+    write_nerfstudio
+from densify.geometry.fusion import FusionFrame, tsdf_fuse
+from densify.geometry.posegraph import PoseEdge, PoseGraphResult, optimize_poses
+from densify.images import ImageSource, load_rgb
+from densify.layout import RunLayout
+from densify.pairs import PairResult, pair_list
+from densify.profiles import load_profile
+from densify.settings import ReconstructConfig
+from densify.stages.depth import DepthStage, summarize
+from densify.stages.engine import StageEngines
+from densify.stages.pairs import ImageInfo, load_depth, pair_stage, vlm_pose_stage
+
+log = logging.getLogger("densify.scene")
+
+__all__ = ["SceneResult", "reconstruct", "depth_infos", "graph_stage", "fusion_stage", "export_stage"]
+
+
+@dataclass
+class SceneResult:
+    """A reconstruction: poses of the images that connect, what was dropped, the pairs, the summary."""
+
+    cam_to_world: dict[str, np.ndarray]
+    """image id -> 4x4 camera-to-world (world = the reference camera's frame, metres, OpenCV axes)."""
+    cameras: dict[str, object]
+    reference: str | None
+    dropped: list[dict]
+    pairs: list[PairResult]
+    summary: dict
+    out: Path
+    infos: list[ImageInfo] = field(default_factory=list)
+    graph: PoseGraphResult | None = None
+
+    @property
+    def ok(self) -> bool:
+        return len(self.cam_to_world) >= 2
+
+
+def depth_infos(sources: list[ImageSource], cfg: ReconstructConfig, layout: RunLayout, engines: StageEngines, *,
+                intrinsics=None, progress=None) -> tuple[list[ImageInfo], dict]:
+    """The depth stage over the sequence; per image only a light record stays in memory."""
+    dcfg = cfg.depth_config()
+    profile = load_profile(dcfg.profile)
+    engine, owned = engines.open("depth", profile)
+    results = {}
+    t0 = time.perf_counter()
+    try:
+        stage = DepthStage(dcfg, engine, layout=layout.depth)
+        for r in stage.run(sources, intrinsics=intrinsics):
+            results[r.id] = r
+            if progress is not None:
+                progress.update(queries=r.queries, failed=int(r.status == "failed"))
+    finally:
+        if owned:
+            engine.close()
+    infos = []
+    from densify.stages.depth import read_camera
+
+    for k, src in enumerate(sources):
+        r = results[src.id]
+        info = ImageInfo(k, src.id, Path(src.path), r.status, r.camera, r.error, r.error_kind, src.manifest)
+        if r.status == "skipped":
+            info.camera = read_camera(stage.layout.image(src.id))
+        infos.append(info)
+    summary = summarize(list(results.values()), time.perf_counter() - t0, profile, dcfg)
+    return infos, summary
+
+
+def graph_stage(infos: list[ImageInfo], results: list[PairResult], cfg: ReconstructConfig) -> PoseGraphResult:
+    nodes = [k.index for k in infos if k.ok]
+    edges = []
+    for r in results:
+        if r.status == "failed" or not r.usable:
+            continue
+        w = float(max(r.pose.inliers, 1))
+        edges.append(PoseEdge(r.i, r.j, r.pose.T, r.information, weight=w,
+                              uncertain=cfg.posegraph.loop_edges_uncertain and (r.j - r.i) > 1))
+    return optimize_poses(nodes, edges, cfg.posegraph)
+
+
+def dropped_images(infos: list[ImageInfo], graph: PoseGraphResult) -> list[dict]:
+    out = []
+    for k in infos:
+        if not k.ok:
+            out.append({"id": k.id, "image": str(k.path), "reason": f"{k.error_kind}: {k.error}"})
+        elif k.index not in graph.cam_to_world:
+            out.append({"id": k.id, "image": str(k.path),
+                        "reason": "no usable pair connects it to the largest connected component of the pair graph"})
+    return out
+
+
+def fusion_stage(infos: list[ImageInfo], graph: PoseGraphResult, cfg: ReconstructConfig, layout: RunLayout) -> dict:
+    depth = layout.depth
+    frames = []
+    for k in sorted(graph.cam_to_world):
+        f, info = depth.image(infos[k].id), infos[k]
+        frames.append(FusionFrame(info.camera, graph.cam_to_world[k], lambda f=f: np.load(f.depth_npy),
+                                  lambda p=info.path: load_rgb(p),
+                                  lambda f=f: np.load(f.confidence) if f.confidence.is_file() else None))
+    mesh, cloud, n = tsdf_fuse(frames, cfg.fusion)
+    report = {"frames": n, "mesh_vertices": len(mesh.vertices), "mesh_triangles": len(mesh.triangles),
+              "cloud_points": len(cloud.points)}
+    if len(mesh.triangles):
+        outputs.write_mesh(layout.mesh, mesh)
+    else:
+        report["mesh"] = "not written: fusion gave no surface (depth beyond fusion.depth_trunc, or no overlap)"
+    if len(cloud.points):
+        outputs.write_ply(layout.cloud, cloud)
+    return report
+
+
+def export_stage(infos: list[ImageInfo], results: list[PairResult], graph: PoseGraphResult, cfg: ReconstructConfig,
+                 layout: RunLayout) -> dict:
+    posed = graph.cam_to_world
+    depth = layout.depth
+    report: dict = {}
+    if cfg.export.colmap:
+        def pair_matches():
+            for r in results:
+                if r.i not in posed or r.j not in posed or r.status == "failed":
+                    continue
+                f = layout.pair(infos[r.i].id, infos[r.j].id).matches
+                if not f.is_file():
+                    continue
+                z = np.load(f)
+                keep = z["inliers"] if "inliers" in z.files else z["valid"]
+                yield r.i, r.j, z["xy1"][keep], z["xy2"][keep]
+
+        tracks = build_tracks(pair_matches(), cfg.export.min_track_length)
+        cams = {k: infos[k].camera for k in posed}
+        tracks = triangulate_tracks(tracks, cams, posed, cfg=cfg.export,
+                                    load_depth=lambda k: load_depth(layout, infos[k]),
+                                    load_rgb=lambda k: load_rgb(infos[k].path))
+        images = [(k, infos[k].path.name, infos[k].camera, posed[k]) for k in sorted(posed)]
+        write_colmap_text(layout.colmap, images, tracks)
+        report["tracks"] = tracks.stats
+        try:
+            report["colmap"] = read_colmap_check(layout.colmap)
+        except ImportError:
+            report["colmap"] = {"error": "pycolmap not installed: model written but not read back"}
+        except Exception as exc:  # pycolmap raises its own error types; the check must not end the run
+            report["colmap"] = {"error": f"pycolmap could not read the model back: {exc}"}
+            log.error("COLMAP model check failed: %s", exc)
+    if cfg.export.nerfstudio:
+        frames = [(os.path.relpath(infos[k].path, layout.root), infos[k].camera, posed[k]) for k in sorted(posed)]
+        paths = [depth.image(infos[k].id).depth_png for k in sorted(posed)]
+        write_nerfstudio(layout.transforms, frames,
+                         depth_paths=[os.path.relpath(p, layout.root) if p.is_file() else None for p in paths])
+        report["nerfstudio"] = {"frames": len(frames)}
+    return report
+
+
+def write_poses(layout: RunLayout, infos: list[ImageInfo], graph: PoseGraphResult, dropped: list[dict]) -> None:
+    ref = infos[graph.reference].id if graph.reference is not None else None
+    outputs.write_json(layout.poses, {
+        "convention": "cam_to_world: x_world = T @ x_camera; OpenCV camera axes (x right, y down, z forward); "
+                      "world = the reference camera's frame; metres",
+        "reference": ref,
+        "frames": [{"id": infos[k].id, "image": str(infos[k].path), "cam_to_world": graph.cam_to_world[k],
+                    "intrinsics": infos[k].camera.to_dict()} for k in sorted(graph.cam_to_world)],
+        "dropped": dropped, "pruned_pairs": [[infos[i].id, infos[j].id] for i, j in graph.pruned_edges]})
+
+
+def reconstruct(sources: list[ImageSource], cfg: ReconstructConfig, out: str | Path, *,
+                engines: dict[str, Engine] | None = None, intrinsics=None, progress=None) -> SceneResult:
+    """Every stage in turn; the summary is also <out>/summary.json. `engines`: ready engines per stage
+    ('depth', 'corr', 'pose'), used as given and not closed."""
+    layout = RunLayout(out)
+    layout.check()
+    if len(sources) < 2:
+        from densify.config import ConfigError
+
+        raise ConfigError(f"reconstruct needs at least 2 images, got {len(sources)}")
+    layout.root.mkdir(parents=True, exist_ok=True)
+    stage_engines = StageEngines(cfg.engine, cfg.models.model_dump(), engines)
+    timings: dict[str, float] = {}
+    t = time.perf_counter()
+    infos, depth_summary = depth_infos(sources, cfg, layout, stage_engines, intrinsics=intrinsics, progress=progress)
+    timings["depth"] = time.perf_counter() - t
+    pairs = pair_list(len(infos), cfg.pairs)
+    t = time.perf_counter()
+    results = None
+    if cfg.pose.source in ("matches", "both"):
+        results = pair_stage(infos, pairs, cfg, layout, stage_engines, progress=progress is not None)
+    timings["pairs"] = time.perf_counter() - t
+    if cfg.pose.source in ("vlm", "both"):
+        t = time.perf_counter()
+        results = vlm_pose_stage(infos, pairs, results, cfg, layout, stage_engines)
+        timings["vlm_pose"] = time.perf_counter() - t
+    results = sorted(results, key=lambda r: (r.i, r.j))
+    outputs.write_jsonl(layout.pairs_jsonl, (r.record() for r in results))
+
+    t = time.perf_counter()
+    graph = graph_stage(infos, results, cfg)
+    dropped = dropped_images(infos, graph)
+    for d in dropped:
+        log.warning("dropped %s: %s", d["id"], d["reason"])
+    write_poses(layout, infos, graph, dropped)
+    timings["posegraph"] = time.perf_counter() - t
+    fusion, export = {"frames": 0}, {}
+    if len(graph.cam_to_world) >= 2:
+        t = time.perf_counter()
+        fusion = fusion_stage(infos, graph, cfg, layout)
+        timings["fusion"] = time.perf_counter() - t
+        t = time.perf_counter()
+        export = export_stage(infos, results, graph, cfg, layout)
+        timings["export"] = time.perf_counter() - t
+    else:
+        why = (f"only {len(graph.cam_to_world)} image(s) connect through usable pairs: no scene to fuse or export "
+               f"(see dropped and failed_pairs)")
+        fusion = export = {"skipped": why}
+        log.error("%s", why)
+    summary = {
+        "images": len(infos), "posed": len(graph.cam_to_world), "complete": len(graph.cam_to_world) >= 2,
+        "reference": infos[graph.reference].id if graph.reference is not None else None,
+        "dropped": dropped,
+        "pairs": len(results), "pairs_ok": sum(r.status != "failed" for r in results),
+        "failed_pairs": [r.record() for r in results if r.status == "failed"],
+        "pruned_pairs": [[infos[i].id, infos[j].id] for i, j in graph.pruned_edges],
+        "verdicts": {v: sum(1 for r in results if r.pose is not None and r.pose.verdict == v)
+                     for v in ("good", "weak", "failed")},
+        "depth": {k: depth_summary[k] for k in ("ok", "skipped", "failed", "queries", "answer_failures", "metrics")},
+        "pair_queries": sum(r.matches.get("asked", 0) + r.matches.get("asked_backward", 0) for r in results),
+        "fusion": fusion, "export": export, "timings_s": timings, "wall_s": sum(timings.values()),
+        "engine": cfg.engine.name, "simulated": cfg.engine.inner_name() == "simulated",
+    }
+    outputs.write_json(layout.summary, summary)
+    return SceneResult({infos[k].id: graph.cam_to_world[k] for k in graph.cam_to_world},
+                       {i.id: i.camera for i in infos if i.camera is not None},
+                       summary["reference"], dropped, results, summary, layout.root, infos, graph)
+
+
+def camera_info(index: int, src: ImageSource, default_hfov_deg: float, intrinsics=None) -> ImageInfo:
+    """An image's record without running depth on it (its size read from the file header)."""
+    from PIL import Image
+
+    from densify.cameras import CameraError, resolve_camera
+    from densify.images import ImageError
+
+    info = ImageInfo(index, src.id, Path(src.path), "ok", manifest=src.manifest)
+    try:
+        if not Path(src.path).is_file():
+            raise ImageError(f"{src.path}: no such file; check the path")
+        with Image.open(src.path) as im:
+            w, h = im.size
+        info.camera = resolve_camera(src.path, w, h, intrinsics if intrinsics is not None else src.intrinsics,
+                                     default_hfov_deg)
+    except (ImageError, CameraError, OSError) as exc:
+        info.status, info.error = "failed", str(exc)
+        info.error_kind = "intrinsics" if isinstance(exc, CameraError) else "image"
+    return info
+
+
+def relative_pose(sources: list[ImageSource], cfg: ReconstructConfig, out: str | Path, *,
+                  engines: dict[str, Engine] | None = None, intrinsics=None) -> tuple[PairResult, list[ImageInfo]]:
+    """The pose of image 2 relative to image 1 (depth of image 1 only when the metric scale is wanted)."""
+    layout = RunLayout(out)
+    layout.check()
+    stage_engines = StageEngines(cfg.engine, cfg.models.model_dump(), engines)
+    cfg = cfg.model_copy(update={"corr": cfg.corr.model_copy(update={"save_flow": True, "track_queries": False})})
+    if cfg.pose.use_depth and cfg.pose.source in ("matches", "both"):
+        infos, _ = depth_infos(sources[:1], cfg, layout, stage_engines, intrinsics=intrinsics)
+        infos.append(camera_info(1, sources[1], cfg.depth.default_hfov_deg, intrinsics))
+    else:
+        infos = [camera_info(k, s, cfg.depth.default_hfov_deg, intrinsics) for k, s in enumerate(sources)]
+    results = None
+    if cfg.pose.source in ("matches", "both"):
+        results = pair_stage(infos, [(0, 1)], cfg, layout, stage_engines, progress=False, require_metric=False)
+    if cfg.pose.source in ("vlm", "both"):
+        results = vlm_pose_stage(infos, [(0, 1)], results, cfg, layout, stage_engines, require_metric=False)
+    return results[0], infos
