@@ -132,3 +132,14 @@ def parse_set(items: list[str] | None) -> list[Override]:
 def parse_set_options(items: list[str] | None) -> dict:
     """`--set` items as one nested dict."""
     return apply_overrides({}, parse_set(items))
+
+
+def dict_overrides(data: dict, origin: str = "options", _path: tuple = ()) -> list[Override]:
+    """A nested dict of settings as overrides (Python callers and tests)."""
+    out = []
+    for k, v in data.items():
+        if isinstance(v, dict) and v:
+            out += dict_overrides(v, origin, _path + (k,))
+        else:
+            out.append(Override(_path + (k,), v, f"{origin} {'.'.join(_path + (k,))}"))
+    return out

@@ -33,3 +33,13 @@ def textured_image(rng):
     import cv2
     img = (rng.random((60, 80, 3)) * 255).astype(np.uint8)
     return cv2.resize(img, (640, 480), interpolation=cv2.INTER_CUBIC)
+
+
+def sidecar_metrics(src, res) -> dict:
+    """An evaluation hook for the depth stage: the saved synthetic scene's depth beside the image."""
+    from pathlib import Path
+
+    from densify.eval.metrics import depth_report
+
+    gt = np.load(Path(src.path).with_suffix(".depth.npy"))
+    return {"dense": depth_report(res.depth, gt)}

@@ -4,14 +4,17 @@ import json
 
 import cv2
 import numpy as np
+
+from conftest import sidecar_metrics
 import pytest
 
 from densify.cameras import Camera, prepare_image
-from densify.engines.simulated import SimulatedEngine, depth_truth
+from densify.engines.simulated import SimulatedEngine
+from densify.truth import ArrayTruth
 from densify.fields import AdaptivePlanner, run_adaptive_depth
 from densify.fields.adaptive import grid_within, round_sizes
 from densify.profiles import load_profile
-from densify.prompts import image_uid, sampling_for
+from densify.prompts import image_ref, image_uid, sampling_for
 
 H, W = 120, 160
 
@@ -89,13 +92,13 @@ def test_one_batch_per_round_through_the_engine():
     cam = Camera.default(W, H)
     p = profile.preprocess
     prep = prepare_image(rgb, cam, focal=p.focal, square_pixels=p.square_pixels, coord_range=profile.coord_range)
-    engine = SimulatedEngine(profile, seed=0)
+    engine = SimulatedEngine(profile, seed=0, truth=ArrayTruth({"step": depth}))
     batches = []
     gen = engine.generate
     engine.generate = lambda b: (batches.append(b), gen(b))[1]
     planner = AdaptivePlanner((H, W), 400, coarse=0.5, rounds=3, rgb=rgb)
     uid = image_uid(prep, "step")
-    run = run_adaptive_depth(engine, planner, prep, profile, uid=uid, truth=depth_truth(prep, depth),
+    run = run_adaptive_depth(engine, planner, prep, profile, uid=uid, ref=image_ref("step", prep),
                              sampling=sampling_for(profile))
     assert len(batches) == len(run.calls) <= 4
     assert [len(b.queries) for b in batches] == run.calls
@@ -138,9 +141,10 @@ def test_flow_planner_on_scene_matches():
 
 def test_pipeline_adaptive_mode_end_to_end(tmp_path):
     from densify.images import discover
+    from densify.layout import RunLayout
+    from densify.settings import DepthConfig
+    from densify.stages.depth import run_depth
     from densify.synthetic.scenes import SceneSpec, make_scene
-    from pipelines.configs import DepthJobConfig, load_job_config
-    from pipelines.depth import run_depth
 
     make_scene(SceneSpec(seed=2, n_views=1, width=320, height=240)).save(tmp_path / "scene")
     sources = discover([str(tmp_path / "scene")])
@@ -148,10 +152,10 @@ def test_pipeline_adaptive_mode_end_to_end(tmp_path):
     calls = []
     gen = engine.generate
     engine.generate = lambda b: (calls.append(len(b.queries)), gen(b))[1]
-    cfg = load_job_config(DepthJobConfig, None, {"plan": {"mode": "adaptive", "budget": 300, "rounds": 2},
-                                                 "densify": {"method": "edge"}}, default_name="depth")
+    cfg = DepthConfig(engine={"name": "simulated"}, plan={"mode": "adaptive", "budget": 300, "rounds": 2},
+                      densify={"method": "edge"})
     out = tmp_path / "out"
-    summary = run_depth(sources, cfg, out, engine=engine, progress=False)
+    summary, _ = run_depth(sources, cfg, engine, RunLayout(out), evaluate=sidecar_metrics)
     assert summary["ok"] == 1 and summary["failed"] == 0
     assert summary["queries"] == sum(calls) <= 300 and len(calls) <= 3
     assert summary["metrics"]["dense"]["delta1"] > 0.9
@@ -162,13 +166,12 @@ def test_pipeline_adaptive_mode_end_to_end(tmp_path):
     # explicit points are asked exactly (no refinement)
     calls.clear()
     pts = np.array([[10, 10], [100, 50], [200, 120], [300, 230]])
-    s3 = run_depth(sources, cfg, tmp_path / "out3", engine=engine, progress=False, points=pts)
+    s3, _ = run_depth(sources, cfg, engine, RunLayout(tmp_path / "out3"), points=pts)
     assert calls == [4] and s3["queries"] == 4
     # the grid path is unchanged: one call per image with the grid's size
     calls.clear()
-    cfg2 = load_job_config(DepthJobConfig, None, {"plan": {"count": 300, "mode": "grid"}, "overwrite": True},
-                           default_name="depth")
-    run_depth(sources, cfg2, tmp_path / "out2", engine=engine, progress=False)
+    cfg2 = DepthConfig(engine={"name": "simulated"}, plan={"count": 300, "mode": "grid"}, overwrite=True)
+    run_depth(sources, cfg2, engine, RunLayout(tmp_path / "out2"))
     assert len(calls) == 1
 
 
@@ -176,9 +179,10 @@ def test_pipeline_keeps_images_in_flight_per_round(tmp_path):
     """Adaptive rounds of several images go through the engine's stream together, one batch per image."""
     from densify.engines.simulated import SimulatedEngine
     from densify.images import discover
+    from densify.layout import RunLayout
+    from densify.settings import DepthConfig
+    from densify.stages.depth import run_depth
     from densify.synthetic.scenes import SceneSpec, make_scene
-    from pipelines.configs import DepthJobConfig
-    from pipelines.depth import run_depth
 
     class Recording(SimulatedEngine):
         def __init__(self, *a, **k):
@@ -192,12 +196,12 @@ def test_pipeline_keeps_images_in_flight_per_round(tmp_path):
                 yield b, self.generate(b)
 
     paths = make_scene(SceneSpec(seed=4, n_views=3, width=160, height=120)).save(tmp_path / "scene")
-    cfg = DepthJobConfig(plan={"mode": "adaptive", "count": 400, "rounds": 3},
-                         images_in_flight=3, outputs={"ply": False, "preview": False})
+    cfg = DepthConfig(engine={"name": "simulated"}, plan={"mode": "adaptive", "count": 400, "rounds": 3},
+                      images_in_flight=3, outputs={"ply": False, "preview": False})
     eng = Recording("vlm3-depth", seed=0)
-    s = run_depth(discover([str(p) for p in paths]), cfg, tmp_path / "out", engine=eng, progress=False)
+    s, results = run_depth(discover([str(p) for p in paths]), cfg, eng, RunLayout(tmp_path / "out"))
     assert s["ok"] == 3
     assert len(eng.calls) >= 2 and len(eng.calls[0]) == 3  # coarse round, then refinement rounds
     for call in eng.calls:  # one batch per image per round
         assert len(set(call)) == len(call)
-    assert all(r.queries <= 400 for r in s["_results"])
+    assert all(r.queries <= 400 for r in results)

@@ -15,12 +15,14 @@ import numpy as np
 import pytest
 
 from densify.cli import main
+from densify.config import dict_overrides
 from densify.engines import EngineBatch
-from densify.engines.base import Completion, PromptImage, Query, Sampling
+from densify.engines.base import Completion, Engine, ImageRef, PromptImage, Query, Sampling
 from densify.engines.simulated import SimulatedEngine
+from densify.settings import LabelConfig, load_config
+from densify.stages.label import LabelJob, count_manifest, iter_manifest
 from densify.store import AnswerStore, StoredEngine, store_path
-from pipelines.configs import load_job_config
-from pipelines.label import LabelJobConfig, count_manifest, iter_manifest, run_label
+from densify.truth import ArrayTruth
 
 REPO = Path(__file__).resolve().parents[1]
 OUTPUT_FILES = ("depth.npy", "depth.png", "confidence.npy", "camera.json", "result.json")
@@ -44,10 +46,14 @@ def write_dataset(folder: Path, n: int, seed: int = 0, size=(160, 120)) -> Path:
     return folder / "manifest.jsonl"
 
 
-def label_config(**over) -> LabelJobConfig:
-    base = {"plan": {"count": 256}, "ray": {"enabled": False}}
+def label_config(**over) -> LabelConfig:
+    base = {"engine": {"name": "simulated"}, "plan": {"count": 256}, "ray": {"enabled": False}}
     base.update(over)
-    return load_job_config(LabelJobConfig, None, base, default_name="label")
+    return load_config(LabelConfig, None, dict_overrides(base), default_name="label")
+
+
+def run_label(inputs, cfg, out, *, progress=False, **kw) -> dict:
+    return LabelJob(cfg, out, **kw).run(inputs)
 
 
 def same_outputs(a: Path, b: Path, ids) -> None:
@@ -73,7 +79,7 @@ def test_label_writes_labels_manifest_and_summary(dataset, tmp_path, capsys):
     import pyarrow.parquet as pq
 
     out = tmp_path / "out"
-    rc = main(["label", str(dataset), "--out", str(out), "--no-ray", "--count", "256"])
+    rc = main(["label", str(dataset), "--out", str(out), "--no-ray", "--count", "256", "--engine", "simulated"])
     assert rc == 0
     assert "6 ok" in capsys.readouterr().out
     d = out / "im00"
@@ -154,18 +160,18 @@ def test_shards_split_the_work_and_their_stores(dataset, reference, tmp_path):
     assert (out / "store" / "answers-0.sqlite").is_file() and (out / "store" / "answers-1.sqlite").is_file()
     assert (out / "manifest-0.parquet").is_file() and (out / "summary-1.json").is_file()
     same_outputs(out, ref_out, [f"im{i:02d}" for i in range(6)])
-    assert main(["label", str(dataset), "--out", str(out), "--shard", "2/2", "--no-ray"]) == 2
+    assert main(["label", str(dataset), "--out", str(out), "--shard", "2/2", "--no-ray", "--engine", "simulated"]) == 2
 
 
-class CountingEngine:
+class CountingEngine(Engine):
     """Simulated answers; counts what it is asked; fails queries whose text contains `fail_text`, and every
     `fail_every`-th query of a batch."""
 
     name = "counting"
-    uses_truth = True
+    simulated = True
 
-    def __init__(self, profile="vlm3-depth", fail_text=None, fail_every=None):
-        self.sim = SimulatedEngine(profile)
+    def __init__(self, profile="vlm3-depth", fail_text=None, fail_every=None, truth=None):
+        self.sim = SimulatedEngine(profile, truth=truth)
         self.asked = 0
         self.calls = 0
         self.fail_text = fail_text
@@ -184,16 +190,19 @@ class CountingEngine:
         pass
 
 
+_FLAT = ArrayTruth({"u1": np.full((20, 30), 2.0, np.float32), "u2": np.full((20, 30), 3.0, np.float32)})
+
+
 def _batch(uid="u1", n=40, dup=0):
     px = np.zeros((20, 30, 3), np.uint8)
     qs = [Query(f"Given this image, how far is the point at coordinates ({i}, {2 * i}) from the camera?", (uid,))
           for i in range(n)]
     qs += qs[:dup]
-    return EngineBatch({uid: PromptImage(uid, px)}, qs, Sampling(), tag="t")
+    return EngineBatch({uid: PromptImage(uid, px, ImageRef(uid, size=(30, 20)))}, qs, Sampling(), tag="t")
 
 
 def test_stored_engine_sends_only_misses_and_commits_per_batch(tmp_path):
-    inner = CountingEngine(fail_text="(7, 14)")
+    inner = CountingEngine(fail_text="(7, 14)", truth=_FLAT)
     with AnswerStore(tmp_path / "a.sqlite") as store:
         eng = StoredEngine(inner, store, "sim", profile="vlm3-depth")
         first = eng.generate(_batch(dup=5))  # 40 distinct queries + 5 repeats
@@ -212,7 +221,7 @@ def test_stored_engine_sends_only_misses_and_commits_per_batch(tmp_path):
         assert len(store) == 80 and store.totals()["asked"] == 81
     # a different model key shares nothing
     with AnswerStore(tmp_path / "a.sqlite") as store:
-        eng = StoredEngine(CountingEngine(), store, "other-model", profile="vlm3-depth")
+        eng = StoredEngine(CountingEngine(truth=_FLAT), store, "other-model", profile="vlm3-depth")
         eng.generate(_batch())
         assert eng.hits == 0 and eng.asked == 40
 
@@ -233,11 +242,11 @@ def test_engine_errors_fail_the_image_and_resume_asks_only_those(dataset, tmp_pa
 
 # -- Ray: an actor dies mid-job; the job is killed with SIGKILL and resumed
 
-class CrashingEngine:
+class CrashingEngine(Engine):
     """Simulated answers; the worker process dies (os._exit) on its 2nd batch, once (flag file)."""
 
     name = "crashing"
-    uses_truth = True
+    simulated = True
 
     def __init__(self, profile, *, flag, **options):
         self.sim = SimulatedEngine(profile, **options)
@@ -276,6 +285,7 @@ def test_ray_job_survives_an_actor_dying(dataset, reference, tmp_path):
 
 def _job(manifest, out, *, ray_on: bool, count: int, log: Path) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "densify", "label", str(manifest), "--out", str(out), "--count", str(count),
+           "--engine", "simulated",
            "--set", "log_every_s=0.5", "--set", "manifest_every_s=0.5"] + ([] if ray_on else ["--no-ray"])
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     # its own process group: SIGKILL takes the driver and the local Ray it started, like a scheduler does
@@ -365,11 +375,10 @@ def ids_of(n: int) -> list[str]:
     return [f"im{i:02d}" for i in range(n)]
 
 
-class RefusingEngine:
+class RefusingEngine(Engine):
     """Answers every query with text no parser accepts."""
 
     name = "refusing"
-    uses_truth = False
 
     def generate(self, batch):
         return [Completion("I cannot determine that from the image.") for _ in batch.queries]

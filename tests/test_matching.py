@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 
 from densify.cameras import PixelMap
-from densify.engines.simulated import ErrorModel, SimulatedEngine
+from densify.engines.simulated import ErrorModel, SimulatedEngine, corr_truth
 from densify.eval.pose_eval import match_epe
-from densify.matching import (Matches, corr_truth, corr_view, dense_flow, match_pair, pair_truth, plan_pair,
-                              sift_matches, track_points)
+from densify.matching import Matches, corr_view, dense_flow, match_pair, plan_pair, sift_matches, track_points
+from densify.truth import SceneTruth
 from densify.profiles import load_profile
 
 
@@ -30,8 +30,9 @@ def views(scene, corr_profile):
     return [corr_view(f"v{k}", v.rgb, v.camera, corr_profile) for k, v in enumerate(scene.views)]
 
 
-def _truths(scene, views, i, j):
-    return pair_truth(views[i], views[j], scene.matches(i, j)), pair_truth(views[j], views[i], scene.matches(j, i))
+def _sim(scene, profile, **kw):
+    """A simulated corr engine that knows the scene (views named v0, v1, ...)."""
+    return SimulatedEngine(profile, truth=SceneTruth(scene, {f"v{k}": k for k in range(len(scene.views))}), **kw)
 
 
 def test_corr_truth_maps_original_matches_into_both_preprocessed_frames():
@@ -47,9 +48,8 @@ def test_corr_truth_maps_original_matches_into_both_preprocessed_frames():
 
 
 def test_exact_answers_map_back_to_original_pixels(scene, views, corr_profile):
-    eng = SimulatedEngine(corr_profile, noise=False)
-    t1, _ = _truths(scene, views, 0, 1)
-    m = match_pair(eng, corr_profile, views[0], views[1], truth1=t1, fb_check=False)
+    eng = _sim(scene, corr_profile, noise=False)
+    m = match_pair(eng, corr_profile, views[0], views[1], fb_check=False)
     assert len(m) == 24 * 18
     gt = scene.matches(0, 1)
     e = match_epe(*m.pairs(), gt)
@@ -62,9 +62,8 @@ def test_exact_answers_map_back_to_original_pixels(scene, views, corr_profile):
 
 
 def test_default_noise_gives_pixel_level_matches(scene, views, corr_profile):
-    eng = SimulatedEngine(corr_profile, seed=1)
-    t1, t2 = _truths(scene, views, 0, 1)
-    m = match_pair(eng, corr_profile, views[0], views[1], truth1=t1, truth2=t2)
+    eng = _sim(scene, corr_profile, seed=1)
+    m = match_pair(eng, corr_profile, views[0], views[1])
     e = match_epe(*m.pairs(), scene.matches(0, 1))
     e = e[np.isfinite(e)]
     # corr_sigma 4 of 1000 -> 1.3 px per axis at 320 px wide
@@ -74,11 +73,10 @@ def test_default_noise_gives_pixel_level_matches(scene, views, corr_profile):
 
 def test_forward_backward_check_drops_injected_outliers(scene, views, corr_profile):
     err = ErrorModel(outlier_rate=0.25, unparseable_rate=0.0, corr_sigma=2.0)
-    eng = SimulatedEngine(corr_profile, seed=3, error=err)
-    t1, t2 = _truths(scene, views, 0, 1)
+    eng = _sim(scene, corr_profile, seed=3, error=err)
     gt = scene.matches(0, 1)
-    raw = match_pair(eng, corr_profile, views[0], views[1], truth1=t1, fb_check=False)
-    checked = match_pair(eng, corr_profile, views[0], views[1], truth1=t1, truth2=t2, fb_check=True, fb_thresh_px=6.0)
+    raw = match_pair(eng, corr_profile, views[0], views[1], fb_check=False)
+    checked = match_pair(eng, corr_profile, views[0], views[1], fb_check=True, fb_thresh_px=6.0)
     bad_raw = np.sum(np.nan_to_num(match_epe(*raw.pairs(), gt), nan=1e3) > 20)
     bad_checked = np.sum(np.nan_to_num(match_epe(*checked.pairs(), gt), nan=1e3) > 20)
     assert bad_raw > 60                      # about a quarter of 432, plus points not visible in image 2
@@ -90,9 +88,8 @@ def test_forward_backward_check_drops_injected_outliers(scene, views, corr_profi
 
 
 def test_failures_are_recorded_per_answer(scene, views, corr_profile):
-    eng = SimulatedEngine(corr_profile, seed=4, error=ErrorModel(unparseable_rate=0.3))
-    t1, t2 = _truths(scene, views, 0, 1)
-    m = match_pair(eng, corr_profile, views[0], views[1], truth1=t1, truth2=t2)
+    eng = _sim(scene, corr_profile, seed=4, error=ErrorModel(unparseable_rate=0.3))
+    m = match_pair(eng, corr_profile, views[0], views[1])
     counts = m.failure_counts()
     assert counts.get("no_match", 0) > 50
     recs = list(m.records())
@@ -104,9 +101,8 @@ def test_failures_are_recorded_per_answer(scene, views, corr_profile):
 
 
 def test_matches_save_load_roundtrip(tmp_path, scene, views, corr_profile):
-    eng = SimulatedEngine(corr_profile, seed=5)
-    t1, t2 = _truths(scene, views, 1, 2)
-    m = match_pair(eng, corr_profile, views[1], views[2], truth1=t1, truth2=t2)
+    eng = _sim(scene, corr_profile, seed=5)
+    m = match_pair(eng, corr_profile, views[1], views[2])
     m.save(tmp_path / "m.npz", inliers=m.valid)
     back = Matches.load(tmp_path / "m.npz")
     np.testing.assert_array_equal(back.valid, m.valid)
@@ -115,9 +111,8 @@ def test_matches_save_load_roundtrip(tmp_path, scene, views, corr_profile):
 
 
 def test_dense_flow_passes_through_matches(scene, views, corr_profile):
-    eng = SimulatedEngine(corr_profile, noise=False)
-    t1, _ = _truths(scene, views, 0, 1)
-    m = match_pair(eng, corr_profile, views[0], views[1], truth1=t1, fb_check=False)
+    eng = _sim(scene, corr_profile, noise=False)
+    m = match_pair(eng, corr_profile, views[0], views[1], fb_check=False)
     flow = dense_flow(m)
     assert flow.values.shape == (240, 320, 2)
     a, b = m.pairs()
@@ -141,9 +136,8 @@ def test_track_points_ask_where_earlier_answers_landed():
 
 def test_track_query_reuses_the_answer_prompt(scene, views, corr_profile):
     """A landed answer asked again from image 2 gives the same prompt coordinates: keypoints chain exactly."""
-    eng = SimulatedEngine(corr_profile, seed=6)
-    t1, t2 = _truths(scene, views, 0, 1)
-    m = match_pair(eng, corr_profile, views[0], views[1], truth1=t1, truth2=t2)
+    eng = _sim(scene, corr_profile, seed=6)
+    m = match_pair(eng, corr_profile, views[0], views[1])
     landed = m.pairs()[1]
     pts = track_points(320, 240, (24, 18), landed)
     plan = plan_pair(views[1], pts)
@@ -161,9 +155,8 @@ def test_sift_baseline_matches(scene):
 
 def test_edge_flow_beats_linear_against_true_flow(scene, views, corr_profile):
     """The image-guided flow densifier (the default in reconstruct) is closer to the scene's true flow."""
-    eng = SimulatedEngine(corr_profile, seed=0)
-    t1, t2 = _truths(scene, views, 0, 1)
-    m = match_pair(eng, corr_profile, views[0], views[1], truth1=t1, truth2=t2, fb_check=True)
+    eng = _sim(scene, corr_profile, seed=0)
+    m = match_pair(eng, corr_profile, views[0], views[1], fb_check=True)
     true = scene.matches(0, 1)
     ok = np.all(np.isfinite(true), axis=-1)
     errs = {}

@@ -10,7 +10,8 @@ from densify.eval.pose_eval import pose_auc, pose_errors, translation_error_deg
 from densify.geometry.pose import PairPose, PoseConfig, estimate_pair_pose, pose_matrix
 from densify.geometry.posegraph import PoseEdge, connected_components, optimize_poses
 from densify.geometry.rotations import rotation_angle_deg
-from densify.matching import corr_view, match_pair, pair_truth
+from densify.matching import corr_view, match_pair
+from densify.truth import SceneTruth
 from densify.profiles import load_profile
 from densify.vlm_pose import ask_pose, compare_poses, pose_view, vlm_answer_from_T
 
@@ -139,11 +140,10 @@ def scene():
 
 def test_essential_pose_from_simulated_answers_default_noise(scene):
     prof = load_profile("vlm3-corr")
-    eng = SimulatedEngine(prof, seed=0)
+    eng = SimulatedEngine(prof, seed=0, truth=SceneTruth(scene, {"v0": 0, "v1": 1, "v2": 2}))
     v = [corr_view(f"v{k}", s.rgb, s.camera, prof) for k, s in enumerate(scene.views)]
     for i, j in [(0, 1), (0, 2)]:
-        m = match_pair(eng, prof, v[i], v[j], truth1=pair_truth(v[i], v[j], scene.matches(i, j)),
-                       truth2=pair_truth(v[j], v[i], scene.matches(j, i)))
+        m = match_pair(eng, prof, v[i], v[j])
         p = estimate_pair_pose(*m.pairs(), scene.views[i].camera, scene.views[j].camera,
                                depth1=scene.views[i].depth)
         e = pose_errors(p, scene.relative_pose(i, j))
@@ -157,7 +157,8 @@ def test_vlm_pose_answers_round_trip(scene):
     T = scene.relative_pose(0, 2)
     p1, p2 = pose_view(scene.views[0].rgb, scene.views[0].camera, prof), pose_view(scene.views[2].rgb,
                                                                                    scene.views[2].camera, prof)
-    exact = ask_pose(SimulatedEngine(prof, noise=False), prof, p1, p2, id1="a", id2="b", T_2_from_1=T)
+    truth = SceneTruth(scene, {"a": 0, "b": 2})
+    exact = ask_pose(SimulatedEngine(prof, noise=False, truth=truth), prof, p1, p2, id1="a", id2="b")
     ypr, d, dist = vlm_answer_from_T(T)
     np.testing.assert_allclose(exact.euler, ypr, atol=0.06)   # answers carry one decimal
     assert exact.distance == pytest.approx(dist, abs=0.006)
@@ -166,7 +167,7 @@ def test_vlm_pose_answers_round_trip(scene):
     assert pp.source == "vlm" and pp.verdict == "good"
     assert e["rot_deg"] < 0.15 and translation_error_deg(pp.t, T[:3, 3], fold=False) < 1.0
     assert e["trans_m"] < 0.01
-    noisy = ask_pose(SimulatedEngine(prof, seed=1), prof, p1, p2, id1="a", id2="b", T_2_from_1=T).pair_pose()
+    noisy = ask_pose(SimulatedEngine(prof, seed=1, truth=truth), prof, p1, p2, id1="a", id2="b").pair_pose()
     assert pose_errors(noisy, T)["rot_deg"] < 12
     cc = compare_poses(pp, noisy)
     assert 0 <= cc["rotation_deg"] < 12 and cc["direction_deg"] is not None
@@ -175,9 +176,10 @@ def test_vlm_pose_answers_round_trip(scene):
 def test_vlm_pose_unanswerable_gives_failure_record(scene):
     prof = load_profile("vlm3-pose")
     p1 = pose_view(scene.views[0].rgb, scene.views[0].camera, prof)
-    vp = ask_pose(SimulatedEngine(prof, seed=0), prof, p1, p1, id1="a", id2="b")  # no truth: cannot tell
-    pp = vp.pair_pose()
+    vp = ask_pose(SimulatedEngine(prof, seed=0, truth=SceneTruth(scene, {})), prof, p1, p1, id1="a", id2="b")
+    pp = vp.pair_pose()  # no truth: every answer is an engine error, never an invented pose
     assert pp.verdict == "failed" and "missing" in pp.reason
+    assert set(vp.failures.values()) == {"engine_error"}
     assert vp.failures
 
 

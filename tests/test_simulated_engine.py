@@ -4,10 +4,11 @@ import pytest
 from densify.cameras import Camera, prepare_image
 from densify.engines import create_engine
 from densify.engines.base import EngineBatch, Query, Sampling
-from densify.engines.simulated import ErrorModel, SimulatedEngine, depth_truth
+from densify.engines.simulated import ErrorModel, SimulatedEngine
+from densify.truth import ArrayTruth
 from densify.eval.metrics import delta1
 from densify.profiles import load_profile
-from densify.prompts import depth_batch
+from densify.prompts import depth_batch, image_ref
 from densify.queries import grid_points, plan_queries
 from densify.answers import collect_depth
 
@@ -26,7 +27,7 @@ def _depth_case(textured_image, count, sampling=None):
     p = load_profile("vlm3-depth")
     prep = prepare_image(textured_image, cam, focal=1000, coord_range=2000)
     plan = plan_queries(grid_points(640, 480, count=count), prep.pixel_map)
-    batch = depth_batch(prep, plan, p, uid="i", truth=depth_truth(prep, depth), sampling=sampling)
+    batch = depth_batch(prep, plan, p, uid="i", ref=image_ref("i", prep), sampling=sampling)
     return depth, p, plan, batch
 
 
@@ -36,8 +37,8 @@ def test_exact_answers_read_coordinates_from_the_prompt(textured_image, profile)
     p = load_profile(profile)
     prep = prepare_image(textured_image, cam, focal=p.preprocess.focal, coord_range=p.coord_range)
     plan = plan_queries(grid_points(640, 480, count=(8, 6)), prep.pixel_map)
-    eng = create_engine("simulated", profile=p, noise=False)
-    batch = depth_batch(prep, plan, p, uid="i", truth=depth_truth(prep, depth))
+    eng = create_engine("simulated", profile=p, noise=False, truth=ArrayTruth({"i": depth}))
+    batch = depth_batch(prep, plan, p, uid="i", ref=image_ref("i", prep))
     ans = collect_depth(p, plan.pixels, plan.prompt_xy, eng.generate(batch))
     gt = depth[plan.pixels[:, 1], plan.pixels[:, 0]]
     assert np.allclose(ans.values, gt, atol=0.006)
@@ -47,14 +48,14 @@ def test_wrong_prompt_gives_wrong_answers(textured_image):
     depth, p, plan, batch = _depth_case(textured_image, (8, 6))
     for q in batch.queries:  # swap x and y in the text: a prompt bug
         q.text = q.text.replace("coordinates (", "coordinates (X").replace(", ", ") (", 1)
-    ans = collect_depth(p, plan.pixels, plan.prompt_xy, SimulatedEngine(p, noise=False).generate(batch))
+    ans = collect_depth(p, plan.pixels, plan.prompt_xy, SimulatedEngine(p, truth=ArrayTruth({'i': depth}), noise=False).generate(batch))
     gt = depth[plan.pixels[:, 1], plan.pixels[:, 0]]
     assert not np.allclose(ans.values, gt, atol=0.01, equal_nan=False)
 
 
 def test_default_noise_gives_point_delta1_near_090(textured_image):
     depth, p, plan, batch = _depth_case(textured_image, (80, 60))
-    eng = SimulatedEngine(p, seed=3)
+    eng = SimulatedEngine(p, truth=ArrayTruth({'i': depth}), seed=3)
     ans = collect_depth(p, plan.pixels, plan.prompt_xy, eng.generate(batch))
     d1 = delta1(ans.values, depth[plan.pixels[:, 1], plan.pixels[:, 0]])
     assert 0.87 < d1 < 0.93
@@ -64,16 +65,16 @@ def test_default_noise_gives_point_delta1_near_090(textured_image):
 
 def test_answers_do_not_depend_on_batching(textured_image):
     depth, p, plan, batch = _depth_case(textured_image, (8, 6))
-    eng = SimulatedEngine(p, seed=1)
+    eng = SimulatedEngine(p, truth=ArrayTruth({'i': depth}), seed=1)
     full = [c.text for c in eng.generate(batch)]
     rev = EngineBatch(batch.images, batch.queries[::-1], batch.sampling)
     assert [c.text for c in eng.generate(rev)][::-1] == full
-    assert [c.text for c in SimulatedEngine(p, seed=2).generate(batch)] != full
+    assert [c.text for c in SimulatedEngine(p, truth=ArrayTruth({'i': depth}), seed=2).generate(batch)] != full
 
 
 def test_logprobs_track_error(textured_image):
     depth, p, plan, batch = _depth_case(textured_image, (40, 30), Sampling(logprobs=True))
-    comps = SimulatedEngine(p, error=ErrorModel(unparseable_rate=0)).generate(batch)
+    comps = SimulatedEngine(p, truth=ArrayTruth({'i': depth}), error=ErrorModel(unparseable_rate=0)).generate(batch)
     ans = collect_depth(p, plan.pixels, plan.prompt_xy, comps)
     err = np.abs(np.log(ans.values / depth[plan.pixels[:, 1], plan.pixels[:, 0]]))
     assert np.corrcoef(err, -ans.logprobs)[0, 1] > 0.8

@@ -184,13 +184,6 @@ def test_matches_resized(arc):
     assert np.allclose(arc.depth_at(0, (320, 240)), arc.views[0].depth[::2, ::2], rtol=1e-5)
 
 
-def test_ground_truth(arc):
-    gt = arc.ground_truth(0, {"b": 2}, pixel_size=(320, 240))
-    assert gt.depth.shape == (240, 320)
-    assert gt.matches_to["b"].shape == (240, 320, 2)
-    assert np.allclose(gt.pose_to["b"], arc.relative_pose(0, 2))
-
-
 def test_images_have_texture(arc, orbit):
     sift = cv2.SIFT_create()
     for v in (arc.views[0], orbit.views[0]):

@@ -133,13 +133,10 @@ class Engine:
     stats: Mapping = types.MappingProxyType({})
     """Counters and seconds an engine chooses to report (engines assign their own dict)."""
 
-    def __init_subclass__(cls, **kw):
-        super().__init_subclass__(**kw)
-        if cls.generate is Engine.generate and cls.stream is Engine.stream:
-            raise TypeError(f"{cls.__name__} must implement generate() or stream()")
-
     def generate(self, batch: EngineBatch) -> list[Completion]:
         """Answer every query of the batch, in order."""
+        if type(self).stream is Engine.stream:
+            raise NotImplementedError(f"{type(self).__name__} must implement generate() or stream()")
         for _, completions in self.stream([batch]):
             return completions
         raise EngineError(f"{self.name} engine returned no answers")
@@ -148,7 +145,7 @@ class Engine:
         """Answer batches, yielding each with its answers as it finishes (one at a time by default)."""
         for batch in batches:
             if batch is not None:
-                yield batch, self.generate(batch)
+                yield batch, self.generate(batch) if batch.queries else []
 
     @property
     def capacity(self) -> int:

@@ -207,7 +207,12 @@ class SimulatedEngine(Engine):
         if kind == "depth":
             self._image_truth(img)
         else:
-            self._pair_truth(img, batch.images[q.image_uids[1]])
+            img2 = batch.images[q.image_uids[1]]
+            m, T = self._pair_truth(img, img2)
+            if (m if kind == "xy" else T) is None:
+                what = "correspondence" if kind == "xy" else "pose"
+                raise NoTruth(f"simulated engine: no {what} truth for the pair {img.ref.id} -> {img2.ref.id} (it "
+                              f"needs depth, intrinsics and cam_to_world of both images)")
         if self.error.unparseable_rate and rng.random() < self.error.unparseable_rate:
             return rng.choice(["<think> </think><answer>far away</answer>",
                                "I cannot determine that from the image.",
@@ -255,9 +260,6 @@ class SimulatedEngine(Engine):
         h2, w2 = img2.pixels.shape[:2]
         target = None
         m, _ = self._pair_truth(img1, img2)
-        if m is None:
-            raise NoTruth(f"simulated engine: no correspondence truth for the pair {img1.ref.id} -> {img2.ref.id} "
-                          f"(needs depth, intrinsics and cam_to_world for both)")
         if xy is not None:
             h, w = m.shape[:2]
             p = m[min(int(xy[1]), h - 1), min(int(xy[0]), w - 1)]
@@ -277,9 +279,6 @@ class SimulatedEngine(Engine):
 
     def _pose(self, q: Query, kind: str, img1: PromptImage, img2: PromptImage, rng):
         _, T = self._pair_truth(img1, img2)
-        if T is None:
-            raise NoTruth(f"simulated engine: no pose truth for the pair {img1.ref.id} -> {img2.ref.id} (needs "
-                          f"cam_to_world for both)")
         R, C = relative_from_T(T)
         e = self.error
         if kind == "angle":
