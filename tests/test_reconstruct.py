@@ -11,15 +11,21 @@ from densify.eval.pose_eval import chamfer, trajectory_error, visible_surface_sa
 from densify.geometry.export import OPENCV_TO_OPENGL
 from densify.images import discover
 from densify.profiles import load_profile
+from densify.config import dict_overrides
+from densify.settings import ReconstructConfig, load_config
+from densify.stages.scene import reconstruct, relative_pose
 from densify.truth import SceneTruth
-from pipelines.configs_reconstruct import load_reconstruct_config
-from pipelines.reconstruct import run_reconstruct
 
-FAST = {"fusion": {"voxel_length": 0.04, "sdf_trunc": 0.16}, "depth": {"plan": {"count": 1200}}}
+FAST = {"engine": {"name": "simulated"}, "fusion": {"voxel_length": 0.04, "sdf_trunc": 0.16},
+        "depth": {"plan": {"count": 1200}}}
 
 
-def _engines(seed=0):
-    return {stage: SimulatedEngine(load_profile(p), seed=seed)
+def load_reconstruct_config(path, over):
+    return load_config(ReconstructConfig, path, dict_overrides(over), default_name="reconstruct")
+
+
+def _engines(scene, seed=0):
+    return {stage: SimulatedEngine(load_profile(p), seed=seed, truth=SceneTruth(scene))
             for stage, p in (("depth", "vlm3-depth"), ("corr", "vlm3-corr"), ("pose", "vlm3-pose"))}
 
 
@@ -35,15 +41,15 @@ def run(scene, tmp_path_factory):
     root = tmp_path_factory.mktemp("rec")
     images = scene.save(root / "scene")
     cfg = load_reconstruct_config(None, {**FAST, "pairs": "consecutive+skip2"})
-    s = run_reconstruct(discover([str(p) for p in images]), cfg, root / "out", engines=_engines(),
-                        truth=SceneTruth(scene), progress=False)
-    return root / "out", s
+    res = reconstruct(discover([str(p) for p in images]), cfg, root / "out", engines=_engines(scene))
+    return root / "out", res
 
 
 def test_every_image_posed_and_trajectory_recovered(scene, run):
-    out, s = run
+    out, res = run
+    s = res.summary
     assert s["posed"] == 5 and not s["dropped"] and not s["failed_pairs"]
-    g = s["_graph"]
+    g = res.graph
     err = trajectory_error(g.cam_to_world, {k: v.cam_to_world for k, v in enumerate(scene.views)}, g.reference)
     assert err["ate_rmse_m"] < 0.06 and err["rot_mean_deg"] < 1.5, err
 
@@ -117,7 +123,7 @@ def test_colmap_model_reads_back_with_multiview_tracks(scene, run):
     X = rec.points3D[p2d.point3D_id].xyz
     xy = cam.img_from_cam(img.cam_from_world() * X)
     assert np.linalg.norm(np.asarray(xy).ravel()[:2] - p2d.xy) < 3.0
-    assert s["export"]["colmap"]["tracks_ge3"] > 20
+    assert s.summary["export"]["colmap"]["tracks_ge3"] > 20
 
 
 def test_nerfstudio_transforms(run):
@@ -140,11 +146,10 @@ def test_rerun_resumes_from_outputs(run, scene):
     out, s = run
     cfg = load_reconstruct_config(None, {**FAST, "pairs": "consecutive+skip2", "export": {"colmap": False,
                                                                                           "nerfstudio": False}})
-    engines = _engines()
-    again = run_reconstruct(discover([str(out.parent / "scene")]), cfg, out, engines=engines,
-                            truth=SceneTruth(scene), progress=False)
+    engines = _engines(scene)
+    again = reconstruct(discover([str(out.parent / "scene")]), cfg, out, engines=engines).summary
     assert again["depth"]["skipped"] == 5 and again["posed"] == 5
-    assert sum(e.queries_answered for e in engines.values()) == 0
+    assert sum(e.stats["queries"] for e in engines.values()) == 0
 
 
 def test_bad_inputs_give_failure_records_and_the_rest_reconstructs(tmp_path, scene):
@@ -161,19 +166,20 @@ def test_bad_inputs_give_failure_records_and_the_rest_reconstructs(tmp_path, sce
            str(src / "zz_unrelated.png")]
     out = tmp_path / "out"
     rc = main(["-q", "reconstruct", *seq, "--out", str(out), "--pairs", "+skip2", "--grid", "16", "12",
-               "--set", "fusion.voxel_length=0.05", "--set", "fusion.sdf_trunc=0.2", "--set",
-               "depth.plan.count=600"])
-    assert rc == 0
+               "--engine", "simulated", "--set", "fusion.voxel_length=0.05", "--set", "fusion.sdf_trunc=0.2",
+               "--set", "depth.plan.count=600"])
+    assert rc == 1  # a scene, but two images dropped: the exit status says so
     s = json.loads((out / "summary.json").read_text())
     assert s["posed"] == 4
     dropped = {d["id"]: d["reason"] for d in s["dropped"]}
     assert set(dropped) == {"missing", "zz_unrelated"}
     assert "no such file" in dropped["missing"]
-    assert "connected" in dropped["zz_unrelated"]
+    # the simulator has no truth for the unrelated image: it fails that image, it never invents depth
+    assert "no ground truth" in dropped["zz_unrelated"]
     failed = {tuple(f["pair"]): f for f in s["failed_pairs"]}
     assert failed[("view_001", "missing")]["error_kind"] == "image"
     unrelated = failed[("view_003", "zz_unrelated")]
-    assert unrelated["error_kind"] == "pose" and unrelated["error"]
+    assert unrelated["error_kind"] == "image" and "no ground truth" in unrelated["error"]
     # the bridge over the missing image keeps the sequence in one piece
     assert ("view_001", "view_002") not in failed
     poses = json.loads((out / "poses.json").read_text())
@@ -182,25 +188,52 @@ def test_bad_inputs_give_failure_records_and_the_rest_reconstructs(tmp_path, sce
 
 
 def test_pose_command_with_vlm_cross_check(tmp_path, scene):
-    from pipelines.pose import run_pose
-
     images = scene.save(tmp_path / "scene")
     cfg = load_reconstruct_config(None, {**FAST, "pose": {"source": "both"}})
-    rep = run_pose(images[0], images[2], cfg, tmp_path / "out", engines=_engines(), progress=False)
-    assert rep["status"] == "ok"
-    pose = rep["pose"]
+    pair = lambda c, out, k=2: relative_pose(discover([str(images[0]), str(images[k])]), c, out,  # noqa: E731
+                                             engines=_engines(scene))[0]
+    res = pair(cfg, tmp_path / "out")
+    assert res.status == "ok"
     T = scene.relative_pose(0, 2)
-    assert np.linalg.norm(np.asarray(pose["t_metric"]) - T[:3, 3]) < 0.08
-    cc = rep["record"]["cross_check"]
-    assert cc["rotation_deg"] < 10
-    pair = tmp_path / "out" / "pairs" / "view_000__view_002"
-    assert (pair / "flow.npy").is_file() and (pair / "vlm_pose.json").is_file()
-    flow = np.load(pair / "flow.npy")
-    assert flow.shape == (240, 320, 2)
-    vlm_only = run_pose(images[0], images[2], cfg.model_copy(update={"pose": cfg.pose.model_copy(
-        update={"source": "vlm"})}), tmp_path / "out_vlm", engines=_engines(), progress=False)
-    assert vlm_only["record"]["source"] == "vlm" and vlm_only["status"] == "ok"
-    no_depth = run_pose(images[0], images[1], cfg.model_copy(update={"pose": cfg.pose.model_copy(
-        update={"source": "matches", "use_depth": False})}), tmp_path / "out_nd", engines=_engines(), progress=False)
-    assert no_depth["status"] == "ok" and no_depth["pose"]["t_metric"] is None
+    assert np.linalg.norm(np.asarray(res.pose.t_metric) - T[:3, 3]) < 0.08
+    assert res.cross_check["rotation_deg"] < 10
+    d = tmp_path / "out" / "pairs" / "view_000__view_002"
+    assert (d / "flow.npy").is_file() and (d / "vlm_pose.json").is_file()
+    assert np.load(d / "flow.npy").shape == (240, 320, 2)
+    vlm_only = pair(cfg.model_copy(update={"pose": cfg.pose.model_copy(update={"source": "vlm"})}),
+                    tmp_path / "out_vlm")
+    assert vlm_only.pose.source == "vlm" and vlm_only.status == "ok"
+    no_depth = pair(cfg.model_copy(update={"pose": cfg.pose.model_copy(update={"source": "matches",
+                                                                              "use_depth": False})}),
+                    tmp_path / "out_nd", 1)
+    assert no_depth.status == "ok" and no_depth.pose.t_metric is None
     assert not (tmp_path / "out_nd" / "depth").exists()
+
+
+def test_pose_command_line(tmp_path, scene):
+    from densify.cli import main
+
+    images = scene.save(tmp_path / "scene")
+    rc = main(["-q", "pose", str(images[0]), str(images[1]), "--out", str(tmp_path / "out"), "--engine", "simulated",
+               "--set", "depth.plan.count=600"])
+    rep = json.loads((tmp_path / "out" / "pose.json").read_text())
+    assert rc == 0 and rep["status"] == "ok" and rep["simulated"] is True
+
+
+def test_one_connected_image_degrades_to_a_summary(tmp_path, scene):
+    """No usable pair: no scene is fused or exported (no empty mesh), the summary says why, exit 1."""
+    from densify.cli import main
+
+    images = scene.save(tmp_path / "scene")
+    for k in (1, 2):  # images the simulator knows nothing about: they fail, so nothing connects to view_000
+        (tmp_path / f"o{k}").mkdir()
+        shutil.copy(images[k], tmp_path / f"o{k}" / f"bare{k}.png")
+    seq = [str(images[0]), str(tmp_path / "o1" / "bare1.png"), str(tmp_path / "o2" / "bare2.png")]
+    out = tmp_path / "out"
+    rc = main(["-q", "reconstruct", *seq, "--out", str(out), "--engine", "simulated", "--grid", "12", "9",
+               "--set", "depth.plan.count=300"])
+    s = json.loads((out / "summary.json").read_text())
+    assert rc == 1 and s["posed"] <= 1 and not s["complete"]
+    assert "no scene" in s["fusion"]["skipped"] and len(s["dropped"]) >= 2
+    assert not (out / "mesh.ply").exists() and not (out / "cloud.ply").exists() and not (out / "colmap").exists()
+    json.loads((out / "poses.json").read_text())  # what exists is a valid file
