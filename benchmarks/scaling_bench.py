@@ -29,11 +29,12 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from densify.cameras import Camera, prepare_image, resize_rgb  # noqa: E402
-from densify.engines import create_engine, generate_stream  # noqa: E402
-from densify.engines.base import GroundTruth, Sampling  # noqa: E402
+from densify.engines import generate_stream  # noqa: E402
+from densify.engines.base import Sampling  # noqa: E402
+from densify.engines.ray_pool import RayPoolEngine  # noqa: E402
 from densify.images import load_rgb  # noqa: E402
 from densify.profiles import load_profile  # noqa: E402
-from densify.prompts import depth_batch, sampling_for  # noqa: E402
+from densify.prompts import depth_batch, image_ref, sampling_for  # noqa: E402
 from densify.queries import grid_points, plan_queries  # noqa: E402
 
 log = logging.getLogger("scaling_bench")
@@ -48,7 +49,7 @@ def bench_sampling(profile, engine: str) -> Sampling:
     return Sampling(max_tokens=GEN_TOKENS) if engine == "vllm" else sampling_for(profile)
 
 
-def make_batches(n: int, profile, grid=(64, 48), with_truth: bool = False, tag_prefix: str = "img",
+def make_batches(n: int, profile, grid=(64, 48), tag_prefix: str = "img",
                  sampling: Sampling | None = None):
     rgb = resize_rgb(load_rgb(IMAGE), (1000, 750)) if IMAGE.is_file() else \
         np.random.default_rng(0).integers(0, 255, (750, 1000, 3), dtype=np.uint8)
@@ -56,9 +57,9 @@ def make_batches(n: int, profile, grid=(64, 48), with_truth: bool = False, tag_p
     p = profile.preprocess
     prep = prepare_image(rgb, cam, focal=p.focal, max_side=p.max_side, coord_range=profile.coord_range)
     plan = plan_queries(grid_points(1000, 750, count=grid), prep.pixel_map)
-    truth = GroundTruth(depth=np.full(prep.pixels.shape[:2], 3.0, np.float32)) if with_truth else None
     for i in range(n):
-        yield depth_batch(prep, plan, profile, uid=f"{tag_prefix}{i}", truth=truth,
+        uid = f"{tag_prefix}{i}"
+        yield depth_batch(prep, plan, profile, uid=uid, ref=image_ref(uid, prep),
                           sampling=sampling or sampling_for(profile), tag=i)
 
 
@@ -70,18 +71,20 @@ def measure(n_gpus: int, args, profile) -> dict:
         model = args.model or build_model_folder(Path(tempfile.mkdtemp()) / "qwen3vl-4b", shape="4b")
         engine_options = {"model": str(model), "load_format": "dummy", "min_tokens": GEN_TOKENS,
                           "ignore_eos": True, "gpu_memory_utilization": args.gpu_memory_utilization}
-    pool = create_engine("ray", profile=profile, engine=args.engine, engine_options=engine_options,
+    else:  # answers need truth to exist: a flat wall
+        from densify.truth import ConstantTruth
+
+        engine_options = {"truth": ConstantTruth(3.0)}
+    pool = RayPoolEngine(profile, engine=args.engine, engine_options=engine_options,
                          num_actors=n_gpus, num_gpus_per_actor=1 if args.engine != "simulated" else 0,
                          max_in_flight_per_actor=args.in_flight, ray_address=args.ray_address)
     try:
         s = bench_sampling(profile, args.engine)
-        warm = list(generate_stream(pool, make_batches(n_gpus, profile, with_truth=args.engine == "simulated",
-                                                       tag_prefix="warm", sampling=s)))
+        warm = list(generate_stream(pool, make_batches(n_gpus, profile, tag_prefix="warm", sampling=s)))
         t0 = time.perf_counter()
         n_q = 0
         errors = 0
-        for batch, comps in generate_stream(pool, make_batches(args.images, profile, sampling=s,
-                                                                with_truth=args.engine == "simulated")):
+        for batch, comps in generate_stream(pool, make_batches(args.images, profile, sampling=s)):
             n_q += len(comps)
             errors += sum(c.error is not None for c in comps)
         wall = time.perf_counter() - t0

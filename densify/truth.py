@@ -25,7 +25,7 @@ from densify.cameras import Camera, read_sidecar, sidecar_path
 from densify.engines.base import ImageRef
 from densify.geometry.clouds import backproject
 
-__all__ = ["Truth", "FileTruth", "SceneTruth", "ArrayTruth", "reproject_matches"]
+__all__ = ["Truth", "FileTruth", "SceneTruth", "ArrayTruth", "ConstantTruth", "reproject_matches"]
 
 
 class Truth:
@@ -225,3 +225,14 @@ class ArrayTruth(Truth):
 
     def cam_to_world(self, ref):
         return self._poses.get(ref.id)
+
+
+class ConstantTruth(Truth):
+    """Every image is a wall at `depth` metres (benchmarks that only need answers to exist)."""
+
+    def __init__(self, depth: float = 3.0):
+        self.value = float(depth)
+
+    def depth(self, ref):
+        w, h = ref.size
+        return np.full((h, w), self.value, np.float32)

@@ -210,8 +210,8 @@ def test_module_imports_without_vllm():
 
 
 def test_engine_options_reach_llm(fake_vllm):
-    eng = make(fake_vllm, load_format="dummy", quantization="fp8", cascade_attention=True, seed=3,
-               mm_processor_cache_gb=2)
+    eng = make(fake_vllm, load_format="dummy", quantization="fp8", cascade_attention=True,
+               llm_kwargs={"seed": 3, "mm_processor_cache_gb": 2})
     kw = FakeLLM.instances[0].kw
     assert kw["model"] == "/models/x"
     assert kw["enable_prefix_caching"] is True
@@ -460,5 +460,5 @@ def test_cuda_graphs_cover_a_full_decode_batch(fake_vllm):
     make(fake_vllm, enforce_eager=True)
     assert "compilation_config" not in FakeLLM.instances[-1].kw
     mine = {"cudagraph_capture_sizes": [1, 2, 4]}
-    make(fake_vllm, compilation_config=mine)
+    make(fake_vllm, llm_kwargs={"compilation_config": mine})
     assert FakeLLM.instances[-1].kw["compilation_config"] == mine

@@ -13,25 +13,38 @@ import pytest
 ray = pytest.importorskip("ray")
 
 from densify.engines import EngineBatch, create_engine  # noqa: E402
-from densify.engines.base import GroundTruth, PromptImage, Query, Sampling  # noqa: E402
+from densify.engines.base import Engine, ImageRef, PromptImage, Query, Sampling  # noqa: E402
 from densify.engines.ray_pool import RayPoolEngine  # noqa: E402
 from densify.engines.simulated import SimulatedEngine  # noqa: E402
 from densify.profiles import load_profile  # noqa: E402
 from densify.prompts import render_text  # noqa: E402
+from densify.truth import Truth  # noqa: E402
 
 PROFILE = load_profile("vlm3-depth")
+
+
+class SeededTruth(Truth):
+    """The depth of test image img<i>: the same random map make_batch's seed gives, in any process."""
+
+    def depth(self, ref):
+        rng = np.random.default_rng(int(ref.id[3:]))
+        rng.random((48, 64, 3))
+        return (1 + rng.random((48, 64)) * 4).astype(np.float32)
+
+
+TRUTH = SeededTruth()
 
 # Engines defined here run inside Ray workers, which cannot import this test module: ship them by value.
 ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
 
-class CrashingEngine:
+class CrashingEngine(Engine):
     """The simulated engine, except that its worker process dies (os._exit) on its `crash_on`-th batch
     (once per `flag` file, so the restarted actor carries on), on every batch of image `poison_uid`, or
     raises on every batch of image `raise_uid`."""
 
     name = "crashing"
-    uses_truth = True
+    simulated = True
 
     def __init__(self, profile, *, crash_on=None, flag=None, poison_uid=None, raise_uid=None, **options):
         self.inner = SimulatedEngine(profile, **options)
@@ -53,14 +66,14 @@ class CrashingEngine:
         pass
 
 
-class StreamingEngine:
+class StreamingEngine(Engine):
     """The simulated engine behind a `stream` that takes batches until it holds `hold` of them or its
     source has nothing new (None), then answers the oldest after `delay` seconds. It writes the most
     batches it held at once to the file `record`, and raises when it takes a batch of image `raise_uid`
     (only once when `flag` names a file, which it then creates)."""
 
     name = "streaming"
-    uses_truth = True
+    simulated = True
 
     def __init__(self, profile, *, record=None, hold=3, delay=0.05, raise_uid=None, flag=None, **options):
         self.inner = SimulatedEngine(profile, **options)
@@ -111,7 +124,7 @@ def ray_cluster():
 
 @pytest.fixture(scope="module")
 def pool():
-    p = RayPoolEngine(PROFILE, num_actors=2, max_in_flight_per_actor=2)
+    p = RayPoolEngine(PROFILE, num_actors=2, max_in_flight_per_actor=2, engine_options={"truth": TRUTH})
     yield p
     p.close()
 
@@ -120,22 +133,21 @@ def make_batch(i: int, n: int = 200, logprobs: bool = False, tag=None) -> Engine
     rng = np.random.default_rng(i)
     uid = f"img{i}"
     px = (rng.random((48, 64, 3)) * 255).astype(np.uint8)
-    truth = GroundTruth(depth=(1 + rng.random((48, 64)) * 4).astype(np.float32))
     queries = [Query(render_text(PROFILE, x=int(x), y=int(y)), (uid,)) for x, y in rng.integers(0, 2000, (n, 2))]
-    return EngineBatch({uid: PromptImage(uid, px, truth)}, queries, Sampling(logprobs=logprobs),
+    return EngineBatch({uid: PromptImage(uid, px, ImageRef(uid, size=(64, 48)))}, queries, Sampling(logprobs=logprobs),
                        tag if tag is not None else i)
 
 
 def test_answers_equal_the_in_process_engine(pool):
     batches = [make_batch(i, logprobs=True) for i in range(8)]
-    local = SimulatedEngine(PROFILE)
+    local = SimulatedEngine(PROFILE, truth=TRUTH)
     got = {b.tag: c for b, c in pool.stream(batches)}
     assert sorted(got) == list(range(8))
     for b in batches:
         ref = local.generate(b)
         assert [c.text for c in got[b.tag]] == [c.text for c in ref]
         assert [c.logprob for c in got[b.tag]] == [c.logprob for c in ref]
-    assert pool.uses_truth is True and pool.num_actors == 2
+    assert pool.simulated is True and pool.num_actors == 2
     assert pool.generate(batches[0])[5].text == local.generate(batches[0])[5].text
 
 
@@ -173,14 +185,14 @@ def test_streams_with_backpressure(pool):
 def test_actor_dying_mid_run_loses_nothing(tmp_path):
     flag = tmp_path / "crashed"
     batches = [make_batch(200 + i) for i in range(10)]
-    with RayPoolEngine(PROFILE, engine=CrashingEngine, engine_options={"crash_on": 2, "flag": str(flag)},
+    with RayPoolEngine(PROFILE, engine=CrashingEngine, engine_options={"truth": TRUTH, "crash_on": 2, "flag": str(flag)},
                        num_actors=2, max_retries=2) as p:
         got = {b.tag: c for b, c in p.stream(batches)}
         stats = dict(p.stats)
     assert flag.exists(), "the actor was supposed to crash"
     # the dead actor's batches went again: charged (one batch on it) or requeued to run alone (several)
     assert stats["actor_failures"] >= 1 and stats["retries"] + stats["requeued"] >= 1 and stats["failed_batches"] == 0
-    local = SimulatedEngine(PROFILE)
+    local = SimulatedEngine(PROFILE, truth=TRUTH)
     for b in batches:
         assert all(c.error is None for c in got[b.tag])
         assert [c.text for c in got[b.tag]] == [c.text for c in local.generate(b)]
@@ -190,7 +202,7 @@ def test_batches_that_keep_failing_become_error_records(tmp_path):
     """A batch that kills its actor every time, or whose engine raises, fails after max_retries with one
     error completion per query; the other batches are answered."""
     batches = [make_batch(300 + i, n=50) for i in range(4)]
-    with RayPoolEngine(PROFILE, engine=CrashingEngine, engine_options={"poison_uid": "img301", "raise_uid": "img302"},
+    with RayPoolEngine(PROFILE, engine=CrashingEngine, engine_options={"truth": TRUTH, "poison_uid": "img301", "raise_uid": "img302"},
                        num_actors=2, max_retries=1) as p:
         got = {b.tag: c for b, c in p.stream(batches)}
         stats = dict(p.stats)
@@ -208,7 +220,7 @@ def test_unknown_engine_and_broken_engine_fail_early():
         RayPoolEngine(PROFILE, engine="no-such-engine")
     from densify.engines.base import EngineError
     with pytest.raises(EngineError, match="could not start"):
-        RayPoolEngine(PROFILE, engine="simulated", engine_options={"no_such_option": 1}, num_actors=1,
+        RayPoolEngine(PROFILE, engine="simulated", engine_options={"truth": TRUTH, "no_such_option": 1}, num_actors=1,
                       actor_max_restarts=0)
 
 
@@ -227,9 +239,12 @@ def test_close_kills_the_actors():
 def test_depth_pipeline_through_the_pool(tmp_path):
     import cv2
 
-    from pipelines.configs import DepthJobConfig
-    from pipelines.depth import run_depth
+    from conftest import sidecar_metrics
     from densify.images import discover
+    from densify.layout import RunLayout
+    from densify.settings import DepthConfig
+    from densify.stages import build_engine
+    from densify.stages.depth import run_depth
 
     rng = np.random.default_rng(5)
     src = tmp_path / "in"
@@ -239,13 +254,16 @@ def test_depth_pipeline_through_the_pool(tmp_path):
         cv2.imwrite(str(src / f"v{i}.png"), img)
         np.save(src / f"v{i}.depth.npy", np.full((120, 160), 1.5 + i, np.float32))
     outputs = {"preview": False, "ply": False, "answers": False}
-    cfg_ray = DepthJobConfig(engine={"name": "ray", "options": {"num_actors": 2}}, plan={"count": 300},
-                             outputs=outputs)
-    cfg_local = DepthJobConfig(plan={"count": 300}, outputs=outputs)
-    s_ray = run_depth(discover([src]), cfg_ray, tmp_path / "ray", progress=False)
-    s_local = run_depth(discover([src]), cfg_local, tmp_path / "local", progress=False)
-    assert s_ray["ok"] == 3 and s_ray["queries"] == s_local["queries"]
-    assert s_ray["metrics"]["points"]["delta1"] > 0.8  # ground truth reached the actors
+    cfg_ray = DepthConfig(engine={"name": "ray", "options": {"num_actors": 2}}, plan={"count": 300},
+                          outputs=outputs)
+    cfg_local = DepthConfig(engine={"name": "simulated"}, plan={"count": 300}, outputs=outputs)
+    runs = {}
+    for name, cfg in (("ray", cfg_ray), ("local", cfg_local)):
+        with build_engine(cfg.engine, PROFILE) as eng:
+            runs[name], _ = run_depth(discover([src]), cfg, eng, RunLayout(tmp_path / name), evaluate=sidecar_metrics)
+    s_ray, s_local = runs["ray"], runs["local"]
+    assert s_ray["ok"] == 3 and s_ray["queries"] == s_local["queries"] and s_ray["simulated"]
+    assert s_ray["metrics"]["dense"]["delta1"] > 0.8  # ground truth reached the actors (files beside the images)
     for i in range(3):
         a = (tmp_path / "ray" / f"v{i}" / "depth.npy").read_bytes()
         assert a == (tmp_path / "local" / f"v{i}" / "depth.npy").read_bytes()
@@ -269,14 +287,14 @@ def _stream_in_thread(pool, batches, timeout=120):
 def test_actor_feeds_a_streaming_engine_several_batches_at_once(tmp_path):
     record = tmp_path / "most"
     batches = [make_batch(400 + i, n=100) for i in range(12)]
-    with RayPoolEngine(PROFILE, engine=StreamingEngine, engine_options={"record": str(record)}, num_actors=1,
+    with RayPoolEngine(PROFILE, engine=StreamingEngine, engine_options={"truth": TRUTH, "record": str(record)}, num_actors=1,
                        max_in_flight_per_actor=3) as p:
         got, stats = _stream_in_thread(p, batches)
         # the actor answers pings while its engine thread works
         assert ray.get(p.actors[0].ping.remote(), timeout=30)
     assert int(record.read_text()) >= 2
     assert sorted(got) == list(range(400, 412)) and stats["failed_batches"] == 0
-    local = SimulatedEngine(PROFILE)
+    local = SimulatedEngine(PROFILE, truth=TRUTH)
     for b in batches:
         assert [c.text for c in got[b.tag]] == [c.text for c in local.generate(b)]
         assert all(c.error is None for c in got[b.tag])
@@ -286,21 +304,21 @@ def test_streaming_engine_that_raises_is_retried(tmp_path):
     """The engine's stream raising fails the batches it held; the pool retries them and the actor starts a
     new stream for the batches still queued."""
     batches = [make_batch(500 + i, n=30) for i in range(8)]
-    opts = {"raise_uid": "img503", "flag": str(tmp_path / "raised"), "delay": 0.02}
+    opts = {"raise_uid": "img503", "flag": str(tmp_path / "raised"), "delay": 0.02, "truth": TRUTH}
     with RayPoolEngine(PROFILE, engine=StreamingEngine, engine_options=opts, num_actors=1,
                        max_in_flight_per_actor=3, max_retries=2) as p:
         got, stats = _stream_in_thread(p, batches)
     assert (tmp_path / "raised").exists()
     assert sorted(got) == list(range(500, 508))
     assert stats["retries"] >= 1 and stats["failed_batches"] == 0
-    local = SimulatedEngine(PROFILE)
+    local = SimulatedEngine(PROFILE, truth=TRUTH)
     for b in batches:
         assert [c.text for c in got[b.tag]] == [c.text for c in local.generate(b)]
 
 
 def test_streaming_engine_that_always_raises_gives_error_records():
     batches = [make_batch(600 + i, n=20) for i in range(6)]
-    with RayPoolEngine(PROFILE, engine=StreamingEngine, engine_options={"raise_uid": "img602", "delay": 0.01},
+    with RayPoolEngine(PROFILE, engine=StreamingEngine, engine_options={"truth": TRUTH, "raise_uid": "img602", "delay": 0.01},
                        num_actors=2, max_in_flight_per_actor=2, max_retries=1) as p:
         got, stats = _stream_in_thread(p, batches)
     assert sorted(got) == list(range(600, 606))
@@ -336,7 +354,7 @@ class SlowStartEngine(SimulatedEngine):
 
 def test_actors_sharing_a_gpu_start_one_by_one(tmp_path):
     log = tmp_path / "starts.txt"
-    pool = RayPoolEngine(PROFILE, engine=SlowStartEngine, engine_options={"log": str(log)}, num_actors=3,
+    pool = RayPoolEngine(PROFILE, engine=SlowStartEngine, engine_options={"truth": TRUTH, "log": str(log)}, num_actors=3,
                          start_one_by_one=True)
     try:
         spans = sorted(tuple(map(float, line.split())) for line in log.read_text().split("\n") if line)

@@ -350,12 +350,12 @@ def label_metrics(src: ImageSource, res: DepthResult) -> dict:
 
 def summarize(results: list[DepthResult], wall: float, profile: Profile, cfg: DepthConfig, **extra) -> dict:
     """A run's summary: counts, failures by kind, answer failures, throughput, mean metrics."""
-    q = sum(r.queries for r in results if r.status == "ok")
+    asked = [r for r in results if r.status != "skipped"]  # skipped images were answered in an earlier run
+    q = sum(r.queries for r in asked)
     fails: dict[str, int] = {}
-    for r in results:
-        if r.status == "ok":
-            for k, v in r.failures.items():
-                fails[k] = fails.get(k, 0) + v
+    for r in asked:
+        for k, v in r.failures.items():
+            fails[k] = fails.get(k, 0) + v
     kinds: dict[str, int] = {}
     for r in results:
         if r.status == "failed":
