@@ -105,7 +105,9 @@ def test_discover_folder_glob_jsonl(tmp_path, textured_image):
     _write(tmp_path / "a.png", textured_image)
     _write(tmp_path / "sub" / "a.png", textured_image)
     srcs = discover([tmp_path])
-    assert sorted(s.id for s in srcs) == ["a", "sub__a"]
+    # ids are file stems; the second "a" gets a stable suffix from its path, recorded on the source
+    assert [s.id for s in srcs][0] == "a" and srcs[1].id.startswith("a-") and len(srcs[1].id) == 10
+    assert srcs[1].extra["id_wanted"] == "a" and [s.id for s in discover([tmp_path])] == [s.id for s in srcs]
     assert len(discover([str(tmp_path / "*.png")])) == 1
     man = tmp_path / "m.jsonl"
     man.write_text(json.dumps({"image": "a.png", "intrinsics": [500, 500, 320, 240, 640, 480]}) + "\n")

@@ -74,7 +74,7 @@ def test_bad_inputs_are_recorded_and_the_job_completes(bad_manifest, tmp_path, c
     import pyarrow.parquet as pq
 
     out = tmp_path / "out"
-    rc = main(["label", str(bad_manifest), "--out", str(out), "--no-ray", "--count", "96"])
+    rc = main(["label", str(bad_manifest), "--out", str(out), "--no-ray", "--count", "96", "--engine", "simulated"])
     assert rc == 1
     printed = capsys.readouterr().out
     assert "3 ok" in printed and "11 failed" in printed and "too_large: 1" in printed
@@ -98,7 +98,7 @@ def test_bad_inputs_are_recorded_and_the_job_completes(bad_manifest, tmp_path, c
     assert {f["id"] for f in s["failed_images"]} == {k for k, v in EXPECTED.items() if v[0] == "failed"}
 
     # A rerun skips what is done and records the same failures again.
-    assert main(["label", str(bad_manifest), "--out", str(out), "--no-ray", "--count", "96"]) == 1
+    assert main(["label", str(bad_manifest), "--out", str(out), "--no-ray", "--count", "96", "--engine", "simulated"]) == 1
     s2 = json.loads((out / "summary.json").read_text())
     assert (s2["ok"], s2["skipped"], s2["failed"]) == (0, 3, 11) and s2["engine_queries"] == 0
 
@@ -106,7 +106,7 @@ def test_bad_inputs_are_recorded_and_the_job_completes(bad_manifest, tmp_path, c
 def test_grayscale_and_16_bit_images_give_the_same_labels_as_rgb_would(bad_manifest, tmp_path):
     """Grayscale and 16-bit inputs are expanded to RGB; their labels are real depth maps."""
     out = tmp_path / "out"
-    main(["label", str(bad_manifest), "--out", str(out), "--no-ray", "--count", "96"])
+    main(["label", str(bad_manifest), "--out", str(out), "--no-ray", "--count", "96", "--engine", "simulated"])
     for sid in ("gray", "deep16"):
         depth = np.load(out / sid / "depth.npy")
         assert depth.shape == (120, 160)
