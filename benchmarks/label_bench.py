@@ -60,19 +60,18 @@ def make_dataset(folder: Path, n: int, width: int = 320, height: int = 240, seed
 def engine_alone(manifest: Path, cfg, n: int) -> dict:
     """The simulated engine's own speed, in this process, on the first n images' batches."""
     from densify.engines.simulated import SimulatedEngine
-    from densify.profiles import load_profile
-    from pipelines.depth import prepare_task
-    from pipelines.label import iter_manifest
+    from densify.stages.depth import DepthStage
+    from densify.stages.label import iter_manifest
 
-    profile = load_profile(cfg.profile)
-    eng = SimulatedEngine(profile, **cfg.engine.options)
+    eng = SimulatedEngine(cfg.profile, **cfg.engine.options)
+    stage = DepthStage(cfg, eng)
     t_prep = t_gen = 0.0
     q = 0
     for k, src in enumerate(iter_manifest(str(manifest))):
         if k >= n:
             break
         t0 = time.perf_counter()
-        _, batch = prepare_task(src, profile, cfg, with_truth=True)
+        _, batch = stage.prepare(src)
         t1 = time.perf_counter()
         eng.generate(batch)
         t_gen += time.perf_counter() - t1
@@ -98,29 +97,30 @@ def main(argv=None) -> dict:
                         datefmt="%H:%M:%S")
     logging.getLogger("densify.cameras").setLevel(logging.ERROR)
 
-    from pipelines.configs import load_job_config
-    from pipelines.label import LabelJobConfig, run_label
+    from densify.config import dict_overrides
+    from densify.settings import LabelConfig, load_config
+    from densify.stages.label import LabelJob
 
     work = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="label_bench_"))
     try:
         t0 = time.perf_counter()
         manifest = make_dataset(work / "data", args.images, args.width, args.height)
         t_data = time.perf_counter() - t0
-        cfg = load_job_config(LabelJobConfig, None, {
-            "plan": {"count": args.count},
+        cfg = load_config(LabelConfig, None, dict_overrides({
+            "engine": {"name": "simulated"}, "plan": {"count": args.count},
             "ray": {"enabled": not args.no_ray, "num_actors": args.actors, "max_in_flight_per_actor": args.in_flight},
             "manifest_every_s": 30.0,
-        }, default_name="label")
+        }), default_name="label")
         out = work / "out"
         load = os.getloadavg()
-        full = run_label(str(manifest), cfg, out, progress=True)
+        full = LabelJob(cfg, out).run(str(manifest))
         load_after = os.getloadavg()
         # Rerun with every image redone from the store: the framework without any engine work.
         for d in out.iterdir():
             if d.is_dir():
                 (d / "result.json").unlink(missing_ok=True)
         cfg_store = cfg.model_copy(update={"ray": cfg.ray.model_copy(update={"enabled": False})})
-        resumed = run_label(str(manifest), cfg_store, out, progress=False)
+        resumed = LabelJob(cfg_store, out).run(str(manifest))
         alone = engine_alone(manifest, cfg, min(20, args.images))
     finally:
         if not args.out:
