@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import difflib
 import importlib
+import importlib.util
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,7 +21,7 @@ from densify.engines.options import (EngineOptions, HFOptions, OpenAIOptions, Ra
 
 __all__ = ["Completion", "Engine", "EngineBatch", "EngineError", "EngineStartError", "GroundTruth", "ImageRef",
            "PromptImage", "Query", "Sampling", "create_engine", "engine_names", "generate_stream",
-           "register_engine", "validate_engine_options", "options_model", "answer_identity"]
+           "register_engine", "validate_engine_options", "options_model", "answer_identity", "check_available"]
 
 
 @dataclass(frozen=True)
@@ -30,6 +31,8 @@ class _Entry:
     options: type[EngineOptions]
     extra: str = ""
     """The pip extra that brings the engine's packages (for the message when they are missing)."""
+    requires: tuple[str, ...] = ()
+    """Top-level packages the engine imports when it starts."""
 
     def load(self) -> type[Engine]:
         if not isinstance(self.target, str):
@@ -40,10 +43,10 @@ class _Entry:
 
 _ENGINES: dict[str, _Entry] = {
     "simulated": _Entry("densify.engines.simulated:SimulatedEngine", SimulatedOptions),
-    "hf": _Entry("densify.engines.hf:HFEngine", HFOptions, "hf"),
-    "vllm": _Entry("densify.engines.vllm:VLLMEngine", VLLMOptions, "vllm"),
+    "hf": _Entry("densify.engines.hf:HFEngine", HFOptions, "hf", ("torch", "transformers")),
+    "vllm": _Entry("densify.engines.vllm:VLLMEngine", VLLMOptions, "vllm", ("vllm",)),
     "openai": _Entry("densify.engines.openai:OpenAIEngine", OpenAIOptions, "openai"),
-    "ray": _Entry("densify.engines.ray_pool:RayPoolEngine", RayOptions, "ray"),
+    "ray": _Entry("densify.engines.ray_pool:RayPoolEngine", RayOptions, "ray", ("ray",)),
 }
 
 # Python-only arguments an engine takes besides its config options (objects, not config values).
@@ -88,6 +91,18 @@ def validate_engine_options(name: str, options: dict | None, where: str = "engin
             raise ValueError(f"{where}.engine: the Ray pool cannot run itself; name the engine each actor runs")
         validate_engine_options(opts.engine, opts.engine_options, f"{where}.engine_options")
     return opts
+
+
+def check_available(name: str) -> None:
+    """EngineStartError naming the pip extra when an engine's packages are not installed (checked before a
+    model is looked for, so the message names what is really missing)."""
+    entry = _ENGINES.get(name)
+    if entry is None:
+        options_model(name)  # raises the unknown-engine KeyError
+    missing = [m for m in entry.requires if importlib.util.find_spec(m) is None]
+    if missing:
+        raise EngineStartError(f"the {name} engine needs {', '.join(missing)}, which is not installed here: "
+                               f"pip install 'densify[{entry.extra}]'" + (" (and a CUDA GPU)" if name == "vllm" else ""))
 
 
 def create_engine(name: str, *, profile, **options: Any) -> Engine:

@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 
 from densify.config import ConfigError
-from densify.engines import Engine, EngineStartError, create_engine
+from densify.engines import Engine, EngineStartError, check_available, create_engine
 from densify.profiles import Profile
 from densify.settings import EngineConfig, RayConfig
 
@@ -73,6 +73,8 @@ def build_engine(engine: EngineConfig, profile: Profile, *, model: str | None = 
     """The configured engine for a profile; in a pool of Ray actors when `ray` is given and enabled."""
     opts = engine_options(engine, model)
     inner = engine.inner_name()
+    check_available(engine.name)
+    check_available(inner)
     if inner in _LOCAL_ENGINES:
         inner_opts = opts.get("engine_options", {}) if engine.name == "ray" else opts
         if inner_opts.get("load_format") != "dummy":

@@ -1,0 +1,172 @@
+"""Every bad invocation a user can make ends in one message naming the fix and a documented exit code, never
+a traceback, and before any work; the default engine is the real model, and a run without one stops at once."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import IBIMS
+from densify.cli import main
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def scene_dir(tmp_path_factory):
+    from densify.synthetic.scenes import SceneSpec, make_scene
+
+    d = tmp_path_factory.mktemp("scene")
+    make_scene(SceneSpec(seed=1, n_views=2, width=160, height=120)).save(d)
+    return d
+
+
+def _run(capsys, *argv) -> tuple[int, str]:
+    rc = main(list(argv))
+    cap = capsys.readouterr()
+    return rc, cap.err + cap.out
+
+
+@pytest.mark.parametrize("args, code, words", [
+    (["--engine", "simulated", "--set", "engine.options.nosie=false"], 2, ["--set engine.options.nosie=false",
+                                                                           "did you mean 'noise'"]),
+    (["--engine", "simulated", "--set", "engine.options.seed=abc"], 2, ["engine.options.seed", "integer"]),
+    (["--engine", "simulated", "--set", "densify.method=cubic"], 2, ["densify.method", "cubic", "linear, edge"]),
+    (["--engine", "simulated", "--count", "0"], 2, ["--count 0", "plan.count"]),
+    (["--engine", "simulated", "--count", "-5"], 2, ["--count -5", "plan.count"]),
+    (["--engine", "simulated", "--stride", "0"], 2, ["--stride 0", "plan.stride"]),
+    (["--engine", "simulated", "--set", "plan.budget=0"], 2, ["--set plan.budget=0"]),
+    (["--engine", "simulated", "--set", "no.such.key=1"], 2, ["--set no.such.key=1", "unknown key 'no'"]),
+    (["--engine", "simulated", "--set", "plan.count"], 2, ["expected key=value"]),
+    (["--engine", "nosuch"], 2, ["unknown engine 'nosuch'"]),
+    (["--engine", "simulated", "--profile", "vlm3-corr"], 2, ["corr profile", "depth profile"]),
+    (["--engine", "simulated", "--model", "/ckpt/x"], 2, ["--model", "simulated engine", "takes no model"]),
+    (["--engine", "vllm"], 3, ["vllm", "pip install 'densify[vllm]'"]),
+    (["--engine", "openai", "--set", "engine.options.base_url=http://127.0.0.1:9/v1"], 3,
+     ["cannot reach", "127.0.0.1:9"]),
+    (["--engine", "hf", "--model", "./nosuch_model"], 3, ["--model ./nosuch_model: no such folder", "--engine",
+                                                          "densify demo"]),
+])
+def test_bad_invocations_give_one_message_and_no_work(scene_dir, tmp_path, capsys, monkeypatch, args, code, words):
+    if args[:2] == ["--engine", "vllm"] and __import__("importlib").util.find_spec("vllm") is not None:
+        pytest.skip("vLLM is installed here")
+    import huggingface_hub
+
+    monkeypatch.setattr(huggingface_hub, "model_info", lambda *a, **k: pytest.fail("went to the hub"))
+    out = tmp_path / "out"
+    rc, text = _run(capsys, "depth", str(scene_dir), "--out", str(out), *args)
+    assert rc == code, text
+    assert "Traceback" not in text and len(text.strip().splitlines()) == 1, text
+    for w in words:
+        assert w in text, (w, text)
+    assert not out.exists()  # stopped before any work
+
+
+def test_errors_in_a_config_file_name_the_file_and_key(scene_dir, tmp_path, capsys):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("plan: {count: 10}\nengine: {name: simulated, nmae: x}\n")
+    rc, text = _run(capsys, "depth", str(scene_dir), "--out", str(tmp_path / "o"), "--config", str(cfg))
+    assert rc == 2 and str(cfg) in text and "engine.nmae: unknown key 'nmae' (did you mean 'name'?)" in text
+    rc, text = _run(capsys, "depth", str(scene_dir), "--out", str(tmp_path / "o"), "--config", str(tmp_path / "no"))
+    assert rc == 2 and "no such file" in text
+
+
+def test_out_that_is_a_file_is_refused_before_the_work(scene_dir, tmp_path, capsys):
+    f = tmp_path / "file"
+    f.write_text("x")
+    for cmd in (["depth", str(scene_dir)], ["label", str(scene_dir)], ["reconstruct", str(scene_dir)]):
+        rc, text = _run(capsys, *cmd, "--out", str(f), "--engine", "simulated")
+        assert rc == 2 and "is a file, not a folder" in text and "Traceback" not in text
+
+
+def test_label_with_no_ray_cluster_says_so(scene_dir, tmp_path, capsys):
+    pytest.importorskip("ray")
+    rc, text = _run(capsys, "label", str(scene_dir), "--out", str(tmp_path / "o"), "--engine", "simulated",
+                    "--ray-address", "auto")
+    assert rc == 3 and "Ray could not start or connect" in text and "ray start --head" in text
+    assert "Traceback" not in text
+
+
+def test_debug_shows_the_traceback(scene_dir, tmp_path, capsys):
+    rc, text = _run(capsys, "--debug", "depth", str(scene_dir), "--out", str(tmp_path / "o"), "--count", "0")
+    assert rc == 2 and "Traceback" in text
+
+
+def test_default_engine_is_the_real_model_and_a_missing_one_stops_at_once(tmp_path):
+    """`densify depth` on real photos with default settings and no model: one message, no folders, < 10 s."""
+    rgb = IBIMS.parent / "rgb"
+    if not rgb.is_dir():
+        pytest.skip("iBims sample not beside the checkout")
+    out = tmp_path / "out"
+    env = dict(os.environ, HF_ENDPOINT="http://127.0.0.1:9")  # a hub that refuses at once, as offline
+    t0 = time.monotonic()
+    p = subprocess.run([sys.executable, "-m", "densify", "depth", str(rgb), "--out", str(out)], cwd=REPO, env=env,
+                       capture_output=True, text=True, timeout=60)
+    took = time.monotonic() - t0
+    assert p.returncode == 3, p.stderr
+    assert took < 10, took
+    lines = p.stderr.strip().splitlines()
+    assert len(lines) == 1 and "--model" in lines[0] and "--engine" in lines[0] and "densify demo" in lines[0]
+    assert "facebook/VLM3-depth" in lines[0] and not out.exists()
+
+
+def test_hub_models_are_checked_in_the_cache_and_offline(monkeypatch):
+    from densify.engines import EngineStartError
+    from densify.stages.engine import check_model
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(EngineStartError, match="HF_HUB_OFFLINE"):
+        check_model("facebook/VLM3-depth")
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    import huggingface_hub
+
+    monkeypatch.setattr(huggingface_hub, "try_to_load_from_cache", lambda repo, f: "/cache/config.json")
+    check_model("facebook/VLM3-depth")  # cached: fine, and no network
+
+
+def test_simulated_engine_without_truth_fails_each_image_with_a_record(tmp_path, capsys):
+    """Real photos and the simulated engine: no invented depth; every image fails, saying why."""
+    rgb = IBIMS.parent / "rgb"
+    if not rgb.is_dir():
+        pytest.skip("iBims sample not beside the checkout")
+    out = tmp_path / "out"
+    rc, text = _run(capsys, "depth", str(rgb / "corridor_01.png"), str(rgb / "factory_01.png"), "--out", str(out),
+                    "--engine", "simulated", "--count", "64")
+    assert rc == 1
+    s = json.loads((out / "summary.json").read_text())
+    assert s["ok"] == 0 and s["failed"] == 2 and s["simulated"] is True
+    assert all("no ground truth" in f["error"] and f["kind"] == "engine" for f in s["failed_images"])
+    assert not list(out.glob("*/depth.npy")) and "SIMULATED" in text
+
+
+@pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_interrupt_writes_the_summary_of_what_finished(tmp_path, sig, code):
+    from densify.synthetic.scenes import SceneSpec, make_scene
+
+    make_scene(SceneSpec(seed=3, n_views=8, width=320, height=240)).save(tmp_path / "scene")
+    out = tmp_path / "out"
+    p = subprocess.Popen([sys.executable, "-m", "densify", "depth", str(tmp_path / "scene"), "--out", str(out),
+                          "--engine", "simulated", "--count", "3072", "--set", "plan.mode=grid"], cwd=REPO,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while not list(out.glob("*/result.json")):
+        assert p.poll() is None and time.monotonic() < deadline
+        time.sleep(0.05)
+    p.send_signal(sig)
+    _, err = p.communicate(timeout=30)
+    assert p.returncode == code, err
+    assert "Traceback" not in err and "rerun" not in err.lower() or "run the same command again" in err
+    s = json.loads((out / "summary.json").read_text())
+    assert s["interrupted"] is True and s["complete"] is False and s["ok"] >= 1
+    assert len(list(out.glob("*/result.json"))) == s["ok"]
+    # resuming finishes the rest and redoes nothing
+    p = subprocess.run([sys.executable, "-m", "densify", "depth", str(tmp_path / "scene"), "--out", str(out),
+                        "--engine", "simulated", "--count", "3072", "--set", "plan.mode=grid"], cwd=REPO,
+                       capture_output=True, text=True, timeout=120)
+    s2 = json.loads((out / "summary.json").read_text())
+    assert p.returncode == 0 and s2["skipped"] == s["ok"] and s2["ok"] + s2["skipped"] == 8
