@@ -20,6 +20,7 @@ from densify.engines import register_engine
 from densify.engines.base import Completion, EngineBatch, GroundTruth, PromptImage, Query, check_batch
 from densify.geometry.rotations import euler_from_matrix, relative_from_T, rotation_angle_deg
 from densify.profiles import Profile, load_profile
+from densify.synthetic.object_answers import ObjectErrorModel, answer_from_truth, regions_in_text
 
 COORD_RE = re.compile(r"\((\d+), (\d+)\)")
 
@@ -65,11 +66,12 @@ class SimulatedEngine:
     uses_truth = True
 
     def __init__(self, profile: Profile | str, *, seed: int = 0, error: ErrorModel | dict | None = None,
-                 noise: bool = True):
+                 noise: bool = True, object_error: dict | None = None):
         self.profile = load_profile(profile)
         if isinstance(error, dict):
             error = ErrorModel(**error)
         self.error = (error or ErrorModel()) if noise else ErrorModel.exact()
+        self.object_error = ObjectErrorModel(**(object_error or {})) if noise else ObjectErrorModel.exact()
         self.seed = int(seed)
         self.queries_answered = 0
         self._bitgen = np.random.PCG64(0)
@@ -131,6 +133,11 @@ class SimulatedEngine:
             return self._depth(q, img, rng)
         if kind == "xy":
             return self._corr(q, img, batch.images[q.image_uids[1]], rng)
+        if kind in ("predicate", "choice", "metric", "clock"):  # object questions: regions read from the text
+            r = self.profile.regions
+            boxes, texts = regions_in_text(r.region_regex, q.text, r.coord_range, img.pixels.shape[1::-1])
+            cat = self.profile.questions[q.question].category or q.question
+            return answer_from_truth(cat, boxes, texts, img.truth, rng, self.object_error)
         return self._pose(q, kind, img, q.image_uids[1], rng)
 
     def _depth(self, q: Query, img: PromptImage, rng):
