@@ -16,6 +16,7 @@ COMMANDS = {
     "depth": ("pipelines.depth", "dense metric depth maps and point clouds for images"),
     "prompts": ("pipelines.prompts", "print the exact prompts a profile sends for given points"),
     "eval": ("pipelines.evaluate", "evaluate an engine on labelled data (iBims-1 / DepthLM JSONL)"),
+    "ask": ("pipelines.ask", "object questions about image regions: the object model's and the geometry's answers"),
     "pose": ("pipelines.pose", "relative pose of two images from correspondence answers"),
     "reconstruct": ("pipelines.reconstruct", "depth, poses and a fused scene for an image sequence"),
     "label": ("pipelines.label", "pseudo-label a dataset as a resumable batch job"),

@@ -2,6 +2,9 @@
 
 Works on the 12-image sample in shared/data/ibims1-sample and on the full iBims JSONL of the DepthLM
 release: one JSON object per image with intrinsics, pixel_coords and metric depth.
+
+`densify eval spatialrgpt`: SpatialRGPT-Bench (object questions, vlm3-object) with a rule-based scorer, per
+category; with --geometry also the answers from dense depth. Layout and scoring: densify/eval/spatialrgpt.py.
 """
 
 from __future__ import annotations
@@ -64,8 +67,18 @@ def evaluate_labels(jsonl: str | Path, cfg: DepthJobConfig, out_dir=None, *, eng
 
 
 def add_arguments(p) -> None:
-    p.add_argument("suite", choices=["ibims"], help="evaluation suite")
-    p.add_argument("--data", default=str(DEFAULT_IBIMS), help="DepthLM-format JSONL (default: the iBims sample)")
+    p.add_argument("suite", choices=["ibims", "spatialrgpt"], help="evaluation suite")
+    p.add_argument("--data", default=None, help="ibims: DepthLM-format JSONL (default: the iBims sample); "
+                                                "spatialrgpt: SpatialRGPT-Bench_v1.json (or JSONL)")
+    p.add_argument("--images", help="spatialrgpt: folder the records' image_info.file_path is relative to "
+                                    "(default: the data file's folder)")
+    p.add_argument("--synthetic", metavar="SCENE_DIR", help="spatialrgpt: build the question set from a scene "
+                                                            "folder written by `densify synth` and evaluate it")
+    p.add_argument("--geometry", action="store_true", help="spatialrgpt: also answer from dense depth")
+    p.add_argument("--depth-dir", help="spatialrgpt --geometry: depth maps as <dir>/<image stem>.depth.npy or "
+                                       "<dir>/<image stem>/depth.npy (else densify's depth pipeline runs)")
+    p.add_argument("--up", choices=["floor", "camera"], default="floor",
+                   help="spatialrgpt --geometry: vertical from a fitted floor plane or the camera")
     p.add_argument("--profile", default=None, help="depth profile (default vlm3-depth)")
     p.add_argument("--engine", default=None, help="simulated | hf | vllm | openai | ray")
     p.add_argument("--model", help="checkpoint for the engine")
@@ -75,8 +88,72 @@ def add_arguments(p) -> None:
     p.add_argument("--set", action="append", metavar="KEY=VALUE")
 
 
+def _depth_for(args):
+    """Depth maps for the geometry answers: saved ones (--depth-dir) or densify's depth pipeline, one image
+    at a time (the one place this suite runs the depth pipeline)."""
+    if args.depth_dir:
+        root = Path(args.depth_dir)
+
+        def saved(item, camera):
+            for cand in (root / f"{item.image.stem}.depth.npy", root / item.image.stem / "depth.npy"):
+                if cand.is_file():
+                    return np.load(cand)
+            log.warning("%s: no depth map in %s; no geometry answers for it", item.image, root)
+            return None
+        return saved
+    over = depth_overrides(args)
+    over["profile"] = "vlm3-depth"
+    over.setdefault("outputs", {}).update({"npy": False, "png16": False, "preview": False, "ply": False,
+                                           "answers": False, "confidence": False})
+    cfg = load_job_config(DepthJobConfig, None, over, default_name="depth").model_copy(update={"overwrite": True})
+
+    def computed(item, camera):
+        from densify.images import ImageSource
+        src = ImageSource(item.image.stem, item.image, [camera.fx, camera.fy, camera.cx, camera.cy])
+        res = run_depth([src], cfg, None, progress=False, keep_maps=True)["_results"][0]
+        return res.depth if res.status == "ok" else None
+    return computed
+
+
+def run_spatialrgpt(args) -> int:
+    from densify import outputs as out_mod
+    from densify.engines import create_engine
+    from densify.eval.spatialrgpt import format_table, read_bench, run_bench
+    from densify.profiles import load_profile
+
+    if args.synthetic:
+        from densify.synthetic.object_questions import build_question_set
+        data = Path(args.synthetic) / "spatialrgpt_synthetic.json"
+        build_question_set(args.synthetic, out=data)
+    elif args.data:
+        data = Path(args.data)
+    else:
+        raise ValueError("spatialrgpt needs --data PATH/TO/SpatialRGPT-Bench_v1.json (with --images FOLDER) or "
+                         "--synthetic SCENE_DIR")
+    items = read_bench(data, args.images)
+    profile = load_profile(args.profile or "vlm3-object")
+    options = dict(depth_overrides(args).get("engine", {}).get("options", {}))
+    engine = create_engine(args.engine or "simulated", profile=profile, **options)
+    try:
+        rep = run_bench(items, profile, engine, depth_for=_depth_for(args) if args.geometry else None,
+                        up=args.up, limit=args.limit)
+    finally:
+        engine.close()
+    records = rep.pop("_records")
+    rep["data"] = str(data)
+    if args.out:
+        out_mod.write_json(Path(args.out) / "eval.json", rep)
+        out_mod.write_jsonl(Path(args.out) / "answers.jsonl", records)
+    print(f"eval spatialrgpt ({rep['engine']} engine, {rep['profile']}): {rep['questions']} questions on "
+          f"{rep['images']} images, unscorable references {rep['model']['unscorable']}")
+    print(format_table(rep))
+    return 1 if rep["failed_images"] else 0
+
+
 def run(args) -> int:
-    data = Path(args.data)
+    if args.suite == "spatialrgpt":
+        return run_spatialrgpt(args)
+    data = Path(args.data or DEFAULT_IBIMS)
     if not data.is_file():
         raise FileNotFoundError(f"{data}: no such JSONL; pass --data PATH/TO/ibims.jsonl")
     over = depth_overrides(args)
