@@ -201,3 +201,46 @@ def test_ask_command_with_geometry(scene_dir, tmp_path, capsys):
     assert "region 2" in capsys.readouterr().err
     assert main(["ask", img, "--regions", "0,0,10,10", "--question", "left_choice"]) == 2
     assert "about 2 regions" in capsys.readouterr().err
+
+
+class ScriptedEngine:
+    """Any engine through the protocol: answers each question with a scripted text (no truth)."""
+
+    name = "scripted"
+
+    def __init__(self, answers):
+        self.answers, self.batches = answers, []
+
+    def generate(self, batch):
+        from densify.engines.base import Completion, check_batch
+
+        check_batch(batch)
+        self.batches.append(batch)
+        return [Completion(self.answers[q.text]) for q in batch.queries]
+
+    def close(self):
+        pass
+
+
+def test_any_engine_scores_through_the_protocol(bench):
+    import re
+
+    from densify.objects import rewrite_answer
+
+    _, items = bench
+    profile = load_profile("vlm3-object")
+    assert {CATEGORIES[it.category].kind for it in items} == {"predicate", "choice", "metric", "clock"}
+    # First pass collects the exact prompt texts; then the engine answers each with its reference answer.
+    probe = ScriptedEngine({})
+    probe.answers = type("D", (dict,), {"__missing__": lambda self, k: "I cannot tell."})()
+    rep0 = run_bench(items, profile, probe)
+    assert rep0["model"]["qualitative"]["accuracy"] == 0.0
+    assert all(b.images[next(iter(b.images))].truth is None for b in probe.batches)
+    assert len(probe.batches) == len({it.image for it in items})
+    texts = {}
+    for r, it in zip(rep0["_records"], items):
+        norms = [tuple(int(v) for v in m) for m in re.findall(r"\((\d+), (\d+), (\d+), (\d+)\)", r["text"])]
+        texts[r["text"]] = rewrite_answer(profile, it.answer, norms)
+    rep = run_bench(items, profile, ScriptedEngine(texts))
+    assert rep["model"]["qualitative"]["accuracy"] == 100.0
+    assert rep["model"]["quantitative"]["accuracy"] == 100.0
