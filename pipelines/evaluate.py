@@ -145,7 +145,8 @@ def run_spatialrgpt(args) -> int:
         out_mod.write_json(Path(args.out) / "eval.json", rep)
         out_mod.write_jsonl(Path(args.out) / "answers.jsonl", records)
     print(f"eval spatialrgpt ({rep['engine']} engine, {rep['profile']}): {rep['questions']} questions on "
-          f"{rep['images']} images, unscorable references {rep['model']['unscorable']}")
+          f"{rep['images']} images, unscorable references {rep['model']['unscorable']}, "
+          f"failed questions {len(rep['failed_questions'])}")
     print(format_table(rep))
     return 1 if rep["failed_images"] else 0
 

@@ -244,3 +244,23 @@ def test_any_engine_scores_through_the_protocol(bench):
     rep = run_bench(items, profile, ScriptedEngine(texts))
     assert rep["model"]["qualitative"]["accuracy"] == 100.0
     assert rep["model"]["quantitative"]["accuracy"] == 100.0
+
+
+def test_bench_boxes_are_clamped_and_bad_questions_skipped(scene_dir, tmp_path):
+    recs = json.loads((scene_dir / "bench.json").read_text())
+    a = json.loads(json.dumps(next(r for r in recs if r["qa_info"]["category"] == "width_data")))
+    b = json.loads(json.dumps(a))
+    a["id"], b["id"] = "clamped", "inverted"
+    a["bbox"][0][2] = 10_000                      # past the right edge: clamped to the image
+    a.pop("rle")
+    b["bbox"][0] = [50, 50, 10, 60]               # inverted: skipped, named
+    for r in (a, b):
+        r["image_info"]["file_path"] = str(scene_dir / r["image_info"]["file_path"])
+    p = tmp_path / "b.json"
+    p.write_text(json.dumps([a, b]))
+    profile = load_profile("vlm3-object")
+    rep = run_bench(read_bench(p), profile, SimulatedEngine(profile, noise=False))
+    assert [r["id"] for r in rep["_records"]] == ["clamped"]
+    assert rep["_records"][0]["text"].count("1000, ") == 1
+    assert rep["failed_questions"][0]["id"] == "inverted" and "inverted" in rep["failed_questions"][0]["error"]
+    assert rep["model"]["categories"]["width_data"]["n"] == 1

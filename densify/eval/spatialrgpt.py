@@ -13,7 +13,10 @@ and an image folder that the records' `image_info.file_path` is relative to:
      "bbox": [[x1, y1, x2, y2], ...],                          # original-image pixels, one per <mask>
      "rle": [{"size": [H, W], "counts": ...}, ...]}            # optional COCO RLE masks (string or list)
 
-Intrinsics may also be given as `image_info.K` (3x3) or `image_info.fx/fy/cx/cy`.
+Intrinsics may also be given as `image_info.K` (3x3) or `image_info.fx/fy/cx/cy`. Boxes are scaled when
+the image on disk has another size than `image_info` says, then clamped to the image (as SpatialRGPT's
+evaluation clamps them); a question whose region is still unusable (empty, inverted) is skipped and listed
+in `failed_questions`, the image's other questions run.
 
 Scoring (SpatialRGPT's rules, with its GPT-4 judge replaced by the profile's answer parsers, applied to
 both the reference answer and the response): qualitative: correct when the parsed predicate (yes/no) or the
@@ -42,8 +45,8 @@ from densify import answers as answers_mod
 from densify.cameras import Camera, resolve_camera
 from densify.engines.base import Completion, generate_stream
 from densify.images import load_rgb
-from densify.objects import (CATEGORIES, QUALITATIVE_GROUPS, QUANTITATIVE_GROUPS, RegionError, choice_index,
-                             clock_error, make_regions, question_of, rewrite_answer)
+from densify.objects import (CATEGORIES, QUALITATIVE_GROUPS, QUANTITATIVE_GROUPS, choice_index, clock_error,
+                             make_regions, question_of, rewrite_answer)
 from densify.profiles import Profile
 
 log = logging.getLogger("densify.eval.spatialrgpt")
@@ -218,6 +221,11 @@ def summarize(scores: list[Scored], unscorable: int = 0) -> dict:
     for name, groups in (("qualitative", QUALITATIVE_GROUPS), ("quantitative", QUANTITATIVE_GROUPS)):
         ss = [s for s in scores if s.group in groups]
         out[name] = {"n": len(ss), "accuracy": round(100.0 * sum(s.correct for s in ss) / len(ss), 1) if ss else None}
+    cats = defaultdict(list)
+    for s in scores:
+        cats[s.category].append(s)
+    out["categories"] = {c: {"n": len(ss), "accuracy": round(100.0 * sum(s.correct for s in ss) / len(ss), 1)}
+                         for c, ss in sorted(cats.items())}
     out["unscorable"] = unscorable
     return out
 
@@ -246,6 +254,27 @@ class BenchRun:
     geometry: list[Scored] = field(default_factory=list)
     unscorable: int = 0
     failed_images: list[dict] = field(default_factory=list)
+    failed_questions: list[dict] = field(default_factory=list)
+
+
+def bench_regions(item: BenchItem, width: int, height: int, use_masks: bool = True):
+    """An item's regions in the loaded image's pixels: boxes scaled when image_info gives another size,
+    then clamped to the image as SpatialRGPT's evaluation does; masks decoded and resized to the image."""
+    import cv2
+
+    sx = width / item.width if item.width else 1.0
+    sy = height / item.height if item.height else 1.0
+    boxes = [[min(max(b[0] * sx, 0), width), min(max(b[1] * sy, 0), height),
+              min(max(b[2] * sx, 0), width), min(max(b[3] * sy, 0), height)] for b in item.boxes]
+    masks = None
+    if use_masks and item.rles:
+        masks = []
+        for r in item.rles:
+            m = rle_decode(r)
+            if m.shape != (height, width):
+                m = cv2.resize(m.astype(np.uint8), (width, height), interpolation=cv2.INTER_NEAREST) > 0
+            masks.append(m)
+    return make_regions(boxes, width, height, masks)
 
 
 def run_bench(items: list[BenchItem], profile: Profile, engine, *, depth_for: DepthFor | None = None,
@@ -274,19 +303,23 @@ def run_bench(items: list[BenchItem], profile: Profile, engine, *, depth_for: De
                 h, w = rgb.shape[:2]
                 cam = resolve_camera(path, w, h, its[0].intrinsics)
                 prep = prepare_object_image(rgb, cam, profile)
-                qs = []
-                for it in its:
-                    masks = None
-                    if use_masks and it.rles:
-                        masks = [rle_decode(r) for r in it.rles]
-                    qs.append((it.category, make_regions(it.boxes, w, h, masks), it.question))
-                prompts = build_prompts(profile, prep, qs)
             except (OSError, ValueError) as exc:
                 log.error("%s: %s", path, exc)
                 run.failed_images.append({"image": str(path), "error": str(exc), "questions": len(its)})
                 continue
+            ok, prompts = [], []
+            for it in its:
+                try:
+                    regions = bench_regions(it, w, h, use_masks)
+                    prompts += build_prompts(profile, prep, [(it.category, regions, it.question)])
+                    ok.append(it)
+                except ValueError as exc:
+                    log.error("%s: question %s: %s", path, it.id, exc)
+                    run.failed_questions.append({"id": it.id, "error": str(exc)})
+            if not ok:
+                continue
             truth = saved_object_truth(path, prep) if with_truth else None
-            yield image_batch(profile, prep, prompts, str(path), truth=truth, tag=(its, prompts, cam))
+            yield image_batch(profile, prep, prompts, str(path), truth=truth, tag=(ok, prompts, cam))
 
     for batch, completions in generate_stream(engine, batches()):
         its, prompts, cam = batch.tag
@@ -316,7 +349,8 @@ def run_bench(items: list[BenchItem], profile: Profile, engine, *, depth_for: De
             run.records.append(rec)
     wall = time.perf_counter() - t0
     report = {"profile": profile.name, "engine": getattr(engine, "name", "?"), "questions": len(items),
-              "images": len(by_image), "failed_images": run.failed_images, "wall_s": round(wall, 2),
+              "images": len(by_image), "failed_images": run.failed_images,
+              "failed_questions": run.failed_questions, "wall_s": round(wall, 2),
               "scorer": "rule-based (profile parsers on reference and response; 25% band; clock +-1 h)",
               "model": summarize(run.model, run.unscorable)}
     if depth_for is not None:
