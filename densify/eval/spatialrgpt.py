@@ -293,6 +293,7 @@ def run_bench(items: list[BenchItem], profile: Profile, engine, *, depth_for: De
     for it in items:
         by_image[it.image].append(it)
     run = BenchRun()
+    up_sources: dict[str, int] = defaultdict(int)
     with_truth = bool(getattr(engine, "uses_truth", False))
     t0 = time.perf_counter()
 
@@ -327,6 +328,7 @@ def run_bench(items: list[BenchItem], profile: Profile, engine, *, depth_for: De
         if depth_for is not None:
             d = depth_for(its[0], cam)
             ctx = geometry_context(d, cam, up, "depth_for") if d is not None else None
+            up_sources[ctx.frame.source if ctx is not None else "no depth"] += 1
         for it, p, c in zip(its, prompts, completions):
             m = parse_model_answer(profile, p, c)
             gt = reference_value(profile, it, p.regions_normalized)
@@ -356,6 +358,7 @@ def run_bench(items: list[BenchItem], profile: Profile, engine, *, depth_for: De
     if depth_for is not None:
         report["geometry"] = summarize(run.geometry, run.unscorable)
         report["geometry"]["up"] = up
+        report["geometry"]["up_sources"] = dict(up_sources)  # images per source (floor-plane, camera, ...)
     report["_records"] = run.records
     return report
 
