@@ -71,8 +71,9 @@ def exact_depth_for(item, camera):
 
 def main(argv=None) -> int:
     from densify.engines.simulated import SimulatedEngine
-    from densify.eval.spatialrgpt import format_table, read_bench, run_bench
+    from densify.eval.spatialrgpt import read_bench, run_bench
     from densify.profiles import load_profile
+    from densify.synthetic.object_answers import saved_object_truth
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--scenes", type=int, default=6)
@@ -94,7 +95,8 @@ def main(argv=None) -> int:
         for name, depth_for, masks in (("geometry_exact", exact_depth_for, True),
                                        ("geometry_densified", densified, True),
                                        ("geometry_densified_boxes", densified, False)):
-            rep = run_bench(items, profile, SimulatedEngine(profile, seed=0), depth_for=depth_for, use_masks=masks)
+            rep = run_bench(items, profile, SimulatedEngine(profile, seed=0), depth_for=depth_for,
+                            truth_for=saved_object_truth, use_masks=masks)
             rep.pop("_records")
             runs[name] = rep
     model = runs["geometry_exact"]["model"]

@@ -5,9 +5,7 @@ evaluation; plain functions and dataclasses, no command-line concerns.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import cv2
 import numpy as np
@@ -33,30 +31,6 @@ def build_prompts(profile: Profile, prep: PreparedImage, questions: list[tuple[s
     pm = prep.pixel_map
     return [object_prompt(profile, name, regs, pm.orig_size, pm.pre_size, (pm.sx, pm.sy), raw_text=raw)
             for name, regs, raw in questions]
-
-
-def saved_object_truth(image_path: Path, prep: PreparedImage) -> GroundTruth | None:
-    """Object truth saved beside a synthetic image (Scene.save: <stem>.objects.npy, objects.json in the
-    folder, cam_to_world in <stem>.json), in the prompt image's frame; None when any piece is missing.
-    Only for engines that answer from truth (the simulated one)."""
-    image_path = Path(image_path)
-    ids_p = image_path.with_suffix(".objects.npy")
-    objs_p = image_path.parent / "objects.json"
-    side_p = image_path.with_suffix(".json")
-    if not (ids_p.is_file() and objs_p.is_file() and side_p.is_file()):
-        return None
-    side = json.loads(side_p.read_text())
-    if "cam_to_world" not in side:
-        return None
-    ids = np.load(ids_p)
-    w, h = prep.pixel_map.pre_size
-    ids = cv2.resize(ids.astype(np.int32), (w, h), interpolation=cv2.INTER_NEAREST)
-    depth_p = image_path.with_suffix(".depth.npy")
-    depth = None
-    if depth_p.is_file():
-        depth = cv2.resize(np.load(depth_p).astype(np.float32), (w, h), interpolation=cv2.INTER_NEAREST)
-    return GroundTruth(depth=depth, object_ids=ids, objects=json.loads(objs_p.read_text()),
-                       cam_to_world=np.asarray(side["cam_to_world"], float))
 
 
 def image_batch(profile: Profile, prep: PreparedImage, prompts: list[ObjectPrompt], source_id: str, *,

@@ -24,8 +24,7 @@ from densify.cameras import parse_intrinsics_arg, resolve_camera
 from densify.config import parse_set_options
 from densify.engines import create_engine, generate_stream
 from densify.images import load_rgb
-from densify.object_qa import (ask_records, build_prompts, geometry_context, image_batch, prepare_object_image,
-                               saved_object_truth)
+from densify.object_qa import ask_records, build_prompts, geometry_context, image_batch, prepare_object_image
 from densify.objects import RegionError, make_regions, parse_regions, question_of
 from densify.profiles import load_profile
 
@@ -112,7 +111,10 @@ def run(args) -> int:
         options["model"] = args.model
     engine = create_engine(args.engine, profile=profile, **options)
     try:
-        truth = saved_object_truth(Path(args.image), prep) if getattr(engine, "uses_truth", False) else None
+        truth = None
+        if getattr(engine, "uses_truth", False):  # the simulator's truth, saved beside a synthetic image
+            from densify.synthetic.object_answers import saved_object_truth
+            truth = saved_object_truth(Path(args.image), prep)
         batch = image_batch(profile, prep, prompts, str(args.image), truth=truth)
         _, completions = next(iter(generate_stream(engine, [batch])))
     finally:

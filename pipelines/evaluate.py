@@ -135,8 +135,11 @@ def run_spatialrgpt(args) -> int:
     options = dict(depth_overrides(args).get("engine", {}).get("options", {}))
     engine = create_engine(args.engine or "simulated", profile=profile, **options)
     try:
+        truth_for = None
+        if getattr(engine, "uses_truth", False):  # the simulator's truth, saved beside synthetic images
+            from densify.synthetic.object_answers import saved_object_truth as truth_for
         rep = run_bench(items, profile, engine, depth_for=_depth_for(args) if args.geometry else None,
-                        up=args.up, limit=args.limit)
+                        truth_for=truth_for, up=args.up, limit=args.limit)
     finally:
         engine.close()
     records = rep.pop("_records")

@@ -12,10 +12,11 @@ from densify.engines.base import GroundTruth
 from densify.engines.simulated import SimulatedEngine
 from densify.eval.spatialrgpt import read_bench, rle_decode, rle_encode, run_bench, score, summarize
 from densify.geometry import regions as georeg
-from densify.object_qa import build_prompts, geometry_context, image_batch, prepare_object_image
+from densify.object_qa import build_prompts, image_batch, prepare_object_image
 from densify.objects import CATEGORIES, make_regions
 from densify.profiles import load_profile
-from densify.synthetic.object_answers import NO_TRUTH_ANSWER, object_geometry, shape_points, truth_frame
+from densify.synthetic.object_answers import (NO_TRUTH_ANSWER, object_geometry, saved_object_truth, shape_points,
+                                              truth_frame)
 from densify.synthetic.object_questions import build_question_set
 
 
@@ -97,7 +98,8 @@ def test_geometry_answers_from_exact_depth_match_truth(scene_dir, bench):
     def depth_for(item, camera):
         return depths.setdefault(item.image, np.load(item.image.with_suffix(".depth.npy")))
 
-    rep = run_bench(items, profile, SimulatedEngine(profile, noise=False), depth_for=depth_for)
+    rep = run_bench(items, profile, SimulatedEngine(profile, noise=False), depth_for=depth_for,
+                    truth_for=saved_object_truth)
     # The exact simulated model agrees with every reference (truth and parsers are consistent) ...
     assert rep["model"]["qualitative"]["accuracy"] == 100.0
     assert rep["model"]["quantitative"]["accuracy"] == 100.0
@@ -110,7 +112,7 @@ def test_geometry_answers_from_exact_depth_match_truth(scene_dir, bench):
 def test_simulated_model_errors_show_in_the_scores(bench):
     _, items = bench
     profile = load_profile("vlm3-object")
-    rep = run_bench(items, profile, SimulatedEngine(profile, seed=0))
+    rep = run_bench(items, profile, SimulatedEngine(profile, seed=0), truth_for=saved_object_truth)
     assert 60.0 <= rep["model"]["qualitative"]["accuracy"] < 100.0
     assert rep["model"]["quantitative"]["accuracy"] < 100.0
     recs = rep["_records"]
@@ -259,7 +261,7 @@ def test_bench_boxes_are_clamped_and_bad_questions_skipped(scene_dir, tmp_path):
     p = tmp_path / "b.json"
     p.write_text(json.dumps([a, b]))
     profile = load_profile("vlm3-object")
-    rep = run_bench(read_bench(p), profile, SimulatedEngine(profile, noise=False))
+    rep = run_bench(read_bench(p), profile, SimulatedEngine(profile, noise=False), truth_for=saved_object_truth)
     assert [r["id"] for r in rep["_records"]] == ["clamped"]
     assert rep["_records"][0]["text"].count("1000, ") == 1
     assert rep["failed_questions"][0]["id"] == "inverted" and "inverted" in rep["failed_questions"][0]["error"]

@@ -7,7 +7,6 @@ import pytest
 
 from densify.answers import parse_text
 from densify.cli import main
-from densify.config import ConfigError
 from densify.objects import (CATEGORIES, RegionError, choice_index, make_regions, normalize_box, object_prompt,
                              parse_regions, rewrite_answer)
 from densify.profiles import Profile, load_profile

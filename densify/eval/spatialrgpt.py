@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -43,7 +42,7 @@ import numpy as np
 
 from densify import answers as answers_mod
 from densify.cameras import Camera, resolve_camera
-from densify.engines.base import Completion, generate_stream
+from densify.engines.base import generate_stream
 from densify.images import load_rgb
 from densify.objects import (CATEGORIES, QUALITATIVE_GROUPS, QUANTITATIVE_GROUPS, choice_index, clock_error,
                              make_regions, question_of, rewrite_answer)
@@ -277,12 +276,18 @@ def bench_regions(item: BenchItem, width: int, height: int, use_masks: bool = Tr
     return make_regions(boxes, width, height, masks)
 
 
+TruthFor = Callable[[Path, object], object]
+"""(image path, prepared image) -> GroundTruth for a simulated engine, or None."""
+
+
 def run_bench(items: list[BenchItem], profile: Profile, engine, *, depth_for: DepthFor | None = None,
-              up: str = "floor", use_masks: bool = True, limit: int | None = None) -> dict:
+              truth_for: TruthFor | None = None, up: str = "floor", use_masks: bool = True,
+              limit: int | None = None) -> dict:
     """Ask `engine` every question (one batch per image) and score it; with depth_for also answer every
-    question from that image's depth map and score those answers the same way."""
+    question from that image's depth map and score those answers the same way. truth_for: the truth
+    provider of an engine that answers from truth (the simulated one); the caller decides."""
     from densify.object_qa import (build_prompts, geometry_answer, geometry_context, image_batch,
-                                   parse_model_answer, prepare_object_image, saved_object_truth, to_json_value)
+                                   parse_model_answer, prepare_object_image, to_json_value)
 
     items = items[:limit] if limit else items
     unknown = sorted({it.category for it in items if it.category not in profile.questions})
@@ -294,7 +299,6 @@ def run_bench(items: list[BenchItem], profile: Profile, engine, *, depth_for: De
         by_image[it.image].append(it)
     run = BenchRun()
     up_sources: dict[str, int] = defaultdict(int)
-    with_truth = bool(getattr(engine, "uses_truth", False))
     t0 = time.perf_counter()
 
     def batches():
@@ -319,7 +323,7 @@ def run_bench(items: list[BenchItem], profile: Profile, engine, *, depth_for: De
                     run.failed_questions.append({"id": it.id, "error": str(exc)})
             if not ok:
                 continue
-            truth = saved_object_truth(path, prep) if with_truth else None
+            truth = truth_for(path, prep) if truth_for is not None else None
             yield image_batch(profile, prep, prompts, str(path), truth=truth, tag=(ok, prompts, cam))
 
     for batch, completions in generate_stream(engine, batches()):

@@ -10,11 +10,16 @@ object truth it answers with a refusal that no parser accepts: it never invents 
 
 from __future__ import annotations
 
+import json
 import math
 import re
 from dataclasses import dataclass
+from pathlib import Path
 
+import cv2
 import numpy as np
+
+from densify.engines.base import GroundTruth
 
 from densify.geometry.regions import RegionGeometry, ViewerFrame, answer, frame_from_up, geometry_of
 from densify.objects import CATEGORIES
@@ -185,3 +190,27 @@ def regions_in_text(region_regex: str, text: str, coord_range: int, size: tuple[
         boxes.append((x1 / coord_range * w, y1 / coord_range * h, x2 / coord_range * w, y2 / coord_range * h))
         texts.append(m.group(0))
     return boxes, texts
+
+
+def saved_object_truth(image_path, prep) -> GroundTruth | None:
+    """Object truth saved beside a synthetic image (Scene.save: <stem>.objects.npy, objects.json in the
+    folder, cam_to_world in <stem>.json), in the prompt image's frame; None when any piece is missing.
+    The truth provider for the simulated engine: commands pass it only to engines that answer from truth."""
+    image_path = Path(image_path)
+    ids_p = image_path.with_suffix(".objects.npy")
+    objs_p = image_path.parent / "objects.json"
+    side_p = image_path.with_suffix(".json")
+    if not (ids_p.is_file() and objs_p.is_file() and side_p.is_file()):
+        return None
+    side = json.loads(side_p.read_text())
+    if "cam_to_world" not in side:
+        return None
+    ids = np.load(ids_p)
+    w, h = prep.pixel_map.pre_size
+    ids = cv2.resize(ids.astype(np.int32), (w, h), interpolation=cv2.INTER_NEAREST)
+    depth_p = image_path.with_suffix(".depth.npy")
+    depth = None
+    if depth_p.is_file():
+        depth = cv2.resize(np.load(depth_p).astype(np.float32), (w, h), interpolation=cv2.INTER_NEAREST)
+    return GroundTruth(depth=depth, object_ids=ids, objects=json.loads(objs_p.read_text()),
+                       cam_to_world=np.asarray(side["cam_to_world"], float))
