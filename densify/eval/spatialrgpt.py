@@ -122,6 +122,8 @@ class BenchItem:
     width: int | None = None
     height: int | None = None
     intrinsics: list | None = None
+    file_path: str = ""
+    """image_info.file_path as the record gives it (names the image wherever the folder lies)"""
 
 
 def _intrinsics(info: dict):
@@ -161,7 +163,8 @@ def read_bench(path: str | Path, image_root: str | Path | None = None) -> list[B
                 id=str(rec.get("id", n)), image=root / info["file_path"], category=qa["category"],
                 type=qa.get("type", ""), question=conv[0]["value"], answer=conv[1]["value"],
                 boxes=[list(map(float, b)) for b in rec["bbox"]], rles=rec.get("rle"),
-                width=info.get("width"), height=info.get("height"), intrinsics=_intrinsics(info)))
+                width=info.get("width"), height=info.get("height"), intrinsics=_intrinsics(info),
+                file_path=str(info["file_path"])))
         except (KeyError, IndexError, TypeError) as exc:
             raise ValueError(f"{where}: missing or malformed {exc}; each record needs image_info.file_path, "
                              f"qa_info.category, conversations (question, answer) and bbox") from None
@@ -324,7 +327,8 @@ def run_bench(items: list[BenchItem], profile: Profile, engine, *, depth_for: De
             if not ok:
                 continue
             truth = truth_for(path, prep) if truth_for is not None else None
-            yield image_batch(profile, prep, prompts, str(path), truth=truth, tag=(ok, prompts, cam))
+            yield image_batch(profile, prep, prompts, its[0].file_path or str(path), truth=truth,
+                              tag=(ok, prompts, cam))
 
     for batch, completions in generate_stream(engine, batches()):
         its, prompts, cam = batch.tag
