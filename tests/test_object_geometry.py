@@ -266,3 +266,24 @@ def test_bench_boxes_are_clamped_and_bad_questions_skipped(scene_dir, tmp_path):
     assert rep["_records"][0]["text"].count("1000, ") == 1
     assert rep["failed_questions"][0]["id"] == "inverted" and "inverted" in rep["failed_questions"][0]["error"]
     assert rep["model"]["categories"]["width_data"]["n"] == 1
+
+
+def test_ask_densifies_depth_when_none_is_given(scene_dir, capsys):
+    img = str(scene_dir / "view_001.png")
+    assert main(["ask", img, "--regions", "20,20,120,120", "--question", "height_data", "--geometry"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["geometry"]["depth"].startswith("densify depth (vlm3-depth")
+    assert doc["answers"][0]["geometry"]["value"] > 0
+
+
+def test_eval_reads_saved_depth_maps(scene_dir, bench, tmp_path, capsys):
+    depths = tmp_path / "depths"
+    depths.mkdir()
+    for p in scene_dir.glob("view_*.depth.npy"):
+        (depths / p.name).write_bytes(p.read_bytes())
+    out = tmp_path / "ev"
+    assert main(["eval", "spatialrgpt", "--data", str(scene_dir / "bench.json"), "--geometry", "--depth-dir",
+                 str(depths), "--up", "camera", "--out", str(out), "--limit", "30"]) == 0
+    rep = json.loads((out / "eval.json").read_text())
+    assert rep["geometry"]["up_sources"] == {"camera": rep["images"]}
+    assert rep["geometry"]["qualitative"]["n"] + rep["geometry"]["quantitative"]["n"] == 30
