@@ -43,9 +43,29 @@ def _num(s: str) -> float | None:
     return v if math.isfinite(v) else None
 
 
+_BOX4_RE = re.compile(r"\(\s*\d+\s*,\s*\d+\s*,\s*\d+\s*,\s*\d+\s*\)|Region \[\d+\]")
+
+
+def _parse_object(question: Question, body: str) -> Parsed:
+    """Object answers: predicate -> bool, choice -> ('box', x1y1x2y2) | ('index', i), metric -> metres,
+    clock -> 1..12. Region references are removed before looking for numbers."""
+    from densify import objects
+
+    kind = question.parser
+    if kind == "choice":
+        v = objects.parse_choice(question, body)
+    else:
+        clean = _BOX4_RE.sub(" ", body)
+        v = {"predicate": objects.parse_predicate, "metric": objects.parse_metric,
+             "clock": objects.parse_clock}[kind](question, clean)
+    return Parsed(None, NO_MATCH) if v is None else Parsed(v)
+
+
 def parse_text(question: Question, text: str) -> Parsed:
     body = THINK_RE.sub("", text) if question.strip_think else text
     kind = question.parser
+    if kind in ("predicate", "choice", "metric", "clock"):
+        return _parse_object(question, body)
     if kind == "depth":
         m = _compiled(question.regex).search(body)
         if m is None:

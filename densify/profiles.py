@@ -40,12 +40,33 @@ class Marker(BaseModel):
     tip_length: float = 0.3
 
 
+class RegionFormat(BaseModel):
+    """How an object profile writes an image region into a question (VLM3-object: a normalised box)."""
+    model_config = ConfigDict(extra="forbid")
+    format: str = Field(description="exact text of one region; {x1} {y1} {x2} {y2} are normalised box corners")
+    coord_range: int = Field(description="box corners are normalised to [0, coord_range] relative to W and H")
+    relative_to: Literal["original", "preprocessed"] = Field(
+        "original", description="the image whose width and height normalise the box")
+    mask_token: str = Field("<mask>", description="placeholder in question text replaced by each region in turn")
+    image_token: str = Field("<image>", description="removed from a benchmark's question text (with the "
+                                                    "whitespace around the text)")
+    answer_region_regex: str = Field(r"Region \[(\d+)\]",
+                                     description="region reference in a benchmark's answer text (group 1: index)")
+    region_regex: str = Field(description="a region as the model writes it (groups: x1, y1, x2, y2)")
+
+
 class Question(BaseModel):
     """One kind of question a profile asks, with its exact template and parser."""
     model_config = ConfigDict(extra="forbid")
-    template: str = Field(description="exact text; {x} {y} (or {x1} {y1}) are prompt coordinates")
-    parser: Literal["depth", "xy", "angle", "euler", "vector3", "distance"]
-    regex: str = Field(description="the release's answer regex (Python syntax)")
+    template: str = Field(description="exact text; {x} {y} (or {x1} {y1}) are prompt coordinates; object "
+                                      "questions have one region mask token per region instead")
+    parser: Literal["depth", "xy", "angle", "euler", "vector3", "distance",
+                    "predicate", "choice", "metric", "clock"]
+    regex: str = Field(description="the release's answer regex (Python syntax); predicate: the affirmative words")
+    regex_negative: str | None = Field(None, description="predicate: the negative words (earliest match wins)")
+    category: str | None = Field(None, description="object task: the SpatialRGPT-Bench category it asks "
+                                                   "(default: the question name)")
+    regions: int | None = Field(None, ge=1, le=2, description="object task: regions the template refers to")
     strip_think: bool = Field(False, description="remove <think>...</think> before matching")
     structured_regex: str | None = Field(None, description="optional regex for guided decoding")
     max_tokens: int = 256
@@ -56,11 +77,12 @@ class Profile(BaseModel):
     model_config = ConfigDict(extra="forbid")
     name: str
     model: str = Field(description="checkpoint name or path")
-    task: Literal["depth", "corr", "pose"]
+    task: Literal["depth", "corr", "pose", "object"]
     images_per_query: Literal[1, 2] = 1
     preprocess: Preprocess
     coord_range: int | None = Field(None, description="prompt coordinates are in [0, coord_range)")
     marker: Marker | None = None
+    regions: RegionFormat | None = Field(None, description="object task: how regions are written")
     system_prompt: str | None = None
     suffix: str = Field("", description="appended to every question (e.g. a thinking request)")
     prefill: str | None = Field(None, description="assistant-answer prefix; off unless set")
@@ -73,6 +95,19 @@ class Profile(BaseModel):
             raise ValueError(f"default_question {self.default_question!r} is not in questions")
         if self.marker is None and self.coord_range is None and self.task in ("depth", "corr"):
             raise ValueError("a depth or corr profile needs coord_range or a marker")
+        if self.task == "object":
+            if self.regions is None:
+                raise ValueError("an object profile needs 'regions' (how a region is written in a question)")
+            for name, q in self.questions.items():
+                n = q.template.count(self.regions.mask_token)
+                if q.regions is None or n != q.regions:
+                    raise ValueError(f"questions.{name}: template has {n} {self.regions.mask_token!r} token(s) "
+                                     f"but regions is {q.regions}; they must agree")
+                if q.parser not in ("predicate", "choice", "metric", "clock"):
+                    raise ValueError(f"questions.{name}: parser {q.parser!r} is not an object parser "
+                                     f"(predicate, choice, metric, clock)")
+                if q.parser == "predicate" and not q.regex_negative:
+                    raise ValueError(f"questions.{name}: a predicate question needs regex_negative")
         return self
 
     @property

@@ -104,3 +104,13 @@ def pose_batch(prep1: PreparedImage, prep2: PreparedImage, profile: Profile, *, 
     mt = max(profile.questions[n].max_tokens for n in names)
     s = Sampling(max_tokens=mt, system_prompt=profile.system_prompt, prefill=profile.prefill)
     return EngineBatch(pair_images(prep1, prep2, uid1, uid2, ref1, ref2), queries, s, tag)
+
+
+def object_batch(prep: PreparedImage, prompts: list, profile: Profile, *, uid: str,
+                 ref: ImageRef | None = None, tag=None) -> EngineBatch:
+    """Every object question about one image in one batch (the image prefix is shared). `prompts` are
+    densify.objects.ObjectPrompt, their text already exact."""
+    mt = max([profile.questions[p.question].max_tokens for p in prompts] or [256])
+    s = Sampling(max_tokens=mt, system_prompt=profile.system_prompt, prefill=profile.prefill)
+    queries = [Query(p.text, (uid,), p.question) for p in prompts]
+    return EngineBatch({uid: PromptImage(uid, prep.pixels, ref)}, queries, s, tag)

@@ -2,6 +2,8 @@
 
 {"pixel": [x, y], "normalized": [u, v], "image_size": [w, h], "text": "..."}: pixel in the original image,
 normalized the prompt coordinates (null for marker profiles), image_size after preprocessing.
+Object profiles (vlm3-object) take --regions and --question instead of --points and print
+{"question": ..., "text": "...", "regions_normalized": [[x1, y1, x2, y2], ...], "image_size": [w, h]}.
 """
 
 from __future__ import annotations
@@ -52,6 +54,22 @@ def prompt_records(profile_name: str, image, points, intrinsics=None):
                "text": text}
 
 
+def object_prompt_records(profile_name: str, image, regions: str, questions: list[str], intrinsics=None):
+    from densify.object_qa import build_prompts, prepare_object_image
+    from densify.objects import make_regions, parse_regions, question_of
+
+    profile = load_profile(profile_name)
+    for q in questions:
+        question_of(profile, q)
+    rgb = load_rgb(image)
+    h, w = rgb.shape[:2]
+    prep = prepare_object_image(rgb, resolve_camera(image, w, h, intrinsics), profile)
+    regs = make_regions(parse_regions(regions), w, h)
+    for p in build_prompts(profile, prep, [(q, regs, None) for q in questions]):
+        yield {"question": p.question, "text": p.text, "regions_normalized": [list(n) for n in p.regions_normalized],
+               "image_size": list(p.image_size)}
+
+
 def _num(v):
     v = float(v)
     return int(v) if v.is_integer() else v
@@ -61,11 +79,24 @@ def add_arguments(p) -> None:
     p.add_argument("--profile", required=True, help="vlm3-depth, depthlm, vlm3-corr, ... or a YAML path")
     p.add_argument("--image", required=True, help="the image the points belong to")
     p.add_argument("--intrinsics", help="fx,fy,cx,cy (else a JSON sidecar, else a default field of view)")
-    p.add_argument("--points", required=True, help="'x,y;x,y' in original-image pixels")
+    p.add_argument("--points", help="'x,y;x,y' in original-image pixels (point profiles)")
+    p.add_argument("--regions", help="object profiles: 'x1,y1,x2,y2;x1,y1,x2,y2' boxes in original-image pixels")
+    p.add_argument("--question", action="append", help="object profiles: question name (repeatable), "
+                                                       "e.g. small_predicate, distance_data, direction")
 
 
 def run(args) -> int:
     intr = parse_intrinsics_arg(args.intrinsics) if args.intrinsics else None
+    if load_profile(args.profile).task == "object":
+        if not args.regions:
+            raise ValueError(f"profile {args.profile} asks about regions: pass --regions 'x1,y1,x2,y2;...' "
+                             f"and --question NAME")
+        qs = args.question or [load_profile(args.profile).default_question]
+        for rec in object_prompt_records(args.profile, args.image, args.regions, qs, intr):
+            print(json.dumps(rec, ensure_ascii=False))
+        return 0
+    if not args.points:
+        raise ValueError(f"profile {args.profile} asks about points: pass --points 'x,y;x,y'")
     for rec in prompt_records(args.profile, args.image, parse_points(args.points), intr):
         print(json.dumps(rec, ensure_ascii=False))
     return 0

@@ -30,6 +30,12 @@ class GroundTruth:
     """other image uid -> HxWx2 preprocessed pixel in that image (NaN where not visible)."""
     pose_to: dict[str, np.ndarray] = field(default_factory=dict)
     """other image uid -> 4x4 transform from this camera's frame to the other's (x_other = T @ x_this)."""
+    object_ids: np.ndarray | None = None
+    """HxW int: the object each pixel sees (-1 none), for object questions."""
+    objects: list | None = None
+    """The objects' metadata ({"id", "kind", "center", "size", "yaw"} in world metres), for object questions."""
+    cam_to_world: np.ndarray | None = None
+    """4x4 camera-to-world pose (world +y up), for object questions."""
 
 
 @dataclass(frozen=True)

@@ -21,9 +21,10 @@ import cv2
 import numpy as np
 
 from densify.cameras import PixelMap
-from densify.engines.base import Completion, Engine, EngineBatch, GroundTruth, ImageRef, PromptImage, Query, check_batch
+from densify.engines.base import Completion, Engine, EngineBatch, GroundTruth, PromptImage, Query, check_batch
 from densify.geometry.rotations import euler_from_matrix, relative_from_T, rotation_angle_deg
 from densify.profiles import Profile, load_profile
+from densify.synthetic.object_answers import NO_TRUTH_ANSWER, ObjectErrorModel, answer_from_truth, regions_in_text
 
 COORD_RE = re.compile(r"\((\d+), (\d+)\)")
 
@@ -82,13 +83,14 @@ class SimulatedEngine(Engine):
     simulated = True
 
     def __init__(self, profile: Profile | str, *, seed: int = 0, noise: bool = True,
-                 error: ErrorModel | dict | None = None, truth=None):
+                 error: ErrorModel | dict | None = None, object_error: dict | None = None, truth=None):
         from densify.truth import FileTruth
 
         self.profile = load_profile(profile)
         if isinstance(error, dict):
             error = ErrorModel(**error)
         self.error = (error or ErrorModel()) if noise else ErrorModel.exact()
+        self.object_error = ObjectErrorModel(**(object_error or {})) if noise else ObjectErrorModel.exact()
         self.seed = int(seed)
         self.truth = truth if truth is not None else FileTruth()
         self.stats = collections.Counter()
@@ -148,10 +150,12 @@ class SimulatedEngine(Engine):
         ref, t = img.ref, self.truth
         h, w = img.pixels.shape[:2]
         sx, sy = ref.scale
-        depth, labels = t.depth(ref), t.labels(ref)
-        if depth is None and labels is None:
+        depth, labels, ids = t.depth(ref), t.labels(ref), t.object_ids(ref)
+        if depth is None and labels is None and ids is None:
             return None
-        gt = GroundTruth()
+        gt = GroundTruth(objects=t.objects(ref), cam_to_world=t.cam_to_world(ref))
+        if ids is not None:
+            gt.object_ids = cv2.resize(np.asarray(ids, np.int32), (w, h), interpolation=cv2.INTER_NEAREST)
         if depth is not None:
             gt.depth = cv2.resize(np.asarray(depth, np.float32), (w, h), interpolation=cv2.INTER_NEAREST)
         if labels is not None:
@@ -204,7 +208,7 @@ class SimulatedEngine(Engine):
         kind = self.profile.questions[q.question].parser if q.question in self.profile.questions else "depth"
         img = batch.images[q.image_uids[0]]
         # Truth first: an image without truth gets an error, never even an "unparseable" answer.
-        if kind == "depth":
+        if len(q.image_uids) == 1:  # depth and object questions
             self._image_truth(img)
         else:
             img2 = batch.images[q.image_uids[1]]
@@ -221,6 +225,15 @@ class SimulatedEngine(Engine):
             return self._depth(q, img, rng)
         if kind == "xy":
             return self._corr(q, img, batch.images[q.image_uids[1]], rng)
+        if kind in ("predicate", "choice", "metric", "clock"):  # object questions: regions read from the text
+            r = self.profile.regions
+            boxes, texts = regions_in_text(r.region_regex, q.text, r.coord_range, img.pixels.shape[1::-1])
+            cat = self.profile.questions[q.question].category or q.question
+            text = answer_from_truth(cat, boxes, texts, self._image_truth(img), rng, self.object_error)
+            if text == NO_TRUTH_ANSWER:
+                raise NoTruth(f"simulated engine: no object truth for the regions of {q.question!r} in image "
+                              f"{img.ref.id} (needs <stem>.objects.npy, objects.json and cam_to_world)")
+            return text
         return self._pose(q, kind, img, batch.images[q.image_uids[1]], rng)
 
     def _depth(self, q: Query, img: PromptImage, rng):

@@ -264,6 +264,10 @@ class DepthStage:
             yield res
         yield from _drain(ready)
 
+    def one(self, src: ImageSource, *, intrinsics=None) -> DepthResult:
+        """One image through the stage (its depth map kept when the stage keeps maps)."""
+        return next(iter(self.run([src], intrinsics=intrinsics)))
+
     def _skip(self, src: ImageSource) -> DepthResult | None:
         """A result for an image done earlier with the same settings; None when it must be (re)done."""
         if self.layout is None:

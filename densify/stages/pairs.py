@@ -19,7 +19,8 @@ import numpy as np
 
 from densify import outputs
 from densify.cameras import Camera, CameraError
-from densify.engines import Engine, EngineError
+from densify.config import ConfigError
+from densify.engines import EngineError
 from densify.geometry.pose import PairPose
 from densify.images import ImageError, load_rgb
 from densify.layout import PairFiles, RunLayout

@@ -1,0 +1,118 @@
+"""`densify ask`: object questions about regions of one image, asked to the object model and (with
+--geometry) answered from a dense depth map, with their agreement. Prints one JSON document.
+
+  densify ask IMAGE --regions "x1,y1,x2,y2;x1,y1,x2,y2" --question small_predicate --question distance_data
+              [--mask a.png --mask b.png] [--engine simulated|hf|vllm|openai|ray] [--model CKPT]
+              [--geometry [--depth depth.npy] [--up floor|camera]] [--out answers.json]
+
+Boxes are original-image pixels. --geometry without --depth runs densify's depth stage on the image (the
+depth profile's model on the same engine; --set depth.model=... for another checkpoint). The vertical comes from a floor plane fitted to the depth map
+(--up floor, falling back to the camera's axes when none is found) or from the camera (--up camera); the
+output says which.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+
+from densify import outputs
+from densify.cameras import resolve_camera
+from densify.config import ConfigError
+from densify.images import ImageSource, load_rgb
+from densify.object_qa import ask_records, build_prompts, geometry_context, image_batch, prepare_object_image
+from densify.objects import RegionError, make_regions, parse_regions, question_of
+from densify.profiles import load_profile
+from densify.settings import DepthConfig
+from densify.stages.depth import DepthStage
+from densify.stages.engine import build_engine
+from pipelines import common
+
+log = logging.getLogger("densify.ask")
+
+
+def add_arguments(p) -> None:
+    p.add_argument("image", help="The image the regions belong to.")
+    p.add_argument("--regions", required=True, help="Boxes 'x1,y1,x2,y2;x1,y1,x2,y2' in original-image pixels.")
+    p.add_argument("--question", action="append", required=True,
+                   help="A question name (repeatable): the profile's SpatialRGPT-Bench categories, e.g. "
+                        "small_predicate, left_choice, distance_data, height_data, direction.")
+    p.add_argument("--mask", action="append", help="A mask image (or .npy) per region, the image's size, in order.")
+    p.add_argument("--profile", default="vlm3-object", help="The object profile (default vlm3-object).")
+    p.add_argument("--engine", help="The engine: vllm or hf (default: vllm when installed, else hf), openai, ray, "
+                                    "or simulated (tests and demos: answers from ground truth).")
+    p.add_argument("--model", help="The object checkpoint (default: the profile's model).")
+    common.add_intrinsics_arg(p, "the image")
+    p.add_argument("--geometry", action="store_true", help="Also answer from a dense depth map.")
+    p.add_argument("--depth", help="With --geometry: a depth map (.npy, metres, the image's size) instead of "
+                                   "running densify's depth stage.")
+    p.add_argument("--up", choices=["floor", "camera"], default="floor",
+                   help="The vertical from a fitted floor plane (default; falls back to the camera) or the camera.")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", default=[],
+                   help="Override a setting of the engine or the depth stage, e.g. --set engine.options.seed=3.")
+    p.add_argument("--out", help="Also write the JSON document here.")
+
+
+def _load_mask(path: str, k: int):
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"--mask {path}: no such file (mask of region {k + 1})")
+    if p.suffix == ".npy":
+        return np.load(p)
+    from PIL import Image
+    with Image.open(p) as im:
+        return np.asarray(im.convert("L")) > 127
+
+
+def run(args) -> int:
+    profile = load_profile(args.profile)
+    if profile.task != "object":
+        raise ConfigError(f"--profile {args.profile} is a {profile.task} profile; densify ask needs an object "
+                          f"profile (vlm3-object)")
+    for q in args.question:
+        question_of(profile, q)
+    cfg = common.load(argparse.Namespace(engine=args.engine, set=args.set), DepthConfig, "depth")
+    rgb = load_rgb(args.image)
+    h, w = rgb.shape[:2]
+    intr = common.intrinsics(args)
+    cam = resolve_camera(args.image, w, h, intr)
+    regions = make_regions(parse_regions(args.regions), w, h,
+                           [_load_mask(m, k) for k, m in enumerate(args.mask)] if args.mask else None)
+    prep = prepare_object_image(rgb, cam, profile)
+    qs = []
+    for q in args.question:
+        n = profile.questions[q].regions or len(regions)
+        if len(regions) < n:
+            raise RegionError(f"--question {q} is about {n} regions but --regions gives {len(regions)}; add a box")
+        qs.append((q, regions[:n], None))
+    prompts = build_prompts(profile, prep, qs)
+    sid = Path(args.image).stem
+    with build_engine(cfg.engine, profile, model=args.model) as engine:
+        _, completions = next(iter(engine.stream([image_batch(profile, prep, prompts, sid, path=args.image)])))
+    ctx = None
+    if args.geometry:
+        if args.depth:
+            depth, source = np.load(args.depth), str(args.depth)
+        else:
+            with build_engine(cfg.engine, load_profile(cfg.profile), model=cfg.model) as deng:
+                res = DepthStage(cfg, deng, keep_maps=True).one(ImageSource(sid, Path(args.image)), intrinsics=intr)
+            if res.status != "ok":
+                raise ConfigError(f"{args.image}: the depth stage failed ({res.error}); pass a depth map with --depth")
+            depth, source = res.depth, f"densify depth ({cfg.profile}, {cfg.engine.name} engine)"
+        ctx = geometry_context(depth, cam, args.up, source)
+    recs = ask_records(profile, prompts, completions, ctx)
+    doc = {"image": str(args.image), "image_size": [w, h], "profile": profile.name, "engine": cfg.engine.name,
+           "simulated": engine.simulated, "regions": [list(r.box) for r in regions], "answers": recs}
+    if ctx is not None:
+        doc["geometry"] = {"depth": ctx.source, "up": ctx.frame.source,
+                           "up_vector_camera": [round(float(v), 4) for v in ctx.frame.up]}
+        judged = [r["agree"] for r in recs if r.get("agree") is not None]
+        doc["agreement"] = {"compared": len(judged), "agree": int(sum(judged))}
+    print(json.dumps(doc, indent=1))
+    if args.out:
+        outputs.write_json(Path(args.out), doc)
+    return 0
