@@ -1,0 +1,125 @@
+"""The layers hold: commands are thin and independent, stages never import commands, ground truth stays with
+the simulator, engines share one base class and register once with typed options that README documents."""
+
+import ast
+import inspect
+import re
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _imports(path: Path) -> set[str]:
+    out = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            out |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            out.add(node.module)
+            out |= {f"{node.module}.{a.name}" for a in node.names}
+    return out
+
+
+def test_commands_import_no_other_command_and_the_library_no_command():
+    for f in (REPO / "pipelines").glob("*.py"):
+        bad = {m for m in _imports(f) if m.startswith("pipelines") and m not in ("pipelines", "pipelines.common")}
+        assert not bad, (f.name, bad)
+    for f in (REPO / "densify").rglob("*.py"):
+        bad = {m for m in _imports(f) if m.startswith("pipelines")}
+        assert not bad, (f, bad)
+
+
+def test_ground_truth_stays_with_the_simulator():
+    """No module of the real data path mentions truth: prompts, matching, poses, stages, commands (but the
+    demo, which renders its own scene)."""
+    real = [REPO / "densify" / n for n in ("prompts.py", "matching.py", "vlm_pose.py", "pairs.py", "queries.py",
+                                            "answers.py", "cameras.py", "store.py", "layout.py", "api.py")]
+    real += list((REPO / "densify" / "stages").glob("*.py"))
+    real += [f for f in (REPO / "pipelines").glob("*.py") if f.name != "demo.py"]
+    for f in real:
+        code = "\n".join(line for line in f.read_text().splitlines() if not line.strip().startswith("#"))
+        assert not re.search(r"\btruth\b|GroundTruth|truth=", code.replace('"""', "")), f
+    from densify.engines.base import PromptImage
+
+    assert "truth" not in {f.name for f in __import__("dataclasses").fields(PromptImage)}
+
+
+def test_every_engine_subclasses_engine_and_its_options_match_its_constructor():
+    from densify.engines import _ENGINES, Engine, options_model
+
+    for name, entry in _ENGINES.items():
+        cls = entry.load()
+        assert issubclass(cls, Engine), name
+        model = options_model(name)
+        params = {k: p for k, p in inspect.signature(cls.__init__).parameters.items()
+                  if k not in ("self", "profile") and p.kind == p.KEYWORD_ONLY}
+        fields = dict(model.model_fields)
+        if "llm_kwargs" in fields:  # vLLM's pass-through options arrive as **engine_kwargs
+            fields.pop("llm_kwargs")
+        runtime = {"truth", "llm"}
+        assert set(fields) == set(params) - runtime, (name, set(fields) ^ (set(params) - runtime))
+        for k, f in fields.items():
+            default = params[k].default
+            assert f.get_default(call_default_factory=True) == default, (name, k, default)
+
+
+def test_readme_engine_tables_match_the_typed_options():
+    from densify.engines import _ENGINES, options_model
+
+    readme = (REPO / "README.md").read_text()
+    for name in _ENGINES:
+        row = next((line for line in readme.splitlines() if line.startswith(f"| `{name}` |")), None)
+        assert row is not None, f"README has no engine row for {name}"
+        options = set(re.findall(r"`([a-z_]+)`", row.split("|")[3]))
+        assert options == set(options_model(name).model_fields), (name, options ^ set(options_model(name).model_fields))
+
+
+def test_help_texts_are_sentences():
+    from densify.cli import build_parser
+
+    _, modules = build_parser()
+    parser, _ = build_parser()
+    sub = next(a for a in parser._actions if a.__class__.__name__ == "_SubParsersAction")
+    for name, p in sub.choices.items():
+        for a in p._actions:
+            if a.help and a.help != "==SUPPRESS==" and a.dest != "help":
+                assert a.help[0].isupper() and a.help.rstrip().endswith((".", ")")), (name, a.dest, a.help)
+
+
+def test_one_facade_with_keyword_only_options():
+    import densify
+
+    assert set(densify.__all__) >= {"Densifier", "DepthMap", "RelativePose", "SceneResult"}
+    params = inspect.signature(densify.Densifier.__init__).parameters
+    assert all(p.kind in (p.KEYWORD_ONLY, p.VAR_KEYWORD) for k, p in params.items() if k != "self")
+
+
+@pytest.mark.parametrize("bad, words", [
+    ({"nosie": False}, ["engine.options.nosie", "did you mean 'noise'"]),
+    ({"seed": "x"}, ["engine.options.seed"]),
+])
+def test_engine_options_are_checked_when_the_config_loads(bad, words):
+    from densify.config import ConfigError
+    from densify.settings import DepthConfig, load_config
+    from densify.config import dict_overrides
+
+    with pytest.raises(ConfigError) as e:
+        load_config(DepthConfig, None, dict_overrides({"engine": {"name": "simulated", "options": bad}}),
+                    default_name="depth")
+    for w in words:
+        assert w in str(e.value)
+
+
+def test_fingerprint_ignores_transport_options():
+    from densify.profiles import load_profile
+    from densify.settings import DepthConfig
+    from densify.stages.depth import settings_fingerprint
+
+    p = load_profile("vlm3-depth")
+    fp = lambda **o: settings_fingerprint(DepthConfig(engine={"name": "vllm", "options": o}), p)  # noqa: E731
+    assert fp(gpu_memory_utilization=0.5, max_num_seqs=8) == fp()
+    assert fp(quantization="fp8") != fp()
+    ray = DepthConfig(engine={"name": "ray", "options": {"engine": "vllm", "num_actors": 4}})
+    assert settings_fingerprint(ray, p) == fp()  # a pool answers as the engine its actors run
