@@ -48,6 +48,9 @@ from densify.prompts import chat_messages
 from densify.redact import redact
 
 log = logging.getLogger(__name__)
+for _name in ("httpx", "httpx2"):  # they log every request at INFO: thousands of lines per image
+    if logging.getLogger(_name).level == logging.NOTSET:
+        logging.getLogger(_name).setLevel(logging.WARNING)
 
 RETRY_STATUS = {408, 409, 425, 429, 500, 502, 503, 504}
 # Request fields the SDK's `create` takes by name; everything else (vLLM extensions) goes in extra_body.
