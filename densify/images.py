@@ -78,6 +78,8 @@ def _open_regular(path: Path):
                          f"permissions or run as a user who can read it", "unreadable") from None
     except OSError as exc:
         raise ImageError(f"{path}: cannot be read ({exc.strerror or exc}); check the path", "unreadable") from None
+    except ValueError as exc:  # e.g. a NUL byte in the name
+        raise ImageError(f"{path!r}: not a valid path ({exc})", "missing") from None
     for test, what, fix in kinds:
         if test(info.st_mode):
             raise ImageError(f"{path}: is {what}, not an image file; {fix}", "not_a_file")

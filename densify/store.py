@@ -31,6 +31,7 @@ import json
 import logging
 import os
 import sqlite3
+import threading
 import time
 import zlib
 from dataclasses import dataclass
@@ -184,6 +185,7 @@ class AnswerStore:
         """Damaged answer records found (and quarantined) since the store opened."""
         self.moved_aside: Path | None = None
         """Where a damaged store was moved by on_damage="rebuild"."""
+        self._write_lock = threading.Lock()  # commits and quarantine moves may come from two threads
         if not readonly:
             self.path.parent.mkdir(parents=True, exist_ok=True)
         elif not self.path.is_file():
@@ -210,8 +212,9 @@ class AnswerStore:
         uri = f"file:{self.path}?mode=ro" if self.readonly else f"file:{self.path}"
         db = None
         try:
-            # timeout 0: a store held by another job is refused at once, not after the busy timeout
-            db = sqlite3.connect(uri, uri=True, timeout=0, isolation_level=None, check_same_thread=False)
+            # an exclusive store held by another job is refused at once, not after the busy timeout
+            wait = 0 if exclusive and not self.readonly else busy_timeout_s
+            db = sqlite3.connect(uri, uri=True, timeout=wait, isolation_level=None, check_same_thread=False)
             if exclusive and not self.readonly:
                 db.execute("PRAGMA locking_mode=EXCLUSIVE")
             if not self.readonly:
@@ -312,20 +315,24 @@ class AnswerStore:
         if self.readonly:
             return
         try:
-            self.db.execute("BEGIN IMMEDIATE")
-            try:
-                for rid, why in bad:
-                    self.db.execute("INSERT INTO quarantine (batch_id, prefix, image, t, reason, body) "
-                                    "SELECT id, prefix, image, t, ?, body FROM batches WHERE id = ?", (why, rid))
-                    self.db.execute("UPDATE batches SET body = NULL, stored = 0 WHERE id = ?", (rid,))
-                self.db.execute("COMMIT")
-            except BaseException:
-                if self.db.in_transaction:
-                    self.db.execute("ROLLBACK")
-                raise
+            with self._write_lock:
+                self._quarantine_rows(bad)
         except sqlite3.Error as exc:
             # the damaged records stay where they are and are skipped again next time
             log.warning("%s: could not quarantine damaged records: %s", self.path, exc)
+
+    def _quarantine_rows(self, bad: list[tuple[int, str]]) -> None:
+        self.db.execute("BEGIN IMMEDIATE")
+        try:
+            for rid, why in bad:
+                self.db.execute("INSERT INTO quarantine (batch_id, prefix, image, t, reason, body) "
+                                "SELECT id, prefix, image, t, ?, body FROM batches WHERE id = ?", (why, rid))
+                self.db.execute("UPDATE batches SET body = NULL, stored = 0 WHERE id = ?", (rid,))
+            self.db.execute("COMMIT")
+        except BaseException:
+            if self.db.in_transaction:
+                self.db.execute("ROLLBACK")
+            raise
 
     def lookup(self, prefix: bytes) -> dict[bytes, tuple]:
         """Every answer stored under an image part: query part -> (text, logprob, n_prompt, n_generated)."""
@@ -365,19 +372,20 @@ class AnswerStore:
             c = (queries, hits, asked) if i == 0 else (0, 0, 0)
             rows.append((prefix, image, *c, len(answers), t, _pack(qparts, answers) if answers else None))
         try:
-            self.db.execute("BEGIN IMMEDIATE")
-            try:
-                self.db.executemany("INSERT INTO batches (prefix, image, queries, hits, asked, stored, t, body) "
-                                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?)", rows)
-                self.db.execute("COMMIT")
-            except BaseException:
-                # SQLite may have rolled back already (a full disk does): a second ROLLBACK would hide the cause
-                if self.db.in_transaction:
-                    try:
-                        self.db.execute("ROLLBACK")
-                    except sqlite3.Error:
-                        pass
-                raise
+            with self._write_lock:
+                self.db.execute("BEGIN IMMEDIATE")
+                try:
+                    self.db.executemany("INSERT INTO batches (prefix, image, queries, hits, asked, stored, t, body) "
+                                        "VALUES (?, ?, ?, ?, ?, ?, ?, ?)", rows)
+                    self.db.execute("COMMIT")
+                except BaseException:
+                    # SQLite may have rolled back already (a full disk does): a second ROLLBACK would hide the cause
+                    if self.db.in_transaction:
+                        try:
+                            self.db.execute("ROLLBACK")
+                        except sqlite3.Error:
+                            pass
+                    raise
         except (sqlite3.Error, OSError) as exc:
             raise self._write_error(exc) from None
 
@@ -394,7 +402,8 @@ class AnswerStore:
 
     def set_meta(self, key: str, value) -> None:
         try:
-            self.db.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (key, json.dumps(value)))
+            with self._write_lock:
+                self.db.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (key, json.dumps(value)))
         except (sqlite3.Error, OSError) as exc:
             raise self._write_error(exc) from None
 
