@@ -126,6 +126,7 @@ def load_image(path: str | Path, max_pixels: int = MAX_PIXELS, *, max_side: int 
     if max_side is not None and max_side < 2:
         raise ValueError(f"max_side must be at least 2, got {max_side}")
     f = _open_regular(path)
+    w = h = 0
     try:
         with f, Image.open(f) as im:
             w, h = im.size
@@ -164,8 +165,8 @@ def load_image(path: str | Path, max_pixels: int = MAX_PIXELS, *, max_side: int 
         raise ImageError(f"{path}: larger than the {Image.MAX_IMAGE_PIXELS * 2:,}-pixel limit of the decoder ({exc}); "
                          f"downscale it first", "too_large") from None
     except MemoryError:
-        raise ImageError(f"{path}: out of memory decoding {w}x{h}; lower the pixel budget or downscale it first",
-                         "too_large") from None
+        raise ImageError(f"{path}: out of memory decoding {w}x{h} pixels; downscale it first or ask for a "
+                         f"reduced decode (max_side)", "too_large") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError) as exc:
         raise ImageError(f"{path}: not a readable image ({exc.__class__.__name__}: {exc}); "
                          f"re-export it or remove it from the input") from None
