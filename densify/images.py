@@ -103,6 +103,29 @@ def _open_regular(path: Path):
     return os.fdopen(fd, "rb")
 
 
+def image_size(path: str | Path) -> tuple[int, int]:
+    """(width, height) of an image as displayed (EXIF orientation applied), read from its header only: a
+    caller can choose `max_side` for `load_image` (e.g. from intrinsics) before any pixel is decoded."""
+    from PIL import Image, UnidentifiedImageError
+
+    path = Path(path)
+    f = _open_regular(path)
+    try:
+        with f, Image.open(f) as im:
+            w, h = im.size
+            try:
+                orientation = int(im.getexif().get(0x0112, 1))
+            except Exception:
+                orientation = 1
+    except Image.DecompressionBombError as exc:
+        raise ImageError(f"{path}: larger than the pixel limit of the decoder ({exc}); downscale it first",
+                         "too_large") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError) as exc:
+        raise ImageError(f"{path}: not a readable image ({exc.__class__.__name__}: {exc}); "
+                         f"re-export it or remove it from the input") from None
+    return (h, w) if orientation in (5, 6, 7, 8) else (w, h)
+
+
 def load_rgb(path: str | Path, max_pixels: int = MAX_PIXELS, *, max_side: int | None = None) -> np.ndarray:
     """Any common image file -> HxWx3 uint8 RGB (grayscale expanded, alpha dropped, 16-bit scaled), upright
     as displayed (EXIF orientation applied). See `load_image` for max_pixels and max_side."""

@@ -17,7 +17,7 @@ import pytest
 from PIL import Image, ImageOps
 
 from densify import outputs
-from densify.images import ImageError, load_image, load_rgb
+from densify.images import ImageError, image_size, load_image, load_rgb
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -122,6 +122,7 @@ def test_exif_orientation_is_applied(tmp_path, orientation):
     np.testing.assert_array_equal(rgb, upright)
     if orientation in (6, 8):
         assert rgb.shape == (160, 120, 3)  # a displayed 120x160 photo is 160 high
+    assert image_size(p) == (rgb.shape[1], rgb.shape[0])
     li = load_image(p, max_side=80)
     assert max(li.rgb.shape[:2]) == 80 and li.size == (upright.shape[1], upright.shape[0])
     assert (li.rgb.shape[0] > li.rgb.shape[1]) == (upright.shape[0] > upright.shape[1])
