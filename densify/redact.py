@@ -15,8 +15,8 @@ REDACTED = "[redacted]"
 
 # Shapes of credentials that are redacted even when the secret itself is not known.
 _PATTERNS = [
-    # Authorization headers and bearer tokens: "Bearer abc.def", "Basic dXNlcjpw"
-    re.compile(r"(?i)\b(bearer|basic|token)(\s+)[A-Za-z0-9._~+/=:-]{4,}"),
+    # Authorization header values: "Bearer abc.def", "Basic dXNlcjpw"
+    re.compile(r"(?i)\b(bearer|basic)(\s+)[A-Za-z0-9._~+/=:-]{4,}"),
     # OpenAI-style keys (sk-..., sk-proj-...) and similar prefixed secrets
     re.compile(r"\b(sk|pk|rk)-[A-Za-z0-9_-]{6,}"),
     # name=value / "name": "value" pairs whose name says it is a secret

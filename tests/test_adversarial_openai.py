@@ -247,6 +247,20 @@ def test_error_bodies_echoing_the_key_are_redacted(hostile, mode, caplog):
     eng.close()
 
 
+def test_redact_removes_credentials_and_keeps_ordinary_text():
+    from densify.redact import redact
+
+    text = (f"key {KEY} / Authorization: Bearer abc.DEF-123_xyz / x-api-key: hunter22 / "
+            f'{{"api_key": "zzzz9999"}} / password=pa55word / sk-proj-ABCDEFGH12345678')
+    out = redact(text, [KEY])
+    for secret in (KEY, "abc.DEF-123_xyz", "hunter22", "zzzz9999", "pa55word", "sk-proj-ABCDEFGH12345678"):
+        assert secret not in out
+    assert out.count("[redacted]") == 6
+    ordinary = "Unexpected token in JSON at position 4; max_tokens 77 exceeds the 8192 tokens of the model"
+    assert redact(ordinary) == ordinary
+    assert len(redact("x" * 10_000)) < 600
+
+
 # -- only text answers
 
 @pytest.mark.parametrize("mode", ["NUMBER", "OBJECT", "NULL"])
