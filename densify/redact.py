@@ -20,6 +20,8 @@ _PATTERNS = [
     # OpenAI-style keys (sk-..., sk-proj-...) and similar prefixed secrets
     re.compile(r"\b(sk|pk|rk)-[A-Za-z0-9_-]{6,}"),
     # name=value / "name": "value" pairs whose name says it is a secret
+    # passwords in URLs: scheme://user:password@host
+    re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://[^/\s:@]*:)([^/\s@]+)@"),
     re.compile(r"""(?i)((?:api[_-]?key|access[_-]?key|secret|password|passwd|token|authorization|auth)"""
                r"""["']?\s*[:=]\s*["']?)(?!(?:bearer|basic)\s)([^\s"'&,;}]+)"""),
 ]
@@ -35,7 +37,8 @@ def redact(text: object, secrets: Iterable[str | None] = (), limit: int | None =
             s = s.replace(secret, REDACTED)
     s = _PATTERNS[0].sub(lambda m: m.group(1) + m.group(2) + REDACTED, s)
     s = _PATTERNS[1].sub(REDACTED, s)
-    s = _PATTERNS[2].sub(lambda m: m.group(1) + REDACTED if m.group(2) != REDACTED else m.group(0), s)
+    s = _PATTERNS[2].sub(lambda m: m.group(1) + REDACTED + "@", s)
+    s = _PATTERNS[3].sub(lambda m: m.group(1) + REDACTED if m.group(2) != REDACTED else m.group(0), s)
     if limit is not None and len(s) > limit:
         s = s[:limit] + "..."
     return s

@@ -225,6 +225,16 @@ def test_unreachable_port_is_a_start_error():
     assert "vllm serve" in str(res["error"]) and "base_url" in str(res["error"])
 
 
+def test_a_password_in_base_url_stays_out_of_messages_and_repr():
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    with pytest.raises(EngineStartError) as info:
+        make(f"http://bob:pw-SEKRET-9@127.0.0.1:{port}/v1")
+    assert "SEKRET" not in str(info.value) and "[redacted]" in str(info.value)
+
+
 def test_model_not_served_is_a_start_error(hostile):
     url, _ = hostile
     with pytest.raises(EngineStartError, match="does not serve 'other'"):
@@ -256,6 +266,7 @@ def test_redact_removes_credentials_and_keeps_ordinary_text():
     for secret in (KEY, "abc.DEF-123_xyz", "hunter22", "zzzz9999", "pa55word", "sk-proj-ABCDEFGH12345678"):
         assert secret not in out
     assert out.count("[redacted]") == 6
+    assert redact("http://bob:s3cr3t-pw@host:8000/v1") == "http://bob:[redacted]@host:8000/v1"
     ordinary = "Unexpected token in JSON at position 4; max_tokens 77 exceeds the 8192 tokens of the model"
     assert redact(ordinary) == ordinary
     assert len(redact("x" * 10_000)) < 600

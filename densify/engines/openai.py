@@ -207,7 +207,8 @@ class OpenAIEngine:
         self.base_url = base_url.rstrip("/")
         u = urllib.parse.urlsplit(self.base_url)
         if u.scheme not in ("http", "https") or not u.hostname:
-            raise EngineStartError(f"openai engine: base_url must look like http://HOST:PORT/v1, got {base_url!r}")
+            raise EngineStartError(f"openai engine: base_url must look like http://HOST:PORT/v1, got "
+                                   f"{redact(base_url)!r}")
         self._port = u.port
         if concurrency < 1:
             raise ValueError(f"concurrency must be at least 1, got {concurrency}")
@@ -267,7 +268,8 @@ class OpenAIEngine:
             self.model = self.profile.model
 
     def __repr__(self) -> str:  # never shows the key
-        return f"OpenAIEngine(base_url={self.base_url!r}, model={self.model!r}, concurrency={self.concurrency})"
+        return (f"OpenAIEngine(base_url={redact(self.base_url)!r}, model={self.model!r}, "
+                f"concurrency={self.concurrency})")
 
     def _redact(self, text: object, limit: int | None = 300) -> str:
         return redact(text, [self.__api_key], limit)
@@ -305,9 +307,10 @@ class OpenAIEngine:
 
     def _probe(self, model: str | None) -> str | None:
         openai = self._sdk[0]
-        url = f"{self.base_url}/models"
+        url = redact(f"{self.base_url}/models")
         try:
-            listing = self._exchange(lambda: self._client.models.with_raw_response.list(extra_headers=self._extra_headers))
+            listing = self._exchange(
+                lambda: self._client.models.with_raw_response.list(extra_headers=self._extra_headers))
         except openai.APIStatusError as exc:
             if exc.status_code in (401, 403):
                 raise EngineStartError(
@@ -338,12 +341,12 @@ class OpenAIEngine:
             if self.profile.model in ids:
                 return self.profile.model
             if ids:
-                raise EngineStartError(f"openai engine: the server at {self.base_url} serves {ids}; choose one "
-                                       f"with engine.options.model")
+                raise EngineStartError(f"openai engine: the server at {redact(self.base_url)} serves {ids}; "
+                                       f"choose one with engine.options.model")
             return None
         if ids and model not in ids:
-            raise EngineStartError(f"openai engine: the server at {self.base_url} does not serve {model!r} (it "
-                                   f"serves {ids}); fix engine.options.model")
+            raise EngineStartError(f"openai engine: the server at {redact(self.base_url)} does not serve "
+                                   f"{model!r} (it serves {ids}); fix engine.options.model")
         return model
 
     # -- requests
