@@ -3,7 +3,6 @@ rotated photos) and output files (permissions, temporaries of interrupted writes
 
 from __future__ import annotations
 
-import io
 import os
 import stat
 import subprocess

@@ -6,7 +6,6 @@ from __future__ import annotations
 import inspect
 import sqlite3
 import threading
-import time
 import zlib
 
 import numpy as np
