@@ -337,3 +337,37 @@ def test_close_interrupts_a_retry_backoff(hostile):
     r = res["r"]
     assert ("error" in r and isinstance(r["error"], EngineError)) or "closed" in r["value"][0].error
     assert h.calls["BACKOFF"] == 1
+
+
+def test_close_ends_a_stream_with_batches_in_flight(hostile):
+    url, _ = hostile
+    eng = make(url, timeout_s=30, retries=3, batches_in_flight=3)
+    batches = [batch("fine"), batch("HANG", "fine"), batch("HANG")]
+    got: list = []
+
+    def consume():
+        for b, outs in eng.stream(iter(batches)):
+            got.append([o.error for o in outs])
+
+    th = threading.Thread(target=lambda: got.append(_bounded_result(consume)), daemon=True)
+    th.start()
+    time.sleep(0.3)
+    t0 = time.monotonic()
+    bounded(eng.close, 3)
+    th.join(5)
+    assert not th.is_alive() and time.monotonic() - t0 < 3
+    assert got[0] == [None]  # the batch answered before the close is handed back
+    # the rest ends at once: error records for the hung queries ("fine" may have been answered), or an
+    # EngineError for queries the close cancelled before they started
+    end = got.pop()
+    assert end is None or isinstance(end, EngineError)
+    hung = [errs[0] for errs in got[1:]]
+    assert all(e and "closed" in e for e in hung), got
+
+
+def _bounded_result(fn):
+    try:
+        fn()
+    except BaseException as exc:
+        return exc
+    return None
