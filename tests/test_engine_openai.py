@@ -307,3 +307,17 @@ def test_stream_source_may_yield_none(server):
         got.append(b.tag)
     assert got == [0, 1, 2, 3]
     eng.close()
+
+
+def test_key_only_from_the_named_variable(server, monkeypatch):
+    """The SDK would read OPENAI_API_KEY, OPENAI_ORG_ID and OPENAI_PROJECT_ID by itself: none is used."""
+    url, state = server
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-should-not-be-sent-1234")
+    monkeypatch.setenv("OPENAI_ORG_ID", "org-nope")
+    monkeypatch.setenv("OPENAI_PROJECT_ID", "proj-nope")
+    monkeypatch.delenv("OTHER_KEY_VAR", raising=False)
+    eng = engine(url, api_key_env="OTHER_KEY_VAR")
+    assert eng.generate(batch(["a"]))[0].error is None
+    sent = state.headers[-1]
+    assert "authorization" not in sent and "openai-organization" not in sent and "openai-project" not in sent
+    eng.close()
