@@ -20,7 +20,8 @@ MAX_PIXELS = 64_000_000
 
 class ImageError(ValueError):
     """An image cannot be used; the message names the file and the fix. `kind` is the failure record's
-    kind: image, missing or too_large."""
+    kind: image (not a readable image), missing (no such file), not_a_file (a folder, pipe, device...),
+    unreadable (permissions) or too_large."""
 
     def __init__(self, message: str, kind: str = "image"):
         super().__init__(message)
@@ -41,39 +42,181 @@ class ImageSource:
     """The JSONL/Parquet manifest that listed the image, if any."""
 
 
-def load_rgb(path: str | Path, max_pixels: int = MAX_PIXELS) -> np.ndarray:
-    """Any common image file -> HxWx3 uint8 RGB (grayscale expanded, alpha dropped, 16-bit scaled)."""
+@dataclass
+class LoadedImage:
+    rgb: np.ndarray
+    """HxWx3 uint8 RGB, EXIF orientation applied, reduced when `max_side` asked for it."""
+    size: tuple[int, int]
+    """(width, height) of the full image as displayed (EXIF orientation applied), before any reduction."""
+    scale: float
+    """rgb width / size width (1.0 when not reduced); intrinsics of the full image scale by it."""
+
+
+# EXIF orientation -> the transpose that displays the image upright (what ImageOps.exif_transpose does)
+_ORIENT = {2: "FLIP_LEFT_RIGHT", 3: "ROTATE_180", 4: "FLIP_TOP_BOTTOM", 5: "TRANSPOSE", 6: "ROTATE_270",
+           7: "TRANSVERSE", 8: "ROTATE_90"}
+
+
+def _open_regular(path: Path):
+    """A binary file object for a regular file, or an ImageError saying precisely why not. Pipes, sockets
+    and devices are never opened (reading a FIFO would block the job)."""
+    import stat as st
+
+    kinds = ((st.S_ISDIR, "a folder", "give the image files inside it (a folder input is walked), or fix the "
+                                      "manifest entry"),
+             (st.S_ISFIFO, "a named pipe (FIFO)", "densify does not read from pipes: save the image to a file"),
+             (st.S_ISSOCK, "a socket", "give an image file"),
+             (st.S_ISCHR, "a character device", "give an image file"),
+             (st.S_ISBLK, "a block device", "give an image file"))
+    try:
+        info = os.stat(path)
+    except FileNotFoundError:
+        if os.path.lexists(path):
+            raise ImageError(f"{path}: a symbolic link to {os.readlink(path)!r}, which does not exist; fix the "
+                             f"link or the path", "missing") from None
+        raise ImageError(f"{path}: no such file; check the path or the manifest entry", "missing") from None
+    except PermissionError:
+        raise ImageError(f"{path}: cannot be read (permission denied on the file or a folder above it); fix the "
+                         f"permissions or run as a user who can read it", "unreadable") from None
+    except OSError as exc:
+        raise ImageError(f"{path}: cannot be read ({exc.strerror or exc}); check the path", "unreadable") from None
+    except ValueError as exc:  # e.g. a NUL byte in the name
+        raise ImageError(f"{path!r}: not a valid path ({exc})", "missing") from None
+    for test, what, fix in kinds:
+        if test(info.st_mode):
+            raise ImageError(f"{path}: is {what}, not an image file; {fix}", "not_a_file")
+    if not st.S_ISREG(info.st_mode):
+        raise ImageError(f"{path}: not a regular file; give an image file", "not_a_file")
+    if info.st_size == 0:
+        raise ImageError(f"{path}: empty file; re-export or remove it")
+    try:
+        # O_NONBLOCK: should the file have been swapped for a pipe since the stat, the open does not block
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
+    except PermissionError:
+        raise ImageError(f"{path}: cannot be read (permission denied); fix its permissions (chmod +r) or run as "
+                         f"a user who can read it", "unreadable") from None
+    except OSError as exc:
+        raise ImageError(f"{path}: cannot be opened ({exc.strerror or exc})", "unreadable") from None
+    if not st.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise ImageError(f"{path}: not a regular file; give an image file", "not_a_file")
+    if hasattr(os, "set_blocking"):
+        os.set_blocking(fd, True)
+    return os.fdopen(fd, "rb")
+
+
+def image_size(path: str | Path) -> tuple[int, int]:
+    """(width, height) of an image as displayed (EXIF orientation applied), read from its header only: a
+    caller can choose `max_side` for `load_image` (e.g. from intrinsics) before any pixel is decoded."""
     from PIL import Image, UnidentifiedImageError
 
     path = Path(path)
-    if not path.is_file():
-        raise ImageError(f"{path}: no such file; check the path or the manifest entry", "missing")
-    if path.stat().st_size == 0:
-        raise ImageError(f"{path}: empty file; re-export or remove it")
+    f = _open_regular(path)
     try:
-        with Image.open(path) as im:
+        with f, Image.open(f) as im:
+            w, h = im.size
+            try:
+                orientation = int(im.getexif().get(0x0112, 1))
+            except Exception:
+                orientation = 1
+    except Image.DecompressionBombError as exc:
+        raise ImageError(f"{path}: larger than the pixel limit of the decoder ({exc}); downscale it first",
+                         "too_large") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError) as exc:
+        raise ImageError(f"{path}: not a readable image ({exc.__class__.__name__}: {exc}); "
+                         f"re-export it or remove it from the input") from None
+    return (h, w) if orientation in (5, 6, 7, 8) else (w, h)
+
+
+def load_rgb(path: str | Path, max_pixels: int = MAX_PIXELS, *, max_side: int | None = None) -> np.ndarray:
+    """Any common image file -> HxWx3 uint8 RGB (grayscale expanded, alpha dropped, 16-bit scaled), upright
+    as displayed (EXIF orientation applied). See `load_image` for max_pixels and max_side."""
+    return load_image(path, max_pixels, max_side=max_side).rgb
+
+
+def load_image(path: str | Path, max_pixels: int = MAX_PIXELS, *, max_side: int | None = None) -> LoadedImage:
+    """`load_rgb` with the full image's size and the reduction scale.
+
+    max_pixels: images with more pixels are refused (`too_large`) before any pixel is decoded, so one
+    image costs at most ~3 bytes per pixel of this budget (4 for 16-bit images).
+    max_side: return the image with its longer side at most this many pixels (never enlarged). It is
+    decoded reduced where the format allows it (JPEG: DCT scaling by 1/2, 1/4, 1/8 while decoding, so a
+    large photo never exists in memory at full size); other formats are decoded, box-reduced by an integer
+    factor, then all are resized exactly (Lanczos). A tiny PNG that inflates to a huge image is therefore
+    decoded once within max_pixels and then reduced; beyond max_pixels it is refused.
+    """
+    from PIL import Image, UnidentifiedImageError
+
+    path = Path(path)
+    if max_side is not None and max_side < 2:
+        raise ValueError(f"max_side must be at least 2, got {max_side}")
+    f = _open_regular(path)
+    w = h = 0
+    try:
+        with f, Image.open(f) as im:
             w, h = im.size
             if w * h > max_pixels:
                 raise ImageError(f"{path}: {w}x{h} is larger than the {max_pixels:,}-pixel limit; "
                                  f"downscale it first (intrinsics scale with it)", "too_large")
+            try:
+                orientation = int(im.getexif().get(0x0112, 1))
+            except Exception:  # a damaged EXIF block: the pixels may still be fine
+                orientation = 1
+            target = None
+            if max_side is not None and max(w, h) > max_side:
+                s = max_side / max(w, h)
+                target = (max(1, int(round(w * s))), max(1, int(round(h * s))))
+                if im.format == "JPEG":
+                    im.draft("RGB", target)  # decodes at the smallest DCT scale still >= target
             im.load()
             if im.mode in ("I;16", "I;16B", "I;16L", "I"):
-                a = np.asarray(im, dtype=np.float64)
-                hi = a.max() if a.size else 1.0
-                a = (a / (hi if hi > 0 else 1.0) * 255.0).round().astype(np.uint8)
-                return np.repeat(a[..., None], 3, axis=2)
-            rgb = np.asarray(im.convert("RGB"))
+                out = _gray16_to_rgb(im, target)
+            else:
+                if im.mode != "RGB":
+                    im = im.convert("RGB")
+                if target is not None:
+                    factor = min(im.size[0] // target[0], im.size[1] // target[1])
+                    if factor >= 2:
+                        im = im.reduce(factor)
+                    if im.size != target:
+                        im = im.resize(target, Image.Resampling.LANCZOS)
+                out = im
+            if orientation in _ORIENT:
+                out = out.transpose(getattr(Image.Transpose, _ORIENT[orientation]))
+            rgb = np.asarray(out)
     except ImageError:
         raise
     except Image.DecompressionBombError as exc:
         raise ImageError(f"{path}: larger than the {Image.MAX_IMAGE_PIXELS * 2:,}-pixel limit of the decoder ({exc}); "
                          f"downscale it first", "too_large") from None
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+    except MemoryError:
+        raise ImageError(f"{path}: out of memory decoding {w}x{h} pixels; downscale it first or ask for a "
+                         f"reduced decode (max_side)", "too_large") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError) as exc:
         raise ImageError(f"{path}: not a readable image ({exc.__class__.__name__}: {exc}); "
                          f"re-export it or remove it from the input") from None
     if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.shape[0] < 2 or rgb.shape[1] < 2:
         raise ImageError(f"{path}: unexpected image shape {rgb.shape}")
-    return np.ascontiguousarray(rgb)
+    size = (h, w) if orientation in (5, 6, 7, 8) else (w, h)
+    return LoadedImage(np.ascontiguousarray(rgb), size, rgb.shape[1] / size[0])
+
+
+def _gray16_to_rgb(im, target):
+    """A 16/32-bit grayscale image -> RGB PIL image scaled to 0..255 by its maximum (the same values as a
+    whole-image float64 division, computed in row blocks so memory stays near the decoded size)."""
+    from PIL import Image
+
+    a = np.asarray(im)
+    if target is not None:
+        import cv2
+
+        a = cv2.resize(a.astype(np.float32), target, interpolation=cv2.INTER_AREA)
+    hi = float(a.max()) if a.size else 1.0
+    hi = hi if hi > 0 else 1.0
+    out = np.empty(a.shape, np.uint8)
+    for i in range(0, a.shape[0], 512):
+        out[i:i + 512] = (a[i:i + 512].astype(np.float64) / hi * 255.0).round().astype(np.uint8)
+    return Image.fromarray(np.repeat(out[..., None], 3, axis=2))
 
 
 def _stem_id(path: Path, root: Path | None = None) -> str:

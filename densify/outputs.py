@@ -1,15 +1,49 @@
-"""Outputs: every file is written to a temporary name and renamed, so a crash never leaves half a file."""
+"""Outputs: every file is written to a temporary name and renamed, so a crash never leaves half a file.
+
+Temporary files are named `.<name>.densify-tmp-<random><suffix>` beside their target (`TEMP_RE` matches
+exactly these names): `sweep_temp_files` removes those an interrupted run left, and nothing else. Files get
+the permissions an ordinary `open()` would give them (0666 minus the umask), not mkstemp's 0600.
+"""
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterable
 
 import cv2
 import numpy as np
+
+TEMP_TAG = ".densify-tmp-"
+TEMP_RE = re.compile(r"^\.(?P<target>.+)\.densify-tmp-[a-z0-9_]{6,}(\.[A-Za-z0-9]{1,16})?$")
+"""Names of densify's own temporary files (group `target`: the file they were to become)."""
+
+_UMASK: int | None = None
+
+
+def _umask() -> int:
+    """The process umask, read without changing it where the system allows (changing it is not thread-safe)."""
+    global _UMASK
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    if _UMASK is None:
+        _UMASK = os.umask(0o022)
+        os.umask(_UMASK)
+    return _UMASK
+
+
+def temp_name(path: str | Path) -> str:
+    """The prefix of a temporary file for `path` (mkstemp adds random characters and the suffix)."""
+    return f".{Path(path).name}{TEMP_TAG}"
 
 
 @contextmanager
@@ -17,14 +51,50 @@ def atomic_path(path: str | Path):
     """Yield a temporary path beside `path`; rename it into place when the block succeeds."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=path.suffix, dir=path.parent)
-    os.close(fd)
+    fd, tmp = tempfile.mkstemp(prefix=temp_name(path), suffix=path.suffix, dir=path.parent)
+    try:
+        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp's 0600 would make every output private
+    finally:
+        os.close(fd)
     try:
         yield Path(tmp)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def sweep_temp_files(folder: str | Path, targets: Iterable[str] | None = None, *,
+                     recursive: bool = False) -> list[Path]:
+    """Remove the temporary files interrupted writes left in `folder` (a folder the job created) and return
+    them. Only regular files whose names match TEMP_RE are touched (never links, folders or anything else);
+    with `targets`, only the temporaries of those file names (e.g. one shard's "summary-1.json"), so a job
+    never removes what another job sharing the folder is writing. recursive: also in subfolders (symbolic
+    links to folders are not followed)."""
+    wanted = None if targets is None else {str(t) for t in targets}
+    removed: list[Path] = []
+    stack = [Path(folder)]
+    while stack:
+        d = stack.pop()
+        try:
+            entries = list(os.scandir(d))
+        except (FileNotFoundError, NotADirectoryError):
+            continue
+        for e in entries:
+            if recursive and e.is_dir(follow_symlinks=False):
+                stack.append(Path(e.path))
+                continue
+            m = TEMP_RE.match(e.name)
+            if m is None or not e.is_file(follow_symlinks=False):
+                continue
+            if wanted is not None and m.group("target") not in wanted:
+                continue
+            try:
+                os.unlink(e.path)
+                removed.append(Path(e.path))
+            except FileNotFoundError:
+                pass
+    return removed
 
 
 def write_text(path, text: str) -> Path:

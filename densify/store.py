@@ -11,6 +11,13 @@ shared storage never contend. With `exclusive=True` (the default) the file is lo
 job's lifetime: WAL then needs no shared-memory index, which is what makes it safe on network file
 systems, and a second job started on the same shard fails at once instead of corrupting it.
 
+Damage: a file that is not a whole SQLite database (garbage, truncated) is found when the store opens and
+raises `StoreDamagedError` naming the file and the fix; `AnswerStore(path, on_damage="rebuild")` (or
+`AnswerStore.rebuild(path)`) moves it aside as `<name>.damaged-<time>` and starts a fresh one. One damaged
+answer record (bad magic, zlib or JSON) is moved to the `quarantine` table when it is read: its queries are
+simply not found and get asked again. A store held by another job is refused at once (`StoreLockedError`);
+a full disk on commit is one `StoreFullError`.
+
 `StoredEngine(inner, store, model_key)` wraps any engine: each batch is looked up first, only the misses
 go to the inner engine (still one batch per image), and the answers are committed right after the batch
 comes back, in one transaction together with a record of how many queries the inner engine answered.
@@ -18,10 +25,13 @@ comes back, in one transaction together with a record of how many queries the in
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
+import os
 import sqlite3
+import threading
 import time
 import zlib
 from dataclasses import dataclass
@@ -30,7 +40,8 @@ from typing import Iterable, Iterator
 
 from densify.engines.base import Completion, Engine, EngineBatch, Query, Sampling
 
-__all__ = ["AnswerStore", "StoredEngine", "BatchStats", "StoreError", "model_key_for", "store_path"]
+__all__ = ["AnswerStore", "StoredEngine", "BatchStats", "StoreError", "StoreDamagedError", "StoreLockedError",
+           "StoreFullError", "ANSWER_OPTIONS", "TRANSPORT_OPTIONS", "model_key_for", "store_path"]
 
 log = logging.getLogger("densify.store")
 
@@ -48,6 +59,15 @@ CREATE TABLE IF NOT EXISTS batches (
 );
 CREATE INDEX IF NOT EXISTS batches_prefix ON batches (prefix);
 CREATE TABLE IF NOT EXISTS meta (k TEXT PRIMARY KEY, v TEXT);
+CREATE TABLE IF NOT EXISTS quarantine (   -- damaged answer records, moved out of `batches` when read
+    id INTEGER PRIMARY KEY,
+    batch_id INTEGER,              -- the row of `batches` it came from (kept there with body NULL)
+    prefix BLOB,
+    image TEXT,
+    t REAL,
+    reason TEXT,
+    body BLOB
+);
 """
 
 _MAGIC = b"DSA1"
@@ -62,17 +82,81 @@ def _pack(qparts: list[bytes], answers: list[Completion]) -> bytes:
 
 
 def _unpack(body: bytes, out: dict) -> None:
-    if body[:4] != _MAGIC:
-        raise StoreError(f"unknown answer-store record format {body[:4]!r}")
-    n = int.from_bytes(body[4:8], "little")
-    keys = body[8:8 + 16 * n]
-    cols = json.loads(zlib.decompress(body[8 + 16 * n:]))
+    """Adds a record's answers to `out`; all or nothing. A damaged record raises _RecordDamaged."""
+    try:
+        if not isinstance(body, bytes) or body[:4] != _MAGIC:
+            raise ValueError(f"unknown record format {bytes(body[:4]) if isinstance(body, bytes) else type(body)!r}")
+        n = int.from_bytes(body[4:8], "little")
+        keys = body[8:8 + 16 * n]
+        if len(keys) != 16 * n:
+            raise ValueError(f"{n} keys announced, {len(keys) // 16} present")
+        cols = json.loads(zlib.decompress(body[8 + 16 * n:]))
+        if not (isinstance(cols, list) and len(cols) == 4 and all(isinstance(c, list) and len(c) == n for c in cols)):
+            raise ValueError("answer columns do not match the keys")
+        texts, lps, n_prompt, n_gen = cols
+        if not all(isinstance(t, str) for t in texts):
+            raise ValueError("an answer is not text")
+        if not all(v is None or (isinstance(v, (int, float)) and not isinstance(v, bool)) for v in lps):
+            raise ValueError("a log-probability is not a number")
+        if not all(v is None or (isinstance(v, int) and not isinstance(v, bool)) for v in n_prompt + n_gen):
+            raise ValueError("a token count is not an integer")
+    except (ValueError, TypeError, zlib.error, OverflowError, RecursionError) as exc:
+        raise _RecordDamaged(f"{type(exc).__name__}: {exc}"[:200]) from None
     for i, row in enumerate(zip(*cols)):
         out[keys[16 * i:16 * i + 16]] = row
 
 
+class _RecordDamaged(Exception):
+    """One answer record cannot be read (it is quarantined and its queries asked again)."""
+
+
 class StoreError(RuntimeError):
     """The answer store cannot be opened or written (locked by another job, disk full, ...)."""
+
+
+class StoreDamagedError(StoreError):
+    """The store file as a whole is damaged (not SQLite, truncated, malformed pages). Fix: rebuild it."""
+
+
+class StoreLockedError(StoreError):
+    """Another job holds the store."""
+
+
+class StoreFullError(StoreError):
+    """The disk (or the store's size limit) is full; nothing of the failed batch was stored."""
+
+
+_SQLITE_MAGIC = b"SQLite format 3\x00"
+QUICK_CHECK_MAX_BYTES = 256 << 20
+"""Stores up to this size get SQLite's full page check (`PRAGMA quick_check`) when they open; larger ones
+(seconds per GB) only the header and size check, their page damage is found when a page is read."""
+
+
+def _file_damage(path: Path) -> str | None:
+    """Why the file cannot be a whole SQLite database (None: no sign of damage, or no file)."""
+    try:
+        size = path.stat().st_size
+    except FileNotFoundError:
+        return None
+    if size == 0:
+        return None  # SQLite's own empty database
+    with open(path, "rb") as f:
+        head = f.read(100)
+    if len(head) < 100 or not head.startswith(_SQLITE_MAGIC):
+        return "not an SQLite database (garbage, or truncated to its first bytes)"
+    page_size = int.from_bytes(head[16:18], "big")
+    page_size = 65536 if page_size == 1 else page_size
+    if page_size < 512 or page_size & (page_size - 1):
+        return f"bad page size {page_size} in the header"
+    if size % page_size:
+        return f"truncated: {size} bytes is not a whole number of {page_size}-byte pages"
+    wal = Path(f"{path}-wal")
+    if wal.exists() and wal.stat().st_size > 0:
+        return None  # an interrupted checkpoint may leave the file short of its header: SQLite recovers it
+    n_pages = int.from_bytes(head[28:32], "big")
+    if n_pages and head[24:28] == head[92:96] and n_pages * page_size > size:
+        return f"truncated: the header counts {n_pages} pages, the file holds {size // page_size}"
+    return None
 
 
 def store_path(directory: str | Path, shard: int = 0) -> Path:
@@ -89,29 +173,102 @@ class AnswerStore:
     """
 
     def __init__(self, path: str | Path, *, synchronous: str = "NORMAL", exclusive: bool = True,
-                 busy_timeout_s: float = 10.0, readonly: bool = False):
+                 busy_timeout_s: float = 10.0, readonly: bool = False, on_damage: str = "error"):
+        """on_damage: "error" (raise StoreDamagedError naming the fix) or "rebuild" (move the damaged file
+        aside, see `rebuild`, and start a fresh store). A store held by another job is refused at once;
+        busy_timeout_s applies to later statements of a non-exclusive store."""
+        if on_damage not in ("error", "rebuild"):
+            raise ValueError(f"on_damage must be 'error' or 'rebuild', got {on_damage!r}")
         self.path = Path(path)
+        self.readonly = readonly
+        self.quarantined = 0
+        """Damaged answer records found (and quarantined) since the store opened."""
+        self.moved_aside: Path | None = None
+        """Where a damaged store was moved by on_damage="rebuild"."""
+        self._write_lock = threading.Lock()  # commits and quarantine moves may come from two threads
         if not readonly:
             self.path.parent.mkdir(parents=True, exist_ok=True)
         elif not self.path.is_file():
             raise StoreError(f"{self.path}: no such answer store")
-        uri = f"file:{self.path}?mode=ro" if readonly else f"file:{self.path}"
         try:
-            self.db = sqlite3.connect(uri, uri=True, timeout=busy_timeout_s, isolation_level=None,
-                                      check_same_thread=False)
-            if exclusive and not readonly:
-                self.db.execute("PRAGMA locking_mode=EXCLUSIVE")
-            if not readonly:
-                mode = self.db.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+            self._open(synchronous, exclusive, busy_timeout_s)
+        except StoreDamagedError:
+            if on_damage != "rebuild" or readonly:
+                raise
+            self.moved_aside = self.rebuild(self.path)
+            log.warning("%s: the answer store was damaged; moved it aside to %s and started a fresh one "
+                        "(its answers will be asked again)", self.path, self.moved_aside)
+            self._open(synchronous, exclusive, busy_timeout_s)
+
+    def _damaged(self, why: object) -> StoreDamagedError:
+        return StoreDamagedError(
+            f"{self.path}: the answer store is damaged ({why}). Move it aside and start a fresh one with "
+            f"--rebuild-store (AnswerStore(path, on_damage='rebuild')); its answers will be asked again")
+
+    def _open(self, synchronous: str, exclusive: bool, busy_timeout_s: float) -> None:
+        why = _file_damage(self.path)
+        if why is not None:
+            raise self._damaged(why)
+        uri = f"file:{self.path}?mode=ro" if self.readonly else f"file:{self.path}"
+        db = None
+        try:
+            # an exclusive store held by another job is refused at once, not after the busy timeout
+            wait = 0 if exclusive and not self.readonly else busy_timeout_s
+            db = sqlite3.connect(uri, uri=True, timeout=wait, isolation_level=None, check_same_thread=False)
+            if exclusive and not self.readonly:
+                db.execute("PRAGMA locking_mode=EXCLUSIVE")
+            if not self.readonly:
+                mode = db.execute("PRAGMA journal_mode=WAL").fetchone()[0]
                 if mode.lower() != "wal":
                     log.warning("%s: SQLite would not switch to WAL (journal_mode=%s)", self.path, mode)
-                self.db.execute(f"PRAGMA synchronous={synchronous}")
-                self.db.executescript(_SCHEMA)
-            self.db.execute("SELECT count(*) FROM meta").fetchone()  # takes the lock now, fails fast
-        except sqlite3.OperationalError as exc:
-            hint = " (another job holds this shard's store: give each job its own --shard)" \
-                if "locked" in str(exc) else ""
-            raise StoreError(f"{self.path}: cannot open the answer store: {exc}{hint}") from None
+                db.execute(f"PRAGMA synchronous={synchronous}")
+                db.executescript(_SCHEMA)
+                db.execute("BEGIN IMMEDIATE")  # takes the write lock now (kept for the job when exclusive)
+                db.execute("COMMIT")
+            db.execute("SELECT count(*) FROM meta").fetchone()
+            if self.path.stat().st_size <= QUICK_CHECK_MAX_BYTES:
+                res = [r[0] for r in db.execute("PRAGMA quick_check(3)")]
+                if res != ["ok"]:
+                    raise self._damaged("; ".join(map(str, res))[:300])
+            db.execute(f"PRAGMA busy_timeout={int(busy_timeout_s * 1000)}")
+        except StoreError:
+            if db is not None:
+                db.close()
+            raise
+        except sqlite3.Error as exc:
+            if db is not None:
+                db.close()
+            if getattr(exc, "sqlite_errorcode", None) in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED) \
+                    or "locked" in str(exc):
+                raise StoreLockedError(
+                    f"{self.path}: the answer store is in use by another job ({exc}); wait for that job to end, "
+                    f"or give this one its own store (another --shard or store folder)") from None
+            if isinstance(exc, sqlite3.DatabaseError) and not isinstance(exc, sqlite3.OperationalError) \
+                    or "malformed" in str(exc) or "not a database" in str(exc):
+                raise self._damaged(exc) from None
+            raise StoreError(f"{self.path}: cannot open the answer store: {exc}") from None
+        self.db = db
+
+    @staticmethod
+    def rebuild(path: str | Path) -> Path | None:
+        """Move a damaged store (with its -wal and -shm files) aside as `<name>.damaged-<UTC time>` so a
+        fresh one can start at `path`; returns the new name (None when there was no file). Only for a store
+        no job has open."""
+        path = Path(path)
+        if not path.exists():
+            return None
+        stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+        dest = path.with_name(f"{path.name}.damaged-{stamp}")
+        n = 1
+        while dest.exists():
+            n += 1
+            dest = path.with_name(f"{path.name}.damaged-{stamp}-{n}")
+        os.replace(path, dest)
+        for suffix in ("-wal", "-shm"):
+            side = Path(f"{path}{suffix}")
+            if side.exists():
+                os.replace(side, Path(f"{dest}{suffix}"))
+        return dest
 
     # -- keys
     @staticmethod
@@ -130,32 +287,77 @@ class AnswerStore:
         return hashlib.blake2b(text.encode(), digest_size=16).digest()
 
     # -- reads
+    def _read(self, sql: str, args=()) -> list:
+        """Rows of a query; page damage found while reading is one StoreDamagedError."""
+        try:
+            return self.db.execute(sql, args).fetchall()
+        except sqlite3.DatabaseError as exc:
+            if isinstance(exc, sqlite3.OperationalError) and "malformed" not in str(exc):
+                raise StoreError(f"{self.path}: cannot read the answer store: {exc}") from None
+            raise self._damaged(exc) from None
+
+    def _unpack_rows(self, rows, out_for) -> None:
+        """Unpack (id, prefix, body) rows; damaged ones are quarantined (their answers count as not stored)."""
+        bad = []
+        for rid, prefix, body in rows:
+            try:
+                _unpack(body, out_for(prefix))
+            except _RecordDamaged as exc:
+                bad.append((rid, str(exc)))
+        if bad:
+            self._quarantine(bad)
+
+    def _quarantine(self, bad: list[tuple[int, str]]) -> None:
+        self.quarantined += len(bad)
+        for rid, why in bad:
+            log.warning("%s: answer record %d is damaged (%s); %s, its queries will be asked again", self.path,
+                        rid, why, "skipped (read-only store)" if self.readonly else "moved to the quarantine table")
+        if self.readonly:
+            return
+        try:
+            with self._write_lock:
+                self._quarantine_rows(bad)
+        except sqlite3.Error as exc:
+            # the damaged records stay where they are and are skipped again next time
+            log.warning("%s: could not quarantine damaged records: %s", self.path, exc)
+
+    def _quarantine_rows(self, bad: list[tuple[int, str]]) -> None:
+        self.db.execute("BEGIN IMMEDIATE")
+        try:
+            for rid, why in bad:
+                self.db.execute("INSERT INTO quarantine (batch_id, prefix, image, t, reason, body) "
+                                "SELECT id, prefix, image, t, ?, body FROM batches WHERE id = ?", (why, rid))
+                self.db.execute("UPDATE batches SET body = NULL, stored = 0 WHERE id = ?", (rid,))
+            self.db.execute("COMMIT")
+        except BaseException:
+            if self.db.in_transaction:
+                self.db.execute("ROLLBACK")
+            raise
+
     def lookup(self, prefix: bytes) -> dict[bytes, tuple]:
         """Every answer stored under an image part: query part -> (text, logprob, n_prompt, n_generated)."""
         out: dict[bytes, tuple] = {}
-        for (body,) in self.db.execute("SELECT body FROM batches WHERE prefix = ? AND stored > 0 ORDER BY id",
-                                       (prefix,)):
-            _unpack(body, out)
+        rows = self._read("SELECT id, prefix, body FROM batches WHERE prefix = ? AND stored > 0 ORDER BY id",
+                          (prefix,))
+        self._unpack_rows(rows, lambda _p: out)
         return out
 
     def __len__(self) -> int:
         """Answers stored."""
-        return self.db.execute("SELECT coalesce(sum(stored), 0) FROM batches").fetchone()[0]
+        return self._read("SELECT coalesce(sum(stored), 0) FROM batches")[0][0]
 
     def totals(self) -> dict:
         """Sums over committed batches: the inner engine's work is `asked` (committed queries only)."""
-        row = self.db.execute("SELECT count(*), coalesce(sum(queries), 0), coalesce(sum(hits), 0), "
-                              "coalesce(sum(asked), 0), coalesce(sum(stored), 0) FROM batches").fetchone()
+        row = self._read("SELECT count(*), coalesce(sum(queries), 0), coalesce(sum(hits), 0), "
+                         "coalesce(sum(asked), 0), coalesce(sum(stored), 0) FROM batches")[0]
         return dict(zip(("batches", "queries", "hits", "asked", "stored"), row))
 
     def answers(self) -> dict[bytes, tuple]:
         """Every stored answer, keyed by image part + query part (for checks and exports)."""
-        out: dict[bytes, tuple] = {}
-        for prefix, body in self.db.execute("SELECT prefix, body FROM batches WHERE stored > 0 ORDER BY id"):
-            part: dict[bytes, tuple] = {}
-            _unpack(body, part)
-            out.update((prefix + k, v) for k, v in part.items())
-        return out
+        parts: dict[bytes, dict] = {}
+        rows = self._read("SELECT id, prefix, body FROM batches WHERE stored > 0 ORDER BY id")
+        self._unpack_rows(rows, lambda p: parts.setdefault(p, {}))
+        return {p + k: v for p, part in parts.items() for k, v in part.items()}
 
     # -- writes
     def commit(self, groups: list[tuple[bytes, list[bytes], list[Completion]]], *, image: str, queries: int,
@@ -170,23 +372,47 @@ class AnswerStore:
             c = (queries, hits, asked) if i == 0 else (0, 0, 0)
             rows.append((prefix, image, *c, len(answers), t, _pack(qparts, answers) if answers else None))
         try:
-            self.db.execute("BEGIN IMMEDIATE")
-            try:
-                self.db.executemany("INSERT INTO batches (prefix, image, queries, hits, asked, stored, t, body) "
-                                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?)", rows)
-                self.db.execute("COMMIT")
-            except BaseException:
-                self.db.execute("ROLLBACK")
-                raise
-        except sqlite3.Error as exc:
-            raise StoreError(f"{self.path}: cannot commit answers: {exc}") from None
+            with self._write_lock:
+                self.db.execute("BEGIN IMMEDIATE")
+                try:
+                    self.db.executemany("INSERT INTO batches (prefix, image, queries, hits, asked, stored, t, body) "
+                                        "VALUES (?, ?, ?, ?, ?, ?, ?, ?)", rows)
+                    self.db.execute("COMMIT")
+                except BaseException:
+                    # SQLite may have rolled back already (a full disk does): a second ROLLBACK would hide the cause
+                    if self.db.in_transaction:
+                        try:
+                            self.db.execute("ROLLBACK")
+                        except sqlite3.Error:
+                            pass
+                    raise
+        except (sqlite3.Error, OSError) as exc:
+            raise self._write_error(exc) from None
+
+    def _write_error(self, exc: Exception) -> StoreError:
+        full = getattr(exc, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL or "disk is full" in str(exc) \
+            or getattr(exc, "errno", None) in (errno.ENOSPC, errno.EDQUOT)
+        if full:
+            return StoreFullError(f"{self.path}: disk full, the answers of this batch were not stored ({exc}); "
+                                  f"free space there or put the store elsewhere; everything committed before "
+                                  f"is safe and a rerun resumes from it")
+        if isinstance(exc, sqlite3.DatabaseError) and not isinstance(exc, sqlite3.OperationalError):
+            return self._damaged(exc)
+        return StoreError(f"{self.path}: cannot commit answers: {exc}")
 
     def set_meta(self, key: str, value) -> None:
-        self.db.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (key, json.dumps(value)))
+        try:
+            with self._write_lock:
+                self.db.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (key, json.dumps(value)))
+        except (sqlite3.Error, OSError) as exc:
+            raise self._write_error(exc) from None
 
     def close(self) -> None:
+        db = getattr(self, "db", None)
+        if db is None:
+            return
         try:
-            self.db.close()
+            db.close()
         except sqlite3.Error:
             pass
 
@@ -201,18 +427,48 @@ def _sampling_tuple(s: Sampling) -> list:
     return [s.max_tokens, s.system_prompt, s.prefill, s.structured_regex, s.logprobs]
 
 
-def model_key_for(engine_name: str, options: dict | None) -> str:
-    """What identifies a model's answers: the engine and the options that change them.
+# The store key names what changes an answer: the engine, the options below in ANSWER_OPTIONS, the profile,
+# the sampling, the prompt image and text. TRANSPORT_OPTIONS change where, how fast or how reliably answers
+# come (servers, timeouts, retries, memory, batching, parallelism, devices, kernels, pool sizes), never what
+# they say, and are left out: changing one replays the stored answers. An option in neither list stays in
+# the key (a new option re-asks rather than replays answers it may have changed); tests check that every
+# constructor option of every engine is in exactly one list.
+def _option_lists() -> tuple[dict, dict]:
+    """From the engines' typed options (densify.engines.options), the one place that marks transport options."""
+    from densify.engines import _RUNTIME_ARGS, engine_names, options_model
 
-    For the Ray pool, that is the engine its actors run and that engine's options (the pool's own
-    options — actors, GPUs, retries — do not change answers).
+    answer, transport = {}, {}
+    for name in engine_names():
+        model = options_model(name)
+        transport[name] = model.transport
+        answer[name] = frozenset(set(model.model_fields) - model.transport) | _RUNTIME_ARGS.get(name, frozenset())
+    answer["vllm"] |= {"engine_kwargs"}  # llm_kwargs reach the engine as **engine_kwargs
+    # the openai names before timeout_s/retries/...: old configs keep their keys out of the store key
+    transport["openai"] |= {"timeout", "connect_timeout", "max_retries", "backoff", "max_backoff"}
+    return answer, transport
+
+
+ANSWER_OPTIONS, TRANSPORT_OPTIONS = _option_lists()
+
+
+def model_key_for(engine_name: str, options: dict | None, *, model: str | None = None) -> str:
+    """What identifies a model's answers: the engine and the options that change them (see ANSWER_OPTIONS
+    and TRANSPORT_OPTIONS above; transport options are dropped).
+
+    model: the model the started engine actually serves (e.g. `OpenAIEngine.model`, resolved from the
+    server when the option is unset); it fills in an unset `model` option, so two servers' answers never
+    share a key. For the Ray pool the key is the one of the engine its actors run, with that engine's options.
     """
     options = dict(options or {})
     if engine_name == "ray":
         inner = options.get("engine", "simulated")
         return model_key_for(inner if isinstance(inner, str) else getattr(inner, "__qualname__", repr(inner)),
-                             options.get("engine_options") or {})
-    return json.dumps([engine_name, options], sort_keys=True, default=str)
+                             options.get("engine_options") or {}, model=model)
+    drop = TRANSPORT_OPTIONS.get(engine_name, frozenset())
+    kept = {k: v for k, v in options.items() if k not in drop}
+    if model is not None and kept.get("model") is None:
+        kept["model"] = model
+    return json.dumps([engine_name, kept], sort_keys=True, default=str)
 
 
 @dataclass

@@ -33,6 +33,8 @@ class State:
         self.max_active = 0
         self.calls = 0
         self.models = ["test-model"]
+        self.dead = False
+        self.server = None
 
 
 def make_server(state: State):
@@ -58,13 +60,16 @@ def make_server(state: State):
             self._send(404, {"error": "no"})
 
         def do_POST(self):
+            if state.dead:  # hang up without an answer (kept-alive connections outlive shutdown())
+                self.close_connection = True
+                return
             n = int(self.headers.get("Content-Length", 0))
             body = json.loads(self.rfile.read(n))
             with state.lock:
                 state.calls += 1
                 call = state.calls
                 state.bodies.append(body)
-                state.headers.append(dict(self.headers))
+                state.headers.append({k.lower(): v for k, v in self.headers.items()})
                 state.active += 1
                 state.max_active = max(state.max_active, state.active)
             try:
@@ -101,7 +106,7 @@ def make_server(state: State):
 
     srv = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
     srv.daemon_threads = True
-    th = threading.Thread(target=srv.serve_forever, daemon=True)
+    th = threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
     th.start()
     return srv
 
@@ -109,7 +114,7 @@ def make_server(state: State):
 @pytest.fixture
 def server():
     state = State()
-    srv = make_server(state)
+    srv = state.server = make_server(state)
     try:
         yield f"http://127.0.0.1:{srv.server_address[1]}/v1", state
     finally:
@@ -125,8 +130,8 @@ def batch(texts, sampling=None, n_images=1):
 
 
 def engine(url, **kw):
-    kw.setdefault("backoff", 0.01)
-    kw.setdefault("max_backoff", 0.05)
+    kw.setdefault("backoff_s", 0.01)
+    kw.setdefault("max_backoff_s", 0.05)
     return create_engine("openai", profile="vlm3-depth", base_url=url, **kw)
 
 
@@ -152,7 +157,7 @@ def test_request_bodies_and_answers(server, monkeypatch):
     assert url0.startswith("data:image/png;base64,")
     img = np.asarray(Image.open(io.BytesIO(base64.b64decode(url0.split(",", 1)[1]))))
     np.testing.assert_array_equal(img, b.images["u0"].pixels)  # lossless
-    assert state.headers[0]["Authorization"] == "Bearer sekret-123"
+    assert state.headers[0]["authorization"] == "Bearer sekret-123"
     assert "structured_outputs" not in body and "logprobs" not in body
     eng.close()
 
@@ -173,7 +178,7 @@ def test_system_prompt_prefill_structured_logprobs(server, monkeypatch):
     assert body["continue_final_message"] is True and body["add_generation_prompt"] is False
     assert body["structured_outputs"] == {"regex": r"[0-9]+\.[0-9]"}
     assert body["logprobs"] is True
-    assert "Authorization" not in state.headers[0]
+    assert "authorization" not in state.headers[0]
     eng.close()
     eng = engine(url, structured_field="guided_regex")
     eng.generate(batch(["abc"], s))
@@ -184,7 +189,7 @@ def test_system_prompt_prefill_structured_logprobs(server, monkeypatch):
 def test_retries_on_500_then_succeeds(server):
     url, state = server
     state.fail_first = 3
-    eng = engine(url, concurrency=1, max_retries=4)
+    eng = engine(url, concurrency=1, retries=4)
     outs = eng.generate(batch(["a", "b"]))
     assert all(o.error is None and o.text for o in outs)
     assert state.calls == 5 and eng.stats["retries"] == 3
@@ -202,7 +207,7 @@ def test_retries_on_429(server):
 
 def test_per_query_failure_records(server):
     url, state = server
-    eng = engine(url, concurrency=4, max_retries=2)
+    eng = engine(url, concurrency=4, retries=2)
     outs = eng.generate(batch(["ok 1", "FAIL me", "ok 2", "BAD one"]))
     assert outs[0].error is None and outs[2].error is None
     assert outs[1].text == "" and "HTTP 500" in outs[1].error and "3 attempts" in outs[1].error
@@ -215,7 +220,7 @@ def test_per_query_failure_records(server):
 def test_timeout_is_retried_then_recorded(server):
     url, state = server
     state.slow_delay = 0.6
-    eng = engine(url, timeout=0.2, max_retries=1, concurrency=2)
+    eng = engine(url, timeout_s=0.2, retries=1, concurrency=2)
     outs = eng.generate(batch(["SLOW", "fast"]))
     assert outs[1].error is None
     assert "timed out" in outs[0].error and "2 attempts" in outs[0].error
@@ -265,18 +270,14 @@ def test_bad_key_and_unknown_model(server):
 
 def test_server_dying_mid_run_gives_failure_records(server):
     url, state = server
-    eng = engine(url, max_retries=1, concurrency=2)
-    srv_url = url
+    eng = engine(url, retries=1, concurrency=2)
     assert eng.generate(batch(["a"]))[0].error is None
-    # stop answering: every query fails with a connection error, no exception for the batch
-    import densify.engines.openai as mod
-
-    eng.base_url = srv_url
-    eng._port = 1  # nothing listens on port 1
-    eng._local = threading.local()
+    # stop the server: every query fails with a connection error, no exception for the batch
+    state.dead = True
+    state.server.shutdown()
+    state.server.server_close()
     outs = eng.generate(batch(["a", "b"]))
     assert all(o.error and "connection error" in o.error for o in outs)
-    assert mod  # module stays importable without any third-party client
     eng.close()
 
 
@@ -305,4 +306,18 @@ def test_stream_source_may_yield_none(server):
         assert len(outs) == 4 and all(o.error is None and o.text for o in outs)
         got.append(b.tag)
     assert got == [0, 1, 2, 3]
+    eng.close()
+
+
+def test_key_only_from_the_named_variable(server, monkeypatch):
+    """The SDK would read OPENAI_API_KEY, OPENAI_ORG_ID and OPENAI_PROJECT_ID by itself: none is used."""
+    url, state = server
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-should-not-be-sent-1234")
+    monkeypatch.setenv("OPENAI_ORG_ID", "org-nope")
+    monkeypatch.setenv("OPENAI_PROJECT_ID", "proj-nope")
+    monkeypatch.delenv("OTHER_KEY_VAR", raising=False)
+    eng = engine(url, api_key_env="OTHER_KEY_VAR")
+    assert eng.generate(batch(["a"]))[0].error is None
+    sent = state.headers[-1]
+    assert "authorization" not in sent and "openai-organization" not in sent and "openai-project" not in sent
     eng.close()

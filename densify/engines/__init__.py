@@ -50,7 +50,7 @@ _ENGINES: dict[str, _Entry] = {
 }
 
 # Python-only arguments an engine takes besides its config options (objects, not config values).
-_RUNTIME_ARGS = {"simulated": {"truth"}, "vllm": {"llm"}}
+_RUNTIME_ARGS = {"simulated": frozenset({"truth"}), "vllm": frozenset({"llm"})}
 
 
 def register_engine(name: str, engine: type[Engine] | str, options: type[EngineOptions] = EngineOptions) -> None:

@@ -28,6 +28,8 @@ class SimulatedOptions(EngineOptions):
     seed: int = Field(0, description="seed of the error model (answers depend on it, on the images and the prompt)")
     noise: bool = Field(True, description="false: exact answers (checks the pipeline, not a model)")
     error: dict | None = Field(None, description="error-model parameters (densify.engines.simulated.ErrorModel)")
+    object_error: dict | None = Field(None, description="object-question error model "
+                                      "(densify.synthetic.object_answers.ObjectErrorModel)")
 
 
 class HFOptions(EngineOptions):
@@ -37,7 +39,7 @@ class HFOptions(EngineOptions):
     dtype: str = Field("auto", description="auto (bfloat16 on GPU, float32 on CPU), bfloat16, float16, float32")
     batch_size: int = Field(16, ge=1, description="queries per generate call")
     attn_implementation: str | None = Field(None, description="transformers attention backend (e.g. sdpa)")
-    transport: ClassVar[frozenset[str]] = frozenset({"device", "batch_size"})
+    transport: ClassVar[frozenset[str]] = frozenset({"device", "batch_size", "attn_implementation"})
 
 
 class VLLMOptions(EngineOptions):
@@ -71,16 +73,19 @@ class VLLMOptions(EngineOptions):
 
 
 class OpenAIOptions(EngineOptions):
-    """A running OpenAI-compatible server (e.g. `vllm serve MODEL`)."""
+    """A running OpenAI-compatible server (e.g. `vllm serve MODEL`), through the openai SDK."""
     base_url: str = Field("http://127.0.0.1:8000/v1", description="the server's .../v1 URL")
     model: str | None = Field(None, description="served model (default: the server's only one, else the profile's)")
     api_key_env: str = Field("OPENAI_API_KEY", description="environment variable holding the key (never logged)")
     concurrency: int = Field(64, ge=1, description="requests in flight")
-    timeout: float = Field(120.0, gt=0, description="seconds per request")
-    connect_timeout: float = Field(10.0, gt=0, description="seconds to connect")
-    max_retries: int = Field(4, ge=0, description="retries on timeouts, connection errors, 429 and 5xx")
-    backoff: float = Field(0.5, ge=0, description="first retry delay, seconds (doubled per retry, with jitter)")
-    max_backoff: float = Field(20.0, ge=0, description="longest retry delay, seconds")
+    timeout_s: float = Field(120.0, gt=0, description="wall-clock deadline of one attempt: connect, send and the "
+                             "whole answer")
+    connect_timeout_s: float = Field(10.0, gt=0, description="the connect alone (capped at timeout_s)")
+    retries: int = Field(4, ge=0, description="further attempts after a timeout, connection error, 408/409/425/429 "
+                         "or 5xx")
+    backoff_s: float = Field(0.5, ge=0, description="first wait between attempts, doubled each retry, with jitter")
+    max_backoff_s: float = Field(20.0, ge=0, description="longest wait between attempts (Retry-After honoured up "
+                                 "to it)")
     structured_field: Literal["structured_outputs", "guided_regex"] = Field(
         "structured_outputs", description="request field for the structured-output regex")
     send_uuids: bool = Field(True, description="send image uids as vLLM `uuid` fields")
@@ -88,8 +93,8 @@ class OpenAIOptions(EngineOptions):
     extra_body: dict | None = Field(None, description="merged into every request")
     check_server: bool = Field(True, description="probe /models at start")
     transport: ClassVar[frozenset[str]] = frozenset({
-        "base_url", "api_key_env", "concurrency", "timeout", "connect_timeout", "max_retries", "backoff",
-        "max_backoff", "send_uuids", "batches_in_flight", "check_server"})
+        "base_url", "api_key_env", "concurrency", "timeout_s", "connect_timeout_s", "retries", "backoff_s",
+        "max_backoff_s", "structured_field", "send_uuids", "batches_in_flight", "check_server"})
 
 
 class RayOptions(EngineOptions):

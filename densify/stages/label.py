@@ -18,14 +18,14 @@ from typing import Iterator
 
 from densify import outputs
 from densify.config import ConfigError
-from densify.engines import Engine, answer_identity
+from densify.engines import Engine
 from densify.images import IMAGE_SUFFIXES, ImageSource, iter_sources, manifest_kind, walk_images
 from densify.layout import RunLayout
 from densify.profiles import load_profile
 from densify.settings import LabelConfig
 from densify.stages.depth import DepthResult, DepthStage
 from densify.stages.engine import build_engine
-from densify.store import AnswerStore, StoredEngine, store_path
+from densify.store import AnswerStore, StoredEngine, model_key_for, store_path
 
 log = logging.getLogger("densify.label")
 
@@ -226,7 +226,7 @@ class LabelJob:
 
 
 def _model_key(cfg: LabelConfig) -> str:
-    import json
+    """The store key of the configured model: the answering engine and its answer-changing options."""
+    from densify.stages.engine import engine_options
 
-    ident = answer_identity(cfg.engine.name, cfg.engine.options)
-    return json.dumps([ident, cfg.model], sort_keys=True, default=str)
+    return model_key_for(cfg.engine.name, engine_options(cfg.engine, cfg.model))

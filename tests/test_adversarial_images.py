@@ -1,0 +1,249 @@
+"""Hostile image inputs (folders, pipes, unreadable files, dangling links, inflating PNGs, big JPEGs,
+rotated photos) and output files (permissions, temporaries of interrupted writes)."""
+
+from __future__ import annotations
+
+import os
+import stat
+import subprocess
+import sys
+import tempfile
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image, ImageOps
+
+from densify import outputs
+from densify.images import ImageError, image_size, load_image, load_rgb
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _bounded(fn, seconds: float):
+    out: dict = {}
+
+    def run():
+        try:
+            out["value"] = fn()
+        except BaseException as exc:
+            out["error"] = exc
+
+    th = threading.Thread(target=run, daemon=True)
+    th.start()
+    th.join(seconds)
+    assert not th.is_alive(), f"still running after {seconds} s"
+    return out
+
+
+def _png(path: Path, w: int = 16, h: int = 12) -> Path:
+    Image.fromarray(np.full((h, w, 3), 90, np.uint8)).save(path)
+    return path
+
+
+# -- what is not an image file
+
+def test_a_folder_is_named_as_a_folder(tmp_path):
+    with pytest.raises(ImageError) as info:
+        load_rgb(tmp_path)
+    assert info.value.kind == "not_a_file" and "folder" in str(info.value) and str(tmp_path) in str(info.value)
+
+
+def test_a_fifo_is_refused_without_being_opened(tmp_path):
+    fifo = tmp_path / "photo.png"
+    os.mkfifo(fifo)
+    res = _bounded(lambda: load_rgb(fifo), 5)  # opening a FIFO for reading would block here
+    err = res.get("error")
+    assert isinstance(err, ImageError) and err.kind == "not_a_file" and "pipe" in str(err)
+
+
+def test_a_dangling_link_names_its_target(tmp_path):
+    link = tmp_path / "img.png"
+    link.symlink_to(tmp_path / "gone.png")
+    with pytest.raises(ImageError) as info:
+        load_rgb(link)
+    assert info.value.kind == "missing" and "symbolic link" in str(info.value) and "gone.png" in str(info.value)
+
+
+def test_a_missing_file_is_missing(tmp_path):
+    with pytest.raises(ImageError) as info:
+        load_rgb(tmp_path / "nope.png")
+    assert info.value.kind == "missing" and "no such file" in str(info.value)
+
+
+def test_an_unreadable_file_says_permission_denied():
+    """chmod 000, read by an unprivileged process (root reads anything: a forked child drops to `nobody`)."""
+    d = Path(tempfile.mkdtemp(prefix="densify-perm-"))
+    try:
+        os.chmod(d, 0o755)
+        img = _png(d / "secret.png")
+        os.chmod(img, 0)
+        r, w = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # the child: report what load_rgb says, then leave without running pytest's cleanup
+            msg = "no error"
+            try:
+                if os.geteuid() == 0:
+                    os.setgid(65534)
+                    os.setuid(65534)
+                load_rgb(img)
+            except ImageError as exc:
+                msg = f"{exc.kind} | {exc}"
+            except BaseException as exc:
+                msg = f"{type(exc).__name__}: {exc}"
+            os.write(w, msg.encode())
+            os._exit(0)
+        os.close(w)
+        with os.fdopen(r) as f:
+            out = f.read()
+        os.waitpid(pid, 0)
+        assert out.startswith("unreadable |") and "permission denied" in out, out
+    finally:
+        os.chmod(d / "secret.png", 0o644)
+        for f in d.iterdir():
+            f.unlink()
+        d.rmdir()
+
+
+# -- orientation
+
+@pytest.mark.parametrize("orientation", [3, 6, 8])
+def test_exif_orientation_is_applied(tmp_path, orientation):
+    rng = np.random.default_rng(orientation)
+    stored = rng.integers(0, 255, (120, 160, 3), dtype=np.uint8)  # stored 160 wide, 120 high
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    p = tmp_path / "photo.png"
+    Image.fromarray(stored).save(p, exif=exif)
+    rgb = load_rgb(p)
+    upright = np.asarray(ImageOps.exif_transpose(Image.open(p)).convert("RGB"))
+    np.testing.assert_array_equal(rgb, upright)
+    if orientation in (6, 8):
+        assert rgb.shape == (160, 120, 3)  # a displayed 120x160 photo is 160 high
+    assert image_size(p) == (rgb.shape[1], rgb.shape[0])
+    li = load_image(p, max_side=80)
+    assert max(li.rgb.shape[:2]) == 80 and li.size == (upright.shape[1], upright.shape[0])
+    assert (li.rgb.shape[0] > li.rgb.shape[1]) == (upright.shape[0] > upright.shape[1])
+
+
+def test_exif_orientation_of_a_jpeg(tmp_path):
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    p = tmp_path / "photo.jpg"
+    Image.fromarray(np.full((120, 160, 3), 128, np.uint8)).save(p, exif=exif, quality=95)
+    assert load_rgb(p).shape == (160, 120, 3)
+
+
+# -- decoding at most what is needed
+
+def test_inflating_png_is_decoded_reduced_within_the_budget(tmp_path):
+    p = tmp_path / "bomb.png"
+    Image.new("RGB", (4000, 4000), (10, 200, 30)).save(p, optimize=True)
+    assert p.stat().st_size < 100_000  # kilobytes on disk, 48 MB decoded
+    li = load_image(p, max_side=512)
+    assert li.rgb.shape == (512, 512, 3) and li.size == (4000, 4000) and li.scale == pytest.approx(512 / 4000)
+    assert (li.rgb == [10, 200, 30]).all()
+    # beyond the pixel budget it is refused before a pixel is decoded
+    with pytest.raises(ImageError) as info:
+        load_image(p, max_pixels=4_000_000, max_side=512)
+    assert info.value.kind == "too_large"
+
+
+def test_large_jpeg_is_decoded_reduced_with_bounded_memory(tmp_path):
+    """A 6000x4000 JPEG (72 MB as RGB) asked at 640 px: peak memory of the decode stays far below the full
+    image, because the JPEG is decoded at 1/8 scale (measured in a fresh process by its peak RSS)."""
+    p = tmp_path / "big.jpg"
+    small = np.random.default_rng(0).integers(0, 255, (100, 150, 3), dtype=np.uint8)
+    Image.fromarray(small).resize((6000, 4000), Image.Resampling.NEAREST).save(p, quality=80)
+    code = ("import resource, sys; from densify.images import load_image\n"
+            "import numpy, PIL.Image, cv2\n"
+            "r0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+            "li = load_image(sys.argv[1], max_side=640)\n"
+            "r1 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+            "print(li.rgb.shape, li.size, (r1 - r0) // 1024)\n")
+    r = subprocess.run([sys.executable, "-c", code, str(p)], capture_output=True, text=True, timeout=60, cwd=REPO,
+                       env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert r.returncode == 0, r.stderr
+    shape, size, grew_mb = r.stdout.rsplit(" ", 1)[0], None, int(r.stdout.split()[-1])
+    assert shape.startswith("(427, 640, 3) (6000, 4000)")
+    assert grew_mb < 30, r.stdout  # full decode alone would be 72 MB
+
+
+def test_reduced_decode_is_close_to_a_full_decode_then_resize(tmp_path):
+    rng = np.random.default_rng(1)
+    img = rng.integers(0, 255, (60, 90, 3), dtype=np.uint8)
+    p = tmp_path / "x.png"
+    Image.fromarray(img).resize((1800, 1200), Image.Resampling.BICUBIC).save(p)
+    ref = np.asarray(Image.open(p).convert("RGB").resize((300, 200), Image.Resampling.LANCZOS)).astype(int)
+    got = load_rgb(p, max_side=300).astype(int)
+    assert got.shape == ref.shape and np.abs(got - ref).mean() < 3
+    assert load_rgb(p, max_side=5000).shape == (1200, 1800, 3)  # never enlarged
+
+
+def test_16_bit_images_keep_their_scaling(tmp_path):
+    a = (np.random.default_rng(2).random((30, 40)) * 60000).astype(np.uint16)
+    p = tmp_path / "g16.png"
+    Image.fromarray(a).save(p)
+    expect = (a.astype(np.float64) / a.max() * 255).round().astype(np.uint8)
+    np.testing.assert_array_equal(load_rgb(p), np.repeat(expect[..., None], 3, axis=2))
+    assert load_rgb(p, max_side=20).shape == (15, 20, 3)
+
+
+# -- outputs
+
+def test_outputs_honour_the_umask(tmp_path):
+    old = os.umask(0o022)
+    try:
+        outputs.write_json(tmp_path / "a.json", {"x": 1})
+        outputs.write_npy(tmp_path / "d.npy", np.zeros(3))
+        assert stat.S_IMODE((tmp_path / "a.json").stat().st_mode) == 0o644
+        assert stat.S_IMODE((tmp_path / "d.npy").stat().st_mode) == 0o644
+        os.umask(0o077)
+        outputs.write_text(tmp_path / "private.txt", "x")
+        assert stat.S_IMODE((tmp_path / "private.txt").stat().st_mode) == 0o600
+    finally:
+        os.umask(old)
+
+
+def test_a_killed_write_leaves_a_temporary_the_sweep_recognises(tmp_path):
+    (tmp_path / ".keep").write_text("not ours")
+    pid = os.fork()
+    if pid == 0:  # killed in the middle of a write: no cleanup runs
+        with outputs.atomic_path(tmp_path / "depth.npy") as tmp:
+            tmp.write_bytes(b"half")
+            os._exit(9)
+    os.waitpid(pid, 0)
+    left = sorted(p.name for p in tmp_path.iterdir() if p.name != ".keep")
+    assert len(left) == 1 and outputs.TEMP_RE.match(left[0]).group("target") == "depth.npy"
+    assert left[0].endswith(".npy")  # writers that pick the format by suffix still work
+    assert [p.name for p in outputs.sweep_temp_files(tmp_path)] == left
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".keep"]
+
+
+def test_sweep_removes_only_densify_temporaries(tmp_path):
+    keep = [".hidden", ".git", "depth.npy", ".depth.npy", ".depth.abc123.npy", "notes.densify-tmp-abc123",
+            ".x.densify-tmp-", "summary.json"]
+    for name in keep:
+        (tmp_path / name).write_text("keep")
+    (tmp_path / ".cfg").mkdir()
+    gone = [".depth.npy.densify-tmp-abc12345.npy", ".summary.json.densify-tmp-zz_9yy01.json",
+            ".manifest-1.parquet.densify-tmp-q1w2e3r4.parquet"]
+    for name in gone:
+        (tmp_path / name).write_text("half")
+    # a link named like a temporary is not followed nor removed
+    target = tmp_path / "precious.txt"
+    target.write_text("precious")
+    (tmp_path / ".precious.txt.densify-tmp-abcdef12.txt").symlink_to(target)
+    sub = tmp_path / "img1"
+    sub.mkdir()
+    (sub / ".result.json.densify-tmp-abcdef12.json").write_text("half")
+
+    only = outputs.sweep_temp_files(tmp_path, targets=["manifest-1.parquet"])
+    assert [p.name for p in only] == [".manifest-1.parquet.densify-tmp-q1w2e3r4.parquet"]
+    removed = outputs.sweep_temp_files(tmp_path, recursive=True)
+    assert sorted(p.name for p in removed) == sorted(gone[:2] + [".result.json.densify-tmp-abcdef12.json"])
+    for name in keep:
+        assert (tmp_path / name).read_text() == "keep"
+    assert target.read_text() == "precious" and (tmp_path / ".precious.txt.densify-tmp-abcdef12.txt").is_symlink()
+    assert (tmp_path / ".cfg").is_dir()
