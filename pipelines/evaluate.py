@@ -32,18 +32,18 @@ DEFAULT_IBIMS = Path(__file__).resolve().parents[1].parent / "shared" / "data" /
 def add_arguments(p) -> None:
     p.add_argument("suite", choices=["ibims", "spatialrgpt"],
                    help="The suite: ibims (labelled depth points) or spatialrgpt (object questions).")
-    p.add_argument("--data", help="ibims: a DepthLM-format JSONL (default: the iBims-1 sample in ../shared/data); "
-                                  "spatialrgpt: SpatialRGPT-Bench_v1.json (or JSONL).")
-    p.add_argument("--images", help="spatialrgpt: the folder the records' image_info.file_path is relative to "
+    p.add_argument("--data", help="The data: for ibims a DepthLM-format JSONL (default: the iBims-1 sample in "
+                                  "../shared/data); for spatialrgpt SpatialRGPT-Bench_v1.json (or JSONL).")
+    p.add_argument("--images", help="For spatialrgpt, the folder the records' image_info.file_path is relative to "
                                     "(default: the data file's folder).")
-    p.add_argument("--synthetic", metavar="SCENE_DIR", help="spatialrgpt: build the question set from a scene "
+    p.add_argument("--synthetic", metavar="SCENE_DIR", help="For spatialrgpt, build the question set from a scene "
                                                             "folder written by `densify synth` and score it.")
-    p.add_argument("--geometry", action="store_true", help="spatialrgpt: also answer every question from dense "
+    p.add_argument("--geometry", action="store_true", help="For spatialrgpt, also answer every question from dense "
                                                            "depth.")
-    p.add_argument("--depth-dir", help="spatialrgpt --geometry: depth maps as <dir>/<image stem>.depth.npy or "
+    p.add_argument("--depth-dir", help="For spatialrgpt --geometry, depth maps as <dir>/<image stem>.depth.npy or "
                                        "<dir>/<image stem>/depth.npy (default: densify's depth stage runs).")
     p.add_argument("--up", choices=["floor", "camera"], default="floor",
-                   help="spatialrgpt --geometry: the vertical from a fitted floor plane (default) or the camera.")
+                   help="For spatialrgpt --geometry, the vertical from a fitted floor plane (default) or the camera.")
     common.add_engine_args(p)
     p.add_argument("--limit", type=int, help="Score the first N images (ibims) or questions (spatialrgpt) only.")
     p.add_argument("--out", help="Write eval.json (and per-image outputs or answers) here (default: nothing written).")

@@ -25,7 +25,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="The output folder (created if missing).")
     common.add_engine_args(p)
     common.add_plan_args(p)
-    p.add_argument("--shard", default="0/1", help="i/n: label every n-th image starting at i, with its own store, "
+    p.add_argument("--shard", default="0/1", help="Give i/n to label every n-th image starting at i, with its own store, "
                                                    "manifest and summary files (default 0/1: all).")
     p.add_argument("--ray-address", help="Run on an existing Ray cluster ('auto' or ray://host:port; default: a "
                                          "local Ray).")

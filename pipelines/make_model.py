@@ -7,9 +7,11 @@ from __future__ import annotations
 
 
 def add_arguments(p) -> None:
-    p.add_argument("out", help="output folder")
-    p.add_argument("--shape", choices=["tiny", "4b"], default="tiny")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("out", help="The output folder.")
+    p.add_argument("--shape", choices=["tiny", "4b"], default="tiny",
+                   help="The shape: tiny (saved random weights, CPU-sized; default) or 4b (the real shape, for vLLM's dummy "
+                        "weights).")
+    p.add_argument("--seed", type=int, default=0, help="The seed of the random weights (default 0).")
 
 
 def run(args) -> int:

@@ -76,13 +76,13 @@ def _num(v):
 
 
 def add_arguments(p) -> None:
-    p.add_argument("--profile", required=True, help="vlm3-depth, depthlm, vlm3-corr, ... or a YAML path")
-    p.add_argument("--image", required=True, help="the image the points belong to")
-    p.add_argument("--intrinsics", help="fx,fy,cx,cy (else a JSON sidecar, else a default field of view)")
-    p.add_argument("--points", help="'x,y;x,y' in original-image pixels (point profiles)")
-    p.add_argument("--regions", help="object profiles: 'x1,y1,x2,y2;x1,y1,x2,y2' boxes in original-image pixels")
-    p.add_argument("--question", action="append", help="object profiles: question name (repeatable), "
-                                                       "e.g. small_predicate, distance_data, direction")
+    p.add_argument("--profile", required=True, help="The profile: vlm3-depth, depthlm, vlm3-corr, vlm3-object, ... or a profile YAML path.")
+    p.add_argument("--image", required=True, help="The image the points or regions belong to.")
+    p.add_argument("--intrinsics", help="Intrinsics fx,fy,cx,cy in pixels (default: a JSON sidecar, else a 60 degree field of view).")
+    p.add_argument("--points", help="Points 'x,y;x,y' in original-image pixels (point profiles).")
+    p.add_argument("--regions", help="Boxes 'x1,y1,x2,y2;x1,y1,x2,y2' in original-image pixels (object profiles).")
+    p.add_argument("--question", action="append", help="A question name (object profiles; repeatable), "
+                                                       "e.g. small_predicate, distance_data, direction.")
 
 
 def run(args) -> int:

@@ -8,12 +8,13 @@ from __future__ import annotations
 
 
 def add_arguments(p) -> None:
-    p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--views", type=int, default=8)
-    p.add_argument("--width", type=int, default=640)
-    p.add_argument("--height", type=int, default=480)
-    p.add_argument("--trajectory", default="arc", help="arc | orbit")
+    p.add_argument("--out", required=True, help="The output folder.")
+    p.add_argument("--seed", type=int, default=0, help="The scene seed (default 0): the same seed, the same scene.")
+    p.add_argument("--views", type=int, default=8, help="Images to render along the camera path (default 8).")
+    p.add_argument("--width", type=int, default=640, help="Image width in pixels (default 640).")
+    p.add_argument("--height", type=int, default=480, help="Image height in pixels (default 480).")
+    p.add_argument("--trajectory", default="arc", choices=["arc", "orbit"],
+                   help="The camera path: arc (walk forward while turning, default) or orbit (circle the room).")
 
 
 def run(args) -> int:

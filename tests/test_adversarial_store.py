@@ -11,12 +11,12 @@ import zlib
 import numpy as np
 import pytest
 
-from densify.engines.base import Completion, EngineBatch, PromptImage, Query, Sampling
+from densify.engines.base import Completion, Engine, EngineBatch, PromptImage, Query, Sampling
 from densify.store import (ANSWER_OPTIONS, TRANSPORT_OPTIONS, AnswerStore, StoreDamagedError, StoredEngine,
                            StoreError, StoreFullError, StoreLockedError, model_key_for)
 
 
-class Counting:
+class Counting(Engine):
     name = "counting"
 
     def __init__(self):

@@ -100,7 +100,7 @@ class OpenAIOptions(EngineOptions):
 class RayOptions(EngineOptions):
     """A pool of Ray actors, each running one engine; whole images go to actors."""
     engine: str = Field("simulated", description="the engine each actor runs")
-    engine_options: dict = Field(default_factory=dict, description="that engine's options")
+    engine_options: dict | None = Field(None, description="that engine's options")
     num_actors: int | None = Field(None, ge=1, description="default: one per GPU, else one per CPU")
     num_gpus_per_actor: float = Field(0, ge=0, description="GPUs per actor (1 for a GPU engine, 0.5: two per GPU)")
     num_cpus_per_actor: float = Field(1, gt=0, description="CPUs per actor")
