@@ -156,6 +156,8 @@ class StoreConfig(_Model):
                              description="SQLite synchronous: NORMAL survives a killed job, FULL also a power cut")
     exclusive: bool = Field(True, description="lock the store file for the job's lifetime (WAL without shared "
                                               "memory: safe on network file systems, one job per shard)")
+    rebuild: bool = Field(False, description="a damaged store file is moved aside (<name>.damaged-<time>) and a "
+                                             "fresh one started (--rebuild-store); otherwise the job stops")
 
 
 class RayConfig(_Model):

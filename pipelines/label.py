@@ -31,6 +31,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                                          "local Ray).")
     p.add_argument("--no-ray", action="store_true", help="Run the engine in this process instead of Ray actors.")
     p.add_argument("--store", help="The answer store folder (default <out>/store).")
+    p.add_argument("--rebuild-store", action="store_true",
+                   help="Move a damaged answer store aside and start a fresh one (default: stop and say so).")
     p.add_argument("--overwrite", action="store_true",
                    help="Redo finished images (stored answers are still reused).")
     common.add_config_args(p, "label")
@@ -54,6 +56,8 @@ def config_from_args(args) -> LabelConfig:
         extra.append(Override(("ray", "enabled"), False, "--no-ray"))
     if args.store:
         extra.append(Override(("store", "dir"), args.store, f"--store {args.store}"))
+    if args.rebuild_store:
+        extra.append(Override(("store", "rebuild"), True, "--rebuild-store"))
     return common.load(args, LabelConfig, "label", extra)
 
 

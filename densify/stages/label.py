@@ -143,7 +143,8 @@ class LabelJob:
         try:
             if cfg.store.enabled:
                 store = AnswerStore(store_path(cfg.store.dir or layout.store_dir, self.shard[0]),
-                                    synchronous=cfg.store.synchronous, exclusive=cfg.store.exclusive)
+                                    synchronous=cfg.store.synchronous, exclusive=cfg.store.exclusive,
+                                    on_damage="rebuild" if cfg.store.rebuild else "error")
         except BaseException:
             if own:
                 inner.close()
