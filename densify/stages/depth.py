@@ -203,6 +203,7 @@ class DepthStage:
     def write(self, files: ImageFiles, task: DepthTask, ans, dense: DenseField, res: DepthResult) -> None:
         o = self.cfg.outputs
         depth = dense.values
+        outputs.sweep_temp_files(files.dir)  # what an interrupted write of this image left
         written = []
         if o.npy:
             written.append(outputs.write_npy(files.depth_npy, depth.astype(np.float32)))

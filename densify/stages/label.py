@@ -150,6 +150,7 @@ class LabelJob:
                 inner.close()
             raise
         layout.root.mkdir(parents=True, exist_ok=True)
+        outputs.sweep_temp_files(layout.root, [layout.manifest.name, layout.summary.name])  # this shard's only
         key = self.model_key or _model_key(cfg)
         eng = StoredEngine(inner, store, key, profile=self.profile.name, track_images=True) \
             if store is not None else inner
