@@ -2,11 +2,13 @@
 
     python -m benchmarks.scaling_bench --gpus 1,2 --images 16 --out benchmarks/results [--engine vllm]
 
-Each point starts a RayPoolEngine with one actor per GPU, every actor running its own engine (vllm with
+Each point starts a RayPoolEngine with `--engines-per-gpu` actors per GPU (the pool's engines_per_gpu;
+"auto" by default), on GPUs 0..N-1 (CUDA_VISIBLE_DEVICES), every actor running its own engine (vllm with
 the 4B-shaped synthetic Qwen3-VL and dummy weights by default; answers forced to 12 tokens as in
 engine_bench), streams `--images` copies of a 1000x750 image (each a distinct image id, so no cross-image
 prefix sharing) with its 64x48 VLM3-depth grid through the pool, and reports queries/s after a warm-up
-image per actor. Efficiency = q/s(N) / (N x q/s(1)). `--engine simulated` runs the same loop on CPU actors
+image per actor. q/s counts answered queries only; a point with engine errors is marked invalid.
+Efficiency = q/s(N) / (N x q/s(1)). `--engine simulated` runs the same loop on CPU actors
 (it measures the pool's overhead, not GPU scaling). Results: JSON under --out, one file per run.
 """
 
@@ -64,15 +66,23 @@ def make_batches(n: int, profile, grid=(64, 48), with_truth: bool = False, tag_p
 
 def measure(n_gpus: int, args, profile) -> dict:
     engine_options = {}
+    per_gpu = 1 if args.engine == "simulated" else args.engines_per_gpu
     if args.engine == "vllm":
         from densify.synthetic.qwen3vl import build_model_folder
 
         model = args.model or build_model_folder(Path(tempfile.mkdtemp()) / "qwen3vl-4b", shape="4b")
         engine_options = {"model": str(model), "load_format": "dummy", "min_tokens": GEN_TOKENS,
-                          "ignore_eos": True, "gpu_memory_utilization": args.gpu_memory_utilization}
+                          "ignore_eos": True}
+        if args.gpu_memory_utilization:  # else sized by the engine for its engines per GPU
+            engine_options["gpu_memory_utilization"] = args.gpu_memory_utilization
+    if args.engine != "simulated" and not args.ray_address:
+        # this point's GPUs only: the local Ray this pool starts sees GPUs 0..n-1
+        os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(str(i) for i in range(n_gpus))
     pool = create_engine("ray", profile=profile, engine=args.engine, engine_options=engine_options,
-                         num_actors=n_gpus, num_gpus_per_actor=1 if args.engine != "simulated" else 0,
+                         num_gpus_per_actor=1 if args.engine != "simulated" else 0,
+                         num_actors=None if args.engine != "simulated" else n_gpus, engines_per_gpu=per_gpu,
                          max_in_flight_per_actor=args.in_flight, ray_address=args.ray_address)
+    k = pool.engines_per_gpu
     try:
         s = bench_sampling(profile, args.engine)
         warm = list(generate_stream(pool, make_batches(n_gpus, profile, with_truth=args.engine == "simulated",
@@ -87,8 +97,13 @@ def measure(n_gpus: int, args, profile) -> dict:
         wall = time.perf_counter() - t0
     finally:
         pool.close()
-    return {"gpus": n_gpus, "images": args.images, "queries": n_q, "wall_s": wall, "qps": n_q / wall,
-            "engine_errors": errors, "warmup_images": len(warm)}
+    answered = n_q - errors
+    row = {"gpus": n_gpus, "engines_per_gpu": k, "images": args.images, "queries": n_q, "answered": answered,
+           "wall_s": wall, "qps": answered / wall, "engine_errors": errors, "valid": errors == 0 and answered > 0,
+           "warmup_images": len(warm)}
+    if not row["valid"]:
+        row["invalid_reason"] = f"{errors} of {n_q} queries failed in the engine"
+    return row
 
 
 def main(argv=None) -> int:
@@ -98,7 +113,10 @@ def main(argv=None) -> int:
     ap.add_argument("--engine", default="vllm", help="vllm (GPU actors) or simulated (CPU actors)")
     ap.add_argument("--model", help="model folder (default: a synthetic 4B-shaped Qwen3-VL, dummy weights)")
     ap.add_argument("--in-flight", type=int, default=2, help="images in flight per actor")
-    ap.add_argument("--gpu-memory-utilization", type=float, default=0.9)
+    ap.add_argument("--gpu-memory-utilization", type=float, default=None,
+                    help="per engine (default: sized by the engine for its engines per GPU)")
+    ap.add_argument("--engines-per-gpu", default="auto", type=lambda v: v if v == "auto" else int(v),
+                    help="vLLM engines per GPU (Ray actors sharing it): auto or a number")
     ap.add_argument("--ray-address", default=None)
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     args = ap.parse_args(argv)
@@ -110,7 +128,7 @@ def main(argv=None) -> int:
         row = measure(n, args, profile)
         rows.append(row)
         log.info("%d GPU(s): %.0f q/s", n, row["qps"])
-    base = next((r["qps"] for r in rows if r["gpus"] == 1), None)
+    base = next((r["qps"] for r in rows if r["gpus"] == 1 and r["valid"]), None)
     for r in rows:
         r["efficiency"] = r["qps"] / (r["gpus"] * base) if base else None
     device = "cpu"
@@ -128,10 +146,14 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"scaling_bench-{args.engine}-{dt.date.today():%Y%m%d}.json"
     path.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"{'GPUs':>5} {'q/s':>9} {'efficiency':>10}")
+    print(f"{'GPUs':>5} {'per GPU':>7} {'q/s':>9} {'efficiency':>10}")
     for r in rows:
         eff = f"{r['efficiency']:.2f}" if r["efficiency"] is not None else "-"
-        print(f"{r['gpus']:>5} {r['qps']:>9.0f} {eff:>10}")
+        bad = "" if r["valid"] else f"  INVALID: {r['invalid_reason']}"
+        print(f"{r['gpus']:>5} {r['engines_per_gpu']:>7} {r['qps']:>9.0f} {eff:>10}{bad}")
+    two = next((r for r in rows if r["gpus"] == 2 and r["valid"]), None)
+    if two and base:
+        print(f"target: 2 GPUs >= 1.9x one: {two['qps'] / base:.2f}x {'met' if two['qps'] / base >= 1.9 else 'NOT met'}")
     print(f"wrote {path}")
     return 0
 

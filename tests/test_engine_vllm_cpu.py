@@ -173,7 +173,9 @@ class FastFakeLLM(FakeLLM):
 
     def _preprocess_cmpl_one(self, prompt):
         self.renders += 1
-        uuids = prompt["multi_modal_uuids"]["image"]
+        # without uuids vLLM hashes the image itself
+        uuids = prompt.get("multi_modal_uuids", {}).get("image") or [
+            f"hash-{hash(im.tobytes())}" for im in prompt["multi_modal_data"]["image"]]
         return {"type": "multimodal", "prompt_token_ids": expand(fake_tokenize(prompt["prompt"])),
                 "prompt": prompt["prompt"], "mm_kwargs": {"image": [None] * len(uuids)},
                 "mm_hashes": {"image": list(uuids)}, "mm_placeholders": {"image": ["range"] * len(uuids)}}

@@ -14,6 +14,7 @@ def test_scaling_bench_runs_on_cpu_actors(tmp_path):
     (res,) = tmp_path.glob("scaling_bench-simulated-*.json")
     rows = json.loads(res.read_text())["rows"]
     assert rows[0]["queries"] == 2 * 3072 and rows[0]["engine_errors"] == 0 and rows[0]["efficiency"] == 1.0
+    assert rows[0]["valid"] is True and rows[0]["answered"] == 2 * 3072 and rows[0]["engines_per_gpu"] == 1
 
 
 def test_vllm_answers_are_forced_to_the_benchmark_length():
