@@ -17,8 +17,8 @@ What runs (each phase its own engine; phases append to one JSON file, written af
            streamed through it at 12 generated tokens, then N more at 30 (--long-tokens; 0: skip).
            `rayK+NAME` adds the engine options of `--custom NAME=JSON` (e.g. ray2+fp8).
   cpu      per-request CPU cuts, each alone on one engine, N images streamed: baseline, detokenize=False,
-           mm_uuids=False (vLLM hashes every request's image), 30 tokens; then a second engine with
-           prefix_caching_hash_algo=xxhash.
+           mm_uuids=False (vLLM hashes every request's image), baseline again, 30 tokens.
+  xxhash   base with prefix_caching_hash_algo="xxhash" (needs the xxhash package), N images streamed.
   hf       (d) transformers the way the VLM3 release notebook runs it (one query per generate call) and
            batched (64 per call); random bf16 weights built on the GPU (the 4B folder has none).
   --custom NAME=JSON  any engine options over base's: (a), streamed.
@@ -315,6 +315,40 @@ class Probe:
         return out, wall, extra
 
 
+def pyspy_top(path: str, n: int = 25) -> dict:
+    """Where the samples of a py-spy raw (collapsed-stack) profile fall: per process, the functions with
+    the most samples on top of the stack (self) and anywhere in it (inclusive), as shares."""
+    import collections
+    import re
+
+    procs: dict[str, dict] = {}
+    for line in Path(path).read_text(errors="replace").splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not stack or not count.isdigit():
+            continue
+        frames = stack.split(";")
+        proc = "?"
+        if frames and frames[0].startswith("process "):
+            proc = frames[0][:80]
+            frames = frames[1:]
+        frames = [f for f in frames if not f.startswith("thread ")]
+        if not frames:
+            continue
+        d = procs.setdefault(proc, {"samples": 0, "self": collections.Counter(), "incl": collections.Counter()})
+        c = int(count)
+        d["samples"] += c
+        d["self"][frames[-1]] += c
+        for f in set(frames):
+            d["incl"][f] += c
+    out = {}
+    for proc, d in sorted(procs.items(), key=lambda kv: -kv[1]["samples"])[:4]:
+        tot = d["samples"]
+        out[proc] = {"samples": tot,
+                     "self": [(f, round(c / tot, 3)) for f, c in d["self"].most_common(n)],
+                     "inclusive": [(f, round(c / tot, 3)) for f, c in d["incl"].most_common(n)]}
+    return out
+
+
 def versions() -> dict:
     out = {"python": platform.python_version()}
     for mod in ("vllm", "torch", "transformers"):
@@ -429,7 +463,7 @@ def vllm_phase(name: str, model: str, opts: dict, rate: float, what: set[str], s
 
 
 def ray_phase(name: str, model: str, opts: dict, rate: float, per_gpu: int, state: dict, n_images: int,
-              engine: str = "vllm", long_tokens: int = LONG_TOKENS) -> list[dict]:
+              engine: str = "vllm", long_tokens: int = LONG_TOKENS, pyspy_dir: str | None = None) -> list[dict]:
     """K vLLM engines on the one GPU as Ray actors (several engine-core processes feed one GPU: one core's
     per-request CPU work overlaps another's GPU steps). Memory per engine from `engines_per_gpu`."""
     from densify.engines.ray_pool import RayPoolEngine
@@ -457,7 +491,27 @@ def ray_phase(name: str, model: str, opts: dict, rate: float, per_gpu: int, stat
                 k = state["next_image"] = state.get("next_image", k0) + n + 10
                 bs = [image_batch(prof, k + i, tokens=tokens) for i in range(n)]
                 s0 = dict(pool.stats)
+                spy = None
+                if pyspy_dir and tokens == GEN_TOKENS:  # one actor and its engine core, during the 12-token run
+                    import subprocess
+
+                    import ray
+
+                    pid = ray.get(pool.actors[0].info.remote())["pid"]
+                    spy_path = str(Path(pyspy_dir) / f"pyspy-{name.replace('+', '_')}.txt")
+                    spy = subprocess.Popen(["py-spy", "record", "--pid", str(pid), "--subprocesses", "--rate", "100",
+                                            "--duration", "12", "--format", "raw", "--nonblocking", "-o", spy_path],
+                                           stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+                    time.sleep(1.0)
                 res, wall, extra = Probe(None, mem).run(lambda: list(pool.stream(bs)))
+                if spy is not None:
+                    try:
+                        spy.wait(timeout=40)
+                        extra["pyspy"] = spy_path
+                        extra["pyspy_top"] = pyspy_top(spy_path)
+                    except Exception as exc:  # noqa: BLE001 - a profile is a bonus
+                        spy.kill()
+                        extra["pyspy"] = f"failed: {type(exc).__name__}: {exc}"
                 outs = [c for _, cs in res for c in cs]
                 extra["children_cpu_share"] = extra.pop("engine_core_cpu_share")
                 extra["pool"] = {key: (round(v - s0.get(key, 0), 3) if isinstance(v, (int, float)) else v)
@@ -641,11 +695,12 @@ def main(argv=None) -> int:
                 k, _, extra_name = ph[3:].partition("+")
                 extra_opts = custom[extra_name] if extra_name else {}
                 rows = ray_phase(ph, model, dict(BASE_OPTS, **extra_opts), rate, int(k), state, args.stream_images,
-                                 long_tokens=args.long_tokens)
+                                 long_tokens=args.long_tokens, pyspy_dir=args.pyspy)
             elif ph == "cpu":
                 rows = vllm_phase("cpu", model, dict(BASE_OPTS), rate, {"cpu"}, state, **kw)
-                rows += vllm_phase("cpu-xxhash", model, dict(BASE_OPTS, prefix_caching_hash_algo="xxhash"), rate,
-                                   {"stream"}, state, **kw)
+            elif ph == "xxhash":
+                rows = vllm_phase("xxhash", model, dict(BASE_OPTS, prefix_caching_hash_algo="xxhash"), rate,
+                                  {"stream"}, state, **kw)
             elif ph in custom:
                 rows = vllm_phase(ph, model, dict(BASE_OPTS, **custom[ph]), rate, {"a", "stream"}, state, **kw)
             elif ph == "hf":

@@ -70,3 +70,14 @@ def test_ray_phase_on_logical_gpus():
     assert all(r["answered"] == 4 * 3072 for r in rows)  # at least 2 images per engine
     assert rows[0]["memory_plan"]["gpu_memory_utilization"] < 0.45 and rows[0]["dtype"] == "bf16"
     assert "gpu_memory_utilization" not in rows[0]["engine_options"] and rows[0]["engine_options"]["min_tokens"] == 30
+
+
+def test_pyspy_summary(tmp_path):
+    f = tmp_path / "spy.txt"
+    f.write_text('process 1:"ray::_EngineActor";thread (0x1);run (a.py:1);step (b.py:2) 30\n'
+                 'process 1:"ray::_EngineActor";thread (0x1);run (a.py:1) 10\n'
+                 'process 2:"VLLM::EngineCore";thread (0x2);busy (c.py:3);schedule (d.py:4) 60\n')
+    top = eb.pyspy_top(str(f))
+    core, actor = top['process 2:"VLLM::EngineCore"'], top['process 1:"ray::_EngineActor"']
+    assert core["samples"] == 60 and core["self"] == [("schedule (d.py:4)", 1.0)]
+    assert actor["self"][0] == ("step (b.py:2)", 0.75) and actor["inclusive"][0] == ("run (a.py:1)", 1.0)
