@@ -5,8 +5,9 @@
 Each point starts a RayPoolEngine with `--engines-per-gpu` actors per GPU (the pool's engines_per_gpu;
 "auto" by default), on GPUs 0..N-1 (CUDA_VISIBLE_DEVICES), every actor running its own engine (vllm with
 the 4B-shaped synthetic Qwen3-VL and dummy weights by default; answers forced to 12 tokens as in
-engine_bench), streams `--images` copies of a 1000x750 image (each a distinct image id, so no cross-image
-prefix sharing) with its 64x48 VLM3-depth grid through the pool, and reports queries/s after a warm-up
+engine_bench), streams `--images` 1000x750 images (the test photo shifted by a different number of pixels
+each: distinct pixels, so no image's prefix is cached from another; the engine keys its cache on pixel
+content, not on the image id) with its 64x48 VLM3-depth grid through the pool, and reports queries/s after a warm-up
 image per actor. q/s counts answered queries only; a point with engine errors is marked invalid.
 Efficiency = q/s(N) / (N x q/s(1)). `--engine simulated` runs the same loop on CPU actors
 (it measures the pool's overhead, not GPU scaling). Results: JSON under --out, one file per run.
@@ -51,17 +52,25 @@ def bench_sampling(profile, engine: str) -> Sampling:
 
 
 def make_batches(n: int, profile, grid=(64, 48), with_truth: bool = False, tag_prefix: str = "img",
-                 sampling: Sampling | None = None):
-    rgb = resize_rgb(load_rgb(IMAGE), (1000, 750)) if IMAGE.is_file() else \
+                 sampling: Sampling | None = None, first: int = 0) -> list:
+    """n batches of distinct images: image k (k = first, first + 1, ...) is the photo rolled by 17 (k + 1) pixels.
+    (Until 2026-11-30 every image had the same pixels under another id; with content-keyed image caches
+    the engine then answered from the prefix cache, see benchmarks/results/README-rows-issue13.md.)"""
+    rgb0 = resize_rgb(load_rgb(IMAGE), (1000, 750)) if IMAGE.is_file() else \
         np.random.default_rng(0).integers(0, 255, (750, 1000, 3), dtype=np.uint8)
     cam = Camera(1000, 1000, 500, 375, 1000, 750)
     p = profile.preprocess
-    prep = prepare_image(rgb, cam, focal=p.focal, max_side=p.max_side, coord_range=profile.coord_range)
-    plan = plan_queries(grid_points(1000, 750, count=grid), prep.pixel_map)
-    truth = GroundTruth(depth=np.full(prep.pixels.shape[:2], 3.0, np.float32)) if with_truth else None
+    out = []
     for i in range(n):
-        yield depth_batch(prep, plan, profile, uid=f"{tag_prefix}{i}", truth=truth,
-                          sampling=sampling or sampling_for(profile), tag=i)
+        k = first + i
+        dy, dx = divmod(17 * (k + 1), rgb0.shape[1])  # a distinct shift for every k below 44,000
+        rgb = np.ascontiguousarray(np.roll(rgb0, (dy, dx), axis=(0, 1)))
+        prep = prepare_image(rgb, cam, focal=p.focal, max_side=p.max_side, coord_range=profile.coord_range)
+        plan = plan_queries(grid_points(1000, 750, count=grid), prep.pixel_map)
+        truth = GroundTruth(depth=np.full(prep.pixels.shape[:2], 3.0, np.float32)) if with_truth else None
+        out.append(depth_batch(prep, plan, profile, uid=f"{tag_prefix}{k}", truth=truth,
+                               sampling=sampling or sampling_for(profile), tag=i))
+    return out
 
 
 def measure(n_gpus: int, args, profile) -> dict:
@@ -85,13 +94,13 @@ def measure(n_gpus: int, args, profile) -> dict:
     k = pool.engines_per_gpu
     try:
         s = bench_sampling(profile, args.engine)
-        warm = list(generate_stream(pool, make_batches(n_gpus, profile, with_truth=args.engine == "simulated",
-                                                       tag_prefix="warm", sampling=s)))
+        warm = list(generate_stream(pool, make_batches(n_gpus * k, profile, with_truth=args.engine == "simulated",
+                                                       tag_prefix="warm", sampling=s, first=10_000)))
+        batches = make_batches(args.images, profile, sampling=s, with_truth=args.engine == "simulated")
         t0 = time.perf_counter()
         n_q = 0
         errors = 0
-        for batch, comps in generate_stream(pool, make_batches(args.images, profile, sampling=s,
-                                                                with_truth=args.engine == "simulated")):
+        for batch, comps in generate_stream(pool, batches):
             n_q += len(comps)
             errors += sum(c.error is not None for c in comps)
         wall = time.perf_counter() - t0

@@ -26,3 +26,16 @@ def test_vllm_answers_are_forced_to_the_benchmark_length():
     (b,) = make_batches(1, prof, sampling=bench_sampling(prof, "vllm"))
     assert b.sampling.max_tokens == GEN_TOKENS == 12
     assert bench_sampling(prof, "simulated").max_tokens == prof.question.max_tokens
+
+
+def test_every_image_has_its_own_pixels():
+    """Engines key their image and prefix caches on pixel content: copies of one image under other ids
+    would be answered from the cache (the first H200 run of 2026-11-30 measured that, not the engine)."""
+    from benchmarks.scaling_bench import make_batches
+    from densify.engines.base import PromptImage
+    from densify.profiles import load_profile
+
+    prof = load_profile("vlm3-depth")
+    batches = make_batches(3, prof) + make_batches(2, prof, tag_prefix="warm", first=10_000)
+    hashes = {PromptImage.content_uid(img.pixels) for b in batches for img in b.images.values()}
+    assert len(hashes) == 5
