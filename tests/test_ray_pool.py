@@ -390,6 +390,8 @@ def test_engines_per_gpu_resolution():
 
     assert r("auto", "vllm", {}, 1) == AUTO_ENGINES_PER_GPU
     assert r("auto", "vllm", {"gpu_memory_utilization": 0.9}, 1) == 1  # sized by hand: one per GPU
+    assert r("auto", "vllm", {}, 1, num_actors=8) == 1  # a count written as one actor per GPU stays so
+    assert r(2, "vllm", {}, 1, num_actors=8) == 2
     assert r("auto", "vllm", {"tensor_parallel_size": 2}, 2) == 1
     assert r("auto", "vllm", {}, 0.5) == 1 and r("auto", "hf", {}, 1) == 1 and r("auto", "simulated", {}, 0) == 1
     assert r(3, "vllm", {}, 1) == 3 and r(1, "simulated", {}, 0) == 1

@@ -36,17 +36,20 @@ log = logging.getLogger("densify.ray")
 
 # vLLM engines per GPU when `engines_per_gpu="auto"`: one engine core process leaves the GPU idle while it
 # does its per-request CPU work; a second overlaps it (H200, 4B-shaped Qwen3-VL, 12-token answers,
-# 2026-11-30: one engine 520 q/s streamed, two 630). See docs/scaling.md for the measurements.
+# 2026-11-30: one engine 500-526 q/s streamed, two 628 in the Ray pool, three 624: the GPU is busy 91%
+# with two). See docs/scaling.md for the measurements.
 AUTO_ENGINES_PER_GPU = 2
 
 
 def resolve_engines_per_gpu(engines_per_gpu: int | str, engine: EngineSpec, engine_options: dict,
-                            num_gpus_per_actor: float) -> int:
+                            num_gpus_per_actor: float, num_actors: int | None = None) -> int:
     """How many engines share each GPU. "auto": AUTO_ENGINES_PER_GPU for the vllm engine on whole GPUs
     (one GPU per engine, no tensor parallelism) unless the options size its memory themselves
-    (gpu_memory_utilization given); else 1. An explicit K > 1 needs num_gpus_per_actor=1."""
+    (gpu_memory_utilization given) or num_actors is given (a count meant as one per GPU); else 1. An
+    explicit K > 1 needs num_gpus_per_actor=1, and num_actors then counts engines, not GPUs."""
     if engines_per_gpu == "auto":
-        if (engine == "vllm" and num_gpus_per_actor == 1 and "gpu_memory_utilization" not in engine_options
+        if (engine == "vllm" and num_gpus_per_actor == 1 and num_actors is None
+                and "gpu_memory_utilization" not in engine_options
                 and int(engine_options.get("tensor_parallel_size") or 1) == 1):
             return AUTO_ENGINES_PER_GPU
         return 1
@@ -142,7 +145,8 @@ class RayPoolEngine:
         self.actor_max_restarts = int(actor_max_restarts)
         self.start_one_by_one = start_one_by_one
         engine_options = dict(engine_options or {})
-        self.engines_per_gpu = resolve_engines_per_gpu(engines_per_gpu, engine, engine_options, num_gpus_per_actor)
+        self.engines_per_gpu = resolve_engines_per_gpu(engines_per_gpu, engine, engine_options, num_gpus_per_actor,
+                                                       num_actors)
         if self.engines_per_gpu > 1:
             num_gpus_per_actor = 1.0 / self.engines_per_gpu
             if engine == "vllm":
