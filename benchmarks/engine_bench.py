@@ -483,6 +483,7 @@ def ray_phase(name: str, model: str, opts: dict, rate: float, per_gpu: int, stat
         pool = RayPoolEngine(prof, engine=engine, engine_options=opts, num_actors=per_gpu, num_gpus_per_actor=1,
                              engines_per_gpu=per_gpu, max_in_flight_per_actor=3)
         start_s = time.perf_counter() - t0
+        plan = pool.memory_plan or plan  # what the actors applied (sized on their GPU)
         log.info("[%s] %d actor(s) ready in %.1f s", name, per_gpu, start_s)
         n = max(n_images, 2 * per_gpu)
         try:

@@ -517,25 +517,28 @@ def test_detokenize_off_decodes_in_the_engine(fake_vllm, fast_vllm, fast):
     assert llm.tokenizer.batch_decodes == 3  # one decode call per batch, not per answer
 
 
-def test_several_engines_per_gpu_get_sized_options(fake_vllm, monkeypatch):
-    from densify.engines import vllm as vmod
+def test_an_actor_sharing_its_gpu_sizes_its_vllm_engine(fake_vllm, monkeypatch):
+    """The Ray actor (run in process here) applies the memory plan for K engines per GPU before it builds
+    the vllm engine; what the caller sets wins; one engine per GPU keeps the engine's defaults."""
+    from densify.engines import ray_actor
     from densify.engines.vllm_memory import engine_memory_plan
 
-    monkeypatch.setattr(vmod, "visible_gpu_total_gib", lambda: 140.0)
-    eng = make(fake_vllm, engines_per_gpu=3)
+    monkeypatch.setattr(ray_actor, "visible_gpu_total_gib", lambda: 140.0)
+    actor = ray_actor._EngineActor("vllm", "vlm3-depth", {"model": "/m"}, 3)
     kw = FakeLLM.instances[-1].kw
     plan = engine_memory_plan(3, 140.0)
     assert kw["gpu_memory_utilization"] == plan["gpu_memory_utilization"] < 0.3
     assert kw["max_num_batched_tokens"] == plan["max_num_batched_tokens"] == 16384
-    assert kw["compilation_config"] == plan["compilation_config"] and eng.memory_plan == plan
-    # what the caller sets wins
-    make(fake_vllm, engines_per_gpu=3, gpu_memory_utilization=0.2, max_num_batched_tokens=4096)
+    assert kw["compilation_config"] == plan["compilation_config"]
+    assert actor.info()["memory_plan"] == plan
+    ray_actor._EngineActor("vllm", "vlm3-depth", {"model": "/m", "gpu_memory_utilization": 0.2,
+                                                   "max_num_batched_tokens": 4096}, 3)
     kw = FakeLLM.instances[-1].kw
     assert kw["gpu_memory_utilization"] == 0.2 and kw["max_num_batched_tokens"] == 4096
-    # one engine: the measured single-engine defaults
-    make(fake_vllm)
+    actor = ray_actor._EngineActor("vllm", "vlm3-depth", {"model": "/m"}, 1)
     kw = FakeLLM.instances[-1].kw
     assert kw["gpu_memory_utilization"] == 0.9 and kw["max_num_batched_tokens"] == 32768
+    assert actor.info()["memory_plan"] is None
 
 
 def test_a_dead_engine_core_marks_the_engine_dead(fake_vllm):

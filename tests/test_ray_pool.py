@@ -406,14 +406,14 @@ def test_engines_per_gpu_shares_each_gpu(monkeypatch):
     seen = {}
 
     def fake_start(self, engine, options, num_actors, num_gpus, num_cpus, runtime_env, timeout_s):
-        seen.update(options=options, num_actors=num_actors, num_gpus=num_gpus)
+        seen.update(options=options, num_actors=num_actors, num_gpus=num_gpus, per_gpu=self.engines_per_gpu)
         raise RuntimeError("stop here")
 
     monkeypatch.setattr(RayPoolEngine, "_start_actors", fake_start)
     with pytest.raises(RuntimeError, match="stop here"):
         RayPoolEngine(PROFILE, engine="vllm", engine_options={"model": "m"}, num_gpus_per_actor=1, engines_per_gpu=3)
-    assert seen["num_gpus"] == pytest.approx(1 / 3) and seen["options"] == {"model": "m", "engines_per_gpu": 3}
+    assert seen["num_gpus"] == pytest.approx(1 / 3) and seen["per_gpu"] == 3 and seen["options"] == {"model": "m"}
     with pytest.raises(RuntimeError, match="stop here"):
         RayPoolEngine(PROFILE, engine="vllm", engine_options={"model": "m", "gpu_memory_utilization": 0.5},
                       num_gpus_per_actor=1)
-    assert seen["num_gpus"] == 1 and "engines_per_gpu" not in seen["options"]
+    assert seen["num_gpus"] == 1 and seen["per_gpu"] == 1

@@ -3,7 +3,7 @@
 import pytest
 
 from densify.engines.vllm_memory import (FIXED_OVERHEAD_GIB, STEP_OVERHEAD_GIB_PER_TOKEN, USABLE_SHARE,
-                                         batched_tokens_for, cudagraph_sizes, engine_memory_plan)
+                                         apply_memory_plan, batched_tokens_for, cudagraph_sizes, engine_memory_plan)
 
 H200 = 140.0
 
@@ -55,3 +55,14 @@ def test_bad_arguments():
     with pytest.raises(ValueError, match="fewer engines"):
         engine_memory_plan(8, 80.0)
     assert engine_memory_plan(2, H200, max_num_batched_tokens=8192)["max_num_batched_tokens"] == 8192
+
+
+def test_apply_fills_only_what_the_caller_left_unset():
+    opts, plan = apply_memory_plan({"model": "m"}, 2, H200)
+    assert opts == {"model": "m", "gpu_memory_utilization": plan["gpu_memory_utilization"],
+                    "max_num_batched_tokens": 32768, "compilation_config": plan["compilation_config"]}
+    mine = {"model": "m", "gpu_memory_utilization": 0.3, "max_num_batched_tokens": 8192, "enforce_eager": True,
+            "max_num_seqs": 256}
+    opts, plan = apply_memory_plan(mine, 4, H200)
+    assert opts == mine  # nothing overridden, no graphs for an eager engine
+    assert plan["max_num_batched_tokens"] == 8192 and plan["compilation_config"]["cudagraph_capture_sizes"][-1] == 256

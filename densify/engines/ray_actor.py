@@ -18,6 +18,7 @@ from typing import Any, Callable
 
 from densify.engines import create_engine
 from densify.engines.base import Completion, Engine, EngineBatch, EngineError, Query, generate_stream
+from densify.engines.vllm_memory import ASSUMED_GPU_GIB, apply_memory_plan, visible_gpu_total_gib
 
 log = logging.getLogger("densify.ray")
 
@@ -38,7 +39,13 @@ class _EngineActor:
     `generate` call waits on its batch's future. `ping`, `info` and `cpu_seconds` answer while batches run.
     """
 
-    def __init__(self, engine: EngineSpec, profile, options: dict):
+    def __init__(self, engine: EngineSpec, profile, options: dict, engines_per_gpu: int = 1):
+        self.memory_plan = None
+        if engines_per_gpu > 1 and engine == "vllm":
+            # sized here, where the GPU is visible: the driver may have none
+            total = visible_gpu_total_gib() or ASSUMED_GPU_GIB
+            options, self.memory_plan = apply_memory_plan(options, engines_per_gpu, total)
+            log.info("vllm engine %d per GPU on a %.0f GiB card: %s", engines_per_gpu, total, options)
         if isinstance(engine, str):
             self.engine = create_engine(engine, profile=profile, **options)
         else:
@@ -51,7 +58,7 @@ class _EngineActor:
     def info(self) -> dict:
         return {"name": getattr(self.engine, "name", type(self.engine).__name__),
                 "uses_truth": bool(getattr(self.engine, "uses_truth", False)), "pid": os.getpid(),
-                "cpu_s": time.process_time()}
+                "cpu_s": time.process_time(), "memory_plan": self.memory_plan}
 
     def ping(self) -> bool:
         return True

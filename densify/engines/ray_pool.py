@@ -118,8 +118,8 @@ class RayPoolEngine:
     `num_gpus_per_actor` (e.g. 0.5) runs several engines on one GPU (give each a matching
     gpu_memory_utilization); such actors start one by one (`start_one_by_one`, default: when fractional).
     `engines_per_gpu` (K, default "auto": see `resolve_engines_per_gpu`) does that for you: actors ask for
-    1/K GPU each, `num_actors` defaults to GPUs x K, and a vllm engine is told K
-    (`engines_per_gpu` engine option) so it sizes its memory, steps and CUDA graphs to fit K on the card.
+    1/K GPU each, `num_actors` defaults to GPUs x K, and each actor sizes its vllm engine's memory, steps
+    and CUDA graphs to fit K on its card (`vllm_memory.apply_memory_plan`; options given win).
     """
 
     name = "ray"
@@ -147,10 +147,9 @@ class RayPoolEngine:
         engine_options = dict(engine_options or {})
         self.engines_per_gpu = resolve_engines_per_gpu(engines_per_gpu, engine, engine_options, num_gpus_per_actor,
                                                        num_actors)
+        self.memory_plan: dict | None = None  # what each vllm actor was given, when they share GPUs
         if self.engines_per_gpu > 1:
             num_gpus_per_actor = 1.0 / self.engines_per_gpu
-            if engine == "vllm":
-                engine_options.setdefault("engines_per_gpu", self.engines_per_gpu)
         # Counters, and seconds: engine_s actors spent in the engine, wait_s the driver waited on actors,
         # put_s putting batches into the object store; actor_cpu_s (set by close) the actors' CPU time.
         self.stats = {"batches": 0, "retries": 0, "requeued": 0, "actor_failures": 0, "failed_batches": 0,
@@ -197,7 +196,7 @@ class RayPoolEngine:
         groups = [[i] for i in range(num_actors)] if one_by_one else [list(range(num_actors))]
         infos, deadline = [], time.monotonic() + timeout_s
         for group in groups:
-            slots = [_Slot(i, cls.remote(engine, self.profile, options)) for i in group]
+            slots = [_Slot(i, cls.remote(engine, self.profile, options, self.engines_per_gpu)) for i in group]
             self._slots.extend(slots)
             refs = [s.handle.info.remote() for s in slots]
             ready, not_ready = ray.wait(refs, num_returns=len(refs), timeout=max(0.0, deadline - time.monotonic()))
@@ -212,6 +211,7 @@ class RayPoolEngine:
         self._cpu0 = sum(i["cpu_s"] for i in infos)
         self.inner_name = infos[0]["name"]
         self.uses_truth = infos[0]["uses_truth"]
+        self.memory_plan = infos[0].get("memory_plan")
         log.info("Ray pool: %d actor(s) running %s (%s CPU, %s GPU each, %d per GPU, %d batches in flight each)",
                  num_actors, self.inner_name, num_cpus, num_gpus, self.engines_per_gpu, self.max_in_flight)
 

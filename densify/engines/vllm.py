@@ -31,7 +31,6 @@ from typing import Any, Iterable, Iterator
 from densify.engines import register_engine
 from densify.engines.base import Completion, EngineBatch, EngineError, PromptImage, Query, Sampling, check_batch
 from densify.engines.vllm_fast import FALLBACK, FAST, add_fast
-from densify.engines.vllm_memory import engine_memory_plan, visible_gpu_total_gib
 from densify.profiles import Profile, load_profile
 from densify.prompts import chat_messages
 
@@ -49,9 +48,6 @@ DEFAULT_MAX_NUM_SEQS = 1024
 DEFAULT_MAX_NUM_BATCHED_TOKENS = 32768
 DEFAULT_MAX_MODEL_LEN = 8192
 DEFAULT_GPU_MEMORY_UTILIZATION = 0.90
-# GPU memory of the card assumed when NVML cannot say (an H100/H200 class card): only the sizing of
-# several engines per GPU uses it.
-ASSUMED_GPU_GIB = 80.0
 
 _OOM_WORDS = ("out of memory", "outofmemory", "cuda error: out of memory", "no available memory",
               "insufficient memory", "not enough memory", "cublas_status_alloc_failed",
@@ -172,20 +168,16 @@ class VLLMEngine:
 
     Options (all keyword):
       model: checkpoint folder or name (default: the profile's `model`).
-      gpu_memory_utilization: share of the GPU's memory vLLM may take (weights + activations + KV cache);
-        None: 0.90 for one engine per GPU, else from `engines_per_gpu`.
+      gpu_memory_utilization: share of the GPU's memory vLLM may take (weights + activations + KV cache).
+        Several engines on one GPU: `RayPoolEngine(engines_per_gpu=K)` sizes this, max_num_batched_tokens
+        and the CUDA-graph sizes for each (`vllm_memory.apply_memory_plan`).
       max_model_len: longest prompt + answer in tokens (a 1000x750 image is ~713 tokens; two 1024-wide
         images ~1400); small values keep the memory profile small.
       tensor_parallel_size, dtype, quantization (e.g. "fp8": online fp8 weights, ~2x matmul rate),
       load_format ("dummy": random weights, for benchmarks), enforce_eager (off: CUDA graphs on,
         captured up to max_num_seqs requests unless a compilation_config is given).
       max_num_seqs: requests decoded together (1024: a whole image's answers in a few waves).
-      max_num_batched_tokens: tokens per engine step (None: 32768 for one or two engines per GPU, less
-        for more; ~500 queries' prompt suffixes per step).
-      engines_per_gpu: how many engines share this GPU (the Ray pool sets it). With more than one,
-        gpu_memory_utilization, max_num_batched_tokens and the CUDA-graph sizes that are not given are
-        derived from it and the card's memory (`vllm_memory.engine_memory_plan`), so that K engines fit
-        with the memory vLLM's profile does not count.
+      max_num_batched_tokens: tokens per engine step (32768: ~500 queries' prompt suffixes per step).
       enable_prefix_caching: reuse an image's KV across its queries (the point of per-image batches).
       cascade_attention: let vLLM use cascade attention when the running batch shares a long prefix
         (None: vLLM's default, which is off).
@@ -211,10 +203,10 @@ class VLLMEngine:
     uses_truth = False
 
     def __init__(self, profile: Profile | str, *, model: str | None = None,
-                 gpu_memory_utilization: float | None = None,
+                 gpu_memory_utilization: float = DEFAULT_GPU_MEMORY_UTILIZATION,
                  max_model_len: int | None = DEFAULT_MAX_MODEL_LEN, tensor_parallel_size: int = 1,
                  dtype: str = "auto", max_num_seqs: int = DEFAULT_MAX_NUM_SEQS,
-                 max_num_batched_tokens: int | None = None, engines_per_gpu: int = 1,
+                 max_num_batched_tokens: int | None = DEFAULT_MAX_NUM_BATCHED_TOKENS,
                  detokenize: bool = True, mm_uuids: bool = True,
                  enable_prefix_caching: bool = True, load_format: str = "auto", enforce_eager: bool = False,
                  limit_mm_per_prompt: dict | None = None, quantization: str | None = None,
@@ -232,24 +224,7 @@ class VLLMEngine:
         self.fast_prompts = bool(fast_prompts)
         self.detokenize = bool(detokenize)
         self.mm_uuids = bool(mm_uuids)
-        self.engines_per_gpu = max(1, int(engines_per_gpu))
         self.dead = False  # the engine core died: this engine cannot answer again (the Ray actor restarts)
-        self.memory_plan: dict | None = None
-        if self.engines_per_gpu > 1:
-            self.memory_plan = engine_memory_plan(self.engines_per_gpu, visible_gpu_total_gib() or ASSUMED_GPU_GIB,
-                                                  max_num_seqs=self.max_num_seqs)
-            plan = self.memory_plan
-            if gpu_memory_utilization is None:
-                gpu_memory_utilization = plan["gpu_memory_utilization"]
-            if max_num_batched_tokens is None:
-                max_num_batched_tokens = plan["max_num_batched_tokens"]
-            if not enforce_eager and "compilation_config" not in engine_kwargs:
-                engine_kwargs["compilation_config"] = plan["compilation_config"]
-            log.info("vllm engine: 1 of %d on this GPU: %s", self.engines_per_gpu, plan)
-        if gpu_memory_utilization is None:
-            gpu_memory_utilization = DEFAULT_GPU_MEMORY_UTILIZATION
-        if max_num_batched_tokens is None:
-            max_num_batched_tokens = DEFAULT_MAX_NUM_BATCHED_TOKENS
         self.llm_options = dict(
             model=self.model, gpu_memory_utilization=float(gpu_memory_utilization), max_model_len=max_model_len,
             tensor_parallel_size=int(tensor_parallel_size), dtype=dtype, max_num_seqs=self.max_num_seqs,

@@ -9,7 +9,9 @@ Qwen3-VL, 2026-11-30): engines given 0.88/K of the card held 42-48 GiB against a
 32-37 GiB against 30.8 (K=4), and died of CUDA OOM. So each engine's share here is what is left of its
 1/K slice after that overshoot, and large K take smaller steps (less workspace) and fewer CUDA graphs.
 
-`engine_memory_plan` is pure (no GPU, no vLLM): the vllm engine calls it with the card's memory.
+`engine_memory_plan` and `apply_memory_plan` are pure (no GPU, no vLLM); the Ray actor of a vllm engine
+that shares its GPU (`RayPoolEngine(engines_per_gpu=K)`) calls `apply_memory_plan` with the card's memory
+(`visible_gpu_total_gib`) before it builds the engine.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ SINGLE_ENGINE_UTILIZATION = 0.90   # one engine per GPU: vLLM's own headroom suf
 MAX_BATCHED_TOKENS = 32768   # 65,536 ran out of memory even alone at 0.90 (H100)
 MIN_BATCHED_TOKENS = 8192
 MIN_ENGINE_GIB = 14.0        # weights of a 4B bf16 model (8.3 GiB) + a useful KV cache
+ASSUMED_GPU_GIB = 80.0       # when NVML cannot say (an H100-class card): the smaller plan is the safe one
 
 
 def batched_tokens_for(engines_per_gpu: int) -> int:
@@ -80,6 +83,20 @@ def engine_memory_plan(engines_per_gpu: int, gpu_total_gib: float, *, max_num_se
                          f"{MIN_ENGINE_GIB:.0f} GiB: use fewer engines per GPU")
     return {"gpu_memory_utilization": util, "max_num_batched_tokens": tokens, "compilation_config": compilation,
             "process_gib": round(share_gib + overhead, 2)}
+
+
+def apply_memory_plan(options: dict, engines_per_gpu: int, gpu_total_gib: float) -> tuple[dict, dict]:
+    """vllm engine options for one of `engines_per_gpu` engines on a card of `gpu_total_gib`: the plan's
+    gpu_memory_utilization, max_num_batched_tokens and CUDA-graph sizes wherever `options` leave them unset
+    (what the caller sets wins). Returns (options, plan)."""
+    opts = dict(options)
+    plan = engine_memory_plan(engines_per_gpu, gpu_total_gib, max_num_seqs=int(opts.get("max_num_seqs") or 1024),
+                              max_num_batched_tokens=opts.get("max_num_batched_tokens"))
+    opts.setdefault("gpu_memory_utilization", plan["gpu_memory_utilization"])
+    opts.setdefault("max_num_batched_tokens", plan["max_num_batched_tokens"])
+    if not opts.get("enforce_eager") and "compilation_config" not in opts:
+        opts["compilation_config"] = plan["compilation_config"]
+    return opts, plan
 
 
 def visible_gpu_total_gib() -> float | None:
