@@ -23,6 +23,7 @@ import os
 import platform
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -43,6 +44,40 @@ log = logging.getLogger("scaling_bench")
 ROOT = Path(__file__).resolve().parents[1]
 IMAGE = ROOT / "tests" / "data" / "ibims1_factory_01.png"
 GEN_TOKENS = 12
+H200_BF16_TFLOPS = 796.0  # bf16 matmul 8192^3 measured on an H200, 2026-11-30 (engine_bench): the ceiling's rate
+
+
+class GPUBusy:
+    """Mean NVML utilisation (share of time a kernel ran) of GPUs 0..n-1, and their total memory."""
+
+    def __init__(self, n: int):
+        self.samples: list[float] = []
+        self.total_gib = None
+        self._stop = threading.Event()
+        try:
+            import pynvml
+
+            pynvml.nvmlInit()
+            self._nvml, self._h = pynvml, [pynvml.nvmlDeviceGetHandleByIndex(i) for i in range(n)]
+            self.total_gib = pynvml.nvmlDeviceGetMemoryInfo(self._h[0]).total / 2**30
+        except Exception:  # noqa: BLE001 - no NVIDIA GPU: no busy share
+            self._nvml = None
+
+    def __enter__(self):
+        def loop():
+            while not self._stop.wait(0.1):
+                self.samples.append(float(np.mean([self._nvml.nvmlDeviceGetUtilizationRates(h).gpu for h in self._h])))
+        if self._nvml:
+            self._th = threading.Thread(target=loop, daemon=True)
+            self._th.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+
+    @property
+    def share(self) -> float | None:
+        return round(float(np.mean(self.samples)) / 100, 3) if self.samples else None
 
 
 def bench_sampling(profile, engine: str) -> Sampling:
@@ -97,21 +132,32 @@ def measure(n_gpus: int, args, profile) -> dict:
         warm = list(generate_stream(pool, make_batches(n_gpus * k, profile, with_truth=args.engine == "simulated",
                                                        tag_prefix="warm", sampling=s, first=10_000)))
         batches = make_batches(args.images, profile, sampling=s, with_truth=args.engine == "simulated")
-        t0 = time.perf_counter()
-        n_q = 0
-        errors = 0
-        for batch, comps in generate_stream(pool, batches):
-            n_q += len(comps)
-            errors += sum(c.error is not None for c in comps)
-        wall = time.perf_counter() - t0
+        comps_all = []
+        with GPUBusy(n_gpus if args.engine != "simulated" else 0) as busy:
+            t0 = time.perf_counter()
+            for batch, comps in generate_stream(pool, batches):
+                comps_all.extend(comps)
+            wall = time.perf_counter() - t0
+        plan = pool.memory_plan
     finally:
         pool.close()
-    answered = n_q - errors
+    from benchmarks.engine_bench import summarize  # the same row fields as engine_bench
+
+    # the ceiling of all the point's GPUs together
+    summary = summarize(f"{n_gpus} GPU(s)", comps_all, wall, n_gpus * args.matmul_tflops * 1e12, engines_per_gpu=k)
+    n_q, answered = len(comps_all), summary["answered"]
+    errors = n_q - answered
+    util = plan["gpu_memory_utilization"] if plan else engine_options.get("gpu_memory_utilization", 0.9)
     row = {"gpus": n_gpus, "engines_per_gpu": k, "images": args.images, "queries": n_q, "answered": answered,
-           "wall_s": wall, "qps": answered / wall, "engine_errors": errors, "valid": errors == 0 and answered > 0,
-           "warmup_images": len(warm)}
+           "wall_s": wall, "qps": answered / wall, "engine_errors": errors, "valid": summary["valid"],
+           "warmup_images": len(warm), "answer_tokens": GEN_TOKENS if args.engine == "vllm" else None,
+           "gpu_busy_share": busy.share, "share_of_ceiling": summary["share_of_ceiling"],
+           "memory_per_engine_gib": round(util * busy.total_gib, 1) if busy.total_gib else None,
+           "memory_plan": plan}
+    row.update({key: summary[key] for key in ("prompt_tokens_per_query", "cached_tokens_per_query",
+                                             "generated_tokens_per_query", "ceiling_queries_per_s")})
     if not row["valid"]:
-        row["invalid_reason"] = f"{errors} of {n_q} queries failed in the engine"
+        row["invalid_reason"] = summary.get("invalid_reason")
     return row
 
 
@@ -127,6 +173,8 @@ def main(argv=None) -> int:
     ap.add_argument("--engines-per-gpu", default="auto", type=lambda v: v if v == "auto" else int(v),
                     help="vLLM engines per GPU (Ray actors sharing it): auto or a number")
     ap.add_argument("--ray-address", default=None)
+    ap.add_argument("--matmul-tflops", type=float, default=H200_BF16_TFLOPS,
+                    help="bf16 matmul rate per GPU for the ceiling (default: measured on an H200)")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
@@ -150,6 +198,7 @@ def main(argv=None) -> int:
     result = {"benchmark": "densify scaling_bench (benchmarks/scaling_bench.py)", "device": device,
               "engine": args.engine, "date_utc": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
               "python": platform.python_version(), "generated_tokens_forced": GEN_TOKENS if args.engine == "vllm" else None,
+              "bf16_matmul_tflops_per_gpu": args.matmul_tflops,
               "rows": rows}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -15,6 +15,9 @@ def test_scaling_bench_runs_on_cpu_actors(tmp_path):
     rows = json.loads(res.read_text())["rows"]
     assert rows[0]["queries"] == 2 * 3072 and rows[0]["engine_errors"] == 0 and rows[0]["efficiency"] == 1.0
     assert rows[0]["valid"] is True and rows[0]["answered"] == 2 * 3072 and rows[0]["engines_per_gpu"] == 1
+    # the row fields engine_bench has (no GPU here: no busy share or memory)
+    assert {"share_of_ceiling", "gpu_busy_share", "memory_per_engine_gib", "generated_tokens_per_query"} <= set(rows[0])
+    assert rows[0]["gpu_busy_share"] is None and rows[0]["memory_plan"] is None
 
 
 def test_vllm_answers_are_forced_to_the_benchmark_length():
