@@ -2,14 +2,15 @@
 # GPU session job: the gpu tests and the engine benchmark, logs and JSON into $OUT.
 #
 # On the GPU host, from the repository root, after staging vLLM (../shared/gpu/README.md):
-#   bash benchmarks/gpu_session.sh [tests|bench|all] [benchmark phases, default base,hf,cascade,fp8]
+#   bash benchmarks/gpu_session.sh [tests|bench|all] [benchmark phases, default base,hf,cascade,fp8] [engine_bench args]
+#   bash benchmarks/gpu_session.sh scaling [scaling_bench args, e.g. --gpus 1,2 --engines-per-gpu 2]
 # e.g. the last staging call and the tests together:
 #   bash .gpu-stage/p5/recv.sh && bash benchmarks/gpu_session.sh tests
 # Writes $OUT/gpu-tests.log, $OUT/bench.log, $OUT/engine_bench-*.json, $OUT/env.txt (at most 8 files come
 # back from the host). PYTEST_K=EXPR selects tests (pytest -k). Exit status: that of the last step that failed, else 0.
 set -uo pipefail
 what=${1:-all}
-phases=${2:-base,hf,cascade,fp8}
+if [ "$what" = scaling ]; then shift; extra=("$@"); else phases=${2:-base,hf,cascade,fp8}; extra=("${@:3}"); fi
 OUT=${OUT:-/tmp/densify-gpu-out}
 mkdir -p "$OUT"
 if [ -f /tmp/gpu-env.sh ]; then
@@ -50,8 +51,18 @@ if [ "$what" = tests ] || [ "$what" = all ]; then
     | grep --line-buffered -v "jit_monitor\|Capturing CUDA graphs" | tee "$OUT/gpu-tests.log"
   r=${PIPESTATUS[0]}; [ "$r" -ne 0 ] && rc=$r
 fi
+# one 4B-shaped model folder per host (dummy weights), shared by the benchmarks of a session
+MODEL=/tmp/densify-m4b
+if [ "$what" != tests ] && [ ! -f "$MODEL/config.json" ]; then
+  python3 -c "from densify.synthetic.qwen3vl import build_model_folder as b; b('$MODEL', shape='4b')" || rc=1
+fi
+if [ "$what" = scaling ]; then
+  python3 -m benchmarks.scaling_bench --out "$OUT" --model "$MODEL" "${extra[@]}" 2>&1 \
+    | grep --line-buffered -v "jit_monitor\|Capturing CUDA graphs" | tee "$OUT/scaling.log"
+  r=${PIPESTATUS[0]}; [ "$r" -ne 0 ] && rc=$r
+fi
 if [ "$what" = bench ] || [ "$what" = all ]; then
-  python3 -m benchmarks.engine_bench --out "$OUT" --phases "$phases" 2>&1 \
+  python3 -m benchmarks.engine_bench --out "$OUT" --phases "$phases" --model "$MODEL" "${extra[@]}" 2>&1 \
     | grep --line-buffered -v "jit_monitor\|Capturing CUDA graphs" | tee "$OUT/bench.log"
   r=${PIPESTATUS[0]}; [ "$r" -ne 0 ] && rc=$r
 fi

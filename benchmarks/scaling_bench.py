@@ -2,11 +2,14 @@
 
     python -m benchmarks.scaling_bench --gpus 1,2 --images 16 --out benchmarks/results [--engine vllm]
 
-Each point starts a RayPoolEngine with one actor per GPU, every actor running its own engine (vllm with
+Each point starts a RayPoolEngine with `--engines-per-gpu` actors per GPU (the pool's engines_per_gpu;
+"auto" by default), on GPUs 0..N-1 (CUDA_VISIBLE_DEVICES), every actor running its own engine (vllm with
 the 4B-shaped synthetic Qwen3-VL and dummy weights by default; answers forced to 12 tokens as in
-engine_bench), streams `--images` copies of a 1000x750 image (each a distinct image id, so no cross-image
-prefix sharing) with its 64x48 VLM3-depth grid through the pool, and reports queries/s after a warm-up
-image per actor. Efficiency = q/s(N) / (N x q/s(1)). `--engine simulated` runs the same loop on CPU actors
+engine_bench), streams `--images` 1000x750 images (the test photo shifted by a different number of pixels
+each: distinct pixels, so no image's prefix is cached from another; the engine keys its cache on pixel
+content, not on the image id) with its 64x48 VLM3-depth grid through the pool, and reports queries/s after a warm-up
+image per actor. q/s counts answered queries only; a point with engine errors is marked invalid.
+Efficiency = q/s(N) / (N x q/s(1)). `--engine simulated` runs the same loop on CPU actors
 (it measures the pool's overhead, not GPU scaling). Results: JSON under --out, one file per run.
 """
 
@@ -20,6 +23,7 @@ import os
 import platform
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -41,6 +45,40 @@ log = logging.getLogger("scaling_bench")
 ROOT = Path(__file__).resolve().parents[1]
 IMAGE = ROOT / "tests" / "data" / "ibims1_factory_01.png"
 GEN_TOKENS = 12
+H200_BF16_TFLOPS = 796.0  # bf16 matmul 8192^3 measured on an H200, 2026-11-30 (engine_bench): the ceiling's rate
+
+
+class GPUBusy:
+    """Mean NVML utilisation (share of time a kernel ran) of GPUs 0..n-1, and their total memory."""
+
+    def __init__(self, n: int):
+        self.samples: list[float] = []
+        self.total_gib = None
+        self._stop = threading.Event()
+        try:
+            import pynvml
+
+            pynvml.nvmlInit()
+            self._nvml, self._h = pynvml, [pynvml.nvmlDeviceGetHandleByIndex(i) for i in range(n)]
+            self.total_gib = pynvml.nvmlDeviceGetMemoryInfo(self._h[0]).total / 2**30
+        except Exception:  # noqa: BLE001 - no NVIDIA GPU: no busy share
+            self._nvml = None
+
+    def __enter__(self):
+        def loop():
+            while not self._stop.wait(0.1):
+                self.samples.append(float(np.mean([self._nvml.nvmlDeviceGetUtilizationRates(h).gpu for h in self._h])))
+        if self._nvml:
+            self._th = threading.Thread(target=loop, daemon=True)
+            self._th.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+
+    @property
+    def share(self) -> float | None:
+        return round(float(np.mean(self.samples)) / 100, 3) if self.samples else None
 
 
 def bench_sampling(profile, engine: str) -> Sampling:
@@ -50,48 +88,82 @@ def bench_sampling(profile, engine: str) -> Sampling:
 
 
 def make_batches(n: int, profile, grid=(64, 48), tag_prefix: str = "img",
-                 sampling: Sampling | None = None):
-    rgb = resize_rgb(load_rgb(IMAGE), (1000, 750)) if IMAGE.is_file() else \
+                 sampling: Sampling | None = None, first: int = 0) -> list:
+    """n batches of distinct images: image k (k = first, first + 1, ...) is the photo rolled by 17 (k + 1) pixels.
+    (Until 2026-11-30 every image had the same pixels under another id; with content-keyed image caches
+    the engine then answered from the prefix cache, see benchmarks/results/README-rows-issue13.md.)"""
+    rgb0 = resize_rgb(load_rgb(IMAGE), (1000, 750)) if IMAGE.is_file() else \
         np.random.default_rng(0).integers(0, 255, (750, 1000, 3), dtype=np.uint8)
     cam = Camera(1000, 1000, 500, 375, 1000, 750)
     p = profile.preprocess
-    prep = prepare_image(rgb, cam, focal=p.focal, max_side=p.max_side, coord_range=profile.coord_range)
-    plan = plan_queries(grid_points(1000, 750, count=grid), prep.pixel_map)
+    out = []
     for i in range(n):
-        uid = f"{tag_prefix}{i}"
-        yield depth_batch(prep, plan, profile, uid=uid, ref=image_ref(uid, prep),
-                          sampling=sampling or sampling_for(profile), tag=i)
+        k = first + i
+        dy, dx = divmod(17 * (k + 1), rgb0.shape[1])  # a distinct shift for every k below 44,000
+        rgb = np.ascontiguousarray(np.roll(rgb0, (dy, dx), axis=(0, 1)))
+        prep = prepare_image(rgb, cam, focal=p.focal, max_side=p.max_side, coord_range=profile.coord_range)
+        plan = plan_queries(grid_points(1000, 750, count=grid), prep.pixel_map)
+        uid = f"{tag_prefix}{k}"
+        out.append(depth_batch(prep, plan, profile, uid=uid, ref=image_ref(uid, prep),
+                               sampling=sampling or sampling_for(profile), tag=i))
+    return out
 
 
 def measure(n_gpus: int, args, profile) -> dict:
     engine_options = {}
+    per_gpu = 1 if args.engine == "simulated" else args.engines_per_gpu
     if args.engine == "vllm":
         from densify.synthetic.qwen3vl import build_model_folder
 
         model = args.model or build_model_folder(Path(tempfile.mkdtemp()) / "qwen3vl-4b", shape="4b")
         engine_options = {"model": str(model), "load_format": "dummy", "min_tokens": GEN_TOKENS,
-                          "ignore_eos": True, "gpu_memory_utilization": args.gpu_memory_utilization}
-    else:  # answers need truth to exist: a flat wall
+                          "ignore_eos": True}
+        if args.gpu_memory_utilization:  # else sized by the engine for its engines per GPU
+            engine_options["gpu_memory_utilization"] = args.gpu_memory_utilization
+    else:  # the simulated engine answers only where truth exists: a flat wall
         from densify.truth import ConstantTruth
 
         engine_options = {"truth": ConstantTruth(3.0)}
+    if args.engine != "simulated" and not args.ray_address:
+        # this point's GPUs only: the local Ray this pool starts sees GPUs 0..n-1
+        os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(str(i) for i in range(n_gpus))
     pool = RayPoolEngine(profile, engine=args.engine, engine_options=engine_options,
-                         num_actors=n_gpus, num_gpus_per_actor=1 if args.engine != "simulated" else 0,
+                         num_gpus_per_actor=1 if args.engine != "simulated" else 0,
+                         num_actors=None if args.engine != "simulated" else n_gpus, engines_per_gpu=per_gpu,
                          max_in_flight_per_actor=args.in_flight, ray_address=args.ray_address)
+    k = pool.engines_per_gpu
     try:
         s = bench_sampling(profile, args.engine)
-        warm = list(generate_stream(pool, make_batches(n_gpus, profile, tag_prefix="warm", sampling=s)))
-        t0 = time.perf_counter()
-        n_q = 0
-        errors = 0
-        for batch, comps in generate_stream(pool, make_batches(args.images, profile, sampling=s)):
-            n_q += len(comps)
-            errors += sum(c.error is not None for c in comps)
-        wall = time.perf_counter() - t0
+        warm = list(generate_stream(pool, make_batches(n_gpus * k, profile, tag_prefix="warm", sampling=s,
+                                                       first=10_000)))
+        batches = make_batches(args.images, profile, sampling=s)
+        comps_all = []
+        with GPUBusy(n_gpus if args.engine != "simulated" else 0) as busy:
+            t0 = time.perf_counter()
+            for batch, comps in generate_stream(pool, batches):
+                comps_all.extend(comps)
+            wall = time.perf_counter() - t0
+        plan = pool.memory_plan
     finally:
         pool.close()
-    return {"gpus": n_gpus, "images": args.images, "queries": n_q, "wall_s": wall, "qps": n_q / wall,
-            "engine_errors": errors, "warmup_images": len(warm)}
+    from benchmarks.engine_bench import summarize  # the same row fields as engine_bench
+
+    # the ceiling of all the point's GPUs together
+    summary = summarize(f"{n_gpus} GPU(s)", comps_all, wall, n_gpus * args.matmul_tflops * 1e12, engines_per_gpu=k)
+    n_q, answered = len(comps_all), summary["answered"]
+    errors = n_q - answered
+    util = plan["gpu_memory_utilization"] if plan else engine_options.get("gpu_memory_utilization", 0.9)
+    row = {"gpus": n_gpus, "engines_per_gpu": k, "images": args.images, "queries": n_q, "answered": answered,
+           "wall_s": wall, "qps": answered / wall, "engine_errors": errors, "valid": summary["valid"],
+           "warmup_images": len(warm), "answer_tokens": GEN_TOKENS if args.engine == "vllm" else None,
+           "gpu_busy_share": busy.share, "share_of_ceiling": summary["share_of_ceiling"],
+           "memory_per_engine_gib": round(util * busy.total_gib, 1) if busy.total_gib else None,
+           "memory_plan": plan}
+    row.update({key: summary[key] for key in ("prompt_tokens_per_query", "cached_tokens_per_query",
+                                             "generated_tokens_per_query", "ceiling_queries_per_s")})
+    if not row["valid"]:
+        row["invalid_reason"] = summary.get("invalid_reason")
+    return row
 
 
 def main(argv=None) -> int:
@@ -101,8 +173,13 @@ def main(argv=None) -> int:
     ap.add_argument("--engine", default="vllm", help="vllm (GPU actors) or simulated (CPU actors)")
     ap.add_argument("--model", help="model folder (default: a synthetic 4B-shaped Qwen3-VL, dummy weights)")
     ap.add_argument("--in-flight", type=int, default=2, help="images in flight per actor")
-    ap.add_argument("--gpu-memory-utilization", type=float, default=0.9)
+    ap.add_argument("--gpu-memory-utilization", type=float, default=None,
+                    help="per engine (default: sized by the engine for its engines per GPU)")
+    ap.add_argument("--engines-per-gpu", default="auto", type=lambda v: v if v == "auto" else int(v),
+                    help="vLLM engines per GPU (Ray actors sharing it): auto or a number")
     ap.add_argument("--ray-address", default=None)
+    ap.add_argument("--matmul-tflops", type=float, default=H200_BF16_TFLOPS,
+                    help="bf16 matmul rate per GPU for the ceiling (default: measured on an H200)")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
@@ -113,7 +190,7 @@ def main(argv=None) -> int:
         row = measure(n, args, profile)
         rows.append(row)
         log.info("%d GPU(s): %.0f q/s", n, row["qps"])
-    base = next((r["qps"] for r in rows if r["gpus"] == 1), None)
+    base = next((r["qps"] for r in rows if r["gpus"] == 1 and r["valid"]), None)
     for r in rows:
         r["efficiency"] = r["qps"] / (r["gpus"] * base) if base else None
     device = "cpu"
@@ -126,15 +203,20 @@ def main(argv=None) -> int:
     result = {"benchmark": "densify scaling_bench (benchmarks/scaling_bench.py)", "device": device,
               "engine": args.engine, "date_utc": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
               "python": platform.python_version(), "generated_tokens_forced": GEN_TOKENS if args.engine == "vllm" else None,
+              "bf16_matmul_tflops_per_gpu": args.matmul_tflops,
               "rows": rows}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"scaling_bench-{args.engine}-{dt.date.today():%Y%m%d}.json"
     path.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"{'GPUs':>5} {'q/s':>9} {'efficiency':>10}")
+    print(f"{'GPUs':>5} {'per GPU':>7} {'q/s':>9} {'efficiency':>10}")
     for r in rows:
         eff = f"{r['efficiency']:.2f}" if r["efficiency"] is not None else "-"
-        print(f"{r['gpus']:>5} {r['qps']:>9.0f} {eff:>10}")
+        bad = "" if r["valid"] else f"  INVALID: {r['invalid_reason']}"
+        print(f"{r['gpus']:>5} {r['engines_per_gpu']:>7} {r['qps']:>9.0f} {eff:>10}{bad}")
+    two = next((r for r in rows if r["gpus"] == 2 and r["valid"]), None)
+    if two and base:
+        print(f"target: 2 GPUs >= 1.9x one: {two['qps'] / base:.2f}x {'met' if two['qps'] / base >= 1.9 else 'NOT met'}")
     print(f"wrote {path}")
     return 0
 

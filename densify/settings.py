@@ -166,6 +166,8 @@ class RayConfig(_Model):
     num_actors: int | None = Field(None, ge=1, description="default: one per GPU, else one per CPU")
     num_gpus_per_actor: float = Field(0, ge=0, description="GPUs per actor (1 for a GPU engine)")
     num_cpus_per_actor: float = Field(1, gt=0, description="CPUs per actor")
+    engines_per_gpu: int | Literal["auto"] = Field("auto", description="vLLM engines sharing each GPU, each sized "
+                                                   "to fit (auto: 2 for vllm at one GPU per actor, else 1)")
     max_in_flight_per_actor: int = Field(2, ge=1, description="images queued per actor")
     max_retries: int = Field(2, ge=0, description="resubmissions of an image after its actor died or failed")
     actor_max_restarts: int = Field(4, ge=0, description="times Ray restarts a dead actor")

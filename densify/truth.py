@@ -97,12 +97,14 @@ class FileTruth(Truth):
         return Path(ref.path)
 
     def _record(self, ref: ImageRef) -> dict:
-        if not ref.manifest:
+        if not ref.manifest or not ref.path:
             return {}
         return _manifest_index(str(Path(ref.manifest).resolve())).get(str(Path(ref.path).resolve()), {})
 
     def depth(self, ref):
         rec = self._record(ref)
+        if not rec.get("depth_path") and not ref.path:
+            return None
         p = Path(rec["depth_path"]) if rec.get("depth_path") else Path(ref.path).with_suffix(".depth.npy")
         return _load_npy(str(p), np.float32)
 
@@ -113,7 +115,7 @@ class FileTruth(Truth):
         return np.asarray(rec["pixel_coords"], float).reshape(-1, 2), np.asarray(rec["depth"], float)
 
     def _side(self, ref) -> dict | None:
-        side = sidecar_path(Path(ref.path))
+        side = sidecar_path(Path(ref.path)) if ref.path else None
         if side is None:
             return None
         try:
@@ -122,7 +124,7 @@ class FileTruth(Truth):
             return None
 
     def camera(self, ref):
-        side = sidecar_path(Path(ref.path))
+        side = sidecar_path(Path(ref.path)) if ref.path else None
         d = self.depth(ref)
         if side is None or d is None:
             return None
@@ -136,9 +138,11 @@ class FileTruth(Truth):
         return np.asarray(side["cam_to_world"], float)
 
     def object_ids(self, ref):
-        return _load_npy(str(Path(ref.path).with_suffix(".objects.npy")), np.int16)
+        return _load_npy(str(Path(ref.path).with_suffix(".objects.npy")), np.int16) if ref.path else None
 
     def objects(self, ref):
+        if not ref.path:
+            return None
         p = Path(ref.path).parent / "objects.json"
         try:
             return json.loads(p.read_text()) if p.is_file() else None

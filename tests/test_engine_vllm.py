@@ -292,3 +292,21 @@ def test_ray_pool_runs_vllm_actor_on_the_gpu(tiny_model):
     for tag, outs in got.items():
         assert all(o.error is None for o in outs), [o.error for o in outs if o.error][:2]
         assert [o.text for o in outs] == local[tag]
+
+
+# (7) the per-request CPU cuts change no answer: the engine's own decoding (detokenize=False) and vLLM
+# hashing each image itself (mm_uuids=False) give vLLM's default answers, texts and token counts
+def test_cpu_cuts_give_the_same_answers(tiny_model):
+    prof = load_profile("vlm3-depth")
+    eng = create_engine("vllm", profile=prof, model=str(tiny_model), dtype="float32", **TINY)
+    try:
+        ref = eng.generate(queries(prof, 40, Sampling(max_tokens=24)))
+        for attr in ("detokenize", "mm_uuids"):
+            setattr(eng, attr, False)
+            got = eng.generate(queries(prof, 40, Sampling(max_tokens=24)))
+            setattr(eng, attr, True)
+            assert [o.text for o in got] == [o.text for o in ref], attr
+            assert [o.n_generated_tokens for o in got] == [o.n_generated_tokens for o in ref], attr
+        assert eng.stats["fast_prompt_batches"] == 3 and eng.fast_prompts  # the fast path's check held
+    finally:
+        eng.close()

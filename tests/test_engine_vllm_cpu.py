@@ -61,6 +61,10 @@ class FakeTokenizer:
         ids = [fake_tokenize(t) + ([7] if self.skew and not one else []) for t in ([texts] if one else texts)]
         return {"input_ids": ids[0] if one else ids}
 
+    def batch_decode(self, seqs, skip_special_tokens=False):
+        self.batch_decodes = getattr(self, "batch_decodes", 0) + 1
+        return ["".join(chr(t) for t in ids if t < 1_000_000 or not skip_special_tokens) for ids in seqs]
+
     def apply_chat_template(self, messages, tokenize=False, add_generation_prompt=False):
         out = ""
         for m in messages:
@@ -106,6 +110,8 @@ class FakeCore:
             ids = prompt.get("prompt_token_ids") or expand(fake_tokenize(prompt["prompt"]))
             text = f"<answer>{sum(ids) % 997}.5</answer>"
             toks = list(range(min(params.max_tokens, 7)))
+            if params.kw.get("detokenize") is False:  # vLLM then returns token ids and no text
+                text, toks = "", fake_tokenize(text) + [1_000_000 + 1]  # + an end-of-text special
             outs.append(Out(request_id=rid.rsplit("-", 1)[0], finished=True, prompt_token_ids=[0] * 100,
                             num_cached_tokens=96,
                             outputs=[Out(text=text, token_ids=toks, cumulative_logprob=-0.25 if params.kw.get("logprobs") else None,
@@ -167,7 +173,9 @@ class FastFakeLLM(FakeLLM):
 
     def _preprocess_cmpl_one(self, prompt):
         self.renders += 1
-        uuids = prompt["multi_modal_uuids"]["image"]
+        # without uuids vLLM hashes the image itself
+        uuids = prompt.get("multi_modal_uuids", {}).get("image") or [
+            f"hash-{hash(im.tobytes())}" for im in prompt["multi_modal_data"]["image"]]
         return {"type": "multimodal", "prompt_token_ids": expand(fake_tokenize(prompt["prompt"])),
                 "prompt": prompt["prompt"], "mm_kwargs": {"image": [None] * len(uuids)},
                 "mm_hashes": {"image": list(uuids)}, "mm_placeholders": {"image": ["range"] * len(uuids)}}
@@ -194,6 +202,10 @@ def depth_batch(n: int, uid: str = "img0", h: int = 48, w: int = 64, sampling: S
     img = PromptImage(uid, px)
     qs = [Query(render_text(prof, x=10 * i, y=7 * i), (uid,)) for i in range(n)]
     return EngineBatch({uid: img}, qs, sampling or Sampling(max_tokens=256), tag)
+
+
+def content_uuid(pixels) -> str:
+    return "px-" + PromptImage.content_uid(pixels)
 
 
 def make(fake_vllm, **kw):
@@ -238,7 +250,8 @@ def test_prompts_uids_and_sampling(fake_vllm):
     assert first["prompt"] == ("<|im_start|>system\nSYS<|im_end|>\n<|im_start|>user\n"
                                "<|vision_start|><|image_pad|><|vision_end|>" + text +
                                "<|im_end|>\n<|im_start|>assistant\n<think> </think><answer>")
-    assert first["multi_modal_uuids"] == {"image": ["img0"]}
+    # the uuid is the image's content hash, not the caller's uid
+    assert first["multi_modal_uuids"] == {"image": [content_uuid(b.images["img0"].pixels)]}
     imgs = first["multi_modal_data"]["image"]
     assert len(imgs) == 1 and imgs[0].size == (64, 48) and imgs[0].mode == "RGB"
     # one PIL image per uid, shared by every query of the image
@@ -264,7 +277,7 @@ def test_prompt_without_system_or_prefill_and_two_images(fake_vllm):
     p = FakeLLM.instances[0].enqueued[0][1]
     assert p["prompt"] == ("<|im_start|>user\n" + "<|vision_start|><|image_pad|><|vision_end|>" * 2 +
                            "corr?<|im_end|>\n<|im_start|>assistant\n")
-    assert p["multi_modal_uuids"] == {"image": ["a", "b"]}
+    assert p["multi_modal_uuids"] == {"image": [content_uuid(a.pixels), content_uuid(b.pixels)]}
     assert out[0].logprob is None and not out[0].text.startswith("<think>")
 
 
@@ -388,7 +401,8 @@ def test_fast_prompt_path_matches_full_rendering(fast_vllm, sampling):
     assert llm.renders == 2 and len(llm.llm_engine.added) == 40 and not llm.enqueued
     assert [c.text for c in got] == [c.text for c in want]
     # every derived input keeps the image reference of vLLM's own second rendering
-    assert all(p["mm_hashes"] == {"image": ["img0"]} for _, p, _ in llm.llm_engine.added)
+    want_uuid = content_uuid(depth_batch(1).images["img0"].pixels)
+    assert all(p["mm_hashes"] == {"image": [want_uuid]} for _, p, _ in llm.llm_engine.added)
     assert all(params.output_kind == "final_only" for _, _, params in llm.llm_engine.added)
     assert fast.stats["fast_prompt_batches"] == 1
 
@@ -462,3 +476,75 @@ def test_cuda_graphs_cover_a_full_decode_batch(fake_vllm):
     mine = {"cudagraph_capture_sizes": [1, 2, 4]}
     make(fake_vllm, llm_kwargs={"compilation_config": mine})
     assert FakeLLM.instances[-1].kw["compilation_config"] == mine
+
+
+def test_uuids_are_content_hashes_never_reused_for_other_pixels(fake_vllm):
+    eng = make(fake_vllm)
+    first, second = depth_batch(3, uid="same"), depth_batch(3, uid="same")
+    second.images["same"].pixels = 255 - second.images["same"].pixels  # a caller reusing a uid
+    eng.generate(first)
+    eng.generate(second)
+    llm = FakeLLM.instances[0]
+    u = [p["multi_modal_uuids"]["image"][0] for _, p, _ in llm.enqueued]
+    assert len(set(u[:3])) == 1 and len(set(u[3:])) == 1 and u[0] != u[3]
+    assert u[0] == content_uuid(first.images["same"].pixels)
+    pil = [p["multi_modal_data"]["image"][0] for _, p, _ in llm.enqueued]
+    assert pil[0] is not pil[3] and pil[3].getpixel((0, 0)) == tuple(second.images["same"].pixels[0, 0])
+    # the same pixels under another uid share the uuid (and vLLM's cached features)
+    eng.generate(depth_batch(3, uid="other"))
+    assert llm.enqueued[-1][1]["multi_modal_uuids"]["image"][0] == u[0]
+
+
+def test_mm_uuids_off_lets_vllm_hash(fake_vllm):
+    eng = make(fake_vllm, mm_uuids=False)
+    eng.generate(depth_batch(3))
+    assert all("multi_modal_uuids" not in p and p["multi_modal_data"]["image"] for _, p, _ in
+               FakeLLM.instances[0].enqueued)
+
+
+@pytest.mark.parametrize("fast", [False, True])
+def test_detokenize_off_decodes_in_the_engine(fake_vllm, fast_vllm, fast):
+    s = Sampling(max_tokens=64, prefill="<think> </think><answer>")
+    want = make(fast_vllm, fast_prompts=fast).generate(depth_batch(30, sampling=s))
+    eng = make(fast_vllm, fast_prompts=fast, detokenize=False)
+    batches = [depth_batch(30, uid=f"i{k}", sampling=s, tag=k) for k in range(3)]
+    got = {b.tag: outs for b, outs in eng.stream(batches)}
+    llm = FakeLLM.instances[-1]
+    params = (llm.llm_engine.added or llm.enqueued)[0][2]
+    assert params.kw["detokenize"] is False
+    assert [c.text for c in got[0]] == [c.text for c in want]  # same answers, special tokens dropped
+    assert all(c.error is None and c.n_generated_tokens for v in got.values() for c in v)
+    assert llm.tokenizer.batch_decodes == 3  # one decode call per batch, not per answer
+
+
+def test_an_actor_sharing_its_gpu_sizes_its_vllm_engine(fake_vllm, monkeypatch):
+    """The Ray actor (run in process here) applies the memory plan for K engines per GPU before it builds
+    the vllm engine; what the caller sets wins; one engine per GPU keeps the engine's defaults."""
+    from densify.engines import ray_actor
+    from densify.engines.vllm_memory import engine_memory_plan
+
+    monkeypatch.setattr(ray_actor, "visible_gpu_total_gib", lambda: 140.0)
+    actor = ray_actor._EngineActor("vllm", "vlm3-depth", {"model": "/m"}, 3)
+    kw = FakeLLM.instances[-1].kw
+    plan = engine_memory_plan(3, 140.0)
+    assert kw["gpu_memory_utilization"] == plan["gpu_memory_utilization"] < 0.3
+    assert kw["max_num_batched_tokens"] == plan["max_num_batched_tokens"] == 16384
+    assert kw["compilation_config"] == plan["compilation_config"]
+    assert actor.info()["memory_plan"] == plan
+    ray_actor._EngineActor("vllm", "vlm3-depth", {"model": "/m", "gpu_memory_utilization": 0.2,
+                                                   "max_num_batched_tokens": 4096}, 3)
+    kw = FakeLLM.instances[-1].kw
+    assert kw["gpu_memory_utilization"] == 0.2 and kw["max_num_batched_tokens"] == 4096
+    actor = ray_actor._EngineActor("vllm", "vlm3-depth", {"model": "/m"}, 1)
+    kw = FakeLLM.instances[-1].kw
+    assert kw["gpu_memory_utilization"] == 0.9 and kw["max_num_batched_tokens"] == 32768
+    assert actor.info()["memory_plan"] is None
+
+
+def test_a_dead_engine_core_marks_the_engine_dead(fake_vllm):
+    eng = make(fake_vllm)
+    assert eng.dead is False
+    FakeLLM.instances[0].llm_engine.fail_at_step = 1
+    with pytest.raises(EngineError):
+        eng.generate(depth_batch(5))
+    assert eng.dead is True

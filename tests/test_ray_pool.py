@@ -364,3 +364,74 @@ def test_actors_sharing_a_gpu_start_one_by_one(tmp_path):
         assert len(outs) == 20 and all(o.error is None for o in outs)
     finally:
         pool.close()
+
+
+class DyingEngine(SimulatedEngine):
+    """Stands in for a vLLM engine whose engine core dies (CUDA OOM): on its first batch, once per `flag`
+    file, it marks itself dead and raises; the actor must restart rather than fail every later batch."""
+
+    name = "dying"
+
+    def __init__(self, profile, *, flag, **options):
+        super().__init__(profile, **options)
+        self.flag, self.dead = flag, False
+
+    def generate(self, batch):
+        if self.dead:
+            raise RuntimeError("EngineDeadError: the engine core is gone")
+        if not os.path.exists(self.flag):
+            Path(self.flag).touch()
+            self.dead = True
+            raise RuntimeError("EngineCore encountered a fatal error: CUDA error: out of memory")
+        return super().generate(batch)
+
+
+def test_a_dead_engine_restarts_its_actor_and_no_query_fails(tmp_path):
+    flag = tmp_path / "died"
+    batches = [make_batch(900 + i, n=40) for i in range(6)]
+    with RayPoolEngine(PROFILE, engine=DyingEngine, engine_options={"truth": TRUTH, "flag": str(flag)}, num_actors=1,
+                       max_in_flight_per_actor=2, max_retries=1) as p:
+        pid0 = ray.get(p.actors[0].info.remote())["pid"]
+        got = {b.tag: c for b, c in p.stream(batches)}
+        stats = dict(p.stats)
+        pid1 = ray.get(p.actors[0].info.remote())["pid"]
+    assert flag.exists() and pid1 != pid0  # the same actor, restarted in a new process with a new engine
+    assert stats["actor_failures"] >= 1 and stats["failed_batches"] == 0 and stats["dead_actors"] == 0
+    local = SimulatedEngine(PROFILE, truth=TRUTH)
+    for b in batches:
+        assert all(c.error is None for c in got[b.tag])
+        assert [c.text for c in got[b.tag]] == [c.text for c in local.generate(b)]
+
+
+def test_engines_per_gpu_resolution():
+    from densify.engines.ray_pool import AUTO_ENGINES_PER_GPU, resolve_engines_per_gpu as r
+
+    assert r("auto", "vllm", {}, 1) == AUTO_ENGINES_PER_GPU
+    assert r("auto", "vllm", {"gpu_memory_utilization": 0.9}, 1) == 1  # sized by hand: one per GPU
+    assert r("auto", "vllm", {}, 1, num_actors=8) == 1  # a count written as one actor per GPU stays so
+    assert r(2, "vllm", {}, 1, num_actors=8) == 2
+    assert r("auto", "vllm", {"tensor_parallel_size": 2}, 2) == 1
+    assert r("auto", "vllm", {}, 0.5) == 1 and r("auto", "hf", {}, 1) == 1 and r("auto", "simulated", {}, 0) == 1
+    assert r(3, "vllm", {}, 1) == 3 and r(1, "simulated", {}, 0) == 1
+    for bad in (0, 1.5, "two"):
+        with pytest.raises(ValueError):
+            r(bad, "vllm", {}, 1)
+    with pytest.raises(ValueError, match="num_gpus_per_actor"):
+        r(2, "vllm", {}, 0.5)
+
+
+def test_engines_per_gpu_shares_each_gpu(monkeypatch):
+    seen = {}
+
+    def fake_start(self, engine, options, num_actors, num_gpus, num_cpus, runtime_env, timeout_s):
+        seen.update(options=options, num_actors=num_actors, num_gpus=num_gpus, per_gpu=self.engines_per_gpu)
+        raise RuntimeError("stop here")
+
+    monkeypatch.setattr(RayPoolEngine, "_start_actors", fake_start)
+    with pytest.raises(RuntimeError, match="stop here"):
+        RayPoolEngine(PROFILE, engine="vllm", engine_options={"model": "m"}, num_gpus_per_actor=1, engines_per_gpu=3)
+    assert seen["num_gpus"] == pytest.approx(1 / 3) and seen["per_gpu"] == 3 and seen["options"] == {"model": "m"}
+    with pytest.raises(RuntimeError, match="stop here"):
+        RayPoolEngine(PROFILE, engine="vllm", engine_options={"model": "m", "gpu_memory_utilization": 0.5},
+                      num_gpus_per_actor=1)
+    assert seen["num_gpus"] == 1 and seen["per_gpu"] == 1

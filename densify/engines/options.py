@@ -65,11 +65,15 @@ class VLLMOptions(EngineOptions):
     read_prefix_cache: bool = Field(True, description="false: skip prefix-cache reads (benchmarks)")
     fast_prompts: bool = Field(True, description="derive an image's prompt token ids from two rendered ones "
                                "(checked against vLLM's rendering)")
+    detokenize: bool = Field(True, description="false: vLLM returns token ids and the engine decodes each "
+                             "finished batch at once")
+    mm_uuids: bool = Field(True, description="pass each image's content hash as multi_modal_uuids (vLLM then "
+                           "skips hashing every request's image)")
     llm_kwargs: dict = Field(default_factory=dict, description="passed to vllm.LLM as is (e.g. seed, kv_cache_dtype)")
     transport: ClassVar[frozenset[str]] = frozenset({
         "gpu_memory_utilization", "max_model_len", "tensor_parallel_size", "max_num_seqs", "max_num_batched_tokens",
         "enable_prefix_caching", "enforce_eager", "limit_mm_per_prompt", "cascade_attention", "queries_in_flight",
-        "batches_in_flight", "read_prefix_cache", "fast_prompts"})
+        "batches_in_flight", "read_prefix_cache", "fast_prompts", "mm_uuids"})
 
 
 class OpenAIOptions(EngineOptions):
@@ -112,7 +116,10 @@ class RayOptions(EngineOptions):
     startup_timeout_s: float = Field(900.0, gt=0, description="seconds to wait for the actors to start")
     start_one_by_one: bool | None = Field(None, description="start actors one at a time (default: when they "
                                           "share a GPU)")
+    engines_per_gpu: int | Literal["auto"] = Field("auto", description="vLLM engines sharing each GPU, each sized "
+                                                   "to fit (auto: 2 for vllm at one GPU per actor, else 1)")
     transport: ClassVar[frozenset[str]] = frozenset({
         "num_actors", "num_gpus_per_actor", "num_cpus_per_actor", "ray_address", "max_in_flight_per_actor",
-        "max_retries", "runtime_env", "actor_max_restarts", "startup_timeout_s", "start_one_by_one"})
+        "max_retries", "runtime_env", "actor_max_restarts", "startup_timeout_s", "start_one_by_one",
+        "engines_per_gpu"})
 

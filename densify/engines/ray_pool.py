@@ -19,201 +19,50 @@ objects) and are reattached to the results.
 
 from __future__ import annotations
 
-import concurrent.futures as cf
 import logging
-import os
-import queue
-import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Iterable, Iterator
 
-from densify.engines import create_engine, engine_names
-from densify.engines.base import Completion, Engine, EngineBatch, EngineError, EngineStartError, Query, generate_stream
+from densify.engines import engine_names
+from densify.engines.base import Completion, Engine, EngineBatch, EngineError, EngineStartError
+from densify.engines.ray_actor import EngineSpec, _actor_class, _completions, _short, _to_columns
 from densify.profiles import Profile
 
-__all__ = ["RayPoolEngine"]
+__all__ = ["RayPoolEngine", "AUTO_ENGINES_PER_GPU", "resolve_engines_per_gpu"]
 
 log = logging.getLogger("densify.ray")
 
-EngineSpec = str | Callable[..., Engine]
-"""A registered engine name, or a factory called as factory(profile=..., **engine_options)."""
+# vLLM engines per GPU when `engines_per_gpu="auto"`: one engine core process leaves the GPU idle while it
+# does its per-request CPU work; a second overlaps it (H200, 4B-shaped Qwen3-VL, 12-token answers,
+# 2026-11-30: one engine 500-526 q/s streamed, two 628 in the Ray pool, three 624: the GPU is busy 91%
+# with two). See docs/scaling.md for the measurements.
+AUTO_ENGINES_PER_GPU = 2
 
 
-_STOP = object()  # on an actor's queue: the engine thread finishes what it holds and ends
-
-
-class _EngineActor:
-    """One engine in one Ray worker process (a threaded Ray actor: `_actor_class`, `_start_actors`).
-
-    `generate` is called concurrently (up to the pool's batches in flight per actor). Every batch goes
-    through one background engine thread that feeds `generate_stream(engine, ...)` from a queue, so an
-    engine with its own `stream` holds several batches at once (the next image is submitted while the last
-    one's answers finish decoding) and any other engine answers them one at a time, in queue order; each
-    `generate` call waits on its batch's future. `ping`, `info` and `cpu_seconds` answer while batches run.
-    """
-
-    def __init__(self, engine: EngineSpec, profile, options: dict):
-        if isinstance(engine, str):
-            self.engine = create_engine(engine, profile=profile, **options)
-        else:
-            self.engine = engine(profile=profile, **options)
-        self.batches = 0
-        self._lock = threading.Lock()  # guards the queue/thread hand-over
-        self._queue: queue.Queue = queue.Queue()
-        self._thread: threading.Thread | None = None
-
-    def info(self) -> dict:
-        return {"name": getattr(self.engine, "name", type(self.engine).__name__),
-                "simulated": bool(getattr(self.engine, "simulated", False)), "pid": os.getpid(),
-                "cpu_s": time.process_time()}
-
-    def ping(self) -> bool:
-        return True
-
-    def cpu_seconds(self) -> float:
-        """CPU time this actor's process has used (engine and transfers)."""
-        return time.process_time()
-
-    def generate(self, payload: tuple) -> tuple:
-        """A batch as columns in (see `_to_columns`), answers as columns out: ~20x cheaper to move between
-        processes than lists of dataclasses. The last element is the batch's seconds in this actor (queued
-        and in the engine; batches overlap when the engine streams)."""
-        batch = _from_columns(payload)
-        fut: cf.Future = cf.Future()
-        batch.tag = fut  # engines pass tags through: the engine thread answers this future
-        t0 = time.perf_counter()
-        with self._lock:
-            self.batches += 1
-            self._queue.put(batch)
-            if self._thread is None:
-                self._thread = threading.Thread(target=self._run, name="densify-engine", daemon=True)
-                self._thread.start()
-        out = self._wait(fut)
-        if out is None:
-            return ()
-        if len(out) != len(batch.queries):
-            raise EngineError(f"engine returned {len(out)} answers for {len(batch.queries)} queries")
-        return ([c.text for c in out], [c.logprob for c in out], [c.n_prompt_tokens for c in out],
-                [c.n_generated_tokens for c in out], [c.cached_prompt_tokens for c in out],
-                [c.error for c in out], time.perf_counter() - t0)
-
-    @staticmethod
-    def _wait(fut: cf.Future) -> list[Completion] | None:
-        import ray
-
-        while True:
-            try:
-                return fut.result(timeout=0.2)
-            except cf.TimeoutError:
-                pass
-            # ray.cancel only flags a running call of a threaded actor: drop the batch if still queued.
-            # None, not an exception: the driver has dropped this call, and Ray would log the error.
-            if ray.get_runtime_context().is_canceled():
-                fut.cancel()
-                return None
-
-    def _run(self) -> None:
-        """The engine thread. When the engine raises, the batches it holds get the exception (the driver
-        retries them) and a new stream takes the queued ones, which the engine never saw. An engine without
-        `stream` holds one batch at a time, so the source never answers it with None."""
-        while True:
-            held: set = set()  # futures of batches handed to the engine and not yet answered
-            state = {"stop": False, "pulled": 0}
-
-            def feed():
-                while True:
-                    if held:  # the engine is busy: never block it
-                        try:
-                            b = self._queue.get_nowait()
-                        except queue.Empty:
-                            yield None
-                            continue
-                    else:
-                        b = self._queue.get()
-                    if b is _STOP:
-                        state["stop"] = True
-                        return
-                    if not b.tag.set_running_or_notify_cancel():  # cancelled while queued
-                        continue
-                    held.add(b.tag)
-                    state["pulled"] += 1
-                    yield b
-
-            err: BaseException | None = None
-            try:
-                for b, outs in generate_stream(self.engine, feed()):
-                    held.discard(b.tag)
-                    _settle(b.tag, outs)
-                if held:
-                    err = EngineError(f"the engine's stream ended with {len(held)} batch(es) unanswered")
-            except BaseException as exc:  # noqa: BLE001 - every waiting call must hear of it
-                err = exc
-                log.error("engine stream failed with %d batch(es) in it: %s", len(held), _short(exc))
-            for f in held:
-                _settle(f, exc=err)
-            if state["stop"] or state["pulled"] == 0:  # closing, or a stream that fails before taking any
-                with self._lock:
-                    self._thread = None
-                    rest = []
-                    while not self._queue.empty():
-                        rest.append(self._queue.get_nowait())
-                why = err or EngineError("the actor is closing" if state["stop"] else
-                                         "the engine's stream ended without taking a batch")
-                for b in rest:
-                    if b is not _STOP:
-                        _settle(b.tag, exc=why)
-                return
-
-    def close(self) -> None:
-        with self._lock:
-            thread = self._thread
-            if thread is not None:
-                self._queue.put(_STOP)
-        if thread is not None:
-            thread.join(timeout=60)
-        self.engine.close()
-
-
-def _settle(fut: cf.Future, result: Any = None, exc: BaseException | None = None) -> None:
-    """Answer a batch's future unless it is already done (cancelled by its caller)."""
+def resolve_engines_per_gpu(engines_per_gpu: int | str, engine: EngineSpec, engine_options: dict,
+                            num_gpus_per_actor: float, num_actors: int | None = None) -> int:
+    """How many engines share each GPU. "auto": AUTO_ENGINES_PER_GPU for the vllm engine on whole GPUs
+    (one GPU per engine, no tensor parallelism) unless the options size its memory themselves
+    (gpu_memory_utilization given) or num_actors is given (a count meant as one per GPU); else 1. An
+    explicit K > 1 needs num_gpus_per_actor=1, and num_actors then counts engines, not GPUs."""
+    if engines_per_gpu == "auto":
+        if (engine == "vllm" and num_gpus_per_actor == 1 and num_actors is None
+                and "gpu_memory_utilization" not in engine_options
+                and int(engine_options.get("tensor_parallel_size") or 1) == 1):
+            return AUTO_ENGINES_PER_GPU
+        return 1
     try:
-        if exc is not None:
-            fut.set_exception(exc)
-        else:
-            fut.set_result(result)
-    except cf.InvalidStateError:
-        pass
-
-
-def _to_columns(batch: EngineBatch) -> tuple:
-    """A batch without its tag, queries as columns."""
-    qs = batch.queries
-    return (batch.images, [q.text for q in qs], [q.image_uids for q in qs], [q.question for q in qs],
-            [q.hint for q in qs], batch.sampling)
-
-
-def _from_columns(payload: tuple) -> EngineBatch:
-    images, texts, uids, questions, hints, sampling = payload
-    return EngineBatch(images, [Query(t, u, qn, h) for t, u, qn, h in zip(texts, uids, questions, hints)], sampling)
-
-
-def _completions(cols: tuple) -> list[Completion]:
-    return [Completion(t, lp, npt, ngt, cpt, err) for t, lp, npt, ngt, cpt, err in zip(*cols[:6])]
-
-
-_ACTOR_CLASS = None
-
-
-def _actor_class():
-    global _ACTOR_CLASS
-    if _ACTOR_CLASS is None:
-        import ray
-
-        _ACTOR_CLASS = ray.remote(_EngineActor)
-    return _ACTOR_CLASS
-
+        k = int(engines_per_gpu)
+    except (TypeError, ValueError):
+        raise ValueError(f"engines_per_gpu must be 'auto' or a whole number, got {engines_per_gpu!r}") from None
+    if k < 1 or k != engines_per_gpu:
+        raise ValueError(f"engines_per_gpu must be 'auto' or a whole number >= 1, got {engines_per_gpu!r}")
+    if k > 1 and num_gpus_per_actor != 1:
+        raise ValueError(f"engines_per_gpu={k} shares each GPU between {k} actors: leave num_gpus_per_actor at 1 "
+                         f"(got {num_gpus_per_actor})")
+    return k
 
 @dataclass
 class _Slot:
@@ -268,6 +117,9 @@ class RayPoolEngine(Engine):
     each actor builds (`create_engine(engine, profile=profile, **engine_options)`). A fractional
     `num_gpus_per_actor` (e.g. 0.5) runs several engines on one GPU (give each a matching
     gpu_memory_utilization); such actors start one by one (`start_one_by_one`, default: when fractional).
+    `engines_per_gpu` (K, default "auto": see `resolve_engines_per_gpu`) does that for you: actors ask for
+    1/K GPU each, `num_actors` defaults to GPUs x K, and each actor sizes its vllm engine's memory, steps
+    and CUDA graphs to fit K on its card (`vllm_memory.apply_memory_plan`; options given win).
     """
 
     name = "ray"
@@ -276,7 +128,7 @@ class RayPoolEngine(Engine):
                  num_actors: int | None = None, num_gpus_per_actor: float = 0, num_cpus_per_actor: float = 1,
                  ray_address: str | None = None, max_in_flight_per_actor: int = 2, max_retries: int = 2,
                  runtime_env: dict | None = None, actor_max_restarts: int = 4, startup_timeout_s: float = 900.0,
-                 start_one_by_one: bool | None = None):
+                 start_one_by_one: bool | None = None, engines_per_gpu: int | str = "auto"):
         import ray
 
         if isinstance(engine, str) and engine not in engine_names():
@@ -291,6 +143,12 @@ class RayPoolEngine(Engine):
         self.max_retries = int(max_retries)
         self.actor_max_restarts = int(actor_max_restarts)
         self.start_one_by_one = start_one_by_one
+        engine_options = dict(engine_options or {})
+        self.engines_per_gpu = resolve_engines_per_gpu(engines_per_gpu, engine, engine_options, num_gpus_per_actor,
+                                                       num_actors)
+        self.memory_plan: dict | None = None  # what each vllm actor was given, when they share GPUs
+        if self.engines_per_gpu > 1:
+            num_gpus_per_actor = 1.0 / self.engines_per_gpu
         # Counters, and seconds: engine_s actors spent in the engine, wait_s the driver waited on actors,
         # put_s putting batches into the object store; actor_cpu_s (set by close) the actors' CPU time.
         self.stats = {"batches": 0, "retries": 0, "requeued": 0, "actor_failures": 0, "failed_batches": 0,
@@ -311,7 +169,7 @@ class RayPoolEngine(Engine):
             self._started_ray = True
             runtime_env = None  # the job's runtime_env now applies to every actor
         try:
-            self._start_actors(engine, engine_options or {}, num_actors, num_gpus_per_actor, num_cpus_per_actor,
+            self._start_actors(engine, engine_options, num_actors, num_gpus_per_actor, num_cpus_per_actor,
                                runtime_env, startup_timeout_s)
         except BaseException:
             self.close()
@@ -322,8 +180,15 @@ class RayPoolEngine(Engine):
         import ray
 
         res = ray.cluster_resources()
+        for what, per_actor in (("GPU", num_gpus), ("CPU", num_cpus)):
+            if per_actor > res.get(what, 0):  # could never be placed: say so now, not after the startup timeout
+                raise EngineStartError(f"each Ray actor asks for {per_actor:g} {what} but the cluster has "
+                                       f"{res.get(what, 0):g} (resources: {dict(res)}); lower "
+                                       f"num_{what.lower()}s_per_actor or use a cluster with {what}s")
         if num_actors is None:
-            if num_gpus > 0:
+            if self.engines_per_gpu > 1:
+                num_actors = int(res.get("GPU", 0)) * self.engines_per_gpu
+            elif num_gpus > 0:
                 num_actors = int(res.get("GPU", 0) // num_gpus)
             else:
                 num_actors = int(res.get("CPU", 1) // max(num_cpus, 1e-9))
@@ -340,12 +205,12 @@ class RayPoolEngine(Engine):
         groups = [[i] for i in range(num_actors)] if one_by_one else [list(range(num_actors))]
         infos, deadline = [], time.monotonic() + timeout_s
         for group in groups:
-            slots = [_Slot(i, cls.remote(engine, self.profile, options)) for i in group]
+            slots = [_Slot(i, cls.remote(engine, self.profile, options, self.engines_per_gpu)) for i in group]
             self._slots.extend(slots)
             refs = [s.handle.info.remote() for s in slots]
             ready, not_ready = ray.wait(refs, num_returns=len(refs), timeout=max(0.0, deadline - time.monotonic()))
             if not_ready:
-                raise EngineError(f"{len(not_ready)} of {num_actors} Ray actors did not start within {timeout_s:.0f} "
+                raise EngineStartError(f"{len(not_ready)} of {num_actors} Ray actors did not start within {timeout_s:.0f} "
                                   f"s; the cluster has {res}; each actor asks for {num_cpus} CPU and {num_gpus} GPU "
                                   f"(lower num_actors or the per-actor resources)")
             try:
@@ -355,8 +220,9 @@ class RayPoolEngine(Engine):
         self._cpu0 = sum(i["cpu_s"] for i in infos)
         self.inner_name = infos[0]["name"]
         self.simulated = infos[0]["simulated"]
-        log.info("Ray pool: %d actor(s) running %s (%s CPU, %s GPU each, %d batches in flight each)",
-                 num_actors, self.inner_name, num_cpus, num_gpus, self.max_in_flight)
+        self.memory_plan = infos[0].get("memory_plan")
+        log.info("Ray pool: %d actor(s) running %s (%s CPU, %s GPU each, %d per GPU, %d batches in flight each)",
+                 num_actors, self.inner_name, num_cpus, num_gpus, self.engines_per_gpu, self.max_in_flight)
 
     @property
     def num_actors(self) -> int:
@@ -588,12 +454,3 @@ class RayPoolEngine(Engine):
 
     def __exit__(self, *exc) -> None:
         self.close()
-
-
-def _short(exc: BaseException, limit: int = 300) -> str:
-    cause = getattr(exc, "cause", None)  # RayTaskError: the exception the engine raised
-    if isinstance(cause, BaseException) and cause is not exc:
-        exc = cause
-    text = " ".join(str(exc).split())
-    return f"{type(exc).__name__}: {text[:limit]}{'...' if len(text) > limit else ''}"
-

@@ -9,9 +9,10 @@ scheduled, so the running batch is dominated by one shared prefix.
 
 Prompts are rendered with the model's chat template exactly as the hf engine does (optional system
 message; one user turn holding the images, then the text; the generation prompt; then the optional
-prefill, which is also put back at the start of each answer). Images go in as PIL images with their
-`PromptImage.uid` as `multi_modal_uuids`, so vLLM's processor and encoder caches key on the uid and the
-image is neither re-hashed nor re-processed per query.
+prefill, which is also put back at the start of each answer). Images go in as PIL images with a hash of
+their pixels as `multi_modal_uuids` (computed once per image and batch), so vLLM's processor and encoder
+caches key on the content: the image is neither re-hashed nor re-processed per query, and a uuid never
+stands for other pixels, whatever uids the caller reuses.
 
 Options (engine.options in a pipeline config) are the explicit keyword arguments of `VLLMEngine`; any
 other keyword goes to `vllm.LLM` unchanged. vLLM is imported only when an engine is built.
@@ -29,6 +30,7 @@ from typing import Any, Iterable, Iterator
 
 from densify.engines.base import (Completion, Engine, EngineBatch, EngineError, EngineStartError, PromptImage, Query,
                                   Sampling, check_batch)
+from densify.engines.vllm_fast import FALLBACK, FAST, add_fast
 from densify.profiles import Profile, load_profile
 from densify.prompts import chat_messages
 
@@ -119,23 +121,31 @@ class PromptRenderer:
 
 
 class _PILCache:
-    """uid -> PIL image for the last few images (a query batch shows the same image thousands of times)."""
+    """content uuid -> PIL image for the last few images (a batch shows the same image thousands of times).
+
+    Keyed by a hash of the pixels, not the caller's uid: vLLM caches an image's features under its
+    uuid, so a uuid that once stood for other pixels would answer about the wrong image."""
 
     def __init__(self, size: int = 64):
         self.size = size
         self._d: collections.OrderedDict[str, Any] = collections.OrderedDict()
 
-    def get(self, img: PromptImage):
-        pil = self._d.get(img.uid)
+    @staticmethod
+    def uuid(img: PromptImage) -> str:
+        return "px-" + PromptImage.content_uid(img.pixels)
+
+    def get(self, img: PromptImage, uuid: str | None = None):
+        key = uuid or self.uuid(img)
+        pil = self._d.get(key)
         if pil is None:
             from PIL import Image
 
             pil = Image.fromarray(img.pixels).convert("RGB")
-            self._d[img.uid] = pil
+            self._d[key] = pil
             while len(self._d) > self.size:
                 self._d.popitem(last=False)
         else:
-            self._d.move_to_end(img.uid)
+            self._d.move_to_end(key)
         return pil
 
 
@@ -149,6 +159,8 @@ class _InFlight:
     request_ids: list = field(default_factory=list)
     """vLLM's internal request ids"""
     started: float = 0.0
+    token_ids: list | None = None
+    """answers' token ids, when the engine (not vLLM) detokenizes them"""
 
 
 class VLLMEngine(Engine):
@@ -157,6 +169,8 @@ class VLLMEngine(Engine):
     Options (all keyword):
       model: checkpoint folder or name (default: the profile's `model`).
       gpu_memory_utilization: share of the GPU's memory vLLM may take (weights + activations + KV cache).
+        Several engines on one GPU: `RayPoolEngine(engines_per_gpu=K)` sizes this, max_num_batched_tokens
+        and the CUDA-graph sizes for each (`vllm_memory.apply_memory_plan`).
       max_model_len: longest prompt + answer in tokens (a 1000x750 image is ~713 tokens; two 1024-wide
         images ~1400); small values keep the memory profile small.
       tensor_parallel_size, dtype, quantization (e.g. "fp8": online fp8 weights, ~2x matmul rate),
@@ -176,6 +190,11 @@ class VLLMEngine(Engine):
         processor and derive the others' token ids (checked against vLLM's; see `_add_fast`).
       read_prefix_cache: False makes every request skip prefix-cache reads (benchmark: the cost without
         prefix reuse, on the same engine).
+      detokenize: False: vLLM returns token ids only (no incremental detokenization per request and
+        step) and the engine decodes each finished batch's answers at once.
+      mm_uuids: pass each image's content hash as `multi_modal_uuids` (False: vLLM hashes every
+        request's image itself; for benchmarks).
+      prefix_caching_hash_algo (a vLLM option, passed through): e.g. "xxhash" (needs the xxhash package).
       llm: an already built `vllm.LLM` to use (the engine then does not own it).
       **engine_kwargs: passed to `vllm.LLM` as is (e.g. mm_processor_cache_gb, kv_cache_dtype, seed).
     """
@@ -187,6 +206,7 @@ class VLLMEngine(Engine):
                  max_model_len: int | None = DEFAULT_MAX_MODEL_LEN, tensor_parallel_size: int = 1,
                  dtype: str = "auto", max_num_seqs: int = DEFAULT_MAX_NUM_SEQS,
                  max_num_batched_tokens: int | None = DEFAULT_MAX_NUM_BATCHED_TOKENS,
+                 detokenize: bool = True, mm_uuids: bool = True,
                  enable_prefix_caching: bool = True, load_format: str = "auto", enforce_eager: bool = False,
                  limit_mm_per_prompt: dict | None = None, quantization: str | None = None,
                  cascade_attention: bool | None = None, queries_in_flight: int | None = None,
@@ -201,6 +221,9 @@ class VLLMEngine(Engine):
         self.ignore_eos = bool(ignore_eos)
         self.read_prefix_cache = bool(read_prefix_cache)
         self.fast_prompts = bool(fast_prompts)
+        self.detokenize = bool(detokenize)
+        self.mm_uuids = bool(mm_uuids)
+        self.dead = False  # the engine core died: this engine cannot answer again (the Ray actor restarts)
         self.llm_options = dict(
             model=self.model, gpu_memory_utilization=float(gpu_memory_utilization), max_model_len=max_model_len,
             tensor_parallel_size=int(tensor_parallel_size), dtype=dtype, max_num_seqs=self.max_num_seqs,
@@ -308,7 +331,7 @@ class VLLMEngine(Engine):
     # -- requests
     def sampling_params(self, s: Sampling):
         """The vLLM SamplingParams for a batch's Sampling (greedy; cached)."""
-        key = (s, self.min_tokens, self.ignore_eos, self.read_prefix_cache)
+        key = (s, self.min_tokens, self.ignore_eos, self.read_prefix_cache, self.detokenize)
         sp = self._params.get(key)
         if sp is None:
             from vllm import SamplingParams
@@ -322,6 +345,8 @@ class VLLMEngine(Engine):
                 kw["ignore_eos"] = True
             if not self.read_prefix_cache:
                 kw["skip_reading_prefix_cache"] = True
+            if not self.detokenize:
+                kw["detokenize"] = False
             if s.structured_regex:
                 from vllm.sampling_params import StructuredOutputsParams
 
@@ -330,26 +355,31 @@ class VLLMEngine(Engine):
             self._params[key] = sp
         return sp
 
-    def prompt(self, batch: EngineBatch, q: Query) -> dict:
-        """One query as a vLLM prompt dict (text, PIL images, image uids)."""
+    def prompt(self, batch: EngineBatch, q: Query, uuids: dict[str, str] | None = None) -> dict:
+        """One query as a vLLM prompt dict (text, PIL images, their content uuids)."""
         s = batch.sampling
         text = self._renderer(len(q.image_uids), q.text, s.system_prompt, s.prefill)
         p: dict[str, Any] = {"prompt": text}
         if q.image_uids:
-            p["multi_modal_data"] = {"image": [self._images.get(batch.images[u]) for u in q.image_uids]}
-            p["multi_modal_uuids"] = {"image": list(q.image_uids)}
+            if uuids is None:
+                uuids = {u: self._images.uuid(batch.images[u]) for u in q.image_uids}
+            ids = [uuids[u] for u in q.image_uids]
+            p["multi_modal_data"] = {"image": [self._images.get(batch.images[u], i) for u, i in zip(q.image_uids, ids)]}
+            if self.mm_uuids:
+                p["multi_modal_uuids"] = {"image": ids}
         return p
 
     def prompts(self, batch: EngineBatch) -> list[dict]:
         check_batch(batch)
-        return [self.prompt(batch, q) for q in batch.queries]
+        uuids = {u: self._images.uuid(img) for u, img in batch.images.items()}  # one hash per image
+        return [self.prompt(batch, q, uuids) for q in batch.queries]
 
     @staticmethod
-    def _completion(out, s: Sampling) -> Completion:
+    def _completion(out, s: Sampling, text: str | None = None) -> Completion:
         c = out.outputs[0] if getattr(out, "outputs", None) else None
         if c is None:
             return Completion("", error="vLLM returned no output for this query")
-        text = c.text or ""
+        text = (c.text or "") if text is None else text
         if s.prefill:
             text = s.prefill + text
         n_gen = len(c.token_ids) if c.token_ids is not None else None
@@ -426,12 +456,19 @@ class VLLMEngine(Engine):
                     if ent is None:
                         continue
                     fl, i = ent
-                    fl.completions[i] = self._completion(o, fl.batch.sampling)
+                    if fl.token_ids is not None:  # decoded with the rest of the batch, below
+                        c = o.outputs[0] if getattr(o, "outputs", None) else None
+                        fl.token_ids[i] = list(c.token_ids or []) if c is not None else None
+                        fl.completions[i] = o
+                    else:
+                        fl.completions[i] = self._completion(o, fl.batch.sampling)
                     fl.remaining -= 1
                     unfinished -= 1
                     if fl.remaining == 0:
                         finished.append(fl)
                 for fl in finished:
+                    if fl.token_ids is not None:
+                        self._decode(fl)
                     del inflight[fl.seq]
                     for rid in fl.request_ids:
                         by_id.pop(rid, None)
@@ -449,7 +486,8 @@ class VLLMEngine(Engine):
     def _submit(self, batch: EngineBatch, by_id: dict) -> _InFlight:
         self._seq += 1
         n = len(batch.queries)
-        fl = _InFlight(self._seq, batch, [None] * n, n, started=time.perf_counter())
+        fl = _InFlight(self._seq, batch, [None] * n, n, started=time.perf_counter(),
+                       token_ids=None if self.detokenize else [None] * n)
         if n == 0:
             return fl
         prompts = self.prompts(batch)
@@ -464,6 +502,7 @@ class VLLMEngine(Engine):
             log.error("vllm engine: batch %r rejected: %s", batch.tag if isinstance(batch.tag, str) else fl.seq, exc)
             fl.completions = [Completion("", error=f"rejected by vLLM: {exc}") for _ in range(n)]
             fl.remaining = 0
+            fl.token_ids = None
             return fl
         except Exception as exc:
             raise self._generation_error(exc) from exc
@@ -477,81 +516,36 @@ class VLLMEngine(Engine):
             by_id[_external_id(rid)] = (fl, i)
         return fl
 
-    # -- fast prompt path
+    # -- fast prompt path (densify/engines/vllm_fast.py: the code that uses vLLM internals)
     def _add_fast(self, batch: EngineBatch, prompts: list[dict], params, seq: int) -> list[str] | None:
-        """Add a batch whose queries all show the same images, rendering only two of them through vLLM.
-
-        vLLM's offline renderer runs the multimodal processor for every prompt, even when the image is
-        cached (about 3 ms a query for Qwen3-VL: the frontend, not the GPU, then bounds throughput). Here
-        the first two queries are rendered by vLLM; the second one's engine input (image already cached,
-        so its multimodal data is a cache reference) is reused for the rest with only the token ids
-        changed: expanded image prefix + the query's own text tokens + the fixed suffix. The token ids
-        are checked against vLLM's own rendering of the first query before use; on any mismatch, or on
-        a vLLM without these internals, the rest goes through `LLM.enqueue` as usual. Returns the
-        internal request ids in query order, or None when the fast path does not apply (nothing added).
-        """
-        llm = self.llm
-        q0 = batch.queries[0]
-        s = batch.sampling
-        render = getattr(llm, "_preprocess_cmpl_one", None)
-        add = getattr(getattr(llm, "llm_engine", None), "add_request", None)
-        parts = self._renderer.parts(len(q0.image_uids), s.system_prompt, s.prefill)
-        if render is None or add is None or parts is None or not q0.image_uids:
-            return None
-        if any(q.image_uids != q0.image_uids for q in batch.queries):
-            return None
-        if not self._fast_checked_output_kind(params):
-            return None
-        e0 = render(prompts[0])
-        e1 = render(prompts[1])
-        ids: list[str] = []
-        rid = lambda i: f"dz{seq}q{i}"  # noqa: E731 - no '-': vLLM appends '-<random>' to it
-        ids.append(add(rid(0), e0, params))
-        ids.append(add(rid(1), e1, params))
-        fast = None
-        try:
-            tok = llm.get_tokenizer()
-            texts = [q.text for q in batch.queries]
-            enc = tok(texts, add_special_tokens=False)["input_ids"]
-            suffix = tok(parts[1], add_special_tokens=False)["input_ids"]
-            p1 = list(e1["prompt_token_ids"])
-            cut = len(p1) - len(suffix) - len(enc[1])
-            prefix = p1[:cut]
-            ok = (e1.get("type") == "multimodal" and cut > 0 and p1[cut:] == list(enc[1]) + list(suffix)
-                  and list(e0["prompt_token_ids"]) == prefix + list(enc[0]) + list(suffix))
-            if ok:
-                fast = (prefix, suffix, enc)
-            else:
-                log.warning("vllm engine: fast prompt path disabled (token ids differ from vLLM's rendering)")
-                self.fast_prompts = False
-        except Exception as exc:  # noqa: BLE001 - vLLM internals changed: fall back
-            log.warning("vllm engine: fast prompt path disabled: %s: %s", type(exc).__name__, exc)
+        ids, how = add_fast(self.llm, self._renderer, batch, prompts, params, seq)
+        if how == FALLBACK:
             self.fast_prompts = False
-        if fast is None:
-            rest = llm.enqueue(prompts[2:], params, use_tqdm=False)
-            return ids + [str(r) for r in rest]
-        prefix, suffix, enc = fast
-        for i in range(2, len(prompts)):
-            inp = dict(e1)
-            inp["prompt_token_ids"] = prefix + list(enc[i]) + suffix
-            inp["prompt"] = prompts[i]["prompt"]
-            ids.append(add(rid(i), inp, params))
-        self.stats["fast_prompt_batches"] += 1
+        elif how == FAST:
+            self.stats["fast_prompt_batches"] += 1
         return ids
 
-    def _fast_checked_output_kind(self, params) -> bool:
-        """LLM.enqueue sets FINAL_ONLY on the params; requests added directly need the same."""
-        try:
-            from vllm.sampling_params import RequestOutputKind
-
-            params.output_kind = RequestOutputKind.FINAL_ONLY
-            return True
-        except Exception:  # noqa: BLE001
-            return False
+    def _decode(self, fl: _InFlight) -> None:
+        """Answer texts of a finished batch from their token ids, in one call (detokenize=False)."""
+        tok = self._renderer.tokenizer
+        have = [i for i, ids in enumerate(fl.token_ids) if ids is not None]
+        seqs = [fl.token_ids[i] for i in have]
+        if hasattr(tok, "batch_decode"):
+            texts = tok.batch_decode(seqs, skip_special_tokens=True)
+        else:
+            texts = [tok.decode(ids, skip_special_tokens=True) for ids in seqs]
+        decoded = dict(zip(have, texts))
+        s = fl.batch.sampling
+        fl.completions = [self._completion(o, s, decoded.get(i, "")) for i, o in enumerate(fl.completions)]
+        fl.token_ids = None
 
     def _generation_error(self, exc: BaseException) -> EngineError:
         if isinstance(exc, EngineError):
             return exc
+        # the engine core process is gone (vLLM's EngineDeadError, or a CUDA OOM that killed it): no later
+        # request can succeed in this process, so a Ray actor holding this engine restarts itself
+        if _looks_like_oom(exc) or "dead" in type(exc).__name__.lower() or "dead" in str(exc).lower():
+            self.dead = True
         if _looks_like_oom(exc):
             return EngineError(f"vllm engine: out of GPU memory while generating: {_oom_advice(self.llm_options)}. "
                                f"({type(exc).__name__}: {exc})")
