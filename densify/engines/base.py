@@ -28,6 +28,9 @@ class GroundTruth:
     """other image uid -> HxWx2 preprocessed pixel in that image (NaN where not visible)."""
     pose_to: dict[str, np.ndarray] = field(default_factory=dict)
     """other image uid -> 4x4 transform from this camera's frame to the other's (x_other = T @ x_this)."""
+    object_ids: np.ndarray | None = None
+    """HxW int object id per pixel in the same frame as `depth` (-1 = none); the structured error model's
+    per-object bias (without it, depth-continuous segments stand in)."""
 
 
 @dataclass

@@ -10,48 +10,27 @@ from __future__ import annotations
 import hashlib
 import math
 import re
-from dataclasses import dataclass
-
 import cv2
 import numpy as np
 
 from densify.cameras import PreparedImage
 from densify.engines import register_engine
 from densify.engines.base import Completion, EngineBatch, GroundTruth, PromptImage, Query, check_batch
+from densify.engines.errors import ErrorModel, ErrorState, corr_answer, depth_answer
 from densify.geometry.rotations import euler_from_matrix, relative_from_T, rotation_angle_deg
 from densify.profiles import Profile, load_profile
 
 COORD_RE = re.compile(r"\((\d+), (\d+)\)")
 
 
-@dataclass(frozen=True)
-class ErrorModel:
-    """Defaults give a point delta_1 of about 0.90 on depth (VLM3's reported level)."""
-
-    depth_sigma: float = 0.125
-    """log-normal relative noise on depth (std of log(pred / gt))."""
-    outlier_rate: float = 0.02
-    """share of answers replaced by a random value."""
-    unparseable_rate: float = 0.01
-    """share of answers written in a form the parser rejects."""
-    corr_sigma: float = 4.0
-    """correspondence noise, in the profile's normalised units ([0, 1000] for VLM3-corr)."""
-    rot_sigma_deg: float = 3.0
-    trans_dir_sigma: float = 0.05
-    dist_sigma: float = 0.1
-    logprob_scale: float = 8.0
-    """reported log-probability = -scale * |relative error| + small noise (when asked for)."""
-
-    @classmethod
-    def exact(cls) -> "ErrorModel":
-        return cls(0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0)
-
-
-def depth_truth(prep: PreparedImage, depth: np.ndarray) -> GroundTruth:
-    """Dense ground truth at the original resolution -> the prompt image's frame (nearest)."""
+def depth_truth(prep: PreparedImage, depth: np.ndarray, object_ids: np.ndarray | None = None) -> GroundTruth:
+    """Dense ground truth (and object ids) at the original resolution -> the prompt image's frame (nearest)."""
     w, h = prep.pixel_map.pre_size
     d = np.asarray(depth, np.float32)
-    return GroundTruth(depth=cv2.resize(d, (w, h), interpolation=cv2.INTER_NEAREST))
+    ids = None
+    if object_ids is not None:  # int16 is not resizable by OpenCV; ids fit in int32
+        ids = cv2.resize(np.asarray(object_ids, np.int32), (w, h), interpolation=cv2.INTER_NEAREST)
+    return GroundTruth(depth=cv2.resize(d, (w, h), interpolation=cv2.INTER_NEAREST), object_ids=ids)
 
 
 def label_truth(prep: PreparedImage, pixels: np.ndarray, depth: np.ndarray) -> GroundTruth:
@@ -64,13 +43,14 @@ class SimulatedEngine:
     name = "simulated"
     uses_truth = True
 
-    def __init__(self, profile: Profile | str, *, seed: int = 0, error: ErrorModel | dict | None = None,
+    def __init__(self, profile: Profile | str, *, seed: int = 0, error: ErrorModel | dict | str | None = None,
                  noise: bool = True):
+        """error: a preset name ("iid" default, "structured", "exact"), a dict of ErrorModel parameters
+        (optional "preset" key for the base), or an ErrorModel; noise=False means exact answers."""
         self.profile = load_profile(profile)
-        if isinstance(error, dict):
-            error = ErrorModel(**error)
-        self.error = (error or ErrorModel()) if noise else ErrorModel.exact()
+        self.error = ErrorModel.from_option(error) if noise else ErrorModel.exact()
         self.seed = int(seed)
+        self._errors = ErrorState(self.error, self.seed)  # per-image/pair shared errors, built on first use
         self.queries_answered = 0
         self._bitgen = np.random.PCG64(0)
         self._gen = np.random.Generator(self._bitgen)
@@ -134,16 +114,24 @@ class SimulatedEngine:
         return self._pose(q, kind, img, q.image_uids[1], rng)
 
     def _depth(self, q: Query, img: PromptImage, rng):
-        gt = self._depth_at(img, self._pre_xy(q, img))
+        xy = self._pre_xy(q, img)
+        gt = self._depth_at(img, xy)
         if gt is None:
             gt = float(np.exp(rng.uniform(np.log(0.5), np.log(10.0))))  # the model still answers
         e = self.error
+        if e.structured_depth:
+            t = img.truth
+            depth = t.depth if t is not None else None
+            state = self._errors.depth(img.uid, img.pixels.shape[:2], depth,
+                                       t.object_ids if t is not None else None)
+            pred, own, _ = depth_answer(e, gt, rng, state, None if xy is None else (int(xy[0]), int(xy[1])), depth)
+            return f"<think> </think><answer>{pred:.{e.decimals}f}</answer>", own
         if e.outlier_rate and rng.random() < e.outlier_rate:
             pred = float(np.exp(rng.uniform(np.log(0.3), np.log(30.0))))
         else:
             pred = gt * math.exp(rng.normal(0.0, e.depth_sigma)) if e.depth_sigma else gt
         pred = max(pred, 0.01)
-        return f"<think> </think><answer>{pred:.2f}</answer>", abs(math.log(pred / gt))
+        return f"<think> </think><answer>{pred:.{e.decimals}f}</answer>", abs(math.log(pred / gt))
 
     @staticmethod
     def _depth_at(img: PromptImage, xy) -> float | None:
@@ -180,6 +168,10 @@ class SimulatedEngine:
         if target is None or (e.outlier_rate and rng.random() < e.outlier_rate):
             u, v = rng.uniform(0, r, 2)
             err = 1.0
+        elif e.structured_corr:
+            pair = self._errors.pair(img1.uid, img2.uid, m)
+            u, v, own = corr_answer(e, target, rng, r, (w2, h2), pair, (int(xy[0]), int(xy[1])), m)
+            err = own / r * 10
         else:
             u = target[0] + (rng.normal(0, e.corr_sigma) if e.corr_sigma else 0.0)
             v = target[1] + (rng.normal(0, e.corr_sigma) if e.corr_sigma else 0.0)
