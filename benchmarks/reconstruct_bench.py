@@ -1,11 +1,16 @@
 """Poses and fused geometry on seeded synthetic sequences: densify (simulated VLM3 answers) vs SIFT.
 
     python benchmarks/reconstruct_bench.py [--seeds 0 1] [--views 10] [--pairs consecutive+skip2]
+                                           [--errors iid,structured]
 
 Per sequence: a ray-cast room (densify.synthetic.scenes) seen along an arc of `--views` 640x480 views;
-`densify reconstruct` runs on it with the simulated engine and its default ErrorModel (depth 12.5 %
-log-normal noise, correspondences 4/1000 of the image per axis, 2 % outliers, 1 % unparseable answers)
-answering from exact ground truth. The classical baseline uses the same pairs, the same depth maps and
+`densify reconstruct` runs on it with the simulated engine answering from exact ground truth, once per
+error preset of `--errors` (default both, in one run; densify.engines.errors): ``iid`` (depth 12.5 %
+log-normal noise, correspondences 4/1000 of the image per axis, 2 % outliers, 1 % unparseable answers) and
+``structured`` (per-image depth scale, per-object bias, correlated fields, edge bleeding; per-pair
+correspondence offset, smooth end-point field, occlusion errors). Both are models of errors, not
+measurements of VLM3. The depth stage reads truth from the saved scene (no object ids there: the
+structured model's per-object bias falls back to depth-continuous segments). The classical baseline uses the same pairs, the same depth maps and
 the same estimator: OpenCV SIFT + Lowe's ratio test (0.8) -> essential matrix (USAC_MAGSAC) / PnP ->
 the same pose graph and TSDF fusion. A third row fuses the same depth maps with the true poses (the
 depth-noise floor of the geometry).
@@ -55,8 +60,8 @@ log = logging.getLogger("reconstruct_bench")
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _engines(seed: int) -> dict:
-    return {stage: SimulatedEngine(load_profile(p), seed=seed, error=ErrorModel())
+def _engines(seed: int, error: str = "iid") -> dict:
+    return {stage: SimulatedEngine(load_profile(p), seed=seed, error=ErrorModel.from_option(error))
             for stage, p in (("depth", "vlm3-depth"), ("corr", "vlm3-corr"), ("pose", "vlm3-pose"))}
 
 
@@ -68,7 +73,7 @@ def _fuse_and_score(infos, cam_to_world: dict, reference: int, depth_dir: Path, 
     return chamfer(pts, gt_pts, gt_mesh=scene.mesh)
 
 
-def run_sequence(seed: int, args, work: Path) -> dict:
+def run_sequence(seed: int, args, work: Path, error: str = "iid") -> dict:
     from densify.synthetic.scenes import SceneSpec, make_scene
 
     t0 = time.perf_counter()
@@ -79,7 +84,7 @@ def run_sequence(seed: int, args, work: Path) -> dict:
     over = {"pairs": args.pairs, "corr": {"grid": list(args.grid)}}
     cfg = load_reconstruct_config(None, over)
     t0 = time.perf_counter()
-    s = run_reconstruct(discover([str(p) for p in images]), cfg, work / "ours", engines=_engines(seed),
+    s = run_reconstruct(discover([str(p) for p in images]), cfg, work / "ours", engines=_engines(seed, error),
                         truth=SceneTruth(scene), progress=False)
     t_ours = time.perf_counter() - t0
     infos, results, graph = s["_infos"], s["_pairs"], s["_graph"]
@@ -125,7 +130,7 @@ def run_sequence(seed: int, args, work: Path) -> dict:
 
     gt_pts = visible_surface_samples(scene.mesh, [(v.depth, v.camera, v.cam_to_world) for v in scene.views],
                                      n=300_000, max_depth=cfg.fusion.depth_trunc)
-    out = {"seed": seed, "views": args.views, "pairs": len(results), "scene_s": t_scene, "ours_s": t_ours,
+    out = {"seed": seed, "error": error, "views": args.views, "pairs": len(results), "scene_s": t_scene, "ours_s": t_ours,
            "ours_stage_s": s["timings_s"], "sift_pose_s": t_sift, "rows": rows,
            "pair_queries": s["pair_queries"], "depth_queries": s["depth"]["queries"],
            "colmap": s["export"].get("colmap"), "tracks": s["export"].get("tracks")}
@@ -245,29 +250,34 @@ def main(argv=None) -> int:
     p.add_argument("--trajectory", default="arc", choices=["arc", "orbit"])
     p.add_argument("--pairs", default="consecutive+skip2", choices=["consecutive", "consecutive+skip2"])
     p.add_argument("--grid", type=int, nargs=2, default=[24, 18])
+    p.add_argument("--errors", default="iid,structured", help="comma-separated error presets (simulated engine)")
     p.add_argument("--work", help="keep the outputs here (default: a temporary folder)")
     p.add_argument("--json", help="result file (default: benchmarks/results/reconstruct_<date>.json)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     if args.views < 8:
         log.warning("fewer than 8 views: numbers are not comparable to the reported ones")
+    presets = [e.strip() for e in args.errors.split(",") if e.strip()]
     t0 = time.perf_counter()
-    seqs = []
+    runs = {}
     with tempfile.TemporaryDirectory(prefix="reconstruct-bench-") as tmp:
         base = Path(args.work) if args.work else Path(tmp)
-        for seed in args.seeds:
-            seqs.append(run_sequence(seed, args, base / f"seed{seed}"))
-    agg = aggregate(seqs)
+        for error in presets:
+            t1 = time.perf_counter()
+            seqs = [run_sequence(seed, args, base / error / f"seed{seed}", error) for seed in args.seeds]
+            runs[error] = {"error_model": ErrorModel.from_option(error).__dict__, "summary": aggregate(seqs),
+                           "sequences": seqs, "wall_s": time.perf_counter() - t1}
     wall = time.perf_counter() - t0
-    print_table(agg, seqs)
+    for error, run in runs.items():
+        print(f"\n=== error preset: {error} ===")
+        print_table(run["summary"], run["sequences"])
     print(f"total {wall:.1f} s on {platform.machine()} ({platform.processor() or 'cpu'})")
     default = ROOT / "benchmarks" / "results" / f"reconstruct_{dt.date.today():%Y%m%d}.json"
     path = Path(args.json) if args.json else default
     path.parent.mkdir(parents=True, exist_ok=True)
     result = {"benchmark": "reconstruct", "date": dt.datetime.now().isoformat(timespec="seconds"),
               "command": "python benchmarks/reconstruct_bench.py " + " ".join(sys.argv[1:] if argv is None else argv),
-              "settings": vars(args), "error_model": ErrorModel().__dict__, "summary": agg, "sequences": seqs,
-              "wall_s": wall}
+              "settings": vars(args), "errors": presets, "presets": runs, "wall_s": wall}
     path.write_text(json.dumps(result, indent=1, default=_json))
     print(f"wrote {path}")
     return 0

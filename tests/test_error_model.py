@@ -199,7 +199,7 @@ def test_error_option_forms():
     assert SimulatedEngine("vlm3-depth").error == ErrorModel()
     assert SimulatedEngine("vlm3-depth", error="iid").error == ErrorModel()
     s = SimulatedEngine("vlm3-depth", error="structured").error
-    assert s.preset == "structured" and s.structured_depth and s.structured_corr
+    assert s.name == "structured" and s.structured_depth and s.structured_corr
     d = SimulatedEngine("vlm3-depth", error={"preset": "structured", "scale_sigma": 0.0}).error
     assert d.scale_sigma == 0.0 and d.field_sigma == s.field_sigma
     assert SimulatedEngine("vlm3-depth", error={"depth_sigma": 0.2}).error.depth_sigma == 0.2  # iid base

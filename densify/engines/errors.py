@@ -40,7 +40,7 @@ class ErrorModel:
     """Every parameter of the simulated engine's errors. The default is the ``iid`` preset; see
     `ErrorModel.preset`. Structured terms are off (0) unless set."""
 
-    preset: str = "iid"
+    name: str = "iid"
     """Name of the preset these values came from (informational; recorded in benchmark JSON)."""
     # -- independent terms (both presets)
     depth_sigma: float = 0.125
@@ -104,7 +104,7 @@ class ErrorModel:
 
     @classmethod
     def exact(cls) -> "ErrorModel":
-        return cls(preset="exact", depth_sigma=0.0, outlier_rate=0.0, unparseable_rate=0.0, corr_sigma=0.0,
+        return cls(name="exact", depth_sigma=0.0, outlier_rate=0.0, unparseable_rate=0.0, corr_sigma=0.0,
                    rot_sigma_deg=0.0, trans_dir_sigma=0.0, dist_sigma=0.0)
 
     @classmethod
@@ -148,7 +148,7 @@ PRESETS: dict[str, ErrorModel] = {
     # grid answers of seeded 640x480 rooms, as VLM3-depth's published average. The shared terms carry
     # most of the variance: sqrt(0.07^2 + 0.05^2 + 0.055^2 + 0.04^2) = 0.11 vs 0.06 independent.
     "structured": ErrorModel(
-        preset="structured", depth_sigma=0.06, outlier_rate=0.02, unparseable_rate=0.01,
+        name="structured", depth_sigma=0.06, outlier_rate=0.02, unparseable_rate=0.01,
         scale_sigma=0.07, object_sigma=0.05, field_sigma=0.055, field_long_sigma=0.04,
         bleed_prob=0.5, logprob_edge=0.5,
         corr_sigma=1.5, corr_pair_sigma=2.0, corr_field_sigma=2.5, corr_field_long_sigma=1.5,
