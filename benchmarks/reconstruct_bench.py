@@ -137,6 +137,7 @@ def run_sequence(seed: int, args, work: Path, error: str = "iid") -> dict:
     out["trajectory"] = {"ours": trajectory_error(graph.cam_to_world, gt_c2w, graph.reference),
                          "sift": trajectory_error(sift_graph.cam_to_world, gt_c2w, sift_graph.reference),
                          "ours_posed": len(graph.cam_to_world), "sift_posed": len(sift_graph.cam_to_world)}
+    out["scale_check"] = scale_check(infos, results, depth_dir, work / "ours", scene)
     out["fusion"] = {
         "ours": _fuse_and_score(infos, graph.cam_to_world, graph.reference, depth_dir, cfg, scene, gt_pts),
         "sift": _fuse_and_score(infos, sift_graph.cam_to_world, sift_graph.reference, depth_dir, cfg, scene,
@@ -145,6 +146,51 @@ def run_sequence(seed: int, args, work: Path, error: str = "iid") -> dict:
                                       depth_dir, cfg, scene, gt_pts),
     }
     return out
+
+
+def scale_check(infos, results, depth_dir: Path, work: Path, scene) -> dict:
+    """Per-image depth scale from the other views (an experiment, not in the pipeline yet).
+
+    A PnP pose of pair (i, j) carries image i's depth scale; image j's depth at the matched pixels against the
+    points of i moved by that pose gives log(s_j / s_i). Least squares over the pairs (mean 0) estimates each
+    view's relative log scale; compared with the truth: median log(depth / true depth) of each view's map.
+    """
+    from densify.geometry.clouds import depth_at_pixels, unproject
+
+    n = len(infos)
+    depths = {k: np.load(depth_dir / infos[k].id / "depth.npy") for k in range(n)}
+    rows = []
+    for r in results:
+        if not r.usable or r.pose.source != "pnp" or r.pose.t_metric is None:
+            continue
+        m = Matches.load(work / "pairs" / pair_key(infos[r.i].id, infos[r.j].id) / "matches.npz")
+        xy1, xy2 = m.pairs()
+        if len(xy1) < 20:
+            continue
+        X = unproject(xy1, depth_at_pixels(depths[r.i], xy1), infos[r.i].camera)
+        zj = (X @ np.asarray(r.pose.R).T + np.asarray(r.pose.t_metric).reshape(3))[:, 2]
+        dj = depth_at_pixels(depths[r.j], xy2)
+        ok = np.isfinite(zj) & np.isfinite(dj) & (zj > 0.1) & (dj > 0)
+        if ok.sum() >= 20:
+            rows.append((r.i, r.j, float(np.median(np.log(dj[ok] / zj[ok])))))
+    true = []
+    for k in range(n):
+        gt, d = scene.views[k].depth, depths[k]
+        ok = np.isfinite(d) & (d > 0) & (gt > 0)
+        true.append(float(np.median(np.log(d[ok] / gt[ok]))))
+    true = np.array(true) - np.mean(true)
+    if not rows:
+        return {"pairs_used": 0, "true_log_scale": true.tolist()}
+    A = np.zeros((len(rows) + 1, n))
+    b = np.zeros(len(rows) + 1)
+    for q, (i, j, lr) in enumerate(rows):
+        A[q, i], A[q, j], b[q] = -1.0, 1.0, lr
+    A[-1] = 1.0  # gauge: mean log scale 0
+    est = np.linalg.lstsq(A, b, rcond=None)[0]
+    resid = true - est
+    return {"pairs_used": len(rows), "true_log_scale": true.tolist(), "estimated_log_scale": est.tolist(),
+            "spread_before": float(np.std(true)), "spread_after": float(np.std(resid - resid.mean())),
+            "corr": float(np.corrcoef(true, est)[0, 1]) if n > 2 else float("nan")}
 
 
 def _stats(e) -> dict:
@@ -230,6 +276,12 @@ def print_table(agg: dict, seqs: list[dict]) -> None:
         f"   true poses: {agg['true_poses']['completeness']:.3f}",
     ]
     print("\n".join(lines))
+    for q in seqs:
+        sc = q.get("scale_check") or {}
+        if sc.get("pairs_used"):
+            print(f"seed {q['seed']}: per-view depth log-scale spread {sc['spread_before']:.3f}; after the "
+                  f"multi-view scale check {sc['spread_after']:.3f} ({sc['pairs_used']} PnP pairs, "
+                  f"corr {sc['corr']:.2f})")
     for q in seqs:
         c = q["colmap"] or {}
         print(f"seed {q['seed']}: {q['views']} views, {q['pairs']} pairs, {q['pair_queries']:,} correspondence "
