@@ -342,6 +342,8 @@ def main(argv=None) -> int:
     p.add_argument("--errors", default="iid,structured", help="comma-separated error presets (simulated engine)")
     p.add_argument("--work", help="keep the outputs here (default: a temporary folder)")
     p.add_argument("--json", help="result file (default: benchmarks/results/reconstruct_<date>.json)")
+    p.add_argument("--plot", help="figure (default docs/reconstruct_presets.png)")
+    p.add_argument("--no-plot", action="store_true")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     if args.views < 8:
@@ -369,7 +371,54 @@ def main(argv=None) -> int:
               "settings": vars(args), "errors": presets, "presets": runs, "wall_s": wall}
     path.write_text(json.dumps(result, indent=1, default=_json))
     print(f"wrote {path}")
+    if not args.no_plot:
+        plot_presets(json.loads(path.read_text()), Path(args.plot) if args.plot else ROOT / "docs" / "reconstruct_presets.png")
     return 0
+
+
+def plot_presets(result: dict, path: Path) -> None:
+    """Pose AUC and Chamfer per error preset, densify vs SIFT (docs/reconstruct_presets.png)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    presets = list(result["presets"])
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    w = 0.8 / (2 * len(presets))
+    for k, e in enumerate(presets):
+        a = result["presets"][e]["summary"]
+        for m, (method, hatch) in enumerate((("ours", ""), ("sift", "//"))):
+            x = np.arange(3) + (2 * k + m - len(presets) + 0.5) * w
+            axes[0].bar(x, [a[method][f"auc@{t}"] for t in (5, 10, 30)], w, hatch=hatch, color=f"C{k}",
+                        label=f"{'densify' if method == 'ours' else 'SIFT'}, {e}")
+        rows = [("ours", a["ours"]["chamfer_accuracy_m"], a["ours"]["chamfer_completeness_m"]),
+                ("SIFT", a["sift"]["chamfer_accuracy_m"], a["sift"]["chamfer_completeness_m"]),
+                ("true poses", a["true_poses"]["accuracy"], a["true_poses"]["completeness"])]
+        if "ours_scale_checked" in a:
+            rows.append(("ours, scale-checked", a["ours_scale_checked"]["accuracy"],
+                         a["ours_scale_checked"]["completeness"]))
+        for j, (name, acc, comp) in enumerate(rows):
+            axes[1].bar(j + (k - (len(presets) - 1) / 2) * 0.35, acc, 0.35, color=f"C{k}",
+                        label=f"accuracy, {e}" if j == 0 else None)
+            axes[1].plot(j + (k - (len(presets) - 1) / 2) * 0.35, comp, "k_", ms=14,
+                         label="completeness" if j == 0 and k == 0 else None)
+        axes[1].set_xticks(range(len(rows)))
+        axes[1].set_xticklabels([r[0] for r in rows], rotation=15)
+    axes[0].set_xticks(range(3))
+    axes[0].set_xticklabels(["AUC@5", "AUC@10", "AUC@30"])
+    axes[0].set_ylim(0, 1)
+    axes[0].set_title("pose AUC (max of R, t error)")
+    axes[0].legend(fontsize=8)
+    axes[1].set_title("Chamfer of the fused mesh (m)")
+    axes[1].legend(fontsize=8)
+    n = len(result["presets"][presets[0]]["sequences"])
+    fig.suptitle(f"Reconstruction, {n} synthetic sequences x {result['settings']['views']} views, simulated VLM3 "
+                 f"under each error preset")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
 
 
 def _json(o):
