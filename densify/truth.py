@@ -18,20 +18,13 @@ from densify.cameras import Camera, read_sidecar, sidecar_path
 from densify.geometry.clouds import backproject
 from densify.images import ImageSource
 
-__all__ = ["TruthProvider", "SceneTruth", "SidecarTruth", "reproject_matches", "saved_depth", "saved_object_ids"]
+__all__ = ["TruthProvider", "SceneTruth", "SidecarTruth", "reproject_matches", "saved_depth"]
 
 
 def saved_depth(src: ImageSource) -> np.ndarray | None:
     """Dense ground truth saved beside an image (<stem>.depth.npy, as Scene.save writes it), if any."""
     p = Path(src.extra.get("depth_path") or Path(src.path).with_suffix(".depth.npy"))
     return np.load(p).astype(np.float32) if p.is_file() else None
-
-
-def saved_object_ids(src: ImageSource) -> np.ndarray | None:
-    """Object id per pixel saved beside an image (<stem>.objects.npy, as Scene.save writes it), if any: the
-    structured error model's per-object bias (`depth_truth(prep, depth, object_ids)`)."""
-    p = Path(src.path).with_suffix(".objects.npy")
-    return np.load(p).astype(np.int32) if p.is_file() else None
 
 
 class TruthProvider(Protocol):

@@ -180,6 +180,8 @@ def correlated_field(shape: tuple[int, int], length_px: float, rng: np.random.Ge
     s = (length_px / 2.0) / cell  # kernel std in cells
     pad = int(math.ceil(3 * s)) + 1
     gh, gw = int(math.ceil(h / cell)) + 1 + 2 * pad, int(math.ceil(w / cell)) + 1 + 2 * pad
+    # pixel x sits at x / cell coarse cells
+    mx, my = np.meshgrid(np.arange(w, dtype=np.float32) / cell, np.arange(h, dtype=np.float32) / cell)
     out = []
     for _ in range(channels):
         z = rng.standard_normal((gh, gw)).astype(np.float32)
@@ -187,10 +189,6 @@ def correlated_field(shape: tuple[int, int], length_px: float, rng: np.random.Ge
         f = cv2.GaussianBlur(z, (k, k), s, borderType=cv2.BORDER_REFLECT)
         f = f[pad:gh - pad, pad:gw - pad]
         f *= 2.0 * math.sqrt(math.pi) * s  # white noise through a 2D Gaussian of std s has std 1/(2 sqrt(pi) s)
-        # map coarse cell centres onto pixels: pixel x sits at x / cell cells
-        xs = (np.arange(w, dtype=np.float32) / cell)
-        ys = (np.arange(h, dtype=np.float32) / cell)
-        mx, my = np.meshgrid(xs, ys)
         out.append(cv2.remap(f, mx, my, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REFLECT))
     return out[0] if channels == 1 else np.stack(out, -1)
 

@@ -1,4 +1,5 @@
-"""A simulated point-query model: answers from ground truth through a seeded error model.
+"""A simulated point-query model: answers from ground truth through a seeded error model
+(densify.engines.errors: presets `iid`, the default, and `structured`; engine option `error`).
 
 It writes answers as text, the way the model would, so the profile's parser is always exercised, and it
 reads the queried coordinates back out of the prompt text, so a wrong prompt gives wrong answers.

@@ -166,12 +166,7 @@ class Scene:
                      pixel_size: tuple[int, int] | None = None) -> GroundTruth:
         """View i's truth for the simulated engine: depth, and matches/poses to other views keyed by uid."""
         others = others or {}
-        ids = self.views[i].object_ids
-        if ids is not None and pixel_size is not None and tuple(pixel_size) != ids.shape[::-1]:
-            import cv2
-
-            ids = cv2.resize(ids.astype(np.int32), tuple(pixel_size), interpolation=cv2.INTER_NEAREST)
-        return GroundTruth(depth=self.depth_at(i, pixel_size), object_ids=ids,
+        return GroundTruth(depth=self.depth_at(i, pixel_size),
                            matches_to={uid: self.matches(i, j, pixel_size=pixel_size)
                                        for uid, j in others.items()},
                            pose_to={uid: self.relative_pose(i, j) for uid, j in others.items()})
