@@ -26,8 +26,15 @@ def only(**terms) -> ErrorModel:
     return ErrorModel.preset("structured", **{**QUIET, **terms})
 
 
-def _point_batch(depth, xys, uid="a", object_ids=None, matches=None):
-    """Queries at exact preprocessed pixels (hint, no coordinates in the text) of one prompt image."""
+# Where truth meets the engine (two helpers below and `_scene_batch`): the only code that changes when truth
+# comes from a provider keyed by image instead of riding on the prompt image.
+def _engine(profile, **options) -> SimulatedEngine:
+    return SimulatedEngine(profile, **options)
+
+
+def _point_batch(depth, xys, uid="a", object_ids=None):
+    """Queries at exact preprocessed pixels (hint, no coordinates in the text) of one prompt image whose
+    truth (depth, object ids) is given in its own frame."""
     h, w = depth.shape
     truth = GroundTruth(depth=depth, object_ids=object_ids)
     img = PromptImage(uid, np.zeros((h, w, 3), np.uint8), truth)
@@ -70,7 +77,7 @@ def test_answer_errors_are_correlated_over_the_token_footprint():
     xys = np.stack([xs.ravel(), ys.ravel()], 1)
     c32, c128, c8 = [], [], []
     for seed in range(3):
-        eng = SimulatedEngine("vlm3-depth", seed=seed, error=only(field_sigma=0.1))
+        eng = _engine("vlm3-depth", seed=seed, error=only(field_sigma=0.1))
         e = _log_errors(eng, _point_batch(depth, xys, uid=f"img{seed}"), depth, xys).reshape(xs.shape)
         assert 0.07 < e.std() < 0.13
         c8.append(_lag_corr(e, 1, 1))
@@ -85,7 +92,7 @@ def test_iid_errors_are_not_correlated():
     depth = np.full((240, 320), 5.0, np.float32)
     xs, ys = np.meshgrid(np.arange(2, 320, 4), np.arange(2, 240, 4))
     xys = np.stack([xs.ravel(), ys.ravel()], 1)
-    eng = SimulatedEngine("vlm3-depth", seed=0, error=ErrorModel.preset("iid", outlier_rate=0, unparseable_rate=0))
+    eng = _engine("vlm3-depth", seed=0, error=ErrorModel.preset("iid", outlier_rate=0, unparseable_rate=0))
     e = _log_errors(eng, _point_batch(depth, xys), depth, xys).reshape(xs.shape)
     assert abs(_lag_corr(e, 1, 1)) < 0.08
     assert 0.11 < e.std() < 0.14
@@ -96,7 +103,7 @@ def test_per_image_scale_spread():
     xys = [(8, 8), (40, 20), (60, 40)]
     meds = []
     for k in range(300):
-        eng = SimulatedEngine("vlm3-depth", seed=7, error=only(scale_sigma=0.07))
+        eng = _engine("vlm3-depth", seed=7, error=only(scale_sigma=0.07))
         e = _log_errors(eng, _point_batch(depth, xys, uid=f"u{k}"), depth, xys)
         assert np.ptp(e) < 0.01                             # one factor for the whole image (two decimals)
         meds.append(np.median(e))
@@ -112,7 +119,7 @@ def test_per_object_bias_is_shared_within_an_object():
     left = np.array([x < 64 for x, _ in xys])
     diffs = []
     for k in range(200):
-        eng = SimulatedEngine("vlm3-depth", seed=1, error=only(object_sigma=0.05))
+        eng = _engine("vlm3-depth", seed=1, error=only(object_sigma=0.05))
         e = _log_errors(eng, _point_batch(depth, xys, uid=f"o{k}", object_ids=ids), depth, xys)
         assert np.ptp(e[left]) < 0.01 and np.ptp(e[~left]) < 0.01
         diffs.append(e[left][0] - e[~left][0])
@@ -125,7 +132,7 @@ def test_without_object_ids_depth_segments_get_their_own_bias():
     xys = [(10, 10), (120, 90), (60, 50), (50, 40)]
     same_wall, box_vs_wall = [], []
     for k in range(100):
-        eng = SimulatedEngine("vlm3-depth", seed=2, error=only(object_sigma=0.05))
+        eng = _engine("vlm3-depth", seed=2, error=only(object_sigma=0.05))
         e = _log_errors(eng, _point_batch(depth, xys, uid=f"s{k}"), depth, xys)
         same_wall.append(abs(e[0] - e[1]))
         box_vs_wall.append(abs(e[0] - e[2]))
@@ -138,7 +145,7 @@ def test_edge_bleeding_rate_falls_with_distance():
     h, w = 400, 200
     depth = np.full((h, w), 2.0, np.float32)
     depth[:, 100:] = 4.0                                   # discontinuity between x = 99 and 100
-    eng = SimulatedEngine("vlm3-depth", seed=5, error=only(bleed_prob=0.5, bleed_px=32.0))
+    eng = _engine("vlm3-depth", seed=5, error=only(bleed_prob=0.5, bleed_px=32.0))
     rates = {}
     for dist in (0, 8, 16, 24, 40):
         xys = [(99 - dist, y) for y in range(h)] + [(100 + dist, y) for y in range(h)]
@@ -149,6 +156,11 @@ def test_edge_bleeding_rate_falls_with_distance():
     for dist, r in rates.items():
         expected = 0.5 * max(0.0, 1 - dist / 32)
         assert abs(r - expected) < 0.06, (dist, r, expected)
+
+
+def _scene_batch(prep, plan, profile, uid, depth, object_ids):
+    """A depth batch for a rendered view: truth at the original resolution, brought to the prompt frame."""
+    return depth_batch(prep, plan, profile, uid=uid, truth=depth_truth(prep, depth, object_ids))
 
 
 def test_structured_preset_point_delta1_near_090_on_synthetic_scenes():
@@ -163,14 +175,13 @@ def test_structured_preset_point_delta1_near_090_on_synthetic_scenes():
         prep = prepare_image(v.rgb, v.camera, focal=pre.focal, max_side=pre.max_side,
                              square_pixels=pre.square_pixels, coord_range=p.coord_range, resample=pre.resample)
         plan = plan_queries(grid_points(640, 480, count=(32, 24)), prep.pixel_map)
-        batch = depth_batch(prep, plan, p, uid=image_uid(prep, f"s{seed}"),
-                            truth=depth_truth(prep, v.depth, v.object_ids))
+        batch = _scene_batch(prep, plan, p, image_uid(prep, f"s{seed}"), v.depth, v.object_ids)
         g = v.depth[plan.pixels[:, 1], plan.pixels[:, 0]]
         ans = collect_depth(p, plan.pixels, plan.prompt_xy,
-                            SimulatedEngine(p, seed=seed, error="structured").generate(batch))
+                            _engine(p, seed=seed, error="structured").generate(batch))
         pred.append(ans.values)
         gt.append(g)
-        iid = collect_depth(p, plan.pixels, plan.prompt_xy, SimulatedEngine(p, seed=seed).generate(batch))
+        iid = collect_depth(p, plan.pixels, plan.prompt_xy, _engine(p, seed=seed).generate(batch))
         d1_iid.append(delta1(iid.values, g))
     d1 = delta1(np.concatenate(pred), np.concatenate(gt))
     assert 0.87 < d1 < 0.93
@@ -185,14 +196,14 @@ def test_structured_answers_do_not_depend_on_batching_or_cache():
     depth[40:80, 50:110] = 1.5
     xys = [(x, y) for x in range(0, 160, 9) for y in range(0, 120, 11)]
     batch = _point_batch(depth, xys)
-    eng = SimulatedEngine("vlm3-depth", seed=3, error="structured")
+    eng = _engine("vlm3-depth", seed=3, error="structured")
     full = [c.text for c in eng.generate(batch)]
     rev = EngineBatch(batch.images, batch.queries[::-1])
     assert [c.text for c in eng.generate(rev)][::-1] == full
     half = EngineBatch(batch.images, batch.queries[len(xys) // 2:])
-    fresh = SimulatedEngine("vlm3-depth", seed=3, error="structured")
+    fresh = _engine("vlm3-depth", seed=3, error="structured")
     assert [c.text for c in fresh.generate(half)] == full[len(xys) // 2:]
-    assert [c.text for c in SimulatedEngine("vlm3-depth", seed=4, error="structured").generate(batch)] != full
+    assert [c.text for c in _engine("vlm3-depth", seed=4, error="structured").generate(batch)] != full
 
 
 def test_error_option_forms():
@@ -212,7 +223,7 @@ def test_error_option_forms():
 def test_noise_false_is_exact_with_structured_option():
     depth = np.full((60, 80), 2.345, np.float32)
     xys = [(5, 5), (40, 30)]
-    eng = SimulatedEngine("vlm3-depth", error="structured", noise=False)
+    eng = _engine("vlm3-depth", error="structured", noise=False)
     assert [c.text for c in eng.generate(_point_batch(depth, xys))] == ["<think> </think><answer>2.35</answer>"] * 2
 
 
@@ -228,6 +239,7 @@ def test_depth_state_is_seeded_per_image():
 # ---------------------------------------------------------------------------------------------- correspondences
 
 def _corr_batch(matches, xys, uid1="p", uid2="q"):
+    """Correspondence queries on a pair whose match map (image 1's frame -> image 2's pixels) is given."""
     h, w = matches.shape[:2]
     t1 = GroundTruth(matches_to={uid2: matches})
     imgs = {uid1: PromptImage(uid1, np.zeros((h, w, 3), np.uint8), t1),
@@ -260,13 +272,13 @@ def test_corr_pair_bias_and_smooth_field():
     m = _shift_matches(h, w)
     xs, ys = np.meshgrid(np.arange(4, w - 20, 8), np.arange(4, h, 8))
     xys = list(zip(xs.ravel(), ys.ravel()))
-    eng = SimulatedEngine("vlm3-corr", seed=0, error=only(corr_field_sigma=10.0))
+    eng = _engine("vlm3-corr", seed=0, error=only(corr_field_sigma=10.0))
     e = _corr_errors(eng, m, xys)[:, 0].reshape(xs.shape)
     assert _lag_corr(e, 1, 1) > 0.75                      # 8 px apart, 32 px correlation length
     assert abs(_lag_corr(e, 12, 1)) < 0.25                 # 96 px apart
     biases = []
     for k in range(60):
-        eng = SimulatedEngine("vlm3-corr", seed=0, error=only(corr_pair_sigma=6.0))
+        eng = _engine("vlm3-corr", seed=0, error=only(corr_pair_sigma=6.0))
         e = _corr_errors(eng, m, xys[:5], uid1=f"a{k}")
         assert np.ptp(e[:, 0]) <= 2 and np.ptp(e[:, 1]) <= 2  # one offset per pair (integer answers)
         biases.append(e[0])
@@ -277,7 +289,7 @@ def test_corr_errors_concentrate_at_occlusions():
     h, w = 200, 400
     m = _shift_matches(h, w, dx=0.0)
     m[:, 200:] = np.nan                                    # the right half is not visible in image 2
-    eng = SimulatedEngine("vlm3-corr", seed=1, error=only(occlusion_prob=0.5, occlusion_sigma=40.0))
+    eng = _engine("vlm3-corr", seed=1, error=only(occlusion_prob=0.5, occlusion_sigma=40.0))
     near = [(196, y) for y in range(0, h, 1)]
     far = [(100, y) for y in range(0, h, 1)]
     en = np.hypot(*_corr_errors(eng, m, near).T)
