@@ -193,6 +193,10 @@ def correlated_field(shape: tuple[int, int], length_px: float, rng: np.random.Ge
     return out[0] if channels == 1 else np.stack(out, -1)
 
 
+def _index_dtype(shape) -> type:
+    return np.int16 if max(shape) < 32767 else np.int32
+
+
 def _fingerprint(a: np.ndarray | None) -> str:
     if a is None:
         return "-"
@@ -254,7 +258,7 @@ class DepthImageErrors:
     edge_dist: np.ndarray | None = None
     """HxW float32 distance (px) to the nearest discontinuity pixel (None: no depth map or no bleeding)."""
     edge_idx: np.ndarray | None = None
-    """2xHxW int32: (row, col) of that nearest discontinuity pixel."""
+    """2xHxW int16 (int32 for huge images): (row, col) of that nearest discontinuity pixel."""
 
 
 def depth_image_errors(model: ErrorModel, seed: int, uid: str, shape: tuple[int, int],
@@ -286,7 +290,7 @@ def depth_image_errors(model: ErrorModel, seed: int, uid: str, shape: tuple[int,
         edges = depth_discontinuities(depth, model.edge_log_jump)
         if edges.any():
             dist, idx = distance_transform_edt(~edges, return_indices=True)
-            out.edge_dist, out.edge_idx = dist.astype(np.float32), idx.astype(np.int32)
+            out.edge_dist, out.edge_idx = dist.astype(np.float32), idx.astype(_index_dtype(shape))
     return out
 
 
@@ -403,7 +407,7 @@ def pair_errors(model: ErrorModel, seed: int, uid1: str, uid2: str, matches: np.
         b = match_boundaries(matches, model.occlusion_jump_px)
         if b.any():
             dist, idx = distance_transform_edt(~b, return_indices=True)
-            out.occ_dist, out.occ_idx = dist.astype(np.float32), idx.astype(np.int32)
+            out.occ_dist, out.occ_idx = dist.astype(np.float32), idx.astype(_index_dtype(shape))
     return out
 
 
@@ -446,16 +450,27 @@ def corr_answer(model: ErrorModel, target: tuple[float, float], rng: np.random.G
 class ErrorState:
     """Per-image / per-pair error state of one engine, generated on first use (small LRU)."""
 
-    def __init__(self, model: ErrorModel, seed: int, size: int = 16):
+    def __init__(self, model: ErrorModel, seed: int, size: int = 8):
+        # An image's state is ~12 MB at 1155x866 (offset, edge distance and nearest-edge index maps).
         self.model, self.seed = model, seed
         self._lru = _LRU(size)
+        self._fps = _LRU(2 * size)  # id(array) -> (array, fingerprint): one hash per array, not per query
+
+    def _fp(self, a: np.ndarray | None) -> str:
+        if a is None:
+            return "-"
+        arr, fp = self._fps.get(id(a), lambda: (a, _fingerprint(a)))
+        if arr is not a:  # the id was reused by another array after the first one was dropped
+            fp = _fingerprint(a)
+            self._fps.d[id(a)] = (a, fp)
+        return fp
 
     def depth(self, uid: str, shape, depth: np.ndarray | None, object_ids: np.ndarray | None) -> DepthImageErrors:
         # The fingerprint guards against a uid reused with other truth (the state is a function of both).
-        key = ("d", uid, tuple(shape), _fingerprint(depth), _fingerprint(object_ids))
+        key = ("d", uid, tuple(shape), self._fp(depth), self._fp(object_ids))
         return self._lru.get(key, lambda: depth_image_errors(self.model, self.seed, uid, tuple(shape), depth,
                                                              object_ids))
 
     def pair(self, uid1: str, uid2: str, matches: np.ndarray) -> PairErrors:
-        key = ("c", uid1, uid2, _fingerprint(matches[..., 0]))
+        key = ("c", uid1, uid2, self._fp(matches))
         return self._lru.get(key, lambda: pair_errors(self.model, self.seed, uid1, uid2, matches))
