@@ -1,11 +1,14 @@
 """Densification accuracy against the query budget: uniform grid + linear vs edge-aware vs adaptive.
 
-    python -m benchmarks.densify_bench            # full sweep: 10 scenes x 7 budgets (~5 min on 2 cores)
-    python -m benchmarks.densify_bench --quick    # 4 scenes x 3 budgets (~30 s)
+    python -m benchmarks.densify_bench            # full sweep: 10 scenes x 7 budgets x 2 presets (~5 min, 2 cores)
+    python -m benchmarks.densify_bench --quick    # 4 scenes x 3 budgets (~1 min)
+    python -m benchmarks.densify_bench --errors structured --edge-opts '{"radius": 4}' --tag r4   # a variant
 
 Seeded synthetic rooms (densify.synthetic.scenes, 640x480) are answered by the simulated VLM3-depth engine
-at its default error model (12.5% log-normal noise, 2% outliers, 1% unparseable answers), through the real
-prompts, parser and pixel maps. For each budget (queries per image) and method:
+through the real prompts, parser and pixel maps, under each error preset of `--errors` (default both, in one
+run): ``iid`` (12.5% log-normal noise per answer, 2% outliers, 1% unparseable answers) and ``structured``
+(per-image scale, per-object bias, correlated log-depth fields, edge bleeding: densify.engines.errors).
+Both are models of errors, not measurements of VLM3. For each preset, budget (queries per image) and method:
 
 * ``bilinear``: uniform grid, piecewise-linear interpolation in inverse depth, no outlier rejection
   (`densify_depth(outliers=False)`: the honest plain-interpolation baseline);
@@ -19,8 +22,9 @@ delta_1 and AbsRel; near discontinuities: AbsRel and delta_1 within 5 px of a gr
 (4-neighbours whose |log depth ratio| > 0.1). The "budget ratio" interpolates the baseline's curve in
 log-budget: the budget the baseline needs for the accuracy a method reaches at 1024.
 
-Writes benchmarks/results/densify_<date>.json, docs/densify_budget.png, docs/densify_example.png and
-prints a markdown table.
+Writes benchmarks/results/densify_<date>[_tag].json (every preset under "presets"), one
+docs/densify_budget[_tag]_<preset>.png per preset (--example: docs/densify_example_<preset>.png) and prints
+markdown tables.
 
 Note: `densify_depth`'s triangle rasteriser can extrapolate a few border pixels of a triangle with an
 outlier corner to absurd depths (1e6 m); a linear interpolation never leaves the range of its answers,
@@ -55,25 +59,28 @@ class SceneCase:
     """One rendered view with the simulated engine and everything needed to ask and score."""
 
     def __init__(self, seed: int, *, width: int = 640, height: int = 480, logprobs: bool = False,
-                 engine_seed: int | None = None):
+                 engine_seed: int | None = None, error: str | dict = "iid"):
         import cv2
 
         from densify.cameras import prepare_image
-        from densify.engines.simulated import SimulatedEngine, depth_truth
+        from densify.engines.simulated import SimulatedEngine
         from densify.profiles import load_profile
-        from densify.prompts import image_uid, sampling_for
+        from densify.prompts import image_ref, image_uid, sampling_for
         from densify.synthetic.scenes import SceneSpec, make_scene
+        from densify.truth import SceneTruth
 
         self.profile = load_profile("vlm3-depth")
-        view = make_scene(SceneSpec(seed=seed, width=width, height=height)).views[0]
+        scene = make_scene(SceneSpec(seed=seed, width=width, height=height))
+        view = scene.views[0]
         self.rgb, self.depth, self.camera = view.rgb, view.depth.astype(np.float32), view.camera
         p = self.profile.preprocess
         self.prep = prepare_image(self.rgb, self.camera, focal=p.focal, max_side=p.max_side,
                                   square_pixels=p.square_pixels, coord_range=self.profile.coord_range,
                                   resample=p.resample)
-        self.truth = depth_truth(self.prep, self.depth)
-        self.uid = image_uid(self.prep, f"bench-scene-{seed}")
-        self.engine = SimulatedEngine(self.profile, seed=seed if engine_seed is None else engine_seed)
+        self.ref = image_ref(f"bench-scene-{seed}", self.prep)
+        self.uid = image_uid(self.prep, self.ref.id)
+        self.engine = SimulatedEngine(self.profile, seed=seed if engine_seed is None else engine_seed, error=error,
+                                      truth=SceneTruth(scene, {self.ref.id: 0}))
         self.sampling = sampling_for(self.profile, logprobs=logprobs)
         self.valid = np.isfinite(self.depth) & (self.depth > 0)
         ld = np.log(np.where(self.valid, self.depth, 1.0))
@@ -95,7 +102,7 @@ class SceneCase:
         from densify.queries import plan_queries
 
         plan = plan_queries(points, self.prep.pixel_map)
-        batch = depth_batch(self.prep, plan, self.profile, uid=self.uid, truth=self.truth, sampling=self.sampling)
+        batch = depth_batch(self.prep, plan, self.profile, uid=self.uid, ref=self.ref, sampling=self.sampling)
         self.calls += 1
         comps = self.engine.generate(batch)
         return answers.collect_depth(self.profile, plan.pixels, plan.prompt_xy, comps)
@@ -105,7 +112,7 @@ class SceneCase:
 
         h, w = self.depth.shape
         planner = AdaptivePlanner((h, w), budget, rgb=self.rgb, **planner_opts)
-        run = run_adaptive_depth(self.engine, planner, self.prep, self.profile, uid=self.uid, truth=self.truth,
+        run = run_adaptive_depth(self.engine, planner, self.prep, self.profile, uid=self.uid, ref=self.ref,
                                  sampling=self.sampling)
         from densify import answers
 
@@ -135,11 +142,11 @@ def run_scene(args) -> dict:
     from densify.fields.adaptive import grid_within
 
     t0 = time.perf_counter()
-    case = SceneCase(seed, logprobs=opts.get("logprobs", False))
+    case = SceneCase(seed, logprobs=opts.get("logprobs", False), error=opts.get("error", "iid"))
     h, w = case.depth.shape
     edge_opts = opts.get("edge", {})
     planner_opts = opts.get("planner", {})
-    out = {"seed": seed, "edge_fraction": float(case.edge_band.mean()), "results": {}}
+    out = {"seed": seed, "error": opts.get("error", "iid"), "edge_fraction": float(case.edge_band.mean()), "results": {}}
     for B in budgets:
         row = {}
         grid = grid_within(w, h, B)
@@ -289,7 +296,7 @@ def example_figure(seed: int, budget: int, path: Path, opts: dict) -> None:
     from densify.fields import densify_depth_edge
     from densify.fields.adaptive import grid_within
 
-    case = SceneCase(seed)
+    case = SceneCase(seed, error=opts.get("error", "iid"))
     h, w = case.depth.shape
     ans = case.ask(grid_within(w, h, budget))
     base = _linear(ans, (h, w), False)
@@ -330,59 +337,84 @@ def example_figure(seed: int, budget: int, path: Path, opts: dict) -> None:
 
 # ---------------------------------------------------------------------------------------------- main
 
+def run_preset(error: str, seeds: list[int], budgets: list[int], opts: dict, workers: int) -> dict:
+    """Every scene under one error preset -> aggregate, ratios and per-scene rows."""
+    from densify.engines.errors import ErrorModel
+
+    opts = {**opts, "error": error}
+    t0 = time.perf_counter()
+    jobs = [(s, budgets, opts) for s in seeds]
+    if workers > 1:
+        import multiprocessing as mp
+
+        with mp.get_context("fork").Pool(workers) as pool:
+            scenes = pool.map(run_scene, jobs, chunksize=1)
+    else:
+        scenes = [run_scene(j) for j in jobs]
+    agg = aggregate(scenes, budgets)
+    return {"error_model": ErrorModel.from_option(error).__dict__, "wall_s": time.perf_counter() - t0,
+            "aggregate": agg, "ratios_at_1024": ratios(agg, budgets), "per_scene": scenes}
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="4 scenes x budgets 256, 1024, 4096")
     p.add_argument("--scenes", type=int, help="number of seeded scenes (default 10; quick 4)")
     p.add_argument("--budgets", type=lambda s: [int(x) for x in s.split(",")], help="comma-separated budgets")
+    p.add_argument("--errors", default="iid,structured", help="comma-separated error presets (simulated engine)")
     p.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1))
     p.add_argument("--logprobs", action="store_true", help="ask for answer log-probabilities and use them")
-    p.add_argument("--json", type=Path, help="results JSON (default benchmarks/results/densify_<date>.json)")
-    p.add_argument("--plot", type=Path, help="budget plot (default docs/densify_budget.png)")
+    p.add_argument("--edge-opts", type=json.loads, default={}, help="JSON options for densify_depth_edge")
+    p.add_argument("--planner-opts", type=json.loads, default={}, help="JSON options for AdaptivePlanner")
+    p.add_argument("--tag", default="", help="suffix of the default JSON / plot names (a variant's name)")
+    p.add_argument("--json", type=Path, help="results JSON (default benchmarks/results/densify_<date>[_tag].json)")
+    p.add_argument("--plot", type=Path, help="budget plot (default docs/densify_budget[_tag]_<preset>.png)")
     p.add_argument("--no-plot", action="store_true")
+    p.add_argument("--example", action="store_true", help="also draw docs/densify_example_<preset>.png")
     args = p.parse_args(argv)
 
     budgets = args.budgets or (QUICK_BUDGETS if args.quick else FULL_BUDGETS)
     n_scenes = args.scenes or (4 if args.quick else 10)
     seeds = list(range(100, 100 + n_scenes))
-    opts = {"logprobs": args.logprobs, "edge": {}, "planner": {}}
+    presets = [e.strip() for e in args.errors.split(",") if e.strip()]
+    opts = {"logprobs": args.logprobs, "edge": args.edge_opts, "planner": args.planner_opts}
     t0 = time.perf_counter()
-    jobs = [(s, budgets, opts) for s in seeds]
-    if args.workers > 1:
-        import multiprocessing as mp
-
-        with mp.get_context("fork").Pool(args.workers) as pool:
-            scenes = pool.map(run_scene, jobs, chunksize=1)
-    else:
-        scenes = [run_scene(j) for j in jobs]
+    runs = {e: run_preset(e, seeds, budgets, opts, args.workers) for e in presets}
     wall = time.perf_counter() - t0
-    agg = aggregate(scenes, budgets)
-    rat = ratios(agg, budgets)
     date = _dt.date.today().isoformat()
-    suffix = ("_quick" if args.quick else "") + ("_logprobs" if args.logprobs else "")
+    suffix = ("_quick" if args.quick else "") + ("_logprobs" if args.logprobs else "") + \
+        (f"_{args.tag}" if args.tag else "")
     json_path = args.json or REPO / "benchmarks" / "results" / f"densify_{date}{suffix}.json"
+    argv_used = sys.argv[1:] if argv is None else list(argv)
     record = {
-        "benchmark": "densify_bench", "date": date, "wall_s": wall, "workers": args.workers,
+        "benchmark": "densify_bench", "date": date, "command": "python -m benchmarks.densify_bench " +
+        " ".join(argv_used), "wall_s": wall, "workers": args.workers,
         "scenes": seeds, "size": [640, 480], "budgets": budgets, "profile": "vlm3-depth",
-        "engine": "simulated (default ErrorModel)", "logprobs": args.logprobs, "methods": METHODS,
+        "engine": "simulated", "errors": presets, "logprobs": args.logprobs, "methods": METHODS,
         "options": opts, "edge_band": "within 5 px of 4-neighbour |log depth ratio| > 0.1",
-        "aggregate": agg, "ratios_at_1024": rat, "per_scene": scenes,
+        "presets": runs,
     }
     json_path.parent.mkdir(parents=True, exist_ok=True)
     json_path.write_text(json.dumps(record, indent=1))
-    if not args.no_plot:
-        plot_path = args.plot or REPO / "docs" / f"densify_budget{suffix}.png"
-        plot(agg, budgets, plot_path, f"Dense depth vs queries per image ({n_scenes} synthetic 640x480 scenes, "
-                                      f"simulated VLM3-depth{' + logprobs' if args.logprobs else ''})")
-        if not args.quick and not args.logprobs:
-            example_figure(seeds[0], 1024 if 1024 in budgets else budgets[0], REPO / "docs" / "densify_example.png",
-                           opts)
-    print(f"## densify_bench: {n_scenes} scenes, budgets {budgets}, {wall:.0f} s on {args.workers} workers\n")
-    print(markdown_table(agg, budgets))
-    if rat:
-        print("\nBaseline budget needed for each method's accuracy at 1024 queries (log-budget interpolation):\n")
-        print(ratio_table(rat))
-    print(f"\nresults: {json_path}")
+    print(f"## densify_bench: {n_scenes} scenes, budgets {budgets}, presets {presets}, {wall:.0f} s on "
+          f"{args.workers} workers\n")
+    for e, run in runs.items():
+        agg, rat = run["aggregate"], run["ratios_at_1024"]
+        if not args.no_plot:
+            plot_path = (args.plot.with_name(f"{args.plot.stem}_{e}{args.plot.suffix}") if args.plot else
+                         REPO / "docs" / f"densify_budget{suffix}_{e}.png")
+            plot(agg, budgets, plot_path, f"Dense depth vs queries per image ({n_scenes} synthetic 640x480 scenes, "
+                                          f"simulated VLM3-depth, {e} errors{' + logprobs' if args.logprobs else ''})")
+            if args.example:
+                example_figure(seeds[0], 1024 if 1024 in budgets else budgets[0],
+                               REPO / "docs" / f"densify_example{suffix}_{e}.png", {**opts, "error": e})
+        print(f"### error preset: {e}\n")
+        print(markdown_table(agg, budgets))
+        if rat:
+            print("\nBaseline budget needed for each method's accuracy at 1024 queries (log-budget interpolation):\n")
+            print(ratio_table(rat))
+        print()
+    print(f"results: {json_path}")
     return 0
 
 

@@ -27,7 +27,8 @@ class SimulatedOptions(EngineOptions):
     """Answers from ground truth through an error model: a test and demo tool, never a model."""
     seed: int = Field(0, description="seed of the error model (answers depend on it, on the images and the prompt)")
     noise: bool = Field(True, description="false: exact answers (checks the pipeline, not a model)")
-    error: dict | None = Field(None, description="error-model parameters (densify.engines.simulated.ErrorModel)")
+    error: str | dict | None = Field(None, description="error preset (iid, the default; structured; exact) or "
+                                     "ErrorModel parameters (densify.engines.errors)")
     object_error: dict | None = Field(None, description="object-question error model "
                                       "(densify.synthetic.object_answers.ObjectErrorModel)")
 

@@ -1,4 +1,5 @@
-"""A simulated point-query model: answers from ground truth through a seeded error model.
+"""A simulated point-query model: answers from ground truth through a seeded error model
+(densify.engines.errors: presets `iid`, the default, and `structured`; engine option `error`).
 
 A test and demo tool, never a default: it answers only where truth exists, looked up by image through a
 `densify.truth` provider (by default `FileTruth`: files beside the image and its manifest record). An image
@@ -15,41 +16,18 @@ import collections
 import hashlib
 import math
 import re
-from dataclasses import dataclass
 
 import cv2
 import numpy as np
 
 from densify.cameras import PixelMap
 from densify.engines.base import Completion, Engine, EngineBatch, GroundTruth, PromptImage, Query, check_batch
+from densify.engines.errors import ErrorModel, ErrorState, corr_answer, depth_answer
 from densify.geometry.rotations import euler_from_matrix, relative_from_T, rotation_angle_deg
 from densify.profiles import Profile, load_profile
 from densify.synthetic.object_answers import NO_TRUTH_ANSWER, ObjectErrorModel, answer_from_truth, regions_in_text
 
 COORD_RE = re.compile(r"\((\d+), (\d+)\)")
-
-
-@dataclass(frozen=True)
-class ErrorModel:
-    """Defaults give a point delta_1 of about 0.90 on depth (VLM3's reported level)."""
-
-    depth_sigma: float = 0.125
-    """log-normal relative noise on depth (std of log(pred / gt))."""
-    outlier_rate: float = 0.02
-    """share of answers replaced by a random value."""
-    unparseable_rate: float = 0.01
-    """share of answers written in a form the parser rejects."""
-    corr_sigma: float = 4.0
-    """correspondence noise, in the profile's normalised units ([0, 1000] for VLM3-corr)."""
-    rot_sigma_deg: float = 3.0
-    trans_dir_sigma: float = 0.05
-    dist_sigma: float = 0.1
-    logprob_scale: float = 8.0
-    """reported log-probability = -scale * |relative error| + small noise (when asked for)."""
-
-    @classmethod
-    def exact(cls) -> "ErrorModel":
-        return cls(0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0)
 
 
 def _pixel_map(img: PromptImage) -> PixelMap:
@@ -83,17 +61,16 @@ class SimulatedEngine(Engine):
     simulated = True
 
     def __init__(self, profile: Profile | str, *, seed: int = 0, noise: bool = True,
-                 error: ErrorModel | dict | None = None, object_error: dict | None = None, truth=None):
+                 error: ErrorModel | dict | str | None = None, object_error: dict | None = None, truth=None):
         from densify.truth import FileTruth
 
         self.profile = load_profile(profile)
-        if isinstance(error, dict):
-            error = ErrorModel(**error)
-        self.error = (error or ErrorModel()) if noise else ErrorModel.exact()
+        self.error = ErrorModel.from_option(error) if noise else ErrorModel.exact()
         self.object_error = ObjectErrorModel(**(object_error or {})) if noise else ObjectErrorModel.exact()
         self.seed = int(seed)
         self.truth = truth if truth is not None else FileTruth()
         self.stats = collections.Counter()
+        self._errors = ErrorState(self.error, self.seed)  # per-image/pair shared errors, built on first use
         self._bitgen = np.random.PCG64(0)
         self._gen = np.random.Generator(self._bitgen)
         self._pre: collections.OrderedDict = collections.OrderedDict()   # image key -> GroundTruth | None
@@ -242,12 +219,17 @@ class SimulatedEngine(Engine):
         if gt is None:
             raise NoTruth(f"simulated engine: no ground truth at the queried point {xy} of image {img.ref.id}")
         e = self.error
+        if e.structured_depth:
+            t = self._image_truth(img)
+            state = self._errors.depth(img.uid, img.pixels.shape[:2], t.depth, t.object_ids)
+            pred, own, _ = depth_answer(e, gt, rng, state, (int(xy[0]), int(xy[1])), t.depth)
+            return f"<think> </think><answer>{pred:.{e.decimals}f}</answer>", own
         if e.outlier_rate and rng.random() < e.outlier_rate:
             pred = float(np.exp(rng.uniform(np.log(0.3), np.log(30.0))))
         else:
             pred = gt * math.exp(rng.normal(0.0, e.depth_sigma)) if e.depth_sigma else gt
         pred = max(pred, 0.01)
-        return f"<think> </think><answer>{pred:.2f}</answer>", abs(math.log(pred / gt))
+        return f"<think> </think><answer>{pred:.{e.decimals}f}</answer>", abs(math.log(pred / gt))
 
     @staticmethod
     def _depth_at(t: GroundTruth, xy) -> float | None:
@@ -283,6 +265,10 @@ class SimulatedEngine(Engine):
         if target is None or (e.outlier_rate and rng.random() < e.outlier_rate):
             u, v = rng.uniform(0, r, 2)
             err = 1.0
+        elif e.structured_corr:
+            pair = self._errors.pair(img1.uid, img2.uid, m)
+            u, v, own = corr_answer(e, target, rng, r, (w2, h2), pair, (int(xy[0]), int(xy[1])), m)
+            err = own / r * 10
         else:
             u = target[0] + (rng.normal(0, e.corr_sigma) if e.corr_sigma else 0.0)
             v = target[1] + (rng.normal(0, e.corr_sigma) if e.corr_sigma else 0.0)
