@@ -39,6 +39,9 @@ class FusionConfig(BaseModel):
     weight_threshold: float = Field(1.0, ge=0, description="extract only voxels integrated at least this many "
                                     "times (higher: fewer noisy surfaces, less coverage)")
     block_count: int = Field(2000, ge=100, description="initial voxel-block capacity (16^3 voxels each)")
+    scale_check: bool = Field(True, description="divide each view's depth by its relative scale, estimated from "
+                              "the pairs' metric poses (densify.geometry.scale), before fusing: removes per-image "
+                              "scale errors; the scene's common scale stays")
 
 
 @dataclass

@@ -114,17 +114,42 @@ def dropped_images(infos: list[ImageInfo], graph: PoseGraphResult) -> list[dict]
     return out
 
 
-def fusion_stage(infos: list[ImageInfo], graph: PoseGraphResult, cfg: ReconstructConfig, layout: RunLayout) -> dict:
+def view_scales(infos: list[ImageInfo], results: list[PairResult], layout: RunLayout) -> tuple[np.ndarray | None, int]:
+    """Each view's relative depth log scale from the pairs whose metric pose came from PnP (and how many pairs
+    were used); matches and depth maps are read back one pair at a time."""
+    from densify.geometry.scale import pair_log_scale, relative_log_scales
+    from densify.matching import Matches
+
+    rows = []
+    for r in results:
+        if not r.usable or r.pose.source != "pnp" or r.pose.t_metric is None:
+            continue
+        f = layout.pair(infos[r.i].id, infos[r.j].id).matches
+        d1, d2 = load_depth(layout, infos[r.i]), load_depth(layout, infos[r.j])
+        if not f.is_file() or d1 is None or d2 is None:
+            continue
+        xy1, xy2 = Matches.load(f).pairs()
+        lr = pair_log_scale(xy1, xy2, d1, d2, infos[r.i].camera, r.pose.R, r.pose.t_metric)
+        if lr is not None:
+            rows.append((r.i, r.j, lr))
+    return relative_log_scales(len(infos), rows), len(rows)
+
+
+def fusion_stage(infos: list[ImageInfo], graph: PoseGraphResult, cfg: ReconstructConfig, layout: RunLayout,
+                 log_scales: np.ndarray | None = None) -> dict:
     depth = layout.depth
     frames = []
     for k in sorted(graph.cam_to_world):
         f, info = depth.image(infos[k].id), infos[k]
-        frames.append(FusionFrame(info.camera, graph.cam_to_world[k], lambda f=f: np.load(f.depth_npy),
+        gain = np.float32(np.exp(-log_scales[k])) if log_scales is not None else np.float32(1.0)
+        frames.append(FusionFrame(info.camera, graph.cam_to_world[k], lambda f=f, g=gain: np.load(f.depth_npy) * g,
                                   lambda p=info.path: load_rgb(p),
                                   lambda f=f: np.load(f.confidence) if f.confidence.is_file() else None))
     mesh, cloud, n = tsdf_fuse(frames, cfg.fusion)
     report = {"frames": n, "mesh_vertices": len(mesh.vertices), "mesh_triangles": len(mesh.triangles),
               "cloud_points": len(cloud.points)}
+    if log_scales is not None:
+        report["view_log_scales"] = {infos[k].id: round(float(log_scales[k]), 4) for k in sorted(graph.cam_to_world)}
     if len(mesh.triangles):
         outputs.write_mesh(layout.mesh, mesh)
     else:
@@ -225,7 +250,9 @@ def reconstruct(sources: list[ImageSource], cfg: ReconstructConfig, out: str | P
     fusion, export = {"frames": 0}, {}
     if len(graph.cam_to_world) >= 2:
         t = time.perf_counter()
-        fusion = fusion_stage(infos, graph, cfg, layout)
+        scales, used = view_scales(infos, results, layout) if cfg.fusion.scale_check else (None, 0)
+        fusion = fusion_stage(infos, graph, cfg, layout, scales)
+        fusion["scale_check_pairs"] = used
         timings["fusion"] = time.perf_counter() - t
         t = time.perf_counter()
         export = export_stage(infos, results, graph, cfg, layout)
