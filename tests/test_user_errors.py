@@ -172,3 +172,26 @@ def test_interrupt_writes_the_summary_of_what_finished(tmp_path, sig, code):
                        capture_output=True, text=True, timeout=120)
     s2 = json.loads((out / "summary.json").read_text())
     assert p.returncode == 0 and s2["skipped"] == s["ok"] and s2["ok"] + s2["skipped"] == 8
+
+
+def test_ctrl_c_on_a_label_job_with_local_ray_stops_fast_and_starts_no_second_ray(tmp_path):
+    pytest.importorskip("ray")
+    from densify.synthetic.scenes import SceneSpec, make_scene
+
+    make_scene(SceneSpec(seed=5, n_views=12, width=320, height=240)).save(tmp_path / "scene")
+    out = tmp_path / "out"
+    p = subprocess.Popen([sys.executable, "-m", "densify", "label", str(tmp_path / "scene"), "--out", str(out),
+                          "--engine", "simulated", "--count", "3072", "--set", "ray.num_actors=1"], cwd=REPO,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not list(out.glob("*/result.json")):
+        assert p.poll() is None and time.monotonic() < deadline, p.communicate()[1]
+        time.sleep(0.05)
+    t0 = time.monotonic()
+    p.send_signal(signal.SIGINT)
+    _, err = p.communicate(timeout=60)
+    assert p.returncode == 130, err
+    assert time.monotonic() - t0 < 30
+    assert err.count("Started a local Ray instance") <= 1 and "Traceback" not in err
+    s = json.loads((out / "summary.json").read_text())
+    assert s["interrupted"] is True and s["ok"] >= 1 and not s["complete"]

@@ -356,8 +356,9 @@ class RayPoolEngine(Engine):
                     self.stats["engine_s"] += cols[6]
                     yield job.batch, _completions(cols)
         finally:
-            for ref in pending:
-                ray.cancel(ref, force=False)
+            if ray.is_initialized():  # never after close(): ray.cancel would start a new local Ray
+                for ref in pending:
+                    ray.cancel(ref, force=False)
 
     # -- internals
     def _pick(self, avoid: int | None, alone: bool = False) -> _Slot | None:

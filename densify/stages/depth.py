@@ -400,13 +400,15 @@ def run_depth(sources: list[ImageSource], cfg: DepthConfig, engine: Engine, layo
     results: dict[str, DepthResult] = {}
     t0 = time.perf_counter()
     interrupted = True
+    stream = stage.run(sources, intrinsics=intrinsics, points=points)
     try:
-        for r in stage.run(sources, intrinsics=intrinsics, points=points):
+        for r in stream:
             results[r.id] = r
             if progress is not None:
                 progress.update(failed=int(r.status == "failed"))
         interrupted = False
     finally:
+        stream.close()  # in-flight work is cancelled here, while the caller's engine is still up
         if progress is not None:
             progress.close()
         ordered = [results[s.id] for s in sources if s.id in results]

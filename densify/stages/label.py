@@ -165,13 +165,15 @@ class LabelJob:
         totals = {"queries": 0, "store_hits": 0, "engine_queries": 0, "answer_failures": 0}
         simulated = inner.simulated
         interrupted = True
+        results = stage.run(iter_manifest(inputs, self.shard))
         try:
-            for res in stage.run(iter_manifest(inputs, self.shard)):
+            for res in results:
                 hits, asked = eng.image_stats.pop(res.uid, (0, 0)) if store is not None and res.uid else \
                     (0, res.queries if res.status != "skipped" else 0)
                 self._record(res, hits, asked, counts, kinds, failed, totals, manifest)
             interrupted = False
         finally:
+            results.close()  # in-flight work is cancelled while the engine is still up
             if own:
                 eng.close()  # before reading the pool's stats: closing adds the actors' CPU time
             pool_stats = dict(inner.stats)
