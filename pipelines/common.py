@@ -101,6 +101,21 @@ def console():
     return Console(file=sys.stdout, highlight=False, soft_wrap=True)
 
 
+def report(summary: dict):
+    """A console for a run's report, opened with the simulated-engine note when the run used it."""
+    c = console()
+    if summary.get("simulated"):
+        c.print(f"[yellow]{SIMULATED_NOTE}[/]")
+    return c
+
+
+def print_failures(c, failed: list[dict], total: int, where: str, limit: int = 20) -> None:
+    for f in failed[:limit]:
+        c.print(f"  [red]failed[/] {f['id']} ({f['kind']}): {f['error']}")
+    if total > limit:
+        c.print(f"  ... and {total - limit} more in {where}")
+
+
 def progress(total: int, label: str = "images", every_s: float = 10.0):
     from densify.progress import Progress
 

@@ -48,14 +48,9 @@ def run(args) -> int:
 
 
 def print_summary(s: dict, out) -> None:
-    c = common.console()
-    if s.get("simulated"):
-        c.print(f"[yellow]{common.SIMULATED_NOTE}[/]")
+    c = common.report(s)
     c.print(f"[bold]densify depth[/]: {s['ok']} ok, {s['skipped']} skipped (done earlier), {s['failed']} failed of "
             f"{s['images']} images; {s['queries']:,} queries in {s['wall_s']:.1f} s ({s['queries_per_s']:,.0f} q/s); "
             f"answer failures {s['answer_failures'] or 'none'}")
-    for f in s["failed_images"][:20]:
-        c.print(f"  [red]failed[/] {f['id']} ({f['kind']}): {f['error']}")
-    if s["failed"] > 20:
-        c.print(f"  ... and {s['failed'] - 20} more in {out}/failures.jsonl")
+    common.print_failures(c, s["failed_images"], s["failed"], f"{out}/failures.jsonl")
     c.print(f"outputs in {out}")

@@ -75,9 +75,7 @@ def run_ibims(args) -> int:
         rep = evaluate_labels(sources, cfg, engine, layout, data=str(data))
     finally:
         engine.close()
-    c = common.console()
-    if rep["simulated"]:
-        c.print(f"[yellow]{common.SIMULATED_NOTE}[/]")
+    c = common.report(rep)
     c.print(f"eval {args.suite} ({rep['engine']} engine, {rep['profile']}, model {rep['model']}): {rep['images']} "
             f"images, {rep['points']} labelled points, answered {rep['answered']}")
     c.print(f"  delta_1 {rep['delta1']:.3f} (over answered: {rep['delta1_answered']:.3f}), AbsRel "
@@ -148,9 +146,7 @@ def run_spatialrgpt(args) -> int:
     if args.out:
         outputs.write_json(Path(args.out) / "eval.json", rep)
         outputs.write_jsonl(Path(args.out) / "answers.jsonl", records)
-    c = common.console()
-    if engine.simulated:
-        c.print(f"[yellow]{common.SIMULATED_NOTE}[/]")
+    c = common.report(rep)
     c.print(f"eval spatialrgpt ({rep['engine']} engine, {rep['profile']}): {rep['questions']} questions on "
             f"{rep['images']} images, unscorable references {rep['model']['unscorable']}, "
             f"failed questions {len(rep['failed_questions'])}")

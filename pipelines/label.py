@@ -75,9 +75,7 @@ def run(args) -> int:
 
 
 def print_summary(s: dict, out) -> None:
-    c = common.console()
-    if s.get("simulated"):
-        c.print(f"[yellow]{common.SIMULATED_NOTE}[/]")
+    c = common.report(s)
     c.print(f"[bold]densify label[/] (shard {s['shard']}): {s['ok']} ok, {s['skipped']} skipped (done earlier), "
             f"{s['failed']} failed of {s['images']} images; {s['queries']:,} answers ({s['store_hits']:,} from the "
             f"store, {s['engine_queries']:,} asked) in {s['wall_s']:.1f} s ({s['images_per_s']:.2f} images/s, "
@@ -85,8 +83,5 @@ def print_summary(s: dict, out) -> None:
     if s["failed"]:
         kinds = ", ".join(f"{k}: {v}" for k, v in sorted(s["failed_by_kind"].items()))
         c.print(f"  [red]failed[/] by kind: {kinds}")
-        for f in s["failed_images"][:20]:
-            c.print(f"  [red]failed[/] {f['id']} ({f['kind']}): {f['error']}")
-        if s["failed"] > 20:
-            c.print(f"  ... and {s['failed'] - 20} more in {out}/manifest.parquet")
+        common.print_failures(c, s["failed_images"], s["failed"], f"{out}/manifest.parquet")
     c.print(f"outputs in {out}")

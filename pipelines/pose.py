@@ -53,9 +53,7 @@ def run(args) -> int:
 def print_report(rep: dict, out) -> None:
     from densify.geometry.rotations import euler_from_matrix, rotation_angle_deg
 
-    c = common.console()
-    if rep.get("simulated"):
-        c.print(f"[yellow]{common.SIMULATED_NOTE}[/]")
+    c = common.report(rep)
     rec, p = rep["record"], rep["pose"]
     c.print(f"[bold]densify pose[/]: {rep['images'][0]} -> {rep['images'][1]}: {rep['status']}"
             + (f" ({rec.get('verdict')}, source {rec.get('source')})" if p else ""))

@@ -43,9 +43,7 @@ def run(args) -> int:
 
 
 def print_summary(s: dict, out) -> None:
-    c = common.console()
-    if s.get("simulated"):
-        c.print(f"[yellow]{common.SIMULATED_NOTE}[/]")
+    c = common.report(s)
     t = s["timings_s"]
     c.print(f"[bold]densify reconstruct[/]: {s['posed']} of {s['images']} images posed "
             f"(reference {s['reference']}); pairs {s['pairs_ok']} ok of {s['pairs']} "

@@ -43,3 +43,22 @@ def sidecar_metrics(src, res) -> dict:
 
     gt = np.load(Path(src.path).with_suffix(".depth.npy"))
     return {"dense": depth_report(res.depth, gt)}
+
+
+def bounded(fn, seconds: float) -> dict:
+    """Run fn in a thread; fail when it is still running after `seconds`. -> {"value": ...} or {"error": exc}."""
+    import threading
+
+    out: dict = {}
+
+    def run():
+        try:
+            out["value"] = fn()
+        except BaseException as exc:
+            out["error"] = exc
+
+    th = threading.Thread(target=run, daemon=True)
+    th.start()
+    th.join(seconds)
+    assert not th.is_alive(), f"still running after {seconds} s"
+    return out

@@ -8,11 +8,12 @@ import stat
 import subprocess
 import sys
 import tempfile
-import threading
 from pathlib import Path
 
 import numpy as np
 import pytest
+
+from conftest import bounded
 from PIL import Image, ImageOps
 
 from densify import outputs
@@ -21,20 +22,7 @@ from densify.images import ImageError, image_size, load_image, load_rgb
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _bounded(fn, seconds: float):
-    out: dict = {}
-
-    def run():
-        try:
-            out["value"] = fn()
-        except BaseException as exc:
-            out["error"] = exc
-
-    th = threading.Thread(target=run, daemon=True)
-    th.start()
-    th.join(seconds)
-    assert not th.is_alive(), f"still running after {seconds} s"
-    return out
+_bounded = bounded
 
 
 def _png(path: Path, w: int = 16, h: int = 12) -> Path:

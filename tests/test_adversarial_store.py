@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import inspect
 import sqlite3
-import threading
 import zlib
 
 import numpy as np
 import pytest
+
+from conftest import bounded
 
 from densify.engines.base import Completion, Engine, EngineBatch, PromptImage, Query, Sampling
 from densify.store import (ANSWER_OPTIONS, TRANSPORT_OPTIONS, AnswerStore, StoreDamagedError, StoredEngine,
@@ -46,20 +47,7 @@ def _fill(path, uids=("img-a", "img-b"), n=30):
     return inner
 
 
-def _bounded(fn, seconds: float):
-    out: dict = {}
-
-    def run():
-        try:
-            out["value"] = fn()
-        except BaseException as exc:
-            out["error"] = exc
-
-    th = threading.Thread(target=run, daemon=True)
-    th.start()
-    th.join(seconds)
-    assert not th.is_alive(), f"still running after {seconds} s"
-    return out
+_bounded = bounded
 
 
 # -- damage to the whole file

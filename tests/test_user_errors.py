@@ -146,19 +146,25 @@ def test_simulated_engine_without_truth_fails_each_image_with_a_record(tmp_path,
     assert not list(out.glob("*/depth.npy")) and "SIMULATED" in text
 
 
+def _start_until_a_result(out: Path, *argv, timeout: float = 120) -> subprocess.Popen:
+    """`densify ARGV` in a subprocess, returned once its first image is done (a result.json exists)."""
+    p = subprocess.Popen([sys.executable, "-m", "densify", *argv], cwd=REPO, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + timeout
+    while not list(out.glob("*/result.json")):
+        assert p.poll() is None and time.monotonic() < deadline, p.communicate()[1]
+        time.sleep(0.05)
+    return p
+
+
 @pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
 def test_interrupt_writes_the_summary_of_what_finished(tmp_path, sig, code):
     from densify.synthetic.scenes import SceneSpec, make_scene
 
     make_scene(SceneSpec(seed=3, n_views=8, width=320, height=240)).save(tmp_path / "scene")
     out = tmp_path / "out"
-    p = subprocess.Popen([sys.executable, "-m", "densify", "depth", str(tmp_path / "scene"), "--out", str(out),
-                          "--engine", "simulated", "--count", "3072", "--set", "plan.mode=grid"], cwd=REPO,
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 60
-    while not list(out.glob("*/result.json")):
-        assert p.poll() is None and time.monotonic() < deadline
-        time.sleep(0.05)
+    p = _start_until_a_result(out, "depth", str(tmp_path / "scene"), "--out", str(out), "--engine", "simulated",
+                              "--count", "3072", "--set", "plan.mode=grid")
     p.send_signal(sig)
     _, err = p.communicate(timeout=30)
     assert p.returncode == code, err
@@ -180,13 +186,8 @@ def test_ctrl_c_on_a_label_job_with_local_ray_stops_fast_and_starts_no_second_ra
 
     make_scene(SceneSpec(seed=5, n_views=12, width=320, height=240)).save(tmp_path / "scene")
     out = tmp_path / "out"
-    p = subprocess.Popen([sys.executable, "-m", "densify", "label", str(tmp_path / "scene"), "--out", str(out),
-                          "--engine", "simulated", "--count", "3072", "--set", "ray.num_actors=1"], cwd=REPO,
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 120
-    while not list(out.glob("*/result.json")):
-        assert p.poll() is None and time.monotonic() < deadline, p.communicate()[1]
-        time.sleep(0.05)
+    p = _start_until_a_result(out, "label", str(tmp_path / "scene"), "--out", str(out), "--engine", "simulated",
+                              "--count", "3072", "--set", "ray.num_actors=1")
     t0 = time.monotonic()
     p.send_signal(signal.SIGINT)
     _, err = p.communicate(timeout=60)
