@@ -138,6 +138,9 @@ class DepthConfig(_Model):
     densify: DensifyConfig = Field(default_factory=DensifyConfig)
     outputs: OutputConfig = Field(default_factory=OutputConfig)
     default_hfov_deg: float = Field(60.0, gt=0, lt=180, description="field of view assumed when no intrinsics are given")
+    max_side: int | None = Field(2048, ge=64, description="images longer than this are decoded reduced (JPEG: "
+                                 "while decoding); maps, cameras and answers are then at the decoded size, which "
+                                 "camera.json records. null: always full size (within the 64 Mpx limit)")
     logprobs: bool = Field(False, description="ask engines for answer log-probabilities")
     structured: bool = Field(False, description="constrain answers with the profile's regex (vllm, openai)")
     images_in_flight: int = Field(2, ge=1, description="images prepared ahead of the engine")

@@ -89,3 +89,31 @@ def test_config_is_written_beside_the_outputs_not_to_the_terminal(scene_dir, tmp
     text = capsys.readouterr()
     assert "engine:\n  name: simulated" in (out / "config.yaml").read_text()
     assert "plan" not in text.out and "config" not in text.err
+
+
+def test_large_images_are_decoded_reduced_with_their_cameras(tmp_path):
+    import cv2
+
+    from densify.synthetic.scenes import SceneSpec, make_scene
+
+    make_scene(SceneSpec(seed=2, n_views=1, width=160, height=120)).save(tmp_path / "s")
+    big = tmp_path / "big"
+    big.mkdir()
+    rgb = cv2.imread(str(tmp_path / "s" / "view_000.png"))
+    cv2.imwrite(str(big / "view_000.png"), cv2.resize(rgb, (2400, 1800), interpolation=cv2.INTER_NEAREST))
+    depth = np.load(tmp_path / "s" / "view_000.depth.npy")
+    np.save(big / "view_000.depth.npy", cv2.resize(depth, (2400, 1800), interpolation=cv2.INTER_NEAREST))
+    side = json.loads((tmp_path / "s" / "view_000.json").read_text())
+    side.update({k: side[k] * 15 for k in ("fx", "fy", "cx", "cy")}, width=2400, height=1800)
+    (big / "view_000.json").write_text(json.dumps(side))
+    out = tmp_path / "out"
+    assert main(["-q", "depth", str(big), "--out", str(out), "--engine", "simulated", "--count", "300",
+                 "--set", "max_side=600", "--set", "outputs.ply=false"]) == 0
+    d = out / "view_000"
+    assert np.load(d / "depth.npy").shape == (450, 600)
+    cam = json.loads((d / "camera.json").read_text())
+    assert cam["decoded_scale"] == 0.25 and cam["intrinsics"]["width"] == 600
+    assert cam["intrinsics"]["fx"] == pytest.approx(side["fx"] / 4)
+    gt = cv2.resize(depth, (600, 450), interpolation=cv2.INTER_NEAREST)
+    pred = np.load(d / "depth.npy")
+    assert np.mean(np.maximum(pred / gt, gt / pred) < 1.25) > 0.9

@@ -41,7 +41,8 @@ def evaluate_labels(sources: list[ImageSource], cfg: DepthConfig, engine: Engine
             continue
         src = by_id[r.id]
         lookup = {tuple(map(int, p)): v for p, v in zip(r.answers.pixels, r.answers.values)}
-        pred = np.array([lookup.get(tuple(map(int, p)), np.nan) for p in src.labels["pixels"]])
+        asked = np.asarray(src.labels["pixels"], float).reshape(-1, 2) * r.scale  # the decoded image's pixels
+        pred = np.array([lookup.get(tuple(map(int, p)), np.nan) for p in asked])
         gt = np.asarray(src.labels["depth"], float)
         preds.append(pred)
         gts.append(gt)

@@ -31,7 +31,7 @@ from densify.cameras import Camera, CameraError, PreparedImage, prepare_image, r
 from densify.engines import Engine, EngineBatch, EngineError, ImageRef, answer_identity
 from densify.eval.metrics import delta1, depth_report
 from densify.fields import DenseField, depth_method
-from densify.images import ImageError, ImageSource, load_rgb
+from densify.images import ImageError, ImageSource, load_image
 from densify.layout import ImageFiles, RunLayout, fingerprint
 from densify.profiles import Profile, load_profile
 from densify.prompts import depth_batch, image_ref, image_uid, sampling_for
@@ -57,6 +57,8 @@ class DepthTask:
     fixed: bool = False
     """Exactly the given points are asked (no adaptive rounds)."""
     started: float = 0.0
+    scale: float = 1.0
+    """Decoded size / the image's own size (below 1 when decoded reduced: DepthConfig.max_side)."""
 
 
 @dataclass
@@ -81,6 +83,8 @@ class DepthResult:
     confidence: np.ndarray | None = None
     answers: answers_mod.PointAnswers | None = None
     rgb: np.ndarray | None = None
+    scale: float = 1.0
+    """Pixels of the maps and answers per pixel of the image file (below 1 when decoded reduced)."""
 
     @property
     def ok(self) -> bool:
@@ -142,17 +146,20 @@ class DepthStage:
     def prepare(self, src: ImageSource, *, intrinsics=None, points=None) -> tuple[DepthTask, EngineBatch]:
         cfg, profile = self.cfg, self.profile
         t0 = time.perf_counter()
-        rgb = load_rgb(src.path)
+        img = load_image(src.path, max_side=cfg.max_side)
+        rgb, (W, H) = img.rgb, img.size
         h, w = rgb.shape[:2]
-        camera = resolve_camera(src.path, w, h, intrinsics if intrinsics is not None else src.intrinsics,
+        camera = resolve_camera(src.path, W, H, intrinsics if intrinsics is not None else src.intrinsics,
                                 cfg.default_hfov_deg)
+        if (w, h) != (W, H):  # decoded reduced: intrinsics, points and outputs at the decoded size
+            camera = camera.scaled(w, h)
         p = profile.preprocess
         prep = prepare_image(rgb, camera, focal=p.focal, max_side=p.max_side, square_pixels=p.square_pixels,
                              coord_range=profile.coord_range, resample=p.resample)
         if points is None and src.extra.get("points") is not None:
             points = np.asarray(src.extra["points"], float)
         if points is not None:
-            pts = check_points(points, w, h, str(src.path))
+            pts = check_points(np.asarray(points, float) * img.scale, w, h, str(src.path))
         elif cfg.plan.mode == "adaptive":
             pts = self._planner(w, h).first_points()
         else:
@@ -160,7 +167,8 @@ class DepthStage:
         plan = plan_queries(pts, prep.pixel_map)
         uid = image_uid(prep, src.id)
         ref = image_ref(src.id, prep, src.path, src.manifest)
-        task = DepthTask(src, rgb, camera, prep, plan, uid, ref, fixed=points is not None, started=t0)
+        task = DepthTask(src, rgb, camera, prep, plan, uid, ref, fixed=points is not None, started=t0,
+                         scale=img.scale)
         return task, depth_batch(prep, plan, profile, uid=uid, ref=ref, sampling=self.sampling, tag=task)
 
     def _planner(self, width: int, height: int, rgb=None):
@@ -173,7 +181,8 @@ class DepthStage:
     def finish(self, task: DepthTask, completions) -> DepthResult:
         """Answers -> dense depth -> files (result.json last) -> the image's result."""
         cfg, profile, src = self.cfg, self.profile, task.source
-        res = DepthResult(src.id, str(src.path), "ok", len(completions), uid=task.uid, camera=task.camera)
+        res = DepthResult(src.id, str(src.path), "ok", len(completions), uid=task.uid, camera=task.camera,
+                          scale=task.scale)
         errors = [c.error for c in completions if c.error is not None]
         ans = answers_mod.collect_depth(profile, task.plan.pixels, task.plan.prompt_xy, completions)
         res.failures = ans.failure_counts()
@@ -223,7 +232,8 @@ class DepthStage:
             written.append(outputs.write_ply(files.cloud, depth_to_cloud(depth, task.rgb, task.camera,
                                                                           stride=o.ply_stride)))
         written.append(outputs.write_json(files.camera, {"intrinsics": task.camera.to_dict(),
-                                                         "preprocessed_size": list(task.prep.pixel_map.pre_size)}))
+                                                         "preprocessed_size": list(task.prep.pixel_map.pre_size),
+                                                         "decoded_scale": task.scale}))
         record = {**res.record(), "fingerprint": self.fingerprint, "profile": self.profile.name}
         outputs.write_json(files.result, files.certify(record, [Path(p) for p in written]))
 
@@ -339,7 +349,7 @@ def label_metrics(src: ImageSource, res: DepthResult) -> dict:
     """Scores at the labelled points of a DepthLM-style manifest (evaluation data, never shown to the engine)."""
     if src.labels is None or res.depth is None:
         return {}
-    lp = np.asarray(src.labels["pixels"], float).reshape(-1, 2)
+    lp = np.asarray(src.labels["pixels"], float).reshape(-1, 2) * res.scale
     gt = np.asarray(src.labels["depth"], float)
     h, w = res.depth.shape
     xi = np.clip(np.round(lp[:, 0]).astype(int), 0, w - 1)

@@ -47,10 +47,15 @@ class ImageInfo:
     error: str | None = None
     error_kind: str | None = None
     manifest: str | None = None
+    max_side: int | None = None
+    """The depth stage's decoding limit: the image is always loaded at the size its camera describes."""
 
     @property
     def ok(self) -> bool:
         return self.status != "failed" and self.camera is not None
+
+    def rgb(self):
+        return load_rgb(self.path, max_side=self.max_side)
 
 
 # -- 2. pairs
@@ -120,7 +125,7 @@ def pair_stage(infos: list[ImageInfo], pairs: list[tuple[int, int]], cfg: Recons
     carried: dict[int, list[np.ndarray]] = {}
     grid = tuple(cfg.corr.grid)
     engine, owned = None, False
-    views = _Views(lambda info: corr_view(info.id, load_rgb(info.path), info.camera, profile, path=info.path,
+    views = _Views(lambda info: corr_view(info.id, info.rgb(), info.camera, profile, path=info.path,
                                           manifest=info.manifest))
     bar = Progress(len(pairs), enabled=progress, label="pairs")
     try:
@@ -173,7 +178,7 @@ def pair_stage(infos: list[ImageInfo], pairs: list[tuple[int, int]], cfg: Recons
                            require_metric=require_metric)
             if res.status == "failed":
                 log.warning("pair %s/%s failed: %s", a.id, b.id, res.error)
-            _write_pair(f, res, m, cfg, rgb1=load_rgb(a.path) if cfg.corr.save_flow else None)
+            _write_pair(f, res, m, cfg, rgb1=a.rgb() if cfg.corr.save_flow else None)
             carried.setdefault(j, []).append(m.pairs()[1])
             results.append(res)
             bar.update(queries=len(m) + m.backward_queries, failed=int(res.status == "failed"))
@@ -195,7 +200,7 @@ def vlm_pose_stage(infos: list[ImageInfo], pairs: list[tuple[int, int]], results
         raise ConfigError(f"pose.profile: {profile.name!r} is a {profile.task} profile, not a pose profile")
     by_pair = {(r.i, r.j): r for r in results or []}
     engine, owned = engines.open("pose", profile)
-    views = _Views(lambda info: pose_view(load_rgb(info.path), info.camera, profile))
+    views = _Views(lambda info: pose_view(info.rgb(), info.camera, profile))
     out_results = []
     try:
         for i, j in pairs:

@@ -27,7 +27,7 @@ from densify.geometry.export import build_tracks, read_colmap_check, triangulate
     write_nerfstudio
 from densify.geometry.fusion import FusionFrame, tsdf_fuse
 from densify.geometry.posegraph import PoseEdge, PoseGraphResult, optimize_poses
-from densify.images import ImageSource, load_rgb
+from densify.images import ImageSource, load_image
 from densify.layout import RunLayout
 from densify.pairs import PairResult, pair_list
 from densify.profiles import load_profile
@@ -83,7 +83,8 @@ def depth_infos(sources: list[ImageSource], cfg: ReconstructConfig, layout: RunL
 
     for k, src in enumerate(sources):
         r = results[src.id]
-        info = ImageInfo(k, src.id, Path(src.path), r.status, r.camera, r.error, r.error_kind, src.manifest)
+        info = ImageInfo(k, src.id, Path(src.path), r.status, r.camera, r.error, r.error_kind, src.manifest,
+                         dcfg.max_side)
         if r.status == "skipped":
             info.camera = read_camera(stage.layout.image(src.id))
         infos.append(info)
@@ -143,7 +144,7 @@ def fusion_stage(infos: list[ImageInfo], graph: PoseGraphResult, cfg: Reconstruc
         f, info = depth.image(infos[k].id), infos[k]
         gain = np.float32(np.exp(-log_scales[k])) if log_scales is not None else np.float32(1.0)
         frames.append(FusionFrame(info.camera, graph.cam_to_world[k], lambda f=f, g=gain: np.load(f.depth_npy) * g,
-                                  lambda p=info.path: load_rgb(p),
+                                  info.rgb,
                                   lambda f=f: np.load(f.confidence) if f.confidence.is_file() else None))
     mesh, cloud, n = tsdf_fuse(frames, cfg.fusion)
     report = {"frames": n, "mesh_vertices": len(mesh.vertices), "mesh_triangles": len(mesh.triangles),
@@ -180,7 +181,7 @@ def export_stage(infos: list[ImageInfo], results: list[PairResult], graph: PoseG
         cams = {k: infos[k].camera for k in posed}
         tracks = triangulate_tracks(tracks, cams, posed, cfg=cfg.export,
                                     load_depth=lambda k: load_depth(layout, infos[k]),
-                                    load_rgb=lambda k: load_rgb(infos[k].path))
+                                    load_rgb=lambda k: infos[k].rgb())
         images = [(k, infos[k].path.name, infos[k].camera, posed[k]) for k in sorted(posed)]
         write_colmap_text(layout.colmap, images, tracks)
         report["tracks"] = tracks.stats
@@ -282,24 +283,22 @@ def reconstruct(sources: list[ImageSource], cfg: ReconstructConfig, out: str | P
                        summary["reference"], dropped, results, summary, layout.root, infos, graph)
 
 
-def camera_info(index: int, src: ImageSource, default_hfov_deg: float, intrinsics=None) -> ImageInfo:
-    """An image's record without running depth on it (its size read from the file header)."""
-    from PIL import Image
-
+def camera_info(index: int, src: ImageSource, cfg: ReconstructConfig, intrinsics=None) -> ImageInfo:
+    """An image's record without running depth on it (its camera at the size the depth stage decodes to)."""
     from densify.cameras import CameraError, resolve_camera
     from densify.images import ImageError
 
-    info = ImageInfo(index, src.id, Path(src.path), "ok", manifest=src.manifest)
+    info = ImageInfo(index, src.id, Path(src.path), "ok", manifest=src.manifest, max_side=cfg.depth.max_side)
     try:
-        if not Path(src.path).is_file():
-            raise ImageError(f"{src.path}: no such file; check the path")
-        with Image.open(src.path) as im:
-            w, h = im.size
-        info.camera = resolve_camera(src.path, w, h, intrinsics if intrinsics is not None else src.intrinsics,
-                                     default_hfov_deg)
+        img = load_image(src.path, max_side=cfg.depth.max_side)
+        (W, H), (h, w) = img.size, img.rgb.shape[:2]
+        info.camera = resolve_camera(src.path, W, H, intrinsics if intrinsics is not None else src.intrinsics,
+                                     cfg.depth.default_hfov_deg)
+        if (w, h) != (W, H):
+            info.camera = info.camera.scaled(w, h)
     except (ImageError, CameraError, OSError) as exc:
         info.status, info.error = "failed", str(exc)
-        info.error_kind = "intrinsics" if isinstance(exc, CameraError) else "image"
+        info.error_kind = "intrinsics" if isinstance(exc, CameraError) else getattr(exc, "kind", "image")
     return info
 
 
@@ -312,9 +311,9 @@ def relative_pose(sources: list[ImageSource], cfg: ReconstructConfig, out: str |
     cfg = cfg.model_copy(update={"corr": cfg.corr.model_copy(update={"save_flow": True, "track_queries": False})})
     if cfg.pose.use_depth and cfg.pose.source in ("matches", "both"):
         infos, _ = depth_infos(sources[:1], cfg, layout, stage_engines, intrinsics=intrinsics)
-        infos.append(camera_info(1, sources[1], cfg.depth.default_hfov_deg, intrinsics))
+        infos.append(camera_info(1, sources[1], cfg, intrinsics))
     else:
-        infos = [camera_info(k, s, cfg.depth.default_hfov_deg, intrinsics) for k, s in enumerate(sources)]
+        infos = [camera_info(k, s, cfg, intrinsics) for k, s in enumerate(sources)]
     results = None
     if cfg.pose.source in ("matches", "both"):
         results = pair_stage(infos, [(0, 1)], cfg, layout, stage_engines, progress=False, require_metric=False)
