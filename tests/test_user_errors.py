@@ -146,12 +146,12 @@ def test_simulated_engine_without_truth_fails_each_image_with_a_record(tmp_path,
     assert not list(out.glob("*/depth.npy")) and "SIMULATED" in text
 
 
-def _start_until_a_result(out: Path, *argv, timeout: float = 120) -> subprocess.Popen:
+def _start_until_a_result(out: Path, *argv, timeout: float = 120, pattern: str = "*/result.json") -> subprocess.Popen:
     """`densify ARGV` in a subprocess, returned once its first image is done (a result.json exists)."""
     p = subprocess.Popen([sys.executable, "-m", "densify", *argv], cwd=REPO, stdout=subprocess.PIPE,
                          stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + timeout
-    while not list(out.glob("*/result.json")):
+    while not list(out.glob(pattern)):
         assert p.poll() is None and time.monotonic() < deadline, p.communicate()[1]
         time.sleep(0.05)
     return p
@@ -196,3 +196,17 @@ def test_ctrl_c_on_a_label_job_with_local_ray_stops_fast_and_starts_no_second_ra
     assert err.count("Started a local Ray instance") <= 1 and "Traceback" not in err
     s = json.loads((out / "summary.json").read_text())
     assert s["interrupted"] is True and s["ok"] >= 1 and not s["complete"]
+
+
+def test_ctrl_c_on_reconstruct_writes_what_finished(tmp_path):
+    from densify.synthetic.scenes import SceneSpec, make_scene
+
+    make_scene(SceneSpec(seed=6, n_views=8, width=320, height=240)).save(tmp_path / "scene")
+    out = tmp_path / "out"
+    p = _start_until_a_result(out, "reconstruct", str(tmp_path / "scene"), "--out", str(out), "--engine",
+                              "simulated", "--set", "depth.plan.mode=grid", pattern="depth/*/result.json")
+    p.send_signal(signal.SIGINT)
+    _, err = p.communicate(timeout=60)
+    assert p.returncode == 130 and "Traceback" not in err, err
+    s = json.loads((out / "summary.json").read_text())
+    assert s["interrupted"] is True and s["complete"] is False and s["images"] == 8

@@ -225,6 +225,18 @@ def reconstruct(sources: list[ImageSource], cfg: ReconstructConfig, out: str | P
     layout.root.mkdir(parents=True, exist_ok=True)
     stage_engines = StageEngines(cfg.engine, cfg.models.model_dump(), engines)
     timings: dict[str, float] = {}
+    try:
+        return _reconstruct(sources, cfg, layout, stage_engines, timings, intrinsics, progress)
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM: say what finished (the stages' files are valid and resume)
+        outputs.write_json(layout.summary, {"images": len(sources), "interrupted": True, "complete": False,
+                                            "finished_stages": list(timings), "timings_s": timings,
+                                            "engine": cfg.engine.name,
+                                            "simulated": cfg.engine.inner_name() == "simulated"})
+        raise
+
+
+def _reconstruct(sources, cfg: ReconstructConfig, layout: RunLayout, stage_engines: StageEngines, timings: dict,
+                 intrinsics, progress) -> SceneResult:
     t = time.perf_counter()
     infos, depth_summary = depth_infos(sources, cfg, layout, stage_engines, intrinsics=intrinsics, progress=progress)
     timings["depth"] = time.perf_counter() - t
