@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import functools
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +26,25 @@ from densify.cameras import Camera, read_sidecar, sidecar_path
 from densify.engines.base import ImageRef
 from densify.geometry.clouds import backproject
 
-__all__ = ["Truth", "FileTruth", "SceneTruth", "ArrayTruth", "ConstantTruth", "reproject_matches"]
+__all__ = ["Truth", "FileTruth", "SceneTruth", "ArrayTruth", "ConstantTruth", "GroundTruth", "reproject_matches"]
+
+
+@dataclass
+class GroundTruth:
+    """What the simulated engine knows about one prompt image, in that image's preprocessed pixel frame
+    (built from a provider, cached per image)."""
+
+    depth: np.ndarray | None = None
+    """HxW metric depth (0 or NaN = unknown)."""
+    label_xy: np.ndarray | None = None
+    """Nx2 preprocessed pixel positions of sparse depth labels (with `label_depth`)."""
+    label_depth: np.ndarray | None = None
+    object_ids: np.ndarray | None = None
+    """HxW int: the object each pixel sees (-1 none), for per-object errors and object questions."""
+    objects: list | None = None
+    """The objects' metadata ({"id", "kind", "center", "size", "yaw"} in world metres), for object questions."""
+    cam_to_world: np.ndarray | None = None
+    """4x4 camera-to-world pose (world +y up), for object questions."""
 
 
 class Truth:

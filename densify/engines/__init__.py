@@ -14,12 +14,12 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from densify.engines.base import (Completion, Engine, EngineBatch, EngineError, EngineStartError, GroundTruth,
-                                  ImageRef, PromptImage, Query, Sampling, generate_stream)
+from densify.engines.base import (Completion, Engine, EngineBatch, EngineError, EngineStartError, ImageRef,
+                                  PromptImage, Query, Sampling, generate_stream)
 from densify.engines.options import (EngineOptions, HFOptions, OpenAIOptions, RayOptions, SimulatedOptions,
                                      VLLMOptions)
 
-__all__ = ["Completion", "Engine", "EngineBatch", "EngineError", "EngineStartError", "GroundTruth", "ImageRef",
+__all__ = ["Completion", "Engine", "EngineBatch", "EngineError", "EngineStartError", "ImageRef",
            "PromptImage", "Query", "Sampling", "create_engine", "engine_names", "generate_stream",
            "register_engine", "validate_engine_options", "options_model", "answer_identity", "check_available"]
 

@@ -16,28 +16,6 @@ from typing import ClassVar, Iterable, Iterator, Mapping, Sequence
 import numpy as np
 
 
-@dataclass
-class GroundTruth:
-    """What is known about a prompt image, in its preprocessed pixel frame. Only the simulated engine
-    builds and reads it (from a `densify.truth` provider); nothing on the real data path carries it."""
-
-    depth: np.ndarray | None = None
-    """HxW metric depth (0 or NaN = unknown)."""
-    label_xy: np.ndarray | None = None
-    """Nx2 preprocessed pixel positions of sparse depth labels (with `label_depth`)."""
-    label_depth: np.ndarray | None = None
-    matches_to: dict[str, np.ndarray] = field(default_factory=dict)
-    """other image uid -> HxWx2 preprocessed pixel in that image (NaN where not visible)."""
-    pose_to: dict[str, np.ndarray] = field(default_factory=dict)
-    """other image uid -> 4x4 transform from this camera's frame to the other's (x_other = T @ x_this)."""
-    object_ids: np.ndarray | None = None
-    """HxW int: the object each pixel sees (-1 none), for object questions."""
-    objects: list | None = None
-    """The objects' metadata ({"id", "kind", "center", "size", "yaw"} in world metres), for object questions."""
-    cam_to_world: np.ndarray | None = None
-    """4x4 camera-to-world pose (world +y up), for object questions."""
-
-
 @dataclass(frozen=True)
 class ImageRef:
     """Where a prompt image comes from: the source image's id and file, and the exact resize from its

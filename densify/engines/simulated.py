@@ -21,10 +21,11 @@ import cv2
 import numpy as np
 
 from densify.cameras import PixelMap
-from densify.engines.base import Completion, Engine, EngineBatch, GroundTruth, PromptImage, Query, check_batch
+from densify.engines.base import Completion, Engine, EngineBatch, PromptImage, Query, check_batch
 from densify.engines.errors import ErrorModel, ErrorState, corr_answer, depth_answer
 from densify.geometry.rotations import euler_from_matrix, relative_from_T, rotation_angle_deg
 from densify.profiles import Profile, load_profile
+from densify.truth import FileTruth, GroundTruth
 from densify.synthetic.object_answers import NO_TRUTH_ANSWER, ObjectErrorModel, answer_from_truth, regions_in_text
 
 COORD_RE = re.compile(r"\((\d+), (\d+)\)")
@@ -62,8 +63,6 @@ class SimulatedEngine(Engine):
 
     def __init__(self, profile: Profile | str, *, seed: int = 0, noise: bool = True,
                  error: ErrorModel | dict | str | None = None, object_error: dict | None = None, truth=None):
-        from densify.truth import FileTruth
-
         self.profile = load_profile(profile)
         self.error = ErrorModel.from_option(error) if noise else ErrorModel.exact()
         self.object_error = ObjectErrorModel(**(object_error or {})) if noise else ObjectErrorModel.exact()
