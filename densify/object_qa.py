@@ -122,6 +122,8 @@ def ask_records(profile: Profile, prompts: list[ObjectPrompt], completions: list
         rec = {"question": p.question, "category": cat.name, "kind": cat.kind, "text": p.text,
                "regions_normalized": [list(n) for n in p.regions_normalized],
                "model": {"text": m.text, "value": to_json_value(m.value), "failure": m.failure}}
+        if c.error is not None:  # why the engine gave no answer (e.g. the simulator has no truth for a box)
+            rec["model"]["error"] = c.error
         if cat.kind == "metric":
             rec["unit"] = "m"
         if geometry is not None:

@@ -208,7 +208,8 @@ class SimulatedEngine(Engine):
             text = answer_from_truth(cat, boxes, texts, self._image_truth(img), rng, self.object_error)
             if text == NO_TRUTH_ANSWER:
                 raise NoTruth(f"simulated engine: no object truth for the regions of {q.question!r} in image "
-                              f"{img.ref.id} (needs <stem>.objects.npy, objects.json and cam_to_world)")
+                              f"{img.ref.id}: each region must bound one object of the scene, and the scene "
+                              f"files must be there (<stem>.objects.npy, objects.json, cam_to_world)")
             return text
         return self._pose(q, kind, img, batch.images[q.image_uids[1]], rng)
 
