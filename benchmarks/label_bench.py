@@ -90,6 +90,9 @@ def main(argv=None) -> dict:
     ap.add_argument("--actors", type=int, default=None, help="Ray actors (default: one per CPU)")
     ap.add_argument("--in-flight", type=int, default=2, help="batches in flight per actor")
     ap.add_argument("--no-ray", action="store_true", help="engine in the driver process")
+    ap.add_argument("--cpu-workers", type=int, default=0, help="prepare and densify in this many Ray CPU tasks "
+                                                               "(ray.cpu_workers; 0: in the driver)")
+    ap.add_argument("--densify", default=None, help="densify.method (default: the label config's, linear)")
     ap.add_argument("--out", help="work folder (default: a temporary one, removed afterwards)")
     ap.add_argument("--tag", default="", help="suffix for the results file name")
     args = ap.parse_args(argv)
@@ -108,7 +111,9 @@ def main(argv=None) -> dict:
         t_data = time.perf_counter() - t0
         cfg = load_config(LabelConfig, None, dict_overrides({
             "engine": {"name": "simulated"}, "plan": {"count": args.count},
-            "ray": {"enabled": not args.no_ray, "num_actors": args.actors, "max_in_flight_per_actor": args.in_flight},
+            "ray": {"enabled": not args.no_ray, "num_actors": args.actors, "max_in_flight_per_actor": args.in_flight,
+                    "cpu_workers": args.cpu_workers},
+            **({"densify": {"method": args.densify}} if args.densify else {}),
             "manifest_every_s": 30.0,
         }), default_name="label")
         out = work / "out"
@@ -119,7 +124,7 @@ def main(argv=None) -> dict:
         for d in out.iterdir():
             if d.is_dir():
                 (d / "result.json").unlink(missing_ok=True)
-        cfg_store = cfg.model_copy(update={"ray": cfg.ray.model_copy(update={"enabled": False})})
+        cfg_store = cfg.model_copy(update={"ray": cfg.ray.model_copy(update={"enabled": False, "cpu_workers": 0})})
         resumed = LabelJob(cfg_store, out).run(str(manifest))
         alone = engine_alone(manifest, cfg, min(20, args.images))
     finally:
@@ -138,6 +143,7 @@ def main(argv=None) -> dict:
                     "load_avg": {"before": load, "after": load_after}},
         "setup": {"images": args.images, "size": [args.width, args.height], "queries_per_image": args.count,
                   "ray": not args.no_ray, "actors": full["pool"] and args.actors, "in_flight_per_actor": args.in_flight,
+                  "cpu_workers": args.cpu_workers, "densify": cfg.densify.method,
                   "outputs": cfg.outputs.model_dump(), "store": cfg.store.model_dump(), "dataset_s": t_data},
         "full_job": {
             "images_per_s": full["images_per_s"], "queries_per_s": full["queries_per_s"],

@@ -393,3 +393,21 @@ def test_images_without_a_usable_answer_fail_as_answers(dataset, tmp_path):
     assert s["failed"] == 6 and s["failed_by_kind"] == {"answers": 6}
     assert "could be parsed" in s["failed_images"][0]["error"]
     assert not (tmp_path / "out" / "im00" / "result.json").exists()
+
+
+def test_cpu_workers_prepare_and_densify_off_the_driver(dataset, reference, tmp_path, monkeypatch):
+    """ray.cpu_workers: images are prepared and densified in Ray CPU tasks; the outputs are the same bytes."""
+    pytest.importorskip("ray")
+    from densify.stages.depth import DepthStage
+
+    def not_here(*a, **k):
+        raise AssertionError("the driver prepared or densified an image")
+
+    monkeypatch.setattr(DepthStage, "prepare", not_here)  # the workers are other processes: not patched
+    monkeypatch.setattr(DepthStage, "finish", not_here)
+    ref_out, ref = reference
+    cfg = label_config(ray={"enabled": True, "num_actors": 1, "cpu_workers": 2})
+    s = run_label(str(dataset), cfg, tmp_path / "out")
+    assert s["ok"] == 6 and s["failed"] == 0 and s["queries"] == ref["queries"]
+    same_outputs(tmp_path / "out", ref_out, [f"im{i:02d}" for i in range(6)])
+    assert s["time_s"]["driver_cpu"] > 0

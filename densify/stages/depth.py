@@ -127,11 +127,15 @@ class DepthStage:
     and pixels in the results (memory then grows with the images). evaluate(source, result) -> metrics:
     an evaluation hook (the demo's ground truth); labelled points of DepthLM manifests are scored anyway.
     on_round(queries): called as answers of each engine round arrive (progress inside an image).
+    cpu_workers: with a grid plan, prepare and finish images in this many Ray CPU tasks at a time instead of
+    this process (Ray must be running, e.g. for the engine pool); adaptive plans stay here (their rounds
+    need the planner's state).
     """
 
-    def __init__(self, cfg: DepthConfig, engine: Engine, *, layout: RunLayout | None = None,
+    def __init__(self, cfg: DepthConfig, engine: Engine | None, *, layout: RunLayout | None = None,
                  keep_maps: bool = False, evaluate: Callable[[ImageSource, DepthResult], dict] | None = None,
-                 on_round: Callable[[int], None] | None = None):
+                 on_round: Callable[[int], None] | None = None, cpu_workers: int = 0):
+        self.cpu_workers = int(cpu_workers)
         self.cfg = cfg
         self.profile = load_profile(cfg.profile)
         self.engine = engine
@@ -240,18 +244,15 @@ class DepthStage:
     # -- a stream of images
     def run(self, sources: Iterable[ImageSource], *, intrinsics=None, points=None) -> Iterator[DepthResult]:
         """One DepthResult per source, in completion order (skipped and failed ones as they are found)."""
+        if self.cpu_workers and self.cfg.plan.mode == "grid":
+            yield from self._run_in_workers(sources, intrinsics, points)
+            return
         ready: deque[DepthResult] = deque()
 
         def batches() -> Iterator[EngineBatch]:
             for src in sources:
                 t0 = time.perf_counter()
-                if "manifest_error" in src.extra:
-                    ready.append(DepthResult(src.id, str(src.path), "failed", error=src.extra["manifest_error"],
-                                             error_kind="manifest"))
-                    continue
-                skipped = self._skip(src)
-                if skipped is not None:
-                    ready.append(skipped)
+                if not self._admit(src, ready):
                     continue
                 try:
                     _, batch = self.prepare(src, intrinsics=intrinsics, points=points)
@@ -274,6 +275,83 @@ class DepthStage:
                 res.depth = res.confidence = res.answers = res.rgb = None
             yield res
         yield from _drain(ready)
+
+    def _admit(self, src: ImageSource, ready: deque) -> bool:
+        """False when the image needs no engine work: a manifest error or done earlier (its result is queued)."""
+        if "manifest_error" in src.extra:
+            ready.append(DepthResult(src.id, str(src.path), "failed", error=src.extra["manifest_error"],
+                                     error_kind="manifest"))
+            return False
+        skipped = self._skip(src)
+        if skipped is not None:
+            ready.append(skipped)
+            return False
+        return True
+
+    def _run_in_workers(self, sources, intrinsics, points) -> Iterator[DepthResult]:
+        """Grid plans with images prepared and finished (densified, written) in Ray CPU tasks, at most
+        2 x cpu_workers of each in flight; this process only routes batches to the engine."""
+        import ray
+
+        if not ray.is_initialized():
+            raise RuntimeError("cpu_workers need Ray: run the engine in a Ray pool (ray.enabled)")
+        prep_fn = ray.remote(num_cpus=1, max_retries=0)(_worker_prepare)
+        fin_fn = ray.remote(num_cpus=1, max_retries=0)(_worker_finish)
+        window = 2 * self.cpu_workers
+        cfg_ref = ray.put(self.cfg)
+        root = str(self.layout.images_root) if self.layout is not None else None
+        ready: deque[DepthResult] = deque()
+
+        def batches() -> Iterator[EngineBatch]:
+            todo, pending = iter(sources), deque()
+            while True:
+                while len(pending) < window:
+                    src = next(todo, None)
+                    if src is None:
+                        break
+                    if self._admit(src, ready):
+                        pending.append((src, time.perf_counter(),
+                                        prep_fn.remote(cfg_ref, src, intrinsics, points)))
+                if not pending:
+                    return
+                src, t0, ref = pending.popleft()
+                try:
+                    task, batch = ray.get(ref)
+                except Exception as exc:  # the task's own error: a record for this image
+                    exc = getattr(exc, "cause", None) or exc
+                    ready.append(DepthResult(src.id, str(src.path), "failed", error=str(exc),
+                                             error_kind=failure_kind(exc, src), wall_s=time.perf_counter() - t0))
+                    continue
+                task.started = t0
+                batch.tag = task
+                yield batch
+
+        finishing: dict = {}
+
+        def collect(block: bool) -> Iterator[DepthResult]:
+            while finishing:
+                done, _ = ray.wait(list(finishing), num_returns=1, timeout=None if block else 0)
+                if not done:
+                    return
+                task, n = finishing.pop(done[0])
+                try:
+                    res = ray.get(done[0])
+                except Exception as exc:
+                    exc = getattr(exc, "cause", None) or exc
+                    res = DepthResult(task.source.id, str(task.source.path), "failed", n,
+                                      error=f"{type(exc).__name__}: {exc}", error_kind="output")
+                res.wall_s = time.perf_counter() - task.started
+                yield res
+                block = False
+
+        for batch, completions in self._engine_stream(batches()):
+            yield from _drain(ready)
+            task: DepthTask = batch.tag
+            finishing[fin_fn.remote(cfg_ref, root, task, completions, self.keep_maps)] = (task, len(completions))
+            yield from collect(block=len(finishing) >= window)
+        yield from _drain(ready)
+        while finishing:
+            yield from collect(block=True)
 
     def one(self, src: ImageSource, *, intrinsics=None) -> DepthResult:
         """One image through the stage (its depth map kept when the stage keeps maps)."""
@@ -430,3 +508,28 @@ def run_depth(sources: list[ImageSource], cfg: DepthConfig, engine: Engine, layo
             outputs.write_jsonl(layout.failures, ({"id": r.id, "image": r.image, "kind": r.error_kind,
                                                    "error": r.error} for r in ordered if r.status == "failed"))
     return summary, ordered
+
+
+# -- images prepared and finished in Ray CPU tasks (DepthStage.cpu_workers)
+
+_WORKER_STAGES: dict = {}
+
+
+def _worker_stage(cfg: DepthConfig, root: str | None) -> DepthStage:
+    """One stage per settings and output folder in each worker process (profiles load once)."""
+    key = (cfg.model_dump_json(), root)
+    stage = _WORKER_STAGES.get(key)
+    if stage is None:
+        stage = _WORKER_STAGES[key] = DepthStage(cfg, None, layout=RunLayout(root) if root else None)
+    return stage
+
+
+def _worker_prepare(cfg: DepthConfig, src: ImageSource, intrinsics, points):
+    return _worker_stage(cfg, None).prepare(src, intrinsics=intrinsics, points=points)
+
+
+def _worker_finish(cfg: DepthConfig, root: str | None, task: DepthTask, completions, keep_maps: bool) -> DepthResult:
+    res = _worker_stage(cfg, root).finish(task, completions)
+    if not keep_maps:
+        res.depth = res.confidence = res.answers = res.rgb = None
+    return res

@@ -124,6 +124,8 @@ class LabelJob:
         i, n = shard
         if not (n >= 1 and 0 <= i < n):
             raise ConfigError(f"--shard: need 0 <= i < n, got {i}/{n}")
+        if cfg.ray.cpu_workers and not (cfg.ray.enabled or engine is not None):
+            raise ConfigError("ray.cpu_workers: CPU workers run in Ray; drop --no-ray, or set ray.cpu_workers=0")
         self.cfg, self.shard = cfg, shard
         self.profile = load_profile(cfg.profile)
         self.layout = RunLayout(out, shard=shard)
@@ -157,7 +159,7 @@ class LabelJob:
         t_ready = time.perf_counter()
         log.info("label: %d image(s) in shard %d/%d; engine %s ready in %.1f s; store %s", total, *self.shard,
                  inner.name, t_ready - t0, store.path if store is not None else "off")
-        stage = DepthStage(cfg, eng, layout=layout)
+        stage = DepthStage(cfg, eng, layout=layout, cpu_workers=cfg.ray.cpu_workers)
         manifest = ManifestWriter(layout.manifest, cfg.manifest_every_s)
         counts = {"ok": 0, "skipped": 0, "failed": 0}
         kinds: dict[str, int] = {}
