@@ -112,12 +112,14 @@ def failure_kind(exc: BaseException, src: ImageSource | None = None) -> str:
 
 def settings_fingerprint(cfg: DepthConfig, profile: Profile) -> str:
     """What shapes a depth result: the profile, the model, the engine's answer-changing options, the plan,
-    the densifier and the sampling options (not memory, scheduling or network settings)."""
+    the densifier, the sampling options, the decoding size and the assumed field of view (not memory,
+    scheduling or network settings)."""
     ident = answer_identity(cfg.engine.name, cfg.engine.options)
     return fingerprint({"profile": profile.model_dump(mode="json"), "model": cfg.model or profile.model,
                         "engine": ident, "plan": cfg.plan.model_dump(mode="json"),
                         "densify": cfg.densify.model_dump(mode="json"), "logprobs": cfg.logprobs,
-                        "structured": cfg.structured})
+                        "structured": cfg.structured, "max_side": cfg.max_side,
+                        "default_hfov_deg": cfg.default_hfov_deg})
 
 
 class DepthStage:
