@@ -21,7 +21,7 @@ from densify.engines.options import (EngineOptions, HFOptions, OpenAIOptions, Ra
 
 __all__ = ["Completion", "Engine", "EngineBatch", "EngineError", "EngineStartError", "ImageRef",
            "PromptImage", "Query", "Sampling", "create_engine", "engine_names", "generate_stream",
-           "register_engine", "validate_engine_options", "options_model", "answer_identity", "check_available"]
+           "register_engine", "validate_engine_options", "options_model", "check_available"]
 
 
 @dataclass(frozen=True)
@@ -110,29 +110,15 @@ def create_engine(name: str, *, profile, **options: Any) -> Engine:
     runtime = {k: options.pop(k) for k in list(options) if k in _RUNTIME_ARGS.get(name, ())}
     opts = validate_engine_options(name, options)
     entry = _ENGINES[name]
-    try:
-        cls = entry.load()
-    except ImportError as exc:
-        extra = f"pip install 'densify[{entry.extra}]'" if entry.extra else "reinstall densify"
-        raise EngineStartError(f"the {name} engine needs a package that is not installed ({exc}); {extra}") from None
     kwargs = opts.model_dump()
     kwargs.update(kwargs.pop("llm_kwargs", None) or {})
     kwargs.update(runtime)
     try:
-        return cls(profile, **kwargs)
+        return entry.load()(profile, **kwargs)
     except EngineError:
         raise
-    except ImportError as exc:
+    except ImportError as exc:  # the engine module, or a package it imports when it starts
         extra = f"pip install 'densify[{entry.extra}]'" if entry.extra else "reinstall densify"
         raise EngineStartError(f"the {name} engine needs a package that is not installed ({exc}); {extra}") from None
     except (OSError, ValueError, RuntimeError, ConnectionError) as exc:
         raise EngineStartError(f"the {name} engine could not start: {type(exc).__name__}: {exc}") from exc
-
-
-def answer_identity(name: str, options: dict | None) -> dict:
-    """What decides an engine's answers: the answering engine and its answer-changing options (a Ray pool
-    answers as the engine its actors run; transport options are left out). Names results and stored answers."""
-    opts = validate_engine_options(name, options)
-    if isinstance(opts, RayOptions):
-        return answer_identity(opts.engine, opts.engine_options)
-    return {"engine": name, "options": opts.answer_options()}

@@ -16,11 +16,8 @@ class EngineOptions(BaseModel):
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
     transport: ClassVar[frozenset[str]] = frozenset()
     """Options that change how answers are obtained (memory, scheduling, network), never what they are:
-    left out of result fingerprints and answer-store keys, so changing them re-asks nothing."""
-
-    def answer_options(self) -> dict:
-        """The options that can change an answer."""
-        return {k: v for k, v in self.model_dump().items() if k not in self.transport}
+    left out of result fingerprints and answer-store keys (densify.store.model_key_for), so changing them
+    re-asks nothing."""
 
 
 class SimulatedOptions(EngineOptions):

@@ -28,7 +28,7 @@ import numpy as np
 from densify import answers as answers_mod
 from densify import outputs
 from densify.cameras import Camera, CameraError, PreparedImage, prepare_image, resolve_camera
-from densify.engines import Engine, EngineBatch, EngineError, ImageRef, answer_identity
+from densify.engines import Engine, EngineBatch, EngineError, ImageRef
 from densify.eval.metrics import delta1, depth_report
 from densify.fields import DenseField, depth_method
 from densify.images import ImageError, ImageSource, load_image
@@ -114,7 +114,9 @@ def settings_fingerprint(cfg: DepthConfig, profile: Profile) -> str:
     """What shapes a depth result: the profile, the model, the engine's answer-changing options, the plan,
     the densifier, the sampling options, the decoding size and the assumed field of view (not memory,
     scheduling or network settings)."""
-    ident = answer_identity(cfg.engine.name, cfg.engine.options)
+    from densify.store import model_key_for  # the answer store's key: the same answers, the same identity
+
+    ident = model_key_for(cfg.engine.name, cfg.engine.options)
     return fingerprint({"profile": profile.model_dump(mode="json"), "model": cfg.model or profile.model,
                         "engine": ident, "plan": cfg.plan.model_dump(mode="json"),
                         "densify": cfg.densify.model_dump(mode="json"), "logprobs": cfg.logprobs,
