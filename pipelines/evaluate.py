@@ -10,6 +10,7 @@ scored by rule (qualitative accuracy, quantitative success within 25% and AbsRel
 
 from __future__ import annotations
 
+import argparse
 import logging
 from pathlib import Path
 
@@ -128,7 +129,7 @@ def run_spatialrgpt(args) -> int:
     if profile.task != "object":
         raise ConfigError(f"--profile {profile.name}: a {profile.task} profile; spatialrgpt needs vlm3-object")
     # The depth stage's settings; the object model is the same engine with the object profile's checkpoint.
-    dcfg = common.load(argparse_without(args, "profile", "model"), DepthConfig, "depth")
+    dcfg = common.load(argparse.Namespace(engine=args.engine, config=args.config, set=args.set), DepthConfig, "depth")
     engine = build_engine(dcfg.engine, profile, model=args.model)
     depth_engine = None
     try:
@@ -152,9 +153,3 @@ def run_spatialrgpt(args) -> int:
             f"failed questions {len(rep['failed_questions'])}")
     c.print(format_table(rep))
     return 1 if rep["failed_images"] else 0
-
-
-def argparse_without(args, *names):
-    import argparse
-
-    return argparse.Namespace(**{k: (None if k in names else v) for k, v in vars(args).items()})
