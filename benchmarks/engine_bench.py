@@ -623,7 +623,25 @@ def derive(result: dict) -> None:
     result["summary"] = s
 
 
+def best_options(paths: list[str]) -> dict:
+    """Engine options beyond BASE_OPTS of the fastest valid bf16 Ray-pool row at 12 tokens in these results
+    ({} when none)."""
+    best, opts = 0.0, {}
+    for path in paths:
+        for r in json.loads(Path(path).read_text()).get("rows", []):
+            if (r.get("ray") and r.get("valid", True) and r.get("dtype") == "bf16"
+                    and r.get("answer_tokens") == GEN_TOKENS and (r.get("queries_per_s") or 0) > best):
+                best = r["queries_per_s"]
+                opts = {k: v for k, v in r.get("engine_options", {}).items()
+                        if k not in BASE_OPTS and k not in ("model", "min_tokens")}
+    return opts
+
+
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["--best"]:  # python -m benchmarks.engine_bench --best RESULT.json ...: those options as JSON
+        print(json.dumps(best_options(argv[1:])))
+        return 0
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"), help="folder for the JSON result")
     ap.add_argument("--phases", default="base,hf,cascade,fp8",

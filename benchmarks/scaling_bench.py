@@ -120,6 +120,7 @@ def measure(n_gpus: int, args, profile) -> dict:
                           "ignore_eos": True}
         if args.gpu_memory_utilization:  # else sized by the engine for its engines per GPU
             engine_options["gpu_memory_utilization"] = args.gpu_memory_utilization
+        engine_options.update(json.loads(args.engine_options or "{}"))
     else:  # the simulated engine answers only where truth exists: a flat wall
         from densify.truth import ConstantTruth
 
@@ -127,11 +128,13 @@ def measure(n_gpus: int, args, profile) -> dict:
     if args.engine != "simulated" and not args.ray_address:
         # this point's GPUs only: the local Ray this pool starts sees GPUs 0..n-1
         os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(str(i) for i in range(n_gpus))
+    t_start = time.perf_counter()
     pool = RayPoolEngine(profile, engine=args.engine, engine_options=engine_options,
                          num_gpus_per_actor=1 if args.engine != "simulated" else 0,
                          num_actors=None if args.engine != "simulated" else n_gpus, engines_per_gpu=per_gpu,
                          max_in_flight_per_actor=args.in_flight, ray_address=args.ray_address)
     k = pool.engines_per_gpu
+    start_s = time.perf_counter() - t_start
     try:
         s = bench_sampling(profile, args.engine)
         warm = list(generate_stream(pool, make_batches(n_gpus * k, profile, tag_prefix="warm", sampling=s,
@@ -158,7 +161,7 @@ def measure(n_gpus: int, args, profile) -> dict:
            "warmup_images": len(warm), "answer_tokens": GEN_TOKENS if args.engine == "vllm" else None,
            "gpu_busy_share": busy.share, "share_of_ceiling": summary["share_of_ceiling"],
            "memory_per_engine_gib": round(util * busy.total_gib, 1) if busy.total_gib else None,
-           "memory_plan": plan}
+           "memory_plan": plan, "engine_start_s": round(start_s, 1)}
     row.update({key: summary[key] for key in ("prompt_tokens_per_query", "cached_tokens_per_query",
                                              "generated_tokens_per_query", "ceiling_queries_per_s")})
     if not row["valid"]:
@@ -177,6 +180,9 @@ def main(argv=None) -> int:
                     help="per engine (default: sized by the engine for its engines per GPU)")
     ap.add_argument("--engines-per-gpu", default="auto", type=lambda v: v if v == "auto" else int(v),
                     help="vLLM engines per GPU (Ray actors sharing it): auto or a number")
+    ap.add_argument("--engine-options", metavar="JSON", help='more vllm engine options, e.g. '
+                    '\'{"cascade_attention": true, "queries_in_flight": 0}\'')
+    ap.add_argument("--name", help="result file name (default scaling_bench-<engine>-<date>.json)")
     ap.add_argument("--ray-address", default=None)
     ap.add_argument("--matmul-tflops", type=float, default=H200_BF16_TFLOPS,
                     help="bf16 matmul rate per GPU for the ceiling (default: measured on an H200)")
@@ -204,10 +210,11 @@ def main(argv=None) -> int:
               "engine": args.engine, "date_utc": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
               "python": platform.python_version(), "generated_tokens_forced": GEN_TOKENS if args.engine == "vllm" else None,
               "bf16_matmul_tflops_per_gpu": args.matmul_tflops,
+              "engine_options": json.loads(args.engine_options or "{}"), "in_flight_per_actor": args.in_flight,
               "rows": rows}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    path = out / f"scaling_bench-{args.engine}-{dt.date.today():%Y%m%d}.json"
+    path = out / (args.name or f"scaling_bench-{args.engine}-{dt.date.today():%Y%m%d}.json")
     path.write_text(json.dumps(result, indent=2) + "\n")
     print(f"{'GPUs':>5} {'per GPU':>7} {'q/s':>9} {'efficiency':>10}")
     for r in rows:

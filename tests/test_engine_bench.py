@@ -83,3 +83,20 @@ def test_pyspy_summary(tmp_path):
     core, actor = top['process 2:"VLLM::EngineCore"'], top['process 1:"ray::_EngineActor"']
     assert core["samples"] == 60 and core["self"] == [("schedule (d.py:4)", 1.0)]
     assert actor["self"][0] == ("step (b.py:2)", 0.75) and actor["inclusive"][0] == ("run (a.py:1)", 1.0)
+
+
+def test_best_options_are_those_of_the_fastest_valid_bf16_pool_row(tmp_path):
+    import json
+
+    def row(qps, extra, valid=True, dtype="bf16", tokens=12):
+        return {"variant": "rayK", "ray": {"engines_per_gpu": 2}, "valid": valid, "dtype": dtype, "answer_tokens": tokens,
+                "queries_per_s": qps, "engine_options": dict(eb.BASE_OPTS, min_tokens=30, **extra)}
+
+    rows = [row(630, {}), row(800, {"cascade_attention": True, "queries_in_flight": 0}),
+            row(990, {"queries_in_flight": 1}, valid=False), row(1400, {"quantization": "fp8"}, dtype="fp8"),
+            row(900, {"queries_in_flight": 2}, tokens=30)]
+    (tmp_path / "a.json").write_text(json.dumps({"rows": rows[:3]}))
+    (tmp_path / "b.json").write_text(json.dumps({"rows": rows[3:]}))
+    assert eb.best_options([str(tmp_path / "a.json"), str(tmp_path / "b.json")]) == {
+        "cascade_attention": True, "queries_in_flight": 0}
+    assert eb.best_options([str(tmp_path / "b.json")]) == {}

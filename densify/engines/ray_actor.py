@@ -56,9 +56,12 @@ class _EngineActor:
         self._thread: threading.Thread | None = None
 
     def info(self) -> dict:
+        import ray
+
         return {"name": getattr(self.engine, "name", type(self.engine).__name__),
                 "simulated": bool(getattr(self.engine, "simulated", False)), "pid": os.getpid(),
-                "cpu_s": time.process_time(), "memory_plan": self.memory_plan}
+                "cpu_s": time.process_time(), "memory_plan": self.memory_plan,
+                "gpu_ids": [str(g) for g in ray.get_gpu_ids()]}
 
     def ping(self) -> bool:
         return True

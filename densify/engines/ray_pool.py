@@ -155,6 +155,7 @@ class RayPoolEngine(Engine):
                       "dead_actors": 0, "engine_s": 0.0, "wait_s": 0.0, "put_s": 0.0}
         self._started_ray = False
         self._slots: list[_Slot] = []
+        self._pg = None  # the placement group of K engines per GPU on several GPUs
         self._cpu0 = 0.0
         if not ray.is_initialized():
             # A local Ray by default (or the cluster RAY_ADDRESS names); `ray_address` for an existing cluster.
@@ -200,12 +201,17 @@ class RayPoolEngine(Engine):
             opts["runtime_env"] = runtime_env
         cls = _actor_class().options(**opts)
         # Actors that share a GPU start one after another: vLLM sizes its KV cache from a memory profile that
-        # fails (or comes out wrong) when another process allocates on the GPU meanwhile.
+        # fails (or comes out wrong) when another process allocates on the GPU meanwhile. With K engines on
+        # each of G GPUs, a placement group gives every GPU its bundle and the actors start in K rounds of G,
+        # one per GPU in each round (so a start takes K engine starts, not K x G).
         one_by_one = self.start_one_by_one if self.start_one_by_one is not None else 0 < num_gpus < 1
+        classes = [cls] * num_actors
         groups = [[i] for i in range(num_actors)] if one_by_one else [list(range(num_actors))]
+        if one_by_one and self.engines_per_gpu > 1 and num_actors > self.engines_per_gpu:
+            classes, groups = self._per_gpu_rounds(opts, num_actors, num_cpus, timeout_s)
         infos, deadline = [], time.monotonic() + timeout_s
         for group in groups:
-            slots = [_Slot(i, cls.remote(engine, self.profile, options, self.engines_per_gpu)) for i in group]
+            slots = [_Slot(i, classes[i].remote(engine, self.profile, options, self.engines_per_gpu)) for i in group]
             self._slots.extend(slots)
             refs = [s.handle.info.remote() for s in slots]
             ready, not_ready = ray.wait(refs, num_returns=len(refs), timeout=max(0.0, deadline - time.monotonic()))
@@ -223,6 +229,26 @@ class RayPoolEngine(Engine):
         self.memory_plan = infos[0].get("memory_plan")
         log.info("Ray pool: %d actor(s) running %s (%s CPU, %s GPU each, %d per GPU, %d batches in flight each)",
                  num_actors, self.inner_name, num_cpus, num_gpus, self.engines_per_gpu, self.max_in_flight)
+
+    def _per_gpu_rounds(self, opts: dict, num_actors: int, num_cpus: float, timeout_s: float) -> tuple[list, list]:
+        """Actor classes bound to one placement-group bundle per GPU, and the start rounds (one actor per GPU
+        each): actor i shares GPU i % G with the actors i +- G, 2G, ..."""
+        import ray
+        from ray.util.placement_group import placement_group
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        k = self.engines_per_gpu
+        n_gpus = -(-num_actors // k)
+        self._pg = placement_group([{"GPU": 1, "CPU": k * num_cpus}] * n_gpus, strategy="PACK")
+        ready, _ = ray.wait([self._pg.ready()], timeout=timeout_s)
+        if not ready:
+            raise EngineStartError(f"Ray could not reserve {n_gpus} whole GPU(s) with {k * num_cpus:g} CPU each for "
+                                   f"{num_actors} engines ({k} per GPU) within {timeout_s:.0f} s; the cluster has "
+                                   f"{ray.cluster_resources()}")
+        classes = [_actor_class().options(**opts, scheduling_strategy=PlacementGroupSchedulingStrategy(
+            self._pg, placement_group_bundle_index=i % n_gpus)) for i in range(num_actors)]
+        rounds = [list(range(r, min(r + n_gpus, num_actors))) for r in range(0, num_actors, n_gpus)]
+        return classes, rounds
 
     @property
     def num_actors(self) -> int:
@@ -446,6 +472,14 @@ class RayPoolEngine(Engine):
             except Exception:  # already gone
                 pass
         self._slots = []
+        if self._pg is not None:
+            from ray.util.placement_group import remove_placement_group
+
+            try:
+                remove_placement_group(self._pg)
+            except Exception:  # the cluster is gone
+                pass
+            self._pg = None
         if self._started_ray:
             ray.shutdown()
             self._started_ray = False

@@ -1,0 +1,209 @@
+"""The whole job on GPUs against the engine alone: `densify label` end to end vs the same Ray pool fed
+ready-made batches, and seconds per dense map at the default depth settings.
+
+    python -m benchmarks.pipeline_bench --model DIR [--engines-per-gpu 2] [--images 12] [--cpu-workers 4]
+                                        [--engine-options JSON] [--out DIR]
+
+One Ray pool of vllm engines over every visible GPU (K per GPU) serves, in order, on distinct images (no
+image's prefix is cached from an earlier step):
+  engine-only  N images' grid batches (3,072 queries each), prepared beforehand, streamed through the pool:
+               the engine-only rate.
+  label        `LabelJob` (what `densify label` runs) over N other images from a JSONL manifest with the
+               same grid: decode, prepare, store, engine, densify, outputs (16-bit PNG depth, confidence,
+               result.json), with `ray.cpu_workers` CPU tasks. Ratio = label q/s / engine-only q/s.
+  dense maps   the depth stage at its default settings (adaptive plan, 3,072-query budget, 4 rounds; what
+               `densify depth` runs) writing its outputs: 3 images one at a time, then N streamed.
+               Seconds per dense map per GPU = wall x GPUs / images.
+The model has random weights, so every answer is constrained to a fixed-length VLM3-depth answer
+(`<think> </think><answer>d.dd</answer>`, ~12 tokens) by structured decoding, in every step alike (the
+profile is vlm3-depth with that regex; answers parse, so every stage runs). Structured decoding costs
+engine throughput of its own; the comparison is like for like. q/s counts answered queries only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import logging
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from densify.config import dict_overrides  # noqa: E402
+from densify.engines.base import generate_stream  # noqa: E402
+from densify.images import ImageSource, load_rgb  # noqa: E402
+from densify.layout import RunLayout  # noqa: E402
+from densify.profiles import load_profile, profiles_dir  # noqa: E402
+from densify.settings import DepthConfig, LabelConfig, load_config  # noqa: E402
+from densify.stages.depth import DepthStage  # noqa: E402
+from densify.stages.engine import build_engine  # noqa: E402
+from densify.stages.label import LabelJob  # noqa: E402
+
+log = logging.getLogger("pipeline_bench")
+ROOT = Path(__file__).resolve().parents[1]
+PHOTO = ROOT / "tests" / "data" / "ibims1_factory_01.png"
+FIXED_ANSWER = r"<think> </think><answer>[1-9]\.[0-9]{2}</answer>"
+
+
+def write_images(folder: Path, first: int, n: int, size=(1000, 750)) -> Path:
+    """n distinct photos (the test photo rolled by a different shift each) and their JSONL manifest."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rgb0 = cv2.resize(load_rgb(PHOTO), size, interpolation=cv2.INTER_AREA)
+    lines = []
+    for k in range(first, first + n):
+        dy, dx = divmod(17 * (k + 1), rgb0.shape[1])
+        rgb = np.roll(rgb0, (dy, dx), axis=(0, 1))
+        name = f"img_{k:05d}.png"
+        cv2.imwrite(str(folder / name), np.ascontiguousarray(rgb[..., ::-1]))
+        lines.append(json.dumps({"image": name, "intrinsics": [1000.0, 1000.0, size[0] / 2, size[1] / 2]}))
+    manifest = folder / f"manifest_{first}.jsonl"
+    manifest.write_text("\n".join(lines) + "\n")
+    return manifest
+
+
+def sources(manifest: Path) -> list[ImageSource]:
+    from densify.stages.label import iter_manifest
+
+    return list(iter_manifest(str(manifest)))
+
+
+def fixed_answer_profile(folder: Path) -> Path:
+    import yaml
+
+    data = yaml.safe_load((profiles_dir() / "vlm3-depth.yaml").read_text())
+    data["name"] = "vlm3-depth-fixed-answer"
+    data["questions"][data["default_question"]]["structured_regex"] = FIXED_ANSWER
+    path = folder / "vlm3-depth-fixed-answer.yaml"
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", required=True, help="model folder (e.g. the 4B-shaped synthetic Qwen3-VL)")
+    ap.add_argument("--images", type=int, default=12, help="images per measurement")
+    ap.add_argument("--engines-per-gpu", default="auto", type=lambda v: v if v == "auto" else int(v))
+    ap.add_argument("--cpu-workers", type=int, default=4, help="ray.cpu_workers of the label job")
+    ap.add_argument("--in-flight", type=int, default=3, help="batches in flight per actor")
+    ap.add_argument("--engine-options", metavar="JSON", help="more vllm engine options")
+    ap.add_argument("--skip", default="", help="comma-separated steps to skip: engine,label,maps")
+    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
+    ap.add_argument("--name", help="result file name (default pipeline_bench-<date>.json)")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    skip = {s.strip() for s in args.skip.split(",") if s.strip()}
+    work = Path(tempfile.mkdtemp(prefix="pipeline_bench_"))
+    n = args.images
+    profile_path = fixed_answer_profile(work)
+    extra = json.loads(args.engine_options or "{}")
+    base = {"profile": str(profile_path), "model": args.model, "structured": True,
+            "engine": {"name": "vllm", "options": {"load_format": "dummy", **extra}},
+            "ray": {"enabled": True, "num_gpus_per_actor": 1, "engines_per_gpu": args.engines_per_gpu,
+                    "max_in_flight_per_actor": args.in_flight, "cpu_workers": args.cpu_workers}}
+    grid = {"plan": {"mode": "grid", "count": 3072}}
+    label_cfg = load_config(LabelConfig, None, dict_overrides({**base, **grid}), default_name="label")
+    depth_cfg = load_config(DepthConfig, None, dict_overrides({k: v for k, v in base.items() if k != "ray"}),
+                            default_name="depth")
+    try:
+        import torch
+
+        gpus = torch.cuda.device_count()
+        device = f"{gpus} x {torch.cuda.get_device_name(0)}" if gpus else "cpu"
+    except ImportError:
+        gpus, device = 0, "cpu"
+    result = {"benchmark": "densify pipeline_bench (benchmarks/pipeline_bench.py)", "device": device, "gpus": gpus,
+              "date_utc": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+              "python": platform.python_version(), "images_per_step": n, "image_size": [1000, 750],
+              "answer_regex": FIXED_ANSWER, "engine_options": base["engine"]["options"],
+              "ray": label_cfg.ray.model_dump(), "steps": {}}
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / (args.name or f"pipeline_bench-{dt.date.today():%Y%m%d}.json")
+
+    def save():
+        path.write_text(json.dumps(result, indent=2, default=str) + "\n")
+
+    t0 = time.perf_counter()
+    pool = build_engine(label_cfg.engine, load_profile(label_cfg.profile), model=args.model, ray=label_cfg.ray)
+    result["pool"] = {"actors": pool.num_actors, "engines_per_gpu": pool.engines_per_gpu,
+                      "memory_plan": pool.memory_plan, "start_s": round(time.perf_counter() - t0, 1)}
+    log.info("pool of %d engines ready in %.0f s", pool.num_actors, result["pool"]["start_s"])
+    try:
+        stage = DepthStage(label_cfg, pool)
+        warm = [stage.prepare(s)[1] for s in sources(write_images(work / "img", 90_000, pool.num_actors))]
+        list(generate_stream(pool, warm))
+
+        if "engine" not in skip:  # the engine alone, on batches prepared beforehand
+            batches = [stage.prepare(s)[1] for s in sources(write_images(work / "img", 0, n))]
+            answered = total = 0
+            t = time.perf_counter()
+            for _, comps in generate_stream(pool, batches):
+                total += len(comps)
+                answered += sum(c.error is None for c in comps)
+            wall = time.perf_counter() - t
+            result["steps"]["engine_only"] = {"images": n, "queries": total, "answered": answered, "wall_s": wall,
+                                              "queries_per_s": answered / wall, "images_per_s": n / wall,
+                                              "valid": answered == total}
+            log.info("engine only: %.0f q/s", answered / wall)
+            save()
+
+        if "label" not in skip:  # the label job end to end on other images
+            manifest = write_images(work / "img", 1000, n)
+            s = LabelJob(label_cfg, work / "label", engine=pool).run(str(manifest))
+            run_s = s["wall_s"] - s["startup_s"]
+            row = {"images": s["images"], "ok": s["ok"], "failed": s["failed"], "queries": s["queries"],
+                   "wall_s": s["wall_s"], "run_s": run_s, "queries_per_s": s["queries_per_s"],
+                   "images_per_s": s["images_per_s"], "failed_by_kind": s["failed_by_kind"], "time_s": s["time_s"],
+                   "valid": s["failed"] == 0}
+            eng = result["steps"].get("engine_only")
+            if eng:
+                row["ratio_to_engine_only"] = s["queries_per_s"] / eng["queries_per_s"]
+                row["within_10_percent"] = row["ratio_to_engine_only"] >= 0.9
+            result["steps"]["label"] = row
+            log.info("label: %.0f q/s, %.2f images/s", s["queries_per_s"], s["images_per_s"])
+            save()
+
+        if "maps" not in skip:  # the depth stage at its defaults (adaptive plan), with outputs
+            layout = RunLayout(work / "depth")
+            depth_stage = DepthStage(depth_cfg, pool, layout=layout)
+            one = []
+            for src in sources(write_images(work / "img", 2000, 3)):
+                t = time.perf_counter()
+                res = list(depth_stage.run([src]))
+                one.append({"s": time.perf_counter() - t, "status": res[0].status, "queries": res[0].queries})
+            srcs = sources(write_images(work / "img", 3000, n))
+            t = time.perf_counter()
+            res = list(depth_stage.run(srcs))
+            wall = time.perf_counter() - t
+            n_gpus = max(1, gpus)
+            result["steps"]["dense_maps"] = {
+                "plan": depth_cfg.plan.model_dump(), "one_at_a_time": one,
+                "one_at_a_time_s_per_map": float(np.mean([o["s"] for o in one])),
+                "streamed": {"images": len(res), "ok": sum(r.status == "ok" for r in res), "wall_s": wall,
+                             "queries": int(sum(r.queries for r in res)),
+                             "s_per_map": wall / len(res), "s_per_map_per_gpu": wall * n_gpus / len(res)},
+                "valid": all(o["status"] == "ok" for o in one) and all(r.status == "ok" for r in res)}
+            log.info("dense maps: %.2f s one at a time, %.2f s per map per GPU streamed",
+                     result["steps"]["dense_maps"]["one_at_a_time_s_per_map"], wall * n_gpus / len(res))
+            save()
+    finally:
+        result["pool"]["stats"] = dict(pool.stats)
+        pool.close()
+        save()
+    print(json.dumps(result["steps"], indent=2, default=str))
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
