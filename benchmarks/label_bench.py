@@ -142,13 +142,23 @@ class CpuSampler:
             if p.pid not in self.base:
                 self.base[p.pid] = cpu if first else 0.0
             self.last[p.pid] = cpu
-        totals = dict.fromkeys(("driver", "actors", "workers", "ray_daemons"), 0.0)
-        for pid, cpu in self.last.items():
-            totals[self.kind[pid]] += cpu - self.base[pid]
-        totals["driver"] -= self.sampler_cpu
         m = self.psutil.cpu_times()
-        totals["machine_busy"] = m.user + m.system + m.nice + getattr(m, "irq", 0) + getattr(m, "softirq", 0)
-        self.series.append((time.perf_counter(), totals))
+        machine = m.user + m.system + m.nice + getattr(m, "irq", 0) + getattr(m, "softirq", 0)
+        self.series.append((time.perf_counter(), dict(self.last), self.sampler_cpu, machine))
+
+    @property
+    def totals(self) -> list[tuple[float, dict]]:
+        """(time, cumulative CPU seconds per group) per sample, each process in the group it ended in (a
+        worker Ray started idle and then made an actor counts as an actor from the start)."""
+        out = []
+        for t, last, sampler_cpu, machine in self.series:
+            g = dict.fromkeys(("driver", "actors", "workers", "ray_daemons"), 0.0)
+            for pid, cpu in last.items():
+                g[self.kind[pid]] += cpu - self.base[pid]
+            g["driver"] -= sampler_cpu
+            g["machine_busy"] = machine
+            out.append((t, g))
+        return out
 
     def _loop(self) -> None:
         t0 = time.thread_time()
@@ -167,7 +177,7 @@ class CpuSampler:
 
     def at(self, t: float) -> dict:
         """Cumulative CPU seconds per group at time t (perf_counter), linear between samples."""
-        s = self.series
+        s = self.totals
         if t <= s[0][0]:
             return dict(s[0][1])
         for (t0, a), (t1, b) in zip(s, s[1:]):

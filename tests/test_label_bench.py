@@ -36,5 +36,9 @@ def test_engine_rate_without_ray(tmp_path):
 
 def test_sampler_interpolates_between_samples():
     s = lb.CpuSampler.__new__(lb.CpuSampler)
-    s.series = [(0.0, {"driver": 0.0}), (1.0, {"driver": 2.0}), (2.0, {"driver": 2.0})]
-    assert s.window(0.5, 1.5) == {"driver": 1.0} and s.window(-1, 5) == {"driver": 2.0}
+    s.kind, s.base = {1: "driver", 2: "actors"}, {1: 0.0, 2: 0.0}
+    # pid 2 was an idle Ray worker at first, then an actor: it counts as an actor throughout
+    s.series = [(0.0, {1: 0.0}, 0.0, 0.0), (1.0, {1: 2.0, 2: 1.0}, 0.0, 2.0), (2.0, {1: 2.0, 2: 1.0}, 0.0, 4.0)]
+    w = s.window(0.5, 1.5)
+    assert w["driver"] == 1.0 and w["actors"] == 0.5 and w["workers"] == 0 and w["machine_busy"] == 2.0
+    assert s.window(-1, 5)["driver"] == 2.0
