@@ -78,3 +78,28 @@ def test_logprobs_track_error(textured_image):
     ans = collect_depth(p, plan.pixels, plan.prompt_xy, comps)
     err = np.abs(np.log(ans.values / depth[plan.pixels[:, 1], plan.pixels[:, 0]]))
     assert np.corrcoef(err, -ans.logprobs)[0, 1] > 0.8
+
+
+def test_answers_per_s_paces_batches_without_changing_answers(textured_image):
+    import time
+
+    depth, p, plan, batch = _depth_case(textured_image, (25, 20))  # 500 queries
+    assert len(batch.queries) == 500
+    truth = ArrayTruth({"i": depth})
+    free = SimulatedEngine(p, truth=truth, seed=1)
+    paced = create_engine("simulated", profile=p, truth=truth, seed=1, answers_per_s=5000)
+    expected = [c.text for c in free.generate(batch)]
+    t0 = time.perf_counter()
+    got = [paced.generate(batch), paced.generate(batch)]
+    wall = time.perf_counter() - t0
+    assert wall >= 0.2 - 1e-3  # 1000 answers at 5,000/s: a lower bound on the time they take
+    assert wall < 1.0  # the schedule runs from the first batch's arrival, not from the engine's creation
+    assert all([c.text for c in out] == expected for out in got)
+    assert 0 < paced.stats["paced_s"] <= wall
+    # idle time earns no credit: a batch after a pause still takes its own 0.1 s
+    time.sleep(0.15)
+    t0 = time.perf_counter()
+    paced.generate(batch)
+    assert time.perf_counter() - t0 >= 0.1 - 1e-3
+    with pytest.raises(ValueError, match="answers_per_s"):
+        SimulatedEngine(p, truth=truth, answers_per_s=0)

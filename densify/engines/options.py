@@ -28,6 +28,10 @@ class SimulatedOptions(EngineOptions):
                                      "ErrorModel parameters (densify.engines.errors)")
     object_error: dict | None = Field(None, description="object-question error model "
                                       "(densify.synthetic.object_answers.ObjectErrorModel)")
+    answers_per_s: float | None = Field(None, gt=0, description="pace answers to at most this many queries per "
+                                        "second per engine (benchmarks: stands in for a GPU engine's rate); "
+                                        "None: as fast as the CPU allows")
+    transport: ClassVar[frozenset[str]] = frozenset({"answers_per_s"})
 
 
 class HFOptions(EngineOptions):

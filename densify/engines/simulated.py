@@ -8,6 +8,12 @@ without truth gets an error answer for every query, never an invented one.
 It writes answers as text, the way the model would, so the profile's parser is always exercised, and it
 reads the queried coordinates back out of the prompt text, so a wrong prompt gives wrong answers.
 Each answer's randomness is seeded by (seed, images, text): answers do not depend on batching or order.
+
+`answers_per_s` paces the engine like a GPU engine of that rate (benchmarks of the framework around it):
+a virtual clock per engine advances by len(batch) / answers_per_s from when each batch could start (the
+later of its arrival and the previous batch's due time), and `generate` sleeps until the batch is due.
+Sleeping costs no CPU, the answers are computed inside the batch's time slot, per-batch overhead does
+not accumulate, and idle time earns no credit: the rate is an upper bound. The answers are unchanged.
 """
 
 from __future__ import annotations
@@ -16,6 +22,8 @@ import collections
 import hashlib
 import math
 import re
+import threading
+import time
 
 import cv2
 import numpy as np
@@ -55,14 +63,20 @@ class NoTruth(LookupError):
 
 
 class SimulatedEngine(Engine):
-    """Options: seed, noise (False: exact answers), error (ErrorModel fields); in Python also `truth`, a
-    `densify.truth.Truth` provider (default `FileTruth()`)."""
+    """Options: seed, noise (False: exact answers), error (ErrorModel fields), answers_per_s (pacing, None:
+    none); in Python also `truth`, a `densify.truth.Truth` provider (default `FileTruth()`)."""
 
     name = "simulated"
     simulated = True
 
     def __init__(self, profile: Profile | str, *, seed: int = 0, noise: bool = True,
-                 error: ErrorModel | dict | str | None = None, object_error: dict | None = None, truth=None):
+                 error: ErrorModel | dict | str | None = None, object_error: dict | None = None,
+                 answers_per_s: float | None = None, truth=None):
+        if answers_per_s is not None and not answers_per_s > 0:
+            raise ValueError(f"answers_per_s must be > 0 (or None: no pacing), got {answers_per_s!r}")
+        self.answers_per_s = float(answers_per_s) if answers_per_s is not None else None
+        self._due = 0.0  # virtual clock (time.monotonic): when the last paced batch is due
+        self._pace_lock = threading.Lock()
         self.profile = load_profile(profile)
         self.error = ErrorModel.from_option(error) if noise else ErrorModel.exact()
         self.object_error = ObjectErrorModel(**(object_error or {})) if noise else ObjectErrorModel.exact()
@@ -78,6 +92,22 @@ class SimulatedEngine(Engine):
     # -- the protocol
     def generate(self, batch: EngineBatch) -> list[Completion]:
         check_batch(batch)
+        due = self._book(len(batch.queries)) if self.answers_per_s else None
+        out = self._generate(batch)
+        if due is not None:
+            wait = due - time.monotonic()
+            if wait > 0:
+                self.stats["paced_s"] += wait
+                time.sleep(wait)
+        return out
+
+    def _book(self, n: int) -> float:
+        """Book n answers on the virtual clock; the time they are due."""
+        with self._pace_lock:
+            self._due = max(self._due, time.monotonic()) + n / self.answers_per_s
+            return self._due
+
+    def _generate(self, batch: EngineBatch) -> list[Completion]:
         out = []
         for q in batch.queries:
             rng = self._rng(batch, q)
