@@ -210,3 +210,21 @@ def test_ctrl_c_on_reconstruct_writes_what_finished(tmp_path):
     assert p.returncode == 130 and "Traceback" not in err, err
     s = json.loads((out / "summary.json").read_text())
     assert s["interrupted"] is True and s["complete"] is False and s["images"] == 8
+
+
+def test_opencv_without_contrib_stops_at_once_with_the_fix(scene_dir, tmp_path, capsys, monkeypatch):
+    # hosts with their own OpenCV (opencv-python shadowing the contrib wheel; seen on a GPU host) lack
+    # cv2.ximgproc, which the default densifier and adaptive plan need
+    import cv2
+
+    monkeypatch.delattr(cv2, "ximgproc")
+    out = tmp_path / "out"
+    rc, text = _run(capsys, "depth", str(scene_dir), "--out", str(out), "--engine", "simulated")
+    assert rc == 3, text
+    assert "Traceback" not in text and len(text.strip().splitlines()) == 1, text
+    assert "cv2.ximgproc" in text and "pip install opencv-contrib-python-headless" in text
+    assert not (out / "summary.json").exists()
+    # the linear densifier on a grid needs no contrib module
+    rc, text = _run(capsys, "depth", str(scene_dir), "--out", str(out), "--engine", "simulated",
+                    "--set", "densify.method=linear", "--set", "plan.mode=grid")
+    assert rc == 0, text

@@ -44,6 +44,18 @@ __all__ = ["densify_depth_edge", "densify_flow_edge", "edge_map", "guide_maps", 
 _EDGE_CACHE: dict = {}
 
 
+def require_contrib() -> None:
+    """Fail at once, with the fix, where OpenCV lacks its contrib modules (an opencv-python wheel shadowing
+    opencv-contrib-python-headless, as on hosts with their own OpenCV): the edge guide's texture
+    suppression needs cv2.ximgproc."""
+    if not hasattr(cv2, "ximgproc"):
+        raise ImportError(f"the edge-aware densifier and the adaptive plan need OpenCV's contrib modules "
+                          f"(cv2.ximgproc), which this OpenCV {cv2.__version__} lacks: pip install "
+                          f"opencv-contrib-python-headless (after pip uninstall opencv-python "
+                          f"opencv-python-headless, which shadow it), or use --set densify.method=linear "
+                          f"--set plan.mode=grid")
+
+
 def edge_map(rgb: np.ndarray | None, shape: tuple[int, int], *, texture_suppress: bool = True) -> np.ndarray:
     """HxW float32 image-edge strength in [0, 1] (see `guide_maps`)."""
     return guide_maps(rgb, shape, texture_suppress=texture_suppress)[0]
@@ -75,6 +87,7 @@ def guide_maps(rgb: np.ndarray | None, shape: tuple[int, int], *,
     if hit is not None:
         return hit
     if texture_suppress:
+        require_contrib()
         img = cv2.ximgproc.fastGlobalSmootherFilter(img, img, 400.0, 8.0)
     lab = cv2.cvtColor(img, cv2.COLOR_RGB2Lab).astype(np.float32)
     lab = cv2.GaussianBlur(lab, (0, 0), 1.0)

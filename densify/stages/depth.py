@@ -31,6 +31,7 @@ from densify.cameras import Camera, CameraError, PreparedImage, prepare_image, r
 from densify.engines import Engine, EngineBatch, EngineError, ImageRef
 from densify.eval.metrics import delta1, depth_report
 from densify.fields import DenseField, depth_method
+from densify.fields.edge_aware import require_contrib
 from densify.images import ImageError, ImageSource, load_image
 from densify.layout import ImageFiles, RunLayout, fingerprint
 from densify.profiles import Profile, load_profile
@@ -149,6 +150,8 @@ class DepthStage:
         self.on_round = on_round
         self.fingerprint = settings_fingerprint(cfg, self.profile)
         self.sampling = sampling_for(self.profile, logprobs=cfg.logprobs, structured=cfg.structured)
+        if cfg.densify.method == "edge" or cfg.plan.mode == "adaptive":
+            require_contrib()  # before any engine work, not as a failure of every image
 
     # -- one image
     def prepare(self, src: ImageSource, *, intrinsics=None, points=None) -> tuple[DepthTask, EngineBatch]:
