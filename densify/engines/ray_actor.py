@@ -61,7 +61,7 @@ class _EngineActor:
         return {"name": getattr(self.engine, "name", type(self.engine).__name__),
                 "simulated": bool(getattr(self.engine, "simulated", False)), "pid": os.getpid(),
                 "cpu_s": time.process_time(), "memory_plan": self.memory_plan,
-                "gpu_ids": [str(g) for g in ray.get_gpu_ids()]}
+                "gpu_ids": [str(g) for g in ray.get_gpu_ids()] if ray.is_initialized() else []}  # never init Ray
 
     def ping(self) -> bool:
         return True

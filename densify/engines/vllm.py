@@ -41,7 +41,9 @@ log = logging.getLogger(__name__)
 # large running batches and prefill steps amortise per-step overhead; prefix caching makes per-image
 # batching pay (388 q/s with it, 86 without); the fast prompt path lifts the frontend bound (325 -> 388);
 # CUDA graphs up to max_num_seqs (388 -> 412); streaming the next image beats one image at a time;
-# cascade attention (vLLM's default: off) and fp8 weights (changes numerics) are options, not defaults.
+# cascade attention (vLLM's default: off) and fp8 weights (changes numerics) are options, not defaults:
+# cascade needs a running batch of one image, and one image per engine at a time cost more than it saved
+# (H200 Ray pool, 2 engines: 540 vs 628 q/s); fp8 weights gave 735 q/s there.
 # max_num_batched_tokens 65536 ran out of memory at gpu_memory_utilization 0.9 (FlashAttention's split
 # workspace for a 64k-token step is not in vLLM's memory profile).
 DEFAULT_MAX_NUM_SEQS = 1024
