@@ -14,6 +14,9 @@ image's prefix is cached from an earlier step):
   dense maps   the depth stage at its default settings (adaptive plan, 3,072-query budget, 4 rounds; what
                `densify depth` runs) writing its outputs: 3 images one at a time, then N streamed.
                Seconds per dense map per GPU = wall x GPUs / images.
+`--simulated-rate Q` runs the same steps on CPU actors instead: simulated engines paced to Q answers/s in
+all (`answers_per_s`; a depth map of the scene written beside each image is their truth), so the CPU side
+(planner rounds, densification, outputs) is measured against an engine of a GPU's measured rate.
 The model has random weights, so every answer is constrained to a fixed-length VLM3-depth answer
 (`<think> </think><answer>d.dd</answer>`, ~12 tokens) by structured decoding, in every step alike (the
 profile is vlm3-depth with that regex; answers parse, so every stage runs). Structured decoding costs
@@ -55,7 +58,7 @@ PHOTO = ROOT / "tests" / "data" / "ibims1_factory_01.png"
 FIXED_ANSWER = r"<think> </think><answer>[1-9]\.[0-9]{2}</answer>"
 
 
-def write_images(folder: Path, first: int, n: int, size=(1000, 750)) -> Path:
+def write_images(folder: Path, first: int, n: int, size=(1000, 750), truth: bool = False) -> Path:
     """n distinct photos (the test photo rolled by a different shift each) and their JSONL manifest."""
     folder.mkdir(parents=True, exist_ok=True)
     rgb0 = cv2.resize(load_rgb(PHOTO), size, interpolation=cv2.INTER_AREA)
@@ -65,6 +68,11 @@ def write_images(folder: Path, first: int, n: int, size=(1000, 750)) -> Path:
         rgb = np.roll(rgb0, (dy, dx), axis=(0, 1))
         name = f"img_{k:05d}.png"
         cv2.imwrite(str(folder / name), np.ascontiguousarray(rgb[..., ::-1]))
+        if truth:  # the simulated engine's answers: a tilted floor-to-wall ramp with a nearer box
+            yy, xx = np.mgrid[0:size[1], 0:size[0]].astype(np.float32)
+            depth = 2.0 + 3.0 * (1 - yy / size[1]) + 0.5 * xx / size[0]
+            depth[size[1] // 3: 2 * size[1] // 3, size[0] // 4: size[0] // 2] *= 0.6
+            np.save(folder / f"img_{k:05d}.depth.npy", np.roll(depth, (dy, dx), axis=(0, 1)))
         lines.append(json.dumps({"image": name, "intrinsics": [1000.0, 1000.0, size[0] / 2, size[1] / 2]}))
     manifest = folder / f"manifest_{first}.jsonl"
     manifest.write_text("\n".join(lines) + "\n")
@@ -90,7 +98,11 @@ def fixed_answer_profile(folder: Path) -> Path:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", required=True, help="model folder (e.g. the 4B-shaped synthetic Qwen3-VL)")
+    ap.add_argument("--model", help="model folder (e.g. the 4B-shaped synthetic Qwen3-VL); needed unless "
+                                    "--simulated-rate")
+    ap.add_argument("--simulated-rate", type=float, help="CPU actors with simulated engines paced to this many "
+                                                         "answers/s in all, instead of vllm")
+    ap.add_argument("--actors", type=int, default=2, help="--simulated-rate: engine actors")
     ap.add_argument("--images", type=int, default=12, help="images per measurement")
     ap.add_argument("--engines-per-gpu", default="auto", type=lambda v: v if v == "auto" else int(v))
     ap.add_argument("--cpu-workers", type=int, default=4, help="ray.cpu_workers of the label job")
@@ -102,6 +114,9 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     skip = {s.strip() for s in args.skip.split(",") if s.strip()}
+    if not args.model and not args.simulated_rate:
+        ap.error("give --model (vllm) or --simulated-rate (simulated engines on CPU)")
+    sim = bool(args.simulated_rate)
     work = Path(tempfile.mkdtemp(prefix="pipeline_bench_"))
     n = args.images
     profile_path = fixed_answer_profile(work)
@@ -133,18 +148,28 @@ def main(argv=None) -> int:
     def save():
         path.write_text(json.dumps(result, indent=2, default=str) + "\n")
 
+    result["engine"] = (f"simulated, paced to {args.simulated_rate:g} answers/s over {args.actors} CPU actors"
+                        if sim else "vllm")
     t0 = time.perf_counter()
-    pool = build_engine(label_cfg.engine, load_profile(label_cfg.profile), model=args.model, ray=label_cfg.ray)
+    if sim:
+        from densify.engines.ray_pool import RayPoolEngine
+
+        pool = RayPoolEngine(load_profile(label_cfg.profile), engine="simulated", num_actors=args.actors,
+                             engine_options={"answers_per_s": args.simulated_rate / args.actors},
+                             max_in_flight_per_actor=args.in_flight)
+    else:
+        pool = build_engine(label_cfg.engine, load_profile(label_cfg.profile), model=args.model,
+                            ray=label_cfg.ray)
     result["pool"] = {"actors": pool.num_actors, "engines_per_gpu": pool.engines_per_gpu,
                       "memory_plan": pool.memory_plan, "start_s": round(time.perf_counter() - t0, 1)}
     log.info("pool of %d engines ready in %.0f s", pool.num_actors, result["pool"]["start_s"])
     try:
         stage = DepthStage(label_cfg, pool)
-        warm = [stage.prepare(s)[1] for s in sources(write_images(work / "img", 90_000, pool.num_actors))]
+        warm = [stage.prepare(s)[1] for s in sources(write_images(work / "img", 90_000, pool.num_actors, truth=sim))]
         list(generate_stream(pool, warm))
 
         if "engine" not in skip:  # the engine alone, on batches prepared beforehand
-            batches = [stage.prepare(s)[1] for s in sources(write_images(work / "img", 0, n))]
+            batches = [stage.prepare(s)[1] for s in sources(write_images(work / "img", 0, n, truth=sim))]
             answered = total = 0
             t = time.perf_counter()
             for _, comps in generate_stream(pool, batches):
@@ -158,7 +183,7 @@ def main(argv=None) -> int:
             save()
 
         if "label" not in skip:  # the label job end to end on other images
-            manifest = write_images(work / "img", 1000, n)
+            manifest = write_images(work / "img", 1000, n, truth=sim)
             s = LabelJob(label_cfg, work / "label", engine=pool).run(str(manifest))
             run_s = s["wall_s"] - s["startup_s"]
             row = {"images": s["images"], "ok": s["ok"], "failed": s["failed"], "queries": s["queries"],
@@ -177,20 +202,21 @@ def main(argv=None) -> int:
             layout = RunLayout(work / "depth")
             depth_stage = DepthStage(depth_cfg, pool, layout=layout)
             one = []
-            for src in sources(write_images(work / "img", 2000, 3)):
-                t = time.perf_counter()
+            for src in sources(write_images(work / "img", 2000, 3, truth=sim)):
+                t, c = time.perf_counter(), time.process_time()
                 res = list(depth_stage.run([src]))
-                one.append({"s": time.perf_counter() - t, "status": res[0].status, "queries": res[0].queries})
-            srcs = sources(write_images(work / "img", 3000, n))
-            t = time.perf_counter()
+                one.append({"s": time.perf_counter() - t, "driver_cpu_s": time.process_time() - c,
+                            "status": res[0].status, "queries": res[0].queries})
+            srcs = sources(write_images(work / "img", 3000, n, truth=sim))
+            t, c = time.perf_counter(), time.process_time()
             res = list(depth_stage.run(srcs))
-            wall = time.perf_counter() - t
-            n_gpus = max(1, gpus)
+            wall, cpu = time.perf_counter() - t, time.process_time() - c
+            n_gpus = 1 if sim else max(1, gpus)  # simulated: the paced rate stands for one GPU's
             result["steps"]["dense_maps"] = {
-                "plan": depth_cfg.plan.model_dump(), "one_at_a_time": one,
+                "plan": depth_cfg.plan.model_dump(), "densify": depth_cfg.densify.method, "one_at_a_time": one,
                 "one_at_a_time_s_per_map": float(np.mean([o["s"] for o in one])),
                 "streamed": {"images": len(res), "ok": sum(r.status == "ok" for r in res), "wall_s": wall,
-                             "queries": int(sum(r.queries for r in res)),
+                             "driver_cpu_s": cpu, "queries": int(sum(r.queries for r in res)),
                              "s_per_map": wall / len(res), "s_per_map_per_gpu": wall * n_gpus / len(res)},
                 "valid": all(o["status"] == "ok" for o in one) and all(r.status == "ok" for r in res)}
             log.info("dense maps: %.2f s one at a time, %.2f s per map per GPU streamed",

@@ -550,8 +550,11 @@ class StoredEngine(Engine):
             keys.append(p + qpart(q))
         return keys, list(prefix_of.values())
 
-    def _feed(self, batches: Iterable[EngineBatch]) -> Iterator[EngineBatch]:
+    def _feed(self, batches: Iterable[EngineBatch | None]) -> Iterator[EngineBatch | None]:
         for batch in batches:
+            if batch is None:  # the source has nothing new yet: the inner engine goes on with what it holds
+                yield None
+                continue
             t0 = time.perf_counter()
             keys, prefixes = self.keys(batch)
             t1 = time.perf_counter()

@@ -176,7 +176,9 @@ def test_pipeline_adaptive_mode_end_to_end(tmp_path):
 
 
 def test_pipeline_keeps_images_in_flight_per_round(tmp_path):
-    """Adaptive rounds of several images go through the engine's stream together, one batch per image."""
+    """Adaptive images advance on their own through the engine's stream: several images are in flight,
+    each with one batch at a time, and an image's next round is asked as soon as its answers are back
+    (no lockstep: a synchronous engine is never left waiting on the stage)."""
     from densify.engines.simulated import SimulatedEngine
     from densify.images import discover
     from densify.layout import RunLayout
@@ -187,21 +189,74 @@ def test_pipeline_keeps_images_in_flight_per_round(tmp_path):
     class Recording(SimulatedEngine):
         def __init__(self, *a, **k):
             super().__init__(*a, **k)
-            self.calls = []
+            self.order, self.nones = [], 0
 
         def stream(self, batches):
-            group = list(batches)
-            self.calls.append([next(iter(b.images)) for b in group])
-            for b in group:
+            for b in batches:
+                if b is None:
+                    self.nones += 1
+                    assert self.nones < 100, "the stage waits on a synchronous engine"
+                    continue
+                self.order.append(next(iter(b.images)))
                 yield b, self.generate(b)
 
     paths = make_scene(SceneSpec(seed=4, n_views=3, width=160, height=120)).save(tmp_path / "scene")
     cfg = DepthConfig(engine={"name": "simulated"}, plan={"mode": "adaptive", "count": 400, "rounds": 3},
-                      images_in_flight=3, outputs={"ply": False, "preview": False})
+                      images_in_flight=2, outputs={"ply": False, "preview": False})
     eng = Recording("vlm3-depth", seed=0)
     s, results = run_depth(discover([str(p) for p in paths]), cfg, eng, RunLayout(tmp_path / "out"))
-    assert s["ok"] == 3
-    assert len(eng.calls) >= 2 and len(eng.calls[0]) == 3  # coarse round, then refinement rounds
-    for call in eng.calls:  # one batch per image per round
-        assert len(set(call)) == len(call)
+    assert s["ok"] == 3 and eng.nones == 0
+    order = eng.order
+    assert len(set(order[:2])) == 2  # two images in flight from the start
+    rounds = {u: order.count(u) for u in set(order)}
+    assert len(rounds) == 3 and all(n >= 2 for n in rounds.values())  # coarse round, then refinement rounds
     assert all(r.queries <= 400 for r in results)
+
+
+def test_adaptive_images_do_not_wait_for_each_others_rounds(tmp_path):
+    """With an engine holding several batches (like the vLLM engine or the Ray pool), an image's next round
+    joins the other images' earlier rounds in flight: rounds are not run in lockstep across images, and no
+    image ever has two batches in flight."""
+    from collections import Counter, deque
+
+    from densify.engines.simulated import SimulatedEngine
+    from densify.images import discover
+    from densify.layout import RunLayout
+    from densify.settings import DepthConfig
+    from densify.stages.depth import run_depth
+    from densify.synthetic.scenes import SceneSpec, make_scene
+
+    class Holding(SimulatedEngine):
+        """Holds up to 3 batches and answers the oldest when full or when the stage has nothing new."""
+
+        capacity = 3
+
+        def __init__(self, *a, **k):
+            super().__init__(*a, **k)
+            self.windows, self.round_of = [], Counter()
+
+        def stream(self, batches):
+            window: deque = deque()
+            for b in batches:
+                if b is not None:
+                    uid = next(iter(b.images))
+                    assert uid not in [u for u, _, _ in window], "two batches of one image in flight"
+                    self.round_of[uid] += 1
+                    window.append((uid, self.round_of[uid], b))
+                    self.windows.append(sorted(r for _, r, _ in window))
+                    if len(window) < 3:
+                        continue
+                if window:
+                    _, _, x = window.popleft()
+                    yield x, self.generate(x)
+            while window:
+                _, _, x = window.popleft()
+                yield x, self.generate(x)
+
+    paths = make_scene(SceneSpec(seed=5, n_views=3, width=160, height=120)).save(tmp_path / "scene")
+    cfg = DepthConfig(engine={"name": "simulated"}, plan={"mode": "adaptive", "count": 400, "rounds": 3},
+                      images_in_flight=3, outputs={"ply": False, "preview": False})
+    eng = Holding("vlm3-depth", seed=0)
+    s, _ = run_depth(discover([str(p) for p in paths]), cfg, eng, RunLayout(tmp_path / "out"))
+    assert s["ok"] == 3 and all(n >= 2 for n in eng.round_of.values())
+    assert any(len(set(w)) > 1 for w in eng.windows), eng.windows  # rounds of different depth in flight together

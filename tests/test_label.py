@@ -411,3 +411,23 @@ def test_cpu_workers_prepare_and_densify_off_the_driver(dataset, reference, tmp_
     assert s["ok"] == 6 and s["failed"] == 0 and s["queries"] == ref["queries"]
     same_outputs(tmp_path / "out", ref_out, [f"im{i:02d}" for i in range(6)])
     assert s["time_s"]["driver_cpu"] > 0
+
+
+def test_cpu_workers_take_adaptive_plans_too(dataset, tmp_path, monkeypatch):
+    """An adaptive plan with ray.cpu_workers: images are prepared and densified in Ray CPU tasks, the rounds
+    planned in the driver; the outputs are the bytes of the all-in-driver run."""
+    pytest.importorskip("ray")
+    from densify.stages.depth import DepthStage
+
+    adaptive = {"mode": "adaptive", "count": 256, "rounds": 2}
+    ref = run_label(str(dataset), label_config(plan=adaptive), tmp_path / "ref")
+
+    def not_here(*a, **k):
+        raise AssertionError("the driver prepared or densified an image")
+
+    monkeypatch.setattr(DepthStage, "prepare", not_here)
+    monkeypatch.setattr(DepthStage, "finish", not_here)
+    cfg = label_config(plan=adaptive, ray={"enabled": True, "num_actors": 1, "cpu_workers": 2})
+    s = run_label(str(dataset), cfg, tmp_path / "out")
+    assert s["ok"] == 6 and s["failed"] == 0 and s["queries"] == ref["queries"]
+    same_outputs(tmp_path / "out", tmp_path / "ref", [f"im{i:02d}" for i in range(6)])

@@ -132,9 +132,9 @@ class DepthStage:
     and pixels in the results (memory then grows with the images). evaluate(source, result) -> metrics:
     an evaluation hook (the demo's ground truth); labelled points of DepthLM manifests are scored anyway.
     on_round(queries): called as answers of each engine round arrive (progress inside an image).
-    cpu_workers: with a grid plan, prepare and finish images in this many Ray CPU tasks at a time instead of
-    this process (Ray must be running, e.g. for the engine pool); adaptive plans stay here (their rounds
-    need the planner's state).
+    cpu_workers: prepare and finish (densify, write) images in this many Ray CPU tasks at a time instead of
+    this process (Ray must be running, e.g. for the engine pool); an adaptive plan's rounds are still
+    planned here (they need the planner's state).
     """
 
     def __init__(self, cfg: DepthConfig, engine: Engine | None, *, layout: RunLayout | None = None,
@@ -251,7 +251,7 @@ class DepthStage:
     # -- a stream of images
     def run(self, sources: Iterable[ImageSource], *, intrinsics=None, points=None) -> Iterator[DepthResult]:
         """One DepthResult per source, in completion order (skipped and failed ones as they are found)."""
-        if self.cpu_workers and self.cfg.plan.mode == "grid":
+        if self.cpu_workers:
             yield from self._run_in_workers(sources, intrinsics, points)
             return
         ready: deque[DepthResult] = deque()
@@ -296,8 +296,8 @@ class DepthStage:
         return True
 
     def _run_in_workers(self, sources, intrinsics, points) -> Iterator[DepthResult]:
-        """Grid plans with images prepared and finished (densified, written) in Ray CPU tasks, at most
-        2 x cpu_workers of each in flight; this process only routes batches to the engine."""
+        """Images prepared and finished (densified, written) in Ray CPU tasks, at most 2 x cpu_workers of
+        each in flight; this process routes batches to the engine and, for adaptive plans, plans the rounds."""
         import ray
 
         if not ray.is_initialized():
@@ -351,7 +351,7 @@ class DepthStage:
                 yield res
                 block = False
 
-        for batch, completions in self._engine_stream(batches()):
+        for batch, completions in self._rounds(batches()):
             yield from _drain(ready)
             task: DepthTask = batch.tag
             finishing[fin_fn.remote(cfg_ref, root, task, completions, self.keep_maps)] = (task, len(completions))
@@ -382,41 +382,75 @@ class DepthStage:
                            metrics=prev.get("metrics", {}))
 
     def _rounds(self, batches: Iterator[EngineBatch]):
+        """Adaptive plans: every image asks its rounds one after another, but images advance on their own
+        (no lockstep across images): as soon as one round's answers are back, that image plans its next
+        round while the engine works on the other images' batches, and a finished image makes room for
+        the next. Yields (first batch with its task, all completions) per image as it finishes."""
         if self.cfg.plan.mode != "adaptive":
             yield from self._engine_stream(batches)
             return
         from densify.fields.adaptive import AdaptiveDepthImage
 
         width = max(self.cfg.images_in_flight, self.engine.capacity)
-        it = iter(batches)
-        while group := list(itertools.islice(it, width)):
-            states = []
-            for batch in group:
-                task: DepthTask = batch.tag
-                planner = self._planner(task.camera.width, task.camera.height, rgb=task.rgb)
-                if task.fixed:  # one round: exactly the given points
-                    planner.budget, planner.rounds = len(task.plan), 0
-                states.append(AdaptiveDepthImage(planner, task.prep, self.profile, uid=task.uid, ref=task.ref,
-                                                 sampling=batch.sampling, tag=task, first_batch=batch,
-                                                 first_plan=task.plan))
-            active = [s for s in states if not s.done]
-            while active:
-                round_batches = []
-                for s in active:
-                    b = s.next_batch()
-                    if b is not None:
-                        b.tag = s  # routes the answers back; restored to the task below
-                        round_batches.append(b)
-                for b, completions in self._engine_stream(round_batches):
-                    b.tag.receive(completions)
-                    if any(c.error is not None for c in completions):
-                        b.tag.done = True  # engine errors: no more rounds, the image fails in finish()
-                active = [s for s in active if not s.done]
-            for batch, s in zip(group, states):
-                task = s.tag
-                task.plan = QueryPlan(s.run.pixels, s.run.prompt_xy)
+        source = iter(batches)
+        queued: deque[EngineBatch] = deque()   # round batches ready for the engine
+        finished: deque = deque()              # states whose image needs no more rounds
+        firsts: dict[int, EngineBatch] = {}    # id(state) -> the image's first batch (carries its task)
+        active = 0
+        exhausted = False
+
+        def advance(state) -> None:
+            nonlocal active
+            b = state.next_batch()
+            if b is None:
+                finished.append(state)
+                active -= 1
+                return
+            b.tag = state  # routes the answers back; the task is restored when the image finishes
+            queued.append(b)
+
+        def feed() -> Iterator[EngineBatch | None]:
+            nonlocal active, exhausted
+            while True:
+                while not exhausted and active < width and not finished:
+                    batch = next(source, None)
+                    if batch is None:
+                        exhausted = True
+                        break
+                    task: DepthTask = batch.tag
+                    planner = self._planner(task.camera.width, task.camera.height, rgb=task.rgb)
+                    if task.fixed:  # one round: exactly the given points
+                        planner.budget, planner.rounds = len(task.plan), 0
+                    state = AdaptiveDepthImage(planner, task.prep, self.profile, uid=task.uid, ref=task.ref,
+                                               sampling=batch.sampling, tag=task, first_batch=batch,
+                                               first_plan=task.plan)
+                    firsts[id(state)] = batch
+                    active += 1
+                    advance(state)
+                if queued:
+                    yield queued.popleft()
+                elif exhausted and active == 0:
+                    return
+                else:
+                    yield None  # nothing new yet: answers are on their way, or finished images wait to be yielded
+
+        def done() -> Iterator[tuple[EngineBatch, list]]:
+            while finished:
+                state = finished.popleft()
+                task = state.tag
+                task.plan = QueryPlan(state.run.pixels, state.run.prompt_xy)
+                batch = firsts.pop(id(state))
                 batch.tag = task
-                yield batch, s.run.completions
+                yield batch, state.run.completions
+
+        for b, completions in self._engine_stream(feed()):
+            state = b.tag
+            state.receive(completions)
+            if any(c.error is not None for c in completions):
+                state.done = True  # engine errors: no more rounds, the image fails in finish()
+            advance(state)
+            yield from done()
+        yield from done()
 
     def _engine_stream(self, batches):
         for batch, completions in self.engine.stream(batches):
