@@ -25,6 +25,9 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 # model_hosting_container_standards, which the stage lacks; py-spy for engine_bench --pyspy. Made here with
 #   pip download --no-deps --only-binary=:all: --python-version 3.12 --platform manylinux2014_x86_64 -d .whl \
 #     model-hosting-container-standards jmespath supervisor py-spy
+# The host's own OpenCV lacks the contrib modules (cv2.ximgproc) that the edge-aware densifier and the
+# adaptive plan need (`pipeline` dense maps, `densify depth` defaults): carry
+# opencv-contrib-python-headless==4.10.0.84 (56 MB) in .whl/, in a call of its own (64 MiB per transfer).
 if ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --upgrade --target /tmp/site .whl/*.whl >/dev/null 2>&1
   export PATH="/tmp/site/bin:$PATH"

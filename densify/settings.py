@@ -143,7 +143,8 @@ class DepthConfig(_Model):
                                  "camera.json records. null: always full size (within the 64 Mpx limit)")
     logprobs: bool = Field(False, description="ask engines for answer log-probabilities")
     structured: bool = Field(False, description="constrain answers with the profile's regex (vllm, openai)")
-    images_in_flight: int = Field(2, ge=1, description="images prepared ahead of the engine")
+    images_in_flight: int = Field(2, ge=1, description="images in flight at once (at least the engine's capacity; "
+                                  "with an adaptive plan each asks its rounds on its own)")
     overwrite: bool = Field(False, description="redo images whose outputs exist")
 
     @field_validator("profile")
