@@ -31,6 +31,7 @@ import json
 import logging
 import os
 import platform
+import shutil
 import sys
 import tempfile
 import time
@@ -150,6 +151,8 @@ def main(argv=None) -> int:
 
     result["engine"] = (f"simulated, paced to {args.simulated_rate:g} answers/s over {args.actors} CPU actors"
                         if sim else "vllm")
+    if sim:
+        result["engine_options"] = {"answers_per_s": args.simulated_rate / args.actors}
     t0 = time.perf_counter()
     if sim:
         from densify.engines.ray_pool import RayPoolEngine
@@ -226,6 +229,7 @@ def main(argv=None) -> int:
         result["pool"]["stats"] = dict(pool.stats)
         pool.close()
         save()
+        shutil.rmtree(work, ignore_errors=True)
     print(json.dumps(result["steps"], indent=2, default=str))
     print(f"wrote {path}")
     return 0
