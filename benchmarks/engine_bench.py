@@ -320,7 +320,6 @@ def pyspy_top(path: str, n: int = 25) -> dict:
     """Where the samples of a py-spy raw (collapsed-stack) profile fall: per process, the functions with
     the most samples on top of the stack (self) and anywhere in it (inclusive), as shares."""
     import collections
-    import re
 
     procs: dict[str, dict] = {}
     for line in Path(path).read_text(errors="replace").splitlines():

@@ -18,7 +18,7 @@ def main():
     b = eb.image_batch(prof, 2)
     t0 = time.perf_counter(); prompts = eng.prompts(b); t1 = time.perf_counter()
     pr = cProfile.Profile(); pr.enable()
-    ids = eng.llm.enqueue(prompts, eng.sampling_params(b.sampling), use_tqdm=False)
+    eng.llm.enqueue(prompts, eng.sampling_params(b.sampling), use_tqdm=False)
     pr.disable(); t2 = time.perf_counter()
     n = 0
     while eng.llm.llm_engine.has_unfinished_requests():
@@ -28,7 +28,7 @@ def main():
     (out / "enqueue_profile.txt").write_text(s.getvalue())
     print(f"PROBE {extra}: render {t1-t0:.2f}s enqueue {t2-t1:.2f}s drain {t3-t2:.2f}s total {t3-t0:.2f}s -> {3072/(t3-t0):.1f} q/s")
     b = eb.image_batch(prof, 3)
-    t = time.perf_counter(); outs = eng.generate(b); w = time.perf_counter() - t
+    t = time.perf_counter(); eng.generate(b); w = time.perf_counter() - t
     print(f"PROBE {extra}: generate 3072 in {w:.2f}s = {3072/w:.1f} q/s")
     eng.close()
 

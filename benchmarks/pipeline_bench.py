@@ -29,7 +29,6 @@ import argparse
 import datetime as dt
 import json
 import logging
-import os
 import platform
 import shutil
 import sys

@@ -14,7 +14,6 @@ the Python facade and the benchmarks.
 
 from __future__ import annotations
 
-import itertools
 import json
 import logging
 import time
@@ -412,7 +411,7 @@ class DepthStage:
         def feed() -> Iterator[EngineBatch | None]:
             nonlocal active, exhausted
             while True:
-                while not exhausted and active < width and not finished:
+                while not exhausted and active < width:
                     batch = next(source, None)
                     if batch is None:
                         exhausted = True
