@@ -107,6 +107,9 @@ def main(argv=None) -> int:
     ap.add_argument("--engines-per-gpu", default="auto", type=lambda v: v if v == "auto" else int(v))
     ap.add_argument("--cpu-workers", type=int, default=4, help="ray.cpu_workers of the label job")
     ap.add_argument("--in-flight", type=int, default=3, help="batches in flight per actor")
+    ap.add_argument("--images-in-flight", type=int, default=None,
+                    help="dense maps: images_in_flight of the depth stage (default: the depth config's; the "
+                         "stage keeps at least the pool's capacity in flight)")
     ap.add_argument("--engine-options", metavar="JSON", help="more vllm engine options")
     ap.add_argument("--skip", default="", help="comma-separated steps to skip: engine,label,maps")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
@@ -127,8 +130,10 @@ def main(argv=None) -> int:
                     "max_in_flight_per_actor": args.in_flight, "cpu_workers": args.cpu_workers}}
     grid = {"plan": {"mode": "grid", "count": 3072}}
     label_cfg = load_config(LabelConfig, None, dict_overrides({**base, **grid}), default_name="label")
-    depth_cfg = load_config(DepthConfig, None, dict_overrides({k: v for k, v in base.items() if k != "ray"}),
-                            default_name="depth")
+    depth_over = {k: v for k, v in base.items() if k != "ray"}
+    if args.images_in_flight:
+        depth_over["images_in_flight"] = args.images_in_flight
+    depth_cfg = load_config(DepthConfig, None, dict_overrides(depth_over), default_name="depth")
     try:
         import torch
 
@@ -215,7 +220,8 @@ def main(argv=None) -> int:
             wall, cpu = time.perf_counter() - t, time.process_time() - c
             n_gpus = 1 if sim else max(1, gpus)  # simulated: the paced rate stands for one GPU's
             result["steps"]["dense_maps"] = {
-                "plan": depth_cfg.plan.model_dump(), "densify": depth_cfg.densify.method, "one_at_a_time": one,
+                "plan": depth_cfg.plan.model_dump(), "densify": depth_cfg.densify.method,
+                "images_in_flight": max(depth_cfg.images_in_flight, pool.capacity), "one_at_a_time": one,
                 "one_at_a_time_s_per_map": float(np.mean([o["s"] for o in one])),
                 "streamed": {"images": len(res), "ok": sum(r.status == "ok" for r in res), "wall_s": wall,
                              "driver_cpu_s": cpu, "queries": int(sum(r.queries for r in res)),
