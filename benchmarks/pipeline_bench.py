@@ -44,35 +44,33 @@ if __package__ in (None, ""):
 
 from densify.config import dict_overrides  # noqa: E402
 from densify.engines.base import generate_stream  # noqa: E402
-from densify.images import ImageSource, load_rgb  # noqa: E402
+from densify.images import ImageSource  # noqa: E402
 from densify.layout import RunLayout  # noqa: E402
 from densify.profiles import load_profile, profiles_dir  # noqa: E402
 from densify.settings import DepthConfig, LabelConfig, load_config  # noqa: E402
 from densify.stages.depth import DepthStage  # noqa: E402
 from densify.stages.engine import build_engine  # noqa: E402
 from densify.stages.label import LabelJob  # noqa: E402
+from benchmarks.scaling_bench import shift_of, shifted_photo  # noqa: E402
 
 log = logging.getLogger("pipeline_bench")
 ROOT = Path(__file__).resolve().parents[1]
-PHOTO = ROOT / "tests" / "data" / "ibims1_factory_01.png"
 FIXED_ANSWER = r"<think> </think><answer>[1-9]\.[0-9]{2}</answer>"
 
 
 def write_images(folder: Path, first: int, n: int, size=(1000, 750), truth: bool = False) -> Path:
     """n distinct photos (the test photo rolled by a different shift each) and their JSONL manifest."""
     folder.mkdir(parents=True, exist_ok=True)
-    rgb0 = cv2.resize(load_rgb(PHOTO), size, interpolation=cv2.INTER_AREA)
     lines = []
     for k in range(first, first + n):
-        dy, dx = divmod(17 * (k + 1), rgb0.shape[1])
-        rgb = np.roll(rgb0, (dy, dx), axis=(0, 1))
+        rgb = shifted_photo(k, size)
         name = f"img_{k:05d}.png"
         cv2.imwrite(str(folder / name), np.ascontiguousarray(rgb[..., ::-1]))
         if truth:  # the simulated engine's answers: a tilted floor-to-wall ramp with a nearer box
             yy, xx = np.mgrid[0:size[1], 0:size[0]].astype(np.float32)
             depth = 2.0 + 3.0 * (1 - yy / size[1]) + 0.5 * xx / size[0]
             depth[size[1] // 3: 2 * size[1] // 3, size[0] // 4: size[0] // 2] *= 0.6
-            np.save(folder / f"img_{k:05d}.depth.npy", np.roll(depth, (dy, dx), axis=(0, 1)))
+            np.save(folder / f"img_{k:05d}.depth.npy", np.roll(depth, shift_of(k, size[0]), axis=(0, 1)))
         lines.append(json.dumps({"image": name, "intrinsics": [1000.0, 1000.0, size[0] / 2, size[1] / 2]}))
     manifest = folder / f"manifest_{first}.jsonl"
     manifest.write_text("\n".join(lines) + "\n")

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import functools
 import json
 import logging
 import os
@@ -87,20 +88,34 @@ def bench_sampling(profile, engine: str) -> Sampling:
     return Sampling(max_tokens=GEN_TOKENS) if engine == "vllm" else sampling_for(profile)
 
 
+def shift_of(k: int, width: int = 1000) -> tuple[int, int]:
+    """Image k's (dy, dx) roll of the test photo: distinct for every k below 44,000, so no image's prefix
+    is cached from another (the engine keys its caches on pixel content, not on image ids)."""
+    return divmod(17 * (k + 1), width)
+
+
+@functools.lru_cache(maxsize=2)
+def _photo(size: tuple[int, int]) -> np.ndarray:
+    return resize_rgb(load_rgb(IMAGE), size) if IMAGE.is_file() else \
+        np.random.default_rng(0).integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)
+
+
+def shifted_photo(k: int, size=(1000, 750)) -> np.ndarray:
+    """The test photo at `size`, rolled by `shift_of(k)` (random pixels if the photo is missing)."""
+    return np.ascontiguousarray(np.roll(_photo(tuple(size)), shift_of(k, size[0]), axis=(0, 1)))
+
+
 def make_batches(n: int, profile, grid=(64, 48), tag_prefix: str = "img",
                  sampling: Sampling | None = None, first: int = 0) -> list:
     """n batches of distinct images: image k (k = first, first + 1, ...) is the photo rolled by 17 (k + 1) pixels.
     (Until 2026-11-30 every image had the same pixels under another id; with content-keyed image caches
     the engine then answered from the prefix cache, see benchmarks/results/README-rows-issue13.md.)"""
-    rgb0 = resize_rgb(load_rgb(IMAGE), (1000, 750)) if IMAGE.is_file() else \
-        np.random.default_rng(0).integers(0, 255, (750, 1000, 3), dtype=np.uint8)
     cam = Camera(1000, 1000, 500, 375, 1000, 750)
     p = profile.preprocess
     out = []
     for i in range(n):
         k = first + i
-        dy, dx = divmod(17 * (k + 1), rgb0.shape[1])  # a distinct shift for every k below 44,000
-        rgb = np.ascontiguousarray(np.roll(rgb0, (dy, dx), axis=(0, 1)))
+        rgb = shifted_photo(k)
         prep = prepare_image(rgb, cam, focal=p.focal, max_side=p.max_side, coord_range=profile.coord_range)
         plan = plan_queries(grid_points(1000, 750, count=grid), prep.pixel_map)
         uid = f"{tag_prefix}{k}"

@@ -1,6 +1,7 @@
 """Adaptive query placement: budget, one batch per round, where the queries go, pipeline end to end."""
 
 import json
+from collections import Counter, deque
 
 import cv2
 import numpy as np
@@ -13,6 +14,11 @@ from densify.engines.simulated import SimulatedEngine
 from densify.truth import ArrayTruth
 from densify.fields import AdaptivePlanner, run_adaptive_depth
 from densify.fields.adaptive import grid_within, round_sizes
+from densify.images import discover
+from densify.layout import RunLayout
+from densify.settings import DepthConfig
+from densify.stages.depth import run_depth
+from densify.synthetic.scenes import SceneSpec, make_scene
 from densify.profiles import load_profile
 from densify.prompts import image_ref, image_uid, sampling_for
 
@@ -179,12 +185,6 @@ def test_pipeline_keeps_images_in_flight_per_round(tmp_path):
     """Adaptive images advance on their own through the engine's stream: several images are in flight,
     each with one batch at a time, and an image's next round is asked as soon as its answers are back
     (no lockstep: a synchronous engine is never left waiting on the stage)."""
-    from densify.engines.simulated import SimulatedEngine
-    from densify.images import discover
-    from densify.layout import RunLayout
-    from densify.settings import DepthConfig
-    from densify.stages.depth import run_depth
-    from densify.synthetic.scenes import SceneSpec, make_scene
 
     class Recording(SimulatedEngine):
         def __init__(self, *a, **k):
@@ -217,14 +217,6 @@ def test_adaptive_images_do_not_wait_for_each_others_rounds(tmp_path):
     """With an engine holding several batches (like the vLLM engine or the Ray pool), an image's next round
     joins the other images' earlier rounds in flight: rounds are not run in lockstep across images, and no
     image ever has two batches in flight."""
-    from collections import Counter, deque
-
-    from densify.engines.simulated import SimulatedEngine
-    from densify.images import discover
-    from densify.layout import RunLayout
-    from densify.settings import DepthConfig
-    from densify.stages.depth import run_depth
-    from densify.synthetic.scenes import SceneSpec, make_scene
 
     class Holding(SimulatedEngine):
         """Holds up to 3 batches and answers the oldest when full or when the stage has nothing new."""
