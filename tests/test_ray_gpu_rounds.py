@@ -66,3 +66,38 @@ def test_one_gpu_with_two_engines_needs_no_placement_group():
         assert gpus[0] == gpus[1]  # fractional: both on one GPU
     finally:
         pool.close()
+
+
+def test_an_engine_dying_in_a_gpu_bundle_is_restarted_there_and_no_batch_fails(tmp_path):
+    """The placement-group path keeps the pool's fault handling: an actor whose process dies is restarted by
+    Ray in its GPU's bundle, its batch is resubmitted, and every batch is answered."""
+    from test_ray_pool import SeededTruth, make_batch
+
+    from densify.engines.simulated import SimulatedEngine
+
+    class DiesOnce(SimulatedEngine):
+        def __init__(self, profile, *, flag: str, **kw):
+            super().__init__(profile, **kw)
+            self.flag = flag
+
+        def generate(self, batch):
+            import os
+            from pathlib import Path
+
+            if not os.path.exists(self.flag):
+                Path(self.flag).touch()
+                os._exit(1)
+            return super().generate(batch)
+
+    flag = tmp_path / "died"
+    pool = RayPoolEngine("vlm3-depth", engine=DiesOnce, engine_options={"flag": str(flag), "truth": SeededTruth()},
+                         num_gpus_per_actor=1, engines_per_gpu=2)
+    try:
+        before = [tuple(i["gpu_ids"]) for i in ray.get([a.info.remote() for a in pool.actors])]
+        got = {b.tag: c for b, c in pool.stream([make_batch(i, n=20) for i in range(8)])}
+        after = [tuple(i["gpu_ids"]) for i in ray.get([a.info.remote() for a in pool.actors])]
+    finally:
+        pool.close()
+    assert flag.exists() and pool.stats["actor_failures"] >= 1
+    assert sorted(got) == list(range(8)) and all(c.error is None for cs in got.values() for c in cs)
+    assert after == before  # the restarted actor is on its GPU again
