@@ -234,6 +234,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--cpu-workers", type=int, default=0, help="prepare and densify in this many Ray CPU tasks "
                                                                "(ray.cpu_workers; 0: in the driver)")
     ap.add_argument("--densify", default=None, help="densify.method (default: the label config's, linear)")
+    ap.add_argument("--adaptive", action="store_true", help="plan.mode adaptive (default: the label config's, grid)")
     ap.add_argument("--out", help="work folder (default: a temporary one, removed afterwards)")
     ap.add_argument("--tag", default="", help="suffix for the results file name")
     ap.add_argument("--engine-rate", type=float, default=None, help="pace the simulated engines to this many "
@@ -265,7 +266,7 @@ def main(argv=None) -> dict:
         manifest = make_dataset(work / "data", args.images, args.width, args.height)
         t_data = time.perf_counter() - t0
         cfg = load_config(LabelConfig, None, dict_overrides({
-            "engine": engine, "plan": {"count": args.count},
+            "engine": engine, "plan": {"count": args.count, **({"mode": "adaptive"} if args.adaptive else {})},
             "ray": {"enabled": not args.no_ray, "num_actors": None if args.no_ray else actors, "max_in_flight_per_actor": args.in_flight,
                     "cpu_workers": args.cpu_workers},
             **({"densify": {"method": args.densify}} if args.densify else {}),
@@ -318,7 +319,7 @@ def main(argv=None) -> dict:
                     "load_avg": {"before": load, "after": load_after}},
         "setup": {"images": args.images, "size": [args.width, args.height], "queries_per_image": args.count,
                   "ray": not args.no_ray, "actors": full["pool"] and args.actors, "in_flight_per_actor": args.in_flight,
-                  "cpu_workers": args.cpu_workers, "densify": cfg.densify.method,
+                  "cpu_workers": args.cpu_workers, "densify": cfg.densify.method, "plan": cfg.plan.mode,
                   "outputs": cfg.outputs.model_dump(), "store": cfg.store.model_dump(), "dataset_s": t_data},
         "full_job": {
             "images_per_s": full["images_per_s"], "queries_per_s": full["queries_per_s"],

@@ -173,9 +173,8 @@ class RayConfig(_Model):
     engines_per_gpu: int | Literal["auto"] = Field("auto", description="vLLM engines sharing each GPU, each sized "
                                                    "to fit (auto: 2 for vllm at one GPU per actor, else 1)")
     max_in_flight_per_actor: int = Field(2, ge=1, description="images queued per actor")
-    cpu_workers: int = Field(0, ge=0, description="prepare and densify images in this many Ray CPU tasks at a time "
-                                                  "instead of the driver (adaptive plans: their rounds are planned in the driver; 0: all "
-                                                  "in the driver)")
+    cpu_workers: int = Field(0, ge=0, description="prepare, plan (adaptive rounds) and densify images in this many "
+                                                  "Ray CPU tasks at a time instead of the driver (0: in the driver)")
     max_retries: int = Field(2, ge=0, description="resubmissions of an image after its actor died or failed")
     actor_max_restarts: int = Field(4, ge=0, description="times Ray restarts a dead actor")
     runtime_env: dict | None = Field(None, description="Ray runtime_env for the actors (working_dir, pip) when the "

@@ -414,9 +414,10 @@ def test_cpu_workers_prepare_and_densify_off_the_driver(dataset, reference, tmp_
 
 
 def test_cpu_workers_take_adaptive_plans_too(dataset, tmp_path, monkeypatch):
-    """An adaptive plan with ray.cpu_workers: images are prepared and densified in Ray CPU tasks, the rounds
-    planned in the driver; the outputs are the bytes of the all-in-driver run."""
+    """An adaptive plan with ray.cpu_workers: images are prepared, planned round by round and densified in
+    Ray CPU tasks; the outputs are the bytes of the all-in-driver run."""
     pytest.importorskip("ray")
+    from densify.fields.adaptive import AdaptiveDepthImage
     from densify.stages.depth import DepthStage
 
     adaptive = {"mode": "adaptive", "count": 256, "rounds": 2}
@@ -427,6 +428,7 @@ def test_cpu_workers_take_adaptive_plans_too(dataset, tmp_path, monkeypatch):
 
     monkeypatch.setattr(DepthStage, "prepare", not_here)
     monkeypatch.setattr(DepthStage, "finish", not_here)
+    monkeypatch.setattr(AdaptiveDepthImage, "receive", not_here)  # rounds are planned in the workers too
     cfg = label_config(plan=adaptive, ray={"enabled": True, "num_actors": 1, "cpu_workers": 2})
     s = run_label(str(dataset), cfg, tmp_path / "out")
     assert s["ok"] == 6 and s["failed"] == 0 and s["queries"] == ref["queries"]

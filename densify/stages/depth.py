@@ -14,6 +14,7 @@ the Python facade and the benchmarks.
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import time
@@ -131,9 +132,8 @@ class DepthStage:
     and pixels in the results (memory then grows with the images). evaluate(source, result) -> metrics:
     an evaluation hook (the demo's ground truth); labelled points of DepthLM manifests are scored anyway.
     on_round(queries): called as answers of each engine round arrive (progress inside an image).
-    cpu_workers: prepare and finish (densify, write) images in this many Ray CPU tasks at a time instead of
-    this process (Ray must be running, e.g. for the engine pool); an adaptive plan's rounds are still
-    planned here (they need the planner's state).
+    cpu_workers: prepare, plan (adaptive rounds) and finish (densify, write) images in this many Ray CPU
+    tasks at a time instead of this process (Ray must be running, e.g. for the engine pool).
     """
 
     def __init__(self, cfg: DepthConfig, engine: Engine | None, *, layout: RunLayout | None = None,
@@ -295,8 +295,8 @@ class DepthStage:
         return True
 
     def _run_in_workers(self, sources, intrinsics, points) -> Iterator[DepthResult]:
-        """Images prepared and finished (densified, written) in Ray CPU tasks, at most 2 x cpu_workers of
-        each in flight; this process routes batches to the engine and, for adaptive plans, plans the rounds."""
+        """Images prepared, planned round by round (adaptive plans) and finished (densified, written) in Ray
+        CPU tasks, at most 2 x cpu_workers prepared or finished at once; this process routes batches."""
         import ray
 
         if not ray.is_initialized():
@@ -350,7 +350,7 @@ class DepthStage:
                 yield res
                 block = False
 
-        for batch, completions in self._rounds(batches()):
+        for batch, completions in self._rounds(batches(), plan_remote=True):
             yield from _drain(ready)
             task: DepthTask = batch.tag
             finishing[fin_fn.remote(cfg_ref, root, task, completions, self.keep_maps)] = (task, len(completions))
@@ -380,11 +380,13 @@ class DepthStage:
         return DepthResult(src.id, str(src.path), "skipped", int(prev.get("queries", 0)), prev.get("failures", {}),
                            metrics=prev.get("metrics", {}))
 
-    def _rounds(self, batches: Iterator[EngineBatch]):
+    def _rounds(self, batches: Iterator[EngineBatch], plan_remote: bool = False):
         """Adaptive plans: every image asks its rounds one after another, but images advance on their own
         (no lockstep across images): as soon as one round's answers are back, that image plans its next
         round while the engine works on the other images' batches, and a finished image makes room for
-        the next. Yields (first batch with its task, all completions) per image as it finishes."""
+        the next. plan_remote: each round is planned in a Ray CPU task (the image's state travels there and
+        back), not in this process. Yields (first batch with its task, all completions) per image as it
+        finishes."""
         if self.cfg.plan.mode != "adaptive":
             yield from self._engine_stream(batches)
             return
@@ -394,13 +396,18 @@ class DepthStage:
         source = iter(batches)
         queued: deque[EngineBatch] = deque()   # round batches ready for the engine
         finished: deque = deque()              # states whose image needs no more rounds
-        firsts: dict[int, EngineBatch] = {}    # id(state) -> the image's first batch (carries its task)
+        firsts: dict[int, EngineBatch] = {}    # state.key -> the image's first batch (carries its task)
+        planning: dict = {}                    # plan_remote: ObjectRef of a round being planned -> None
+        serial = itertools.count()
         active = 0
         exhausted = False
+        if plan_remote:
+            import ray
 
-        def advance(state) -> None:
+            plan_fn = ray.remote(num_cpus=1, max_retries=0)(_worker_plan)
+
+        def place(state, b) -> None:
             nonlocal active
-            b = state.next_batch()
             if b is None:
                 finished.append(state)
                 active -= 1
@@ -408,9 +415,19 @@ class DepthStage:
             b.tag = state  # routes the answers back; the task is restored when the image finishes
             queued.append(b)
 
+        def planned(timeout: float) -> None:
+            """Take the rounds planned remotely so far (waiting up to `timeout` s for one)."""
+            if not planning:
+                return
+            ready, _ = ray.wait(list(planning), num_returns=len(planning), timeout=timeout)
+            for ref in ready:
+                del planning[ref]
+                place(*ray.get(ref))
+
         def feed() -> Iterator[EngineBatch | None]:
             nonlocal active, exhausted
             while True:
+                planned(0)
                 while not exhausted and active < width:
                     batch = next(source, None)
                     if batch is None:
@@ -423,31 +440,33 @@ class DepthStage:
                     state = AdaptiveDepthImage(planner, task.prep, self.profile, uid=task.uid, ref=task.ref,
                                                sampling=batch.sampling, tag=task, first_batch=batch,
                                                first_plan=task.plan)
-                    firsts[id(state)] = batch
+                    state.key = next(serial)  # names the image across copies made by remote planning
+                    firsts[state.key] = batch
                     active += 1
-                    advance(state)
+                    place(state, state.next_batch())  # the first round is built already: nothing to plan
+                if not queued and planning:
+                    planned(0.005)  # the engine may hold nothing: wait a little for a planned round
                 if queued:
                     yield queued.popleft()
                 elif exhausted and active == 0:
                     return
                 else:
-                    yield None  # nothing new yet: answers are on their way, or finished images wait to be yielded
+                    yield None  # nothing new yet: answers or planned rounds are on their way
 
         def done() -> Iterator[tuple[EngineBatch, list]]:
             while finished:
                 state = finished.popleft()
                 task = state.tag
                 task.plan = QueryPlan(state.run.pixels, state.run.prompt_xy)
-                batch = firsts.pop(id(state))
+                batch = firsts.pop(state.key)
                 batch.tag = task
                 yield batch, state.run.completions
 
         for b, completions in self._engine_stream(feed()):
-            state = b.tag
-            state.receive(completions)
-            if any(c.error is not None for c in completions):
-                state.done = True  # engine errors: no more rounds, the image fails in finish()
-            advance(state)
+            if plan_remote:
+                planning[plan_fn.remote(b.tag, completions)] = None
+            else:
+                place(*_plan_round(b.tag, completions))
             yield from done()
         yield from done()
 
@@ -562,6 +581,18 @@ def _worker_stage(cfg: DepthConfig, root: str | None) -> DepthStage:
     if stage is None:
         stage = _WORKER_STAGES[key] = DepthStage(cfg, None, layout=RunLayout(root) if root else None)
     return stage
+
+
+def _plan_round(state, completions):
+    """An adaptive image takes a round's answers and plans its next round: (state, next batch or None)."""
+    state.receive(completions)
+    if any(c.error is not None for c in completions):
+        state.done = True  # engine errors: no more rounds, the image fails in finish()
+    return state, state.next_batch()
+
+
+def _worker_plan(state, completions):
+    return _plan_round(state, completions)
 
 
 def _worker_prepare(cfg: DepthConfig, src: ImageSource, intrinsics, points):
