@@ -397,7 +397,7 @@ class DepthStage:
         queued: deque[EngineBatch] = deque()   # round batches ready for the engine
         finished: deque = deque()              # states whose image needs no more rounds
         firsts: dict[int, EngineBatch] = {}    # state.key -> the image's first batch (carries its task)
-        planning: dict = {}                    # plan_remote: ObjectRef of a round being planned -> None
+        planning: set = set()                  # plan_remote: ObjectRefs of rounds being planned
         serial = itertools.count()
         active = 0
         exhausted = False
@@ -416,12 +416,12 @@ class DepthStage:
             queued.append(b)
 
         def planned(timeout: float) -> None:
-            """Take the rounds planned remotely so far (waiting up to `timeout` s for one)."""
+            """Take the rounds planned remotely so far (waiting at most `timeout` s)."""
             if not planning:
                 return
             ready, _ = ray.wait(list(planning), num_returns=len(planning), timeout=timeout)
             for ref in ready:
-                del planning[ref]
+                planning.discard(ref)
                 place(*ray.get(ref))
 
         def feed() -> Iterator[EngineBatch | None]:
@@ -464,7 +464,7 @@ class DepthStage:
 
         for b, completions in self._engine_stream(feed()):
             if plan_remote:
-                planning[plan_fn.remote(b.tag, completions)] = None
+                planning.add(plan_fn.remote(b.tag, completions))
             else:
                 place(*_plan_round(b.tag, completions))
             yield from done()
