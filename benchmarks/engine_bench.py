@@ -637,10 +637,6 @@ def best_options(paths: list[str]) -> dict:
 
 
 def main(argv=None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["--best"]:  # python -m benchmarks.engine_bench --best RESULT.json ...: those options as JSON
-        print(json.dumps(best_options(argv[1:])))
-        return 0
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"), help="folder for the JSON result")
     ap.add_argument("--phases", default="base,hf,cascade,fp8",
@@ -657,7 +653,12 @@ def main(argv=None) -> int:
     ap.add_argument("--hf-single", type=int, default=32, help="queries for hf one-per-call")
     ap.add_argument("--hf-batched", type=int, default=256, help="queries for hf batched")
     ap.add_argument("--name", help="result file name (default engine_bench-<device>-<date>.json)")
+    ap.add_argument("--best", nargs="+", metavar="RESULT", help="print, as JSON, the engine options of the fastest "
+                    "valid bf16 Ray-pool row at 12 tokens in these result files, and exit")
     args = ap.parse_args(argv)
+    if args.best:
+        print(json.dumps(best_options(args.best)))
+        return 0
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
 
     import torch

@@ -181,6 +181,14 @@ def test_pipeline_adaptive_mode_end_to_end(tmp_path):
     assert len(calls) == 1
 
 
+def _adaptive_scene_run(tmp_path, engine, *, seed: int, images_in_flight: int):
+    """A 3-view synthetic scene through the depth stage with an adaptive plan (400 queries, 3 rounds)."""
+    paths = make_scene(SceneSpec(seed=seed, n_views=3, width=160, height=120)).save(tmp_path / "scene")
+    cfg = DepthConfig(engine={"name": "simulated"}, plan={"mode": "adaptive", "count": 400, "rounds": 3},
+                      images_in_flight=images_in_flight, outputs={"ply": False, "preview": False})
+    return run_depth(discover([str(p) for p in paths]), cfg, engine, RunLayout(tmp_path / "out"))
+
+
 def test_pipeline_keeps_images_in_flight_per_round(tmp_path):
     """Adaptive images advance on their own through the engine's stream: several images are in flight,
     each with one batch at a time, and an image's next round is asked as soon as its answers are back
@@ -200,11 +208,8 @@ def test_pipeline_keeps_images_in_flight_per_round(tmp_path):
                 self.order.append(next(iter(b.images)))
                 yield b, self.generate(b)
 
-    paths = make_scene(SceneSpec(seed=4, n_views=3, width=160, height=120)).save(tmp_path / "scene")
-    cfg = DepthConfig(engine={"name": "simulated"}, plan={"mode": "adaptive", "count": 400, "rounds": 3},
-                      images_in_flight=2, outputs={"ply": False, "preview": False})
     eng = Recording("vlm3-depth", seed=0)
-    s, results = run_depth(discover([str(p) for p in paths]), cfg, eng, RunLayout(tmp_path / "out"))
+    s, results = _adaptive_scene_run(tmp_path, eng, seed=4, images_in_flight=2)
     assert s["ok"] == 3 and eng.nones == 0
     order = eng.order
     assert len(set(order[:2])) == 2  # two images in flight from the start
@@ -245,10 +250,7 @@ def test_adaptive_images_do_not_wait_for_each_others_rounds(tmp_path):
                 _, _, x = window.popleft()
                 yield x, self.generate(x)
 
-    paths = make_scene(SceneSpec(seed=5, n_views=3, width=160, height=120)).save(tmp_path / "scene")
-    cfg = DepthConfig(engine={"name": "simulated"}, plan={"mode": "adaptive", "count": 400, "rounds": 3},
-                      images_in_flight=3, outputs={"ply": False, "preview": False})
     eng = Holding("vlm3-depth", seed=0)
-    s, _ = run_depth(discover([str(p) for p in paths]), cfg, eng, RunLayout(tmp_path / "out"))
+    s, _ = _adaptive_scene_run(tmp_path, eng, seed=5, images_in_flight=3)
     assert s["ok"] == 3 and all(n >= 2 for n in eng.round_of.values())
     assert any(len(set(w)) > 1 for w in eng.windows), eng.windows  # rounds of different depth in flight together
