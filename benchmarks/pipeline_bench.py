@@ -105,9 +105,10 @@ def main(argv=None) -> int:
     ap.add_argument("--engines-per-gpu", default="auto", type=lambda v: v if v == "auto" else int(v))
     ap.add_argument("--cpu-workers", type=int, default=4, help="ray.cpu_workers of the label job")
     ap.add_argument("--in-flight", type=int, default=3, help="batches in flight per actor")
-    ap.add_argument("--images-in-flight", type=int, default=None,
-                    help="dense maps: images_in_flight of the depth stage (default: the depth config's; the "
-                         "stage keeps at least the pool's capacity in flight)")
+    ap.add_argument("--images-in-flight", default="0",
+                    help="dense maps: images_in_flight of the depth stage, a comma list measured one after "
+                         "another on the same pool (0: the depth config's; the stage keeps at least the pool's "
+                         "capacity in flight)")
     ap.add_argument("--engine-options", metavar="JSON", help="more vllm engine options")
     ap.add_argument("--skip", default="", help="comma-separated steps to skip: engine,label,maps")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
@@ -128,10 +129,9 @@ def main(argv=None) -> int:
                     "max_in_flight_per_actor": args.in_flight, "cpu_workers": args.cpu_workers}}
     grid = {"plan": {"mode": "grid", "count": 3072}}
     label_cfg = load_config(LabelConfig, None, dict_overrides({**base, **grid}), default_name="label")
-    depth_over = {k: v for k, v in base.items() if k != "ray"}
-    if args.images_in_flight:
-        depth_over["images_in_flight"] = args.images_in_flight
-    depth_cfg = load_config(DepthConfig, None, dict_overrides(depth_over), default_name="depth")
+    depth_cfg = load_config(DepthConfig, None, dict_overrides({k: v for k, v in base.items() if k != "ray"}),
+                            default_name="depth")
+    widths = [int(v) or depth_cfg.images_in_flight for v in args.images_in_flight.split(",")]
     try:
         import torch
 
@@ -204,29 +204,33 @@ def main(argv=None) -> int:
             save()
 
         if "maps" not in skip:  # the depth stage at its defaults (adaptive plan), with outputs
-            layout = RunLayout(work / "depth")
-            depth_stage = DepthStage(depth_cfg, pool, layout=layout)
+            depth_stage = DepthStage(depth_cfg, pool, layout=RunLayout(work / "depth"))
             one = []
             for src in sources(write_images(work / "img", 2000, 3, truth=sim)):
                 t, c = time.perf_counter(), time.process_time()
                 res = list(depth_stage.run([src]))
                 one.append({"s": time.perf_counter() - t, "driver_cpu_s": time.process_time() - c,
                             "status": res[0].status, "queries": res[0].queries})
-            srcs = sources(write_images(work / "img", 3000, n, truth=sim))
-            t, c = time.perf_counter(), time.process_time()
-            res = list(depth_stage.run(srcs))
-            wall, cpu = time.perf_counter() - t, time.process_time() - c
             n_gpus = 1 if sim else max(1, gpus)  # simulated: the paced rate stands for one GPU's
-            result["steps"]["dense_maps"] = {
-                "plan": depth_cfg.plan.model_dump(), "densify": depth_cfg.densify.method,
-                "images_in_flight": max(depth_cfg.images_in_flight, pool.capacity), "one_at_a_time": one,
-                "one_at_a_time_s_per_map": float(np.mean([o["s"] for o in one])),
-                "streamed": {"images": len(res), "ok": sum(r.status == "ok" for r in res), "wall_s": wall,
-                             "driver_cpu_s": cpu, "queries": int(sum(r.queries for r in res)),
-                             "s_per_map": wall / len(res), "s_per_map_per_gpu": wall * n_gpus / len(res)},
-                "valid": all(o["status"] == "ok" for o in one) and all(r.status == "ok" for r in res)}
-            log.info("dense maps: %.2f s one at a time, %.2f s per map per GPU streamed",
-                     result["steps"]["dense_maps"]["one_at_a_time_s_per_map"], wall * n_gpus / len(res))
+            maps = result["steps"]["dense_maps"] = {
+                "plan": depth_cfg.plan.model_dump(), "densify": depth_cfg.densify.method, "one_at_a_time": one,
+                "one_at_a_time_s_per_map": float(np.mean([o["s"] for o in one])), "streamed": []}
+            for i, width in enumerate(widths):  # each width on its own images
+                cfg = depth_cfg.model_copy(update={"images_in_flight": width})
+                stage = DepthStage(cfg, pool, layout=RunLayout(work / f"depth{i}"))
+                srcs = sources(write_images(work / "img", 3000 + 1000 * i, n, truth=sim))
+                t, c = time.perf_counter(), time.process_time()
+                res = list(stage.run(srcs))
+                wall, cpu = time.perf_counter() - t, time.process_time() - c
+                maps["streamed"].append({
+                    "images_in_flight": max(width, pool.capacity), "images": len(res),
+                    "ok": sum(r.status == "ok" for r in res), "wall_s": wall, "driver_cpu_s": cpu,
+                    "queries": int(sum(r.queries for r in res)), "s_per_map": wall / len(res),
+                    "s_per_map_per_gpu": wall * n_gpus / len(res)})
+                log.info("dense maps: %.2f s one at a time, %.2f s per map per GPU streamed (%d images in flight)",
+                         maps["one_at_a_time_s_per_map"], wall * n_gpus / len(res), max(width, pool.capacity))
+            maps["valid"] = (all(o["status"] == "ok" for o in one)
+                             and all(s["ok"] == s["images"] for s in maps["streamed"]))
             save()
     finally:
         result["pool"]["stats"] = dict(pool.stats)

@@ -31,7 +31,7 @@ def test_pipeline_bench_runs_every_step_on_cpu_actors(tmp_path, monkeypatch):
     assert label["ok"] == 2 and label["failed"] == 0 and label["queries"] == 2 * 3072
     assert label["ratio_to_engine_only"] == pytest.approx(label["queries_per_s"] / eng["queries_per_s"])
     assert maps["valid"] and maps["plan"]["mode"] == "adaptive" and len(maps["one_at_a_time"]) == 3
-    assert maps["streamed"]["ok"] == 2 and maps["streamed"]["queries"] > 0
+    assert [s["ok"] for s in maps["streamed"]] == [2] and maps["streamed"][0]["queries"] > 0
     assert r["pool"]["stats"]["failed_batches"] == 0
 
 
@@ -39,9 +39,10 @@ def test_pipeline_bench_paced_simulated_engines_measure_dense_maps(tmp_path):
     """--simulated-rate: simulated engines on CPU actors, paced, answering from the depth maps written beside
     the images; the default depth settings (adaptive plan, edge-aware) give a map per image."""
     assert pb.main(["--simulated-rate", "200000", "--actors", "1", "--images", "1", "--skip", "engine,label",
-                    "--out", str(tmp_path), "--name", "s.json"]) == 0
+                    "--images-in-flight", "0,5", "--out", str(tmp_path), "--name", "s.json"]) == 0
     r = json.loads((tmp_path / "s.json").read_text())
     maps = r["steps"]["dense_maps"]
     assert r["engine"].startswith("simulated, paced to 200000") and "engine_only" not in r["steps"]
     assert maps["valid"] and maps["plan"]["mode"] == "adaptive" and maps["densify"] == "edge"
-    assert maps["streamed"]["ok"] == 1 and all(o["queries"] > 0 for o in maps["one_at_a_time"])
+    assert [(s["images_in_flight"], s["ok"]) for s in maps["streamed"]] == [(3, 1), (5, 1)]
+    assert all(o["queries"] > 0 for o in maps["one_at_a_time"])
