@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import importlib.util
 import json
 import logging
 import platform
@@ -129,8 +130,10 @@ def main(argv=None) -> int:
                     "max_in_flight_per_actor": args.in_flight, "cpu_workers": args.cpu_workers}}
     grid = {"plan": {"mode": "grid", "count": 3072}}
     label_cfg = load_config(LabelConfig, None, dict_overrides({**base, **grid}), default_name="label")
-    depth_cfg = load_config(DepthConfig, None, dict_overrides({k: v for k, v in base.items() if k != "ray"}),
-                            default_name="depth")
+    depth_over = {k: v for k, v in base.items() if k != "ray"}
+    if importlib.util.find_spec("open3d") is None:  # GPU hosts lack it; the maps then go without cloud.ply
+        depth_over["outputs"] = {"ply": False}
+    depth_cfg = load_config(DepthConfig, None, dict_overrides(depth_over), default_name="depth")
     widths = [int(v) or depth_cfg.images_in_flight for v in args.images_in_flight.split(",")]
     try:
         import torch
@@ -213,7 +216,8 @@ def main(argv=None) -> int:
                             "status": res[0].status, "queries": res[0].queries})
             n_gpus = 1 if sim else max(1, gpus)  # simulated: the paced rate stands for one GPU's
             maps = result["steps"]["dense_maps"] = {
-                "plan": depth_cfg.plan.model_dump(), "densify": depth_cfg.densify.method, "one_at_a_time": one,
+                "plan": depth_cfg.plan.model_dump(), "densify": depth_cfg.densify.method,
+                "outputs": depth_cfg.outputs.model_dump(), "one_at_a_time": one,
                 "one_at_a_time_s_per_map": float(np.mean([o["s"] for o in one])), "streamed": []}
             for i, width in enumerate(widths):  # each width on its own images
                 cfg = depth_cfg.model_copy(update={"images_in_flight": width})

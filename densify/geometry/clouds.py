@@ -7,6 +7,17 @@ import numpy as np
 from densify.cameras import Camera
 
 
+def require_open3d() -> None:
+    """Fail at once, with the fix, where Open3D is missing (GPU hosts often lack it): point-cloud outputs
+    need it, and finding out after the engine has answered an image loses that image's work."""
+    try:
+        import open3d  # noqa: F401
+    except ImportError as exc:
+        raise ImportError(f"point-cloud outputs (cloud.ply) need Open3D, which is missing here ({exc}): pip "
+                          f"install open3d (Debian also needs libusb-1.0-0), or turn them off with "
+                          f"--set outputs.ply=false") from None
+
+
 def unproject(xy: np.ndarray, z: np.ndarray, camera: Camera) -> np.ndarray:
     """Pixels (Nx2) at depths z (N) -> Nx3 camera-frame points (pixel (x, y) is the ray through (x, y))."""
     xy = np.asarray(xy, np.float64).reshape(-1, 2)

@@ -32,6 +32,7 @@ from densify.engines import Engine, EngineBatch, EngineError, ImageRef
 from densify.eval.metrics import delta1, depth_report
 from densify.fields import DenseField, depth_method
 from densify.fields.edge_aware import require_contrib
+from densify.geometry.clouds import require_open3d
 from densify.images import ImageError, ImageSource, load_image
 from densify.layout import ImageFiles, RunLayout, fingerprint
 from densify.profiles import Profile, load_profile
@@ -151,6 +152,8 @@ class DepthStage:
         self.sampling = sampling_for(self.profile, logprobs=cfg.logprobs, structured=cfg.structured)
         if cfg.densify.method == "edge" or cfg.plan.mode == "adaptive":
             require_contrib()  # before any engine work, not as a failure of every image
+        if cfg.outputs.ply:
+            require_open3d()
 
     # -- one image
     def prepare(self, src: ImageSource, *, intrinsics=None, points=None) -> tuple[DepthTask, EngineBatch]:
