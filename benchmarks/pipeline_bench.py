@@ -110,6 +110,8 @@ def main(argv=None) -> int:
                     help="dense maps: images_in_flight of the depth stage, a comma list measured one after "
                          "another on the same pool (0: the depth config's; the stage keeps at least the pool's "
                          "capacity in flight)")
+    ap.add_argument("--split-min-queries", type=int, default=128,
+                    help="ray.split_min_queries: split a batch between idle engines (0: never)")
     ap.add_argument("--engine-options", metavar="JSON", help="more vllm engine options")
     ap.add_argument("--skip", default="", help="comma-separated steps to skip: engine,label,maps")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
@@ -127,7 +129,8 @@ def main(argv=None) -> int:
     base = {"profile": str(profile_path), "model": args.model, "structured": True,
             "engine": {"name": "vllm", "options": {"load_format": "dummy", **extra}},
             "ray": {"enabled": True, "num_gpus_per_actor": 1, "engines_per_gpu": args.engines_per_gpu,
-                    "max_in_flight_per_actor": args.in_flight, "cpu_workers": args.cpu_workers}}
+                    "max_in_flight_per_actor": args.in_flight, "cpu_workers": args.cpu_workers,
+                    "split_min_queries": args.split_min_queries}}
     grid = {"plan": {"mode": "grid", "count": 3072}}
     label_cfg = load_config(LabelConfig, None, dict_overrides({**base, **grid}), default_name="label")
     depth_over = {k: v for k, v in base.items() if k != "ray"}
@@ -164,7 +167,7 @@ def main(argv=None) -> int:
 
         pool = RayPoolEngine(load_profile(label_cfg.profile), engine="simulated", num_actors=args.actors,
                              engine_options={"answers_per_s": args.simulated_rate / args.actors},
-                             max_in_flight_per_actor=args.in_flight)
+                             max_in_flight_per_actor=args.in_flight, split_min_queries=args.split_min_queries)
     else:
         pool = build_engine(label_cfg.engine, load_profile(label_cfg.profile), model=args.model,
                             ray=label_cfg.ray)

@@ -173,6 +173,9 @@ class RayConfig(_Model):
     engines_per_gpu: int | Literal["auto"] = Field("auto", description="vLLM engines sharing each GPU, each sized "
                                                    "to fit (auto: 2 for vllm at one GPU per actor, else 1)")
     max_in_flight_per_actor: int = Field(2, ge=1, description="images queued per actor")
+    split_min_queries: int = Field(128, ge=0, description="split an image's batch between idle engines, at "
+                                   "least this many queries each (one image at a time keeps every engine busy; 0: "
+                                   "never)")
     cpu_workers: int = Field(0, ge=0, description="prepare, plan (adaptive rounds) and densify images in this many "
                                                   "Ray CPU tasks at a time instead of the driver (0: in the driver)")
     max_retries: int = Field(2, ge=0, description="resubmissions of an image after its actor died or failed")

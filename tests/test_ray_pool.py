@@ -13,7 +13,7 @@ import pytest
 ray = pytest.importorskip("ray")
 
 from densify.engines import EngineBatch, create_engine  # noqa: E402
-from densify.engines.base import Engine, ImageRef, PromptImage, Query, Sampling  # noqa: E402
+from densify.engines.base import Completion, Engine, ImageRef, PromptImage, Query, Sampling  # noqa: E402
 from densify.engines.ray_pool import RayPoolEngine  # noqa: E402
 from densify.engines.simulated import SimulatedEngine  # noqa: E402
 from densify.profiles import load_profile  # noqa: E402
@@ -435,3 +435,53 @@ def test_engines_per_gpu_shares_each_gpu(monkeypatch):
         RayPoolEngine(PROFILE, engine="vllm", engine_options={"model": "m", "gpu_memory_utilization": 0.5},
                       num_gpus_per_actor=1)
     assert seen["num_gpus"] == 1 and seen["per_gpu"] == 1
+
+
+class PidEngine(Engine):
+    """Answers every query with its worker's pid (which actor answered what), or raises on image `raise_uid`."""
+
+    name = "pid"
+    simulated = True
+
+    def __init__(self, profile, *, raise_uid=None):
+        self.raise_uid = raise_uid
+
+    def generate(self, batch):
+        if self.raise_uid in batch.images:
+            raise RuntimeError("engine failed on this image")
+        return [Completion(text=f"{os.getpid()} {q.text}") for q in batch.queries]
+
+    def close(self):
+        pass
+
+
+def _answered_by(completions) -> list[str]:
+    """The pids that answered, in query order, each run of equal pids once."""
+    pids = [c.text.split(" ", 1)[0] for c in completions]
+    return [p for i, p in enumerate(pids) if i == 0 or p != pids[i - 1]]
+
+
+def test_one_large_batch_is_split_between_idle_actors():
+    """A batch of at least 2 x split_min_queries arriving while actors are idle runs in contiguous parts on
+    every idle actor and comes back whole: the caller's own batch, its queries' answers in order. A small one
+    or split_min_queries=0 stays on one actor."""
+    big, small = make_batch(1000, n=601, tag="big"), make_batch(1001, n=255, tag="small")
+    with RayPoolEngine(PROFILE, engine=PidEngine, num_actors=3, split_min_queries=128) as p:
+        [(b, got)] = list(p.stream([big]))
+        assert b is big and [c.text.split(" ", 1)[1] for c in got] == [q.text for q in big.queries]
+        assert len(_answered_by(got)) == 3 and len(set(_answered_by(got))) == 3
+        assert len(_answered_by(p.generate(small))) == 1  # 255 < 2 x 128
+        assert p.stats["split_batches"] == 1 and p.stats["batches"] == 2
+    with RayPoolEngine(PROFILE, engine=PidEngine, num_actors=2, split_min_queries=0) as p:
+        assert len(_answered_by(p.generate(big))) == 1
+
+
+def test_a_split_batch_whose_parts_fail_comes_back_as_one_batch_of_errors():
+    batches = [make_batch(1100, n=400, tag="bad"), make_batch(1101, n=400, tag="good")]
+    with RayPoolEngine(PROFILE, engine=PidEngine, engine_options={"raise_uid": "img1100"}, num_actors=2,
+                       max_retries=1, split_min_queries=100) as p:
+        got = {b.tag: c for b, c in p.stream(batches)}
+        stats = dict(p.stats)
+    assert len(got["bad"]) == 400 and all(c.text == "" and "engine failed" in c.error for c in got["bad"])
+    assert len(got["good"]) == 400 and all(c.error is None for c in got["good"])
+    assert stats["split_batches"] >= 1 and stats["failed_batches"] == 2  # the bad batch's two parts

@@ -120,8 +120,10 @@ class RayOptions(EngineOptions):
                                           "share a GPU)")
     engines_per_gpu: int | Literal["auto"] = Field("auto", description="vLLM engines sharing each GPU, each sized "
                                                    "to fit (auto: 2 for vllm at one GPU per actor, else 1)")
+    split_min_queries: int = Field(128, ge=0, description="split an image's batch between idle actors, at least "
+                                   "this many queries each (0: never)")
     transport: ClassVar[frozenset[str]] = frozenset({
         "num_actors", "num_gpus_per_actor", "num_cpus_per_actor", "ray_address", "max_in_flight_per_actor",
         "max_retries", "runtime_env", "actor_max_restarts", "startup_timeout_s", "start_one_by_one",
-        "engines_per_gpu"})
+        "engines_per_gpu", "split_min_queries"})
 

@@ -1,6 +1,8 @@
 """A pool of Ray actors, each running one engine; whole images are routed to actors, never single queries.
 
-Each `EngineBatch` (all queries of one image) goes to one actor. Every actor holds a few batches
+Each `EngineBatch` (all queries of one image) goes to one actor, except that a batch arriving while
+several actors sit idle is split between them (`split_min_queries`), so one image at a time keeps every
+engine busy; its answers come back as one batch, in order. Every actor holds a few batches
 (`max_in_flight_per_actor`) so it never waits between images; an engine with its own `stream` (vllm,
 openai) gets them all at once, so it works on the next image while the last one finishes. `stream` pulls no
 more batches from its input than the pool can hold in flight (backpressure), yielding each batch as soon as
@@ -19,6 +21,7 @@ objects) and are reattached to the results.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections import deque
@@ -96,6 +99,23 @@ class _Job:
     isolate: bool = False
     """Run alone on an actor: it was one of several batches on an actor that died, so which of them
     killed it is unknown (a threaded actor runs its calls in no set order)."""
+    split: "_Split | None" = None
+    part: int = 0
+    """This job is part `part` of a batch split between idle actors."""
+
+
+@dataclass
+class _Split:
+    """A batch split between idle actors: whole again, queries in their order, once every part is back."""
+
+    batch: EngineBatch
+    parts: list
+    left: int
+
+    def put(self, part: int, completions: list[Completion]) -> list[Completion] | None:
+        self.parts[part] = completions
+        self.left -= 1
+        return [c for p in self.parts for c in p] if self.left == 0 else None
 
 
 _DEAD_ERRORS: tuple = ()
@@ -120,6 +140,8 @@ class RayPoolEngine(Engine):
     `engines_per_gpu` (K, default "auto": see `resolve_engines_per_gpu`) does that for you: actors ask for
     1/K GPU each, `num_actors` defaults to GPUs x K, and each actor sizes its vllm engine's memory, steps
     and CUDA graphs to fit K on its card (`vllm_memory.apply_memory_plan`; options given win).
+    A batch of at least 2 x `split_min_queries` queries that arrives while several actors are idle is
+    split between them (0: never split).
     """
 
     name = "ray"
@@ -128,7 +150,8 @@ class RayPoolEngine(Engine):
                  num_actors: int | None = None, num_gpus_per_actor: float = 0, num_cpus_per_actor: float = 1,
                  ray_address: str | None = None, max_in_flight_per_actor: int = 2, max_retries: int = 2,
                  runtime_env: dict | None = None, actor_max_restarts: int = 4, startup_timeout_s: float = 900.0,
-                 start_one_by_one: bool | None = None, engines_per_gpu: int | str = "auto"):
+                 start_one_by_one: bool | None = None, engines_per_gpu: int | str = "auto",
+                 split_min_queries: int = 128):
         import ray
 
         if isinstance(engine, str) and engine not in engine_names():
@@ -140,6 +163,7 @@ class RayPoolEngine(Engine):
         self.profile = profile
         self.engine_spec = engine
         self.max_in_flight = int(max_in_flight_per_actor)
+        self.split_min_queries = int(split_min_queries)
         self.max_retries = int(max_retries)
         self.actor_max_restarts = int(actor_max_restarts)
         self.start_one_by_one = start_one_by_one
@@ -152,7 +176,7 @@ class RayPoolEngine(Engine):
         # Counters, and seconds: engine_s actors spent in the engine, wait_s the driver waited on actors,
         # put_s putting batches into the object store; actor_cpu_s (set by close) the actors' CPU time.
         self.stats = {"batches": 0, "retries": 0, "requeued": 0, "actor_failures": 0, "failed_batches": 0,
-                      "dead_actors": 0, "engine_s": 0.0, "wait_s": 0.0, "put_s": 0.0}
+                      "dead_actors": 0, "split_batches": 0, "engine_s": 0.0, "wait_s": 0.0, "put_s": 0.0}
         self._started_ray = False
         self._slots: list[_Slot] = []
         self._pg = None  # the placement group of K engines per GPU on several GPUs
@@ -295,11 +319,17 @@ class RayPoolEngine(Engine):
             pending[ref] = (job, slot)
             return True
 
+        def deliver(job: _Job, completions: list[Completion]) -> None:
+            if job.split is None:
+                done.append((job.batch, completions))
+            elif (whole := job.split.put(job.part, completions)) is not None:
+                done.append((job.split.batch, whole))
+
         def fail(job: _Job, reason: str) -> None:
             self.stats["failed_batches"] += 1
             msg = f"Ray pool: batch failed after {job.attempts} attempt(s): {reason}"
             log.error("%s", msg)
-            done.append((job.batch, [Completion(text="", error=msg) for _ in job.batch.queries]))
+            deliver(job, [Completion(text="", error=msg) for _ in job.batch.queries])
 
         try:
             while True:
@@ -325,15 +355,17 @@ class RayPoolEngine(Engine):
                     if not batch.queries:
                         done.append((batch, []))
                         continue
-                    job = _Job(batch, None)
                     if self.num_actors == 0:
-                        fail(job, "no live actors left")
+                        fail(_Job(batch, None), "no live actors left")
                         continue
-                    tp = time.perf_counter()
-                    job.payload = ray.put(_to_columns(batch))
-                    self.stats["put_s"] += time.perf_counter() - tp
-                    if not submit(job):
-                        retry.append(job)
+                    jobs = self._split(batch)
+                    for job in jobs:
+                        tp = time.perf_counter()
+                        job.payload = ray.put(_to_columns(job.batch))
+                        self.stats["put_s"] += time.perf_counter() - tp
+                        if retry or not submit(job):
+                            retry.append(job)
+                    if retry:
                         break
                 while done:
                     outstanding -= 1
@@ -377,16 +409,31 @@ class RayPoolEngine(Engine):
                     self._forget(slot, job)
                     if slot.state == "ok":
                         slot.failures = 0
-                    outstanding -= 1
                     job.payload = None
                     self.stats["engine_s"] += cols[6]
-                    yield job.batch, _completions(cols)
+                    deliver(job, _completions(cols))
+                while done:
+                    outstanding -= 1
+                    yield done.popleft()
         finally:
             if ray.is_initialized():  # never after close(): ray.cancel would start a new local Ray
                 for ref in pending:
                     ray.cancel(ref, force=False)
 
     # -- internals
+    def _split(self, batch: EngineBatch) -> list[_Job]:
+        """One job for the batch, or one per idle actor (contiguous runs of its queries) when several are
+        idle and the batch is large enough to keep them all busy."""
+        idle = sum(s.state == "ok" and s.in_flight == 0 for s in self._slots)
+        k = min(idle, len(batch.queries) // self.split_min_queries) if self.split_min_queries > 0 else 0
+        if k < 2:
+            return [_Job(batch, None)]
+        self.stats["split_batches"] += 1
+        cuts = [len(batch.queries) * i // k for i in range(k + 1)]
+        split = _Split(batch, [None] * k, k)
+        return [_Job(dataclasses.replace(batch, queries=batch.queries[a:b], tag=None), None, split=split, part=i)
+                for i, (a, b) in enumerate(zip(cuts, cuts[1:]))]
+
     def _pick(self, avoid: int | None, alone: bool = False) -> _Slot | None:
         if alone:  # an idle actor, which takes nothing else meanwhile
             free = [s for s in self._slots if s.state == "ok" and s.in_flight == 0]
