@@ -228,3 +228,22 @@ def test_opencv_without_contrib_stops_at_once_with_the_fix(scene_dir, tmp_path, 
     rc, text = _run(capsys, "depth", str(scene_dir), "--out", str(out), "--engine", "simulated",
                     "--set", "densify.method=linear", "--set", "plan.mode=grid")
     assert rc == 0, text
+
+
+def test_missing_open3d_stops_at_once_when_clouds_are_asked_for(scene_dir, tmp_path, capsys, monkeypatch):
+    # GPU hosts often lack Open3D; cloud.ply is a default output of `densify depth`, and finding out after
+    # the engine answered the first image would lose that work
+    monkeypatch.setitem(sys.modules, "open3d", None)  # `import open3d` now raises ImportError
+    out = tmp_path / "out"
+    rc, text = _run(capsys, "depth", str(scene_dir), "--out", str(out), "--engine", "simulated")
+    assert rc == 3, text
+    assert "Traceback" not in text and len(text.strip().splitlines()) == 1, text
+    assert "Open3D" in text and "pip install open3d" in text and "outputs.ply=false" in text
+    assert not (out / "summary.json").exists()
+    rc, text = _run(capsys, "depth", str(scene_dir), "--out", str(out), "--engine", "simulated",
+                    "--set", "outputs.ply=false")
+    assert rc == 0, text
+    assert not list(out.glob("**/cloud.ply")) and list(out.glob("**/depth.npy"))
+    rc, text = _run(capsys, "reconstruct", str(scene_dir), "--out", str(tmp_path / "rec"), "--engine", "simulated")
+    assert rc == 3 and "Traceback" not in text and "pip install open3d" in text, text
+    assert not (tmp_path / "rec" / "depth").exists()  # stopped before any depth map was asked for

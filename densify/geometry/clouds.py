@@ -8,14 +8,14 @@ from densify.cameras import Camera
 
 
 def require_open3d() -> None:
-    """Fail at once, with the fix, where Open3D is missing (GPU hosts often lack it): point-cloud outputs
-    need it, and finding out after the engine has answered an image loses that image's work."""
+    """Fail at once, with the fix, where Open3D is missing (GPU hosts often lack it): point-cloud outputs,
+    pose graphs and fusion need it, and finding out after the engine has answered loses that work."""
     try:
         import open3d  # noqa: F401
     except ImportError as exc:
-        raise ImportError(f"point-cloud outputs (cloud.ply) need Open3D, which is missing here ({exc}): pip "
-                          f"install open3d (Debian also needs libusb-1.0-0), or turn them off with "
-                          f"--set outputs.ply=false") from None
+        raise ImportError(f"point clouds (cloud.ply), pose graphs and fusion need Open3D, which is missing here "
+                          f"({exc}): pip install open3d (Debian also needs libusb-1.0-0); `densify depth` and "
+                          f"`label` run without it given --set outputs.ply=false") from None
 
 
 def unproject(xy: np.ndarray, z: np.ndarray, camera: Camera) -> np.ndarray:

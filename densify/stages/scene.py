@@ -25,6 +25,7 @@ from densify import outputs
 from densify.engines import Engine
 from densify.geometry.export import build_tracks, read_colmap_check, triangulate_tracks, write_colmap_text, \
     write_nerfstudio
+from densify.geometry.clouds import require_open3d
 from densify.geometry.fusion import FusionFrame, tsdf_fuse
 from densify.geometry.posegraph import PoseEdge, PoseGraphResult, optimize_poses
 from densify.images import ImageSource, load_image
@@ -222,6 +223,7 @@ def reconstruct(sources: list[ImageSource], cfg: ReconstructConfig, out: str | P
         from densify.config import ConfigError
 
         raise ConfigError(f"reconstruct needs at least 2 images, got {len(sources)}")
+    require_open3d()  # the pose graph and fusion need it: fail before any engine work, not after it
     layout.root.mkdir(parents=True, exist_ok=True)
     stage_engines = StageEngines(cfg.engine, cfg.models.model_dump(), engines)
     timings: dict[str, float] = {}
