@@ -27,7 +27,8 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 #     model-hosting-container-standards jmespath supervisor py-spy
 # The host's own OpenCV lacks the contrib modules (cv2.ximgproc) that the edge-aware densifier and the
 # adaptive plan need (`pipeline` dense maps, `densify depth` defaults): carry
-# opencv-contrib-python-headless==4.10.0.84 (56 MB) in .whl/, in a call of its own (64 MiB per transfer).
+# opencv-contrib-python-headless==4.10.0.84 (56 MB) in .whl/, in a call of its own (64 MiB per transfer);
+# .whl/ then stays on the host for later calls. The host has no Open3D: pipeline_bench writes no cloud.ply there.
 if ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --upgrade --target /tmp/site .whl/*.whl >/dev/null 2>&1
   export PATH="/tmp/site/bin:$PATH"
