@@ -1,13 +1,11 @@
 """Profiles are byte-exact to the published formats (model-formats.md)."""
 
-import re
-
 import numpy as np
 import pytest
 
 from densify.cameras import Camera, prepare_image
 from densify.config import ConfigError
-from densify.profiles import Profile, available_profiles, load_profile
+from densify.profiles import available_profiles, load_profile
 from densify.prompts import corr_batch, depth_batch, pose_batch, render_text
 from densify.queries import plan_queries
 

@@ -3,7 +3,7 @@ import pytest
 
 from densify.cameras import Camera, prepare_image
 from densify.engines import create_engine
-from densify.engines.base import EngineBatch, Query, Sampling
+from densify.engines.base import EngineBatch, Sampling
 from densify.engines.simulated import ErrorModel, SimulatedEngine
 from densify.truth import ArrayTruth
 from densify.eval.metrics import delta1
