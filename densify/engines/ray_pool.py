@@ -175,6 +175,7 @@ class RayPoolEngine(Engine):
             num_gpus_per_actor = 1.0 / self.engines_per_gpu
         # Counters, and seconds: engine_s actors spent in the engine, wait_s the driver waited on actors,
         # put_s putting batches into the object store; actor_cpu_s (set by close) the actors' CPU time.
+        # failed_batches counts the parts of a split batch one by one.
         self.stats = {"batches": 0, "retries": 0, "requeued": 0, "actor_failures": 0, "failed_batches": 0,
                       "dead_actors": 0, "split_batches": 0, "engine_s": 0.0, "wait_s": 0.0, "put_s": 0.0}
         self._started_ray = False
@@ -358,8 +359,7 @@ class RayPoolEngine(Engine):
                     if self.num_actors == 0:
                         fail(_Job(batch, None), "no live actors left")
                         continue
-                    jobs = self._split(batch)
-                    for job in jobs:
+                    for job in self._split(batch):
                         tp = time.perf_counter()
                         job.payload = ray.put(_to_columns(job.batch))
                         self.stats["put_s"] += time.perf_counter() - tp
