@@ -485,3 +485,15 @@ def test_a_split_batch_whose_parts_fail_comes_back_as_one_batch_of_errors():
     assert len(got["bad"]) == 400 and all(c.text == "" and "engine failed" in c.error for c in got["bad"])
     assert len(got["good"]) == 400 and all(c.error is None for c in got["good"])
     assert stats["split_batches"] >= 1 and stats["failed_batches"] == 2  # the bad batch's two parts
+
+
+def test_an_actor_dying_on_its_part_of_a_split_batch_loses_nothing(tmp_path):
+    flag = tmp_path / "crashed"
+    big = make_batch(1200, n=600, tag="big")
+    with RayPoolEngine(PROFILE, engine=CrashingEngine, engine_options={"truth": TRUTH, "crash_on": 1, "flag": str(flag)},
+                       num_actors=2, max_retries=2, split_min_queries=128) as p:
+        [(b, got)] = list(p.stream([big]))
+        stats = dict(p.stats)
+    assert flag.exists(), "an actor was supposed to crash on its part"
+    assert b is big and stats["split_batches"] == 1 and stats["actor_failures"] >= 1 and stats["failed_batches"] == 0
+    assert [c.text for c in got] == [c.text for c in SimulatedEngine(PROFILE, truth=TRUTH).generate(big)]
