@@ -122,8 +122,9 @@ class RayOptions(EngineOptions):
                                                    "to fit (auto: 2 for vllm at one GPU per actor, else 1)")
     split_min_queries: int = Field(128, ge=0, description="split an image's batch between idle actors, at least "
                                    "this many queries each (0: never)")
+    spare_cpus: int = Field(0, ge=0, description="CPUs the default actor count of a CPU-only pool leaves free")
     transport: ClassVar[frozenset[str]] = frozenset({
         "num_actors", "num_gpus_per_actor", "num_cpus_per_actor", "ray_address", "max_in_flight_per_actor",
         "max_retries", "runtime_env", "actor_max_restarts", "startup_timeout_s", "start_one_by_one",
-        "engines_per_gpu", "split_min_queries"})
+        "engines_per_gpu", "split_min_queries", "spare_cpus"})
 

@@ -141,7 +141,8 @@ class RayPoolEngine(Engine):
     1/K GPU each, `num_actors` defaults to GPUs x K, and each actor sizes its vllm engine's memory, steps
     and CUDA graphs to fit K on its card (`vllm_memory.apply_memory_plan`; options given win).
     A batch of at least 2 x `split_min_queries` queries that arrives while several actors are idle is
-    split between them (0: never split).
+    split between them (0: never split). `spare_cpus`: CPUs that the default actor count of a CPU-only pool
+    leaves free (for the stage's CPU workers).
     """
 
     name = "ray"
@@ -151,7 +152,7 @@ class RayPoolEngine(Engine):
                  ray_address: str | None = None, max_in_flight_per_actor: int = 2, max_retries: int = 2,
                  runtime_env: dict | None = None, actor_max_restarts: int = 4, startup_timeout_s: float = 900.0,
                  start_one_by_one: bool | None = None, engines_per_gpu: int | str = "auto",
-                 split_min_queries: int = 128):
+                 split_min_queries: int = 128, spare_cpus: int = 0):
         import ray
 
         if isinstance(engine, str) and engine not in engine_names():
@@ -164,6 +165,7 @@ class RayPoolEngine(Engine):
         self.engine_spec = engine
         self.max_in_flight = int(max_in_flight_per_actor)
         self.split_min_queries = int(split_min_queries)
+        self.spare_cpus = int(spare_cpus)
         self.max_retries = int(max_retries)
         self.actor_max_restarts = int(actor_max_restarts)
         self.start_one_by_one = start_one_by_one
@@ -217,7 +219,7 @@ class RayPoolEngine(Engine):
             elif num_gpus > 0:
                 num_actors = int(res.get("GPU", 0) // num_gpus)
             else:
-                num_actors = int(res.get("CPU", 1) // max(num_cpus, 1e-9))
+                num_actors = int((res.get("CPU", 1) - self.spare_cpus) // max(num_cpus, 1e-9))
         num_actors = max(1, int(num_actors))
         # threaded: all batches in flight reach a streaming engine at once, and pings answer meanwhile
         opts: dict = {"num_cpus": num_cpus, "num_gpus": num_gpus, "max_restarts": self.actor_max_restarts,

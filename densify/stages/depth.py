@@ -304,6 +304,7 @@ class DepthStage:
 
         if not ray.is_initialized():
             raise RuntimeError("cpu_workers need Ray: run the engine in a Ray pool (ray.enabled)")
+        _wait_for_a_free_cpu(self.cpu_workers)
         prep_fn = ray.remote(num_cpus=1, max_retries=0)(_worker_prepare)
         fin_fn = ray.remote(num_cpus=1, max_retries=0)(_worker_finish)
         window = 2 * self.cpu_workers
@@ -478,6 +479,23 @@ class DepthStage:
             if self.on_round is not None:
                 self.on_round(len(completions))
             yield batch, completions
+
+
+def _wait_for_a_free_cpu(cpu_workers: int, timeout_s: float = 10.0) -> None:
+    """The CPU tasks need a CPU that the engine actors leave free; without one they would wait forever."""
+    import ray
+
+    from densify.config import ConfigError
+
+    deadline = time.monotonic() + timeout_s
+    while ray.available_resources().get("CPU", 0) < 1:
+        if time.monotonic() > deadline:
+            total = ray.cluster_resources().get("CPU", 0)
+            raise ConfigError(f"ray.cpu_workers={cpu_workers} runs images in Ray CPU tasks, but none of the Ray "
+                              f"cluster's {total:g} CPUs has been free for {timeout_s:g} s (the engine actors or "
+                              f"other work hold them): set ray.num_actors or ray.num_cpus_per_actor lower to leave "
+                              f"CPUs free, or ray.cpu_workers=0")
+        time.sleep(0.2)
 
 
 def _drain(ready: deque) -> Iterator[DepthResult]:

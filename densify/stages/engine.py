@@ -86,7 +86,7 @@ def build_engine(engine: EngineConfig, profile: Profile, *, model: str | None = 
                     engines_per_gpu=r.engines_per_gpu,
                     ray_address=r.address, max_in_flight_per_actor=r.max_in_flight_per_actor,
                     max_retries=r.max_retries, actor_max_restarts=r.actor_max_restarts, runtime_env=r.runtime_env,
-                    split_min_queries=r.split_min_queries)
+                    split_min_queries=r.split_min_queries, spare_cpus=r.cpu_workers)
         return create_engine("ray", profile=profile, **opts)
     return create_engine(engine.name, profile=profile, **opts)
 
