@@ -481,21 +481,26 @@ class DepthStage:
             yield batch, completions
 
 
-def _wait_for_a_free_cpu(cpu_workers: int, timeout_s: float = 10.0) -> None:
-    """The CPU tasks need a CPU that the engine actors leave free; without one they would wait forever."""
+def _wait_for_a_free_cpu(cpu_workers: int, timeout_s: float = 20.0) -> None:
+    """The CPU tasks need a CPU that the engine actors leave free; without one they would wait forever.
+    A one-CPU task that cannot start within `timeout_s` says so (Ray's resource view can lag, so it is
+    asked by a task, not read)."""
     import ray
 
     from densify.config import ConfigError
 
-    deadline = time.monotonic() + timeout_s
-    while ray.available_resources().get("CPU", 0) < 1:
-        if time.monotonic() > deadline:
-            total = ray.cluster_resources().get("CPU", 0)
-            raise ConfigError(f"ray.cpu_workers={cpu_workers} runs images in Ray CPU tasks, but none of the Ray "
-                              f"cluster's {total:g} CPUs has been free for {timeout_s:g} s (the engine actors or "
-                              f"other work hold them): set ray.num_actors or ray.num_cpus_per_actor lower to leave "
-                              f"CPUs free, or ray.cpu_workers=0")
-        time.sleep(0.2)
+    probe = ray.remote(num_cpus=1, max_retries=0)(_nothing).remote()
+    if not ray.wait([probe], timeout=timeout_s)[0]:
+        ray.cancel(probe, force=True)
+        total = ray.cluster_resources().get("CPU", 0)
+        raise ConfigError(f"ray.cpu_workers={cpu_workers} runs images in Ray CPU tasks, but none of the Ray "
+                          f"cluster's {total:g} CPUs was free for {timeout_s:g} s (the engine actors or other work "
+                          f"hold them): set ray.num_actors or ray.num_cpus_per_actor lower to leave CPUs free, or "
+                          f"ray.cpu_workers=0")
+
+
+def _nothing() -> None:
+    return None
 
 
 def _drain(ready: deque) -> Iterator[DepthResult]:
