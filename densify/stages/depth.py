@@ -141,6 +141,7 @@ class DepthStage:
                  keep_maps: bool = False, evaluate: Callable[[ImageSource, DepthResult], dict] | None = None,
                  on_round: Callable[[int], None] | None = None, cpu_workers: int = 0):
         self.cpu_workers = int(cpu_workers)
+        self._cpu_room = False  # a free CPU for the workers was seen (asked once per stage)
         self.cfg = cfg
         self.profile = load_profile(cfg.profile)
         self.engine = engine
@@ -304,7 +305,9 @@ class DepthStage:
 
         if not ray.is_initialized():
             raise RuntimeError("cpu_workers need Ray: run the engine in a Ray pool (ray.enabled)")
-        _wait_for_a_free_cpu(self.cpu_workers)
+        if not self._cpu_room:
+            _wait_for_a_free_cpu(self.cpu_workers)
+            self._cpu_room = True
         prep_fn = ray.remote(num_cpus=1, max_retries=0)(_worker_prepare)
         fin_fn = ray.remote(num_cpus=1, max_retries=0)(_worker_finish)
         window = 2 * self.cpu_workers
