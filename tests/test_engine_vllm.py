@@ -125,7 +125,8 @@ def test_prefix_caching_with_chunked_prefill_survives_many_queries(tiny_model):
     assert len({tuple(b.images[next(iter(b.images))].pixels.shape) for b in batches}) == 2
     eng = create_engine("vllm", profile=prof, model=str(tiny_model), gpu_memory_utilization=0.25,
                         max_model_len=4096, max_num_seqs=96, max_num_batched_tokens=96,
-                        enable_prefix_caching=True, enable_chunked_prefill=True, enforce_eager=False)
+                        enable_prefix_caching=True, enforce_eager=False,
+                        llm_kwargs={"enable_chunked_prefill": True})
     try:
         got = {b.tag: outs for b, outs in eng.stream(batches)}
     finally:
