@@ -171,7 +171,8 @@ class RayConfig(_Model):
     num_gpus_per_actor: float = Field(0, ge=0, description="GPUs per actor (1 for a GPU engine)")
     num_cpus_per_actor: float = Field(1, gt=0, description="CPUs per actor")
     engines_per_gpu: int | Literal["auto"] = Field("auto", description="vLLM engines sharing each GPU, each sized "
-                                                   "to fit (auto: 2 for vllm at one GPU per actor, else 1)")
+                                                   "to fit (auto: 2 for vllm at one GPU per actor, 3 with fp8 "
+                                                   "weights, else 1)")
     max_in_flight_per_actor: int = Field(2, ge=1, description="images queued per actor")
     split_min_queries: int = Field(128, ge=0, description="split an image's batch between idle engines, at "
                                    "least this many queries each (one image at a time keeps every engine busy; 0: "

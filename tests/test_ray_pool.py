@@ -404,9 +404,11 @@ def test_a_dead_engine_restarts_its_actor_and_no_query_fails(tmp_path):
 
 
 def test_engines_per_gpu_resolution():
-    from densify.engines.ray_pool import AUTO_ENGINES_PER_GPU, resolve_engines_per_gpu as r
+    from densify.engines.ray_pool import resolve_engines_per_gpu as r
 
-    assert r("auto", "vllm", {}, 1) == AUTO_ENGINES_PER_GPU
+    assert r("auto", "vllm", {}, 1) == 2
+    assert r("auto", "vllm", {"quantization": "fp8"}, 1) == 3  # fp8: a third engine still adds 6% (H200)
+    assert r("auto", "vllm", {"quantization": "fp8", "gpu_memory_utilization": 0.9}, 1) == 1
     assert r("auto", "vllm", {"gpu_memory_utilization": 0.9}, 1) == 1  # sized by hand: one per GPU
     assert r("auto", "vllm", {}, 1, num_actors=8) == 1  # a count written as one actor per GPU stays so
     assert r(2, "vllm", {}, 1, num_actors=8) == 2

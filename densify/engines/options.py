@@ -119,7 +119,8 @@ class RayOptions(EngineOptions):
     start_one_by_one: bool | None = Field(None, description="start actors one at a time (default: when they "
                                           "share a GPU)")
     engines_per_gpu: int | Literal["auto"] = Field("auto", description="vLLM engines sharing each GPU, each sized "
-                                                   "to fit (auto: 2 for vllm at one GPU per actor, else 1)")
+                                                   "to fit (auto: 2 for vllm at one GPU per actor, 3 with fp8 "
+                                                   "weights, else 1)")
     split_min_queries: int = Field(128, ge=0, description="split an image's batch between idle actors, at least "
                                    "this many queries each (0: never)")
     spare_cpus: int = Field(0, ge=0, description="CPUs the default actor count of a CPU-only pool leaves free")

@@ -33,28 +33,31 @@ from densify.engines.base import Completion, Engine, EngineBatch, EngineError, E
 from densify.engines.ray_actor import EngineSpec, _actor_class, _completions, _short, _to_columns
 from densify.profiles import Profile
 
-__all__ = ["RayPoolEngine", "AUTO_ENGINES_PER_GPU", "resolve_engines_per_gpu"]
+__all__ = ["RayPoolEngine", "AUTO_ENGINES_PER_GPU", "AUTO_ENGINES_PER_GPU_FP8", "resolve_engines_per_gpu"]
 
 log = logging.getLogger("densify.ray")
 
 # vLLM engines per GPU when `engines_per_gpu="auto"`: one engine core process leaves the GPU idle while it
 # does its per-request CPU work; a second overlaps it (H200, 4B-shaped Qwen3-VL, 12-token answers,
 # 2026-11-30: one engine 500-526 q/s streamed, two 628 in the Ray pool, three 624: the GPU is busy 91%
-# with two). See docs/scaling.md for the measurements.
+# with two). fp8 weights shorten the GPU's share, so a third engine still pays there (735 -> 781 q/s,
+# four 782). See docs/scaling.md for the measurements.
 AUTO_ENGINES_PER_GPU = 2
+AUTO_ENGINES_PER_GPU_FP8 = 3
 
 
 def resolve_engines_per_gpu(engines_per_gpu: int | str, engine: EngineSpec, engine_options: dict,
                             num_gpus_per_actor: float, num_actors: int | None = None) -> int:
-    """How many engines share each GPU. "auto": AUTO_ENGINES_PER_GPU for the vllm engine on whole GPUs
-    (one GPU per engine, no tensor parallelism) unless the options size its memory themselves
+    """How many engines share each GPU. "auto": AUTO_ENGINES_PER_GPU (AUTO_ENGINES_PER_GPU_FP8 with
+    `quantization: fp8`) for the vllm engine on whole GPUs (one GPU per engine, no tensor parallelism)
+    unless the options size its memory themselves
     (gpu_memory_utilization given) or num_actors is given (a count meant as one per GPU); else 1. An
     explicit K > 1 needs num_gpus_per_actor=1, and num_actors then counts engines, not GPUs."""
     if engines_per_gpu == "auto":
         if (engine == "vllm" and num_gpus_per_actor == 1 and num_actors is None
                 and "gpu_memory_utilization" not in engine_options
                 and int(engine_options.get("tensor_parallel_size") or 1) == 1):
-            return AUTO_ENGINES_PER_GPU
+            return AUTO_ENGINES_PER_GPU_FP8 if engine_options.get("quantization") == "fp8" else AUTO_ENGINES_PER_GPU
         return 1
     try:
         k = int(engines_per_gpu)
