@@ -22,6 +22,7 @@ What runs (each phase its own engine; phases append to one JSON file, written af
   hf       (d) transformers the way the VLM3 release notebook runs it (one query per generate call) and
            batched (64 per call); random bf16 weights built on the GPU (the 4B folder has none).
   --custom NAME=JSON  any engine options over base's: (a), streamed.
+`--table [RESULT ...]` prints README's engine rows from committed results (no GPU needed).
 Every row counts answered queries only in queries_per_s; a row with engine errors has "valid": false and
 "invalid_reason". Rows record engines_per_gpu, memory_per_engine_gib (vLLM's share) and the most GPU
 memory one engine process held (NVML, per process), generated tokens, gpu_busy_share, share_of_ceiling.
@@ -636,6 +637,44 @@ def best_options(paths: list[str]) -> dict:
     return opts
 
 
+TABLE_COLUMNS = ("file", "variant", "answered q/s", "engines/GPU", "weights", "tokens", "GPU busy",
+                 "share of ceiling", "GiB per engine", "start s", "valid")
+
+
+def table_rows(path: Path) -> list[dict]:
+    """README's engine-row cells from one result file, one dict per row: answered q/s (answered queries
+    only), engines per GPU, weights, tokens, GPU busy, share of the bf16 ceiling, vLLM's memory share per
+    engine, engine start, valid. Columns older files (H100, 2026-11-23/24) lack show "-"."""
+    data = json.loads(Path(path).read_text())
+    if "engine_bench" not in data.get("benchmark", ""):
+        raise ValueError(f"{path}: not an engine_bench result")
+
+    def num(v, fmt):
+        return "-" if v is None else format(v, fmt)
+
+    out = []
+    for r in data.get("rows", []):
+        errors = r.get("errors") or 0
+        answered = r.get("answered", r.get("queries", 0) - errors)
+        out.append({
+            "file": Path(path).name, "variant": r["variant"],
+            "answered q/s": num(answered / r["wall_s"] if r.get("wall_s") else None, ".1f"),
+            "engines/GPU": str(r.get("engines_per_gpu", "-")),
+            "weights": r.get("dtype") or (r.get("engine_options") or {}).get("quantization") or "-",
+            "tokens": num(r.get("generated_tokens_per_query"), ".0f"), "GPU busy": num(r.get("gpu_busy_share"), ".2f"),
+            "share of ceiling": num(r.get("share_of_ceiling"), ".2f"),
+            "GiB per engine": num(r.get("memory_per_engine_gib"), ".1f"), "start s": num(r.get("engine_start_s"), ".0f"),
+            "valid": "yes" if r.get("valid", errors == 0) else f"INVALID ({errors} errors)",
+        })
+    return out
+
+
+def markdown_table(paths: list[Path]) -> str:
+    rows = [row for p in paths for row in table_rows(p)]
+    lines = ["| " + " | ".join(TABLE_COLUMNS) + " |", "|" + " --- |" * len(TABLE_COLUMNS)]
+    return "\n".join(lines + ["| " + " | ".join(r[c] for c in TABLE_COLUMNS) + " |" for r in rows])
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"), help="folder for the JSON result")
@@ -655,9 +694,15 @@ def main(argv=None) -> int:
     ap.add_argument("--name", help="result file name (default engine_bench-<device>-<date>.json)")
     ap.add_argument("--best", nargs="+", metavar="RESULT", help="print, as JSON, the engine options of the fastest "
                     "valid bf16 Ray-pool row at 12 tokens in these result files, and exit")
+    ap.add_argument("--table", nargs="*", metavar="RESULT", help="print README's engine rows (markdown) from these "
+                    "result files (none given: every committed engine_bench-*.json), and exit")
     args = ap.parse_args(argv)
     if args.best:
         print(json.dumps(best_options(args.best)))
+        return 0
+    if args.table is not None:
+        print(markdown_table([Path(p) for p in args.table]
+                             or sorted((ROOT / "benchmarks" / "results").glob("engine_bench-*.json"))))
         return 0
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
 

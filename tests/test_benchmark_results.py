@@ -1,5 +1,5 @@
 """README's performance numbers trace to committed JSON: every result file it names exists, and the engine
-rows regenerate from that JSON (benchmarks/engine_table.py), answered queries only."""
+rows regenerate from that JSON (`python -m benchmarks.engine_bench --table`), answered queries only."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks.engine_table import engine_rows, main
+from benchmarks.engine_bench import main, table_rows
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "benchmarks" / "results"
@@ -25,10 +25,10 @@ def test_every_result_file_named_in_readme_is_committed():
 
 
 def test_engine_rows_come_from_the_committed_json(capsys):
-    rows = {r["file"]: r for r in engine_rows(RESULTS / "engine_bench-H200-20261130-fp8-ray3.json")}
+    rows = {r["file"]: r for r in table_rows(RESULTS / "engine_bench-H200-20261130-fp8-ray3.json")}
     row = rows["engine_bench-H200-20261130-fp8-ray3.json"]
     assert (row["answered q/s"], row["engines/GPU"], row["weights"], row["GPU busy"]) == ("780.6", "3", "fp8", "0.95")
-    assert main([]) == 0
+    assert main(["--table"]) == 0
     printed = capsys.readouterr().out
     assert printed.count("engine_bench-H200-20261130-") >= 12 and "| 615.8 | 4 | bf16 |" in printed
 
@@ -38,9 +38,9 @@ def test_a_row_with_errors_counts_answered_queries_and_is_marked_invalid(tmp_pat
     f.write_text(json.dumps({"benchmark": "densify engine_bench", "rows": [
         {"variant": "v", "queries": 1000, "errors": 250, "wall_s": 2.0},
         {"variant": "w", "queries": 1000, "answered": 1000, "errors": 0, "wall_s": 4.0, "valid": True}]}))
-    bad, good = engine_rows(f)
+    bad, good = table_rows(f)
     assert bad["answered q/s"] == "375.0" and bad["valid"] == "INVALID (250 errors)"
     assert good["answered q/s"] == "250.0" and good["valid"] == "yes"
     (tmp_path / "other.json").write_text(json.dumps({"benchmark": "densify label_bench"}))
     with pytest.raises(ValueError, match="not an engine_bench result"):
-        engine_rows(tmp_path / "other.json")
+        table_rows(tmp_path / "other.json")
