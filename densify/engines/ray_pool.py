@@ -112,13 +112,11 @@ class _Split:
     """A batch split between idle actors: whole again, queries in their order, once every part is back."""
 
     batch: EngineBatch
-    parts: list
-    left: int
+    parts: list  # each part's completions, None until it is back
 
     def put(self, part: int, completions: list[Completion]) -> list[Completion] | None:
         self.parts[part] = completions
-        self.left -= 1
-        return [c for p in self.parts for c in p] if self.left == 0 else None
+        return None if any(p is None for p in self.parts) else [c for p in self.parts for c in p]
 
 
 _DEAD_ERRORS: tuple = ()
@@ -435,7 +433,7 @@ class RayPoolEngine(Engine):
             return [_Job(batch, None)]
         self.stats["split_batches"] += 1
         cuts = [len(batch.queries) * i // k for i in range(k + 1)]
-        split = _Split(batch, [None] * k, k)
+        split = _Split(batch, [None] * k)
         return [_Job(dataclasses.replace(batch, queries=batch.queries[a:b], tag=None), None, split=split, part=i)
                 for i, (a, b) in enumerate(zip(cuts, cuts[1:]))]
 

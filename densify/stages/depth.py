@@ -411,7 +411,7 @@ class DepthStage:
         if plan_remote:
             import ray
 
-            plan_fn = ray.remote(num_cpus=1, max_retries=0)(_worker_plan)
+            plan_fn = ray.remote(num_cpus=1, max_retries=0)(_plan_round)
 
         def place(state, b) -> None:
             nonlocal active
@@ -618,10 +618,6 @@ def _plan_round(state, completions):
     if any(c.error is not None for c in completions):
         state.done = True  # engine errors: no more rounds, the image fails in finish()
     return state, state.next_batch()
-
-
-def _worker_plan(state, completions):
-    return _plan_round(state, completions)
 
 
 def _worker_prepare(cfg: DepthConfig, src: ImageSource, intrinsics, points):
