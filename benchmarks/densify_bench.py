@@ -7,7 +7,7 @@
 Seeded synthetic rooms (densify.synthetic.scenes, 640x480) are answered by the simulated VLM3-depth engine
 through the real prompts, parser and pixel maps, under each error preset of `--errors` (default both, in one
 run): ``iid`` (12.5% log-normal noise per answer, 2% outliers, 1% unparseable answers) and ``structured``
-(per-image scale, per-object bias, correlated log-depth fields, edge bleeding: densify.engines.errors).
+(per-image scale, per-object bias, correlated log-depth fields, edge bleeding: densify.sim.errors).
 Both are models of errors, not measurements of VLM3. For each preset, budget (queries per image) and method:
 
 * ``bilinear``: uniform grid, piecewise-linear interpolation in inverse depth, no outlier rejection
@@ -62,12 +62,12 @@ class SceneCase:
                  engine_seed: int | None = None, error: str | dict = "iid"):
         import cv2
 
-        from densify.cameras import prepare_image
-        from densify.engines.simulated import SimulatedEngine
-        from densify.profiles import load_profile
-        from densify.prompts import image_ref, image_uid, sampling_for
+        from densify.config.profiles import load_profile
+        from densify.io.cameras import prepare_image
+        from densify.queries.prompts import image_ref, image_uid, sampling_for
+        from densify.sim.engine import SimulatedEngine
+        from densify.sim.truth import SceneTruth
         from densify.synthetic.scenes import SceneSpec, make_scene
-        from densify.truth import SceneTruth
 
         self.profile = load_profile("vlm3-depth")
         scene = make_scene(SceneSpec(seed=seed, width=width, height=height))
@@ -97,9 +97,9 @@ class SceneCase:
 
     def ask(self, points):
         """One engine call for these pixels -> PointAnswers."""
-        from densify import answers
-        from densify.prompts import depth_batch
-        from densify.queries import plan_queries
+        from densify.queries import answers
+        from densify.queries.plan import plan_queries
+        from densify.queries.prompts import depth_batch
 
         plan = plan_queries(points, self.prep.pixel_map)
         batch = depth_batch(self.prep, plan, self.profile, uid=self.uid, ref=self.ref, sampling=self.sampling)
@@ -108,14 +108,13 @@ class SceneCase:
         return answers.collect_depth(self.profile, plan.pixels, plan.prompt_xy, comps)
 
     def ask_adaptive(self, budget: int, **planner_opts):
-        from densify.fields.adaptive import run_adaptive_depth, AdaptivePlanner
+        from densify.fields.adaptive import AdaptivePlanner, run_adaptive_depth
 
         h, w = self.depth.shape
         planner = AdaptivePlanner((h, w), budget, rgb=self.rgb, **planner_opts)
         run = run_adaptive_depth(self.engine, planner, self.prep, self.profile, uid=self.uid, ref=self.ref,
                                  sampling=self.sampling)
-        from densify import answers
-
+        from densify.queries import answers
         return answers.collect_depth(self.profile, run.pixels, run.prompt_xy, run.completions), run.calls
 
     def score(self, pred: np.ndarray) -> dict:
@@ -339,7 +338,7 @@ def example_figure(seed: int, budget: int, path: Path, opts: dict) -> None:
 
 def run_preset(error: str, seeds: list[int], budgets: list[int], opts: dict, workers: int) -> dict:
     """Every scene under one error preset -> aggregate, ratios and per-scene rows."""
-    from densify.engines.errors import ErrorModel
+    from densify.sim.errors import ErrorModel
 
     opts = {**opts, "error": error}
     t0 = time.perf_counter()

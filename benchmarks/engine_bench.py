@@ -56,12 +56,12 @@ import numpy as np
 if __package__ in (None, ""):  # run as a script: python benchmarks/engine_bench.py
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from densify.cameras import Camera, prepare_image, resize_rgb  # noqa: E402
+from densify.config.profiles import load_profile  # noqa: E402
 from densify.engines.base import EngineBatch, Sampling  # noqa: E402
-from densify.images import load_rgb  # noqa: E402
-from densify.profiles import load_profile  # noqa: E402
-from densify.prompts import depth_batch, image_ref, image_uid, render_text  # noqa: E402
-from densify.queries import grid_points, plan_queries  # noqa: E402
+from densify.io.cameras import Camera, prepare_image, resize_rgb  # noqa: E402
+from densify.io.images import load_rgb  # noqa: E402
+from densify.queries.plan import grid_points, plan_queries  # noqa: E402
+from densify.queries.prompts import depth_batch, image_ref, image_uid, render_text  # noqa: E402
 
 log = logging.getLogger("engine_bench")
 ROOT = Path(__file__).resolve().parents[1]

@@ -1,11 +1,17 @@
 """Where the time of one image's 3072 queries goes (frontend rendering vs engine); a diagnostic for
 engine_bench. python -m benchmarks.engine_probe OUT_DIR [engine options as JSON]"""
-import cProfile, io, json, pstats, sys, tempfile, time
+import cProfile
+import io
+import json
+import pstats
+import sys
+import tempfile
+import time
 from pathlib import Path
 
 from benchmarks import engine_bench as eb
+from densify.config.profiles import load_profile
 from densify.engines import create_engine
-from densify.profiles import load_profile
 from densify.synthetic.qwen3vl import build_model_folder
 
 

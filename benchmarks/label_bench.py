@@ -71,7 +71,7 @@ def make_dataset(folder: Path, n: int, width: int = 320, height: int = 240, seed
 
 def engine_alone(manifest: Path, cfg, n: int) -> dict:
     """The simulated engine's own speed, in this process, on the first n images' batches."""
-    from densify.engines.simulated import SimulatedEngine
+    from densify.sim.engine import SimulatedEngine
     from densify.stages.depth import DepthStage
     from densify.stages.label import iter_manifest
 
@@ -244,11 +244,11 @@ def main(argv=None) -> dict:
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
-    logging.getLogger("densify.cameras").setLevel(logging.ERROR)
+    logging.getLogger("densify.io.cameras").setLevel(logging.ERROR)
 
-    from densify.config import dict_overrides
-    from densify.settings import LabelConfig, load_config
+    from densify.config.loading import dict_overrides
     from densify.stages.label import LabelJob
+    from densify.stages.settings import LabelConfig, load_config
 
     if args.engine_rate is not None and not args.engine_rate > 0:
         ap.error("--engine-rate must be > 0")

@@ -49,10 +49,10 @@ def build(root: Path, scenes: int, views: int, per_category: int, width: int, he
 
 def densified_depth_for():
     """Depth from the library depth stage with the simulated depth model (truth beside the scene images)."""
-    from densify.engines.simulated import SimulatedEngine
-    from densify.images import ImageSource
-    from densify.settings import DepthConfig
+    from densify.io.images import ImageSource
+    from densify.sim.engine import SimulatedEngine
     from densify.stages.depth import DepthStage
+    from densify.stages.settings import DepthConfig
 
     cfg = DepthConfig(engine={"name": "simulated"})
     stage = DepthStage(cfg, SimulatedEngine(cfg.profile, seed=0), keep_maps=True)
@@ -72,9 +72,9 @@ def exact_depth_for(item, camera):
 
 
 def main(argv=None) -> int:
-    from densify.engines.simulated import SimulatedEngine
+    from densify.config.profiles import load_profile
     from densify.eval.spatialrgpt import read_bench, run_bench
-    from densify.profiles import load_profile
+    from densify.sim.engine import SimulatedEngine
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--scenes", type=int, default=6)
@@ -122,7 +122,7 @@ def main(argv=None) -> int:
 
 
 def table(result: dict) -> str:
-    from densify.objects import QUALITATIVE_GROUPS, QUANTITATIVE_GROUPS
+    from densify.objects.questions import QUALITATIVE_GROUPS, QUANTITATIVE_GROUPS
 
     cols = [("model", "simulated model"), ("geometry_exact", "geometry, exact depth"),
             ("geometry_densified", "geometry, densified depth"),

@@ -43,16 +43,16 @@ import numpy as np
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from densify.config import dict_overrides  # noqa: E402
+from benchmarks.scaling_bench import shift_of, shifted_photo  # noqa: E402
+from densify.config.loading import dict_overrides  # noqa: E402
+from densify.config.profiles import load_profile, profiles_dir  # noqa: E402
 from densify.engines.base import generate_stream  # noqa: E402
-from densify.images import ImageSource  # noqa: E402
-from densify.layout import RunLayout  # noqa: E402
-from densify.profiles import load_profile, profiles_dir  # noqa: E402
-from densify.settings import DepthConfig, LabelConfig, load_config  # noqa: E402
+from densify.io.images import ImageSource  # noqa: E402
+from densify.io.layout import RunLayout  # noqa: E402
 from densify.stages.depth import DepthStage  # noqa: E402
 from densify.stages.engine import build_engine  # noqa: E402
 from densify.stages.label import LabelJob  # noqa: E402
-from benchmarks.scaling_bench import shift_of, shifted_photo  # noqa: E402
+from densify.stages.settings import DepthConfig, LabelConfig, load_config  # noqa: E402
 
 log = logging.getLogger("pipeline_bench")
 ROOT = Path(__file__).resolve().parents[1]

@@ -5,7 +5,7 @@
 
 Per sequence: a ray-cast room (densify.synthetic.scenes) seen along an arc of `--views` 640x480 views;
 `densify reconstruct` runs on it with the simulated engine answering from exact ground truth, once per
-error preset of `--errors` (default both, in one run; densify.engines.errors): ``iid`` (depth 12.5 %
+error preset of `--errors` (default both, in one run; densify.sim.errors): ``iid`` (depth 12.5 %
 log-normal noise, correspondences 4/1000 of the image per axis, 2 % outliers, 1 % unparseable answers) and
 ``structured`` (per-image depth scale, per-object bias, correlated fields, edge bleeding; per-pair
 correspondence offset, smooth end-point field, occlusion errors). Both are models of errors, not
@@ -44,22 +44,22 @@ import numpy as np
 if __package__ in (None, ""):  # run as a script: python benchmarks/reconstruct_bench.py
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from densify.engines.simulated import ErrorModel, SimulatedEngine  # noqa: E402
+from densify.config.loading import dict_overrides  # noqa: E402
+from densify.config.profiles import load_profile  # noqa: E402
 from densify.eval.pose_eval import (chamfer, match_epe, pose_auc, pose_errors, trajectory_error,  # noqa: E402
                                     visible_surface_samples)
+from densify.geometry.fusion import FusionFrame  # noqa: E402
 from densify.geometry.fusion import tsdf_fuse  # noqa: E402
 from densify.geometry.pose import estimate_pair_pose  # noqa: E402
 from densify.geometry.posegraph import PoseGraphResult  # noqa: E402
-from densify.images import discover, load_rgb  # noqa: E402
-from densify.matching import Matches, sift_matches  # noqa: E402
-from densify.pairs import PairResult, classify, pair_key, solve_pair_xy  # noqa: E402
-from densify.profiles import load_profile  # noqa: E402
-from densify.config import dict_overrides  # noqa: E402
-from densify.geometry.fusion import FusionFrame  # noqa: E402
-from densify.layout import RunLayout  # noqa: E402
-from densify.settings import ReconstructConfig, load_config  # noqa: E402
+from densify.io.images import discover, load_rgb  # noqa: E402
+from densify.io.layout import RunLayout  # noqa: E402
+from densify.pairs.matching import Matches, sift_matches  # noqa: E402
+from densify.pairs.solve import PairResult, classify, pair_key, solve_pair_xy  # noqa: E402
+from densify.sim.engine import ErrorModel, SimulatedEngine  # noqa: E402
+from densify.sim.truth import SceneTruth  # noqa: E402
 from densify.stages.scene import graph_stage, reconstruct  # noqa: E402
-from densify.truth import SceneTruth  # noqa: E402
+from densify.stages.settings import ReconstructConfig, load_config  # noqa: E402
 
 log = logging.getLogger("reconstruct_bench")
 ROOT = Path(__file__).resolve().parents[1]

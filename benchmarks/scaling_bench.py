@@ -33,14 +33,14 @@ import numpy as np
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from densify.cameras import Camera, prepare_image, resize_rgb  # noqa: E402
+from densify.config.profiles import load_profile  # noqa: E402
 from densify.engines import generate_stream  # noqa: E402
 from densify.engines.base import Sampling  # noqa: E402
 from densify.engines.ray_pool import RayPoolEngine  # noqa: E402
-from densify.images import load_rgb  # noqa: E402
-from densify.profiles import load_profile  # noqa: E402
-from densify.prompts import depth_batch, image_ref, sampling_for  # noqa: E402
-from densify.queries import grid_points, plan_queries  # noqa: E402
+from densify.io.cameras import Camera, prepare_image, resize_rgb  # noqa: E402
+from densify.io.images import load_rgb  # noqa: E402
+from densify.queries.plan import grid_points, plan_queries  # noqa: E402
+from densify.queries.prompts import depth_batch, image_ref, sampling_for  # noqa: E402
 
 log = logging.getLogger("scaling_bench")
 ROOT = Path(__file__).resolve().parents[1]
@@ -137,7 +137,7 @@ def measure(n_gpus: int, args, profile) -> dict:
             engine_options["gpu_memory_utilization"] = args.gpu_memory_utilization
         engine_options.update(json.loads(args.engine_options or "{}"))
     else:  # the simulated engine answers only where truth exists: a flat wall
-        from densify.truth import ConstantTruth
+        from densify.sim.truth import ConstantTruth
 
         engine_options = {"truth": ConstantTruth(3.0)}
     if args.engine != "simulated" and not args.ray_address:

@@ -22,17 +22,17 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 from pydantic import ValidationError
 
-from densify.answers import PointAnswers
-from densify.cameras import Camera
-from densify.config import ConfigError, format_validation_error
+from densify.config.loading import ConfigError, format_validation_error
+from densify.config.profiles import load_profile
 from densify.engines import Engine
-from densify.images import ImageSource, discover
-from densify.pairs import PairResult
-from densify.profiles import load_profile
-from densify.settings import DepthConfig, ReconstructConfig
+from densify.io.cameras import Camera
+from densify.io.images import ImageSource, discover
+from densify.pairs.solve import PairResult
+from densify.queries.answers import PointAnswers
 from densify.stages.depth import DepthStage
 from densify.stages.engine import build_engine
 from densify.stages.scene import SceneResult, reconstruct, relative_pose
+from densify.stages.settings import DepthConfig, ReconstructConfig
 
 __all__ = ["Densifier", "DepthMap", "RelativePose", "SceneResult"]
 
@@ -102,9 +102,9 @@ class Densifier:
     """Dense depth, poses and scenes from point-query models (see the module docstring).
 
     profile: the depth profile (vlm3-depth, depthlm or a YAML path). engine: auto (vllm when installed, else
-    hf), vllm, hf, openai, ray, or simulated (answers from ground truth: pass `truth=`, a densify.truth
+    hf), vllm, hf, openai, ray, or simulated (answers from ground truth: pass `truth=`, a densify.sim.truth
     provider). model / corr_model / pose_model: checkpoints (default: each profile's). plan, densify: the
-    depth stage's query plan and densifier (dicts of `densify.settings.PlanConfig` / `DensifyConfig`
+    depth stage's query plan and densifier (dicts of `densify.stages.settings.PlanConfig` / `DensifyConfig`
     fields). reconstruct: other `ReconstructConfig` fields (pairs, fusion, export, ...). Any other keyword is
     an engine option.
     """
@@ -129,7 +129,7 @@ class Densifier:
     def depth(self, images: str | Path | Sequence[str | Path] | Iterable[ImageSource], *, intrinsics=None,
               points=None, out: str | Path | None = None) -> list[DepthMap]:
         """Dense depth for each image (files, folders, globs or manifests); written under `out` when given."""
-        from densify.layout import RunLayout
+        from densify.io.layout import RunLayout
 
         sources = _sources(images)
         stage = DepthStage(self.depth_config, self._engines["depth"], keep_maps=True,

@@ -20,16 +20,16 @@ from pathlib import Path
 
 import numpy as np
 
-from densify import outputs
-from densify.cameras import resolve_camera
-from densify.config import ConfigError
-from densify.images import ImageSource, load_rgb
-from densify.object_qa import ask_records, build_prompts, geometry_context, image_batch, prepare_object_image
-from densify.objects import RegionError, make_regions, parse_regions, question_of
-from densify.profiles import load_profile
-from densify.settings import DepthConfig
+from densify.config.loading import ConfigError
+from densify.config.profiles import load_profile
+from densify.io import outputs
+from densify.io.cameras import resolve_camera
+from densify.io.images import ImageSource, load_rgb
+from densify.objects.qa import ask_records, build_prompts, geometry_context, image_batch, prepare_object_image
+from densify.objects.questions import RegionError, make_regions, parse_regions, question_of
 from densify.stages.depth import DepthStage
 from densify.stages.engine import build_engine
+from densify.stages.settings import DepthConfig
 from pipelines import common
 
 log = logging.getLogger("densify.ask")

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import yaml
 
-from densify.config import Override, parse_set
-from densify.layout import RunLayout
-from densify.settings import load_config
+from densify.config.loading import Override, parse_set
+from densify.io.layout import RunLayout
+from densify.stages.settings import load_config
 
 log = logging.getLogger("densify")
 
@@ -82,15 +82,14 @@ def load(args, model, default_name: str, extra: list[Override] | None = None, *,
 
 def write_config(layout: RunLayout, cfg) -> None:
     """The resolved settings beside the outputs (and in the log with --verbose)."""
-    from densify import outputs
-
+    from densify.io import outputs
     text = yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
     outputs.write_text(layout.config, text)
     log.debug("settings:\n%s", text)
 
 
 def intrinsics(args):
-    from densify.cameras import parse_intrinsics_arg
+    from densify.io.cameras import parse_intrinsics_arg
 
     return parse_intrinsics_arg(args.intrinsics) if getattr(args, "intrinsics", None) else None
 
@@ -117,7 +116,7 @@ def print_failures(c, failed: list[dict], total: int, where: str, limit: int = 2
 
 
 def progress(total: int, label: str = "images", every_s: float = 10.0):
-    from densify.progress import Progress
+    from densify.io.progress import Progress
 
     return Progress(total, label=label, every_s=every_s)
 

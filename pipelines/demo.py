@@ -12,17 +12,17 @@ from pathlib import Path
 
 from densify.engines import create_engine
 from densify.eval.metrics import delta1, depth_report
-from densify.images import discover
-from densify.layout import RunLayout
-from densify.settings import DepthConfig
+from densify.io.images import discover
+from densify.io.layout import RunLayout
 from densify.stages.depth import run_depth
+from densify.stages.settings import DepthConfig
 from pipelines import common
 
 
 def run_demo(out_dir: str | Path, *, seed: int = 0, views: int = 2, noise: bool = True,
              cfg: DepthConfig | None = None, progress=None) -> dict:
+    from densify.sim.truth import SceneTruth
     from densify.synthetic.scenes import SceneSpec, make_scene
-    from densify.truth import SceneTruth
 
     out = Path(out_dir)
     t0 = time.perf_counter()
@@ -75,11 +75,11 @@ def add_arguments(p) -> None:
 
 
 def run(args) -> int:
-    from densify.config import Override
+    from densify.config.loading import Override
 
     cfg = common.load(args, DepthConfig, "depth", [Override(("engine", "name"), "simulated", "densify demo")])
     if args.views < 1:
-        from densify.config import ConfigError
+        from densify.config.loading import ConfigError
 
         raise ConfigError(f"--views {args.views}: render at least one view")
     with tempfile.TemporaryDirectory(prefix="densify-demo-") as tmp:

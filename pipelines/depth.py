@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import argparse
 
-from densify.images import discover
-from densify.layout import RunLayout
-from densify.profiles import load_profile
-from densify.settings import DepthConfig
+from densify.config.profiles import load_profile
+from densify.io.images import discover
+from densify.io.layout import RunLayout
 from densify.stages.depth import run_depth
 from densify.stages.engine import build_engine
+from densify.stages.settings import DepthConfig
 from pipelines import common
 
 

@@ -16,13 +16,13 @@ from pathlib import Path
 
 import numpy as np
 
-from densify import outputs
-from densify.config import ConfigError, Override
+from densify.config.loading import ConfigError, Override
+from densify.config.profiles import load_profile
 from densify.eval.labels import evaluate_labels, label_sources
-from densify.layout import RunLayout
-from densify.profiles import load_profile
-from densify.settings import DepthConfig
+from densify.io import outputs
+from densify.io.layout import RunLayout
 from densify.stages.engine import build_engine
+from densify.stages.settings import DepthConfig
 from pipelines import common
 
 log = logging.getLogger("densify.eval")
@@ -99,7 +99,7 @@ def _depth_for(args, cfg: DepthConfig):
             log.warning("%s: no depth map in %s; no geometry answers for it", item.image, root)
             return None
         return saved, None
-    from densify.images import ImageSource
+    from densify.io.images import ImageSource
     from densify.stages.depth import DepthStage
 
     engine = build_engine(cfg.engine, load_profile(cfg.profile), model=cfg.model)

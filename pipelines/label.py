@@ -14,9 +14,9 @@ from __future__ import annotations
 
 import argparse
 
-from densify.config import ConfigError, Override
-from densify.settings import LabelConfig
+from densify.config.loading import ConfigError, Override
 from densify.stages.label import LabelJob, count_manifest
+from densify.stages.settings import LabelConfig
 from pipelines import common
 
 

@@ -12,12 +12,12 @@ import time
 
 import numpy as np
 
-from densify import outputs
-from densify.config import ConfigError
-from densify.images import discover
-from densify.layout import RunLayout
-from densify.settings import ReconstructConfig
+from densify.config.loading import ConfigError
+from densify.io import outputs
+from densify.io.images import discover
+from densify.io.layout import RunLayout
 from densify.stages.scene import relative_pose
+from densify.stages.settings import ReconstructConfig
 from pipelines import common
 
 

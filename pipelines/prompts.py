@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import json
 
-from densify.cameras import parse_intrinsics_arg, prepare_image, resolve_camera
-from densify.images import load_rgb
-from densify.profiles import load_profile
-from densify.prompts import render_text
-from densify.queries import check_points, plan_queries
+from densify.config.profiles import load_profile
+from densify.io.cameras import parse_intrinsics_arg, prepare_image, resolve_camera
+from densify.io.images import load_rgb
+from densify.queries.plan import check_points, plan_queries
+from densify.queries.prompts import render_text
 
 
 def parse_points(text: str) -> list[tuple[float, float]]:
@@ -55,8 +55,8 @@ def prompt_records(profile_name: str, image, points, intrinsics=None):
 
 
 def object_prompt_records(profile_name: str, image, regions: str, questions: list[str], intrinsics=None):
-    from densify.object_qa import build_prompts, prepare_object_image
-    from densify.objects import make_regions, parse_regions, question_of
+    from densify.objects.qa import build_prompts, prepare_object_image
+    from densify.objects.questions import make_regions, parse_regions, question_of
 
     profile = load_profile(profile_name)
     for q in questions:

@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import argparse
 
-from densify.images import discover
-from densify.settings import ReconstructConfig
+from densify.io.images import discover
 from densify.stages.scene import reconstruct
+from densify.stages.settings import ReconstructConfig
 from pipelines import common
 
 

@@ -5,22 +5,21 @@ from collections import Counter, deque
 
 import cv2
 import numpy as np
-
-from conftest import sidecar_metrics
 import pytest
+from conftest import sidecar_metrics
 
-from densify.cameras import Camera, prepare_image
-from densify.engines.simulated import SimulatedEngine
-from densify.truth import ArrayTruth
+from densify.config.profiles import load_profile
 from densify.fields import AdaptivePlanner, run_adaptive_depth
 from densify.fields.adaptive import grid_within, round_sizes
-from densify.images import discover
-from densify.layout import RunLayout
-from densify.settings import DepthConfig
+from densify.io.cameras import Camera, prepare_image
+from densify.io.images import discover
+from densify.io.layout import RunLayout
+from densify.queries.prompts import image_ref, image_uid, sampling_for
+from densify.sim.engine import SimulatedEngine
+from densify.sim.truth import ArrayTruth
 from densify.stages.depth import run_depth
+from densify.stages.settings import DepthConfig
 from densify.synthetic.scenes import SceneSpec, make_scene
-from densify.profiles import load_profile
-from densify.prompts import image_ref, image_uid, sampling_for
 
 H, W = 120, 160
 
@@ -146,10 +145,10 @@ def test_flow_planner_on_scene_matches():
 
 
 def test_pipeline_adaptive_mode_end_to_end(tmp_path):
-    from densify.images import discover
-    from densify.layout import RunLayout
-    from densify.settings import DepthConfig
+    from densify.io.images import discover
+    from densify.io.layout import RunLayout
     from densify.stages.depth import run_depth
+    from densify.stages.settings import DepthConfig
     from densify.synthetic.scenes import SceneSpec, make_scene
 
     make_scene(SceneSpec(seed=2, n_views=1, width=320, height=240)).save(tmp_path / "scene")

@@ -12,12 +12,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from conftest import bounded
 from PIL import Image, ImageOps
 
-from densify import outputs
-from densify.images import ImageError, image_size, load_image, load_rgb
+from densify.io import outputs
+from densify.io.images import ImageError, image_size, load_image, load_rgb
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -144,7 +143,7 @@ def test_large_jpeg_is_decoded_reduced_with_bounded_memory(tmp_path):
     p = tmp_path / "big.jpg"
     small = np.random.default_rng(0).integers(0, 255, (100, 150, 3), dtype=np.uint8)
     Image.fromarray(small).resize((6000, 4000), Image.Resampling.NEAREST).save(p, quality=80)
-    code = ("import resource, sys; from densify.images import load_image\n"
+    code = ("import resource, sys; from densify.io.images import load_image\n"
             "import numpy, PIL.Image, cv2\n"
             "r0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
             "li = load_image(sys.argv[1], max_side=640)\n"

@@ -14,10 +14,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import numpy as np
 import pytest
 
-from densify.engines import create_engine
+from densify.engines import EngineStartError, create_engine
 from densify.engines.base import EngineBatch, EngineError, PromptImage, Query, Sampling
-from densify.engines import EngineStartError
-from densify.store import AnswerStore, StoredEngine
+from densify.engines.store import AnswerStore, StoredEngine
 
 KEY = "sk-test-SEKRET0123456789abcdef"
 KEY_ENV = "DENSIFY_ADVERSARIAL_KEY"
@@ -258,7 +257,7 @@ def test_error_bodies_echoing_the_key_are_redacted(hostile, mode, caplog):
 
 
 def test_redact_removes_credentials_and_keeps_ordinary_text():
-    from densify.redact import redact
+    from densify.io.redact import redact
 
     text = (f"key {KEY} / Authorization: Bearer abc.DEF-123_xyz / x-api-key: hunter22 / "
             f'{{"api_key": "zzzz9999"}} / password=pa55word / sk-proj-ABCDEFGH12345678')

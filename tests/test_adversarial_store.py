@@ -9,12 +9,11 @@ import zlib
 
 import numpy as np
 import pytest
-
 from conftest import bounded
 
 from densify.engines.base import Completion, Engine, EngineBatch, PromptImage, Query, Sampling
-from densify.store import (ANSWER_OPTIONS, TRANSPORT_OPTIONS, AnswerStore, StoreDamagedError, StoredEngine,
-                           StoreError, StoreFullError, StoreLockedError, model_key_for)
+from densify.engines.store import (ANSWER_OPTIONS, TRANSPORT_OPTIONS, AnswerStore, StoreDamagedError, StoredEngine,
+                                   StoreError, StoreFullError, StoreLockedError, model_key_for)
 
 
 class Counting(Engine):
@@ -212,8 +211,8 @@ def test_every_engine_option_is_classified_once():
     from densify.engines.hf import HFEngine
     from densify.engines.openai import OpenAIEngine
     from densify.engines.ray_pool import RayPoolEngine
-    from densify.engines.simulated import SimulatedEngine
     from densify.engines.vllm import VLLMEngine
+    from densify.sim.engine import SimulatedEngine
 
     for name, cls in (("simulated", SimulatedEngine), ("hf", HFEngine), ("vllm", VLLMEngine),
                       ("openai", OpenAIEngine), ("ray", RayPoolEngine)):

@@ -3,8 +3,8 @@ import json
 import numpy as np
 import pytest
 
-from densify.cameras import (Camera, CameraError, PixelMap, prepare_image, preprocessed_size, read_sidecar,
-                             resolve_camera)
+from densify.io.cameras import (Camera, CameraError, PixelMap, prepare_image, preprocessed_size, read_sidecar,
+                                resolve_camera)
 
 
 def test_corr_published_example():

@@ -5,9 +5,9 @@ import json
 import cv2
 import numpy as np
 import pytest
-
-from densify.cli import main
 from conftest import IBIMS
+
+from pipelines.cli import main
 
 
 @pytest.fixture(scope="module")

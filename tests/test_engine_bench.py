@@ -2,11 +2,10 @@
 end to end (a fake vLLM in process; simulated engines in Ray actors on logical GPUs)."""
 
 import pytest
+from test_engine_vllm_cpu import FakeLLM, fake_vllm, fast_vllm  # noqa: F401 - fixtures
 
 from benchmarks import engine_bench as eb
 from densify.engines.base import Completion
-
-from test_engine_vllm_cpu import FakeLLM, fake_vllm, fast_vllm  # noqa: F401 - fixtures
 
 
 def comps(ok: int, bad: int = 0):
@@ -55,10 +54,10 @@ def test_cpu_phase_measures_each_cut_alone(fast_vllm):  # noqa: F811
 
 def test_ray_phase_on_logical_gpus():
     ray = pytest.importorskip("ray")
-    from densify.engines.simulated import SimulatedEngine
+    from densify.sim.engine import SimulatedEngine
 
     def factory(profile, **options):  # the vLLM options are not the simulated engine's
-        from densify.truth import ConstantTruth
+        from densify.sim.truth import ConstantTruth
 
         return SimulatedEngine(profile, truth=ConstantTruth(3.0))
 

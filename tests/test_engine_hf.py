@@ -15,11 +15,11 @@ try:  # a missing hf extra skips; a broken install fails
 except ModuleNotFoundError as exc:
     pytest.skip(f"needs the hf extra ({exc})", allow_module_level=True)
 
-from densify.cameras import Camera, prepare_image  # noqa: E402
+from densify.config.profiles import load_profile  # noqa: E402
 from densify.engines import EngineBatch, PromptImage, Query, Sampling, create_engine  # noqa: E402
-from densify.profiles import load_profile  # noqa: E402
-from densify.prompts import depth_batch  # noqa: E402
-from densify.queries import plan_queries  # noqa: E402
+from densify.io.cameras import Camera, prepare_image  # noqa: E402
+from densify.queries.plan import plan_queries  # noqa: E402
+from densify.queries.prompts import depth_batch  # noqa: E402
 from densify.synthetic.qwen3vl import build_model_folder  # noqa: E402
 
 MAX_TOKENS = 10

@@ -17,14 +17,14 @@ if not torch.cuda.is_available():
     pytest.skip("needs a CUDA GPU", allow_module_level=True)
 pytest.importorskip("vllm")
 
-from densify.answers import parse_text  # noqa: E402
-from densify.cameras import Camera, prepare_image  # noqa: E402
+from densify.config.profiles import load_profile  # noqa: E402
 from densify.engines import create_engine  # noqa: E402
 from densify.engines.base import EngineBatch, Sampling  # noqa: E402
-from densify.images import load_rgb  # noqa: E402
-from densify.profiles import load_profile  # noqa: E402
-from densify.prompts import depth_batch, image_uid, sampling_for  # noqa: E402
-from densify.queries import grid_points, plan_queries  # noqa: E402
+from densify.io.cameras import Camera, prepare_image  # noqa: E402
+from densify.io.images import load_rgb  # noqa: E402
+from densify.queries.answers import parse_text  # noqa: E402
+from densify.queries.plan import grid_points, plan_queries  # noqa: E402
+from densify.queries.prompts import depth_batch, image_uid, sampling_for  # noqa: E402
 
 pytestmark = pytest.mark.gpu
 
@@ -56,7 +56,7 @@ def real_image(profile, size: tuple[int, int] | None = None):
     rgb = load_rgb(IMAGE)
     cam = Camera.from_list(json.loads(IMAGE.with_suffix(".json").read_text())["intrinsics"])
     if size is not None:
-        from densify.cameras import resize_rgb
+        from densify.io.cameras import resize_rgb
 
         rgb = resize_rgb(rgb, size)
         sc = cam.scaled(*size)
@@ -166,7 +166,7 @@ def test_structured_output_answers_parse(tiny_model):
 
 # (4) the depth pipeline end to end on the 4B-shaped model with dummy weights
 def test_densify_depth_cli_vllm_4b_dummy(model_4b, tmp_path):
-    from densify.cli import main
+    from pipelines.cli import main
 
     out = tmp_path / "out"
     rc = main(["depth", str(IMAGE), "--out", str(out), "--engine", "vllm", "--model", str(model_4b),

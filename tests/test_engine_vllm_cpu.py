@@ -11,9 +11,9 @@ import types
 import numpy as np
 import pytest
 
+from densify.config.profiles import load_profile
 from densify.engines.base import EngineBatch, EngineError, PromptImage, Query, Sampling
-from densify.profiles import load_profile
-from densify.prompts import render_text
+from densify.queries.prompts import render_text
 
 
 class FakeSamplingParams:

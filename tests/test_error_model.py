@@ -5,17 +5,17 @@ import math
 import numpy as np
 import pytest
 
-from densify.answers import collect_depth
-from densify.cameras import prepare_image
+from densify.config.profiles import load_profile
 from densify.engines import create_engine
 from densify.engines.base import EngineBatch, ImageRef, PromptImage, Query
-from densify.engines.errors import ErrorModel, correlated_field, depth_image_errors
-from densify.engines.simulated import SimulatedEngine
 from densify.eval.metrics import delta1
-from densify.profiles import load_profile
-from densify.prompts import depth_batch, image_ref, image_uid
-from densify.truth import Truth
-from densify.queries import grid_points, plan_queries
+from densify.io.cameras import prepare_image
+from densify.queries.answers import collect_depth
+from densify.queries.plan import grid_points, plan_queries
+from densify.queries.prompts import depth_batch, image_ref, image_uid
+from densify.sim.engine import SimulatedEngine
+from densify.sim.errors import ErrorModel, correlated_field, depth_image_errors
+from densify.sim.truth import Truth
 
 # Only the named structured terms (everything else, rounding aside, exact).
 QUIET = dict(depth_sigma=0.0, outlier_rate=0.0, unparseable_rate=0.0, corr_sigma=0.0, scale_sigma=0.0,

@@ -4,9 +4,9 @@ import cv2
 import numpy as np
 import pytest
 
-from densify import outputs
 from densify.fields import densify_depth, densify_flow
-from densify.images import ImageError, discover, load_rgb, read_jsonl_manifest
+from densify.io import outputs
+from densify.io.images import ImageError, discover, load_rgb, read_jsonl_manifest
 
 
 def test_linear_in_inverse_depth_is_exact_on_a_plane(rng):

@@ -14,15 +14,15 @@ import cv2
 import numpy as np
 import pytest
 
-from densify.cli import main
-from densify.config import dict_overrides
+from densify.config.loading import dict_overrides
 from densify.engines import EngineBatch
 from densify.engines.base import Completion, Engine, ImageRef, PromptImage, Query, Sampling
-from densify.engines.simulated import SimulatedEngine
-from densify.settings import LabelConfig, load_config
+from densify.engines.store import AnswerStore, StoredEngine, store_path
+from densify.sim.engine import SimulatedEngine
+from densify.sim.truth import ArrayTruth
 from densify.stages.label import LabelJob, count_manifest, iter_manifest
-from densify.store import AnswerStore, StoredEngine, store_path
-from densify.truth import ArrayTruth
+from densify.stages.settings import LabelConfig, load_config
+from pipelines.cli import main
 
 REPO = Path(__file__).resolve().parents[1]
 OUTPUT_FILES = ("depth.npy", "depth.png", "confidence.npy", "camera.json", "result.json")
@@ -284,7 +284,7 @@ def test_ray_job_survives_an_actor_dying(dataset, reference, tmp_path):
 
 
 def _job(manifest, out, *, ray_on: bool, count: int, log: Path) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "densify", "label", str(manifest), "--out", str(out), "--count", str(count),
+    cmd = [sys.executable, "-m", "pipelines", "label", str(manifest), "--out", str(out), "--count", str(count),
            "--engine", "simulated",
            "--set", "log_every_s=0.5", "--set", "manifest_every_s=0.5"] + ([] if ray_on else ["--no-ray"])
     env = dict(os.environ, PYTHONUNBUFFERED="1")

@@ -10,7 +10,7 @@ import cv2
 import numpy as np
 import pytest
 
-from densify.cli import main
+from pipelines.cli import main
 
 EXPECTED = {
     # id: (status, error kind)

@@ -7,8 +7,8 @@ import shutil
 import numpy as np
 import pytest
 
-from densify.cli import main
-from densify.layout import IdAssigner, RunLayout, safe_id
+from densify.io.layout import IdAssigner, RunLayout, safe_id
+from pipelines.cli import main
 
 
 @pytest.mark.parametrize("raw", ["../x", "/etc/passwd", "a/b/../../c", ".hidden", "summary", "store", "Depth",

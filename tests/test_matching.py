@@ -5,12 +5,12 @@ import json
 import numpy as np
 import pytest
 
-from densify.cameras import PixelMap
-from densify.engines.simulated import ErrorModel, SimulatedEngine, corr_truth
+from densify.config.profiles import load_profile
 from densify.eval.pose_eval import match_epe
-from densify.matching import Matches, corr_view, dense_flow, match_pair, plan_pair, sift_matches, track_points
-from densify.truth import SceneTruth
-from densify.profiles import load_profile
+from densify.io.cameras import PixelMap
+from densify.pairs.matching import Matches, corr_view, dense_flow, match_pair, plan_pair, sift_matches, track_points
+from densify.sim.engine import ErrorModel, SimulatedEngine, corr_truth
+from densify.sim.truth import SceneTruth
 
 
 @pytest.fixture(scope="module")

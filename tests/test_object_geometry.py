@@ -4,22 +4,20 @@ SpatialRGPT-Bench reader and scorer, `densify ask` and `densify eval spatialrgpt
 import json
 
 import numpy as np
-
-from densify.engines.base import Engine
-from densify.truth import ArrayTruth
 import pytest
 
-from densify.cameras import Camera
-from densify.cli import main
-from densify.engines.simulated import SimulatedEngine
+from densify.config.profiles import load_profile
+from densify.engines.base import Engine
 from densify.eval.spatialrgpt import read_bench, rle_decode, rle_encode, run_bench, score, summarize
-from densify.geometry import regions as georeg
-from densify.object_qa import build_prompts, image_batch, prepare_object_image
-from densify.objects import CATEGORIES, make_regions
-from densify.profiles import load_profile
-from densify.synthetic.object_answers import (object_geometry, shape_points,
-                                              truth_frame)
+from densify.objects import geometry as georeg
+from densify.io.cameras import Camera
+from densify.objects.qa import build_prompts, image_batch, prepare_object_image
+from densify.objects.questions import CATEGORIES, make_regions
+from densify.sim.engine import SimulatedEngine
+from densify.sim.objects import object_geometry, shape_points, truth_frame
+from densify.sim.truth import ArrayTruth
 from densify.synthetic.object_questions import build_question_set
+from pipelines.cli import main
 
 
 @pytest.fixture(scope="module")
@@ -228,7 +226,7 @@ class ScriptedEngine(Engine):
 def test_any_engine_scores_through_the_protocol(bench):
     import re
 
-    from densify.objects import rewrite_answer
+    from densify.objects.questions import rewrite_answer
 
     _, items = bench
     profile = load_profile("vlm3-object")

@@ -4,14 +4,13 @@ import json
 
 import numpy as np
 import pytest
-
-from densify.answers import parse_text
-from densify.cli import main
-from densify.objects import (CATEGORIES, RegionError, choice_index, make_regions, normalize_box, object_prompt,
-                             parse_regions, rewrite_answer)
-from densify.profiles import Profile, load_profile
-
 from conftest import MODEL_FORMATS
+
+from densify.config.profiles import Profile, load_profile
+from densify.objects.questions import (CATEGORIES, RegionError, choice_index, make_regions, normalize_box,
+                                       object_prompt, parse_regions, rewrite_answer)
+from densify.queries.answers import parse_text
+from pipelines.cli import main
 
 # facebookresearch/VLM3 sample_data/spatialrgpt_labels.json
 SAMPLE_PROMPT = ("Can you confirm if bounding box region (0, 39, 652, 999) is smaller than bounding box region "

@@ -9,7 +9,7 @@ pytest.importorskip("ray")
 
 from benchmarks import pipeline_bench as pb  # noqa: E402
 from densify.engines.ray_pool import RayPoolEngine  # noqa: E402
-from densify.truth import ConstantTruth  # noqa: E402
+from densify.sim.truth import ConstantTruth  # noqa: E402
 
 
 def test_pipeline_bench_runs_every_step_on_cpu_actors(tmp_path, monkeypatch):

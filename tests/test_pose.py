@@ -4,16 +4,16 @@ import numpy as np
 import pytest
 from scipy.spatial.transform import Rotation
 
-from densify.cameras import Camera
-from densify.engines.simulated import SimulatedEngine
+from densify.config.profiles import load_profile
 from densify.eval.pose_eval import pose_auc, pose_errors, translation_error_deg
 from densify.geometry.pose import PairPose, PoseConfig, estimate_pair_pose, pose_matrix
 from densify.geometry.posegraph import PoseEdge, connected_components, optimize_poses
 from densify.geometry.rotations import rotation_angle_deg
-from densify.matching import corr_view, match_pair
-from densify.truth import SceneTruth
-from densify.profiles import load_profile
-from densify.vlm_pose import ask_pose, compare_poses, pose_view, vlm_answer_from_T
+from densify.io.cameras import Camera
+from densify.pairs.matching import corr_view, match_pair
+from densify.pairs.vlm_pose import ask_pose, compare_poses, pose_view, vlm_answer_from_T
+from densify.sim.engine import SimulatedEngine
+from densify.sim.truth import SceneTruth
 
 
 def _random_T(rng, rot_deg=10.0, trans=0.5):

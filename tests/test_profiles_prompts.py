@@ -2,14 +2,13 @@
 
 import numpy as np
 import pytest
-
-from densify.cameras import Camera, prepare_image
-from densify.config import ConfigError
-from densify.profiles import available_profiles, load_profile
-from densify.prompts import corr_batch, depth_batch, pose_batch, render_text
-from densify.queries import plan_queries
-
 from conftest import MODEL_FORMATS
+
+from densify.config.loading import ConfigError
+from densify.config.profiles import available_profiles, load_profile
+from densify.io.cameras import Camera, prepare_image
+from densify.queries.plan import plan_queries
+from densify.queries.prompts import corr_batch, depth_batch, pose_batch, render_text
 
 VLM3_DEPTH = ("Given this image, how far is the point at coordinates (12, 34) from the camera? The coordinates are in "
               "normalised [0, 2000] format relative to image width and height. Output the thinking process in "

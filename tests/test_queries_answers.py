@@ -1,11 +1,11 @@
 import numpy as np
 import pytest
 
-from densify.answers import collect_depth, parse_text
-from densify.cameras import PixelMap
+from densify.config.profiles import load_profile
 from densify.engines.base import Completion
-from densify.profiles import load_profile
-from densify.queries import PlanError, check_points, grid_points, plan_queries
+from densify.io.cameras import PixelMap
+from densify.queries.answers import collect_depth, parse_text
+from densify.queries.plan import PlanError, check_points, grid_points, plan_queries
 
 
 def test_grid_by_count_and_stride():

@@ -12,11 +12,11 @@ import pytest
 
 ray = pytest.importorskip("ray")
 
-from densify.config import ConfigError  # noqa: E402
+from densify.config.loading import ConfigError  # noqa: E402
 from densify.engines.ray_pool import RayPoolEngine  # noqa: E402
-from densify.settings import DepthConfig  # noqa: E402
+from densify.sim.truth import ConstantTruth  # noqa: E402
 from densify.stages import depth as depth_mod  # noqa: E402
-from densify.truth import ConstantTruth  # noqa: E402
+from densify.stages.settings import DepthConfig  # noqa: E402
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -29,7 +29,7 @@ def ray_cluster():
 def _one_image(folder: Path):
     import cv2
 
-    from densify.images import discover
+    from densify.io.images import discover
 
     folder.mkdir()
     cv2.imwrite(str(folder / "v0.png"), np.full((120, 160, 3), 128, np.uint8))

@@ -73,7 +73,7 @@ def test_an_engine_dying_in_a_gpu_bundle_is_restarted_there_and_no_batch_fails(t
     Ray in its GPU's bundle, its batch is resubmitted, and every batch is answered."""
     from test_ray_pool import SeededTruth, make_batch
 
-    from densify.engines.simulated import SimulatedEngine
+    from densify.sim.engine import SimulatedEngine
 
     class DiesOnce(SimulatedEngine):
         def __init__(self, profile, *, flag: str, **kw):

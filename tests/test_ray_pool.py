@@ -12,13 +12,13 @@ import pytest
 
 ray = pytest.importorskip("ray")
 
+from densify.config.profiles import load_profile  # noqa: E402
 from densify.engines import EngineBatch, create_engine  # noqa: E402
 from densify.engines.base import Completion, Engine, ImageRef, PromptImage, Query, Sampling  # noqa: E402
 from densify.engines.ray_pool import RayPoolEngine  # noqa: E402
-from densify.engines.simulated import SimulatedEngine  # noqa: E402
-from densify.profiles import load_profile  # noqa: E402
-from densify.prompts import render_text  # noqa: E402
-from densify.truth import Truth  # noqa: E402
+from densify.queries.prompts import render_text  # noqa: E402
+from densify.sim.engine import SimulatedEngine  # noqa: E402
+from densify.sim.truth import Truth  # noqa: E402
 
 PROFILE = load_profile("vlm3-depth")
 
@@ -238,13 +238,13 @@ def test_close_kills_the_actors():
 
 def test_depth_pipeline_through_the_pool(tmp_path):
     import cv2
-
     from conftest import sidecar_metrics
-    from densify.images import discover
-    from densify.layout import RunLayout
-    from densify.settings import DepthConfig
+
+    from densify.io.images import discover
+    from densify.io.layout import RunLayout
     from densify.stages import build_engine
     from densify.stages.depth import run_depth
+    from densify.stages.settings import DepthConfig
 
     rng = np.random.default_rng(5)
     src = tmp_path / "in"

@@ -6,15 +6,15 @@ import shutil
 import numpy as np
 import pytest
 
-from densify.engines.simulated import SimulatedEngine
+from densify.config.loading import dict_overrides
+from densify.config.profiles import load_profile
 from densify.eval.pose_eval import chamfer, trajectory_error, visible_surface_samples
 from densify.geometry.export import OPENCV_TO_OPENGL
-from densify.images import discover
-from densify.profiles import load_profile
-from densify.config import dict_overrides
-from densify.settings import ReconstructConfig, load_config
+from densify.io.images import discover
+from densify.sim.engine import SimulatedEngine
+from densify.sim.truth import SceneTruth
 from densify.stages.scene import reconstruct, relative_pose
-from densify.truth import SceneTruth
+from densify.stages.settings import ReconstructConfig, load_config
 
 FAST = {"engine": {"name": "simulated"}, "fusion": {"voxel_length": 0.04, "sdf_trunc": 0.16},
         "depth": {"plan": {"count": 1200}}}
@@ -154,8 +154,8 @@ def test_rerun_resumes_from_outputs(run, scene):
 
 def test_bad_inputs_give_failure_records_and_the_rest_reconstructs(tmp_path, scene):
     """A missing image and an unrelated image: failed pairs with reasons, the connected part is posed."""
-    from densify.cli import main
     from densify.synthetic.scenes import SceneSpec, make_scene
+    from pipelines.cli import main
 
     src = tmp_path / "scene"
     images = scene.save(src)
@@ -211,7 +211,7 @@ def test_pose_command_with_vlm_cross_check(tmp_path, scene):
 
 
 def test_pose_command_line(tmp_path, scene):
-    from densify.cli import main
+    from pipelines.cli import main
 
     images = scene.save(tmp_path / "scene")
     rc = main(["-q", "pose", str(images[0]), str(images[1]), "--out", str(tmp_path / "out"), "--engine", "simulated",
@@ -222,7 +222,7 @@ def test_pose_command_line(tmp_path, scene):
 
 def test_one_connected_image_degrades_to_a_summary(tmp_path, scene):
     """No usable pair: no scene is fused or exported (no empty mesh), the summary says why, exit 1."""
-    from densify.cli import main
+    from pipelines.cli import main
 
     images = scene.save(tmp_path / "scene")
     for k in (1, 2):  # images the simulator knows nothing about: they fail, so nothing connects to view_000

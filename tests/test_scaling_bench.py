@@ -23,7 +23,7 @@ def test_scaling_bench_runs_on_cpu_actors(tmp_path):
 def test_vllm_answers_are_forced_to_the_benchmark_length():
     # the first H200 run used the profile's max_tokens with ignore_eos, so every answer ran to that limit
     from benchmarks.scaling_bench import GEN_TOKENS, bench_sampling, make_batches
-    from densify.profiles import load_profile
+    from densify.config.profiles import load_profile
 
     prof = load_profile("vlm3-depth")
     (b,) = make_batches(1, prof, sampling=bench_sampling(prof, "vllm"))
@@ -35,8 +35,8 @@ def test_every_image_has_its_own_pixels():
     """Engines key their image and prefix caches on pixel content: copies of one image under other ids
     would be answered from the cache (the first H200 run of 2026-11-30 measured that, not the engine)."""
     from benchmarks.scaling_bench import make_batches
+    from densify.config.profiles import load_profile
     from densify.engines.base import PromptImage
-    from densify.profiles import load_profile
 
     prof = load_profile("vlm3-depth")
     batches = make_batches(3, prof) + make_batches(2, prof, tag_prefix="warm", first=10_000)

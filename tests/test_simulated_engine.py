@@ -1,16 +1,16 @@
 import numpy as np
 import pytest
 
-from densify.cameras import Camera, prepare_image
+from densify.config.profiles import load_profile
 from densify.engines import create_engine
 from densify.engines.base import EngineBatch, Sampling
-from densify.engines.simulated import ErrorModel, SimulatedEngine
-from densify.truth import ArrayTruth
 from densify.eval.metrics import delta1
-from densify.profiles import load_profile
-from densify.prompts import depth_batch, image_ref
-from densify.queries import grid_points, plan_queries
-from densify.answers import collect_depth
+from densify.io.cameras import Camera, prepare_image
+from densify.queries.answers import collect_depth
+from densify.queries.plan import grid_points, plan_queries
+from densify.queries.prompts import depth_batch, image_ref
+from densify.sim.engine import ErrorModel, SimulatedEngine
+from densify.sim.truth import ArrayTruth
 
 
 def _scene(textured_image):

@@ -11,7 +11,9 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _imports(path: Path) -> set[str]:
+def _imports(path: Path, late: bool = True) -> set[str]:
+    """Every module a file names: import statements, `import_module("x")` calls and (unless not `late`)
+    the "module:Class" names of a registry, which load on first use."""
     out = set()
     for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.Import):
@@ -19,24 +21,97 @@ def _imports(path: Path) -> set[str]:
         elif isinstance(node, ast.ImportFrom) and node.module:
             out.add(node.module)
             out |= {f"{node.module}.{a.name}" for a in node.names}
+        elif (isinstance(node, ast.Call) and getattr(node.func, "attr", getattr(node.func, "id", "")) == "import_module"
+              and node.args and isinstance(node.args[0], ast.Constant) and isinstance(node.args[0].value, str)):
+            out.add(node.args[0].value)
+        elif late and isinstance(node, ast.Constant) and isinstance(node.value, str):
+            m = re.fullmatch(r"((?:densify|pipelines)(?:\.\w+)+):\w+", node.value)
+            if m:
+                out.add(m.group(1))
     return out
 
 
+def _module_file(name: str) -> Path | None:
+    base = REPO.joinpath(*name.split("."))
+    for cand in (base.with_suffix(".py"), base / "__init__.py"):
+        if cand.is_file():
+            return cand
+    return None
+
+
+def _module_of(path: Path) -> str:
+    parts = path.relative_to(REPO).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _library_graph() -> dict[str, set[str]]:
+    """densify module -> the densify modules it names (a name that is a module's attribute counts as the
+    module)."""
+    graph = {}
+    for f in (REPO / "densify").rglob("*.py"):
+        deps = set()
+        for m in _imports(f, late=False):
+            while m and _module_file(m) is None:
+                m = m.rpartition(".")[0]
+            if m.startswith("densify.") and m != _module_of(f):
+                deps.add(m)
+        graph[_module_of(f)] = deps
+    return graph
+
+
+ENTRY = {"cli.py", "__main__.py", "__init__.py", "common.py"}
+
+
 def test_commands_import_no_other_command_and_the_library_no_command():
+    """Commands are independent; the entry point (pipelines/cli.py) is the one place that names them; the
+    library never names the command layer, not even in a string."""
     for f in (REPO / "pipelines").glob("*.py"):
+        if f.name in ENTRY:
+            continue
         bad = {m for m in _imports(f) if m.startswith("pipelines") and m not in ("pipelines", "pipelines.common")}
         assert not bad, (f.name, bad)
     for f in (REPO / "densify").rglob("*.py"):
         bad = {m for m in _imports(f) if m.startswith("pipelines")}
         assert not bad, (f, bad)
+        assert not re.search(r"(?<![\w.])pipelines\.\w", f.read_text()), f
+
+
+def test_no_module_imports_back_up():
+    """The library's modules form no loop: every arrow runs down (`import_module` calls count; a registry's
+    "module:Class" names are bound late, when an engine is built, and do not)."""
+    graph = _library_graph()
+    state: dict[str, int] = {}
+    stack: list[str] = []
+
+    def visit(m: str) -> None:
+        state[m] = 1
+        stack.append(m)
+        for d in sorted(graph.get(m, ())):
+            if state.get(d) == 1:
+                raise AssertionError(f"import loop: {' -> '.join(stack[stack.index(d):] + [d])}")
+            elif d not in state:
+                visit(d)
+        stack.pop()
+        state[m] = 2
+
+    for m in sorted(graph):
+        if m not in state:
+            visit(m)
+
+
+def test_packages_say_what_lives_there():
+    for init in (REPO / "densify").glob("*/__init__.py"):
+        doc = ast.get_docstring(ast.parse(init.read_text()))
+        assert doc and "import" in doc, f"{init}: a docstring saying what lives there and what it may import"
 
 
 def test_ground_truth_stays_with_the_simulator():
-    """No module of the real data path mentions truth: prompts, matching, poses, stages, commands (but the
-    demo, which renders its own scene)."""
-    real = [REPO / "densify" / n for n in ("prompts.py", "matching.py", "vlm_pose.py", "pairs.py", "queries.py",
-                                            "answers.py", "cameras.py", "store.py", "layout.py", "api.py")]
-    real += list((REPO / "densify" / "stages").glob("*.py"))
+    """No module of the real data path mentions truth: questions, pairs, objects, engines, io, stages,
+    commands (but the demo, which renders its own scene)."""
+    real = []
+    for pkg in ("queries", "pairs", "objects", "engines", "io", "stages", "fields", "config"):
+        real += list((REPO / "densify" / pkg).rglob("*.py"))
+    real += [REPO / "densify" / "api.py"]
     real += [f for f in (REPO / "pipelines").glob("*.py") if f.name != "demo.py"]
     for f in real:
         names = set()
@@ -86,7 +161,7 @@ def test_readme_engine_tables_match_the_typed_options():
 
 
 def test_help_texts_are_sentences():
-    from densify.cli import build_parser
+    from pipelines.cli import build_parser
 
     _, modules = build_parser()
     parser, _ = build_parser()
@@ -110,9 +185,8 @@ def test_one_facade_with_keyword_only_options():
     ({"seed": "x"}, ["engine.options.seed"]),
 ])
 def test_engine_options_are_checked_when_the_config_loads(bad, words):
-    from densify.config import ConfigError
-    from densify.settings import DepthConfig, load_config
-    from densify.config import dict_overrides
+    from densify.config.loading import ConfigError, dict_overrides
+    from densify.stages.settings import DepthConfig, load_config
 
     with pytest.raises(ConfigError) as e:
         load_config(DepthConfig, None, dict_overrides({"engine": {"name": "simulated", "options": bad}}),
@@ -122,9 +196,9 @@ def test_engine_options_are_checked_when_the_config_loads(bad, words):
 
 
 def test_fingerprint_ignores_transport_options():
-    from densify.profiles import load_profile
-    from densify.settings import DepthConfig
+    from densify.config.profiles import load_profile
     from densify.stages.depth import settings_fingerprint
+    from densify.stages.settings import DepthConfig
 
     p = load_profile("vlm3-depth")
     fp = lambda **o: settings_fingerprint(DepthConfig(engine={"name": "vllm", "options": o}), p)  # noqa: E731

@@ -9,7 +9,7 @@ import numpy as np
 import open3d as o3d
 import pytest
 
-from densify.cameras import read_sidecar
+from densify.io.cameras import read_sidecar
 from densify.synthetic.scenes import Scene, SceneSpec, make_scene
 
 

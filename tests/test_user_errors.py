@@ -10,9 +10,9 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import IBIMS
-from densify.cli import main
+
+from pipelines.cli import main
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -107,7 +107,7 @@ def test_default_engine_is_the_real_model_and_a_missing_one_stops_at_once(tmp_pa
     out = tmp_path / "out"
     env = dict(os.environ, HF_ENDPOINT="http://127.0.0.1:9")  # a hub that refuses at once, as offline
     t0 = time.monotonic()
-    p = subprocess.run([sys.executable, "-m", "densify", "depth", str(rgb), "--out", str(out)], cwd=REPO, env=env,
+    p = subprocess.run([sys.executable, "-m", "pipelines", "depth", str(rgb), "--out", str(out)], cwd=REPO, env=env,
                        capture_output=True, text=True, timeout=60)
     took = time.monotonic() - t0
     assert p.returncode == 3, p.stderr
@@ -148,7 +148,7 @@ def test_simulated_engine_without_truth_fails_each_image_with_a_record(tmp_path,
 
 def _start_until_a_result(out: Path, *argv, timeout: float = 120, pattern: str = "*/result.json") -> subprocess.Popen:
     """`densify ARGV` in a subprocess, returned once its first image is done (a result.json exists)."""
-    p = subprocess.Popen([sys.executable, "-m", "densify", *argv], cwd=REPO, stdout=subprocess.PIPE,
+    p = subprocess.Popen([sys.executable, "-m", "pipelines", *argv], cwd=REPO, stdout=subprocess.PIPE,
                          stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + timeout
     while not list(out.glob(pattern)):
@@ -173,7 +173,7 @@ def test_interrupt_writes_the_summary_of_what_finished(tmp_path, sig, code):
     assert s["interrupted"] is True and s["complete"] is False and s["ok"] >= 1
     assert len(list(out.glob("*/result.json"))) == s["ok"]
     # resuming finishes the rest and redoes nothing
-    p = subprocess.run([sys.executable, "-m", "densify", "depth", str(tmp_path / "scene"), "--out", str(out),
+    p = subprocess.run([sys.executable, "-m", "pipelines", "depth", str(tmp_path / "scene"), "--out", str(out),
                         "--engine", "simulated", "--count", "3072", "--set", "plan.mode=grid"], cwd=REPO,
                        capture_output=True, text=True, timeout=120)
     s2 = json.loads((out / "summary.json").read_text())

@@ -12,7 +12,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def test_preview_has_a_colour_bar_and_near_is_blue():
-    from densify.preview import depth_preview
+    from densify.io.preview import depth_preview
 
     h, w = 120, 160
     depth = np.tile(np.linspace(1.0, 6.0, w, dtype=np.float32), (h, 1))
@@ -28,10 +28,10 @@ def test_preview_has_a_colour_bar_and_near_is_blue():
 
 
 def test_progress_inside_an_image_comes_per_round(tmp_path):
-    from densify.engines.simulated import SimulatedEngine
-    from densify.images import discover
-    from densify.settings import DepthConfig
+    from densify.io.images import discover
+    from densify.sim.engine import SimulatedEngine
     from densify.stages.depth import DepthStage
+    from densify.stages.settings import DepthConfig
     from densify.synthetic.scenes import SceneSpec, make_scene
 
     paths = make_scene(SceneSpec(seed=2, n_views=1, width=160, height=120)).save(tmp_path / "s")
@@ -43,7 +43,7 @@ def test_progress_inside_an_image_comes_per_round(tmp_path):
 
 
 def test_demo_cleans_its_temporary_folder(capsys):
-    from densify.cli import main
+    from pipelines.cli import main
 
     before = set(Path(tempfile.gettempdir()).glob("densify-demo-*"))
     assert main(["demo", "--views", "1", "--set", "plan.count=256"]) == 0

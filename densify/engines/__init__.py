@@ -14,10 +14,9 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from densify.engines.base import (Completion, Engine, EngineBatch, EngineError, EngineStartError, ImageRef,
-                                  PromptImage, Query, Sampling, generate_stream)
-from densify.engines.options import (EngineOptions, HFOptions, OpenAIOptions, RayOptions, SimulatedOptions,
-                                     VLLMOptions)
+from densify.engines.base import (Completion, Engine, EngineBatch, EngineError, EngineStartError, ImageRef, PromptImage,
+                                  Query, Sampling, generate_stream)
+from densify.engines.options import EngineOptions, HFOptions, OpenAIOptions, RayOptions, SimulatedOptions, VLLMOptions
 
 __all__ = ["Completion", "Engine", "EngineBatch", "EngineError", "EngineStartError", "ImageRef",
            "PromptImage", "Query", "Sampling", "create_engine", "engine_names", "generate_stream",
@@ -42,7 +41,7 @@ class _Entry:
 
 
 _ENGINES: dict[str, _Entry] = {
-    "simulated": _Entry("densify.engines.simulated:SimulatedEngine", SimulatedOptions),
+    "simulated": _Entry("densify.sim.engine:SimulatedEngine", SimulatedOptions),
     "hf": _Entry("densify.engines.hf:HFEngine", HFOptions, "hf", ("torch", "transformers")),
     "vllm": _Entry("densify.engines.vllm:VLLMEngine", VLLMOptions, "vllm", ("vllm",)),
     "openai": _Entry("densify.engines.openai:OpenAIEngine", OpenAIOptions, "openai"),

@@ -36,9 +36,9 @@ from typing import Any
 
 import numpy as np
 
+from densify.config.profiles import Profile, load_profile
 from densify.engines.base import Completion, Engine, EngineBatch, EngineError, PromptImage, Query, check_batch
-from densify.profiles import Profile, load_profile
-from densify.prompts import chat_messages
+from densify.engines.chat import chat_messages
 
 log = logging.getLogger(__name__)
 

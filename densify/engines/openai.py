@@ -40,11 +40,11 @@ import urllib.parse
 import weakref
 from typing import Any, Iterable, Iterator
 
-from densify.engines.base import Completion, Engine, EngineBatch, EngineError, EngineStartError, PromptImage, Query, \
-    check_batch
-from densify.profiles import Profile, load_profile
-from densify.prompts import chat_messages
-from densify.redact import redact
+from densify.config.profiles import Profile, load_profile
+from densify.engines.base import (Completion, Engine, EngineBatch, EngineError, EngineStartError, PromptImage, Query,
+                                  check_batch)
+from densify.engines.chat import chat_messages
+from densify.io.redact import redact
 
 log = logging.getLogger(__name__)
 for _name in ("httpx", "httpx2"):  # they log every request at INFO: thousands of lines per image

@@ -16,7 +16,7 @@ class EngineOptions(BaseModel):
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
     transport: ClassVar[frozenset[str]] = frozenset()
     """Options that change how answers are obtained (memory, scheduling, network), never what they are:
-    left out of result fingerprints and answer-store keys (densify.store.model_key_for), so changing them
+    left out of result fingerprints and answer-store keys (densify.engines.store.model_key_for), so changing them
     re-asks nothing."""
 
 
@@ -25,9 +25,9 @@ class SimulatedOptions(EngineOptions):
     seed: int = Field(0, description="seed of the error model (answers depend on it, on the images and the prompt)")
     noise: bool = Field(True, description="false: exact answers (checks the pipeline, not a model)")
     error: str | dict | None = Field(None, description="error preset (iid, the default; structured; exact) or "
-                                     "ErrorModel parameters (densify.engines.errors)")
+                                     "ErrorModel parameters (densify.sim.errors)")
     object_error: dict | None = Field(None, description="object-question error model "
-                                      "(densify.synthetic.object_answers.ObjectErrorModel)")
+                                      "(densify.sim.objects.ObjectErrorModel)")
     answers_per_s: float | None = Field(None, gt=0, description="pace answers to at most this many queries per "
                                         "second per engine (benchmarks: stands in for a GPU engine's rate); "
                                         "None: as fast as the CPU allows")

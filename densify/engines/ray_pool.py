@@ -28,10 +28,10 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Iterator
 
+from densify.config.profiles import Profile
 from densify.engines import engine_names
 from densify.engines.base import Completion, Engine, EngineBatch, EngineError, EngineStartError
 from densify.engines.ray_actor import EngineSpec, _actor_class, _completions, _short, _to_columns
-from densify.profiles import Profile
 
 __all__ = ["RayPoolEngine", "AUTO_ENGINES_PER_GPU", "AUTO_ENGINES_PER_GPU_FP8", "resolve_engines_per_gpu"]
 

@@ -28,11 +28,11 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Iterator
 
+from densify.config.profiles import Profile, load_profile
 from densify.engines.base import (Completion, Engine, EngineBatch, EngineError, EngineStartError, PromptImage, Query,
                                   Sampling, check_batch)
+from densify.engines.chat import chat_messages
 from densify.engines.vllm_fast import FALLBACK, FAST, add_fast
-from densify.profiles import Profile, load_profile
-from densify.prompts import chat_messages
 
 log = logging.getLogger(__name__)
 

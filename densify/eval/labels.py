@@ -7,13 +7,13 @@ from pathlib import Path
 
 import numpy as np
 
-from densify import outputs
 from densify.engines import Engine
 from densify.eval.metrics import absrel, delta1
-from densify.images import ImageError, ImageSource, read_jsonl_manifest
-from densify.layout import RunLayout
-from densify.settings import DepthConfig
+from densify.io import outputs
+from densify.io.images import ImageError, ImageSource, read_jsonl_manifest
+from densify.io.layout import RunLayout
 from densify.stages.depth import run_depth
+from densify.stages.settings import DepthConfig
 
 __all__ = ["evaluate_labels", "label_sources"]
 

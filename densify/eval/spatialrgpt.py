@@ -40,13 +40,13 @@ from typing import Callable
 
 import numpy as np
 
-from densify import answers as answers_mod
-from densify.cameras import Camera, resolve_camera
+from densify.config.profiles import Profile
 from densify.engines.base import generate_stream
-from densify.images import load_rgb
-from densify.objects import (CATEGORIES, QUALITATIVE_GROUPS, QUANTITATIVE_GROUPS, choice_index, clock_error,
-                             make_regions, question_of, rewrite_answer)
-from densify.profiles import Profile
+from densify.io.cameras import Camera, resolve_camera
+from densify.io.images import load_rgb
+from densify.objects.questions import (CATEGORIES, QUALITATIVE_GROUPS, QUANTITATIVE_GROUPS, choice_index, clock_error,
+                                       make_regions, question_of, rewrite_answer)
+from densify.queries import answers as answers_mod
 
 log = logging.getLogger("densify.eval.spatialrgpt")
 
@@ -283,8 +283,8 @@ def run_bench(items: list[BenchItem], profile: Profile, engine, *, depth_for: De
               up: str = "floor", use_masks: bool = True, limit: int | None = None) -> dict:
     """Ask `engine` every question (one batch per image) and score it; with depth_for also answer every
     question from that image's depth map and score those answers the same way."""
-    from densify.object_qa import (build_prompts, geometry_answer, geometry_context, image_batch,
-                                   parse_model_answer, prepare_object_image, to_json_value)
+    from densify.objects.qa import (build_prompts, geometry_answer, geometry_context, image_batch, parse_model_answer,
+                                    prepare_object_image, to_json_value)
 
     items = items[:limit] if limit else items
     unknown = sorted({it.category for it in items if it.category not in profile.questions})

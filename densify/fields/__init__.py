@@ -2,14 +2,17 @@
 
 Densifiers register by name with one signature, so configs choose them (`densify.method`,
 `corr.flow_method`): depth `(pixels, values, rgb, *, outliers, logprobs=None, **options)`, flow
-`(pixels1, pixels2, rgb1, *, shape=None, **options)`.
+`(pixels1, pixels2, rgb1, *, shape=None, **options)`. The adaptive planner (adaptive) places queries
+where the field is uncertain.
+
+May import: densify.queries, densify.io, numpy, SciPy, OpenCV. Nothing about engines or stages.
 """
 
 import numpy as np
 
-from densify.fields.interpolate import DenseField, densify_depth, densify_flow, reject_outliers
-from densify.fields.edge_aware import densify_depth_edge, densify_flow_edge
 from densify.fields.adaptive import AdaptivePlanner, run_adaptive, run_adaptive_depth
+from densify.fields.edge_aware import densify_depth_edge, densify_flow_edge
+from densify.fields.interpolate import DenseField, densify_depth, densify_flow, reject_outliers
 
 
 def densify_depth_linear(pixels, values, rgb, *, outliers: bool = True, logprobs=None, **options) -> DenseField:

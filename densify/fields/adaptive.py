@@ -39,7 +39,7 @@ from scipy.spatial import Delaunay, cKDTree
 
 from densify.fields.edge_aware import guide_maps, guided_planes
 from densify.fields.interpolate import reject_outliers
-from densify.queries import grid_points
+from densify.queries.plan import grid_points
 
 __all__ = ["AdaptiveDepthImage", "AdaptivePlanner", "AdaptiveRun", "run_adaptive", "run_adaptive_depth", "round_sizes"]
 
@@ -340,8 +340,8 @@ class AdaptiveDepthImage:
 
     def next_batch(self):
         """The next round's batch, or None (and `done`) when the planner has nothing more to ask."""
-        from densify.prompts import depth_batch
-        from densify.queries import plan_queries
+        from densify.queries.plan import plan_queries
+        from densify.queries.prompts import depth_batch
 
         while not self.done:
             if self._prebuilt is not None:
@@ -366,8 +366,7 @@ class AdaptiveDepthImage:
         return None
 
     def receive(self, completions) -> None:
-        from densify import answers as answers_mod
-
+        from densify.queries import answers as answers_mod
         plan, run = self._plan, self.run
         run.pixels = np.concatenate([run.pixels, np.asarray(plan.pixels).reshape(-1, 2)])
         if plan.prompt_xy is not None:

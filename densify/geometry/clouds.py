@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from densify.cameras import Camera
+from densify.io.cameras import Camera
 
 
 def require_open3d() -> None:

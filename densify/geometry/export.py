@@ -21,9 +21,9 @@ from typing import Callable
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
-from densify import outputs
-from densify.cameras import Camera
 from densify.geometry.clouds import depth_at_pixels, unproject
+from densify.io import outputs
+from densify.io.cameras import Camera
 
 log = logging.getLogger(__name__)
 

@@ -17,7 +17,7 @@ from typing import Callable, Iterable
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
-from densify.cameras import Camera
+from densify.io.cameras import Camera
 
 log = logging.getLogger(__name__)
 

@@ -19,9 +19,9 @@ import cv2
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
-from densify.cameras import Camera
 from densify.geometry.clouds import depth_at_pixels, unproject
 from densify.geometry.rotations import angle_between_deg, rotation_angle_deg
+from densify.io.cameras import Camera
 
 log = logging.getLogger(__name__)
 

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from densify.cameras import Camera
 from densify.geometry.clouds import depth_at_pixels, unproject
+from densify.io.cameras import Camera
 
 __all__ = ["pair_log_scale", "relative_log_scales"]
 

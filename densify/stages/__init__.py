@@ -5,7 +5,11 @@
     pairs   correspondences -> relative poses (RANSAC / PnP), or asked of a pose profile
     scene   pose graph -> TSDF fusion -> exports; `reconstruct` runs depth, pairs and scene in turn
 
+Every job's settings live here too (settings: pydantic models loaded from configs/pipelines/*.yaml).
 Commands (pipelines/) and the Python facade (densify.Densifier) are thin layers over these.
+
+The top of the library: may import every other package except the simulator (densify.sim), which it
+reaches only through the engine registry.
 """
 
 from densify.stages.depth import DepthResult, DepthStage

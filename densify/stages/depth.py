@@ -25,20 +25,20 @@ from typing import Callable, Iterable, Iterator
 
 import numpy as np
 
-from densify import answers as answers_mod
-from densify import outputs
-from densify.cameras import Camera, CameraError, PreparedImage, prepare_image, resolve_camera
+from densify.config.profiles import Profile, load_profile
 from densify.engines import Engine, EngineBatch, EngineError, ImageRef
 from densify.eval.metrics import delta1, depth_report
 from densify.fields import DenseField, depth_method
 from densify.fields.edge_aware import require_contrib
 from densify.geometry.clouds import require_open3d
-from densify.images import ImageError, ImageSource, load_image
-from densify.layout import ImageFiles, RunLayout, fingerprint
-from densify.profiles import Profile, load_profile
-from densify.prompts import depth_batch, image_ref, image_uid, sampling_for
-from densify.queries import PlanError, QueryPlan, check_points, grid_points, plan_queries
-from densify.settings import DepthConfig
+from densify.io import outputs
+from densify.io.cameras import Camera, CameraError, PreparedImage, prepare_image, resolve_camera
+from densify.io.images import ImageError, ImageSource, load_image
+from densify.io.layout import ImageFiles, RunLayout, fingerprint
+from densify.queries import answers as answers_mod
+from densify.queries.plan import PlanError, QueryPlan, check_points, grid_points, plan_queries
+from densify.queries.prompts import depth_batch, image_ref, image_uid, sampling_for
+from densify.stages.settings import DepthConfig
 
 log = logging.getLogger("densify.depth")
 
@@ -116,7 +116,7 @@ def settings_fingerprint(cfg: DepthConfig, profile: Profile) -> str:
     """What shapes a depth result: the profile, the model, the engine's answer-changing options, the plan,
     the densifier, the sampling options, the decoding size and the assumed field of view (not memory,
     scheduling or network settings)."""
-    from densify.store import model_key_for  # the answer store's key: the same answers, the same identity
+    from densify.engines.store import model_key_for  # the answer store's key: the same answers, the same identity
 
     ident = model_key_for(cfg.engine.name, cfg.engine.options)
     return fingerprint({"profile": profile.model_dump(mode="json"), "model": cfg.model or profile.model,
@@ -235,7 +235,7 @@ class DepthStage:
         if o.png16:
             written.append(outputs.write_png(files.depth_png, outputs.depth_png16(depth)))
         if o.preview:
-            from densify.preview import depth_preview
+            from densify.io.preview import depth_preview
 
             written.append(outputs.write_png(files.preview, depth_preview(task.rgb, depth)))
         if o.answers:
@@ -490,7 +490,7 @@ def _wait_for_a_free_cpu(cpu_workers: int, timeout_s: float = 20.0) -> None:
     asked by a task, not read)."""
     import ray
 
-    from densify.config import ConfigError
+    from densify.config.loading import ConfigError
 
     probe = ray.remote(num_cpus=1, max_retries=0)(_nothing).remote()
     if not ray.wait([probe], timeout=timeout_s)[0]:

@@ -6,10 +6,10 @@ import logging
 import os
 from pathlib import Path
 
-from densify.config import ConfigError
+from densify.config.loading import ConfigError
+from densify.config.profiles import Profile
 from densify.engines import Engine, EngineStartError, check_available, create_engine
-from densify.profiles import Profile
-from densify.settings import EngineConfig, RayConfig
+from densify.stages.settings import EngineConfig, RayConfig
 
 log = logging.getLogger("densify.engine")
 

@@ -16,16 +16,16 @@ import time
 from pathlib import Path
 from typing import Iterator
 
-from densify import outputs
-from densify.config import ConfigError
+from densify.config.loading import ConfigError
+from densify.config.profiles import load_profile
 from densify.engines import Engine
-from densify.images import IMAGE_SUFFIXES, ImageSource, iter_sources, manifest_kind, walk_images
-from densify.layout import RunLayout
-from densify.profiles import load_profile
-from densify.settings import LabelConfig
+from densify.engines.store import AnswerStore, StoredEngine, model_key_for, store_path
+from densify.io import outputs
+from densify.io.images import IMAGE_SUFFIXES, ImageSource, iter_sources, manifest_kind, walk_images
+from densify.io.layout import RunLayout
 from densify.stages.depth import DepthResult, DepthStage
 from densify.stages.engine import build_engine
-from densify.store import AnswerStore, StoredEngine, model_key_for, store_path
+from densify.stages.settings import LabelConfig
 
 log = logging.getLogger("densify.label")
 
@@ -116,7 +116,7 @@ class LabelJob:
     """One shard of a labelling job (see the module docstring).
 
     engine: a ready engine to use instead of the configured one (not closed here; its answers are keyed in
-    the store by `model_key`, default from the config). progress: a `densify.progress.Progress` or None.
+    the store by `model_key`, default from the config). progress: a `densify.io.progress.Progress` or None.
     """
 
     def __init__(self, cfg: LabelConfig, out: str | Path, *, shard: tuple[int, int] = (0, 1),

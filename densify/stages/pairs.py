@@ -2,7 +2,7 @@
 
 Per pair (i, j): correspondence questions over image 1 (a grid, or where earlier pairs' answers landed, so
 matches chain into multi-view tracks), the forward-backward check, RANSAC and PnP on image 1's depth
-(`densify.pairs.solve_pair`); files under pairs/<id1>__<id2>/ (resumable). `vlm_pose_stage` asks the pose
+(`densify.pairs.solve.solve_pair`); files under pairs/<id1>__<id2>/ (resumable). `vlm_pose_stage` asks the pose
 profile's questions instead or as a cross-check. A pair that fails gets a record and the stage goes on.
 """
 
@@ -17,21 +17,21 @@ from pathlib import Path
 
 import numpy as np
 
-from densify import outputs
-from densify.cameras import Camera, CameraError
-from densify.config import ConfigError
+from densify.config.loading import ConfigError
+from densify.config.profiles import load_profile
 from densify.engines import EngineError
 from densify.geometry.pose import PairPose
-from densify.images import ImageError, load_rgb
-from densify.layout import PairFiles, RunLayout
-from densify.matching import Matches, PairRequest, corr_view, dense_flow, match_pairs, track_points
-from densify.pairs import PairResult, classify, failed_pair, solve_pair
-from densify.profiles import load_profile
-from densify.progress import Progress
-from densify.settings import ReconstructConfig
-from densify.vlm_pose import ask_pose, compare_poses, pose_view
+from densify.io import outputs
+from densify.io.cameras import Camera, CameraError
+from densify.io.images import ImageError, load_rgb
+from densify.io.layout import PairFiles, RunLayout
+from densify.io.progress import Progress
+from densify.pairs.matching import Matches, PairRequest, corr_view, dense_flow, match_pairs, track_points
+from densify.pairs.solve import PairResult, classify, failed_pair, solve_pair
+from densify.pairs.vlm_pose import ask_pose, compare_poses, pose_view
+from densify.stages.settings import ReconstructConfig
 
-log = logging.getLogger("densify.pairs")
+log = logging.getLogger("densify.pairs.solve")
 
 __all__ = ["ImageInfo", "pair_stage", "vlm_pose_stage", "load_depth"]
 

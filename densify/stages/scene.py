@@ -21,21 +21,21 @@ from pathlib import Path
 
 import numpy as np
 
-from densify import outputs
+from densify.config.profiles import load_profile
 from densify.engines import Engine
-from densify.geometry.export import build_tracks, read_colmap_check, triangulate_tracks, write_colmap_text, \
-    write_nerfstudio
 from densify.geometry.clouds import require_open3d
+from densify.geometry.export import (build_tracks, read_colmap_check, triangulate_tracks, write_colmap_text,
+                                     write_nerfstudio)
 from densify.geometry.fusion import FusionFrame, tsdf_fuse
 from densify.geometry.posegraph import PoseEdge, PoseGraphResult, optimize_poses
-from densify.images import ImageSource, load_image
-from densify.layout import RunLayout
-from densify.pairs import PairResult, pair_list
-from densify.profiles import load_profile
-from densify.settings import ReconstructConfig
+from densify.io import outputs
+from densify.io.images import ImageSource, load_image
+from densify.io.layout import RunLayout
+from densify.pairs.solve import PairResult, pair_list
 from densify.stages.depth import DepthStage, summarize
 from densify.stages.engine import StageEngines
 from densify.stages.pairs import ImageInfo, load_depth, pair_stage, vlm_pose_stage
+from densify.stages.settings import ReconstructConfig
 
 log = logging.getLogger("densify.scene")
 
@@ -120,7 +120,7 @@ def view_scales(infos: list[ImageInfo], results: list[PairResult], layout: RunLa
     """Each view's relative depth log scale from the pairs whose metric pose came from PnP (and how many pairs
     were used); matches and depth maps are read back one pair at a time."""
     from densify.geometry.scale import pair_log_scale, relative_log_scales
-    from densify.matching import Matches
+    from densify.pairs.matching import Matches
 
     rows = []
     for r in results:
@@ -220,7 +220,7 @@ def reconstruct(sources: list[ImageSource], cfg: ReconstructConfig, out: str | P
     layout = RunLayout(out)
     layout.check()
     if len(sources) < 2:
-        from densify.config import ConfigError
+        from densify.config.loading import ConfigError
 
         raise ConfigError(f"reconstruct needs at least 2 images, got {len(sources)}")
     require_open3d()  # the pose graph and fusion need it: fail before any engine work, not after it
@@ -299,8 +299,8 @@ def _reconstruct(sources, cfg: ReconstructConfig, layout: RunLayout, stage_engin
 
 def camera_info(index: int, src: ImageSource, cfg: ReconstructConfig, intrinsics=None) -> ImageInfo:
     """An image's record without running depth on it (its camera at the size the depth stage decodes to)."""
-    from densify.cameras import CameraError, resolve_camera
-    from densify.images import ImageError
+    from densify.io.cameras import CameraError, resolve_camera
+    from densify.io.images import ImageError
 
     info = ImageInfo(index, src.id, Path(src.path), "ok", manifest=src.manifest, max_side=cfg.depth.max_side)
     try:

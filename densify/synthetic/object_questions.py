@@ -17,11 +17,11 @@ from pathlib import Path
 
 import numpy as np
 
+from densify.config.profiles import load_profile
 from densify.eval.spatialrgpt import rle_encode
-from densify.geometry.regions import margin
-from densify.objects import CATEGORIES
-from densify.profiles import load_profile
-from densify.synthetic.object_answers import ROOM_KINDS, true_answer, write_answer
+from densify.objects.geometry import margin
+from densify.objects.questions import CATEGORIES
+from densify.sim.objects import ROOM_KINDS, true_answer, write_answer
 
 
 def visible_objects(object_ids: np.ndarray, objects: list[dict], *, min_pixels: int = 600, border: int = 2):

@@ -146,7 +146,7 @@ def _profile_texts() -> list[str]:
     """Every profile's prompts (with example coordinates), so their words are single tokens or close."""
     texts = []
     try:
-        from densify.profiles import available_profiles, load_profile
+        from densify.config.profiles import available_profiles, load_profile
         for name in available_profiles():
             prof = load_profile(name)
             for q in prof.questions.values():

@@ -6,7 +6,7 @@ z-depth, intrinsics and camera-to-world pose; the scene gives relative poses and
 
 World frame: y up, floor at y = 0, ceiling at y = room height, x in [-W/2, W/2], z in [-D/2, D/2].
 Camera frame (OpenCV): x right, y down, z forward. A pixel index (x, y) is the ray through (x, y),
-i.e. X = (x - cx) / fx * Z (no half-pixel shift), matching densify.cameras.
+i.e. X = (x - cx) / fx * Z (no half-pixel shift), matching densify.io.cameras.
 """
 
 from __future__ import annotations
@@ -22,8 +22,8 @@ from pathlib import Path
 import numpy as np
 import open3d as o3d
 
-from densify.cameras import Camera
 from densify.geometry.rotations import matrix_from_euler
+from densify.io.cameras import Camera
 
 log = logging.getLogger(__name__)
 

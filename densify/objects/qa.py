@@ -10,13 +10,14 @@ from dataclasses import dataclass, field
 import cv2
 import numpy as np
 
-from densify import answers as answers_mod
-from densify.cameras import Camera, PreparedImage, prepare_image
+from densify.config.profiles import Profile
 from densify.engines.base import Completion, EngineBatch
-from densify.geometry import regions as georeg
-from densify.objects import CATEGORIES, ObjectPrompt, Region, category_of, choice_index, object_prompt, question_of
-from densify.profiles import Profile
-from densify.prompts import image_ref, image_uid, object_batch
+from densify.objects import geometry as georeg
+from densify.io.cameras import Camera, PreparedImage, prepare_image
+from densify.objects.questions import (CATEGORIES, ObjectPrompt, Region, category_of, choice_index, object_prompt,
+                                       question_of)
+from densify.queries import answers as answers_mod
+from densify.queries.prompts import image_ref, image_uid, object_batch
 
 
 def prepare_object_image(rgb: np.ndarray, camera: Camera, profile: Profile) -> PreparedImage:

@@ -22,8 +22,9 @@ class Progress:
         self.label = label
         self._bar = None
         if enabled and sys.stderr.isatty():
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress as RichProgress, TextColumn, \
-                TimeRemainingColumn
+            from rich.progress import BarColumn, MofNCompleteColumn
+            from rich.progress import Progress as RichProgress
+            from rich.progress import TextColumn, TimeRemainingColumn
             self._bar = RichProgress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                                      TextColumn("{task.fields[rate]}"), TimeRemainingColumn(), transient=False)
             self._task = self._bar.add_task(label, total=total_images, rate="")

@@ -21,8 +21,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from densify.cameras import Camera
-from densify.objects import CATEGORIES, Category, Region
+from densify.io.cameras import Camera
+from densify.objects.questions import CATEGORIES, Category, Region
 
 
 @dataclass(frozen=True)

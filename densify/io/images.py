@@ -220,7 +220,7 @@ def _gray16_to_rgb(im, target):
 
 
 def _stem_id(path: Path, root: Path | None = None) -> str:
-    """The default id: the file name without its extension, whatever the input kind (see densify.layout)."""
+    """The default id: the file name without its extension, whatever the input kind (see densify.io.layout)."""
     return Path(path).stem
 
 
@@ -292,9 +292,9 @@ def manifest_kind(item: str) -> str:
 
 def iter_sources(inputs) -> Iterator[ImageSource]:
     """Folders (recursive), globs, image files, JSONL and Parquet manifests -> image sources, streamed, in
-    order, with safe, unique, stable ids (they name output folders: densify.layout). A source whose id had
+    order, with safe, unique, stable ids (they name output folders: densify.io.layout). A source whose id had
     to change carries extra["id_wanted"]."""
-    from densify.layout import IdAssigner
+    from densify.io.layout import IdAssigner
 
     inputs = [inputs] if isinstance(inputs, (str, Path)) else list(inputs)
     ids = IdAssigner()

@@ -10,11 +10,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from densify.cameras import Camera
 from densify.geometry.clouds import depth_at_pixels, unproject
 from densify.geometry.pose import FAILED, PairPose, PoseConfig, estimate_pair_pose
 from densify.geometry.posegraph import information_from_points
-from densify.matching import Matches
+from densify.io.cameras import Camera
+from densify.pairs.matching import Matches
 
 __all__ = ["pair_list", "PairResult", "solve_pair", "solve_pair_xy", "pair_key", "failed_pair", "classify",
            "PAIR_MODES"]

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from densify.cameras import PixelMap
+from densify.io.cameras import PixelMap
 
 
 class PlanError(ValueError):

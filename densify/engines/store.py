@@ -3,7 +3,7 @@
 An answer is keyed by (model, profile, sampling, prompt image, prompt text): a 32-byte key whose first 16
 bytes name the image the query is about (so one range scan finds all stored answers of an image) and whose
 last 16 bytes name the rest of the query. Prompt-image uids are content hashes of the preprocessed
-pixels (`densify.prompts.image_uid`); the part before the first ':' names the source image (marker
+pixels (`densify.queries.prompts.image_uid`); the part before the first ':' names the source image (marker
 profiles draw one image per query, `<uid>:m<i>`).
 
 Storage is SQLite in WAL mode, one file per shard (answers-<i>.sqlite): one writer per file, so shards on
@@ -43,7 +43,7 @@ from densify.engines.base import Completion, Engine, EngineBatch, Query, Samplin
 __all__ = ["AnswerStore", "StoredEngine", "BatchStats", "StoreError", "StoreDamagedError", "StoreLockedError",
            "StoreFullError", "ANSWER_OPTIONS", "TRANSPORT_OPTIONS", "model_key_for", "store_path"]
 
-log = logging.getLogger("densify.store")
+log = logging.getLogger("densify.engines.store")
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS batches (

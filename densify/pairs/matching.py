@@ -20,14 +20,14 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from densify import outputs
-from densify.answers import parse_completion
-from densify.cameras import Camera, PreparedImage, prepare_image
+from densify.config.profiles import Profile
 from densify.engines.base import Completion, Engine, EngineBatch, ImageRef, generate_stream
 from densify.fields import DenseField
-from densify.profiles import Profile
-from densify.prompts import corr_batch, image_ref, image_uid, sampling_for
-from densify.queries import QueryPlan, grid_points, plan_queries
+from densify.io import outputs
+from densify.io.cameras import Camera, PreparedImage, prepare_image
+from densify.queries.answers import parse_completion
+from densify.queries.plan import QueryPlan, grid_points, plan_queries
+from densify.queries.prompts import corr_batch, image_ref, image_uid, sampling_for
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +38,7 @@ __all__ = ["CorrView", "Matches", "corr_view", "plan_pair", "track_points",
 DEFAULT_GRID = (24, 18)
 """Queries per pair (nx, ny): 432, each one a two-image prompt on a real model."""
 
-# failure kinds beyond the parser's (densify.answers)
+# failure kinds beyond the parser's (densify.queries.answers)
 OUT_OF_RANGE = "out_of_range"
 FB_REJECTED = "fb_rejected"
 FB_UNANSWERED = "fb_unanswered"

@@ -9,8 +9,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from densify.config.profiles import Profile, Question
 from densify.engines.base import Completion
-from densify.profiles import Profile, Question
 
 THINK_RE = re.compile(r"<think>.*?</think>", re.DOTALL)
 
@@ -49,8 +49,7 @@ _BOX4_RE = re.compile(r"\(\s*\d+\s*,\s*\d+\s*,\s*\d+\s*,\s*\d+\s*\)|Region \[\d+
 def _parse_object(question: Question, body: str) -> Parsed:
     """Object answers: predicate -> bool, choice -> ('box', x1y1x2y2) | ('index', i), metric -> metres,
     clock -> 1..12. Region references are removed before looking for numbers."""
-    from densify import objects
-
+    from densify.objects import questions as objects
     kind = question.parser
     if kind == "choice":
         v = objects.parse_choice(question, body)

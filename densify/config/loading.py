@@ -19,8 +19,8 @@ class ConfigError(ValueError):
 
 def config_dir() -> Path:
     """configs/ of a source checkout, else the copy packaged inside the wheel."""
-    here = Path(__file__).resolve().parent
-    for cand in (here.parent / "configs", here / "_configs"):
+    package = Path(__file__).resolve().parents[1]
+    for cand in (package.parent / "configs", package / "_configs"):
         if (cand / "profiles").is_dir():
             return cand
     raise FileNotFoundError("densify's configs/ folder is missing from this installation")

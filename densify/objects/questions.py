@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from densify.profiles import Profile, Question
+from densify.config.profiles import Profile, Question
 
 
 class RegionError(ValueError):

@@ -136,7 +136,7 @@ class RunLayout:
 
     def check(self) -> None:
         """Fail before any work when the output folder cannot be one."""
-        from densify.config import ConfigError
+        from densify.config.loading import ConfigError
 
         if self.root.exists() and not self.root.is_dir():
             raise ConfigError(f"--out {self.root}: is a file, not a folder; give a new or existing folder")

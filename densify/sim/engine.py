@@ -1,8 +1,8 @@
 """A simulated point-query model: answers from ground truth through a seeded error model
-(densify.engines.errors: presets `iid`, the default, and `structured`; engine option `error`).
+(densify.sim.errors: presets `iid`, the default, and `structured`; engine option `error`).
 
 A test and demo tool, never a default: it answers only where truth exists, looked up by image through a
-`densify.truth` provider (by default `FileTruth`: files beside the image and its manifest record). An image
+`densify.sim.truth` provider (by default `FileTruth`: files beside the image and its manifest record). An image
 without truth gets an error answer for every query, never an invented one.
 
 It writes answers as text, the way the model would, so the profile's parser is always exercised, and it
@@ -28,13 +28,13 @@ import time
 import cv2
 import numpy as np
 
-from densify.cameras import PixelMap
+from densify.config.profiles import Profile, load_profile
 from densify.engines.base import Completion, Engine, EngineBatch, PromptImage, Query, check_batch
-from densify.engines.errors import ErrorModel, ErrorState, corr_answer, depth_answer
 from densify.geometry.rotations import euler_from_matrix, relative_from_T, rotation_angle_deg
-from densify.profiles import Profile, load_profile
-from densify.truth import FileTruth, GroundTruth
-from densify.synthetic.object_answers import NO_TRUTH_ANSWER, ObjectErrorModel, answer_from_truth, regions_in_text
+from densify.io.cameras import PixelMap
+from densify.sim.errors import ErrorModel, ErrorState, corr_answer, depth_answer
+from densify.sim.objects import NO_TRUTH_ANSWER, ObjectErrorModel, answer_from_truth, regions_in_text
+from densify.sim.truth import FileTruth, GroundTruth
 
 COORD_RE = re.compile(r"\((\d+), (\d+)\)")
 
@@ -64,7 +64,7 @@ class NoTruth(LookupError):
 
 class SimulatedEngine(Engine):
     """Options: seed, noise (False: exact answers), error (ErrorModel fields), answers_per_s (pacing, None:
-    none); in Python also `truth`, a `densify.truth.Truth` provider (default `FileTruth()`)."""
+    none); in Python also `truth`, a `densify.sim.truth.Truth` provider (default `FileTruth()`)."""
 
     name = "simulated"
     simulated = True
@@ -148,7 +148,7 @@ class SimulatedEngine(Engine):
         if gt is None:
             raise NoTruth(f"simulated engine: no ground truth for image {img.ref.id} ({img.ref.path}); it answers "
                           f"only where truth exists (a <stem>.depth.npy beside the image, depth labels in its "
-                          f"DepthLM manifest, or a densify.truth provider). Real images need a real engine: "
+                          f"DepthLM manifest, or a densify.sim.truth provider). Real images need a real engine: "
                           f"--engine vllm, hf or openai with --model")
         return gt
 

@@ -14,7 +14,7 @@ from typing import Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from densify.config import ConfigError, Override, apply_overrides, config_dir, read_yaml, validate
+from densify.config.loading import ConfigError, Override, apply_overrides, config_dir, read_yaml, validate
 from densify.geometry.export import ExportConfig
 from densify.geometry.fusion import FusionConfig
 from densify.geometry.pose import PoseConfig
@@ -118,7 +118,7 @@ class OutputConfig(_Model):
 
 
 def _check_profile(name: str, task: str, key: str) -> str:
-    from densify.profiles import load_profile
+    from densify.config.profiles import load_profile
 
     try:
         prof = load_profile(name)
@@ -283,7 +283,7 @@ def load_config(model: type[M], path: str | Path | None = None, overrides: list[
     if path is not None:
         if not Path(path).is_file():
             raise ConfigError(f"--config {path}: no such file")
-        from densify.config import deep_merge
+        from densify.config.loading import deep_merge
 
         data, source = deep_merge(data, read_yaml(path)), str(path)
     return validate(model, apply_overrides(data, overrides), source, tuple(overrides))

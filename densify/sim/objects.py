@@ -16,9 +16,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-
-from densify.geometry.regions import RegionGeometry, ViewerFrame, answer, frame_from_up, geometry_of
-from densify.objects import CATEGORIES
+from densify.objects.geometry import RegionGeometry, ViewerFrame, answer, frame_from_up, geometry_of
+from densify.objects.questions import CATEGORIES
 
 NO_TRUTH_ANSWER = "I cannot tell which objects the regions show."
 ROOM_KINDS = ("floor", "ceiling", "wall")

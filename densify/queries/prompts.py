@@ -7,19 +7,10 @@ import math
 import cv2
 import numpy as np
 
-from densify.cameras import PreparedImage
+from densify.config.profiles import Marker, Profile
 from densify.engines.base import EngineBatch, ImageRef, PromptImage, Query, Sampling
-from densify.profiles import Marker, Profile
-from densify.queries import QueryPlan
-
-
-def chat_messages(n_images: int | list[dict], text: str, system_prompt: str | None = None) -> list[dict]:
-    """The conversation the releases send: [system], then one user turn with the images first, then the
-    text. n_images: a count (plain image placeholders) or the image content parts themselves."""
-    parts = [{"type": "image"} for _ in range(n_images)] if isinstance(n_images, int) else list(n_images)
-    msgs: list[dict] = [{"role": "system", "content": system_prompt}] if system_prompt else []
-    msgs.append({"role": "user", "content": parts + [{"type": "text", "text": text}]})
-    return msgs
+from densify.io.cameras import PreparedImage
+from densify.queries.plan import QueryPlan
 
 
 def render_text(profile: Profile, question: str | None = None, **coords: int) -> str:
@@ -109,7 +100,7 @@ def pose_batch(prep1: PreparedImage, prep2: PreparedImage, profile: Profile, *, 
 def object_batch(prep: PreparedImage, prompts: list, profile: Profile, *, uid: str,
                  ref: ImageRef | None = None, tag=None) -> EngineBatch:
     """Every object question about one image in one batch (the image prefix is shared). `prompts` are
-    densify.objects.ObjectPrompt, their text already exact."""
+    densify.objects.questions.ObjectPrompt, their text already exact."""
     mt = max([profile.questions[p.question].max_tokens for p in prompts] or [256])
     s = Sampling(max_tokens=mt, system_prompt=profile.system_prompt, prefill=profile.prefill)
     queries = [Query(p.text, (uid,), p.question) for p in prompts]

@@ -12,13 +12,13 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from densify.answers import parse_completion
-from densify.cameras import Camera, PreparedImage, prepare_image
+from densify.config.profiles import Profile
 from densify.engines.base import Completion, Engine, generate_stream
 from densify.geometry.pose import FAILED, GOOD, PairPose
 from densify.geometry.rotations import angle_between_deg, matrix_from_euler, rotation_angle_deg
-from densify.profiles import Profile
-from densify.prompts import image_ref, image_uid, pose_batch
+from densify.io.cameras import Camera, PreparedImage, prepare_image
+from densify.queries.answers import parse_completion
+from densify.queries.prompts import image_ref, image_uid, pose_batch
 
 __all__ = ["VlmPose", "pose_view", "ask_pose", "collect_pose", "vlm_answer_from_T", "compare_poses"]
 

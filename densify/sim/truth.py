@@ -22,9 +22,9 @@ from pathlib import Path
 
 import numpy as np
 
-from densify.cameras import Camera, read_sidecar, sidecar_path
 from densify.engines.base import ImageRef
 from densify.geometry.clouds import backproject
+from densify.io.cameras import Camera, read_sidecar, sidecar_path
 
 __all__ = ["Truth", "FileTruth", "SceneTruth", "ArrayTruth", "ConstantTruth", "GroundTruth", "reproject_matches"]
 
@@ -180,7 +180,7 @@ def _load_npy(path: str, dtype) -> np.ndarray | None:
 @functools.lru_cache(maxsize=8)
 def _manifest_index(manifest: str) -> dict[str, dict]:
     """Resolved image path -> its manifest record's truth fields (labels, depth_path)."""
-    from densify.images import iter_sources
+    from densify.io.images import iter_sources
 
     out = {}
     for src in iter_sources([manifest]):

@@ -12,7 +12,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from densify.config import config_dir, load_yaml_model
+from densify.config.loading import config_dir, load_yaml_model
 
 
 class Preprocess(BaseModel):

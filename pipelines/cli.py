@@ -86,12 +86,12 @@ def _on_sigterm(signum, frame):
 
 
 def exit_code(exc: BaseException) -> int:
-    from densify.cameras import CameraError
-    from densify.config import ConfigError
+    from densify.config.loading import ConfigError
     from densify.engines.base import EngineError, EngineStartError
-    from densify.images import ImageError
-    from densify.queries import PlanError
-    from densify.store import StoreError
+    from densify.engines.store import StoreError
+    from densify.io.cameras import CameraError
+    from densify.io.images import ImageError
+    from densify.queries.plan import PlanError
 
     if isinstance(exc, Terminated):
         return EXIT_TERMINATED

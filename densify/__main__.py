@@ -1,5 +1,0 @@
-import sys
-
-from densify.cli import main
-
-sys.exit(main())
