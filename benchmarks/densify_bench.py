@@ -117,6 +117,18 @@ class SceneCase:
         from densify.queries import answers
         return answers.collect_depth(self.profile, run.pixels, run.prompt_xy, run.completions), run.calls
 
+    def ask_auto(self, rule):
+        """`plan.count: auto`: the planner with its stopping rule (answers, calls, planner report)."""
+        from densify.fields.adaptive import AdaptivePlanner, run_adaptive_depth
+        from densify.queries import answers
+
+        h, w = self.depth.shape
+        planner = AdaptivePlanner((h, w), rule.cap, rgb=self.rgb, stop=rule)
+        run = run_adaptive_depth(self.engine, planner, self.prep, self.profile, uid=self.uid, ref=self.ref,
+                                 sampling=self.sampling)
+        return (answers.collect_depth(self.profile, run.pixels, run.prompt_xy, run.completions), run.calls,
+                planner.report())
+
     def score(self, pred: np.ndarray) -> dict:
         from densify.eval.metrics import absrel, delta1
 
@@ -176,11 +188,66 @@ def run_scene(args) -> dict:
         for m in ("adaptive+linear", "adaptive+edge"):
             row[m].update(queries=len(aans.pixels), calls=len(calls), plan_s=plan_s)
         out["results"][str(B)] = row
+    if opts.get("auto") is not None:  # plan.count: auto (budget-free), with the edge-aware densifier
+        from densify.fields.adaptive import StopRule
+
+        t = time.perf_counter()
+        aans, calls, report = case.ask_auto(StopRule(**opts["auto"]))
+        plan_s = time.perf_counter() - t
+        t = time.perf_counter()
+        row = case.score(densify_depth_edge(aans.pixels, aans.values, case.rgb, **edge_opts).values)
+        row.update(densify_s=time.perf_counter() - t, queries=len(aans.pixels), calls=len(calls), plan_s=plan_s,
+                   stop=report["stop"], history=case_history(report))
+        out["auto"] = row
     out["wall_s"] = time.perf_counter() - t0
     return out
 
 
+def case_history(report: dict) -> dict:
+    return {k: report[k] for k in ("rounds", "own_spread", "disagreement", "ratio") if k in report}
+
+
 # ---------------------------------------------------------------------------------------------- summary
+
+AUTO_KEYS = ("delta1", "absrel", "edge_absrel", "edge_delta1", "queries", "calls", "densify_s", "plan_s")
+
+
+def aggregate_auto(scenes: list[dict], agg: dict, default: int = 3072) -> dict | None:
+    """`plan.count: auto` over the scenes against adaptive + edge-aware at `default` queries (the former
+    default), when both were run: means, per-scene queries and stop reasons, and the AbsRel difference."""
+    rows = [s["auto"] for s in scenes if "auto" in s]
+    if not rows:
+        return None
+    out = {k: float(np.nanmean([r[k] for r in rows])) for k in AUTO_KEYS}
+    out["queries_per_scene"] = [int(r["queries"]) for r in rows]
+    out["stops"] = {k: sum(r["stop"] == k for r in rows) for k in sorted({r["stop"] for r in rows})}
+    ref = agg.get("adaptive+edge", {}).get(str(default))
+    if ref is not None:
+        out["reference"] = {"method": "adaptive+edge", "budget": default, **{k: ref[k] for k in METRICS}}
+        out["absrel_loss"] = out["absrel"] - ref["absrel"]
+        out["query_share"] = out["queries"] / ref["queries"]
+        out["within_0.005_absrel"] = out["absrel_loss"] <= 0.005
+    return out
+
+
+def auto_table(runs: dict) -> str:
+    lines = ["| errors | plan | queries / image (min-max) | calls | AbsRel | edge AbsRel | δ1 | stops |",
+             "|---|---|---:|---:|---:|---:|---:|---|"]
+    for e, run in runs.items():
+        a = run.get("auto")
+        if not a:
+            continue
+        ref = a.get("reference")
+        if ref:
+            r = run["aggregate"]["adaptive+edge"][str(ref["budget"])]
+            lines.append(f"| {e} | adaptive {ref['budget']} (former default) | {r['queries']:.0f} | {r['calls']:.1f} | "
+                         f"{r['absrel']:.4f} | {r['edge_absrel']:.4f} | {r['delta1']:.4f} | |")
+        q = a["queries_per_scene"]
+        lines.append(f"| {e} | auto | {a['queries']:.0f} ({min(q)}-{max(q)}) | {a['calls']:.1f} | {a['absrel']:.4f} | "
+                     f"{a['edge_absrel']:.4f} | {a['delta1']:.4f} | "
+                     + ", ".join(f"{k} {v}" for k, v in a["stops"].items()) + " |")
+    return "\n".join(lines)
+
 
 def aggregate(scenes: list[dict], budgets: list[int]) -> dict:
     agg = {}
@@ -351,8 +418,12 @@ def run_preset(error: str, seeds: list[int], budgets: list[int], opts: dict, wor
     else:
         scenes = [run_scene(j) for j in jobs]
     agg = aggregate(scenes, budgets)
-    return {"error_model": ErrorModel.from_option(error).__dict__, "wall_s": time.perf_counter() - t0,
-            "aggregate": agg, "ratios_at_1024": ratios(agg, budgets), "per_scene": scenes}
+    out = {"error_model": ErrorModel.from_option(error).__dict__, "wall_s": time.perf_counter() - t0,
+           "aggregate": agg, "ratios_at_1024": ratios(agg, budgets), "per_scene": scenes}
+    auto = aggregate_auto(scenes, agg)
+    if auto is not None:
+        out["auto"] = auto
+    return out
 
 
 def main(argv=None) -> int:
@@ -365,6 +436,9 @@ def main(argv=None) -> int:
     p.add_argument("--logprobs", action="store_true", help="ask for answer log-probabilities and use them")
     p.add_argument("--edge-opts", type=json.loads, default={}, help="JSON options for densify_depth_edge")
     p.add_argument("--planner-opts", type=json.loads, default={}, help="JSON options for AdaptivePlanner")
+    p.add_argument("--auto", nargs="?", const="{}", type=json.loads, default=None, metavar="JSON",
+                   help="also run plan.count: auto (StopRule options as JSON, e.g. '{\"ratio\": 1.2}'); with "
+                        "3072 among the budgets, compared with adaptive + edge-aware at 3072 (the former default)")
     p.add_argument("--tag", default="", help="suffix of the default JSON / plot names (a variant's name)")
     p.add_argument("--json", type=Path, help="results JSON (default benchmarks/results/densify_<date>[_tag].json)")
     p.add_argument("--plot", type=Path, help="budget plot (default docs/densify_budget[_tag]_<preset>.png)")
@@ -376,7 +450,7 @@ def main(argv=None) -> int:
     n_scenes = args.scenes or (4 if args.quick else 10)
     seeds = list(range(100, 100 + n_scenes))
     presets = [e.strip() for e in args.errors.split(",") if e.strip()]
-    opts = {"logprobs": args.logprobs, "edge": args.edge_opts, "planner": args.planner_opts}
+    opts = {"logprobs": args.logprobs, "edge": args.edge_opts, "planner": args.planner_opts, "auto": args.auto}
     t0 = time.perf_counter()
     runs = {e: run_preset(e, seeds, budgets, opts, args.workers) for e in presets}
     wall = time.perf_counter() - t0
@@ -409,6 +483,9 @@ def main(argv=None) -> int:
                                REPO / "docs" / f"densify_example{suffix}_{e}.png", {**opts, "error": e})
         print(f"### error preset: {e}\n")
         print(markdown_table(agg, budgets))
+        if run.get("auto"):
+            print("\n`plan.count: auto` against the former default:\n")
+            print(auto_table({e: run}))
         if rat:
             print("\nBaseline budget needed for each method's accuracy at 1024 queries (log-budget interpolation):\n")
             print(ratio_table(rat))

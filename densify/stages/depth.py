@@ -61,6 +61,8 @@ class DepthTask:
     started: float = 0.0
     scale: float = 1.0
     """Decoded size / the image's own size (below 1 when decoded reduced: DepthConfig.max_side)."""
+    plan_report: dict | None = None
+    """Adaptive plans: rounds asked and why the planner stopped (AdaptivePlanner.report)."""
 
 
 @dataclass
@@ -87,6 +89,8 @@ class DepthResult:
     rgb: np.ndarray | None = None
     scale: float = 1.0
     """Pixels of the maps and answers per pixel of the image file (below 1 when decoded reduced)."""
+    plan: dict = field(default_factory=dict)
+    """How the plan went: grid, or adaptive rounds asked and why they stopped (result.json, summary)."""
 
     @property
     def ok(self) -> bool:
@@ -94,7 +98,8 @@ class DepthResult:
 
     def record(self) -> dict:
         return {"id": self.id, "image": self.image, "status": self.status, "queries": self.queries,
-                "failures": self.failures, "error": self.error, "kind": self.error_kind, "metrics": self.metrics}
+                "plan": self.plan, "failures": self.failures, "error": self.error, "kind": self.error_kind,
+                "metrics": self.metrics}
 
 
 def failure_kind(exc: BaseException, src: ImageSource | None = None) -> str:
@@ -112,6 +117,14 @@ def failure_kind(exc: BaseException, src: ImageSource | None = None) -> str:
     return "error"
 
 
+def wants_forcing(cfg: DepthConfig, profile: Profile) -> bool:
+    """Whether the stage forces answers: a declared format, or one it may learn (and forcing not off)."""
+    q = profile.question
+    if cfg.forcing.mode == "off" or cfg.structured or profile.prefill:
+        return False
+    return bool(q.answer_format) or cfg.forcing.mode == "learn" or (cfg.forcing.mode == "auto" and q.learn_answer_format)
+
+
 def settings_fingerprint(cfg: DepthConfig, profile: Profile) -> str:
     """What shapes a depth result: the profile, the model, the engine's answer-changing options, the plan,
     the densifier, the sampling options, the decoding size and the assumed field of view (not memory,
@@ -123,6 +136,7 @@ def settings_fingerprint(cfg: DepthConfig, profile: Profile) -> str:
                         "engine": ident, "plan": cfg.plan.model_dump(mode="json"),
                         "densify": cfg.densify.model_dump(mode="json"), "logprobs": cfg.logprobs,
                         "structured": cfg.structured, "max_side": cfg.max_side,
+                        "forcing": cfg.forcing.model_dump(mode="json") if wants_forcing(cfg, profile) else None,
                         "default_hfov_deg": cfg.default_hfov_deg})
 
 
@@ -151,6 +165,11 @@ class DepthStage:
         self.on_round = on_round
         self.fingerprint = settings_fingerprint(cfg, self.profile)
         self.sampling = sampling_for(self.profile, logprobs=cfg.logprobs, structured=cfg.structured)
+        self.forcing = None
+        if engine is not None and wants_forcing(cfg, self.profile):
+            from densify.queries.forcing import ForcingEngine
+
+            self.engine = self.forcing = ForcingEngine(engine, self.profile, cfg.forcing.settings())
         if cfg.densify.method == "edge" or cfg.plan.mode == "adaptive":
             require_contrib()  # before any engine work, not as a failure of every image
         if cfg.outputs.ply:
@@ -189,6 +208,8 @@ class DepthStage:
         from densify.fields.adaptive import AdaptivePlanner
 
         p = self.cfg.plan
+        if p.is_auto:
+            return AdaptivePlanner((height, width), p.auto.cap, rgb=rgb, stop=p.auto.rule())
         budget = p.budget or len(grid_points(width, height, **p.grid_kwargs()))
         return AdaptivePlanner((height, width), budget, coarse=p.coarse, rounds=p.rounds, rgb=rgb)
 
@@ -196,7 +217,7 @@ class DepthStage:
         """Answers -> dense depth -> files (result.json last) -> the image's result."""
         cfg, profile, src = self.cfg, self.profile, task.source
         res = DepthResult(src.id, str(src.path), "ok", len(completions), uid=task.uid, camera=task.camera,
-                          scale=task.scale)
+                          scale=task.scale, plan=task.plan_report or {"mode": "points" if task.fixed else "grid"})
         errors = [c.error for c in completions if c.error is not None]
         ans = answers_mod.collect_depth(profile, task.plan.pixels, task.plan.prompt_xy, completions)
         res.failures = ans.failure_counts()
@@ -385,7 +406,7 @@ class DepthStage:
                 files.result.unlink(missing_ok=True)
             return None
         return DepthResult(src.id, str(src.path), "skipped", int(prev.get("queries", 0)), prev.get("failures", {}),
-                           metrics=prev.get("metrics", {}))
+                           metrics=prev.get("metrics", {}), plan=prev.get("plan") or {})
 
     def _rounds(self, batches: Iterator[EngineBatch], plan_remote: bool = False):
         """Adaptive plans: every image asks its rounds one after another, but images advance on their own
@@ -465,6 +486,7 @@ class DepthStage:
                 state = finished.popleft()
                 task = state.tag
                 task.plan = QueryPlan(state.run.pixels, state.run.prompt_xy)
+                task.plan_report = {"mode": "points"} if task.fixed else state.planner.report()
                 batch = firsts.pop(state.key)
                 batch.tag = task
                 yield batch, state.run.completions
@@ -546,8 +568,16 @@ def summarize(results: list[DepthResult], wall: float, profile: Profile, cfg: De
     for key in sorted({k for m in metrics for k in m}):
         vals = [m[key] for m in metrics if key in m]
         agg[key] = {k: float(np.nanmean([v[k] for v in vals])) for k in vals[0] if k != "n"}
+    plans = [r.plan for r in asked if r.status == "ok" and r.plan]
+    per_image = [r.queries for r in asked if r.status == "ok"]
+    stops: dict[str, int] = {}
+    for pl in plans:
+        stops[pl.get("stop", pl.get("mode", "?"))] = stops.get(pl.get("stop", pl.get("mode", "?")), 0) + 1
+    plan = {"count": cfg.plan.count, "mode": cfg.plan.mode, "stops": stops,
+            "queries_per_image": ({"mean": float(np.mean(per_image)), "min": int(min(per_image)),
+                                   "max": int(max(per_image))} if per_image else None)}
     return {
-        "profile": profile.name, "engine": cfg.engine.name,
+        "profile": profile.name, "engine": cfg.engine.name, "plan": plan,
         "model": None if extra.get("simulated") else cfg.model or profile.model, "images": len(results), "ok": sum(r.status == "ok" for r in results),
         "skipped": sum(r.status == "skipped" for r in results),
         "failed": sum(r.status == "failed" for r in results), "failed_by_kind": kinds,
@@ -588,6 +618,8 @@ def run_depth(sources: list[ImageSource], cfg: DepthConfig, engine: Engine, layo
         if progress is not None:
             progress.close()
         ordered = [results[s.id] for s in sources if s.id in results]
+        if stage.forcing is not None:
+            summary_extra["forcing"] = stage.forcing.report()
         summary = summarize(ordered, time.perf_counter() - t0, profile, cfg, simulated=engine.simulated,
                             interrupted=interrupted, complete=not interrupted and len(ordered) == len(sources),
                             **summary_extra)
