@@ -185,7 +185,8 @@ def _adaptive_scene_run(tmp_path, engine, *, seed: int, images_in_flight: int):
     paths = make_scene(SceneSpec(seed=seed, n_views=3, width=160, height=120)).save(tmp_path / "scene")
     cfg = DepthConfig(engine={"name": "simulated"}, plan={"mode": "adaptive", "count": 400, "rounds": 3},
                       images_in_flight=images_in_flight, outputs={"ply": False, "preview": False},
-                      forcing={"mode": "off"})  # an audit batch of an image would ride along with its round
+                      forcing={"mode": "off"},  # an audit batch of an image would ride along with its round
+                      cpu_threads=0)  # rounds planned in the engine's loop (tests/test_overlap.py: in threads)
     return run_depth(discover([str(p) for p in paths]), cfg, engine, RunLayout(tmp_path / "out"))
 
 

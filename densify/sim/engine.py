@@ -95,6 +95,8 @@ class SimulatedEngine(Engine):
         self.seed = int(seed)
         self.truth = truth if truth is not None else FileTruth()
         self.stats = collections.Counter()
+        if self.answers_per_s:
+            self.stats["busy_s"] = 0.0  # seconds of booked work (the busy share of a paced engine)
         self._errors = ErrorState(self.error, self.seed)  # per-image/pair shared errors, built on first use
         self._bitgen = np.random.PCG64(0)
         self._gen = np.random.Generator(self._bitgen)
@@ -117,6 +119,7 @@ class SimulatedEngine(Engine):
         """Book n answers on the virtual clock; the time they are due."""
         with self._pace_lock:
             self._due = max(self._due, time.monotonic()) + n / self.answers_per_s
+            self.stats["busy_s"] += n / self.answers_per_s  # the engine has work for this long (busy share)
             return self._due
 
     def _generate(self, batch: EngineBatch) -> list[Completion]:

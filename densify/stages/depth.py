@@ -14,6 +14,7 @@ the Python facade and the benchmarks.
 
 from __future__ import annotations
 
+import concurrent.futures as cf
 import itertools
 import json
 import logging
@@ -155,6 +156,7 @@ class DepthStage:
                  keep_maps: bool = False, evaluate: Callable[[ImageSource, DepthResult], dict] | None = None,
                  on_round: Callable[[int], None] | None = None, cpu_workers: int = 0):
         self.cpu_workers = int(cpu_workers)
+        self._cpu_pool = None  # run(): the threads that plan rounds and finish images
         self._cpu_room = False  # a free CPU for the workers was seen (asked once per stage)
         self.cfg = cfg
         self.profile = load_profile(cfg.profile)
@@ -293,19 +295,41 @@ class DepthStage:
                     continue
                 yield batch
 
-        for batch, completions in self._rounds(batches()):
+        threads = self.cfg.cpu_threads
+        if threads <= 0:
+            for batch, completions in self._rounds(batches()):
+                yield from _drain(ready)
+                yield self._finished(batch.tag, completions)
             yield from _drain(ready)
-            task: DepthTask = batch.tag
-            try:
-                res = self.finish(task, completions)
-            except (OSError, ValueError, MemoryError) as exc:
-                res = DepthResult(task.source.id, str(task.source.path), "failed", len(completions),
-                                  error=f"{type(exc).__name__}: {exc}", error_kind="output")
-            res.wall_s = time.perf_counter() - task.started
-            if not self.keep_maps:
-                res.depth = res.confidence = res.answers = res.rgb = None
-            yield res
-        yield from _drain(ready)
+            return
+        # Rounds are planned and finished images densified and written in threads, so the engine's loop goes
+        # on feeding the engine meanwhile (numpy, SciPy and OpenCV release the GIL for their work).
+        pool = cf.ThreadPoolExecutor(threads, thread_name_prefix="densify-cpu")
+        self._cpu_pool = pool
+        pending: deque[cf.Future] = deque()  # finishing images, oldest first
+        try:
+            for batch, completions in self._rounds(batches()):
+                yield from _drain(ready)
+                pending.append(pool.submit(self._finished, batch.tag, completions))
+                while pending and (pending[0].done() or len(pending) > 2 * threads):
+                    yield pending.popleft().result()
+            yield from _drain(ready)
+            while pending:
+                yield pending.popleft().result()
+        finally:
+            self._cpu_pool = None
+            pool.shutdown(wait=True, cancel_futures=True)
+
+    def _finished(self, task: DepthTask, completions) -> DepthResult:
+        try:
+            res = self.finish(task, completions)
+        except (OSError, ValueError, MemoryError) as exc:
+            res = DepthResult(task.source.id, str(task.source.path), "failed", len(completions),
+                              error=f"{type(exc).__name__}: {exc}", error_kind="output")
+        res.wall_s = time.perf_counter() - task.started
+        if not self.keep_maps:
+            res.depth = res.confidence = res.answers = res.rgb = None
+        return res
 
     def _admit(self, src: ImageSource, ready: deque) -> bool:
         """False when the image needs no engine work: a manifest error or done earlier (its result is queued)."""
@@ -426,6 +450,8 @@ class DepthStage:
         finished: deque = deque()              # states whose image needs no more rounds
         firsts: dict[int, EngineBatch] = {}    # state.key -> the image's first batch (carries its task)
         planning: set = set()                  # plan_remote: ObjectRefs of rounds being planned
+        threads = None if plan_remote else getattr(self, "_cpu_pool", None)
+        local: set = set()                     # futures of rounds being planned in this process's threads
         serial = itertools.count()
         active = 0
         exhausted = False
@@ -444,7 +470,11 @@ class DepthStage:
             queued.append(b)
 
         def planned(timeout: float) -> None:
-            """Take the rounds planned remotely so far (waiting at most `timeout` s)."""
+            """Take the rounds planned remotely or in threads so far (waiting at most `timeout` s)."""
+            if local:
+                for fut in cf.wait(local, timeout=timeout, return_when=cf.FIRST_COMPLETED)[0]:
+                    local.discard(fut)
+                    place(*fut.result())
             if not planning:
                 return
             ready, _ = ray.wait(list(planning), num_returns=len(planning), timeout=timeout)
@@ -472,7 +502,7 @@ class DepthStage:
                     firsts[state.key] = batch
                     active += 1
                     place(state, state.next_batch())  # the first round is built already: nothing to plan
-                if not queued and planning:
+                if not queued and (planning or local):
                     planned(0.005)  # the engine may hold nothing: wait a little for a planned round
                 if queued:
                     yield queued.popleft()
@@ -494,6 +524,8 @@ class DepthStage:
         for b, completions in self._engine_stream(feed()):
             if plan_remote:
                 planning.add(plan_fn.remote(b.tag, completions))
+            elif threads is not None:
+                local.add(threads.submit(_plan_round, b.tag, completions))
             else:
                 place(*_plan_round(b.tag, completions))
             yield from done()
@@ -595,6 +627,17 @@ def read_camera(files: ImageFiles) -> Camera | None:
         return None
 
 
+def engine_busy(engine: Engine) -> tuple[float, int] | None:
+    """(seconds the engines had work, engines) where they count it (paced simulated engines, in this process
+    or in a Ray pool); None otherwise (a GPU's busy share is NVML's, benchmarks/depth_bench.py)."""
+    if hasattr(engine, "engine_stats"):
+        stats = engine.engine_stats()
+    else:
+        stats = [dict(getattr(engine, "stats", {}) or {})]
+    busy = [s["busy_s"] for s in stats if "busy_s" in s]
+    return (float(sum(busy)), len(busy)) if busy else None
+
+
 def run_depth(sources: list[ImageSource], cfg: DepthConfig, engine: Engine, layout: RunLayout | None, *,
               intrinsics=None, points=None, keep_maps: bool = False, evaluate=None, progress=None,
               **summary_extra) -> tuple[dict, list[DepthResult]]:
@@ -604,6 +647,7 @@ def run_depth(sources: list[ImageSource], cfg: DepthConfig, engine: Engine, layo
     on_round = (lambda n: progress.update(images=0, queries=n)) if progress is not None else None
     stage = DepthStage(cfg, engine, layout=layout, keep_maps=keep_maps, evaluate=evaluate, on_round=on_round)
     results: dict[str, DepthResult] = {}
+    busy0 = engine_busy(engine)
     t0 = time.perf_counter()
     interrupted = True
     stream = stage.run(sources, intrinsics=intrinsics, points=points)
@@ -620,6 +664,11 @@ def run_depth(sources: list[ImageSource], cfg: DepthConfig, engine: Engine, layo
         ordered = [results[s.id] for s in sources if s.id in results]
         if stage.forcing is not None:
             summary_extra["forcing"] = stage.forcing.report()
+        busy1 = engine_busy(engine) if busy0 is not None and not interrupted else None
+        if busy1 is not None:
+            wall = time.perf_counter() - t0
+            summary_extra["engine_busy"] = {"engines": busy1[1], "busy_s": round(busy1[0] - busy0[0], 3),
+                                            "share": round((busy1[0] - busy0[0]) / max(wall * busy1[1], 1e-9), 4)}
         summary = summarize(ordered, time.perf_counter() - t0, profile, cfg, simulated=engine.simulated,
                             interrupted=interrupted, complete=not interrupted and len(ordered) == len(sources),
                             **summary_extra)

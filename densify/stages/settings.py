@@ -202,6 +202,8 @@ class DepthConfig(_Model):
                                    "generate only the number (with an audit)")
     images_in_flight: int = Field(2, ge=1, description="images in flight at once (at least the engine's capacity; "
                                   "with an adaptive plan each asks its rounds on its own)")
+    cpu_threads: int = Field(2, ge=0, description="threads that plan rounds and densify and write finished images "
+                             "while the engine works (0: in the engine's loop, which then waits for them)")
     overwrite: bool = Field(False, description="redo images whose outputs exist")
 
     @field_validator("profile")
