@@ -112,6 +112,7 @@ def main(argv=None) -> int:
               "depth_bench " + " ".join(sys.argv[1:] if argv is None else argv),
               "date_utc": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
               "python": platform.python_version(), "host_cpus": os.cpu_count(), "image_size": list(SIZE),
+              "load_average_at_start": list(os.getloadavg()),
               "settings": "configs/pipelines/depth.yaml defaults" + (f" + {args.set}" if args.set else ""),
               "presets": {}}
     out_dir = Path(args.out)
@@ -159,20 +160,25 @@ def main(argv=None) -> int:
                     busy = mem.busy(t0 + s["command_s"] - s["wall_s"], t0 + s["command_s"]) if mem else None
                 rec["one_at_a_time"].append(row(s, 1, busy))
                 print(f"{preset}: one image {k}: {s['wall_s']:.2f} s, {s['queries']} queries", flush=True)
-            with mem or _null():
-                t0 = time.perf_counter()
-                s = run_depth(images[args.one:], work / f"stream_{preset}", config, env)
-                busy = mem.busy(t0 + s["command_s"] - s["wall_s"], t0 + s["command_s"]) if mem else None
-            rec["streamed"] = row(s, len(images) - args.one, busy)
+            if args.images:
+                with mem or _null():
+                    t0 = time.perf_counter()
+                    s = run_depth(images[args.one:], work / f"stream_{preset}", config, env)
+                    busy = mem.busy(t0 + s["command_s"] - s["wall_s"], t0 + s["command_s"]) if mem else None
+                rec["streamed"] = row(s, len(images) - args.one, busy)
+                rec["streamed_s_per_map"] = rec["streamed"]["s_per_map"]
             ones = rec["one_at_a_time"]
-            rec["one_at_a_time_s_per_map"] = float(np.mean([o["s_per_map"] for o in ones]))
-            rec["streamed_s_per_map"] = rec["streamed"]["s_per_map"]
-            rec["valid"] = all(o["valid"] for o in ones) and rec["streamed"]["valid"]
-            print(f"{preset}: {rec['one_at_a_time_s_per_map']:.2f} s per map one at a time, "
-                  f"{rec['streamed_s_per_map']:.2f} s streamed; busy {rec['streamed'].get('engine_busy')}", flush=True)
+            if ones:
+                rec["one_at_a_time_s_per_map"] = float(np.mean([o["s_per_map"] for o in ones]))
+            rec["valid"] = all(o["valid"] for o in ones) and (rec["streamed"] or {}).get("valid", True)
+            print(f"{preset}: {rec.get('one_at_a_time_s_per_map', float('nan')):.2f} s per map one at a time, "
+                  f"{rec.get('streamed_s_per_map', float('nan')):.2f} s streamed; busy "
+                  f"{(rec['streamed'] or {}).get('engine_busy') or (rec['streamed'] or {}).get('gpu_busy_share')}",
+                  flush=True)
             path.write_text(json.dumps(result, indent=2) + "\n")
     finally:
         shutil.rmtree(work, ignore_errors=True)
+    result["load_average_at_end"] = list(os.getloadavg())
     path.write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {path}")
     return 0
