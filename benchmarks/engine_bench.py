@@ -178,12 +178,11 @@ def image_batch(profile, k: int, n: int | None = None, sampling: Sampling | None
                 tokens: int = GEN_TOKENS) -> EngineBatch:
     rgb, cam = photo(k)
     p = profile.preprocess
-    prep = prepare_image(rgb, cam, focal=p.focal, max_side=p.max_side, square_pixels=p.square_pixels,
-                         coord_range=profile.coord_range, resample=p.resample)
+    prep = prepare_image(rgb, cam, coord_range=profile.coord_range, **p.image_options())
     pts = grid_points(cam.width, cam.height, count=GRID)
     if n is not None and n < len(pts):
         pts = pts[np.linspace(0, len(pts) - 1, n).round().astype(int)]
-    plan = plan_queries(pts, prep.pixel_map)
+    plan = plan_queries(pts, prep.pixel_map, marker=profile.marker)
     s = sampling or Sampling(max_tokens=tokens)
     sid = f"bench-{profile.name}-{k}"
     return depth_batch(prep, plan, profile, uid=image_uid(prep, sid), ref=image_ref(sid, prep), sampling=s,

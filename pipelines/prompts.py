@@ -38,8 +38,7 @@ def prompt_records(profile_name: str, image, points, intrinsics=None):
     h, w = rgb.shape[:2]
     cam = resolve_camera(image, w, h, intrinsics)
     p = profile.preprocess
-    prep = prepare_image(rgb, cam, focal=p.focal, max_side=p.max_side, square_pixels=p.square_pixels,
-                         coord_range=profile.coord_range, resample=p.resample)
+    prep = prepare_image(rgb, cam, coord_range=profile.coord_range, **p.image_options())
     pts = check_points(points, w, h, "--points")
     plan = plan_queries(pts, prep.pixel_map, dedupe=False)
     coord_names = ("x1", "y1") if profile.images_per_query == 2 else ("x", "y")

@@ -62,15 +62,14 @@ def real_image(profile, size: tuple[int, int] | None = None):
         sc = cam.scaled(*size)
         cam = Camera(cam.fx, cam.fy, sc.cx, sc.cy, size[0], size[1])
     p = profile.preprocess
-    return prepare_image(rgb, cam, focal=p.focal, max_side=p.max_side, square_pixels=p.square_pixels,
-                         coord_range=profile.coord_range, resample=p.resample)
+    return prepare_image(rgb, cam, coord_range=profile.coord_range, **p.image_options())
 
 
 def queries(profile, n: int, sampling: Sampling | None = None, size=None, tag=None) -> EngineBatch:
     prep = real_image(profile, size)
     w, h = prep.camera.width, prep.camera.height
     orig = prep.pixel_map.orig_size
-    plan = plan_queries(grid_points(orig[0], orig[1], count=n), prep.pixel_map)
+    plan = plan_queries(grid_points(orig[0], orig[1], count=n), prep.pixel_map, marker=profile.marker)
     return depth_batch(prep, plan, profile, uid=image_uid(prep, f"{IMAGE.stem}-{w}x{h}"),
                        sampling=sampling or sampling_for(profile), tag=tag)
 
