@@ -228,3 +228,18 @@ def test_pair_batches(textured_image):
     assert b.queries[0].image_uids == ("a", "b")
     pb = pose_batch(prep, prep, pose, uid1="a", uid2="b")
     assert [q.question for q in pb.queries] == list(pose.questions)
+
+
+def test_store_keys_of_marked_queries_name_their_pixel():
+    """Marked images are named by their pixel: the answer-store key of a DepthLM query needs no hint, two
+    pixels never share a key, and the same pixel asked again (another round) keys the same."""
+    from densify.engines.store import AnswerStore
+
+    rgb = np.random.default_rng(1).integers(0, 200, (480, 640, 3), dtype=np.uint8)
+    cam = Camera(1000.0, 1000.0, 320.0, 240.0, 640, 480)
+    _, _, plan, b = _depthlm_batch(rgb, cam, [(100, 100), (200, 100), (100, 200)])
+    _, _, _, again = _depthlm_batch(rgb, cam, [(101, 101)])  # the same marked pixel as (100, 100)
+    keys = [AnswerStore.query_part(q) for q in b.queries]
+    assert len(set(keys)) == 3 and AnswerStore.query_part(again.queries[0]) == keys[0]
+    parts = {AnswerStore.image_part("m", "depthlm", b.sampling, q.image_uids[0]) for q in b.queries}
+    assert len(parts) == 1  # one image part: all of them are drawn from the same source image
