@@ -30,7 +30,7 @@ Rows also say where the time went: CPU share of this process (frontend) and of i
 engine core), NVML GPU busy share, seconds spent adding requests and blocked in engine steps; --pyspy DIR
 adds a py-spy profile of both processes during (a).
 
-Model: the 4B-shaped synthetic Qwen3-VL (densify.synthetic.qwen3vl, load_format="dummy"). Random weights
+Model: the 4B-shaped synthetic Qwen3-VL (densify.synthetic.models, load_format="dummy"). Random weights
 write garbage, so for speed comparisons every answer is forced to exactly 12 generated tokens
 (max_tokens = min_tokens = 12, ignore_eos) - the VLM3-depth answer `<think> </think><answer>3.42</answer>`
 is about that long; hf stops at max_new_tokens=12 (random weights rarely emit EOS). The template is the
@@ -716,7 +716,7 @@ def main(argv=None) -> int:
     tmp = None
     model = args.model
     if model is None:
-        from densify.synthetic.qwen3vl import build_model_folder
+        from densify.synthetic.models import build_model_folder
 
         tmp = tempfile.TemporaryDirectory(prefix="densify-bench-")
         model = str(build_model_folder(Path(tmp.name) / "qwen3vl-4b", shape="4b"))

@@ -61,7 +61,7 @@ fi
 # one 4B-shaped model folder per host (dummy weights), shared by the benchmarks of a session
 MODEL=/tmp/densify-m4b
 if [ "$what" != tests ] && [ ! -f "$MODEL/config.json" ]; then
-  python3 -c "from densify.synthetic.qwen3vl import build_model_folder as b; b('$MODEL', shape='4b')" || rc=1
+  python3 -c "from densify.synthetic.models import build_model_folder as b; b('$MODEL', shape='4b')" || rc=1
 fi
 if [ "$what" = scaling ]; then
   python3 -m benchmarks.scaling_bench --out "$OUT" --model "$MODEL" "${extra[@]}" 2>&1 \

@@ -128,7 +128,7 @@ def measure(n_gpus: int, args, profile) -> dict:
     engine_options = {}
     per_gpu = 1 if args.engine == "simulated" else args.engines_per_gpu
     if args.engine == "vllm":
-        from densify.synthetic.qwen3vl import build_model_folder
+        from densify.synthetic.models import build_model_folder
 
         model = args.model or build_model_folder(Path(tempfile.mkdtemp()) / "qwen3vl-4b", shape="4b")
         engine_options = {"model": str(model), "load_format": "dummy", "min_tokens": GEN_TOKENS,

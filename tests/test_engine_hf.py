@@ -20,7 +20,7 @@ from densify.engines import EngineBatch, PromptImage, Query, Sampling, create_en
 from densify.io.cameras import Camera, prepare_image  # noqa: E402
 from densify.queries.plan import plan_queries  # noqa: E402
 from densify.queries.prompts import depth_batch  # noqa: E402
-from densify.synthetic.qwen3vl import build_model_folder  # noqa: E402
+from densify.synthetic.models import build_model_folder  # noqa: E402
 
 MAX_TOKENS = 10
 

@@ -38,14 +38,14 @@ TINY = dict(gpu_memory_utilization=0.25, max_model_len=4096, max_num_seqs=128, m
 
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory):
-    from densify.synthetic.qwen3vl import build_model_folder
+    from densify.synthetic.models import build_model_folder
 
     return build_model_folder(tmp_path_factory.mktemp("models") / "tiny", shape="tiny")
 
 
 @pytest.fixture(scope="module")
 def model_4b(tmp_path_factory):
-    from densify.synthetic.qwen3vl import build_model_folder
+    from densify.synthetic.models import build_model_folder
 
     return build_model_folder(tmp_path_factory.mktemp("models") / "qwen3vl-4b", shape="4b")
 

@@ -368,7 +368,7 @@ def test_prompt_renderer_matches_real_chat_template(tmp_path):
     pytest.importorskip("tokenizers")
     transformers = pytest.importorskip("transformers")
     from densify.engines.vllm import PromptRenderer, chat_messages
-    from densify.synthetic.qwen3vl import build_model_folder
+    from densify.synthetic.models import build_model_folder
 
     folder = build_model_folder(tmp_path / "m", shape="4b")
     tok = transformers.AutoTokenizer.from_pretrained(folder)
