@@ -9,7 +9,9 @@ scheduled, so the running batch is dominated by one shared prefix.
 
 Prompts are rendered with the model's chat template exactly as the hf engine does (optional system
 message; one user turn holding the images, then the text; the generation prompt; then the optional
-prefill, which is also put back at the start of each answer). Images go in as PIL images with a hash of
+prefill, which is also put back at the start of each answer). vLLM tokenises a text prompt with the
+tokenizer's special tokens, so when the tokenizer prepends a BOS itself (Pixtral's does) the rendered BOS
+is left to it: the tokens are the hf engine's either way. Images go in as PIL images with a hash of
 their pixels as `multi_modal_uuids` (computed once per image and batch), so vLLM's processor and encoder
 caches key on the content: the image is neither re-hashed nor re-processed per query, and a uuid never
 stands for other pixels, whatever uids the caller reuses.
