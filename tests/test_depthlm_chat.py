@@ -141,3 +141,67 @@ def test_densify_depth_with_the_depthlm_profile_on_pixtral_tiny(pixtral, tmp_pat
     assert [f["kind"] for f in summary["failed_images"]] == ["answers"] and rc == 1
     recs = [json.loads(line) for line in (out / "view_000" / "answers.jsonl").read_text().splitlines()]
     assert len(recs) == 4 and all(r["prompt"] is None and r["text"] for r in recs)
+
+
+class _Model:
+    """What model_inputs reads of a model: its config's image token and its forward's arguments."""
+
+    def __init__(self, token_id):
+        self.config = type("Config", (), {"image_token_index": token_id})()
+
+    def forward(self, input_ids=None, pixel_values=None):
+        pass
+
+
+def test_inputs_go_through_the_processor_when_it_loads(pixtral, monkeypatch):
+    """Where the processor can be built (torchvision installed) it makes the inputs, any architecture."""
+    import transformers as tf
+
+    from densify.engines.base import EngineBatch, PromptImage, Query, Sampling
+    from densify.engines.hf import ProcessorInputs, model_inputs
+
+    calls = []
+
+    class FakeProcessor:
+        image_processor = object()
+        tokenizer = type("T", (), {"padding_side": "right"})()
+        chat_template = None
+
+        def __call__(self, **kw):
+            calls.append(kw)
+            return {"input_ids": torch.tensor([[5, 10, 6]]), "attention_mask": torch.ones(1, 3, dtype=torch.long)}
+
+    monkeypatch.setattr(tf.AutoProcessor, "from_pretrained", classmethod(lambda cls, path, **kw: FakeProcessor()))
+    inp = model_inputs(str(pixtral), None, _Model(10), "TEMPLATE")
+    assert isinstance(inp, ProcessorInputs) and inp.processor.tokenizer.padding_side == "left"
+    assert inp.processor.chat_template == "TEMPLATE"
+    a = PromptImage("a", np.zeros((32, 48, 3), np.uint8))
+    b = PromptImage("b", np.full((16, 16, 3), 7, np.uint8))
+    batch = EngineBatch({"a": a, "b": b}, [Query("Q", ("a", "b"))], Sampling())
+    inp(["<s>[INST][IMG][IMG]Q[/INST]"], [[batch.images["a"], batch.images["b"]]], {})
+    [kw] = calls
+    assert kw["add_special_tokens"] is False and kw["padding"] is True and kw["text"] == ["<s>[INST][IMG][IMG]Q[/INST]"]
+    assert [im.size for im in kw["images"]] == [(48, 32), (16, 16)]  # in order, as PIL images
+
+
+def test_an_unknown_processor_without_torchvision_is_one_clear_error(pixtral, tmp_path, monkeypatch):
+    import shutil
+
+    import transformers as tf
+
+    from densify.engines.base import EngineError
+    from densify.engines.hf import model_inputs
+
+    other = tmp_path / "other"
+    shutil.copytree(pixtral, other)
+    for name in ("processor_config.json", "preprocessor_config.json", "tokenizer_config.json"):
+        cfg = json.loads((other / name).read_text())
+        cfg["processor_class"] = "FooProcessor"
+        (other / name).write_text(json.dumps(cfg))
+
+    def no_torchvision(cls, path, **kw):
+        raise ImportError("FooProcessor requires the Torchvision library")
+
+    monkeypatch.setattr(tf.AutoProcessor, "from_pretrained", classmethod(no_torchvision))
+    with pytest.raises(EngineError, match="FooProcessor.*install torchvision"):
+        model_inputs(str(other), None, _Model(10), None)

@@ -147,8 +147,8 @@ class ProcessorInputs:
 
     how = "processor"
 
-    def __init__(self, processor, tokenizer, wants_mm_types: bool):
-        self.processor, self.tokenizer, self.wants_mm_types = processor, tokenizer, wants_mm_types
+    def __init__(self, processor, image_token_id: int | None, wants_mm_types: bool):
+        self.processor, self.image_token_id, self.wants_mm_types = processor, image_token_id, wants_mm_types
 
     def __call__(self, texts: list[str], images: list[list[PromptImage]], cache: dict) -> dict:
         from PIL import Image
@@ -157,9 +157,10 @@ class ProcessorInputs:
         kw = dict(text=texts, padding=True, return_tensors="pt", add_special_tokens=False)
         if flat:
             kw["images"] = flat
-        if self.wants_mm_types:
-            kw["return_mm_token_type_ids"] = True
-        return dict(self.processor(**kw))
+        out = dict(self.processor(**kw))
+        if self.wants_mm_types and "mm_token_type_ids" not in out and self.image_token_id is not None:
+            out["mm_token_type_ids"] = (out["input_ids"] == self.image_token_id).long()
+        return out
 
 
 class _QwenGrid:
@@ -308,7 +309,7 @@ def model_inputs(path: str, tokenizer, model, chat_template: str | None):
         proc.tokenizer.padding_side = "left"
         if chat_template:
             proc.chat_template = chat_template
-        return ProcessorInputs(proc, tokenizer, wants)
+        return ProcessorInputs(proc, token_id, wants)
     except ImportError as exc:
         if token_id is None or proc_cls not in _EXPANSIONS:
             raise EngineError(f"{path}: its processor ({proc_cls or 'unknown class'}) cannot be built here "
