@@ -181,7 +181,7 @@ def test_inputs_go_through_the_processor_when_it_loads(pixtral, monkeypatch):
     inp(["<s>[INST][IMG][IMG]Q[/INST]"], [[batch.images["a"], batch.images["b"]]], {})
     [kw] = calls
     assert kw["add_special_tokens"] is False and kw["padding"] is True and kw["text"] == ["<s>[INST][IMG][IMG]Q[/INST]"]
-    assert [im.size for im in kw["images"]] == [(48, 32), (16, 16)]  # in order, as PIL images
+    assert [[im.size for im in ims] for ims in kw["images"]] == [[(48, 32), (16, 16)]]  # per text, in order
 
 
 def test_an_unknown_processor_without_torchvision_is_one_clear_error(pixtral, tmp_path, monkeypatch):

@@ -153,10 +153,12 @@ class ProcessorInputs:
     def __call__(self, texts: list[str], images: list[list[PromptImage]], cache: dict) -> dict:
         from PIL import Image
 
-        flat = [Image.fromarray(_rgb(im), "RGB") for ims in images for im in ims]
+        nested = [[Image.fromarray(_rgb(im), "RGB") for im in ims] for ims in images]
         kw = dict(text=texts, padding=True, return_tensors="pt", add_special_tokens=False)
-        if flat:
-            kw["images"] = flat
+        if all(nested):  # per text its images (what older and newer processors both read)
+            kw["images"] = nested
+        elif any(nested):
+            kw["images"] = [im for ims in nested for im in ims]
         out = dict(self.processor(**kw))
         if self.wants_mm_types and "mm_token_type_ids" not in out and self.image_token_id is not None:
             out["mm_token_type_ids"] = (out["input_ids"] == self.image_token_id).long()
