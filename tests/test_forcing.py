@@ -178,7 +178,7 @@ def _chain_model(folder, answer: str):
 
 @pytest.fixture(scope="module")
 def chain(tmp_path_factory):
-    from densify.synthetic.qwen3vl import build_model_folder
+    from densify.synthetic.models import build_model_folder
 
     base = tmp_path_factory.mktemp("chain")
     for answer in CANDIDATES:
