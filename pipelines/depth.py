@@ -55,8 +55,8 @@ def print_summary(s: dict, out) -> None:
     plan, q = s.get("plan") or {}, (s.get("plan") or {}).get("queries_per_image")
     if q:
         stops = ", ".join(f"{k} {v}" for k, v in plan.get("stops", {}).items())
-        c.print(f"plan {plan.get('mode')} (count {plan.get('count')}): {q['mean']:,.0f} queries per image "
-                f"({q['min']:,}-{q['max']:,}); stopped: {stops or '-'}")
+        c.print(f"{q['mean']:,.0f} queries per image ({q['min']:,}-{q['max']:,}), {plan.get('mode')} rounds "
+                f"stopped by: {stops or '-'}")
     f = s.get("forcing")
     if f and (f.get("forced_queries") or f.get("off_reason")):
         c.print(f"answer forcing: {f['forced_queries']:,} forced, {f['agreed']}/{f['audited']} audited agreed"

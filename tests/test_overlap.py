@@ -45,7 +45,7 @@ def _run(tmp_path, threads: int):
     seen, finishes = [], []
     finish = stage.finish
 
-    def slow_finish(task, completions):  # the driver's CPU per map, watched from where it runs
+    def slow_finish(task, completions, **kw):  # the driver's CPU per map, watched from where it runs
         t0 = time.perf_counter()
         overlapped = False
         while time.perf_counter() - t0 < 0.2:
@@ -53,7 +53,7 @@ def _run(tmp_path, threads: int):
             time.sleep(0.005)
         seen.append(overlapped)
         finishes.append(threading.current_thread().name)
-        return finish(task, completions)
+        return finish(task, completions, **kw)
 
     stage.finish = slow_finish
     results = list(stage.run(_sources(tmp_path)))
@@ -79,3 +79,19 @@ def test_summaries_report_a_paced_engine_busy_share(tmp_path):
     asked = summary["queries"] + summary["forcing"]["audited"]  # the audits are engine work too
     assert b["engines"] == 1 and b["busy_s"] == pytest.approx(asked / 20000.0, abs=1e-3)
     assert 0 < b["share"] <= 1.0 and len(res) == 2
+
+
+def test_a_summary_counts_every_image_that_has_a_result_json(tmp_path):
+    """Images densified in threads are certified (result.json) by the stage's own thread as it hands them on:
+    a stream closed early leaves no result.json that its results did not report."""
+    from densify.io.layout import RunLayout
+
+    eng = _Busy("vlm3-depth", seed=0, hold=0.05)
+    cfg = DepthConfig(engine={"name": "simulated"}, cpu_threads=2, images_in_flight=3, outputs={"ply": False},
+                      plan={"auto": {"floor": 192, "round": 96, "cap": 480}}, forcing={"mode": "off"})
+    stage = DepthStage(cfg, eng, layout=RunLayout(tmp_path / "out"))
+    stream = stage.run(_sources(tmp_path, n=5))
+    first = next(stream)
+    stream.close()  # as an interrupted run does
+    done = list((tmp_path / "out").glob("*/result.json"))
+    assert first.ok and [p.parent.name for p in done] == [first.id]

@@ -92,6 +92,8 @@ class DepthResult:
     """Pixels of the maps and answers per pixel of the image file (below 1 when decoded reduced)."""
     plan: dict = field(default_factory=dict)
     """How the plan went: grid, or adaptive rounds asked and why they stopped (result.json, summary)."""
+    _certificate: tuple | None = field(default=None, repr=False, compare=False)
+    """finish(certify=False): the result.json still to write (DepthStage.certify)."""
 
     @property
     def ok(self) -> bool:
@@ -213,8 +215,10 @@ class DepthStage:
         budget = p.budget or len(grid_points(width, height, **p.grid_kwargs()))
         return AdaptivePlanner((height, width), budget, coarse=p.coarse, rounds=p.rounds, rgb=rgb)
 
-    def finish(self, task: DepthTask, completions) -> DepthResult:
-        """Answers -> dense depth -> files (result.json last) -> the image's result."""
+    def finish(self, task: DepthTask, completions, *, certify: bool = True) -> DepthResult:
+        """Answers -> dense depth -> files (result.json last) -> the image's result. certify=False leaves
+        result.json to `certify(res)` (the stage's own thread writes it when it hands the result on, so a
+        summary never counts fewer finished images than have a result.json)."""
         cfg, profile, src = self.cfg, self.profile, task.source
         res = DepthResult(src.id, str(src.path), "ok", len(completions), uid=task.uid, camera=task.camera,
                           scale=task.scale, plan=task.plan_report or {"mode": "points" if task.fixed else "grid"})
@@ -247,10 +251,19 @@ class DepthStage:
         if self.evaluate is not None:
             res.metrics.update(self.evaluate(src, res))
         if files is not None:
-            self.write(files, task, ans, dense, res)
+            self.write(files, task, ans, dense, res, certify=certify)
         return res
 
-    def write(self, files: ImageFiles, task: DepthTask, ans, dense: DenseField, res: DepthResult) -> None:
+    def certify(self, res: DepthResult) -> DepthResult:
+        """Write the result.json that `finish(certify=False)` left (the image is then done)."""
+        pending, res._certificate = getattr(res, "_certificate", None), None
+        if pending is not None:
+            files, record, written = pending
+            outputs.write_json(files.result, files.certify(record, written))
+        return res
+
+    def write(self, files: ImageFiles, task: DepthTask, ans, dense: DenseField, res: DepthResult, *,
+              certify: bool = True) -> None:
         o = self.cfg.outputs
         depth = dense.values
         outputs.sweep_temp_files(files.dir)  # what an interrupted write of this image left
@@ -276,7 +289,10 @@ class DepthStage:
                                                          "preprocessed_size": list(task.prep.pixel_map.pre_size),
                                                          "decoded_scale": task.scale}))
         record = {**res.record(), "fingerprint": self.fingerprint, "profile": self.profile.name}
-        outputs.write_json(files.result, files.certify(record, [Path(p) for p in written]))
+        if certify:
+            outputs.write_json(files.result, files.certify(record, [Path(p) for p in written]))
+        else:
+            res._certificate = (files, record, [Path(p) for p in written])
 
     # -- a stream of images
     def run(self, sources: Iterable[ImageSource], *, intrinsics=None, points=None) -> Iterator[DepthResult]:
@@ -314,19 +330,26 @@ class DepthStage:
         try:
             for batch, completions in self._rounds(batches()):
                 yield from _drain(ready)
-                pending.append(pool.submit(self._finished, batch.tag, completions))
+                pending.append(pool.submit(self._finished, batch.tag, completions, certify=False))
                 while pending and (pending[0].done() or len(pending) > 2 * threads):
-                    yield pending.popleft().result()
+                    yield self._certified(pending.popleft().result())
             yield from _drain(ready)
             while pending:
-                yield pending.popleft().result()
+                yield self._certified(pending.popleft().result())
         finally:
             self._cpu_pool = None
             pool.shutdown(wait=True, cancel_futures=True)
 
-    def _finished(self, task: DepthTask, completions) -> DepthResult:
+    def _certified(self, res: DepthResult) -> DepthResult:
         try:
-            res = self.finish(task, completions)
+            return self.certify(res)
+        except (OSError, ValueError) as exc:
+            return DepthResult(res.id, res.image, "failed", res.queries, error=f"{type(exc).__name__}: {exc}",
+                               error_kind="output", wall_s=res.wall_s)
+
+    def _finished(self, task: DepthTask, completions, certify: bool = True) -> DepthResult:
+        try:
+            res = self.finish(task, completions, certify=certify)
         except (OSError, ValueError, MemoryError) as exc:
             res = DepthResult(task.source.id, str(task.source.path), "failed", len(completions),
                               error=f"{type(exc).__name__}: {exc}", error_kind="output")
