@@ -3,6 +3,7 @@ settings (plan.count auto, edge-aware densification, every output file), one ima
 and how busy the engines were meanwhile.
 
     python -m benchmarks.depth_bench --rate 652 --engines 2          # CPU: paced simulated engines (652 q/s in all)
+    python -m benchmarks.depth_bench --rate 652 --engines 0 [--set cpu_threads=0]   # one engine in process
     python -m benchmarks.depth_bench --model DIR [--images 12]       # GPU: vLLM engines in a Ray pool (dummy weights)
 
 CPU: the engines are simulated VLM3-depth engines in a Ray pool, paced to `--rate` answers/s in all
@@ -97,7 +98,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", help="GPU: model folder (the 4B-shaped synthetic Qwen3-VL); vLLM engines")
     ap.add_argument("--rate", type=float, default=652.0, help="CPU: answers/s of all simulated engines together")
-    ap.add_argument("--engines", type=int, default=2, help="CPU: simulated engine actors")
+    ap.add_argument("--engines", type=int, default=2, help="CPU: simulated engine actors (0: one engine in the "
+                                                           "command's process, as densify depth runs vllm)")
     ap.add_argument("--errors", default="iid,structured", help="CPU: error presets of the simulated engines")
     ap.add_argument("--images", type=int, default=8, help="images streamed")
     ap.add_argument("--one", type=int, default=3, help="images run one at a time")
@@ -129,15 +131,20 @@ def main(argv=None) -> int:
 
                 cfg = {"profile": str(fixed_answer_profile(work)), "structured": True,
                        "engine": {"name": "ray", "options": {
-                           "engine": "vllm", "num_gpus_per_actor": 1,
+                           "engine": "vllm", "num_gpus_per_actor": 1, "ray_address": "local",
                            "engine_options": {"model": args.model, "load_format": "dummy"}}}}
                 if importlib.util.find_spec("open3d") is None:
                     cfg["outputs"] = {"ply": False}  # GPU hosts lack Open3D
                 images = photo_images(work / "img", 0, args.images + args.one)
                 result["engine"] = "vllm (Ray pool, engines_per_gpu auto), dummy weights, structured fixed answers"
+            elif args.engines == 0:  # one engine in the command's own process (densify depth's default layout)
+                cfg = {"engine": {"name": "simulated", "options": {"answers_per_s": args.rate, "error": preset,
+                                                                   "seed": 0}}}
+                images = scene_images(work / f"scene_{preset}", args.images + args.one, seed=200 + i)
+                result["engine"] = f"simulated VLM3-depth in process, paced to {args.rate:g} answers/s"
             else:
                 cfg = {"engine": {"name": "ray", "options": {
-                    "engine": "simulated", "num_actors": args.engines,
+                    "engine": "simulated", "num_actors": args.engines, "ray_address": "local",  # never another job's Ray
                     "engine_options": {"answers_per_s": args.rate / args.engines, "error": preset, "seed": 0}}}}
                 images = scene_images(work / f"scene_{preset}", args.images + args.one, seed=200 + i)
                 result["engine"] = (f"simulated VLM3-depth, {args.engines} Ray actors paced to {args.rate:g} answers/s "

@@ -297,7 +297,7 @@ def test_stop_rule_rounds_and_report():
     pix, _, sizes = simulate(planner, depth, sigma=0.1)
     rep = planner.report()
     assert sizes[0] <= 120 and len(pix) <= 360 and len(sizes) >= 4  # min_rounds refinement rounds at least
-    assert rep["mode"] == "auto" and rep["stop"] in ("shared", "cap") and rep["rounds"] == len(sizes)
+    assert rep["mode"] == "auto" and rep["stop"] in ("shared", "precise", "cap") and rep["rounds"] == len(sizes)
     assert [h["queries"] for h in planner.history] == list(np.cumsum(sizes)[1:len(planner.history) + 1])
     assert {"own_spread", "disagreement", "ratio"} <= set(rep)
     with pytest.raises(ValueError):
@@ -314,3 +314,18 @@ def test_auto_is_the_default_of_adaptive_plans():
     assert not grid.is_auto and grid.grid_kwargs() == {"count": 3072}
     with pytest.raises(ValueError, match="floor"):
         PlanConfig(auto={"floor": 5000})
+
+
+def test_precise_answers_stop_at_the_floor_and_noisy_ones_go_on():
+    """Answers that agree to within `tolerance` stop after the minimum rounds ("precise"): the error they keep
+    is shared. The same scene with noisy answers goes on while the map's disagreement is their own spread."""
+    from densify.fields.adaptive import StopRule
+
+    rgb, depth, _ = step_scene()
+    rule = StopRule(floor=120, cap=600, round=60, ratio=0.01)  # ratio ~off: the tolerance decides here
+    precise = AdaptivePlanner((H, W), 1, rgb=rgb, stop=rule)
+    pix, _, _ = simulate(precise, depth, sigma=0.03)
+    assert precise.report()["stop"] == "precise" and len(pix) <= 120 + 2 * 60
+    noisy = AdaptivePlanner((H, W), 1, rgb=rgb, stop=rule)
+    pix2, _, _ = simulate(noisy, depth, sigma=0.2)
+    assert noisy.report()["own_spread"] >= rule.tolerance and len(pix2) > len(pix)

@@ -28,10 +28,16 @@ round the planner compares two spreads of the answers, both measured on the answ
     at their pixels before they came (the local planes of the answers so far).
 The part of `d` that `s` does not explain, e = sqrt(d^2 - s^2), is what the new answers and the map disagree
 about beyond independent scatter. Rounds go on while the answers' own spread is at least that (`s >= ratio *
-e`: independent noise dominates, more answers average it down) and stop when it is not (the new answers
-mostly re-measure errors they share, or structure that one more round will not settle), after at least
-`min_rounds` refinement rounds and within [floor, cap] queries. The result says how many queries were asked
-and why the planner stopped (`report()`).
+e`: independent noise dominates, more answers average it down) and stop when it is not ("shared": the new
+answers mostly re-measure errors they share, or structure that one more round will not settle). They also
+stop when `s` itself is below `tolerance` ("precise"): the answers already agree to within that, so what
+error the map keeps is what they all share (a scale, an object's bias), which no number of answers shows or
+removes. Only after `min_rounds` refinement rounds, within [floor, cap] queries ("cap"). The result says how
+many queries were asked and why the planner stopped (`report()`).
+
+`tolerance` is the one absolute number: 0.09 (9% spread of log depth between neighbouring answers) lies
+between the two error presets of the simulator (independent noise 0.125: on to the cap; shared errors with
+0.06 independent: stop), which are models, not measurements of VLM3 (README, Performance).
 
     planner = AdaptivePlanner((h, w), budget=1024, rgb=rgb)
     pts = planner.first_points()
@@ -97,6 +103,9 @@ class StopRule:
     round: int = 384
     ratio: float = 1.0
     """go on while the answers' own spread >= ratio x the disagreement it does not explain"""
+    tolerance: float = 0.09
+    """go on while the answers' own spread (log depth) is at least this: below it they already agree to
+    within what averaging more of them could still remove"""
     pool: int = 2
     """refinement rounds whose answers are pooled for the disagreement (one round's median is noisy)"""
     min_rounds: int = 2
@@ -105,7 +114,7 @@ class StopRule:
     def __post_init__(self):
         if not 1 <= self.floor <= self.cap:
             raise ValueError(f"need 1 <= floor <= cap, got floor={self.floor}, cap={self.cap}")
-        if self.round < 1 or self.ratio <= 0 or self.min_rounds < 0 or self.pool < 1:
+        if self.round < 1 or self.ratio <= 0 or self.min_rounds < 0 or self.pool < 1 or self.tolerance < 0:
             raise ValueError(f"round >= 1, ratio > 0, pool >= 1, min_rounds >= 0; got {self.round}, {self.ratio}, "
                              f"{self.pool}, {self.min_rounds}")
 
@@ -235,11 +244,13 @@ class AdaptivePlanner:
         ratio = own / unexplained
         self.history.append({"queries": int(self._seen), "own_spread": round(own, 4), "disagreement": round(d, 4),
                              "ratio": round(min(ratio, 1e3), 3)})
-        if (len(self._residuals) >= self.stop.pool and self.round - 1 >= self.stop.min_rounds
-                and ratio < self.stop.ratio):
+        if len(self._residuals) < self.stop.pool or self.round - 1 < self.stop.min_rounds:
+            return False
+        if ratio < self.stop.ratio:
             self.stop_reason = "shared"
-            return True
-        return False
+        elif own < self.stop.tolerance:
+            self.stop_reason = "precise"
+        return self.stop_reason is not None
 
     @staticmethod
     def _own_spread(xy: np.ndarray, vals: np.ndarray, planes) -> float:

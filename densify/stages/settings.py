@@ -65,6 +65,8 @@ class AutoPlanConfig(_Model):
     round: int = Field(384, ge=1, description="queries per refinement round")
     ratio: float = Field(1.0, gt=0, description="go on while the answers' own spread is at least this times the "
                                                 "disagreement with the map it does not explain")
+    tolerance: float = Field(0.09, ge=0, description="stop once the answers' own spread (log depth) is below this "
+                             "(precise answers: what error remains is shared, more answers do not average it)")
     pool: int = Field(2, ge=1, description="refinement rounds pooled for the disagreement")
     min_rounds: int = Field(2, ge=0, description="refinement rounds always asked after the grid")
     grid: int = Field(3072, ge=1, description="plan.mode grid with count auto: the grid's queries (a grid has no "
@@ -79,7 +81,7 @@ class AutoPlanConfig(_Model):
     def rule(self):
         from densify.fields.adaptive import StopRule
 
-        return StopRule(self.floor, self.cap, self.round, self.ratio, self.pool, self.min_rounds)
+        return StopRule(self.floor, self.cap, self.round, self.ratio, self.tolerance, self.pool, self.min_rounds)
 
 
 class PlanConfig(_Model):
