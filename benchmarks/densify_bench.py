@@ -3,6 +3,7 @@
     python -m benchmarks.densify_bench            # full sweep: 10 scenes x 7 budgets x 2 presets (~5 min, 2 cores)
     python -m benchmarks.densify_bench --quick    # 4 scenes x 3 budgets (~1 min)
     python -m benchmarks.densify_bench --errors structured --edge-opts '{"radius": 4}' --tag r4   # a variant
+    python -m benchmarks.densify_bench --budgets 3072 --auto --no-plot --tag auto  # plan.count: auto vs 3072
 
 Seeded synthetic rooms (densify.synthetic.scenes, 640x480) are answered by the simulated VLM3-depth engine
 through the real prompts, parser and pixel maps, under each error preset of `--errors` (default both, in one
@@ -16,6 +17,10 @@ Both are models of errors, not measurements of VLM3. For each preset, budget (qu
 * ``edge``: uniform grid, edge-aware densification (`densify_depth_edge`);
 * ``adaptive+linear``: adaptive placement (`AdaptivePlanner`), piecewise-linear interpolation (ablation);
 * ``adaptive+edge``: adaptive placement and edge-aware densification.
+
+`--auto` adds ``plan.count: auto`` (`StopRule`: a grid, then rounds until the answers stop paying; budget-free)
+with the edge-aware densifier, per scene its queries, engine calls and why it stopped, and against
+``adaptive+edge`` at 3072 (the former default) the AbsRel it loses (`auto` in each preset's results).
 
 Every method asks at most the budget (grids are the largest that fit). Metrics over all valid pixels:
 delta_1 and AbsRel; near discontinuities: AbsRel and delta_1 within 5 px of a ground-truth depth edge
