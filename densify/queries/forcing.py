@@ -7,9 +7,9 @@ stops as soon as the number is written (`Sampling.stop`: the tail's first charac
 completed here: head + number + tail (with the number again wherever the format repeats it), so the parser
 sees the whole answer. Under greedy decoding this gives the same number whenever the model would have
 written that text itself. Nothing guarantees that, so an **audit** asks a share of the queries also without
-forcing (`audit_share` of each batch, at least `audit_min`: every round of an image), compares the two numbers, keeps the unforced answer
-for those queries, records the agreement, and turns forcing off for the rest of the job (with a warning)
-when the agreement falls below `threshold`.
+forcing (`audit_share` of each batch, at least `audit_min`: every round of an image), compares the two
+numbers, keeps the unforced answer for those queries, records the agreement, and turns forcing off for the
+rest of the job (with a warning) when the agreement falls below `threshold`.
 
 Where the text is published, the profile declares it (`Question.answer_format`, the number as one Python
 format field, e.g. `{d:.2f}`, repeated where the model repeats it). Where it is not (VLM3-depth's `<think>`

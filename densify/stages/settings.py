@@ -20,7 +20,8 @@ from densify.geometry.fusion import FusionConfig
 from densify.geometry.pose import PoseConfig
 from densify.geometry.posegraph import PoseGraphConfig
 
-__all__ = ["EngineConfig", "AutoPlanConfig", "ForcingConfig", "PlanConfig", "DensifyConfig", "OutputConfig", "DepthConfig", "StoreConfig",
+__all__ = ["EngineConfig", "AutoPlanConfig", "ForcingConfig", "PlanConfig", "DensifyConfig", "OutputConfig",
+           "DepthConfig", "StoreConfig",
            "RayConfig", "LabelConfig", "CorrConfig", "PoseStageConfig", "ModelsConfig", "ReconstructConfig",
            "load_config", "default_engine"]
 
