@@ -88,7 +88,7 @@ class _Slot:
     suspect: Any = None
 
 
-@dataclass
+@dataclass(eq=False)  # jobs are told apart by identity: comparing fields would compare pixel arrays
 class _Job:
     batch: EngineBatch
     payload: Any
@@ -451,7 +451,8 @@ class RayPoolEngine(Engine):
     @staticmethod
     def _forget(slot: _Slot, job: _Job) -> None:
         slot.in_flight -= 1
-        slot.jobs.remove(job)
+        # by identity: two jobs of one image (a split batch, an image listed twice) are distinct jobs
+        slot.jobs[:] = [j for j in slot.jobs if j is not job]
 
     def _retry_or_fail(self, job: _Job, reason: str, retry: deque, fail, *, charge: bool = True) -> None:
         job.errors.append(reason)
