@@ -35,7 +35,7 @@ def run(args) -> int:
     layout = RunLayout(args.out)
     layout.check()
     intr = common.intrinsics(args)
-    sources = discover(args.inputs)
+    sources = discover(args.inputs, exclude=[layout.root])
     engine = build_engine(cfg.engine, load_profile(cfg.profile), model=cfg.model)
     try:
         layout.root.mkdir(parents=True, exist_ok=True)

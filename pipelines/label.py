@@ -65,7 +65,7 @@ def run(args) -> int:
     cfg = config_from_args(args)
     shard = parse_shard(args.shard)
     job = LabelJob(cfg, args.out, shard=shard,
-                   progress=common.progress(count_manifest(args.manifest, shard), every_s=cfg.log_every_s))
+                   progress=common.progress(count_manifest(args.manifest, shard, exclude=[args.out] + ([cfg.store.dir] if cfg.store.dir else [])), every_s=cfg.log_every_s))
     try:
         summary = job.run(args.manifest)
     finally:

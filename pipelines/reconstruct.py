@@ -34,7 +34,7 @@ def config_from_args(args) -> ReconstructConfig:
 
 def run(args) -> int:
     cfg = config_from_args(args)
-    sources = discover(args.inputs)
+    sources = discover(args.inputs, exclude=[args.out])
     scene = reconstruct(sources, cfg, args.out, intrinsics=common.intrinsics(args),
                         progress=common.progress(len(sources)))
     print_summary(scene.summary, args.out)

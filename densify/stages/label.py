@@ -10,7 +10,6 @@ and at the end), shards (every n-th image, own store, manifest and summary files
 
 from __future__ import annotations
 
-import glob
 import logging
 import time
 from pathlib import Path
@@ -21,7 +20,7 @@ from densify.config.profiles import load_profile
 from densify.engines import Engine
 from densify.engines.store import AnswerStore, StoredEngine, model_key_for, store_path
 from densify.io import outputs
-from densify.io.images import IMAGE_SUFFIXES, ImageSource, iter_sources, manifest_kind, walk_images
+from densify.io.images import ImageError, ImageSource, glob_images, iter_sources, manifest_kind, walk_images
 from densify.io.layout import RunLayout
 from densify.stages.depth import DepthResult, DepthStage
 from densify.stages.engine import build_engine
@@ -32,15 +31,16 @@ log = logging.getLogger("densify.label")
 __all__ = ["LabelJob", "iter_manifest", "count_manifest", "ManifestWriter"]
 
 
-def iter_manifest(inputs: list[str] | str, shard: tuple[int, int] = (0, 1)) -> Iterator[ImageSource]:
-    """Image sources of a manifest, in order, streamed; ids safe and unique; only shard i of n (every n-th)."""
+def iter_manifest(inputs: list[str] | str, shard: tuple[int, int] = (0, 1), *, exclude=()) -> Iterator[ImageSource]:
+    """Image sources of a manifest, in order, streamed; ids safe and unique; only shard i of n (every n-th).
+    Folder walks and globs leave out `exclude` (the job's output folders; see densify.io.images)."""
     i, n = shard
-    for k, src in enumerate(iter_sources(inputs)):
+    for k, src in enumerate(iter_sources(inputs, exclude=exclude)):
         if k % n == i:
             yield src
 
 
-def count_manifest(inputs: list[str] | str, shard: tuple[int, int] = (0, 1)) -> int:
+def count_manifest(inputs: list[str] | str, shard: tuple[int, int] = (0, 1), *, exclude=()) -> int:
     """Images in the shard (a cheap first pass: Parquet metadata, JSONL lines, a folder walk)."""
     inputs = [inputs] if isinstance(inputs, (str, Path)) else list(inputs)
     total = 0
@@ -53,11 +53,14 @@ def count_manifest(inputs: list[str] | str, shard: tuple[int, int] = (0, 1)) -> 
             with open(item) as f:
                 total += sum(1 for line in f if line.strip())
         elif kind == "dir":
-            total += sum(1 for _ in walk_images(Path(item)))
+            total += sum(1 for _ in walk_images(Path(item), exclude=exclude))
         elif kind == "file":
             total += 1
         else:
-            total += sum(1 for m in glob.glob(str(item), recursive=True) if Path(m).suffix.lower() in IMAGE_SUFFIXES)
+            try:
+                total += len(glob_images(str(item), exclude=exclude))
+            except ImageError:
+                pass  # the run itself says so
     i, n = shard
     return len(range(i, total, n))
 
@@ -137,7 +140,8 @@ class LabelJob:
     def run(self, inputs: list[str] | str) -> dict:
         cfg, layout = self.cfg, self.layout
         t0, cpu0 = time.perf_counter(), time.process_time()
-        total = count_manifest(inputs, self.shard)
+        exclude = [layout.root] + ([cfg.store.dir] if cfg.store.dir else [])
+        total = count_manifest(inputs, self.shard, exclude=exclude)
         own = self.engine is None
         inner = self.engine if self.engine is not None else build_engine(cfg.engine, self.profile, model=cfg.model,
                                                                           ray=cfg.ray)
@@ -167,7 +171,7 @@ class LabelJob:
         totals = {"queries": 0, "store_hits": 0, "engine_queries": 0, "answer_failures": 0}
         simulated = inner.simulated
         interrupted = True
-        results = stage.run(iter_manifest(inputs, self.shard))
+        results = stage.run(iter_manifest(inputs, self.shard, exclude=exclude))
         try:
             for res in results:
                 hits, asked = eng.image_stats.pop(res.uid, (0, 0)) if store is not None and res.uid else \
