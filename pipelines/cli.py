@@ -91,6 +91,7 @@ def exit_code(exc: BaseException) -> int:
     from densify.engines.store import StoreError
     from densify.io.cameras import CameraError
     from densify.io.images import ImageError
+    from densify.io.lock import OutputLockedError
     from densify.queries.plan import PlanError
 
     if isinstance(exc, Terminated):
@@ -99,7 +100,7 @@ def exit_code(exc: BaseException) -> int:
         return EXIT_INTERRUPTED
     if isinstance(exc, (EngineStartError, ImportError)):
         return EXIT_ENGINE_UNAVAILABLE
-    if isinstance(exc, StoreError):
+    if isinstance(exc, (StoreError, OutputLockedError)):
         return EXIT_STORE
     if isinstance(exc, EngineError):
         return EXIT_ENGINE_FAILED

@@ -36,13 +36,14 @@ def run(args) -> int:
     layout.check()
     intr = common.intrinsics(args)
     sources = discover(args.inputs, exclude=[layout.root])
-    engine = build_engine(cfg.engine, load_profile(cfg.profile), model=cfg.model)
-    try:
-        layout.root.mkdir(parents=True, exist_ok=True)
-        common.write_config(layout, cfg)
-        summary, _ = run_depth(sources, cfg, engine, layout, intrinsics=intr, progress=common.progress(len(sources)))
-    finally:
-        engine.close()
+    with layout.lock():
+        engine = build_engine(cfg.engine, load_profile(cfg.profile), model=cfg.model)
+        try:
+            common.write_config(layout, cfg)
+            summary, _ = run_depth(sources, cfg, engine, layout, intrinsics=intr,
+                                   progress=common.progress(len(sources)))
+        finally:
+            engine.close()
     print_summary(summary, layout.root)
     return 1 if summary["failed"] else 0
 

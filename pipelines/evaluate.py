@@ -11,6 +11,7 @@ scored by rule (qualitative accuracy, quantitative success within 25% and AbsRel
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 from pathlib import Path
 
@@ -54,7 +55,10 @@ def add_arguments(p) -> None:
 def run(args) -> int:
     if args.limit is not None and args.limit < 1:
         raise ConfigError(f"--limit {args.limit}: give a positive number")
-    return run_spatialrgpt(args) if args.suite == "spatialrgpt" else run_ibims(args)
+    if args.out:
+        RunLayout(args.out).check()
+    with RunLayout(args.out).lock() if args.out else contextlib.nullcontext():
+        return run_spatialrgpt(args) if args.suite == "spatialrgpt" else run_ibims(args)
 
 
 def run_ibims(args) -> int:

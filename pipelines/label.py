@@ -64,10 +64,13 @@ def config_from_args(args) -> LabelConfig:
 def run(args) -> int:
     cfg = config_from_args(args)
     shard = parse_shard(args.shard)
+    exclude = [args.out] + ([cfg.store.dir] if cfg.store.dir else [])
     job = LabelJob(cfg, args.out, shard=shard,
-                   progress=common.progress(count_manifest(args.manifest, shard, exclude=[args.out] + ([cfg.store.dir] if cfg.store.dir else [])), every_s=cfg.log_every_s))
+                   progress=common.progress(count_manifest(args.manifest, shard, exclude=exclude),
+                                            every_s=cfg.log_every_s))
     try:
-        summary = job.run(args.manifest)
+        with job.layout.lock():
+            summary = job.run(args.manifest)
     finally:
         job.progress.close()
     print_summary(summary, args.out)

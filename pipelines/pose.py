@@ -39,13 +39,14 @@ def run(args) -> int:
     if len(sources) != 2:
         raise ConfigError(f"densify pose needs exactly two images, got {len(sources)}")
     t0 = time.perf_counter()
-    res, infos = relative_pose(sources, cfg, layout.root, intrinsics=common.intrinsics(args))
-    rep = {"images": [str(s.path) for s in sources], "status": res.status, "record": res.record(),
-           "pose": res.pose.to_dict() if res.pose is not None else None,
-           "intrinsics": [i.camera.to_dict() if i.camera else None for i in infos],
-           "engine": cfg.engine.name, "simulated": cfg.engine.inner_name() == "simulated",
-           "wall_s": time.perf_counter() - t0}
-    outputs.write_json(layout.pose_report, rep)
+    with layout.lock():
+        res, infos = relative_pose(sources, cfg, layout.root, intrinsics=common.intrinsics(args))
+        rep = {"images": [str(s.path) for s in sources], "status": res.status, "record": res.record(),
+               "pose": res.pose.to_dict() if res.pose is not None else None,
+               "intrinsics": [i.camera.to_dict() if i.camera else None for i in infos],
+               "engine": cfg.engine.name, "simulated": cfg.engine.inner_name() == "simulated",
+               "wall_s": time.perf_counter() - t0}
+        outputs.write_json(layout.pose_report, rep)
     print_report(rep, args.out)
     return 0 if rep["status"] != "failed" else 1
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 
 from densify.io.images import discover
+from densify.io.layout import RunLayout
 from densify.stages.scene import reconstruct
 from densify.stages.settings import ReconstructConfig
 from pipelines import common
@@ -35,8 +36,11 @@ def config_from_args(args) -> ReconstructConfig:
 def run(args) -> int:
     cfg = config_from_args(args)
     sources = discover(args.inputs, exclude=[args.out])
-    scene = reconstruct(sources, cfg, args.out, intrinsics=common.intrinsics(args),
-                        progress=common.progress(len(sources)))
+    layout = RunLayout(args.out)
+    layout.check()
+    with layout.lock():
+        scene = reconstruct(sources, cfg, args.out, intrinsics=common.intrinsics(args),
+                            progress=common.progress(len(sources)))
     print_summary(scene.summary, args.out)
     s = scene.summary
     return 0 if scene.ok and not s["dropped"] and not s["failed_pairs"] else 1

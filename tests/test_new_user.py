@@ -62,3 +62,91 @@ def test_walks_skip_output_folders_of_other_runs_and_hidden_files(scene, tmp_pat
     assert [x.id for x in discover([str(s / "**" / "*.png")])] == ["view_000", "view_001"]
     # images named one by one are always taken, and so is a folder named as the input
     assert len(discover([s / "old_run" / "view_000" / "depth.png"])) == 1
+
+
+# -- 5. one job per output folder
+
+@pytest.mark.parametrize("command", ["depth", "pose", "reconstruct", "label", "eval", "demo", "synth", "make-model"])
+def test_a_second_job_on_a_held_output_folder_is_refused_with_exit_4(scene, tmp_path, capsys, command):
+    from densify.io.layout import RunLayout
+
+    out = tmp_path / "out"
+    imgs = [scene / "view_000.png", scene / "view_001.png"]
+    argv = {"depth": ["depth", scene, "--out", out, *SIM],
+            "pose": ["pose", *imgs, "--out", out, "--engine", "simulated", "--grid", "6", "6"],
+            "reconstruct": ["reconstruct", scene, "--out", out, "--engine", "simulated"],
+            "label": ["label", scene, "--out", out, "--no-ray", *SIM],
+            "eval": ["eval", "spatialrgpt", "--synthetic", scene, "--engine", "simulated", "--limit", "2", "--out", out],
+            "demo": ["demo", "--out", out, "--views", "1"],
+            "synth": ["synth", "--out", out, "--views", "1", "--overwrite"],
+            "make-model": ["make-model", out, "--overwrite"]}[command]
+    with RunLayout(out).lock():
+        rc, text = _run(capsys, *argv)
+        assert rc == 4, text
+        assert "another densify job is writing to this folder" in text and str(out) in text, text
+        assert f"pid {__import__('os').getpid()}" in text
+        assert sorted(p.name for p in out.iterdir()) == [".densify.lock"]  # nothing written
+    assert not out.exists()  # the lock's own folder is gone with it
+
+
+def test_label_shards_share_a_folder_and_the_lock_goes_with_the_job(scene, tmp_path, capsys):
+    from densify.io.layout import RunLayout
+
+    out = tmp_path / "out"
+    with RunLayout(out, shard=(1, 2)).lock():
+        rc, text = _run(capsys, "label", scene, "--out", out, "--no-ray", "--shard", "0/2", *SIM)
+        assert rc == 0, text
+    rc, text = _run(capsys, "label", scene, "--out", out, "--no-ray", "--shard", "1/2", *SIM)
+    assert rc == 0, text
+    assert not list(out.glob(".densify*.lock"))
+    rc, text = _run(capsys, "depth", scene, "--out", out / "d", *SIM)  # a finished job left no lock behind
+    assert rc == 0, text
+
+
+def test_a_lock_held_by_another_process_is_refused(scene, tmp_path):
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "out"
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from densify.io.lock import OutputLock\n"
+                               f"l = OutputLock({str(out)!r}).acquire(); print('held', flush=True); time.sleep(60)"],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        t = time.monotonic()
+        r = subprocess.run([sys.executable, "-m", "pipelines", "depth", str(scene), "--out", str(out), *SIM],
+                           capture_output=True, text=True, timeout=120)
+        assert r.returncode == 4 and f"pid {holder.pid}" in r.stderr, r.stderr
+        assert time.monotonic() - t < 60
+    finally:
+        holder.kill()
+        holder.wait()
+    r = subprocess.run([sys.executable, "-m", "pipelines", "depth", str(scene), "--out", str(out), *SIM],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr  # a killed holder leaves no stale lock
+
+
+# -- 7. synth and make-model refuse folders that are not empty; a file where a folder is needed is named
+
+@pytest.mark.parametrize("command", ["synth", "make-model"])
+def test_synth_and_make_model_refuse_a_folder_that_is_not_empty(tmp_path, capsys, command):
+    out = tmp_path / "x"
+    out.mkdir()
+    (out / "mine.txt").write_text("keep")
+    argv = ["synth", "--out", out, "--views", "1", "--width", "32", "--height", "24"] if command == "synth" \
+        else ["make-model", out]
+    rc, text = _run(capsys, *argv)
+    assert rc == 2 and "not empty" in text and "--overwrite" in text, text
+    assert sorted(p.name for p in out.iterdir()) == ["mine.txt"]
+    rc, text = _run(capsys, *argv, "--overwrite")
+    assert rc == 0, text
+    assert (out / "mine.txt").read_text() == "keep"
+
+
+def test_synth_overwrite_leaves_no_views_of_the_earlier_scene(tmp_path, capsys):
+    out = tmp_path / "s"
+    assert _run(capsys, "synth", "--out", out, "--views", "3", "--width", "32", "--height", "24")[0] == 0
+    assert _run(capsys, "synth", "--out", out, "--views", "2", "--width", "32", "--height", "24", "--overwrite")[0] == 0
+    assert sorted(p.name for p in out.glob("view_*.png")) == ["view_000.png", "view_001.png"]
+    assert not list(out.glob("view_002*"))

@@ -141,6 +141,12 @@ class RunLayout:
         if self.root.exists() and not self.root.is_dir():
             raise ConfigError(f"--out {self.root}: is a file, not a folder; give a new or existing folder")
 
+    def lock(self, what: str = "--out"):
+        """The job's exclusive lock on this folder (densify.io.lock), per shard; a context manager."""
+        from densify.io.lock import OutputLock
+
+        return OutputLock(self.root, shard=self.shard, what=what)
+
     @property
     def depth(self) -> "RunLayout":
         """The depth stage's layout inside a reconstruction (<out>/depth/<id>/)."""
