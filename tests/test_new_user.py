@@ -150,3 +150,54 @@ def test_synth_overwrite_leaves_no_views_of_the_earlier_scene(tmp_path, capsys):
     assert _run(capsys, "synth", "--out", out, "--views", "2", "--width", "32", "--height", "24", "--overwrite")[0] == 0
     assert sorted(p.name for p in out.glob("view_*.png")) == ["view_000.png", "view_001.png"]
     assert not list(out.glob("view_002*"))
+
+
+# -- 3. densifier options are typed and checked when the settings load
+
+@pytest.mark.parametrize("command", ["depth", "label"])
+@pytest.mark.parametrize("setting, words", [
+    ("densify.options.radiuss=2.0", ["--set densify.options.radiuss=2.0", "did you mean 'radius'"]),
+    ("densify.options.radius=abc", ["densify.options.radius", "valid number"]),
+    ("densify.options.radius=-1", ["densify.options.radius", "greater than 0"]),
+])
+def test_densifier_options_are_checked_before_any_engine_work(scene, tmp_path, capsys, monkeypatch, command,
+                                                              setting, words):
+    import densify.stages.engine as stage_engine
+
+    monkeypatch.setattr(stage_engine, "create_engine", lambda *a, **k: pytest.fail("an engine was built"))
+    out = tmp_path / "out"
+    extra = ["--no-ray"] if command == "label" else []
+    rc, text = _run(capsys, command, scene, "--out", out, *SIM, *extra, "--set", "densify.method=edge", "--set", setting)
+    assert rc == 2, text
+    assert len(text.strip().splitlines()) == 1 and "Traceback" not in text, text
+    for w in words:
+        assert w in text, (w, text)
+    assert not out.exists()
+
+
+def test_densifier_options_apply_per_method_and_keep_the_fingerprint():
+    from densify.stages.settings import DepthConfig
+
+    assert DepthConfig(densify={"method": "linear", "options": {"inverse": False}}).densify.options == {"inverse": False}
+    with pytest.raises(ValueError, match="not an option of the linear densifier"):
+        DepthConfig(densify={"method": "linear", "options": {"radius": 2}})
+    cfg = DepthConfig(densify={"options": {"radius": "3", "gate": [1.2, 1.5]}})
+    assert cfg.densify.options == {"radius": 3.0, "gate": (1.2, 1.5)}  # typed, and only what was set
+    assert DepthConfig().densify.options == {}
+
+
+def test_each_densifiers_options_model_matches_its_function():
+    import inspect
+
+    from densify.fields import DEPTH_DENSIFIERS, FLOW_DENSIFIERS, densify_depth
+    from densify.fields.interpolate import densify_flow
+
+    inner = {("depth", "linear"): densify_depth, ("flow", "linear"): densify_flow}
+    common = {"outliers", "logprobs", "shape"}
+    for kind, reg in (("depth", DEPTH_DENSIFIERS), ("flow", FLOW_DENSIFIERS)):
+        for name, m in reg.items():
+            fn = inner.get((kind, name), m.fn)
+            params = {k: p for k, p in inspect.signature(fn).parameters.items() if p.kind == p.KEYWORD_ONLY}
+            assert set(m.options.model_fields) == set(params) - common, (kind, name)
+            for k, f in m.options.model_fields.items():
+                assert f.get_default() == params[k].default, (kind, name, k)
