@@ -30,12 +30,13 @@ def add_config_args(p: argparse.ArgumentParser, default_name: str) -> None:
                         "repeatable.")
 
 
-def add_engine_args(p: argparse.ArgumentParser, *, profile: bool = True) -> None:
+def add_engine_args(p: argparse.ArgumentParser, *, profile: bool = True,
+                    model_help: str = "The checkpoint: a local folder or a hub name (default: the profile's model).") -> None:
     if profile:
         p.add_argument("--profile", help="The model profile: vlm3-depth (default), depthlm, or a profile YAML path.")
     p.add_argument("--engine", help="The engine: vllm or hf (default: vllm when installed, else hf), openai (a "
                                     "running server), ray, or simulated (tests and demos: answers from ground truth).")
-    p.add_argument("--model", help="The checkpoint: a local folder or a hub name (default: the profile's model).")
+    p.add_argument("--model", help=model_help)
 
 
 def add_plan_args(p: argparse.ArgumentParser) -> None:
@@ -142,7 +143,12 @@ def require_empty(folder: Path, what: str, overwrite: bool) -> None:
 # -- pose and reconstruct
 
 def add_pair_args(p: argparse.ArgumentParser) -> None:
-    add_engine_args(p, profile=False)
+    add_engine_args(p, profile=False, model_help="The depth checkpoint: a local folder or a hub name (default: "
+                                                 "the depth profile's model, facebook/VLM3-depth).")
+    p.add_argument("--corr-model", help="The correspondence checkpoint (default: the corr profile's model, "
+                                        "facebook/VLM3-corr); --model sets the depth one.")
+    p.add_argument("--pose-model", help="The pose checkpoint for --pose-source vlm or both (default: the pose "
+                                        "profile's model, facebook/VLM3-pose).")
     p.add_argument("--pose-source", choices=["matches", "vlm", "both"],
                    help="Poses from RANSAC on the correspondence answers (matches, default), from the pose "
                         "profile's answers (vlm), or RANSAC cross-checked by the pose profile (both).")
@@ -152,13 +158,15 @@ def add_pair_args(p: argparse.ArgumentParser) -> None:
 
 
 def pair_overrides(args) -> list[Override]:
-    """Settings of `densify pose` / `reconstruct` from their options (--model is the depth checkpoint; the
-    corr and pose ones go through --set models.corr=..., models.pose=...)."""
+    """Settings of `densify pose` / `reconstruct` from their options (--model is the depth checkpoint,
+    --corr-model and --pose-model the others)."""
     out = []
     if getattr(args, "engine", None):
         out.append(Override(("engine", "name"), args.engine, f"--engine {args.engine}"))
-    if getattr(args, "model", None):
-        out.append(Override(("models", "depth"), args.model, f"--model {args.model}"))
+    for stage, option in (("depth", "model"), ("corr", "corr_model"), ("pose", "pose_model")):
+        if getattr(args, option, None):
+            flag = "--" + option.replace("_", "-")
+            out.append(Override(("models", stage), getattr(args, option), f"{flag} {getattr(args, option)}"))
     if getattr(args, "pose_source", None):
         out.append(Override(("pose", "source"), args.pose_source, f"--pose-source {args.pose_source}"))
     if getattr(args, "grid", None):

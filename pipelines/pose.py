@@ -14,7 +14,7 @@ import numpy as np
 
 from densify.config.loading import ConfigError
 from densify.io import outputs
-from densify.io.images import discover
+from densify.io.images import ImageError, discover, image_size
 from densify.io.layout import RunLayout
 from densify.stages.scene import relative_pose
 from densify.stages.settings import ReconstructConfig
@@ -38,9 +38,15 @@ def run(args) -> int:
     sources = discover([args.image1, args.image2])
     if len(sources) != 2:
         raise ConfigError(f"densify pose needs exactly two images, got {len(sources)}")
+    for what, src in zip(("image1", "image2"), sources):
+        try:  # both images are needed: a missing or unreadable one is found before any engine starts
+            image_size(src.path)
+        except ImageError as exc:
+            raise ImageError(f"{what} {exc}", exc.kind) from None
+    intr = common.intrinsics(args)
     t0 = time.perf_counter()
     with layout.lock():
-        res, infos = relative_pose(sources, cfg, layout.root, intrinsics=common.intrinsics(args))
+        res, infos = relative_pose(sources, cfg, layout.root, intrinsics=intr)
         rep = {"images": [str(s.path) for s in sources], "status": res.status, "record": res.record(),
                "pose": res.pose.to_dict() if res.pose is not None else None,
                "intrinsics": [i.camera.to_dict() if i.camera else None for i in infos],

@@ -38,9 +38,9 @@ def run(args) -> int:
     sources = discover(args.inputs, exclude=[args.out])
     layout = RunLayout(args.out)
     layout.check()
+    intr = common.intrinsics(args)
     with layout.lock():
-        scene = reconstruct(sources, cfg, args.out, intrinsics=common.intrinsics(args),
-                            progress=common.progress(len(sources)))
+        scene = reconstruct(sources, cfg, args.out, intrinsics=intr, progress=common.progress(len(sources)))
     print_summary(scene.summary, args.out)
     s = scene.summary
     return 0 if scene.ok and not s["dropped"] and not s["failed_pairs"] else 1

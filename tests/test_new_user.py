@@ -201,3 +201,76 @@ def test_each_densifiers_options_model_matches_its_function():
             assert set(m.options.model_fields) == set(params) - common, (kind, name)
             for k, f in m.options.model_fields.items():
                 assert f.get_default() == params[k].default, (kind, name, k)
+
+
+# -- 3. every stage's checkpoint and the cheap input checks come before any engine work
+
+@pytest.fixture
+def no_engines(monkeypatch):
+    import huggingface_hub
+
+    import densify.stages.engine as stage_engine
+
+    monkeypatch.setattr(stage_engine, "create_engine", lambda *a, **k: pytest.fail("an engine was built"))
+    monkeypatch.setattr(huggingface_hub, "model_info", lambda *a, **k: (_ for _ in ()).throw(OSError("offline")))
+    monkeypatch.setattr(huggingface_hub, "try_to_load_from_cache", lambda *a, **k: None)
+
+
+def _fake_checkpoint(path: Path) -> Path:
+    path.mkdir()
+    (path / "config.json").write_text("{}")
+    return path
+
+
+@pytest.mark.parametrize("command", ["pose", "reconstruct"])
+@pytest.mark.parametrize("options, missing, option", [
+    ([], "facebook/VLM3-corr", "--corr-model"),
+    (["--corr-model", "./no/such/corr"], "./no/such/corr", "--corr-model"),
+    (["--corr-model", "CKPT", "--pose-source", "both"], "facebook/VLM3-pose", "--pose-model"),
+    (["--pose-source", "vlm", "--pose-model", "./nope"], "./nope", "--pose-model"),
+])
+def test_every_stage_checkpoint_is_checked_first_naming_its_option(scene, tmp_path, capsys, no_engines, command,
+                                                                   options, missing, option):
+    ckpt = _fake_checkpoint(tmp_path / "ckpt")
+    out = tmp_path / "out"
+    inputs = [scene / "view_000.png", scene / "view_001.png"]
+    options = [str(ckpt) if o == "CKPT" else o for o in options]
+    rc, text = _run(capsys, command, *inputs, "--out", out, "--engine", "hf", "--model", ckpt, *options)
+    assert rc == 3, text
+    assert missing in text and f"{option} PATH" in text, text
+    assert len(text.strip().splitlines()) == 1
+    assert not out.exists()  # no depth work before the check
+
+
+def test_pose_with_a_missing_second_image_stops_before_any_engine(scene, tmp_path, capsys, no_engines):
+    out = tmp_path / "out"
+    rc, text = _run(capsys, "pose", scene / "view_000.png", tmp_path / "nope.png", "--out", out, "--engine", "simulated")
+    assert rc == 2 and "image2" in text and "nope.png" in text and "no such file" in text, text
+    assert not out.exists()
+
+
+def test_parquet_without_an_image_column_stops_before_any_engine(scene, tmp_path, capsys, no_engines):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    m = tmp_path / "m.parquet"
+    pq.write_table(pa.table({"path": [str(scene / "view_000.png")]}), m)
+    out = tmp_path / "out"
+    rc, text = _run(capsys, "label", m, "--out", out, "--no-ray", *SIM)
+    assert rc == 2 and "'image' column" in text and "path" in text, text
+    assert not out.exists()  # no store, no summary
+    (tmp_path / "bad.parquet").write_bytes(b"not parquet at all")
+    rc, text = _run(capsys, "label", tmp_path / "bad.parquet", "--out", out, "--no-ray", *SIM)
+    assert rc == 2 and "not a readable Parquet file" in text, text
+
+
+@pytest.mark.parametrize("value, words", [("-554,554,320,240", "fx, fy must be positive"),
+                                          ("554,554,-320,240", "cx, cy must be pixel positions"),
+                                          ("554,nan,320,240", "finite")])
+@pytest.mark.parametrize("command", ["depth", "pose", "reconstruct"])
+def test_negative_intrinsics_stop_before_any_engine(scene, tmp_path, capsys, no_engines, command, value, words):
+    out = tmp_path / "out"
+    inputs = [scene / "view_000.png", scene / "view_001.png"]
+    rc, text = _run(capsys, command, *inputs, "--out", out, "--engine", "simulated", f"--intrinsics={value}")
+    assert rc == 2 and words in text and "--intrinsics" in text, text
+    assert not out.exists()

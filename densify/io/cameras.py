@@ -94,6 +94,15 @@ def parse_intrinsics_arg(text: str) -> list[float]:
         raise CameraError(f"--intrinsics must be 'fx,fy,cx,cy' numbers, got {text!r}") from exc
     if len(vals) not in (4, 6):
         raise CameraError(f"--intrinsics must be 'fx,fy,cx,cy' (4 numbers), got {text!r}")
+    if not all(math.isfinite(v) for v in vals):
+        raise CameraError(f"--intrinsics {text}: every value must be a finite number")
+    if vals[0] <= 0 or vals[1] <= 0:
+        raise CameraError(f"--intrinsics {text}: the focal lengths fx, fy must be positive pixels")
+    if vals[2] < 0 or vals[3] < 0:
+        raise CameraError(f"--intrinsics {text}: the principal point cx, cy must be pixel positions (>= 0), "
+                          f"about half the image size")
+    if len(vals) == 6 and (vals[4] <= 0 or vals[5] <= 0):
+        raise CameraError(f"--intrinsics {text}: the image size W, H must be positive")
     return vals
 
 

@@ -331,12 +331,24 @@ def iter_jsonl(path: Path) -> Iterator[ImageSource]:
             yield _record_source(rec, path.parent, f"{path}:{n}")
 
 
-def iter_parquet(path: Path, batch_rows: int = 4096) -> Iterator[ImageSource]:
+def open_parquet(path: Path):
+    """A Parquet manifest, checked: readable, with an `image` column (an ImageError naming the fix otherwise)."""
     import pyarrow.parquet as pq
 
-    pf = pq.ParquetFile(path)
-    if "image" not in pf.schema_arrow.names:
-        raise ImageError(f"{path}: a Parquet manifest needs an 'image' column (has {pf.schema_arrow.names})")
+    try:
+        pf = pq.ParquetFile(path)
+    except Exception as exc:  # pyarrow's own error types: not Parquet, truncated, unreadable
+        raise ImageError(f"{path}: not a readable Parquet file ({type(exc).__name__}: {exc}); give a Parquet "
+                         f"manifest with an 'image' column, or a .jsonl") from None
+    names = pf.schema_arrow.names
+    if "image" not in names:
+        raise ImageError(f"{path}: a Parquet manifest needs an 'image' column of image paths (it has "
+                         f"{', '.join(names) or 'no columns'}); rename the column, or write the manifest again")
+    return pf
+
+
+def iter_parquet(path: Path, batch_rows: int = 4096) -> Iterator[ImageSource]:
+    pf = open_parquet(path)
     n = 0
     for rb in pf.iter_batches(batch_size=batch_rows):
         for rec in rb.to_pylist():

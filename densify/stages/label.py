@@ -20,7 +20,8 @@ from densify.config.profiles import load_profile
 from densify.engines import Engine
 from densify.engines.store import AnswerStore, StoredEngine, model_key_for, store_path
 from densify.io import outputs
-from densify.io.images import ImageError, ImageSource, glob_images, iter_sources, manifest_kind, walk_images
+from densify.io.images import (ImageSource, glob_images, iter_sources, manifest_kind, open_parquet,
+                               walk_images)
 from densify.io.layout import RunLayout
 from densify.stages.depth import DepthResult, DepthStage
 from densify.stages.engine import build_engine
@@ -47,8 +48,7 @@ def count_manifest(inputs: list[str] | str, shard: tuple[int, int] = (0, 1), *, 
     for item in inputs:
         kind = manifest_kind(str(item))
         if kind == "parquet":
-            import pyarrow.parquet as pq
-            total += pq.ParquetFile(item).metadata.num_rows
+            total += open_parquet(Path(item)).metadata.num_rows
         elif kind == "jsonl":
             with open(item) as f:
                 total += sum(1 for line in f if line.strip())
@@ -57,10 +57,7 @@ def count_manifest(inputs: list[str] | str, shard: tuple[int, int] = (0, 1), *, 
         elif kind == "file":
             total += 1
         else:
-            try:
-                total += len(glob_images(str(item), exclude=exclude))
-            except ImageError:
-                pass  # the run itself says so
+            total += len(glob_images(str(item), exclude=exclude))  # one matching nothing: an error now, not later
     i, n = shard
     return len(range(i, total, n))
 

@@ -224,8 +224,9 @@ def reconstruct(sources: list[ImageSource], cfg: ReconstructConfig, out: str | P
 
         raise ConfigError(f"reconstruct needs at least 2 images, got {len(sources)}")
     require_open3d()  # the pose graph and fusion need it: fail before any engine work, not after it
-    layout.root.mkdir(parents=True, exist_ok=True)
     stage_engines = StageEngines(cfg.engine, cfg.models.model_dump(), engines)
+    stage_engines.check(stage_profiles(cfg, depth=True))
+    layout.root.mkdir(parents=True, exist_ok=True)
     timings: dict[str, float] = {}
     try:
         return _reconstruct(sources, cfg, layout, stage_engines, timings, intrinsics, progress)
@@ -316,12 +317,23 @@ def camera_info(index: int, src: ImageSource, cfg: ReconstructConfig, intrinsics
     return info
 
 
+def stage_profiles(cfg: ReconstructConfig, *, depth: bool) -> dict[str, str]:
+    """The stages a run will use (stage -> profile): depth when asked, corr for matches, pose for the VLM."""
+    stages = {"depth": cfg.depth.profile} if depth else {}
+    if cfg.pose.source in ("matches", "both"):
+        stages["corr"] = cfg.corr.profile
+    if cfg.pose.source in ("vlm", "both"):
+        stages["pose"] = cfg.pose.profile
+    return stages
+
+
 def relative_pose(sources: list[ImageSource], cfg: ReconstructConfig, out: str | Path, *,
                   engines: dict[str, Engine] | None = None, intrinsics=None) -> tuple[PairResult, list[ImageInfo]]:
     """The pose of image 2 relative to image 1 (depth of image 1 only when the metric scale is wanted)."""
     layout = RunLayout(out)
     layout.check()
     stage_engines = StageEngines(cfg.engine, cfg.models.model_dump(), engines)
+    stage_engines.check(stage_profiles(cfg, depth=cfg.pose.use_depth and cfg.pose.source in ("matches", "both")))
     cfg = cfg.model_copy(update={"corr": cfg.corr.model_copy(update={"save_flow": True, "track_queries": False})})
     if cfg.pose.use_depth and cfg.pose.source in ("matches", "both"):
         infos, _ = depth_infos(sources[:1], cfg, layout, stage_engines, intrinsics=intrinsics)
