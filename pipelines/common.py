@@ -12,7 +12,7 @@ from pathlib import Path
 
 import yaml
 
-from densify.config.loading import Override, parse_set
+from densify.config.loading import ConfigError, Override, parse_set
 from densify.io.layout import RunLayout
 from densify.stages.settings import load_config
 
@@ -64,6 +64,8 @@ def overrides(args) -> list[Override]:
         add(("engine", "name"), args.engine, f"--engine {args.engine}")
     if getattr(args, "model", None):
         add(at("model"), args.model, f"--model {args.model}")
+    if getattr(args, "stride", None) is not None and getattr(args, "count", None) is not None:
+        raise ConfigError(f"--count {args.count} and --stride {args.stride:g} both choose the query grid; give one")
     if getattr(args, "stride", None) is not None:
         add(at("plan", "stride"), args.stride, f"--stride {args.stride:g}")
     if getattr(args, "count", None) is not None:
@@ -77,8 +79,28 @@ def load(args, model, default_name: str, extra: list[Override] | None = None, *,
     """Settings: defaults, then --config, then the shared options (unless not `shared`), then the command's
     own (`extra`), then --set."""
     ov = (overrides(args) if shared else []) + list(extra or [])
-    ov += parse_set(getattr(args, "set", None))
-    return load_config(model, getattr(args, "config", None), ov, default_name=default_name)
+    sets = parse_set(getattr(args, "set", None))
+    check_conflicts(ov, sets)
+    return load_config(model, getattr(args, "config", None), ov + sets, default_name=default_name)
+
+
+# settings that exclude each other: given together on the command line, one would silently lose
+_EXCLUSIVE = [({("plan", "stride")}, {("plan", "count")})]
+
+
+def check_conflicts(options: list[Override], sets: list[Override]) -> None:
+    """Refuse an option and a --set that set the same key to different values (the --set would win
+    silently), and settings that exclude each other given together."""
+    for s in sets:
+        for o in options:
+            if o.path == s.path and o.value != s.value:
+                raise ConfigError(f"{o.origin} and {s.origin} both set {'.'.join(s.path)}; give one")
+    given = {o.path: o for o in options + sets if o.value is not None}
+    for a, b in _EXCLUSIVE:
+        oa = next((given[p] for p in a if p in given), None)
+        ob = next((given[p] for p in b if p in given), None)
+        if oa is not None and ob is not None:
+            raise ConfigError(f"{oa.origin} and {ob.origin} both choose the query grid; give one")
 
 
 def write_config(layout: RunLayout, cfg) -> None:

@@ -52,9 +52,20 @@ def add_arguments(p) -> None:
     common.add_config_args(p, "depth")
 
 
+_SPATIALRGPT_ONLY = ("synthetic", "images", "geometry", "depth_dir")
+
+
 def run(args) -> int:
     if args.limit is not None and args.limit < 1:
         raise ConfigError(f"--limit {args.limit}: give a positive number")
+    if args.suite == "spatialrgpt" and args.synthetic and args.data:
+        raise ConfigError(f"--synthetic {args.synthetic} and --data {args.data} both give the questions; give one")
+    if args.suite == "ibims":
+        given = [f"--{k.replace('_', '-')}" for k in _SPATIALRGPT_ONLY if getattr(args, k)]
+        if given:
+            raise ConfigError(f"{', '.join(given)}: only for `densify eval spatialrgpt`; drop it for ibims")
+    if args.up != "floor" and not args.geometry:
+        raise ConfigError(f"--up {args.up}: only with --geometry (the vertical of the geometry answers)")
     if args.out:
         RunLayout(args.out).check()
     with RunLayout(args.out).lock() if args.out else contextlib.nullcontext():

@@ -274,3 +274,72 @@ def test_negative_intrinsics_stop_before_any_engine(scene, tmp_path, capsys, no_
     rc, text = _run(capsys, command, *inputs, "--out", out, "--engine", "simulated", f"--intrinsics={value}")
     assert rc == 2 and words in text and "--intrinsics" in text, text
     assert not out.exists()
+
+
+# -- 4. inputs that cannot be right are said, refused or named
+
+@pytest.mark.parametrize("value, words", [("320,240,554,554", ["principal point (554, 554) is outside", "fx / fy is 1.33"]),
+                                          ("554,554,5000,60", ["principal point (5000, 60) is outside"])])
+def test_implausible_intrinsics_are_warned_about(scene, tmp_path, capsys, caplog, value, words):
+    rc, text = _run(capsys, "depth", scene, "--out", tmp_path / "o", *SIM, "--intrinsics", value)
+    assert rc == 0, text
+    warned = [r.getMessage() for r in caplog.records if "look wrong" in r.getMessage()]
+    assert len(warned) == 1, warned  # once for the job, not per image
+    for w in words:
+        assert w in warned[0], (w, warned)
+    caplog.clear()
+    _run(capsys, "depth", scene, "--out", tmp_path / "o2", *SIM)  # the scene's own intrinsics: no warning
+    assert not [r for r in caplog.records if "look wrong" in r.getMessage()]
+
+
+def test_a_count_beyond_the_image_is_said(scene, tmp_path, capsys, caplog):
+    rc, text = _run(capsys, "depth", scene, "--out", tmp_path / "o", "--engine", "simulated", "--count", "5000000",
+                    "--set", "plan.mode=grid")
+    assert rc == 0, text
+    warned = [r.getMessage() for r in caplog.records if "plan.count 5,000,000" in r.getMessage()]
+    assert len(warned) == 1 and "160x120 image has only 19,200" in warned[0], warned
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["--count", "64", "--stride", "8"], ["--count 64 and --stride 8", "give one"]),
+    (["--count", "64", "--set", "plan.count=128"], ["--count 64 and --set plan.count=128 both set plan.count"]),
+    (["--stride", "8", "--set", "plan.count=128"], ["--stride 8 and --set plan.count=128", "give one"]),
+    (["--set", "plan.stride=8", "--set", "plan.count=128"], ["--set plan.stride=8 and --set plan.count=128"]),
+])
+def test_conflicting_plan_options_are_refused(scene, tmp_path, capsys, argv, words):
+    rc, text = _run(capsys, "depth", scene, "--out", tmp_path / "o", "--engine", "simulated", *argv)
+    assert rc == 2, text
+    for w in words:
+        assert w in text, (w, text)
+    assert not (tmp_path / "o").exists()
+    rc, text = _run(capsys, "depth", scene, "--out", tmp_path / "o", *SIM, "--set", "plan.count=64")
+    assert rc == 0, text  # the same value twice is no conflict
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["spatialrgpt", "--synthetic", "SCENE", "--data", "x.json"], ["--synthetic", "--data", "give one"]),
+    (["ibims", "--synthetic", "SCENE"], ["--synthetic", "only for `densify eval spatialrgpt`"]),
+    (["spatialrgpt", "--synthetic", "SCENE", "--up", "camera"], ["--up camera", "only with --geometry"]),
+])
+def test_conflicting_eval_options_are_refused(scene, tmp_path, capsys, argv, words):
+    argv = [str(scene) if a == "SCENE" else a for a in argv]
+    rc, text = _run(capsys, "eval", *argv, "--engine", "simulated")
+    assert rc == 2, text
+    for w in words:
+        assert w in text, (w, text)
+
+
+def test_ask_refuses_a_depth_map_of_another_size_and_an_extra_region(scene, tmp_path, capsys, no_engines):
+    import numpy as np
+
+    img = scene / "view_000.png"  # 160x120
+    small = tmp_path / "small.npy"
+    np.save(small, np.ones((60, 80), np.float32))
+    base = ["ask", img, "--engine", "simulated", "--question", "left_choice", "--regions", "0,0,50,50;60,20,150,100"]
+    rc, text = _run(capsys, *base, "--geometry", "--depth", small)
+    assert rc == 2 and "a 80x60 map for a 160x120 image" in text, text
+    rc, text = _run(capsys, *base, "--depth", scene / "view_000.depth.npy")
+    assert rc == 2 and "only with --geometry" in text, text
+    rc, text = _run(capsys, "ask", img, "--engine", "simulated", "--question", "left_choice",
+                    "--regions", "0,0,50,50;60,20,150,100;10,60,40,110")
+    assert rc == 2 and "gives 3 boxes" in text and "at most 2" in text, text

@@ -149,6 +149,7 @@ class DepthStage:
         self.keep_maps = keep_maps
         self.evaluate = evaluate
         self.on_round = on_round
+        self._capped = False  # the plan asks more queries than an image holds (said once)
         self.fingerprint = settings_fingerprint(cfg, self.profile)
         self.sampling = sampling_for(self.profile, logprobs=cfg.logprobs, structured=cfg.structured)
         if cfg.densify.method == "edge" or cfg.plan.mode == "adaptive":
@@ -179,11 +180,27 @@ class DepthStage:
         else:
             pts = grid_points(w, h, **cfg.plan.grid_kwargs())
         plan = plan_queries(pts, prep.pixel_map)
+        if points is None:
+            self._say_if_capped(w, h, len(plan))
         uid = image_uid(prep, src.id)
         ref = image_ref(src.id, prep, src.path, src.manifest)
         task = DepthTask(src, rgb, camera, prep, plan, uid, ref, fixed=points is not None, started=t0,
                          scale=img.scale)
         return task, depth_batch(prep, plan, profile, uid=uid, ref=ref, sampling=self.sampling, tag=task)
+
+    def _say_if_capped(self, width: int, height: int, planned: int) -> None:
+        """Warn (once per stage) when an image holds fewer distinct query positions than the plan asks for."""
+        p = self.cfg.plan
+        if self._capped or p.stride is not None:
+            return
+        wanted = int(p.count[0]) * int(p.count[1]) if isinstance(p.count, list) else int(p.count)
+        if p.mode == "adaptive":
+            wanted, planned = p.budget or wanted, width * height
+        if planned < 0.95 * wanted:
+            self._capped = True
+            log.warning("plan.count %s: a %dx%d image has only %s distinct query positions (pixels, or prompt "
+                        "coordinates of the %s profile), so at most %s are asked per image like this one; lower --count",
+                        f"{wanted:,}", width, height, f"{planned:,}", self.profile.name, f"{planned:,}")
 
     def _planner(self, width: int, height: int, rgb=None):
         from densify.fields.adaptive import AdaptivePlanner
