@@ -145,4 +145,8 @@ def run(args) -> int:
     print(json.dumps(doc, indent=1))
     if args.out:
         outputs.write_json(Path(args.out), doc)
-    return 0
+    failed = [r["question"] for r in recs if r["model"]["failure"] is not None]
+    if failed:  # done, but not every question got a usable answer: exit 1, as for failed images
+        log.error("%d of %d question(s) got no usable answer from the model: %s", len(failed), len(recs),
+                  ", ".join(failed))
+    return 1 if failed else 0

@@ -123,6 +123,20 @@ def console():
     return Console(file=sys.stdout, highlight=False, soft_wrap=True)
 
 
+def esc(value) -> str:
+    """Text for a rich console as it is: brackets in messages (`[fx, fy, cx, cy]`) are not markup."""
+    from rich.markup import escape
+
+    return escape(str(value))
+
+
+def written(out, names: list[str]) -> str:
+    """`outputs in OUT (a, b, ...)` listing only the files and folders that exist."""
+    root = Path(out)
+    have = [n for n in names if (root / n.rstrip("/")).exists()]
+    return f"outputs in {esc(out)}" + (f" ({', '.join(have)})" if have else " (none written)")
+
+
 def report(summary: dict):
     """A console for a run's report, opened with the simulated-engine note when the run used it."""
     c = console()
@@ -133,9 +147,9 @@ def report(summary: dict):
 
 def print_failures(c, failed: list[dict], total: int, where: str, limit: int = 20) -> None:
     for f in failed[:limit]:
-        c.print(f"  [red]failed[/] {f['id']} ({f['kind']}): {f['error']}")
+        c.print(f"  [red]failed[/] {esc(f['id'])} ({esc(f['kind'])}): {esc(f['error'])}")
     if total > limit:
-        c.print(f"  ... and {total - limit} more in {where}")
+        c.print(f"  ... and {total - limit} more in {esc(where)}")
 
 
 def progress(total: int, label: str = "images", every_s: float = 10.0):

@@ -52,6 +52,6 @@ def print_summary(s: dict, out) -> None:
     c = common.report(s)
     c.print(f"[bold]densify depth[/]: {s['ok']} ok, {s['skipped']} skipped (done earlier), {s['failed']} failed of "
             f"{s['images']} images; {s['queries']:,} queries in {s['wall_s']:.1f} s ({s['queries_per_s']:,.0f} q/s); "
-            f"answer failures {s['answer_failures'] or 'none'}")
+            f"answer failures {common.esc(s['answer_failures'] or 'none')}")
     common.print_failures(c, s["failed_images"], s["failed"], f"{out}/failures.jsonl")
-    c.print(f"outputs in {out}")
+    c.print(f"outputs in {common.esc(out)}")

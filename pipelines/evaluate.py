@@ -81,24 +81,24 @@ def run_ibims(args) -> int:
              Override(("densify", "method"), "linear", "eval")]
     cfg = common.load(args, DepthConfig, "depth", extra)
     layout = RunLayout(args.out) if args.out else None
-    if layout is not None:
-        layout.check()
     sources = label_sources(data, args.limit)
     engine = build_engine(cfg.engine, load_profile(cfg.profile), model=cfg.model)
     try:
         if layout is not None:
-            layout.root.mkdir(parents=True, exist_ok=True)
+            common.write_config(layout, cfg)
         rep = evaluate_labels(sources, cfg, engine, layout, data=str(data))
     finally:
         engine.close()
     c = common.report(rep)
-    c.print(f"eval {args.suite} ({rep['engine']} engine, {rep['profile']}, model {rep['model']}): {rep['images']} "
+    c.print(f"eval {args.suite} ({rep['engine']} engine, {rep['profile']}, model {common.esc(rep['model'])}): {rep['images']} "
             f"images, {rep['points']} labelled points, answered {rep['answered']}")
     c.print(f"  delta_1 {rep['delta1']:.3f} (over answered: {rep['delta1_answered']:.3f}), AbsRel "
-            f"{rep['absrel_answered']:.3f}, parse failures {rep['parse_failures'] or 'none'}, "
+            f"{rep['absrel_answered']:.3f}, parse failures {common.esc(rep['parse_failures'] or 'none')}, "
             f"{rep['queries_per_s']:.0f} q/s")
     for f in rep["failed_images"][:10]:
-        c.print(f"  [red]failed[/] {f['id']} ({f['kind']}): {f['error']}")
+        c.print(f"  [red]failed[/] {common.esc(f['id'])} ({common.esc(f['kind'])}): {common.esc(f['error'])}")
+    if args.out:
+        c.print(common.written(args.out, ["eval.json", "summary.json", "failures.jsonl", "config.yaml"]))
     return 1 if rep["failed_images"] else 0
 
 
@@ -160,11 +160,14 @@ def run_spatialrgpt(args) -> int:
     rep["data"] = str(data)
     rep["simulated"] = engine.simulated
     if args.out:
+        common.write_config(RunLayout(args.out), dcfg)
         outputs.write_json(Path(args.out) / "eval.json", rep)
         outputs.write_jsonl(Path(args.out) / "answers.jsonl", records)
     c = common.report(rep)
     c.print(f"eval spatialrgpt ({rep['engine']} engine, {rep['profile']}): {rep['questions']} questions on "
             f"{rep['images']} images, unscorable references {rep['model']['unscorable']}, "
             f"failed questions {len(rep['failed_questions'])}")
-    c.print(format_table(rep))
+    c.print(common.esc(format_table(rep)))
+    if args.out:
+        c.print(common.written(args.out, ["eval.json", "answers.jsonl", "config.yaml"]))
     return 1 if rep["failed_images"] else 0

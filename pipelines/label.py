@@ -70,6 +70,7 @@ def run(args) -> int:
                                             every_s=cfg.log_every_s))
     try:
         with job.layout.lock():
+            common.write_config(job.layout, cfg)
             summary = job.run(args.manifest)
     finally:
         job.progress.close()
@@ -84,7 +85,7 @@ def print_summary(s: dict, out) -> None:
             f"store, {s['engine_queries']:,} asked) in {s['wall_s']:.1f} s ({s['images_per_s']:.2f} images/s, "
             f"{s['queries_per_s']:,.0f} q/s)")
     if s["failed"]:
-        kinds = ", ".join(f"{k}: {v}" for k, v in sorted(s["failed_by_kind"].items()))
+        kinds = common.esc(", ".join(f"{k}: {v}" for k, v in sorted(s["failed_by_kind"].items())))
         c.print(f"  [red]failed[/] by kind: {kinds}")
         common.print_failures(c, s["failed_images"], s["failed"], f"{out}/manifest.parquet")
-    c.print(f"outputs in {out}")
+    c.print(f"outputs in {common.esc(out)}")

@@ -46,6 +46,7 @@ def run(args) -> int:
     intr = common.intrinsics(args)
     t0 = time.perf_counter()
     with layout.lock():
+        common.write_config(layout, cfg)
         res, infos = relative_pose(sources, cfg, layout.root, intrinsics=intr)
         rep = {"images": [str(s.path) for s in sources], "status": res.status, "record": res.record(),
                "pose": res.pose.to_dict() if res.pose is not None else None,
@@ -62,10 +63,10 @@ def print_report(rep: dict, out) -> None:
 
     c = common.report(rep)
     rec, p = rep["record"], rep["pose"]
-    c.print(f"[bold]densify pose[/]: {rep['images'][0]} -> {rep['images'][1]}: {rep['status']}"
+    c.print(f"[bold]densify pose[/]: {common.esc(rep['images'][0])} -> {common.esc(rep['images'][1])}: {rep['status']}"
             + (f" ({rec.get('verdict')}, source {rec.get('source')})" if p else ""))
     if rep["status"] == "failed":
-        c.print(f"  [red]{rec.get('error_kind')}[/]: {rec.get('error')}")
+        c.print(f"  [red]{common.esc(rec.get('error_kind'))}[/]: {common.esc(rec.get('error'))}")
     if p and p.get("R") is not None:
         R = np.asarray(p["R"])
         c.print(f"  rotation {rotation_angle_deg(R):.2f} deg (camera-2 yaw/pitch/roll "
@@ -73,9 +74,9 @@ def print_report(rep: dict, out) -> None:
         if p.get("t") is not None:
             c.print(f"  t (x2 = R x1 + t) direction {np.round(p['t'], 4).tolist()}"
                     + (f", metric {np.round(p['t_metric'], 4).tolist()} m" if p.get("t_metric") else ""))
-        c.print(f"  inliers {p['inliers']} of {p['n_matches']} matches" + (f"; {p['reason']}" if p["reason"] else ""))
+        c.print(f"  inliers {p['inliers']} of {p['n_matches']} matches" + (f"; {common.esc(p['reason'])}" if p["reason"] else ""))
     if rec.get("cross_check"):
         cc = rec["cross_check"]
         c.print(f"  VLM cross-check: rotation differs by {cc['rotation_deg']:.2f} deg, direction by "
                 f"{cc['direction_deg'] if cc['direction_deg'] is None else round(cc['direction_deg'], 2)} deg")
-    c.print(f"outputs in {out} (pose.json, pairs/, depth/)")
+    c.print(common.written(out, ["pose.json", "config.yaml", "pairs/", "depth/"]))

@@ -40,6 +40,7 @@ def run(args) -> int:
     layout.check()
     intr = common.intrinsics(args)
     with layout.lock():
+        common.write_config(layout, cfg)
         scene = reconstruct(sources, cfg, args.out, intrinsics=intr, progress=common.progress(len(sources)))
     print_summary(scene.summary, args.out)
     s = scene.summary
@@ -50,19 +51,21 @@ def print_summary(s: dict, out) -> None:
     c = common.report(s)
     t = s["timings_s"]
     c.print(f"[bold]densify reconstruct[/]: {s['posed']} of {s['images']} images posed "
-            f"(reference {s['reference']}); pairs {s['pairs_ok']} ok of {s['pairs']} "
+            f"(reference {common.esc(s['reference'])}); pairs {s['pairs_ok']} ok of {s['pairs']} "
             f"(verdicts {s['verdicts']}); {s['pair_queries']:,} correspondence queries (forward + backward); "
             f"{s['wall_s']:.1f} s (" + ", ".join(f"{k} {v:.1f}" for k, v in t.items()) + ")")
     for f in s["failed_pairs"]:
-        c.print(f"  [red]failed pair[/] {f['pair'][0]} -> {f['pair'][1]} ({f.get('error_kind')}): {f.get('error')}")
+        c.print(f"  [red]failed pair[/] {common.esc(f['pair'][0])} -> {common.esc(f['pair'][1])} "
+                f"({common.esc(f.get('error_kind'))}): {common.esc(f.get('error'))}")
     for d in s["dropped"]:
-        c.print(f"  [yellow]dropped[/] {d['id']}: {d['reason']}")
+        c.print(f"  [yellow]dropped[/] {common.esc(d['id'])}: {common.esc(d['reason'])}")
     if "skipped" in s["fusion"]:
-        c.print(f"  [red]no scene[/]: {s['fusion']['skipped']}")
+        c.print(f"  [red]no scene[/]: {common.esc(s['fusion']['skipped'])}")
     if "colmap" in s["export"]:
-        c.print(f"  COLMAP model: {s['export']['colmap']}")
+        c.print(f"  COLMAP model: {common.esc(s['export']['colmap'])}")
     fu = s["fusion"]
     if fu.get("frames"):
         c.print(f"  fused {fu['frames']} frames: mesh {fu['mesh_vertices']:,} vertices, "
                 f"cloud {fu['cloud_points']:,} points")
-    c.print(f"outputs in {out} (poses.json, mesh.ply, cloud.ply, colmap/, transforms.json, pairs.jsonl, summary.json)")
+    c.print(common.written(out, ["poses.json", "mesh.ply", "cloud.ply", "colmap/", "transforms.json", "pairs.jsonl",
+                                 "summary.json", "config.yaml", "depth/", "pairs/"]))

@@ -343,3 +343,72 @@ def test_ask_refuses_a_depth_map_of_another_size_and_an_extra_region(scene, tmp_
     rc, text = _run(capsys, "ask", img, "--engine", "simulated", "--question", "left_choice",
                     "--regions", "0,0,50,50;60,20,150,100;10,60,40,110")
     assert rc == 2 and "gives 3 boxes" in text and "at most 2" in text, text
+
+
+# -- 6. reports say what happened, no more
+
+def test_bracketed_text_survives_the_console(scene, tmp_path, capsys):
+    m = tmp_path / "m.jsonl"
+    m.write_text(json.dumps({"image": str(scene / "view_000.png"), "intrinsics": [500, 500, 80]}) + "\n")
+    rc, text = _run(capsys, "depth", m, "--out", tmp_path / "o", *SIM)
+    assert rc == 1, text
+    assert "intrinsics need [fx, fy, cx, cy] plus the image size" in text, text
+
+
+def test_a_crash_is_not_an_interruption(scene, tmp_path, capsys, monkeypatch):
+    from densify.stages import depth as depth_stage
+
+    def boom(self, task, completions):
+        raise RuntimeError("a bug [in brackets]")
+
+    monkeypatch.setattr(depth_stage.DepthStage, "finish", boom)
+    rc, text = _run(capsys, "depth", scene, "--out", tmp_path / "o", *SIM)
+    assert rc == 70, text
+    s = json.loads((tmp_path / "o" / "summary.json").read_text())
+    assert s["interrupted"] is False and s["complete"] is False and "a bug [in brackets]" in s["error"]
+    rc, text = _run(capsys, "label", scene, "--out", tmp_path / "l", "--no-ray", *SIM)
+    assert rc == 70, text
+    s = json.loads((tmp_path / "l" / "summary.json").read_text())
+    assert s["interrupted"] is False and s["complete"] is False and "a bug" in s["error"]
+
+
+def test_label_names_no_model_for_a_simulated_run_and_every_command_writes_its_config(scene, tmp_path, capsys):
+    import yaml
+
+    rc, text = _run(capsys, "label", scene, "--out", tmp_path / "l", "--no-ray", *SIM)
+    assert rc == 0, text
+    s = json.loads((tmp_path / "l" / "summary.json").read_text())
+    assert s["simulated"] is True and s["model"] is None
+    assert yaml.safe_load((tmp_path / "l" / "config.yaml").read_text())["plan"]["count"] == 64
+    imgs = [scene / "view_000.png", scene / "view_001.png"]
+    rc, text = _run(capsys, "pose", *imgs, "--out", tmp_path / "p", "--engine", "simulated", "--grid", "6", "6")
+    assert rc == 0, text
+    assert yaml.safe_load((tmp_path / "p" / "config.yaml").read_text())["corr"]["grid"] == [6, 6]
+    rc, text = _run(capsys, "label", scene, "--out", tmp_path / "l", "--no-ray", "--shard", "1/2", *SIM)
+    assert (tmp_path / "l" / "config-1.yaml").is_file()
+
+
+def test_reconstruct_lists_only_files_it_wrote(scene, tmp_path, capsys):
+    import yaml
+
+    out = tmp_path / "r"
+    # one view cannot connect: no mesh, cloud or exports are written, and the report must not list them
+    rc, text = _run(capsys, "reconstruct", scene / "view_000.png", tmp_path / "missing.png", "--out", out,
+                    "--engine", "simulated", "--set", "depth.plan.count=64", "--set", "depth.plan.mode=grid")
+    assert rc == 1, text
+    last = text.strip().splitlines()[-1]
+    assert last.startswith("outputs in") and "mesh.ply" not in last and "colmap" not in last, last
+    for name in ("poses.json", "summary.json", "config.yaml"):
+        assert name in last and (out / name).exists(), (name, last)
+    assert yaml.safe_load((out / "config.yaml").read_text())["depth"]["plan"]["count"] == 64
+
+
+def test_ask_exits_1_when_the_model_gave_no_usable_answer(tmp_path, capsys, caplog):
+    from PIL import Image
+
+    img = tmp_path / "photo.png"  # no ground truth beside it: the simulated engine answers nothing
+    Image.new("RGB", (64, 48), (90, 120, 150)).save(img)
+    rc, text = _run(capsys, "ask", img, "--engine", "simulated", "--regions", "1,1,20,20;30,10,60,40",
+                    "--question", "left_choice")
+    assert rc == 1, text
+    assert "1 of 1 question(s) got no usable answer" in caplog.text

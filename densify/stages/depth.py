@@ -592,22 +592,27 @@ def run_depth(sources: list[ImageSource], cfg: DepthConfig, engine: Engine, layo
     stage = DepthStage(cfg, engine, layout=layout, keep_maps=keep_maps, evaluate=evaluate, on_round=on_round)
     results: dict[str, DepthResult] = {}
     t0 = time.perf_counter()
-    interrupted = True
+    interrupted, error = False, None
     stream = stage.run(sources, intrinsics=intrinsics, points=points)
     try:
         for r in stream:
             results[r.id] = r
             if progress is not None:
                 progress.update(failed=int(r.status == "failed"))
-        interrupted = False
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM: the only way a run is interrupted
+        interrupted = True
+        raise
+    except BaseException as exc:  # the run stopped on an error: the summary says which, not "interrupted"
+        error = f"{type(exc).__name__}: {exc}"[:500]
+        raise
     finally:
         stream.close()  # in-flight work is cancelled here, while the caller's engine is still up
         if progress is not None:
             progress.close()
         ordered = [results[s.id] for s in sources if s.id in results]
         summary = summarize(ordered, time.perf_counter() - t0, profile, cfg, simulated=engine.simulated,
-                            interrupted=interrupted, complete=not interrupted and len(ordered) == len(sources),
-                            **summary_extra)
+                            interrupted=interrupted, complete=error is None and not interrupted
+                            and len(ordered) == len(sources), **({"error": error} if error else {}), **summary_extra)
         if layout is not None and layout.root.is_dir():
             outputs.write_json(layout.summary, summary)
             outputs.write_jsonl(layout.failures, ({"id": r.id, "image": r.image, "kind": r.error_kind,

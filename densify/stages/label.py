@@ -167,14 +167,19 @@ class LabelJob:
         failed: list[dict] = []
         totals = {"queries": 0, "store_hits": 0, "engine_queries": 0, "answer_failures": 0}
         simulated = inner.simulated
-        interrupted = True
+        interrupted, error = False, None
         results = stage.run(iter_manifest(inputs, self.shard, exclude=exclude))
         try:
             for res in results:
                 hits, asked = eng.image_stats.pop(res.uid, (0, 0)) if store is not None and res.uid else \
                     (0, res.queries if res.status != "skipped" else 0)
                 self._record(res, hits, asked, counts, kinds, failed, totals, manifest)
-            interrupted = False
+        except KeyboardInterrupt:  # Ctrl-C or SIGTERM: the only way a job is interrupted
+            interrupted = True
+            raise
+        except BaseException as exc:  # the job stopped on an error: the summary says which
+            error = f"{type(exc).__name__}: {exc}"[:500]
+            raise
         finally:
             results.close()  # in-flight work is cancelled while the engine is still up
             if own:
@@ -194,10 +199,12 @@ class LabelJob:
             images = sum(counts.values())
             run_s = max(wall - (t_ready - t0), 1e-9)
             summary = {
-                "profile": self.profile.name, "engine": cfg.engine.name, "model": cfg.model or self.profile.model,
+                "profile": self.profile.name, "engine": cfg.engine.name,
+                "model": None if simulated else cfg.model or self.profile.model,
                 "simulated": simulated, "ray": cfg.ray.enabled and cfg.engine.name != "ray",
                 "shard": f"{self.shard[0]}/{self.shard[1]}", "images_in_shard": total, "images": images, **counts,
-                "complete": not interrupted and images == total, "interrupted": interrupted,
+                "complete": error is None and not interrupted and images == total, "interrupted": interrupted,
+                **({"error": error} if error else {}),
                 "failed_by_kind": kinds, "failed_images": failed, **totals,
                 "wall_s": wall, "startup_s": t_ready - t0, "images_per_s": counts["ok"] / run_s,
                 "queries_per_s": totals["queries"] / run_s, "time_s": times, "pool": pool_stats,
