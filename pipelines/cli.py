@@ -63,9 +63,9 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict]:
                                             "unavailable, 4 answer store unusable, 5 engine failed, 74 cannot write "
                                             "outputs, 130/143 interrupted (work kept; rerun to resume).")
     parser.add_argument("--version", action="version", version=f"densify {__version__}")
-    parser.add_argument("-v", "--verbose", action="store_true", help="Debug logging, including the settings used.")
-    parser.add_argument("-q", "--quiet", action="store_true", help="Warnings and errors only.")
-    parser.add_argument("--debug", action="store_true", help="Print the traceback of any error (or DENSIFY_DEBUG=1).")
+    _add_global_args(parser, False)
+    after = argparse.ArgumentParser(add_help=False)  # the same options after the subcommand (`densify depth ... -v`)
+    _add_global_args(after, argparse.SUPPRESS)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     modules = {}
     for name, (modname, help_) in COMMANDS.items():
@@ -75,10 +75,20 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict]:
             if getattr(exc, "name", None) == modname:  # command not part of this build
                 continue
             mod = _Unavailable(name, exc)  # a missing optional dependency disables only that command
-        p = sub.add_parser(name, help=help_, description=(mod.__doc__ or help_).strip().splitlines()[0])
+        p = sub.add_parser(name, help=help_, description=(mod.__doc__ or help_).strip().splitlines()[0],
+                           parents=[after])
         mod.add_arguments(p)
         modules[name] = mod
     return parser, modules
+
+
+def _add_global_args(p: argparse.ArgumentParser, default) -> None:
+    """-v, -q and --debug; after a subcommand their default is SUPPRESS, so one given before it still counts."""
+    p.add_argument("-v", "--verbose", action="store_true", default=default,
+                   help="Debug logging, including the settings used.")
+    p.add_argument("-q", "--quiet", action="store_true", default=default, help="Warnings and errors only.")
+    p.add_argument("--debug", action="store_true", default=default,
+                   help="Print the traceback of any error (or DENSIFY_DEBUG=1).")
 
 
 def _on_sigterm(signum, frame):

@@ -164,13 +164,9 @@ def out_path(args) -> Path:
 
 def require_empty(folder: Path, what: str, overwrite: bool) -> None:
     """A folder to write a new thing into: missing or empty, else --overwrite; a file is refused by name."""
-    from densify.config.loading import ConfigError
+    from densify.io.layout import check_folder
 
-    for p in (folder, *folder.parents):
-        if p.exists() and not p.is_dir():
-            raise ConfigError(f"{what} {folder}: {p} is a file, not a folder; give a new or empty folder")
-        if p.exists():
-            break
+    check_folder(folder, what)
     if folder.is_dir() and not overwrite and any(folder.iterdir()):
         raise ConfigError(f"{what} {folder}: the folder is not empty; give a new or empty folder, or pass "
                           f"--overwrite to write into it")

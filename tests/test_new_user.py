@@ -412,3 +412,71 @@ def test_ask_exits_1_when_the_model_gave_no_usable_answer(tmp_path, capsys, capl
                     "--question", "left_choice")
     assert rc == 1, text
     assert "1 of 1 question(s) got no usable answer" in caplog.text
+
+
+# -- 7. exit codes and options
+
+@pytest.mark.parametrize("flag", ["--debug", "-v", "-q"])
+def test_global_flags_work_after_the_subcommand(scene, tmp_path, capsys, flag):
+    rc, text = _run(capsys, "depth", scene, "--out", tmp_path / "o", "--engine", "nosuch", flag)
+    assert rc == 2, text
+    assert ("Traceback" in text) == (flag == "--debug"), text
+    from pipelines.cli import build_parser
+
+    args = build_parser()[0].parse_args([flag, "depth", str(scene), "--out", "o"])  # before it still counts
+    assert getattr(args, {"--debug": "debug", "-v": "verbose", "-q": "quiet"}[flag]) is True
+
+
+def test_hf_on_cuda_without_cuda_is_exit_3_with_the_fix(scene, tmp_path, capsys):
+    torch = pytest.importorskip("torch")
+    if torch.cuda.is_available():
+        pytest.skip("CUDA is available here")
+    ckpt = _fake_checkpoint(tmp_path / "ckpt")
+    rc, text = _run(capsys, "depth", scene, "--out", tmp_path / "o", "--engine", "hf", "--model", ckpt,
+                    "--set", "engine.options.device=cuda")
+    assert rc == 3, text
+    assert "engine.options.device=cuda" in text and "device=cpu" in text, text
+    rc, text = _run(capsys, "depth", scene, "--out", tmp_path / "o", "--engine", "hf", "--model", ckpt,
+                    "--set", "engine.options.device=gpu0")
+    assert rc == 3 and "engine.options.device=gpu0: not a torch device" in text, text
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["label", "SCENE", "--out", "OUT", "--no-ray", "--store", "FILE"], ["--store", "is a file, not a folder"]),
+    (["make-model", "FILE"], ["make-model OUT", "is a file, not a folder"]),
+    (["depth", "SCENE", "--out", "FILE/sub"], ["--out", "lies under", "which is a file"]),
+    (["reconstruct", "SCENE", "--out", "FILE/sub"], ["--out", "lies under", "which is a file"]),
+    (["synth", "--out", "FILE/sub"], ["--out", "lies under", "which is a file"]),
+])
+def test_a_file_where_a_folder_is_needed_is_named(scene, tmp_path, capsys, argv, words):
+    f = tmp_path / "file"
+    f.write_text("x")
+    subst = {"SCENE": str(scene), "OUT": str(tmp_path / "out"), "FILE": str(f), "FILE/sub": str(f / "sub")}
+    rc, text = _run(capsys, *[subst.get(a, a) for a in argv], *(SIM if argv[0] in ("depth", "label") else
+                                                                ["--engine", "simulated"] if argv[0] == "reconstruct"
+                                                                else []))
+    assert rc == 2, text
+    assert "free space" not in text and "Errno" not in text, text
+    for w in words:
+        assert w in text, (w, text)
+
+
+@pytest.mark.parametrize("name, as_list", [("m.json", True), ("m.json", False), ("M.JSONL", False)])
+def test_json_and_upper_case_manifests_are_read_as_manifests(scene, tmp_path, capsys, name, as_list):
+    recs = [{"image": str(scene / f"view_00{k}.png"), "id": f"frame{k}"} for k in (0, 1)]
+    m = tmp_path / name
+    m.write_text(json.dumps(recs) if as_list else "".join(json.dumps(r) + "\n" for r in recs))
+    assert [s.id for s in discover([m])] == ["frame0", "frame1"]
+    rc, text = _run(capsys, "label", m, "--out", tmp_path / "o", "--no-ray", *SIM)
+    assert rc == 0, text
+    assert json.loads((tmp_path / "o" / "summary.json").read_text())["images_in_shard"] == 2
+
+
+def test_an_unreachable_ray_cluster_is_exit_3_within_seconds(scene, tmp_path, capsys):
+    import time
+
+    pytest.importorskip("ray")
+    t = time.monotonic()
+    rc, text = _run(capsys, "label", scene, "--out", tmp_path / "o", *SIM, "--ray-address", "127.0.0.1:1")
+    assert rc == 3 and "127.0.0.1:1" in text and "ray start --head" in text, text
+    assert time.monotonic() - t < 30

@@ -131,6 +131,26 @@ def _dead_errors() -> tuple:
     return _DEAD_ERRORS
 
 
+def probe_address(address: str | None, timeout_s: float = 3.0) -> None:
+    """An EngineStartError within seconds when a cluster address (host:port or ray://host:port) does not
+    accept connections: ray.init would otherwise retry for minutes. 'auto' and None are Ray's to resolve."""
+    import socket
+
+    if not address or address == "auto" or address.startswith("local"):
+        return
+    hostport = address.split("://", 1)[-1].rsplit("/", 1)[0]
+    host, sep, port = hostport.rpartition(":")
+    if not sep or not port.isdigit():
+        return  # Ray's own defaults and forms
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s):
+            pass
+    except OSError as exc:
+        raise EngineStartError(f"Ray could not start or connect (ray_address={address!r}): nothing accepts "
+                               f"connections at {host}:{port} ({exc.strerror or exc}); start a cluster (`ray start "
+                               f"--head`) or leave the address unset for a local one") from None
+
+
 class RayPoolEngine(Engine):
     """Run an engine in `num_actors` Ray actors (one per GPU when GPUs are requested).
 
@@ -188,6 +208,7 @@ class RayPoolEngine(Engine):
         if not ray.is_initialized():
             # A local Ray by default (or the cluster RAY_ADDRESS names); `ray_address` for an existing cluster.
             # close() shuts down what this call started: the local Ray, or this driver's connection.
+            probe_address(ray_address)
             try:
                 ray.init(address=ray_address, include_dashboard=False, log_to_driver=False, ignore_reinit_error=True,
                          configure_logging=False, runtime_env=runtime_env)

@@ -316,8 +316,28 @@ def _record_source(rec, base: Path, where: str) -> ImageSource:
     return ImageSource(sid, img, rec.get("intrinsics"), labels, extra, where.rsplit(":", 1)[0])
 
 
+def read_json_list(path: Path) -> list | None:
+    """The records of a manifest written as one JSON list (`[{...}, ...]`), or None for JSON lines."""
+    with open(path, "rb") as f:
+        head = f.read(4096).lstrip()
+    if not head.startswith(b"["):
+        return None
+    try:
+        data = json.loads(Path(path).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ImageError(f"{path}: a JSON list manifest that is not valid JSON ({exc}); fix it, or write one JSON "
+                         f"object per line (.jsonl)") from None
+    return data if isinstance(data, list) else None
+
+
 def iter_jsonl(path: Path) -> Iterator[ImageSource]:
-    """A JSONL manifest (DepthLM/iBims format or {"image", "intrinsics"}), streamed."""
+    """A JSONL manifest (DepthLM/iBims format or {"image", "intrinsics"}), streamed; a `.json` file holding
+    one JSON list of such records is read whole."""
+    records = read_json_list(path)
+    if records is not None:
+        for n, rec in enumerate(records, 1):
+            yield _record_source(rec, path.parent, f"{path}:{n}")
+        return
     with open(path) as f:
         for n, line in enumerate(f, 1):
             if not line.strip():
@@ -356,14 +376,16 @@ def iter_parquet(path: Path, batch_rows: int = 4096) -> Iterator[ImageSource]:
             yield _record_source(rec, path.parent, f"{path}:{n}")
 
 
+MANIFEST_SUFFIXES = {".jsonl": "jsonl", ".json": "jsonl", ".parquet": "parquet"}
+
+
 def manifest_kind(item: str) -> str:
     p = Path(item)
     if p.is_dir():
         return "dir"
-    if p.suffix == ".jsonl" and p.is_file():
-        return "jsonl"
-    if p.suffix == ".parquet" and p.is_file():
-        return "parquet"
+    kind = MANIFEST_SUFFIXES.get(p.suffix.lower())
+    if kind is not None and p.is_file():
+        return kind
     if p.is_file() or (p.suffix.lower() in IMAGE_SUFFIXES and not any(c in str(item) for c in "*?[")):
         return "file"  # a missing image file fails as that image, later
     return "glob"

@@ -23,7 +23,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["RunLayout", "ImageFiles", "PairFiles", "safe_id", "IdAssigner", "fingerprint", "RESERVED"]
+__all__ = ["RunLayout", "ImageFiles", "PairFiles", "safe_id", "IdAssigner", "fingerprint", "check_folder", "RESERVED"]
 
 RESERVED = {"config", "summary", "failures", "manifest", "store", "depth", "pairs", "poses", "mesh", "cloud",
             "colmap", "transforms", "eval", "scene"}
@@ -67,6 +67,20 @@ class IdAssigner:
             sid = new
         self.taken.add(sid.lower())  # case-insensitive file systems
         return sid
+
+
+def check_folder(path: str | Path, what: str) -> None:
+    """A ConfigError naming `what` (the option) when `path` cannot be a folder: it, or a folder above it, is
+    a file."""
+    from densify.config.loading import ConfigError
+
+    path = Path(path)
+    for p in (path, *path.parents):
+        if p.exists() or p.is_symlink():
+            if not p.is_dir():
+                where = "is a file" if p == path else f"lies under {p}, which is a file"
+                raise ConfigError(f"{what} {path}: {where}, not a folder; give a new or existing folder")
+            return
 
 
 def fingerprint(settings: dict) -> str:
@@ -134,12 +148,9 @@ class RunLayout:
         self.suffix = "" if shard[1] == 1 else f"-{shard[0]}"
         self.shard = shard
 
-    def check(self) -> None:
+    def check(self, what: str = "--out") -> None:
         """Fail before any work when the output folder cannot be one."""
-        from densify.config.loading import ConfigError
-
-        if self.root.exists() and not self.root.is_dir():
-            raise ConfigError(f"--out {self.root}: is a file, not a folder; give a new or existing folder")
+        check_folder(self.root, what)
 
     def lock(self, what: str = "--out"):
         """The job's exclusive lock on this folder (densify.io.lock), per shard; a context manager."""

@@ -20,9 +20,9 @@ from densify.config.profiles import load_profile
 from densify.engines import Engine
 from densify.engines.store import AnswerStore, StoredEngine, model_key_for, store_path
 from densify.io import outputs
-from densify.io.images import (ImageSource, glob_images, iter_sources, manifest_kind, open_parquet,
+from densify.io.images import (ImageSource, read_json_list, glob_images, iter_sources, manifest_kind, open_parquet,
                                walk_images)
-from densify.io.layout import RunLayout
+from densify.io.layout import RunLayout, check_folder
 from densify.stages.depth import DepthResult, DepthStage
 from densify.stages.engine import build_engine
 from densify.stages.settings import LabelConfig
@@ -50,8 +50,12 @@ def count_manifest(inputs: list[str] | str, shard: tuple[int, int] = (0, 1), *, 
         if kind == "parquet":
             total += open_parquet(Path(item)).metadata.num_rows
         elif kind == "jsonl":
-            with open(item) as f:
-                total += sum(1 for line in f if line.strip())
+            records = read_json_list(Path(item))
+            if records is not None:
+                total += len(records)
+            else:
+                with open(item) as f:
+                    total += sum(1 for line in f if line.strip())
         elif kind == "dir":
             total += sum(1 for _ in walk_images(Path(item), exclude=exclude))
         elif kind == "file":
@@ -130,6 +134,8 @@ class LabelJob:
         self.profile = load_profile(cfg.profile)
         self.layout = RunLayout(out, shard=shard)
         self.layout.check()
+        if cfg.store.dir:
+            check_folder(cfg.store.dir, "--store")
         self.engine = engine
         self.model_key = model_key
         self.progress = progress
