@@ -480,3 +480,37 @@ def test_an_unreachable_ray_cluster_is_exit_3_within_seconds(scene, tmp_path, ca
     rc, text = _run(capsys, "label", scene, "--out", tmp_path / "o", *SIM, "--ray-address", "127.0.0.1:1")
     assert rc == 3 and "127.0.0.1:1" in text and "ray start --head" in text, text
     assert time.monotonic() - t < 30
+
+
+# -- 8. ids keep their letters
+
+@pytest.mark.parametrize("raw, want", [
+    ("café", "café"), ("cafe\u0301", "café"), ("日本", "日本"), ("Ελλάδα_01", "Ελλάδα_01"), ("naïve photo (1)", "naïve_photo_1"),
+    ("a/b", "a_b"), ("a\\b", "a_b"), ("a\u202eb", "a_b"), ("a\x00b", "a_b"), ("a\u3000b", "a_b"), ("a\udcffb", "a_b"),
+    ("Summary", "img_Summary"), ("ΣΤΟΡΕ", "ΣΤΟΡΕ"), ("plain-ascii_1.x", "plain-ascii_1.x"),
+])
+def test_ids_keep_unicode_letters_and_digits(raw, want):
+    from densify.io.layout import safe_id
+
+    assert safe_id(raw) == want
+
+
+def test_long_unicode_ids_fit_a_pair_folder_name(tmp_path):
+    from densify.io.layout import RunLayout, safe_id
+
+    a, b = safe_id("日本" * 100), safe_id("東京" * 100)
+    assert len(a.encode()) <= 120 and a.startswith("日本日本") and a != b
+    d = RunLayout(tmp_path).pair(a, b).dir
+    d.mkdir(parents=True)  # within the 255-byte name limit
+    assert d.is_dir()
+
+
+def test_unicode_file_names_give_their_own_folders(tmp_path, capsys, scene):
+    s = tmp_path / "s"
+    s.mkdir()
+    for name in ("café", "日本"):
+        for ext in (".png", ".json", ".depth.npy"):
+            shutil.copy(scene / f"view_000{ext}", s / f"{name}{ext}")
+    rc, text = _run(capsys, "depth", s, "--out", tmp_path / "o", *SIM)
+    assert rc == 0, text
+    assert sorted(p.name for p in (tmp_path / "o").iterdir() if p.is_dir()) == sorted(["café", "日本"])
