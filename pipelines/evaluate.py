@@ -86,7 +86,7 @@ def run_ibims(args) -> int:
     try:
         if layout is not None:
             common.write_config(layout, cfg)
-        rep = evaluate_labels(sources, cfg, engine, layout, data=str(data))
+        rep = evaluate_labels(sources, cfg, engine, layout, data=str(data), progress=common.progress(len(sources)))
     finally:
         engine.close()
     c = common.report(rep)
@@ -128,7 +128,7 @@ def _depth_for(args, cfg: DepthConfig):
 
 
 def run_spatialrgpt(args) -> int:
-    from densify.eval.spatialrgpt import format_table, read_bench, run_bench
+    from densify.eval.spatialrgpt import bench_images, format_table, read_bench, run_bench
 
     if args.synthetic:
         from densify.synthetic.object_questions import build_question_set
@@ -151,7 +151,8 @@ def run_spatialrgpt(args) -> int:
         depth_for = None
         if args.geometry:
             depth_for, depth_engine = _depth_for(args, dcfg)
-        rep = run_bench(items, profile, engine, depth_for=depth_for, up=args.up, limit=args.limit)
+        rep = run_bench(items, profile, engine, depth_for=depth_for, up=args.up, limit=args.limit,
+                        progress=common.progress(bench_images(items, args.limit)))
     finally:
         engine.close()
         if depth_engine is not None:

@@ -47,7 +47,7 @@ def run(args) -> int:
     t0 = time.perf_counter()
     with layout.lock():
         common.write_config(layout, cfg)
-        res, infos = relative_pose(sources, cfg, layout.root, intrinsics=intr)
+        res, infos = relative_pose(sources, cfg, layout.root, intrinsics=intr, progress=True)
         rep = {"images": [str(s.path) for s in sources], "status": res.status, "record": res.record(),
                "pose": res.pose.to_dict() if res.pose is not None else None,
                "intrinsics": [i.camera.to_dict() if i.camera else None for i in infos],

@@ -514,3 +514,46 @@ def test_unicode_file_names_give_their_own_folders(tmp_path, capsys, scene):
     rc, text = _run(capsys, "depth", s, "--out", tmp_path / "o", *SIM)
     assert rc == 0, text
     assert sorted(p.name for p in (tmp_path / "o").iterdir() if p.is_dir()) == sorted(["café", "日本"])
+
+
+# -- 9. progress for pose and eval, like depth's
+
+def _progress_lines(caplog, label):
+    return [r.getMessage() for r in caplog.records if r.name == "densify" and r.getMessage().startswith(label + " ")]
+
+
+def test_pose_reports_progress_per_stage(scene, tmp_path, capsys, caplog):
+    import logging
+
+    caplog.set_level(logging.INFO, logger="densify")
+    rc, text = _run(capsys, "pose", scene / "view_000.png", scene / "view_001.png", "--out", tmp_path / "p",
+                    "--engine", "simulated", "--grid", "6", "6", "--set", "depth.plan.count=64")
+    assert rc == 0, text
+    depth = _progress_lines(caplog, "depth of image 1")
+    pairs = _progress_lines(caplog, "pairs")
+    assert depth and depth[-1].startswith("depth of image 1 1/1") and "q/s" in depth[-1], depth
+    assert pairs and pairs[-1].startswith("pairs 1/1") and "q/s" in pairs[-1], pairs
+
+
+def test_eval_reports_progress(scene, tmp_path, capsys, caplog):
+    import logging
+
+    import numpy as np
+
+    caplog.set_level(logging.INFO, logger="densify")
+    d = np.load(scene / "view_000.depth.npy")
+    px = [[10, 10], [80, 60], [150, 100]]
+    rec = {"image": str(scene / "view_000.png"), "intrinsics": json.loads((scene / "view_000.json").read_text())
+           and [json.loads((scene / "view_000.json").read_text())[k] for k in ("fx", "fy", "cx", "cy")],
+           "pixel_coords": px, "depth": [float(d[y, x]) for x, y in px]}
+    m = tmp_path / "labels.jsonl"
+    m.write_text(json.dumps(rec) + "\n" + json.dumps({**rec, "image": str(scene / "view_001.png")}) + "\n")
+    rc, text = _run(capsys, "eval", "ibims", "--data", m, "--engine", "simulated")
+    assert rc == 0, text
+    lines = _progress_lines(caplog, "images")
+    assert lines and lines[-1].startswith("images 2/2"), lines
+    caplog.clear()
+    rc, text = _run(capsys, "eval", "spatialrgpt", "--synthetic", scene, "--engine", "simulated", "--limit", "4")
+    assert rc == 0, text
+    lines = _progress_lines(caplog, "images")
+    assert lines and lines[-1].startswith("images 2/2") and "q/s" in lines[-1], lines
