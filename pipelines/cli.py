@@ -1,10 +1,10 @@
 """The `densify` command: one subcommand per module in pipelines/, and one place that turns errors into
 messages and exit codes.
 
-Exit codes: 0 done; 1 done, but some images or pairs failed (see summary.json); 2 bad usage, settings or
-input; 3 the engine is unavailable (no model, a missing package, an unreachable server or cluster, a
-refused key); 4 the answer store cannot be used (damaged, or held by another job); 5 the engine failed
-during the run; 74 outputs could not be written (disk full, permissions); 70 an internal error (a bug:
+Exit codes: 0 done; 1 done, but some images, pairs or questions failed (see summary.json); 2 bad usage,
+settings or input; 3 the engine is unavailable (no model, a missing package, an unreachable server or
+cluster, a refused key); 4 the output folder or answer store is held by another job, or the store is
+damaged; 5 the engine failed during the run; 74 outputs could not be written (disk full, permissions); 70 an internal error (a bug:
 please report it with the --debug traceback); 130 interrupted (Ctrl-C); 143 terminated (SIGTERM). In the
 last two cases the finished work is kept and the summary says what finished; rerun the command to resume.
 `--debug` (or DENSIFY_DEBUG=1) prints the traceback of any error.
@@ -60,7 +60,7 @@ class _Unavailable:
 def build_parser() -> tuple[argparse.ArgumentParser, dict]:
     parser = argparse.ArgumentParser(prog="densify", description="Dense 3D outputs from point-query VLMs.",
                                      epilog="Exit codes: 0 done, 1 some items failed, 2 bad usage or input, 3 engine "
-                                            "unavailable, 4 answer store unusable, 5 engine failed, 74 cannot write "
+                                            "unavailable, 4 output folder or answer store held by another job (or store damaged), 5 engine failed, 74 cannot write "
                                             "outputs, 130/143 interrupted (work kept; rerun to resume).")
     parser.add_argument("--version", action="version", version=f"densify {__version__}")
     _add_global_args(parser, False)
