@@ -16,7 +16,7 @@ from densify.config.loading import ConfigError
 from densify.io import outputs
 from densify.io.images import ImageError, discover, image_size
 from densify.io.layout import RunLayout
-from densify.stages.scene import relative_pose
+from densify.stages.scene import check_stages, relative_pose
 from densify.stages.settings import ReconstructConfig
 from pipelines import common
 
@@ -44,6 +44,7 @@ def run(args) -> int:
         except ImageError as exc:
             raise ImageError(f"{what} {exc}", exc.kind) from None
     intr = common.intrinsics(args)
+    check_stages(cfg, pose=True)  # every checkpoint before anything is written
     t0 = time.perf_counter()
     with layout.lock():
         common.write_config(layout, cfg)

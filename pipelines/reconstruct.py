@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import argparse
 
+from densify.geometry.clouds import require_open3d
 from densify.io.images import discover
 from densify.io.layout import RunLayout
-from densify.stages.scene import reconstruct
+from densify.stages.scene import check_stages, reconstruct
 from densify.stages.settings import ReconstructConfig
 from pipelines import common
 
@@ -39,6 +40,8 @@ def run(args) -> int:
     layout = RunLayout(args.out)
     layout.check()
     intr = common.intrinsics(args)
+    require_open3d()  # the pose graph and fusion need it
+    check_stages(cfg)  # every checkpoint before anything is written
     with layout.lock():
         common.write_config(layout, cfg)
         scene = reconstruct(sources, cfg, args.out, intrinsics=intr, progress=common.progress(len(sources)))

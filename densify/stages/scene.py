@@ -227,8 +227,8 @@ def reconstruct(sources: list[ImageSource], cfg: ReconstructConfig, out: str | P
 
         raise ConfigError(f"reconstruct needs at least 2 images, got {len(sources)}")
     require_open3d()  # the pose graph and fusion need it: fail before any engine work, not after it
+    check_stages(cfg, engines=engines)
     stage_engines = StageEngines(cfg.engine, cfg.models.model_dump(), engines)
-    stage_engines.check(stage_profiles(cfg, depth=True))
     layout.root.mkdir(parents=True, exist_ok=True)
     timings: dict[str, float] = {}
     try:
@@ -330,6 +330,13 @@ def stage_profiles(cfg: ReconstructConfig, *, depth: bool) -> dict[str, str]:
     return stages
 
 
+def check_stages(cfg: ReconstructConfig, *, pose: bool = False, engines: dict[str, Engine] | None = None) -> None:
+    """Every stage's engine and checkpoint that a reconstruction (or, with `pose`, a relative pose) will use,
+    checked before any starts (the commands call it before writing anything)."""
+    depth = not pose or cfg.pose.use_depth and cfg.pose.source in ("matches", "both")
+    StageEngines(cfg.engine, cfg.models.model_dump(), engines).check(stage_profiles(cfg, depth=depth))
+
+
 def relative_pose(sources: list[ImageSource], cfg: ReconstructConfig, out: str | Path, *,
                   engines: dict[str, Engine] | None = None, intrinsics=None,
                   progress: bool = False) -> tuple[PairResult, list[ImageInfo]]:
@@ -338,8 +345,8 @@ def relative_pose(sources: list[ImageSource], cfg: ReconstructConfig, out: str |
     questions."""
     layout = RunLayout(out)
     layout.check()
+    check_stages(cfg, pose=True, engines=engines)
     stage_engines = StageEngines(cfg.engine, cfg.models.model_dump(), engines)
-    stage_engines.check(stage_profiles(cfg, depth=cfg.pose.use_depth and cfg.pose.source in ("matches", "both")))
     cfg = cfg.model_copy(update={"corr": cfg.corr.model_copy(update={"save_flow": True, "track_queries": False})})
     if cfg.pose.use_depth and cfg.pose.source in ("matches", "both"):
         from densify.io.progress import Progress
