@@ -281,9 +281,12 @@ def test_negative_intrinsics_stop_before_any_engine(scene, tmp_path, capsys, no_
 @pytest.mark.parametrize("value, words", [("320,240,554,554", ["principal point (554, 554) is outside", "fx / fy is 1.33"]),
                                           ("554,554,5000,60", ["principal point (5000, 60) is outside"])])
 def test_implausible_intrinsics_are_warned_about(scene, tmp_path, capsys, caplog, monkeypatch, value, words):
+    import logging
+
     from densify.io import cameras
 
     monkeypatch.setattr(cameras, "_warned", set())  # warned once per camera and process
+    caplog.set_level(logging.WARNING, logger="densify.io.cameras")  # benchmarks quieten it in-process
     rc, text = _run(capsys, "depth", scene, "--out", tmp_path / "o", *SIM, "--intrinsics", value)
     assert rc == 0, text
     warned = [r.getMessage() for r in caplog.records if "look wrong" in r.getMessage()]
@@ -296,6 +299,9 @@ def test_implausible_intrinsics_are_warned_about(scene, tmp_path, capsys, caplog
 
 
 def test_a_count_beyond_the_image_is_said(scene, tmp_path, capsys, caplog):
+    import logging
+
+    caplog.set_level(logging.WARNING, logger="densify.depth")
     rc, text = _run(capsys, "depth", scene, "--out", tmp_path / "o", "--engine", "simulated", "--count", "5000000",
                     "--set", "plan.mode=grid")
     assert rc == 0, text
