@@ -198,6 +198,28 @@ def test_ctrl_c_on_a_label_job_with_local_ray_stops_fast_and_starts_no_second_ra
     assert s["interrupted"] is True and s["ok"] >= 1 and not s["complete"]
 
 
+def test_sigterm_on_a_label_job_with_local_ray_exits_143_with_densify_s_message_and_resumes(tmp_path):
+    # ray.init installs its own SIGTERM handler (sys.exit(15)) and a crash dump: densify's must win
+    pytest.importorskip("ray")
+    from densify.synthetic.scenes import SceneSpec, make_scene
+
+    make_scene(SceneSpec(seed=7, n_views=8, width=320, height=240)).save(tmp_path / "scene")
+    out = tmp_path / "out"
+    argv = ["label", str(tmp_path / "scene"), "--out", str(out), "--engine", "simulated", "--count", "3072",
+            "--set", "ray.num_actors=1"]
+    p = _start_until_a_result(out, *argv)
+    p.send_signal(signal.SIGTERM)
+    _, err = p.communicate(timeout=60)
+    assert p.returncode == 143, err
+    assert "densify label: terminated" in err and "SIGTERM received" not in err and "Traceback" not in err, err
+    s = json.loads((out / "summary.json").read_text())
+    assert s["interrupted"] is True and s["ok"] >= 1 and not s["complete"]
+    p = subprocess.run([sys.executable, "-m", "pipelines", *argv], cwd=REPO, capture_output=True, text=True,
+                       timeout=300)
+    s2 = json.loads((out / "summary.json").read_text())
+    assert p.returncode == 0 and s2["complete"] and s2["skipped"] == s["ok"] and s2["ok"] + s2["skipped"] == 8, p.stderr
+
+
 def test_ctrl_c_on_reconstruct_writes_what_finished(tmp_path):
     from densify.synthetic.scenes import SceneSpec, make_scene
 

@@ -33,7 +33,7 @@ from densify.engines import engine_names
 from densify.engines.base import Completion, Engine, EngineBatch, EngineError, EngineStartError
 from densify.engines.ray_actor import EngineSpec, _actor_class, _completions, _short, _to_columns
 
-__all__ = ["RayPoolEngine", "AUTO_ENGINES_PER_GPU", "AUTO_ENGINES_PER_GPU_FP8", "resolve_engines_per_gpu"]
+__all__ = ["RayPoolEngine", "init_ray", "AUTO_ENGINES_PER_GPU", "AUTO_ENGINES_PER_GPU_FP8", "resolve_engines_per_gpu"]
 
 log = logging.getLogger("densify.ray")
 
@@ -69,6 +69,24 @@ def resolve_engines_per_gpu(engines_per_gpu: int | str, engine: EngineSpec, engi
         raise ValueError(f"engines_per_gpu={k} shares each GPU between {k} actors: leave num_gpus_per_actor at 1 "
                          f"(got {num_gpus_per_actor})")
     return k
+
+
+def init_ray(**kwargs) -> None:
+    """`ray.init`, keeping a SIGTERM handler the process installed: ray.init puts in its own (sys.exit(15)) and
+    its core worker a crash dump, which would skip the caller's cleanup (the CLI's summary and exit 143)."""
+    import signal
+    import threading
+
+    import ray
+
+    main = threading.current_thread() is threading.main_thread()
+    old = signal.getsignal(signal.SIGTERM) if main else None
+    try:
+        ray.init(**kwargs)
+    finally:
+        if callable(old):  # a Python handler; the default action (or none set from Python) is left to Ray
+            signal.signal(signal.SIGTERM, old)
+
 
 @dataclass
 class _Slot:
@@ -189,7 +207,7 @@ class RayPoolEngine(Engine):
             # A local Ray by default (or the cluster RAY_ADDRESS names); `ray_address` for an existing cluster.
             # close() shuts down what this call started: the local Ray, or this driver's connection.
             try:
-                ray.init(address=ray_address, include_dashboard=False, log_to_driver=False, ignore_reinit_error=True,
+                init_ray(address=ray_address, include_dashboard=False, log_to_driver=False, ignore_reinit_error=True,
                          configure_logging=False, runtime_env=runtime_env)
             except Exception as exc:  # no cluster at that address, a bad address, ...
                 raise EngineStartError(f"Ray could not start or connect (ray_address={ray_address!r}): "
