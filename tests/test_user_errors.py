@@ -94,6 +94,19 @@ def test_label_with_no_ray_cluster_says_so(scene_dir, tmp_path, capsys):
     assert "Traceback" not in text
 
 
+def test_label_pool_larger_than_the_local_ray_stops_at_once_with_exit_3(scene_dir, tmp_path, capsys):
+    pytest.importorskip("ray")
+    import re
+
+    n = 2 * (os.cpu_count() or 1) + 1  # more actors than the local Ray has CPUs
+    t0 = time.monotonic()
+    rc, text = _run(capsys, "label", str(scene_dir), "--out", str(tmp_path / "o"), "--engine", "simulated",
+                    "--count", "64", "--set", f"ray.num_actors={n}")
+    assert rc == 3 and time.monotonic() - t0 < 120, text
+    m = re.search(rf"{n} Ray actors need {n} CPUs in all but the cluster has (\d+)", text)
+    assert m and int(m.group(1)) < n and "num_actors" in text and "Traceback" not in text, text
+
+
 def test_debug_shows_the_traceback(scene_dir, tmp_path, capsys):
     rc, text = _run(capsys, "--debug", "depth", str(scene_dir), "--out", str(tmp_path / "o"), "--count", "0")
     assert rc == 2 and "Traceback" in text

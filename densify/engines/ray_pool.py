@@ -240,6 +240,13 @@ class RayPoolEngine(Engine):
             else:
                 num_actors = int((res.get("CPU", 1) - self.spare_cpus) // max(num_cpus, 1e-9))
         num_actors = max(1, int(num_actors))
+        # K engines per GPU get whole GPUs (a placement-group bundle each); else each actor its share
+        gpus = -(-num_actors // self.engines_per_gpu) if self.engines_per_gpu > 1 else num_actors * num_gpus
+        for what, total in (("GPU", gpus), ("CPU", num_actors * num_cpus)):
+            if total > res.get(what, 0) + 1e-9:  # some actors could never start: say so now, not after the timeout
+                raise EngineStartError(f"{num_actors} Ray actors need {total:g} {what}s in all but the cluster has "
+                                       f"{res.get(what, 0):g}; lower num_actors or num_{what.lower()}s_per_actor, "
+                                       f"or use a larger cluster")
         # threaded: all batches in flight reach a streaming engine at once, and pings answer meanwhile
         opts: dict = {"num_cpus": num_cpus, "num_gpus": num_gpus, "max_restarts": self.actor_max_restarts,
                       "max_task_retries": 0, "max_concurrency": self.max_in_flight + 4}
