@@ -234,3 +234,49 @@ def test_sweep_removes_only_densify_temporaries(tmp_path):
         assert (tmp_path / name).read_text() == "keep"
     assert target.read_text() == "precious" and (tmp_path / ".precious.txt.densify-tmp-abcdef12.txt").is_symlink()
     assert (tmp_path / ".cfg").is_dir()
+
+
+# -- every command sweeps what a killed run's last writes left at the top of --out
+
+def _leftovers(folder: Path, names: list[str]) -> list[Path]:
+    """Temporaries as a run killed while writing `names` leaves them (atomic_path's names, never renamed)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    out = []
+    for name in names:
+        fd, tmp = tempfile.mkstemp(prefix=outputs.temp_name(name), suffix=Path(name).suffix, dir=folder)
+        os.write(fd, b"half")
+        os.close(fd)
+        out.append(Path(tmp))
+    return out
+
+
+@pytest.mark.parametrize("command", ["depth", "reconstruct", "pose", "eval"])
+def test_each_command_sweeps_its_killed_run_files_and_only_those(tmp_path, command):
+    from conftest import IBIMS
+
+    from densify.synthetic.scenes import SceneSpec, make_scene
+    from pipelines.cli import main
+
+    if command == "eval" and not IBIMS.is_file():
+        pytest.skip("iBims sample not beside the checkout")
+    out = tmp_path / "out"
+    images = [str(p) for p in make_scene(SceneSpec(seed=2, n_views=3, width=160, height=120)).save(tmp_path / "s")]
+    argv = {"depth": ["depth", *images, "--count", "256"],
+            "reconstruct": ["reconstruct", *images, "--grid", "8", "6", "--set", "depth.plan.count=256"],
+            "pose": ["pose", *images[:2], "--grid", "8", "6", "--set", "depth.plan.count=256"],
+            "eval": ["eval", "ibims", "--data", str(IBIMS), "--limit", "1"]}[command]
+    names = {"depth": ["config.yaml", "summary.json", "failures.jsonl"],
+             "reconstruct": ["summary.json", "poses.json", "pairs.jsonl", "mesh.ply", "cloud.ply", "transforms.json"],
+             "pose": ["pose.json"], "eval": ["eval.json", "summary.json", "failures.jsonl"]}[command]
+    ours = _leftovers(out, names)
+    if command == "reconstruct":
+        ours += _leftovers(out / "colmap", ["cameras.txt", "images.txt", "points3D.txt"])
+    if command in ("reconstruct", "pose"):
+        ours += _leftovers(out / "pairs" / "view_000__view_001", ["matches.npz", "pose.json"])
+    if command != "eval":  # an image folder (eval's images have other ids)
+        ours += _leftovers(out / "depth" / "view_000" if command in ("reconstruct", "pose") else out / "view_000",
+                           ["depth.npy"])
+    foreign = _leftovers(out, ["notes.txt", "summary-1.json", "manifest.parquet"])  # another job's, or a shard's
+    assert main(["-q", *argv, "--out", str(out), "--engine", "simulated"]) in (0, 1)
+    assert [p.name for p in ours if p.exists()] == []
+    assert all(p.exists() for p in foreign)

@@ -571,6 +571,8 @@ def run_depth(sources: list[ImageSource], cfg: DepthConfig, engine: Engine, layo
     """The depth stage over a list of images as one run: results in input order and the run's summary,
     written (summary.json, failures.jsonl) even when the run is interrupted, which the summary then says."""
     profile = load_profile(cfg.profile)
+    if layout is not None:
+        layout.sweep(layout.summary, layout.failures)  # what a killed run's last writes left
     on_round = (lambda n: progress.update(images=0, queries=n)) if progress is not None else None
     stage = DepthStage(cfg, engine, layout=layout, keep_maps=keep_maps, evaluate=evaluate, on_round=on_round)
     results: dict[str, DepthResult] = {}
