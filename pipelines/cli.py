@@ -88,7 +88,7 @@ def _on_sigterm(signum, frame):
 def exit_code(exc: BaseException) -> int:
     from densify.config.loading import ConfigError
     from densify.engines.base import EngineError, EngineStartError
-    from densify.engines.store import StoreError
+    from densify.engines.store import StoreError, StoreFullError
     from densify.io.cameras import CameraError
     from densify.io.images import ImageError
     from densify.queries.plan import PlanError
@@ -99,6 +99,8 @@ def exit_code(exc: BaseException) -> int:
         return EXIT_INTERRUPTED
     if isinstance(exc, (EngineStartError, ImportError)):
         return EXIT_ENGINE_UNAVAILABLE
+    if isinstance(exc, StoreFullError):
+        return EXIT_IO  # a full disk, as for any output
     if isinstance(exc, StoreError):
         return EXIT_STORE
     if isinstance(exc, EngineError):

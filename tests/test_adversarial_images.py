@@ -280,3 +280,128 @@ def test_each_command_sweeps_its_killed_run_files_and_only_those(tmp_path, comma
     assert main(["-q", *argv, "--out", str(out), "--engine", "simulated"]) in (0, 1)
     assert [p.name for p in ours if p.exists()] == []
     assert all(p.exists() for p in foreign)
+
+
+# -- a full disk: the run stops at once (exit 74, "No space left on device"), and a rerun resumes as if
+# nothing had happened
+
+def _depth_argv(scene: Path, out: Path) -> list[str]:
+    return ["depth", str(scene), "--out", str(out), "--engine", "simulated", "--count", "256"]
+
+
+def _same_outputs(a: Path, b: Path) -> None:
+    import json
+
+    dirs = sorted(d.name for d in b.iterdir() if d.is_dir())
+    assert sorted(d.name for d in a.iterdir() if d.is_dir()) == dirs and dirs
+    for d in dirs:
+        names = sorted(f.name for f in (b / d).iterdir())
+        assert sorted(f.name for f in (a / d).iterdir()) == names, d
+        for n in names:
+            x, y = (a / d / n).read_bytes(), (b / d / n).read_bytes()
+            if n == "result.json":  # the same but for the time it took
+                x, y = ({k: v for k, v in json.loads(t).items() if k != "wall_s"} for t in (x, y))
+            assert x == y, f"{d}/{n}"
+
+
+@pytest.fixture(scope="module")
+def six_views(tmp_path_factory):
+    from densify.synthetic.scenes import SceneSpec, make_scene
+
+    root = tmp_path_factory.mktemp("six")
+    make_scene(SceneSpec(seed=8, n_views=6, width=160, height=120)).save(root / "scene")
+    from pipelines.cli import main
+
+    assert main(["-q", *_depth_argv(root / "scene", root / "ref")]) == 0
+    return root / "scene", root / "ref"
+
+
+def test_a_full_disk_stops_depth_at_once_with_exit_74_and_the_rerun_resumes_identically(six_views, tmp_path,
+                                                                                          monkeypatch, capsys):
+    import errno
+    from contextlib import contextmanager
+
+    from pipelines.cli import main
+
+    scene, ref = six_views
+    per_image = sum(f.stat().st_size for f in (ref / "view_000").iterdir())
+    real, used = outputs.atomic_path, [0]
+
+    @contextmanager
+    def filling(path):  # a disk with room for about two and a half images
+        with real(path) as tmp:
+            yield tmp
+            used[0] += tmp.stat().st_size
+            if used[0] > 2.5 * per_image:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(outputs, "atomic_path", filling)
+    out = tmp_path / "out"
+    rc = main(_depth_argv(scene, out))
+    err = capsys.readouterr().err
+    assert rc == 74 and "No space left on device" in err and "Traceback" not in err, err
+    assert len(err.strip().splitlines()[-1:]) == 1 and "densify depth: cannot write outputs" in err
+    done = sorted(p.parent.name for p in out.glob("*/result.json"))
+    assert 1 <= len(done) <= 2 and len([d for d in out.iterdir() if d.is_dir()]) <= 3  # stopped at the first
+    assert not list(out.rglob(f"*{outputs.TEMP_TAG}*"))
+    monkeypatch.setattr(outputs, "atomic_path", real)  # space freed
+    assert main(["-q", *_depth_argv(scene, out)]) == 0
+    _same_outputs(out, ref)
+
+
+def test_open3d_s_silent_short_write_is_an_error(tmp_path, monkeypatch):
+    """Open3D reports success when its writes fail: the PLY's length is checked against its header."""
+    o3d = pytest.importorskip("open3d")
+    cloud = o3d.geometry.PointCloud(o3d.utility.Vector3dVector(np.random.default_rng(0).random((500, 3))))
+    cloud.colors = o3d.utility.Vector3dVector(np.random.default_rng(1).random((500, 3)))
+    outputs.write_ply(tmp_path / "cloud.ply", cloud)
+    outputs.check_ply(tmp_path / "cloud.ply")
+    mesh = o3d.geometry.TriangleMesh.create_sphere()
+    mesh.compute_vertex_normals()
+    outputs.write_mesh(tmp_path / "mesh.ply", mesh)
+    outputs.check_ply(tmp_path / "mesh.ply")
+    real = o3d.io.write_point_cloud
+
+    def short(path, pc, **kw):  # what a full disk does to it: a truncated file, and True
+        real(path, pc, **kw)
+        os.truncate(path, os.path.getsize(path) - 7)
+        return True
+
+    monkeypatch.setattr(o3d.io, "write_point_cloud", short)
+    with pytest.raises(OSError, match="Open3D wrote") as info:
+        outputs.write_ply(tmp_path / "again.ply", cloud)
+    assert info.value.filename == str(tmp_path / "again.ply") and not list(tmp_path.glob(".again*"))
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A real 2 MiB file system (tmpfs), where this process may mount one."""
+    d = tmp_path / "disk"
+    d.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(d)], capture_output=True).returncode:
+        pytest.skip("cannot mount a small file system here (needs root)")
+    yield d
+    subprocess.run(["umount", "-l", str(d)], capture_output=True)
+
+
+def test_a_real_full_disk_stops_depth_with_exit_74_and_nothing_truncated_is_certified(six_views, small_disk):
+    scene, ref = six_views
+    out = small_disk / "out"
+    p = subprocess.run([sys.executable, "-m", "pipelines", *_depth_argv(scene, out), "--count", "3072"], cwd=REPO,
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 74 and "No space left on device" in p.stderr, p.stderr[-2000:]
+    from densify.io.layout import ImageFiles
+
+    for res in out.glob("*/result.json"):  # what is certified is whole (numpy and Open3D writes included)
+        files = ImageFiles(res.parent)
+        outputs.check_ply(files.cloud)
+        np.load(files.depth_npy)
+        assert all((files.dir / n).stat().st_size == size for n, size in files.read_result()["files"].items())
+    subprocess.run(["mount", "-o", "remount,size=64m", str(small_disk)], check=True)
+    p = subprocess.run([sys.executable, "-m", "pipelines", "-q", *_depth_argv(scene, out), "--count", "3072"],
+                       cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-2000:]
+    ref3072 = small_disk / "ref"
+    subprocess.run([sys.executable, "-m", "pipelines", "-q", *_depth_argv(scene, ref3072), "--count", "3072"],
+                   cwd=REPO, check=True, capture_output=True, timeout=300)
+    _same_outputs(out, ref3072)

@@ -278,6 +278,8 @@ class DepthStage:
             try:
                 res = self.finish(task, completions)
             except (OSError, ValueError, MemoryError) as exc:
+                if outputs.disk_full(exc):
+                    raise  # no later image could be written either: stop (exit 74); a rerun resumes
                 res = DepthResult(task.source.id, str(task.source.path), "failed", len(completions),
                                   error=f"{type(exc).__name__}: {exc}", error_kind="output")
             res.wall_s = time.perf_counter() - task.started
@@ -351,6 +353,8 @@ class DepthStage:
                     res = ray.get(done[0])
                 except Exception as exc:
                     exc = getattr(exc, "cause", None) or exc
+                    if outputs.disk_full(exc):
+                        raise exc from None
                     res = DepthResult(task.source.id, str(task.source.path), "failed", n,
                                       error=f"{type(exc).__name__}: {exc}", error_kind="output")
                 res.wall_s = time.perf_counter() - task.started
@@ -594,9 +598,14 @@ def run_depth(sources: list[ImageSource], cfg: DepthConfig, engine: Engine, layo
                             interrupted=interrupted, complete=not interrupted and len(ordered) == len(sources),
                             **summary_extra)
         if layout is not None and layout.root.is_dir():
-            outputs.write_json(layout.summary, summary)
-            outputs.write_jsonl(layout.failures, ({"id": r.id, "image": r.image, "kind": r.error_kind,
-                                                   "error": r.error} for r in ordered if r.status == "failed"))
+            try:
+                outputs.write_json(layout.summary, summary)
+                outputs.write_jsonl(layout.failures, ({"id": r.id, "image": r.image, "kind": r.error_kind,
+                                                       "error": r.error} for r in ordered if r.status == "failed"))
+            except OSError as exc:
+                if not interrupted:
+                    raise
+                log.error("could not write the run's summary: %s", exc)  # the error that stopped the run wins
     return summary, ordered
 
 
