@@ -177,6 +177,64 @@ def test_16_bit_images_keep_their_scaling(tmp_path):
     assert load_rgb(p, max_side=20).shape == (15, 20, 3)
 
 
+def test_a_very_elongated_image_fails_saying_why(tmp_path):
+    p = tmp_path / "wide.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (4, 20000, 3), np.uint8)).save(p)
+    assert load_image(p).rgb.shape == (4, 20000, 3)  # it decodes at full size
+    with pytest.raises(ImageError) as info:
+        load_image(p, max_side=2048)  # ... but not reduced to 2048 x 0.4 px
+    assert "20000x4 is too elongated" in str(info.value) and str(p) in str(info.value)
+    assert "unexpected image shape" not in str(info.value)
+
+
+def test_a_narrow_image_with_a_guessed_focal_is_refused_before_it_inflates(tmp_path):
+    """4x20000 with a 60 degree guess: fx 3.5 px, and focal 1000 would make it 1155 x 5.8 million px (20 GB)."""
+    p = tmp_path / "tall.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (20000, 4, 3), np.uint8)).save(p)
+    code = f"""
+import resource
+resource.setrlimit(resource.RLIMIT_AS, (3 << 30, 3 << 30))
+from pathlib import Path
+from densify.io.cameras import CameraError
+from densify.io.images import ImageSource
+from densify.stages.depth import DepthStage
+from densify.stages.settings import DepthConfig
+try:
+    DepthStage(DepthConfig(engine={{"name": "simulated"}}, max_side=100000), None).prepare(ImageSource("t", Path({str(p)!r})))
+except CameraError as exc:
+    print("refused:", exc)
+"""
+    r = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120,
+                       env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert r.returncode == 0 and "refused:" in r.stdout and "1155x5773503 px" in r.stdout, r.stdout + r.stderr[-2000:]
+
+
+def test_gif_files_are_read_and_an_animation_gives_its_first_frame(tmp_path, caplog):
+    import json
+    import shutil
+
+    from densify.synthetic.scenes import SceneSpec, make_scene
+    from pipelines.cli import main
+
+    scene = tmp_path / "scene"
+    make_scene(SceneSpec(seed=9, n_views=2, width=160, height=120)).save(scene)
+    Image.open(scene / "view_001.png").save(scene / "view_001.gif")  # the truth beside it names the stem
+    (scene / "view_001.png").unlink()
+    frames = [Image.fromarray(np.full((12, 16, 3), v, np.uint8)) for v in (10, 200)]
+    frames[0].save(tmp_path / "anim.gif", save_all=True, append_images=frames[1:])
+    with caplog.at_level("WARNING"):
+        rgb = load_rgb(tmp_path / "anim.gif")
+    assert rgb.shape == (12, 16, 3) and abs(int(rgb.mean()) - 10) <= 2 and "2 frames; using the first" in caplog.text
+    out = tmp_path / "out"
+    assert main(["-q", "depth", str(scene), "--out", str(out), "--engine", "simulated", "--count", "128"]) == 0
+    s = json.loads((out / "summary.json").read_text())
+    assert s["images"] == 2 and s["ok"] == 2 and (out / "view_001" / "result.json").is_file()
+    from densify.stages.label import count_manifest
+
+    assert count_manifest(str(scene)) == 2
+    shutil.rmtree(out)
+
+
 # -- outputs
 
 def test_outputs_honour_the_umask(tmp_path):

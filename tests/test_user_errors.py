@@ -76,6 +76,21 @@ def test_errors_in_a_config_file_name_the_file_and_key(scene_dir, tmp_path, caps
     assert rc == 2 and "no such file" in text
 
 
+@pytest.mark.parametrize("text, words", [
+    ("plan:\n  count: !!python/object/apply:os.system [echo hi]\n", ["line 2, column 10", "remove the tag"]),
+    ("plan: !custom {count: 3}\n", ["'!custom'", "line 1, column 7", "remove the tag"]),
+    ("plan:\n  count: [1, 2\n", ["expected ',' or ']'", "line 3"]),
+])
+def test_a_yaml_error_in_a_config_file_is_one_line(scene_dir, tmp_path, capsys, text, words):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(text)
+    rc, out = _run(capsys, "depth", str(scene_dir), "--out", str(tmp_path / "o"), "--config", str(cfg))
+    lines = out.strip().splitlines()
+    assert rc == 2 and len(lines) == 1 and lines[0].startswith(f"densify depth: error: {cfg}: not valid YAML"), out
+    assert all(w in lines[0] for w in words), out
+    assert not (tmp_path / "o").exists()
+
+
 def test_out_that_is_a_file_is_refused_before_the_work(scene_dir, tmp_path, capsys):
     f = tmp_path / "file"
     f.write_text("x")
@@ -86,8 +101,11 @@ def test_out_that_is_a_file_is_refused_before_the_work(scene_dir, tmp_path, caps
 
 def test_label_with_no_ray_cluster_says_so(scene_dir, tmp_path, capsys):
     pytest.importorskip("ray")
-    if Path("/tmp/ray/ray_current_cluster").exists():
-        pytest.skip("a Ray cluster runs on this machine: 'auto' would find it")
+    import psutil
+
+    if Path("/tmp/ray/ray_current_cluster").exists() or any(
+            p.info["name"] == "gcs_server" for p in psutil.process_iter(["name"])):
+        pytest.skip("a Ray cluster runs on this machine (another job's): 'auto' would find it")
     rc, text = _run(capsys, "label", str(scene_dir), "--out", str(tmp_path / "o"), "--engine", "simulated",
                     "--ray-address", "auto")
     assert rc == 3 and "Ray could not start or connect" in text and "ray start --head" in text

@@ -254,6 +254,13 @@ def prepare_image(rgb: np.ndarray, camera: Camera, *, focal: float | None = None
         raise CameraError(f"intrinsics are for {camera.width}x{camera.height} but the image is "
                           f"{rgb.shape[1]}x{rgb.shape[0]}")
     size, scale = preprocess_scale(camera, focal=focal, max_side=max_side, square_pixels=square_pixels)
+    from densify.io.images import MAX_PIXELS
+
+    if min(size) < 2 or size[0] * size[1] > MAX_PIXELS:  # a narrow image with a guessed focal can inflate
+        how = f"to focal {focal:g} px from fx {camera.fx:.4g}" if focal is not None else f"to {max_side} px"
+        raise CameraError(f"the profile resizes this {camera.width}x{camera.height} image {how}, which makes it "
+                          f"{size[0]}x{size[1]} px (it needs at least 2 px a side and at most {MAX_PIXELS:,} px); "
+                          f"give its intrinsics if fx is wrong, or crop it to a less elongated image")
     pixels = resize_rgb(rgb, size, resample)
     pmap = PixelMap((camera.width, camera.height), size, coord_range, scale)
     c = camera
