@@ -162,6 +162,7 @@ def run_spatialrgpt(args) -> int:
     rep["simulated"] = engine.simulated
     if args.out:
         common.write_config(RunLayout(args.out), dcfg)
+        RunLayout(args.out).sweep(Path(args.out) / "eval.json", Path(args.out) / "answers.jsonl")
         outputs.write_json(Path(args.out) / "eval.json", rep)
         outputs.write_jsonl(Path(args.out) / "answers.jsonl", records)
     c = common.report(rep)

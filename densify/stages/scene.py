@@ -230,6 +230,8 @@ def reconstruct(sources: list[ImageSource], cfg: ReconstructConfig, out: str | P
     check_stages(cfg, engines=engines)
     stage_engines = StageEngines(cfg.engine, cfg.models.model_dump(), engines)
     layout.root.mkdir(parents=True, exist_ok=True)
+    layout.sweep(layout.summary, layout.pairs_jsonl, layout.poses, layout.mesh, layout.cloud, layout.transforms,
+                 *(layout.colmap / n for n in ("cameras.txt", "images.txt", "points3D.txt")))
     timings: dict[str, float] = {}
     try:
         return _reconstruct(sources, cfg, layout, stage_engines, timings, intrinsics, progress)
