@@ -7,6 +7,14 @@ source = image 1 and target = image 2.
 
 Only the largest connected component of the pair graph can be placed in one frame; the rest is reported
 as dropped. The world frame is the reference camera's frame (the first image of the component).
+
+Robustness: "uncertain" edges (loop closures, retrieved pairs) are weighed by Open3D's line process
+(Choi et al. 2015), which down-weighs and prunes edges that disagree with the rest. Its scale,
+`max_correspondence_distance`, is how far (metres) an edge may move the points it relates before it counts
+as an outlier; a loop whose chained odometry has drifted further than that would have its closing edges
+pruned instead of closing it. So the optimisation runs coarse to fine (graduated non-convexity): first with
+the distance times each of `coarse_scales` and nothing pruned, each pass starting where the last ended,
+then at the distance itself with pruning. Edges pruned from the images' only links drop those images.
 """
 
 from __future__ import annotations
@@ -27,12 +35,16 @@ __all__ = ["PoseEdge", "PoseGraphConfig", "PoseGraphResult", "connected_componen
 class PoseGraphConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
     optimize: bool = Field(True, description="run Levenberg-Marquardt (else keep the spanning-tree chain)")
-    loop_edges_uncertain: bool = Field(True, description="edges between non-consecutive images may be pruned")
+    loop_edges_uncertain: bool = Field(True, description="edges other than a sequence's "
+                                         "consecutive pairs (skips, loops, retrieved pairs) may be pruned")
     max_correspondence_distance: float = Field(0.05, gt=0, description="metres; scales the line process "
                                                "that weighs uncertain edges (Open3D)")
     edge_prune_threshold: float = Field(0.25, ge=0, le=1, description="uncertain edges whose line-process "
                                         "weight falls below this are dropped")
     preference_loop_closure: float = Field(1.0, ge=0, description="weight of uncertain edges vs odometry")
+    coarse_scales: list[float] = Field([16.0, 4.0], description="passes before the final one, each at "
+                                       "max_correspondence_distance times this and without pruning, so a loop "
+                                       "that drifted further than that distance still closes ([]: one pass)")
 
 
 @dataclass
@@ -118,6 +130,21 @@ def _spanning_tree_poses(root: int, comp: set[int], edges: list[PoseEdge]) -> di
     return poses
 
 
+def _optimise(graph, option):
+    """One Levenberg-Marquardt run of Open3D's global optimisation (quietly); returns the graph."""
+    import open3d as o3d
+
+    reg = o3d.pipelines.registration
+    level = o3d.utility.get_verbosity_level()
+    o3d.utility.set_verbosity_level(o3d.utility.VerbosityLevel.Error)
+    try:
+        reg.global_optimization(graph, reg.GlobalOptimizationLevenbergMarquardt(),
+                                reg.GlobalOptimizationConvergenceCriteria(), option)
+    finally:
+        o3d.utility.set_verbosity_level(level)
+    return graph
+
+
 def optimize_poses(nodes: list[int], edges: list[PoseEdge], cfg: PoseGraphConfig | None = None) -> PoseGraphResult:
     """Camera-to-world poses of the largest connected component; world = its first image's camera."""
     import open3d as o3d
@@ -144,21 +171,23 @@ def optimize_poses(nodes: list[int], edges: list[PoseEdge], cfg: PoseGraphConfig
         info = e.information if e.information is not None else np.eye(6) * e.weight
         graph.edges.append(reg.PoseGraphEdge(index[e.i], index[e.j], np.asarray(e.T, np.float64),
                                              np.asarray(info, np.float64), uncertain=bool(e.uncertain)))
-    option = reg.GlobalOptimizationOption(max_correspondence_distance=cfg.max_correspondence_distance,
-                                          edge_prune_threshold=cfg.edge_prune_threshold,
-                                          preference_loop_closure=cfg.preference_loop_closure,
-                                          reference_node=index[root])
-    level = o3d.utility.get_verbosity_level()
-    o3d.utility.set_verbosity_level(o3d.utility.VerbosityLevel.Error)
-    try:
-        reg.global_optimization(graph, reg.GlobalOptimizationLevenbergMarquardt(),
-                                reg.GlobalOptimizationConvergenceCriteria(), option)
-    finally:
-        o3d.utility.set_verbosity_level(level)
+    passes = [(cfg.max_correspondence_distance * s, 0.0) for s in cfg.coarse_scales if s > 1]
+    for dist, prune in passes + [(cfg.max_correspondence_distance, cfg.edge_prune_threshold)]:
+        graph = _optimise(graph, reg.GlobalOptimizationOption(
+            max_correspondence_distance=dist, edge_prune_threshold=prune,
+            preference_loop_closure=cfg.preference_loop_closure, reference_node=index[root]))
     kept = {(comp[e.source_node_id], comp[e.target_node_id]) for e in graph.edges}
     pruned = [(e.i, e.j) for e in used if (e.i, e.j) not in kept]
     if pruned:
         log.info("pose graph pruned %d inconsistent pair(s): %s", len(pruned), pruned)
+    # Images whose every link was pruned float free: they leave the component.
+    parts = connected_components(comp, [e for e in used if (e.i, e.j) in kept])
+    linked = next(set(c) for c in parts if root in c)
+    lost = sorted(set(comp) - linked)
+    if lost:
+        log.warning("pose graph: %d image(s) lost every pair to pruning: %s", len(lost), lost)
+    comp = [n for n in comp if n in linked]
+    dropped = sorted(dropped + lost)
     # Re-anchor on the reference exactly (the optimiser keeps it fixed, this removes rounding drift).
     ref_inv = np.linalg.inv(np.asarray(graph.nodes[index[root]].pose))
     poses = {n: ref_inv @ np.asarray(graph.nodes[index[n]].pose) for n in comp}
