@@ -8,7 +8,9 @@ source = image 1 and target = image 2.
 Only the largest connected component of the pair graph can be placed in one frame; the rest is reported
 as dropped. The world frame is the reference camera's frame (the first image of the component).
 
-Robustness: "uncertain" edges (loop closures, retrieved pairs) are weighed by Open3D's line process
+Robustness: the initial poses come from the spanning tree most edges agree with (random trees, scored by
+consensus), so one wrong pair in the tree cannot hold the graph in a wrong basin. "Uncertain" edges (loop
+closures, retrieved pairs) are then weighed by Open3D's line process
 (Choi et al. 2015), which down-weighs and prunes edges that disagree with the rest. Its scale,
 `max_correspondence_distance`, is how far (metres) an edge may move the points it relates before it counts
 as an outlier; a loop whose chained odometry has drifted further than that would have its closing edges
@@ -29,7 +31,7 @@ from pydantic import BaseModel, ConfigDict, Field
 log = logging.getLogger(__name__)
 
 __all__ = ["PoseEdge", "PoseGraphConfig", "PoseGraphResult", "connected_components", "optimize_poses",
-           "information_from_points"]
+           "information_from_points", "relative_residual"]
 
 
 class PoseGraphConfig(BaseModel):
@@ -45,6 +47,11 @@ class PoseGraphConfig(BaseModel):
     coarse_scales: list[float] = Field([16.0, 4.0], description="passes before the final one, each at "
                                        "max_correspondence_distance times this and without pruning, so a loop "
                                        "that drifted further than that distance still closes ([]: one pass)")
+    tree_trials: int = Field(50, ge=1, description="random spanning trees tried for the initial poses (the one "
+                             "most edges agree with wins), when some edges are uncertain")
+    tree_inlier_ratio: float = Field(0.1, gt=0, description="an edge agrees with a tree's poses when they move its "
+                                     "points by less than this fraction of their distance (0.1: ~6 degrees)")
+    seed: int = Field(0, description="seed of the random spanning trees (results are reproducible)")
 
 
 @dataclass
@@ -105,12 +112,13 @@ def connected_components(nodes: list[int], edges: list[PoseEdge]) -> list[list[i
     return sorted((sorted(c) for c in comps.values()), key=lambda c: (-len(c), c[0]))
 
 
-def _spanning_tree_poses(root: int, comp: set[int], edges: list[PoseEdge]) -> dict[int, np.ndarray]:
+def _spanning_tree_poses(root: int, comp: set[int], edges: list[PoseEdge],
+                         weights: list[float] | None = None) -> dict[int, np.ndarray]:
     """Chain relative poses along a maximum-weight spanning tree (certain edges preferred)."""
     adj: dict[int, list[tuple[float, int, np.ndarray]]] = {n: [] for n in comp}
-    for e in edges:
+    for k, e in enumerate(edges):
         if e.i in comp and e.j in comp:
-            w = e.weight * (0.5 if e.uncertain else 1.0)
+            w = weights[k] if weights is not None else e.weight * (0.5 if e.uncertain else 1.0)
             adj[e.i].append((w, e.j, e.T))                    # x_j = T x_i
             adj[e.j].append((w, e.i, np.linalg.inv(e.T)))     # x_i = T^-1 x_j
     poses = {root: np.eye(4)}
@@ -128,6 +136,40 @@ def _spanning_tree_poses(root: int, comp: set[int], edges: list[PoseEdge]) -> di
                 count += 1
                 heapq.heappush(heap, (-w, m, count, T2, n))
     return poses
+
+
+def relative_residual(e: PoseEdge, poses: dict[int, np.ndarray]) -> float:
+    """How far the poses move the points supporting edge e from where the edge puts them: RMS displacement
+    over RMS distance of those points (from the edge's information matrix, as Open3D weighs edges)."""
+    from scipy.spatial.transform import Rotation
+
+    D = np.linalg.inv(poses[e.j]) @ poses[e.i] @ np.linalg.inv(e.T)  # identity when the edge agrees
+    x = np.r_[Rotation.from_matrix(D[:3, :3]).as_rotvec(), D[:3, 3]]
+    info = e.information if e.information is not None else np.eye(6) * e.weight
+    n = max(float(info[5, 5]), 1e-12)
+    spread = max(float(np.trace(info[:3, :3])) / (2 * n), 1e-12)  # mean squared distance of the points
+    return float(np.sqrt(max(x @ info @ x, 0.0) / n / spread))
+
+
+def _consensus_tree(root: int, comp: set[int], edges: list[PoseEdge], cfg: "PoseGraphConfig") -> dict:
+    """Initial poses from the spanning tree most edges agree with (RANSAC over random spanning trees).
+
+    One wrong edge in the tree that seeds the optimiser can hold the whole graph in a wrong basin; so
+    random trees (certain edges always preferred, uncertain ones by randomly scaled weight) are scored by
+    how many edges agree with their poses within `tree_inlier_ratio`, and the best one seeds the graph."""
+    base = [e.weight * (0.5 if e.uncertain else 1.0) for e in edges]
+    best, best_key = None, None
+    rng = np.random.default_rng(cfg.seed)
+    top = max(base) if base else 1.0
+    for t in range(cfg.tree_trials if any(e.uncertain for e in edges) else 1):
+        w = base if t == 0 else [b + 10 * top if not e.uncertain else b * rng.uniform(0.05, 1.0)
+                                 for b, e in zip(base, edges)]
+        poses = _spanning_tree_poses(root, comp, edges, w)
+        res = [relative_residual(e, poses) for e in edges if e.i in comp and e.j in comp]
+        key = (sum(r < cfg.tree_inlier_ratio for r in res), -float(np.sum(np.minimum(res, cfg.tree_inlier_ratio))))
+        if best_key is None or key > best_key:
+            best, best_key = poses, key
+    return best
 
 
 def _optimise(graph, option):
@@ -157,7 +199,7 @@ def optimize_poses(nodes: list[int], edges: list[PoseEdge], cfg: PoseGraphConfig
     dropped = sorted(n for c in comps[1:] for n in c)
     root = comp[0]
     cset = set(comp)
-    init = _spanning_tree_poses(root, cset, edges)
+    init = _consensus_tree(root, cset, edges, cfg)
     used = [e for e in edges if e.i in cset and e.j in cset]
     if len(comp) == 1 or not cfg.optimize or not used:
         return PoseGraphResult(init, root, comp, dropped)

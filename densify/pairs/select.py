@@ -184,7 +184,7 @@ def retrieval_pairs(sim: np.ndarray, k: int, *, min_gap: int = 1, spanning_tree:
     out = set()
     for i in range(n):
         order = [j for j in np.argsort(-s[i], kind="stable") if np.isfinite(s[i, j])][:k]
-        out |= {(min(i, j), max(i, j)) for j in order}
+        out |= {(int(min(i, j)), int(max(i, j))) for j in order}
     if spanning_tree and min_gap <= 1 and n > 1:
         cost = np.triu(2.0 - np.clip(np.array(sim, float), -1, 1), 1) + np.triu(np.full((n, n), 1e-9), 1)
         tree = minimum_spanning_tree(cost).tocoo()
