@@ -369,3 +369,14 @@ def test_video_options_are_checked(tmp_path, capsys, walk):
     bad.write_bytes(b"not a video at all")
     rc = main(["-q", "reconstruct", str(bad), "--out", str(tmp_path / "o2"), "--engine", "simulated"])
     assert rc == 2 and "cannot decode this video" in capsys.readouterr().err
+
+
+def test_the_scene_and_pair_stages_have_no_long_functions():
+    import ast
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1] / "densify" / "stages"
+    for name in ("pairs.py", "scene.py"):
+        for node in ast.walk(ast.parse((root / name).read_text())):
+            if isinstance(node, ast.FunctionDef):
+                assert node.end_lineno - node.lineno < 60, (name, node.name)
