@@ -94,16 +94,24 @@ def global_auc(cam_to_world: dict, gt: dict) -> dict:
 
 def _sift_graph(res, scene, view_of: dict, cfg, out: Path):
     """SIFT matches on the same pairs, the same depth maps and estimator, the same pose graph."""
-    results, t0 = [], time.perf_counter()
+    from densify.geometry.scale import pair_log_scale, relative_log_scales
+
+    results, rows, t0 = [], [], time.perf_counter()
+    depth = lambda info: np.load(out / "depth" / info.id / "depth.npy")  # noqa: E731
     for r in res.pairs:
         a, b = res.infos[r.i], res.infos[r.j]
         if not (a.ok and b.ok):
             continue
         x1, x2 = sift_matches(load_rgb(a.path), load_rgb(b.path), ratio=0.8)
-        depth1 = np.load(out / "depth" / a.id / "depth.npy")
-        pose, info = solve_pair_xy(x1, x2, a.camera, b.camera, depth1, cfg.pose.estimator)
-        results.append(classify(PairResult(r.i, r.j, a.id, b.id, "ok", pose, {}, information=info, kind=r.kind)))
-    graph = graph_stage(res.infos, results, cfg)
+        pose, info = solve_pair_xy(x1, x2, a.camera, b.camera, depth(a), cfg.pose.estimator)
+        res_ = classify(PairResult(r.i, r.j, a.id, b.id, "ok", pose, {}, information=info, kind=r.kind))
+        results.append(res_)
+        if res_.usable and pose.source == "pnp" and cfg.posegraph.scale_pairs:  # the same scale check as ours
+            lr = pair_log_scale(x1, x2, depth(a), depth(b), a.camera, pose.R, pose.t_metric)
+            if lr is not None:
+                rows.append((r.i, r.j, lr))
+    scales = relative_log_scales(len(res.infos), rows) if cfg.posegraph.scale_pairs else None
+    graph = graph_stage(res.infos, results, cfg, scales)
     return graph, results, time.perf_counter() - t0
 
 

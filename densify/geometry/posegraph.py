@@ -52,6 +52,9 @@ class PoseGraphConfig(BaseModel):
     tree_inlier_ratio: float = Field(0.1, gt=0, description="an edge agrees with a tree's poses when they move its "
                                      "points by less than this fraction of their distance (0.1: ~6 degrees)")
     seed: int = Field(0, description="seed of the random spanning trees (results are reproducible)")
+    scale_pairs: bool = Field(True, description="divide each pair's metric translation by its first image's "
+                              "depth scale as the other views estimate it (the fusion scale check's), so pairs "
+                              "whose metres come from different depth maps agree")
 
 
 @dataclass

@@ -117,16 +117,23 @@ def select_stage(infos: list[ImageInfo], cfg: ReconstructConfig) -> PairSelectio
     return sel
 
 
-def graph_stage(infos: list[ImageInfo], results: list[PairResult], cfg: ReconstructConfig) -> PoseGraphResult:
+def graph_stage(infos: list[ImageInfo], results: list[PairResult], cfg: ReconstructConfig,
+                log_scales: np.ndarray | None = None) -> PoseGraphResult:
+    """The pose graph of the usable pairs; log_scales: each view's estimated depth log scale (a pair's
+    metres come from its first image's depth map, so its translation is divided by that view's scale)."""
     nodes = [k.index for k in infos if k.ok]
     edges = []
     for r in results:
         if r.status == "failed" or not r.usable:
             continue
         w = float(max(r.pose.inliers, 1))
+        T = r.pose.T
+        if log_scales is not None:
+            T = T.copy()
+            T[:3, 3] *= np.exp(-log_scales[r.i])
         # Only a sequence's consecutive pairs are odometry; loops, skips and retrieved pairs may be pruned.
         odometry = r.kind == SEQUENTIAL and r.j - r.i == 1
-        edges.append(PoseEdge(r.i, r.j, r.pose.T, r.information, weight=w,
+        edges.append(PoseEdge(r.i, r.j, T, r.information, weight=w,
                               uncertain=cfg.posegraph.loop_edges_uncertain and not odometry))
     return optimize_poses(nodes, edges, cfg.posegraph)
 
@@ -315,7 +322,7 @@ def _pair_results(infos, sel: PairSelection, cfg: ReconstructConfig, layout: Run
 
 
 def _scene(infos, results, graph: PoseGraphResult, cfg: ReconstructConfig, layout: RunLayout,
-           timings: dict) -> tuple[dict, dict]:
+           timings: dict, scales: tuple) -> tuple[dict, dict]:
     """Fusion and exports of the posed images (or why there is no scene)."""
     if len(graph.cam_to_world) < 2:
         why = (f"only {len(graph.cam_to_world)} image(s) connect through usable pairs: no scene to fuse or export "
@@ -323,9 +330,8 @@ def _scene(infos, results, graph: PoseGraphResult, cfg: ReconstructConfig, layou
         log.error("%s", why)
         return {"skipped": why}, {"skipped": why}
     with _timed(timings, "fusion"):
-        scales, used = view_scales(infos, results, layout) if cfg.fusion.scale_check else (None, 0)
-        fusion, mesh, cloud = fusion_stage(infos, graph, cfg, layout, scales)
-        fusion["scale_check_pairs"] = used
+        fusion, mesh, cloud = fusion_stage(infos, graph, cfg, layout, scales[0])
+        fusion["scale_check_pairs"] = scales[1]
     with _timed(timings, "export"):
         export = export_stage(infos, results, graph, cfg, layout, mesh, cloud)
     return fusion, export
@@ -358,12 +364,15 @@ def _reconstruct(sources, cfg: ReconstructConfig, layout: RunLayout, stage_engin
     results = _pair_results(infos, sel, cfg, layout, stage_engines,
                             depth_summary["fingerprint"] if cfg.pose.use_depth else None, timings, progress)
     with _timed(timings, "posegraph"):
-        graph = graph_stage(infos, results, cfg)
+        want = cfg.fusion.scale_check or cfg.posegraph.scale_pairs
+        scales, scale_pairs = view_scales(infos, results, layout) if want else (None, 0)
+        graph = graph_stage(infos, results, cfg, scales if cfg.posegraph.scale_pairs else None)
         dropped = dropped_images(infos, graph)
         for d in dropped:
             log.warning("dropped %s: %s", d["id"], d["reason"])
         write_poses(layout, infos, graph, dropped)
-    fusion, export = _scene(infos, results, graph, cfg, layout, timings)
+    fusion, export = _scene(infos, results, graph, cfg, layout, timings,
+                            (scales, scale_pairs) if cfg.fusion.scale_check else (None, 0))
     summary = {
         "images": len(infos), "posed": len(graph.cam_to_world), "complete": len(graph.cam_to_world) >= 2,
         "reference": infos[graph.reference].id if graph.reference is not None else None,
