@@ -19,6 +19,7 @@ from densify.geometry.export import ExportConfig
 from densify.geometry.fusion import FusionConfig
 from densify.geometry.pose import PoseConfig
 from densify.geometry.posegraph import PoseGraphConfig
+from densify.pairs.select import PairsConfig
 
 __all__ = ["EngineConfig", "AutoPlanConfig", "ForcingConfig", "PlanConfig", "DensifyConfig", "OutputConfig",
            "DepthConfig", "StoreConfig",
@@ -134,7 +135,8 @@ class PlanConfig(_Model):
 class DensifyConfig(_Model):
     method: str = Field("edge", description="edge (edge-aware, image-guided) or linear (see densify.fields)")
     outliers: bool = Field(True, description="drop answers that disagree with their neighbours")
-    options: dict = Field(default_factory=dict, description="method-specific options")
+    options: dict = Field(default_factory=dict, description="the densifier's options (densify.fields.options: "
+                          "linear: inverse; edge: radius, tau, k_fit, ...), checked against its typed model")
 
     @field_validator("method")
     @classmethod
@@ -144,6 +146,13 @@ class DensifyConfig(_Model):
         if v not in DEPTH_METHODS:
             raise ValueError(f"unknown densifier {v!r}; available: {', '.join(DEPTH_METHODS)}")
         return v
+
+    @model_validator(mode="after")
+    def _options(self):
+        from densify.fields import validate_options
+
+        self.options = validate_options(self.method, self.options)  # as given, typed (the fingerprint keeps them)
+        return self
 
 
 class OutputConfig(_Model):
@@ -328,8 +337,8 @@ class ReconstructConfig(_Model):
                                "engine and model are replaced by `engine` and `models.depth`)")
     corr: CorrConfig = Field(default_factory=CorrConfig)
     pose: PoseStageConfig = Field(default_factory=PoseStageConfig)
-    pairs: Literal["consecutive", "consecutive+skip2"] = Field("consecutive", description="which image pairs: "
-                                                               "(i, i+1), plus (i, i+2) with +skip2")
+    pairs: PairsConfig = Field(default_factory=PairsConfig, description="which image pairs to relate "
+                               "(densify.pairs.select); a string sets the mode")
     posegraph: PoseGraphConfig = Field(default_factory=PoseGraphConfig)
     fusion: FusionConfig = Field(default_factory=FusionConfig)
     export: ExportConfig = Field(default_factory=ExportConfig)
