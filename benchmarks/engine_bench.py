@@ -95,6 +95,7 @@ VARIANTS = {  # engine options worth trying on the GPU (issue 23), over BASE_OPT
     "async": {"llm_kwargs": {"async_scheduling": True}},
     "noasync": {"llm_kwargs": {"async_scheduling": False}},
     "byimage": {"queries_in_flight": 512},
+    "fp8": {"quantization": "fp8"},
 }
 
 

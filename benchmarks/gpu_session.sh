@@ -60,7 +60,7 @@ cat "$OUT/env.txt"
 if [ "$what" = tests ] || [ "$what" = all ]; then
   kargs=()
   [ -n "${PYTEST_K:-}" ] && kargs=(-k "$PYTEST_K")
-  python3 -m pytest -m gpu -v -s -rA -p no:cacheprovider "${kargs[@]}" tests/test_engine_vllm.py 2>&1 \
+  python3 -m pytest -m gpu -v -s -rA -p no:cacheprovider "${kargs[@]}" tests/test_engine_vllm.py tests/test_forcing_gpu.py 2>&1 \
     | grep --line-buffered -v "jit_monitor\|Capturing CUDA graphs" | tee "$OUT/gpu-tests.log"
   r=${PIPESTATUS[0]}; [ "$r" -ne 0 ] && rc=$r
 fi

@@ -15,6 +15,7 @@ from densify.engines.base import Completion, EngineBatch, Query, Sampling
 from densify.queries.answer_format import AnswerFormat
 from densify.queries.forcing import ForcingEngine, ForcingSettings
 from densify.sim.engine import SimulatedEngine
+from test_engine_vllm_cpu import fake_vllm  # noqa: F401 - fixture
 
 DEPTHLM = "<think> The point is around {d:.2f} meters away from the camera. </think>\n\n<answer> {d:.2f} </answer>"
 
@@ -272,3 +273,18 @@ def test_store_keys_of_stop_strings_only_when_set():
     assert _sampling_tuple(Sampling()) == [256, None, None, None, False]  # answers stored earlier still match
     assert _sampling_tuple(Sampling(stop=("<",)))[-1] == ["<"]
     assert json.dumps(_sampling_tuple(Sampling(prefill="a", stop=(" m",))))
+
+
+def test_vllm_requests_carry_the_head_and_the_stop(fake_vllm):  # noqa: F811
+    """The vllm engine (vLLM faked on the CPU): the head ends the rendered prompt, the stop string reaches
+    SamplingParams, and the answer starts with the head (as the forcing wrapper expects)."""
+    import test_engine_vllm_cpu as tv
+
+    eng = tv.make(fake_vllm)
+    s = Sampling(max_tokens=16, prefill="<think> </think><answer>", stop=("<",))
+    outs = eng.generate(tv.depth_batch(3, sampling=s))
+    llm = tv.FakeLLM.instances[-1]
+    _, prompt, params = llm.enqueued[0]
+    assert params.kw["stop"] == ["<"] and params.kw["max_tokens"] == 16
+    assert prompt["prompt"].endswith("<|im_start|>assistant\n<think> </think><answer>")
+    assert all(c.text.startswith("<think> </think><answer>") for c in outs)
