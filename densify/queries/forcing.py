@@ -5,7 +5,8 @@ is around 3.42 meters away from the camera. </think>\\n\\n<answer> 3.42 </answer
 number). When that text is known, the engine appends its head to the assistant turn (`Sampling.prefill`) and
 stops as soon as the number is written (`Sampling.stop`: the tail's first character), and the answer text is
 completed here: head + number + tail (with the number again wherever the format repeats it), so the parser
-sees the whole answer. Under greedy decoding this gives the same number whenever the model would have
+sees the whole answer. A forced answer that is not a lone number (the model would have written something
+else) is asked again unforced, so what it would have written is what the job keeps. Under greedy decoding this gives the same number whenever the model would have
 written that text itself. Nothing guarantees that, so an **audit** asks a share of the queries also without
 forcing (`audit_share` of each batch, at least `audit_min`: every round of an image), compares the two
 numbers, keeps the unforced answer for those queries, records the agreement, and turns forcing off for the
@@ -63,6 +64,9 @@ class _Parent:
     audit: list | None = None
     audit_idx: list = field(default_factory=list)
     plain: list | None = None
+    retry_idx: list = field(default_factory=list)
+    """forced answers that were not a lone number: asked again unforced"""
+    out: list | None = None
 
 
 class ForcingEngine(Engine):
@@ -90,7 +94,7 @@ class ForcingEngine(Engine):
         else:
             self.off_reason = ("the profile declares no answer format" if s.mode == "declared" else
                                "the profile declares no answer format and does not allow learning one")
-        self.forced = self.audited = self.agreed = self.same_text = 0
+        self.forced = self.audited = self.agreed = self.same_text = self.retried = 0
         self.disagreements: list[dict] = []
         self.disabled_after: int | None = None
         self._learned_from: list[str] = []
@@ -141,16 +145,28 @@ class ForcingEngine(Engine):
                         yield queue.popleft()
                 elif b is None:
                     yield None
-            while queue:
-                yield queue.popleft()
+            while queue or parents:  # retries of forced answers that were not a number
+                yield queue.popleft() if queue else None
 
         for sub, comps in self.inner.stream(feed()):
             key, part = sub.tag
             p = parents[key]
+            if part == "retry":
+                for j, i in enumerate(p.retry_idx):
+                    p.out[i] = comps[j]
+                del parents[key]
+                yield p.batch, p.out
+                continue
             setattr(p, part, comps)
             if p.plain is not None or (p.forced is not None and (p.parts == 1 or p.audit is not None)):
+                out = self._merge(p)
+                if p.retry_idx:
+                    p.out = out
+                    queue.append(replace(p.batch, queries=[p.batch.queries[i] for i in p.retry_idx],
+                                         tag=(key, "retry")))
+                    continue
                 del parents[key]
-                yield p.batch, self._merge(p)
+                yield p.batch, out
 
     # -- splitting and merging
     def _usable(self, s: Sampling) -> str | None:
@@ -188,12 +204,16 @@ class ForcingEngine(Engine):
         fmt = self.fmt
         head = fmt.head
         out = []
-        for c in p.forced:
+        audited = set(p.audit_idx)
+        for i, c in enumerate(p.forced):
             if c.error is None:
                 gen = c.text[len(head):] if c.text.startswith(head) else c.text
+                if fmt.stop is not None and not NUMBER.fullmatch(gen.strip()) and i not in audited:
+                    p.retry_idx.append(i)  # not the number the format expects: the model's own answer instead
                 c = replace(c, text=fmt.complete(gen))
             out.append(c)
         self.forced += len(out)
+        self.retried += len(p.retry_idx)
         for j, i in enumerate(p.audit_idx):
             free, forced = p.audit[j], out[i]
             if free.error is not None or forced.error is not None:
@@ -241,7 +261,8 @@ class ForcingEngine(Engine):
     def report(self) -> dict:
         return {"mode": self.settings.mode, "active": self.active,
                 "format": self.fmt.describe() if self.fmt is not None else None,
-                "forced_queries": self.forced, "audited": self.audited, "agreed": self.agreed,
+                "forced_queries": self.forced, "retried_unforced": self.retried, "audited": self.audited,
+                "agreed": self.agreed,
                 "agreement": None if not self.audited else round(self.agreement, 4),
                 "same_text": self.same_text, "off_reason": self.off_reason,
                 "forced_before_off": self.disabled_after, "disagreements": self.disagreements,

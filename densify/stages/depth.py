@@ -18,6 +18,7 @@ import concurrent.futures as cf
 import itertools
 import json
 import logging
+import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -93,7 +94,7 @@ class DepthResult:
     plan: dict = field(default_factory=dict)
     """How the plan went: grid, or adaptive rounds asked and why they stopped (result.json, summary)."""
     _certificate: tuple | None = field(default=None, repr=False, compare=False)
-    """finish(certify=False): the result.json still to write (DepthStage.certify)."""
+    """What result.json will say, when a finishing thread left it to DepthStage.certify."""
 
     @property
     def ok(self) -> bool:
@@ -159,6 +160,9 @@ class DepthStage:
                  on_round: Callable[[int], None] | None = None, cpu_workers: int = 0):
         self.cpu_workers = int(cpu_workers)
         self._cpu_pool = None  # run(): the threads that plan rounds and finish images
+        self._defer_certify = False  # run() with threads: result.json is written by certify()
+        self._disk_full: BaseException | None = None  # a finishing thread found the disk full: no more writes
+        self._write_lock = threading.Lock()  # one image writes at a time (a full disk stops at the first)
         self._cpu_room = False  # a free CPU for the workers was seen (asked once per stage)
         self.cfg = cfg
         self.profile = load_profile(cfg.profile)
@@ -235,10 +239,10 @@ class DepthStage:
         budget = p.budget or len(grid_points(width, height, **p.grid_kwargs()))
         return AdaptivePlanner((height, width), budget, coarse=p.coarse, rounds=p.rounds, rgb=rgb)
 
-    def finish(self, task: DepthTask, completions, *, certify: bool = True) -> DepthResult:
-        """Answers -> dense depth -> files (result.json last) -> the image's result. certify=False leaves
-        result.json to `certify(res)` (the stage's own thread writes it when it hands the result on, so a
-        summary never counts fewer finished images than have a result.json)."""
+    def finish(self, task: DepthTask, completions) -> DepthResult:
+        """Answers -> dense depth -> files (result.json last) -> the image's result. In run()'s finishing
+        threads result.json is left to `certify(res)`, which the stage's own thread calls as it hands the
+        result on (so a summary never counts fewer finished images than have a result.json)."""
         cfg, profile, src = self.cfg, self.profile, task.source
         res = DepthResult(src.id, str(src.path), "ok", len(completions), uid=task.uid, camera=task.camera,
                           scale=task.scale, plan=task.plan_report or {"mode": "points" if task.fixed else "grid"})
@@ -261,7 +265,8 @@ class DepthStage:
                          f"profile ({profile.name}) matches the model; answers are in answers.jsonl")
         if res.status == "failed":
             if files is not None and cfg.outputs.answers and completions:
-                outputs.write_jsonl(files.answers, ans.records())
+                with self._write_lock:
+                    outputs.write_jsonl(files.answers, ans.records())
             return res
         lps = ans.logprobs if np.isfinite(ans.logprobs).any() else None
         dense = depth_method(cfg.densify.method)(ans.pixels, ans.values, task.rgb, outliers=cfg.densify.outliers,
@@ -271,11 +276,14 @@ class DepthStage:
         if self.evaluate is not None:
             res.metrics.update(self.evaluate(src, res))
         if files is not None:
-            self.write(files, task, ans, dense, res, certify=certify)
+            with self._write_lock:
+                if self._disk_full is not None:
+                    raise self._disk_full
+                self.write(files, task, ans, dense, res, certify=not self._defer_certify)
         return res
 
     def certify(self, res: DepthResult) -> DepthResult:
-        """Write the result.json that `finish(certify=False)` left (the image is then done)."""
+        """Write the result.json a finishing thread left (the image is then done)."""
         pending, res._certificate = getattr(res, "_certificate", None), None
         if pending is not None:
             files, record, written = pending
@@ -345,35 +353,48 @@ class DepthStage:
         # Rounds are planned and finished images densified and written in threads, so the engine's loop goes
         # on feeding the engine meanwhile (numpy, SciPy and OpenCV release the GIL for their work).
         pool = cf.ThreadPoolExecutor(threads, thread_name_prefix="densify-cpu")
-        self._cpu_pool = pool
+        self._cpu_pool, self._defer_certify, self._disk_full = pool, True, None
         pending: deque[cf.Future] = deque()  # finishing images, oldest first
         try:
             for batch, completions in self._rounds(batches()):
                 yield from _drain(ready)
-                pending.append(pool.submit(self._finished, batch.tag, completions, certify=False))
+                if self._disk_full is not None:
+                    raise self._disk_full
+                pending.append(pool.submit(self._finished, batch.tag, completions))
                 while pending and (pending[0].done() or len(pending) > 2 * threads):
-                    yield self._certified(pending.popleft().result())
+                    yield from self._handed(pending.popleft().result())
             yield from _drain(ready)
             while pending:
-                yield self._certified(pending.popleft().result())
+                yield from self._handed(pending.popleft().result())
         finally:
-            self._cpu_pool = None
-            pool.shutdown(wait=True, cancel_futures=True)
+            pool.shutdown(wait=True, cancel_futures=True)  # running finishes end before certifying goes back
+            self._cpu_pool, self._defer_certify = None, False
 
-    def _certified(self, res: DepthResult) -> DepthResult:
+    def _handed(self, res: DepthResult) -> Iterator[DepthResult]:
+        """Hand a result on, then write its result.json: once the caller asks for the next one (it has this
+        one) or closes the stream (an interrupt), so a run's summary and its result.json files agree."""
+        closing = False
         try:
-            return self.certify(res)
-        except (OSError, ValueError) as exc:
-            if outputs.disk_full(exc):
-                raise  # no later image could be written either: stop (exit 74); a rerun resumes
-            return DepthResult(res.id, res.image, "failed", res.queries, error=f"{type(exc).__name__}: {exc}",
-                               error_kind="output", wall_s=res.wall_s)
+            yield res
+        except GeneratorExit:
+            closing = True
+            raise
+        finally:
+            try:
+                self.certify(res)
+            except OSError as exc:
+                if not closing:
+                    raise  # e.g. a full disk: the run stops (exit 74); a rerun redoes this image
+                log.error("%s: could not certify the image while stopping: %s", res.id, exc)
 
-    def _finished(self, task: DepthTask, completions, certify: bool = True) -> DepthResult:
+    def _finished(self, task: DepthTask, completions) -> DepthResult:
+        if self._disk_full is not None:  # another image found the disk full: write nothing more
+            raise self._disk_full
         try:
-            res = self.finish(task, completions, certify=certify)
+            res = self.finish(task, completions)
         except (OSError, ValueError, MemoryError) as exc:
             if outputs.disk_full(exc):
+                self._disk_full = exc
                 raise  # no later image could be written either: stop (exit 74); a rerun resumes
             res = DepthResult(task.source.id, str(task.source.path), "failed", len(completions),
                               error=f"{type(exc).__name__}: {exc}", error_kind="output")
@@ -704,7 +725,7 @@ def run_depth(sources: list[ImageSource], cfg: DepthConfig, engine: Engine, layo
     stage = DepthStage(cfg, engine, layout=layout, keep_maps=keep_maps, evaluate=evaluate, on_round=on_round)
     results: dict[str, DepthResult] = {}
     busy0 = engine_busy(engine)
-    t0 = time.perf_counter()
+    t0, started = time.perf_counter(), time.time()
     interrupted, error = False, None
     stream = stage.run(sources, intrinsics=intrinsics, points=points)
     try:
@@ -722,10 +743,12 @@ def run_depth(sources: list[ImageSource], cfg: DepthConfig, engine: Engine, layo
         stream.close()  # in-flight work is cancelled here, while the caller's engine is still up
         if progress is not None:
             progress.close()
+        if (interrupted or error) and layout is not None:
+            _count_certified(sources, results, layout, stage.fingerprint, started)
         ordered = [results[s.id] for s in sources if s.id in results]
         if stage.forcing is not None:
             summary_extra["forcing"] = stage.forcing.report()
-        busy1 = engine_busy(engine) if busy0 is not None and not interrupted else None
+        busy1 = engine_busy(engine) if busy0 is not None and not interrupted and not error else None
         if busy1 is not None:
             wall = time.perf_counter() - t0
             summary_extra["engine_busy"] = {"engines": busy1[1], "busy_s": round(busy1[0] - busy0[0], 3),
@@ -743,6 +766,25 @@ def run_depth(sources: list[ImageSource], cfg: DepthConfig, engine: Engine, layo
                     raise
                 log.error("could not write the run's summary: %s", exc)  # the error that stopped the run wins
     return summary, ordered
+
+
+def _count_certified(sources, results: dict, layout: RunLayout, fp: str, since: float) -> None:
+    """An interrupt can land between an image's result.json and its result reaching the caller: count every
+    image this run certified (result.json newer than the run's start, matching its settings) as ok."""
+    for src in sources:
+        if src.id in results:
+            continue
+        files = layout.image(src.id)
+        try:
+            if files.result.stat().st_mtime < since:
+                continue
+        except OSError:
+            continue
+        prev = files.done(fp)
+        if prev is not None:
+            results[src.id] = DepthResult(src.id, str(src.path), "ok", int(prev.get("queries", 0)),
+                                          prev.get("failures", {}), metrics=prev.get("metrics", {}),
+                                          plan=prev.get("plan") or {})
 
 
 # -- images prepared and finished in Ray CPU tasks (DepthStage.cpu_workers)
