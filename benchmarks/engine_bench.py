@@ -58,7 +58,7 @@ if __package__ in (None, ""):  # run as a script: python benchmarks/engine_bench
 
 from densify.config.profiles import load_profile  # noqa: E402
 from densify.engines.base import EngineBatch, Sampling  # noqa: E402
-from densify.io.cameras import Camera, prepare_image, resize_rgb  # noqa: E402
+from densify.io.cameras import Camera, prepare_for, resize_rgb  # noqa: E402
 from densify.io.images import load_rgb  # noqa: E402
 from densify.queries.plan import grid_points, plan_queries  # noqa: E402
 from densify.queries.prompts import depth_batch, image_ref, image_uid, render_text  # noqa: E402
@@ -177,9 +177,7 @@ def photo(k: int, size=(1000, 750)) -> tuple[np.ndarray, Camera]:
 def image_batch(profile, k: int, n: int | None = None, sampling: Sampling | None = None, tag=None,
                 tokens: int = GEN_TOKENS) -> EngineBatch:
     rgb, cam = photo(k)
-    p = profile.preprocess
-    prep = prepare_image(rgb, cam, focal=p.focal, max_side=p.max_side, square_pixels=p.square_pixels,
-                         coord_range=profile.coord_range, resample=p.resample)
+    prep = prepare_for(rgb, cam, profile)
     pts = grid_points(cam.width, cam.height, count=GRID)
     if n is not None and n < len(pts):
         pts = pts[np.linspace(0, len(pts) - 1, n).round().astype(int)]

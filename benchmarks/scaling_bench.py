@@ -37,7 +37,7 @@ from densify.config.profiles import load_profile  # noqa: E402
 from densify.engines import generate_stream  # noqa: E402
 from densify.engines.base import Sampling  # noqa: E402
 from densify.engines.ray_pool import RayPoolEngine  # noqa: E402
-from densify.io.cameras import Camera, prepare_image, resize_rgb  # noqa: E402
+from densify.io.cameras import Camera, prepare_for, resize_rgb  # noqa: E402
 from densify.io.images import load_rgb  # noqa: E402
 from densify.queries.plan import grid_points, plan_queries  # noqa: E402
 from densify.queries.prompts import depth_batch, image_ref, sampling_for  # noqa: E402
@@ -111,12 +111,11 @@ def make_batches(n: int, profile, grid=(64, 48), tag_prefix: str = "img",
     (Until 2026-11-30 every image had the same pixels under another id; with content-keyed image caches
     the engine then answered from the prefix cache, see benchmarks/results/README-rows-issue13.md.)"""
     cam = Camera(1000, 1000, 500, 375, 1000, 750)
-    p = profile.preprocess
     out = []
     for i in range(n):
         k = first + i
         rgb = shifted_photo(k)
-        prep = prepare_image(rgb, cam, focal=p.focal, max_side=p.max_side, coord_range=profile.coord_range)
+        prep = prepare_for(rgb, cam, profile)
         plan = plan_queries(grid_points(1000, 750, count=grid), prep.pixel_map)
         uid = f"{tag_prefix}{k}"
         out.append(depth_batch(prep, plan, profile, uid=uid, ref=image_ref(uid, prep),

@@ -14,7 +14,7 @@ from densify.engines import create_engine
 from densify.eval.metrics import delta1, depth_report
 from densify.io.images import discover
 from densify.io.layout import RunLayout
-from densify.stages.depth import run_depth
+from densify.stages.summary import run_depth
 from densify.stages.settings import DepthConfig
 from pipelines import common
 

@@ -11,8 +11,7 @@ from __future__ import annotations
 import json
 
 from densify.config.profiles import load_profile
-from densify.io.cameras import parse_intrinsics_arg, prepare_image, resolve_camera
-from densify.io.images import load_rgb
+from densify.io.cameras import decode, parse_intrinsics_arg, prepare_for
 from densify.queries.plan import check_points, plan_queries
 from densify.queries.prompts import render_text
 
@@ -34,12 +33,9 @@ def parse_points(text: str) -> list[tuple[float, float]]:
 
 def prompt_records(profile_name: str, image, points, intrinsics=None):
     profile = load_profile(profile_name)
-    rgb = load_rgb(image)
-    h, w = rgb.shape[:2]
-    cam = resolve_camera(image, w, h, intrinsics)
-    p = profile.preprocess
-    prep = prepare_image(rgb, cam, focal=p.focal, max_side=p.max_side, square_pixels=p.square_pixels,
-                         coord_range=profile.coord_range, resample=p.resample)
+    img = decode(image, intrinsics)
+    h, w = img.rgb.shape[:2]
+    prep = prepare_for(img.rgb, img.camera, profile)
     pts = check_points(points, w, h, "--points")
     plan = plan_queries(pts, prep.pixel_map, dedupe=False)
     coord_names = ("x1", "y1") if profile.images_per_query == 2 else ("x", "y")
@@ -61,9 +57,9 @@ def object_prompt_records(profile_name: str, image, regions: str, questions: lis
     profile = load_profile(profile_name)
     for q in questions:
         question_of(profile, q)
-    rgb = load_rgb(image)
-    h, w = rgb.shape[:2]
-    prep = prepare_object_image(rgb, resolve_camera(image, w, h, intrinsics), profile)
+    img = decode(image, intrinsics)
+    h, w = img.rgb.shape[:2]
+    prep = prepare_object_image(img.rgb, img.camera, profile)
     regs = make_regions(parse_regions(regions), w, h)
     for p in build_prompts(profile, prep, [(q, regs, None) for q in questions]):
         yield {"question": p.question, "text": p.text, "regions_normalized": [list(n) for n in p.regions_normalized],

@@ -17,7 +17,7 @@ from densify.io.layout import RunLayout
 from densify.queries.prompts import image_ref, image_uid, sampling_for
 from densify.sim.engine import SimulatedEngine
 from densify.sim.truth import ArrayTruth
-from densify.stages.depth import run_depth
+from densify.stages.summary import run_depth
 from densify.stages.settings import DepthConfig
 from densify.synthetic.scenes import SceneSpec, make_scene
 
@@ -147,7 +147,7 @@ def test_flow_planner_on_scene_matches():
 def test_pipeline_adaptive_mode_end_to_end(tmp_path):
     from densify.io.images import discover
     from densify.io.layout import RunLayout
-    from densify.stages.depth import run_depth
+    from densify.stages.summary import run_depth
     from densify.stages.settings import DepthConfig
     from densify.synthetic.scenes import SceneSpec, make_scene
 

@@ -16,6 +16,7 @@ from densify.config.loading import ConfigError  # noqa: E402
 from densify.engines.ray_pool import RayPoolEngine  # noqa: E402
 from densify.sim.truth import ConstantTruth  # noqa: E402
 from densify.stages import depth as depth_mod  # noqa: E402
+from densify.stages import workers as workers_mod  # noqa: E402
 from densify.stages.settings import DepthConfig  # noqa: E402
 
 
@@ -40,8 +41,8 @@ def _one_image(folder: Path):
 def test_cpu_workers_need_a_cpu_the_actors_leave_free(tmp_path, monkeypatch):
     """A CPU-only pool takes every CPU by default, so CPU tasks could never run: the stage says so within
     seconds instead of waiting forever; `spare_cpus` leaves them room (build_engine spares ray.cpu_workers)."""
-    monkeypatch.setattr(depth_mod, "_wait_for_a_free_cpu",
-                        functools.partial(depth_mod._wait_for_a_free_cpu, timeout_s=3.0))
+    monkeypatch.setattr(workers_mod, "wait_for_a_free_cpu",
+                        functools.partial(workers_mod.wait_for_a_free_cpu, timeout_s=3.0))
     src = _one_image(tmp_path / "in")
     cfg = DepthConfig(engine={"name": "ray"}, plan={"mode": "grid", "count": 64},
                       densify={"method": "linear"}, outputs={"preview": False, "ply": False})

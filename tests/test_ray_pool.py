@@ -243,7 +243,7 @@ def test_depth_pipeline_through_the_pool(tmp_path):
     from densify.io.images import discover
     from densify.io.layout import RunLayout
     from densify.stages import build_engine
-    from densify.stages.depth import run_depth
+    from densify.stages.summary import run_depth
     from densify.stages.settings import DepthConfig
 
     rng = np.random.default_rng(5)

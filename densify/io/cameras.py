@@ -12,8 +12,14 @@ import logging
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+from densify.io.images import load_image
+
+if TYPE_CHECKING:
+    from densify.config.profiles import Profile
 
 log = logging.getLogger(__name__)
 
@@ -144,6 +150,33 @@ def resolve_camera(image_path: Path | None, width: int, height: int, given=None,
     return Camera.default(width, height, default_hfov_deg)
 
 
+@dataclass
+class DecodedImage:
+    """An image file decoded with its camera, both at the decoded size."""
+
+    rgb: np.ndarray
+    """HxWx3 uint8 RGB, upright, reduced when decoding asked for it (max_side)."""
+    camera: Camera
+    """Intrinsics of `rgb` (scaled from the file's own when decoded reduced)."""
+    size: tuple[int, int]
+    """(width, height) of the image file as displayed."""
+    scale: float
+    """Decoded width / the file's width (1.0 at full size); points in file pixels scale by it."""
+
+
+def decode(path: str | Path, intrinsics=None, *, max_side: int | None = None,
+           default_hfov_deg: float = DEFAULT_HFOV_DEG) -> DecodedImage:
+    """The one way an image file becomes pixels and a camera: decode (reduced beyond max_side), take the
+    intrinsics (given, else a sidecar, else a default field of view) for the file's size, and scale them to
+    the decoded size."""
+    img = load_image(path, max_side=max_side)
+    (W, H), (h, w) = img.size, img.rgb.shape[:2]
+    camera = resolve_camera(Path(path), W, H, intrinsics, default_hfov_deg)
+    if (w, h) != (W, H):
+        camera = camera.scaled(w, h)
+    return DecodedImage(img.rgb, camera, img.size, img.scale)
+
+
 @dataclass(frozen=True)
 class PixelMap:
     """Exact two-way mapping: original pixel <-> preprocessed pixel <-> prompt coordinates.
@@ -259,3 +292,11 @@ def prepare_image(rgb: np.ndarray, camera: Camera, *, focal: float | None = None
     c = camera
     pre_cam = Camera(c.fx * scale[0], c.fy * scale[1], c.cx * scale[0], c.cy * scale[1], size[0], size[1], c.source)
     return PreparedImage(pixels, pre_cam, pmap)
+
+
+def prepare_for(rgb: np.ndarray, camera: Camera, profile: "Profile") -> PreparedImage:
+    """An image as `profile` was trained on it: its preprocessing rule and prompt coordinates (the one place
+    a profile's preprocessing is read)."""
+    p = profile.preprocess
+    return prepare_image(rgb, camera, focal=p.focal, max_side=p.max_side, square_pixels=p.square_pixels,
+                         coord_range=profile.coord_range, resample=p.resample)
