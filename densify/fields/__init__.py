@@ -10,7 +10,7 @@ May import: densify.queries, densify.io, numpy, SciPy, OpenCV. Nothing about eng
 
 import numpy as np
 
-from densify.fields.adaptive import AdaptivePlanner, run_adaptive, run_adaptive_depth
+from densify.fields.adaptive import AdaptivePlanner
 from densify.fields.edge_aware import densify_depth_edge, densify_flow_edge
 from densify.fields.interpolate import DenseField, densify_depth, densify_flow, reject_outliers
 
@@ -37,4 +37,4 @@ def depth_method(name: str):
 
 __all__ = ["DenseField", "densify_depth", "densify_flow", "reject_outliers", "densify_depth_edge",
            "densify_flow_edge", "densify_depth_linear", "densify_flow_linear", "DEPTH_METHODS", "FLOW_METHODS",
-           "depth_method", "AdaptivePlanner", "run_adaptive", "run_adaptive_depth"]
+           "depth_method", "AdaptivePlanner"]

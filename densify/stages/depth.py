@@ -95,12 +95,9 @@ class DepthStage(DepthTransform):
                               plan_remote=plan_remote).run(batches)
 
     def _adaptive(self, batch: EngineBatch) -> AdaptiveDepthImage:
-        """An image's adaptive run, from its first batch."""
+        """An image's adaptive run, from its first batch (planned by the image's own planner)."""
         task: DepthTask = batch.tag
-        planner = self.planner(task.camera.width, task.camera.height, rgb=task.rgb)
-        if task.fixed:  # one round: exactly the given points
-            planner.budget, planner.rounds = len(task.plan), 0
-        return AdaptiveDepthImage(planner, task.prep, self.profile, uid=task.uid, ref=task.ref,
+        return AdaptiveDepthImage(task.planner, task.prep, self.profile, uid=task.uid, ref=task.ref,
                                   sampling=batch.sampling, tag=task, first_batch=batch, first_plan=task.plan)
 
     def admit(self, src: ImageSource, ready: deque) -> bool:

@@ -49,6 +49,8 @@ class DepthTask:
     ref: ImageRef
     fixed: bool = False
     """Exactly the given points are asked (no adaptive rounds)."""
+    planner: AdaptivePlanner | None = None
+    """An adaptive plan's planner (built once per image, the first round already planned by it)."""
     started: float = 0.0
     scale: float = 1.0
     """Decoded size / the image's own size (below 1 when decoded reduced: DepthConfig.max_side)."""
@@ -172,17 +174,20 @@ class DepthTransform:
         prep = prepare_for(img.rgb, img.camera, self.profile)
         if points is None and src.extra.get("points") is not None:
             points = np.asarray(src.extra["points"], float)
+        planner = self.planner(w, h, rgb=img.rgb) if cfg.plan.mode == "adaptive" else None
         if points is not None:
             pts = check_points(np.asarray(points, float) * img.scale, w, h, str(src.path))
-        elif cfg.plan.mode == "adaptive":
-            pts = self.planner(w, h).first_points()
+        elif planner is not None:
+            pts = planner.first_points()
         else:
             pts = grid_points(w, h, **cfg.plan.grid_kwargs())
         plan = plan_queries(pts, prep.pixel_map)
+        if planner is not None and points is not None:  # one round: exactly the given points
+            planner.budget, planner.rounds = len(plan), 0
         uid = image_uid(prep, src.id)
         ref = image_ref(src.id, prep, src.path, src.manifest)
         task = DepthTask(src, img.rgb, img.camera, prep, plan, uid, ref, fixed=points is not None, started=t0,
-                         scale=img.scale)
+                         scale=img.scale, planner=planner)
         return task, depth_batch(prep, plan, self.profile, uid=uid, ref=ref, sampling=self.sampling, tag=task)
 
     def planner(self, width: int, height: int, rgb=None) -> AdaptivePlanner:
