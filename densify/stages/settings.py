@@ -1,7 +1,10 @@
 """Settings of every job: pydantic models, each field documented, validated when the config loads.
 
-Loaded from configs/pipelines/<job>.yaml (the defaults), an optional `--config FILE` and command-line
-overrides; an error names the key, and the override that set it (`--set plan.count=0`, `--count -5`).
+Loaded from configs/pipelines/<job>.yaml, an optional `--config FILE` and command-line overrides; an error
+names the key, and the override that set it (`--set plan.count=0`, `--count -5`). The models' defaults are
+the YAML files' values (DepthConfig: depth.yaml, LabelConfig: label.yaml, ReconstructConfig:
+reconstruct.yaml; tests/test_settings_defaults.py holds them together), so Python callers (`Densifier`,
+`LabelJob(LabelConfig(...))`) and the commands run the same settings.
 Nothing is checked later than here that could be checked here: engine options against the engine's typed
 options, the densifier by name, counts and strides positive, the profile's existence and task.
 """
@@ -21,7 +24,8 @@ from densify.geometry.pose import PoseConfig
 from densify.geometry.posegraph import PoseGraphConfig
 
 __all__ = ["EngineConfig", "PlanConfig", "DensifyConfig", "OutputConfig", "DepthConfig", "StoreConfig",
-           "RayConfig", "LabelConfig", "CorrConfig", "PoseStageConfig", "ModelsConfig", "ReconstructConfig",
+           "RayConfig", "LabelConfig", "CorrConfig", "PoseStageConfig", "ModelsConfig", "SceneDepthConfig",
+           "ReconstructConfig",
            "load_config", "default_engine"]
 
 M = TypeVar("M", bound=BaseModel)
@@ -189,8 +193,19 @@ def _label_outputs() -> OutputConfig:
     return OutputConfig(preview=False, ply=False, answers=False)
 
 
+def _label_plan() -> PlanConfig:
+    return PlanConfig(mode="grid")
+
+
+def _label_densify() -> DensifyConfig:
+    return DensifyConfig(method="linear")
+
+
 class LabelConfig(DepthConfig):
-    """`densify label`: the depth stage's settings plus the batch-job machinery (store, Ray, manifests)."""
+    """`densify label`: the depth stage's settings plus the batch-job machinery (store, Ray, manifests).
+    A plain grid and the linear densifier by default (cheap per image at dataset scale)."""
+    plan: PlanConfig = Field(default_factory=_label_plan, description="labels: one uniform grid per image")
+    densify: DensifyConfig = Field(default_factory=_label_densify, description="labels: piecewise-linear")
     outputs: OutputConfig = Field(default_factory=_label_outputs,
                                   description="per-image files (labels: depth, 16-bit PNG, confidence)")
     store: StoreConfig = Field(default_factory=StoreConfig)
@@ -250,13 +265,25 @@ class ModelsConfig(_Model):
     pose: str | None = None
 
 
+def _scene_outputs() -> OutputConfig:
+    return OutputConfig(ply=False)
+
+
+class SceneDepthConfig(DepthConfig):
+    """The depth stage inside `reconstruct` / `pose`: full-size decoding, so poses, fusion and exports
+    describe the image files as they are, and no per-image clouds (the fused cloud replaces them)."""
+    max_side: int | None = Field(None, ge=64, description="images longer than this are decoded reduced "
+                                 "(null: full size, within the 64 Mpx limit)")
+    outputs: OutputConfig = Field(default_factory=_scene_outputs, description="per-image files (no cloud.ply)")
+
+
 class ReconstructConfig(_Model):
     """`densify reconstruct` / `densify pose`: depth per image, pairwise poses, pose graph, fusion, exports."""
     engine: EngineConfig = Field(default_factory=EngineConfig, description="engine for every stage (one "
                                  "stage's model at a time is loaded)")
     models: ModelsConfig = Field(default_factory=ModelsConfig)
-    depth: DepthConfig = Field(default_factory=DepthConfig, description="the depth stage (its own "
-                               "engine and model are replaced by `engine` and `models.depth`)")
+    depth: SceneDepthConfig = Field(default_factory=SceneDepthConfig, description="the depth stage (its own "
+                                    "engine and model are replaced by `engine` and `models.depth`)")
     corr: CorrConfig = Field(default_factory=CorrConfig)
     pose: PoseStageConfig = Field(default_factory=PoseStageConfig)
     pairs: Literal["consecutive", "consecutive+skip2"] = Field("consecutive", description="which image pairs: "
