@@ -206,3 +206,16 @@ def test_fingerprint_ignores_transport_options():
     assert fp(quantization="fp8") != fp()
     ray = DepthConfig(engine={"name": "ray", "options": {"engine": "vllm", "num_actors": 4}})
     assert settings_fingerprint(ray, p) == fp()  # a pool answers as the engine its actors run
+
+
+def test_stage_functions_are_short():
+    """The stages read top to bottom: no function (closures included) longer than 60 lines. pairs.py and
+    scene.py are the reconstruction stages', which their own work keeps short (issue 22)."""
+    long = []
+    for f in sorted((REPO / "densify" / "stages").glob("*.py")):
+        if f.name in ("pairs.py", "scene.py"):
+            continue
+        for node in ast.walk(ast.parse(f.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno >= 60:
+                long.append(f"{f.name}:{node.lineno} {node.name} ({node.end_lineno - node.lineno + 1} lines)")
+    assert not long, long
