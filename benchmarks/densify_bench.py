@@ -122,11 +122,11 @@ class SceneCase:
         from densify.queries.plan import plan_queries
         from densify.queries.prompts import depth_batch
 
-        plan = plan_queries(points, self.prep.pixel_map)
+        plan = plan_queries(points, self.prep.pixel_map, marker=self.profile.marker)
         batch = depth_batch(self.prep, plan, self.profile, uid=self.uid, ref=self.ref, sampling=self.sampling)
         self.calls += 1
         comps = self.engine.generate(batch)
-        return answers.collect_depth(self.profile, plan.pixels, plan.prompt_xy, comps)
+        return answers.collect_depth(self.profile, plan.pixels, plan.prompt_xy, comps, unmarkable=plan.unmarkable)
 
     def ask_adaptive(self, budget: int, planner_opts: dict | None = None, edge_opts: dict | None = None
                      ) -> AdaptiveAnswers:

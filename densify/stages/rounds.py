@@ -118,7 +118,7 @@ class RoundScheduler:
         while self.finished:
             state = self.finished.popleft()
             task = state.tag
-            task.plan = QueryPlan(state.run.pixels, state.run.prompt_xy)
+            task.plan = QueryPlan(state.run.pixels, state.run.prompt_xy, unmarkable=state.run.unmarkable)
             batch = self.firsts.pop(state.key)
             batch.tag = task
             yield batch, state.run.completions

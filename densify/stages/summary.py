@@ -49,7 +49,8 @@ def summarize(results: list[DepthResult], wall: float, profile: Profile, cfg: De
         "failed": sum(r.status == "failed" for r in results), "failed_by_kind": kinds,
         "failed_images": [{"id": r.id, "image": r.image, "kind": r.error_kind, "error": r.error}
                           for r in results if r.status == "failed"][:1000],
-        "queries": q, "answer_failures": fails, "answer_failure_rate": sum(fails.values()) / q if q else 0.0,
+        "queries": q, "answer_failures": fails,  # unmarkable points were never asked: not in the rate
+        "answer_failure_rate": sum(v for k, v in fails.items() if k != "unmarkable") / q if q else 0.0,
         "wall_s": wall, "queries_per_s": q / wall if wall > 0 else 0.0, "metrics": _mean_metrics(results), **extra,
     }
 

@@ -181,7 +181,7 @@ class DepthTransform:
             pts = planner.first_points()
         else:
             pts = grid_points(w, h, **cfg.plan.grid_kwargs())
-        plan = plan_queries(pts, prep.pixel_map)
+        plan = plan_queries(pts, prep.pixel_map, marker=self.profile.marker)
         if planner is not None and points is not None:  # one round: exactly the given points
             planner.budget, planner.rounds = len(plan), 0
         uid = image_uid(prep, src.id)
@@ -202,10 +202,11 @@ class DepthTransform:
         cfg, src = self.cfg, task.source
         res = DepthResult(src.id, str(src.path), "ok", len(completions), uid=task.uid, camera=task.camera,
                           scale=task.scale)
-        ans = answers_mod.collect_depth(self.profile, task.plan.pixels, task.plan.prompt_xy, completions)
+        ans = answers_mod.collect_depth(self.profile, task.plan.pixels, task.plan.prompt_xy, completions,
+                                        unmarkable=task.plan.unmarkable)
         res.failures = ans.failure_counts()
         files = self.layout.image(src.id) if self.layout is not None else None
-        if self._failed(res, ans, completions):
+        if self._failed(res, task, ans, completions):
             if files is not None and cfg.outputs.answers and completions:
                 outputs.write_jsonl(files.answers, ans.records())
             return res
@@ -222,12 +223,17 @@ class DepthTransform:
             self.write(files, task, ans, dense, res)
         return res
 
-    def _failed(self, res: DepthResult, ans, completions) -> bool:
-        """Marks the result failed when the engine failed or no answer could be read."""
+    def _failed(self, res: DepthResult, task: DepthTask, ans, completions) -> bool:
+        """Marks the result failed when the engine failed, no point could be asked or no answer be read."""
         errors = [c.error for c in completions if c.error is not None]
         if errors:
             res.status, res.error_kind = "failed", "engine"
             res.error = f"{len(errors)} of {len(completions)} answers failed: {errors[0]}"
+        elif not completions and len(task.plan.unmarkable):
+            res.status, res.error_kind = "failed", "unmarkable"
+            res.error = (f"all {len(task.plan.unmarkable)} planned points are too close to a border of the "
+                         f"{task.prep.pixel_map.pre_size[0]}x{task.prep.pixel_map.pre_size[1]} preprocessed image "
+                         f"for the {self.profile.name} marker; ask about points further inside")
         elif not ans.valid.any():
             res.status, res.error_kind = "failed", "answers"
             res.error = (f"none of {len(completions)} answers could be parsed ({res.failures}); check that the "
