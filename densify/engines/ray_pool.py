@@ -33,7 +33,7 @@ from densify.engines import engine_names
 from densify.engines.base import Completion, Engine, EngineBatch, EngineError, EngineStartError
 from densify.engines.ray_actor import EngineSpec, _actor_class, _completions, _short, _to_columns
 
-__all__ = ["RayPoolEngine", "AUTO_ENGINES_PER_GPU", "AUTO_ENGINES_PER_GPU_FP8", "resolve_engines_per_gpu"]
+__all__ = ["RayPoolEngine", "init_ray", "AUTO_ENGINES_PER_GPU", "AUTO_ENGINES_PER_GPU_FP8", "resolve_engines_per_gpu"]
 
 log = logging.getLogger("densify.ray")
 
@@ -70,6 +70,24 @@ def resolve_engines_per_gpu(engines_per_gpu: int | str, engine: EngineSpec, engi
                          f"(got {num_gpus_per_actor})")
     return k
 
+
+def init_ray(**kwargs) -> None:
+    """`ray.init`, keeping a SIGTERM handler the process installed: ray.init puts in its own (sys.exit(15)) and
+    its core worker a crash dump, which would skip the caller's cleanup (the CLI's summary and exit 143)."""
+    import signal
+    import threading
+
+    import ray
+
+    main = threading.current_thread() is threading.main_thread()
+    old = signal.getsignal(signal.SIGTERM) if main else None
+    try:
+        ray.init(**kwargs)
+    finally:
+        if callable(old):  # a Python handler; the default action (or none set from Python) is left to Ray
+            signal.signal(signal.SIGTERM, old)
+
+
 @dataclass
 class _Slot:
     """One actor of the pool and what the driver knows about it."""
@@ -88,7 +106,7 @@ class _Slot:
     suspect: Any = None
 
 
-@dataclass
+@dataclass(eq=False)  # jobs are told apart by identity: comparing fields would compare pixel arrays
 class _Job:
     batch: EngineBatch
     payload: Any
@@ -129,6 +147,26 @@ def _dead_errors() -> tuple:
 
         _DEAD_ERRORS = (rx.RayActorError,)
     return _DEAD_ERRORS
+
+
+def probe_address(address: str | None, timeout_s: float = 3.0) -> None:
+    """An EngineStartError within seconds when a cluster address (host:port or ray://host:port) does not
+    accept connections: ray.init would otherwise retry for minutes. 'auto' and None are Ray's to resolve."""
+    import socket
+
+    if not address or address == "auto" or address.startswith("local"):
+        return
+    hostport = address.split("://", 1)[-1].rsplit("/", 1)[0]
+    host, sep, port = hostport.rpartition(":")
+    if not sep or not port.isdigit():
+        return  # Ray's own defaults and forms
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s):
+            pass
+    except OSError as exc:
+        raise EngineStartError(f"Ray could not start or connect (ray_address={address!r}): nothing accepts "
+                               f"connections at {host}:{port} ({exc.strerror or exc}); start a cluster (`ray start "
+                               f"--head`) or leave the address unset for a local one") from None
 
 
 class RayPoolEngine(Engine):
@@ -188,8 +226,9 @@ class RayPoolEngine(Engine):
         if not ray.is_initialized():
             # A local Ray by default (or the cluster RAY_ADDRESS names); `ray_address` for an existing cluster.
             # close() shuts down what this call started: the local Ray, or this driver's connection.
+            probe_address(ray_address)
             try:
-                ray.init(address=ray_address, include_dashboard=False, log_to_driver=False, ignore_reinit_error=True,
+                init_ray(address=ray_address, include_dashboard=False, log_to_driver=False, ignore_reinit_error=True,
                          configure_logging=False, runtime_env=runtime_env)
             except Exception as exc:  # no cluster at that address, a bad address, ...
                 raise EngineStartError(f"Ray could not start or connect (ray_address={ray_address!r}): "
@@ -222,6 +261,13 @@ class RayPoolEngine(Engine):
             else:
                 num_actors = int((res.get("CPU", 1) - self.spare_cpus) // max(num_cpus, 1e-9))
         num_actors = max(1, int(num_actors))
+        # K engines per GPU get whole GPUs (a placement-group bundle each); else each actor its share
+        gpus = -(-num_actors // self.engines_per_gpu) if self.engines_per_gpu > 1 else num_actors * num_gpus
+        for what, total in (("GPU", gpus), ("CPU", num_actors * num_cpus)):
+            if total > res.get(what, 0) + 1e-9:  # some actors could never start: say so now, not after the timeout
+                raise EngineStartError(f"{num_actors} Ray actors need {total:g} {what}s in all but the cluster has "
+                                       f"{res.get(what, 0):g}; lower num_actors or num_{what.lower()}s_per_actor, "
+                                       f"or use a larger cluster")
         # threaded: all batches in flight reach a streaming engine at once, and pings answer meanwhile
         opts: dict = {"num_cpus": num_cpus, "num_gpus": num_gpus, "max_restarts": self.actor_max_restarts,
                       "max_task_retries": 0, "max_concurrency": self.max_in_flight + 4}
@@ -451,7 +497,8 @@ class RayPoolEngine(Engine):
     @staticmethod
     def _forget(slot: _Slot, job: _Job) -> None:
         slot.in_flight -= 1
-        slot.jobs.remove(job)
+        # by identity: two jobs of one image (a split batch, an image listed twice) are distinct jobs
+        slot.jobs[:] = [j for j in slot.jobs if j is not job]
 
     def _retry_or_fail(self, job: _Job, reason: str, retry: deque, fail, *, charge: bool = True) -> None:
         job.errors.append(reason)

@@ -24,6 +24,7 @@ from typing import Callable, Iterable, Iterator
 
 from densify.engines import Engine, EngineBatch
 from densify.fields.adaptive import AdaptiveDepthImage
+from densify.io import outputs
 from densify.io.cameras import CameraError
 from densify.io.images import ImageError, ImageSource
 from densify.io.layout import RunLayout
@@ -76,6 +77,8 @@ class DepthStage(DepthTransform):
             try:
                 res = self.finish(task, completions)
             except (OSError, ValueError, MemoryError) as exc:
+                if outputs.disk_full(exc):
+                    raise  # no later image could be written either: stop (exit 74); a rerun resumes
                 res = failed(task.source, exc, task.started, len(completions), "output", f"{type(exc).__name__}: {exc}")
             res.wall_s = time.perf_counter() - task.started
             yield res if self.keep_maps else res.drop_maps()

@@ -3,6 +3,7 @@ by kind, answer failures, throughput, mean metrics), written even when the run i
 
 from __future__ import annotations
 
+import logging
 import time
 
 import numpy as np
@@ -15,6 +16,8 @@ from densify.io.layout import RunLayout
 from densify.stages.depth import DepthStage
 from densify.stages.settings import DepthConfig
 from densify.stages.transform import DepthResult
+
+log = logging.getLogger("densify.depth")
 
 __all__ = ["run_depth", "summarize"]
 
@@ -59,34 +62,48 @@ def run_depth(sources: list[ImageSource], cfg: DepthConfig, engine: Engine, layo
               intrinsics=None, points=None, keep_maps: bool = False, evaluate=None, progress=None,
               **summary_extra) -> tuple[dict, list[DepthResult]]:
     """The depth stage over a list of images as one run: results in input order and the run's summary,
-    written (summary.json, failures.jsonl) even when the run is interrupted, which the summary then says."""
+    written (summary.json, failures.jsonl) even when the run is interrupted or stops on an error, which the
+    summary then says."""
     profile = load_profile(cfg.profile)
+    if layout is not None:
+        layout.sweep(layout.summary, layout.failures)  # what a killed run's last writes left
     on_round = (lambda n: progress.update(images=0, queries=n)) if progress is not None else None
     stage = DepthStage(cfg, engine, layout=layout, keep_maps=keep_maps, evaluate=evaluate, on_round=on_round)
     results: dict[str, DepthResult] = {}
     t0 = time.perf_counter()
-    interrupted = True
+    interrupted, error = False, None
     stream = stage.run(sources, intrinsics=intrinsics, points=points)
     try:
         for r in stream:
             results[r.id] = r
             if progress is not None:
                 progress.update(failed=int(r.status == "failed"))
-        interrupted = False
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM: the only way a run is interrupted
+        interrupted = True
+        raise
+    except BaseException as exc:  # the run stopped on an error: the summary says which, not "interrupted"
+        error = f"{type(exc).__name__}: {exc}"[:500]
+        raise
     finally:
         stream.close()  # in-flight work is cancelled here, while the caller's engine is still up
         if progress is not None:
             progress.close()
         ordered = [results[s.id] for s in sources if s.id in results]
         summary = summarize(ordered, time.perf_counter() - t0, profile, cfg, simulated=engine.simulated,
-                            interrupted=interrupted, complete=not interrupted and len(ordered) == len(sources),
-                            **summary_extra)
+                            interrupted=interrupted, complete=error is None and not interrupted
+                            and len(ordered) == len(sources), **({"error": error} if error else {}), **summary_extra)
         if layout is not None and layout.root.is_dir():
-            _write_summary(layout, summary, ordered)
+            _write_summary(layout, summary, ordered, stopped=interrupted or error is not None)
     return summary, ordered
 
 
-def _write_summary(layout: RunLayout, summary: dict, results: list[DepthResult]) -> None:
-    outputs.write_json(layout.summary, summary)
-    outputs.write_jsonl(layout.failures, ({"id": r.id, "image": r.image, "kind": r.error_kind, "error": r.error}
-                                          for r in results if r.status == "failed"))
+def _write_summary(layout: RunLayout, summary: dict, results: list[DepthResult], *, stopped: bool) -> None:
+    """summary.json and failures.jsonl; when the run stopped on its own error, that error wins over one here."""
+    try:
+        outputs.write_json(layout.summary, summary)
+        outputs.write_jsonl(layout.failures, ({"id": r.id, "image": r.image, "kind": r.error_kind, "error": r.error}
+                                              for r in results if r.status == "failed"))
+    except OSError as exc:
+        if not stopped:
+            raise
+        log.error("could not write the run's summary: %s", exc)

@@ -10,6 +10,7 @@ and the Ray CPU workers (stages.workers) run these steps wherever they run.
 from __future__ import annotations
 
 import json
+import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,6 +33,8 @@ from densify.queries import answers as answers_mod
 from densify.queries.plan import PlanError, QueryPlan, check_points, grid_points, plan_queries
 from densify.queries.prompts import depth_batch, image_ref, image_uid, sampling_for
 from densify.stages.settings import DepthConfig
+
+log = logging.getLogger("densify.depth")
 
 __all__ = ["DepthTransform", "DepthTask", "DepthResult", "failure_kind", "settings_fingerprint", "read_camera"]
 
@@ -157,6 +160,7 @@ class DepthTransform:
         self.layout = layout
         self.evaluate = evaluate
         self.planner_options = dict(planner_options or {})
+        self._capped = False  # the plan asks more queries than an image holds (said once)
         self.fingerprint = settings_fingerprint(cfg, self.profile)
         self.sampling = sampling_for(self.profile, logprobs=cfg.logprobs, structured=cfg.structured)
         if cfg.densify.method == "edge" or cfg.plan.mode == "adaptive":
@@ -182,6 +186,8 @@ class DepthTransform:
         else:
             pts = grid_points(w, h, **cfg.plan.grid_kwargs())
         plan = plan_queries(pts, prep.pixel_map, marker=self.profile.marker)
+        if points is None:
+            self._say_if_capped(w, h, len(plan))
         if planner is not None and points is not None:  # one round: exactly the given points
             planner.budget, planner.rounds = len(plan), 0
         uid = image_uid(prep, src.id)
@@ -189,6 +195,20 @@ class DepthTransform:
         task = DepthTask(src, img.rgb, img.camera, prep, plan, uid, ref, fixed=points is not None, started=t0,
                          scale=img.scale, planner=planner)
         return task, depth_batch(prep, plan, self.profile, uid=uid, ref=ref, sampling=self.sampling, tag=task)
+
+    def _say_if_capped(self, width: int, height: int, planned: int) -> None:
+        """Warn (once per stage) when an image holds fewer distinct query positions than the plan asks for."""
+        p = self.cfg.plan
+        if self._capped or p.stride is not None:
+            return
+        wanted = int(p.count[0]) * int(p.count[1]) if isinstance(p.count, list) else int(p.count)
+        if p.mode == "adaptive":
+            wanted, planned = p.budget or wanted, width * height
+        if planned < 0.95 * wanted:
+            self._capped = True
+            log.warning("plan.count %s: a %dx%d image has only %s distinct query positions (pixels, or prompt "
+                        "coordinates of the %s profile), so at most %s are asked per image like this one; lower --count",
+                        f"{wanted:,}", width, height, f"{planned:,}", self.profile.name, f"{planned:,}")
 
     def planner(self, width: int, height: int, rgb=None) -> AdaptivePlanner:
         """The adaptive plan's planner for an image of this size."""

@@ -10,6 +10,7 @@ from collections import deque
 from typing import Iterable, Iterator
 
 from densify.engines import EngineBatch
+from densify.io import outputs
 from densify.io.images import ImageSource
 from densify.io.layout import RunLayout
 from densify.stages.settings import DepthConfig
@@ -124,6 +125,8 @@ class _Finishing:
                 res = ray.get(done[0])
             except Exception as exc:
                 exc = getattr(exc, "cause", None) or exc
+                if outputs.disk_full(exc):
+                    raise exc from None  # no later image could be written either: stop (exit 74)
                 res = failed(task.source, exc, task.started, n, "output", f"{type(exc).__name__}: {exc}")
             res.wall_s = time.perf_counter() - task.started
             yield res
