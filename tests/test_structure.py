@@ -209,12 +209,9 @@ def test_fingerprint_ignores_transport_options():
 
 
 def test_stage_functions_are_short():
-    """The stages read top to bottom: no function (closures included) longer than 60 lines. pairs.py and
-    scene.py are the reconstruction stages', which their own work keeps short (issue 22)."""
+    """The stages read top to bottom: no function (closures included) longer than 60 lines."""
     long = []
     for f in sorted((REPO / "densify" / "stages").glob("*.py")):
-        if f.name in ("pairs.py", "scene.py"):
-            continue
         for node in ast.walk(ast.parse(f.read_text())):
             if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno >= 60:
                 long.append(f"{f.name}:{node.lineno} {node.name} ({node.end_lineno - node.lineno + 1} lines)")
