@@ -19,7 +19,7 @@ from typing import Iterator
 from densify.config.loading import ConfigError
 from densify.config.profiles import load_profile
 from densify.engines import Engine
-from densify.engines.store import AnswerStore, StoredEngine, model_key_for, store_path
+from densify.engines.store import AnswerStore, StoredEngine, store_path
 from densify.io import outputs
 from densify.io.images import IMAGE_SUFFIXES, ImageSource, iter_sources, manifest_kind, walk_images
 from densify.io.layout import RunLayout
@@ -194,7 +194,7 @@ class LabelJob:
             run_s = max(wall - (t_ready - t0), 1e-9)
             summary = {
                 "profile": self.profile.name, "engine": cfg.engine.name, "model": cfg.model or self.profile.model,
-                "simulated": simulated, "ray": cfg.ray.enabled and cfg.engine.name != "ray",
+                "simulated": simulated, "ray": cfg.ray.wraps(cfg.engine.options),
                 "shard": f"{self.shard[0]}/{self.shard[1]}", "images_in_shard": total, "images": images, **counts,
                 "complete": not interrupted and images == total, "interrupted": interrupted,
                 "failed_by_kind": kinds, "failed_images": failed, **totals,
@@ -233,6 +233,4 @@ class LabelJob:
 
 def _model_key(cfg: LabelConfig) -> str:
     """The store key of the configured model: the answering engine and its answer-changing options."""
-    from densify.stages.engine import engine_options
-
-    return model_key_for(cfg.engine.name, engine_options(cfg.engine, cfg.model))
+    return cfg.engine.answer_identity(cfg.model)

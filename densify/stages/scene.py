@@ -233,7 +233,7 @@ def reconstruct(sources: list[ImageSource], cfg: ReconstructConfig, out: str | P
         outputs.write_json(layout.summary, {"images": len(sources), "interrupted": True, "complete": False,
                                             "finished_stages": list(timings), "timings_s": timings,
                                             "engine": cfg.engine.name,
-                                            "simulated": cfg.engine.inner_name() == "simulated"})
+                                            "simulated": cfg.engine.simulated})
         raise
 
 
@@ -289,7 +289,7 @@ def _reconstruct(sources, cfg: ReconstructConfig, layout: RunLayout, stage_engin
         "depth": {k: depth_summary[k] for k in ("ok", "skipped", "failed", "queries", "answer_failures", "metrics")},
         "pair_queries": sum(r.matches.get("asked", 0) + r.matches.get("asked_backward", 0) for r in results),
         "fusion": fusion, "export": export, "timings_s": timings, "wall_s": sum(timings.values()),
-        "engine": cfg.engine.name, "simulated": cfg.engine.inner_name() == "simulated",
+        "engine": cfg.engine.name, "simulated": cfg.engine.simulated,
     }
     outputs.write_json(layout.summary, summary)
     return SceneResult({infos[k].id: graph.cam_to_world[k] for k in graph.cam_to_world},
