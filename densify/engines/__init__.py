@@ -19,7 +19,7 @@ from densify.engines.base import (Completion, Engine, EngineBatch, EngineError, 
                                   Query, Sampling, generate_stream)
 from densify.engines.registry import (check_available, create_engine, default_engine, engine_names, options_model,
                                       register_engine, validate_engine_options)
-from densify.engines.options import EngineOptions, HFOptions, OpenAIOptions, RayOptions, VLLMOptions  # noqa: E402
+from densify.engines.options import EngineOptions, HFOptions, OpenAIOptions, RayOptions, VLLMOptions
 
 __all__ = ["Completion", "Engine", "EngineBatch", "EngineError", "EngineStartError", "ImageRef",
            "PromptImage", "Query", "Sampling", "create_engine", "engine_names", "generate_stream",
