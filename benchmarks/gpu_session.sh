@@ -27,12 +27,16 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 #     model-hosting-container-standards jmespath supervisor py-spy
 # The host's own OpenCV lacks the contrib modules (cv2.ximgproc) that the edge-aware densifier and the
 # adaptive plan need (`pipeline` dense maps, `densify depth` defaults): carry
-# opencv-contrib-python-headless==4.10.0.84 (56 MB) in .whl/, in a call of its own (64 MiB per transfer);
-# .whl/ then stays on the host for later calls. The host has no Open3D: pipeline_bench writes no cloud.ply there.
-if ls .whl/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --upgrade --target /tmp/site .whl/*.whl >/dev/null 2>&1
-  export PATH="/tmp/site/bin:$PATH"
-fi
+# opencv-contrib-python-headless==4.10.0.84 (56 MB) in .whl-cv/, in a call of its own (64 MiB per transfer);
+# carried folders stay on the host for later calls. The host has no Open3D: pipeline_bench writes no cloud.ply there.
+# .whl-cv/ holds the OpenCV wheel alone (it fills a transfer by itself); each folder is installed once per host.
+for w in .whl .whl-cv; do
+  if ls "$w"/*.whl >/dev/null 2>&1 && [ ! -f "/tmp/site/.installed-$w" ]; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --upgrade --target /tmp/site "$w"/*.whl >/dev/null 2>&1 \
+      && touch "/tmp/site/.installed-$w"
+  fi
+done
+export PATH="/tmp/site/bin:$PATH"
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 VLLM_NO_USAGE_STATS=1 DO_NOT_TRACK=1
 export TOKENIZERS_PARALLELISM=false
 rc=0
