@@ -74,9 +74,8 @@ class SceneCase:
         view = scene.views[0]
         self.rgb, self.depth, self.camera = view.rgb, view.depth.astype(np.float32), view.camera
         p = self.profile.preprocess
-        self.prep = prepare_image(self.rgb, self.camera, focal=p.focal, max_side=p.max_side,
-                                  square_pixels=p.square_pixels, coord_range=self.profile.coord_range,
-                                  resample=p.resample)
+        self.prep = prepare_image(self.rgb, self.camera, coord_range=self.profile.coord_range,
+                                  **p.image_options())
         self.ref = image_ref(f"bench-scene-{seed}", self.prep)
         self.uid = image_uid(self.prep, self.ref.id)
         self.engine = SimulatedEngine(self.profile, seed=seed if engine_seed is None else engine_seed, error=error,
@@ -101,11 +100,11 @@ class SceneCase:
         from densify.queries.plan import plan_queries
         from densify.queries.prompts import depth_batch
 
-        plan = plan_queries(points, self.prep.pixel_map)
+        plan = plan_queries(points, self.prep.pixel_map, marker=self.profile.marker)
         batch = depth_batch(self.prep, plan, self.profile, uid=self.uid, ref=self.ref, sampling=self.sampling)
         self.calls += 1
         comps = self.engine.generate(batch)
-        return answers.collect_depth(self.profile, plan.pixels, plan.prompt_xy, comps)
+        return answers.collect_depth(self.profile, plan.pixels, plan.prompt_xy, comps, unmarkable=plan.unmarkable)
 
     def ask_adaptive(self, budget: int, **planner_opts):
         from densify.fields.adaptive import AdaptivePlanner, run_adaptive_depth
@@ -115,7 +114,8 @@ class SceneCase:
         run = run_adaptive_depth(self.engine, planner, self.prep, self.profile, uid=self.uid, ref=self.ref,
                                  sampling=self.sampling)
         from densify.queries import answers
-        return answers.collect_depth(self.profile, run.pixels, run.prompt_xy, run.completions), run.calls
+        return answers.collect_depth(self.profile, run.pixels, run.prompt_xy, run.completions,
+                                     unmarkable=run.unmarkable), run.calls
 
     def score(self, pred: np.ndarray) -> dict:
         from densify.eval.metrics import absrel, delta1

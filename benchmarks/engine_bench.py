@@ -8,8 +8,11 @@ What runs (each phase its own engine; phases append to one JSON file, written af
            (a) one 1000x750 image, its 64x48 grid (3072 queries) in one submission, and N images streamed
            (the next image submitted while the last answers of the current one decode: the steady state
            the depth pipeline runs in); seconds per image, 3 images one at a time vs streamed; (b) the same
-           engine with prefix-cache reads off; structured-output decoding vs plain; (c) DepthLM-style
-           marker prompts (depthlm profile: every query its own image with a red arrow, nothing shared).
+           engine with prefix-cache reads off; structured-output decoding vs plain.
+  depthlm  (c) DepthLM as released: the depthlm profile (the release's marker pixel by pixel, focal 750,
+           Pixtral chat) on the Pixtral-12B shape (densify.synthetic.models "pixtral-12b", dummy weights;
+           --depthlm-model DIR to give one): every query its own marked image, nothing shared; 256 queries
+           of one 1000x750 image at 12 and at 30 generated tokens (the training answer is about 30).
   cascade  base with cascade attention allowed (vLLM's default is off): (a), streamed.
   fp8      base with online fp8 weights (quantization="fp8"; changes numerics): (a), streamed.
   rayK     the production path: a Ray pool of K vLLM actors on the one GPU (`engines_per_gpu=K`: 1/K GPU
@@ -30,7 +33,8 @@ Rows also say where the time went: CPU share of this process (frontend) and of i
 engine core), NVML GPU busy share, seconds spent adding requests and blocked in engine steps; --pyspy DIR
 adds a py-spy profile of both processes during (a).
 
-Model: the 4B-shaped synthetic Qwen3-VL (densify.synthetic.qwen3vl, load_format="dummy"). Random weights
+Model: the 4B-shaped synthetic Qwen3-VL (densify.synthetic.models, load_format="dummy"; the depthlm phase:
+the Pixtral-12B shape, ceiling at 12.2e9 parameters, the text model's). Random weights
 write garbage, so for speed comparisons every answer is forced to exactly 12 generated tokens
 (max_tokens = min_tokens = 12, ignore_eos) - the VLM3-depth answer `<think> </think><answer>3.42</answer>`
 is about that long; hf stops at max_new_tokens=12 (random weights rarely emit EOS). The template is the
@@ -64,6 +68,7 @@ log = logging.getLogger("engine_bench")
 ROOT = Path(__file__).resolve().parents[1]
 IMAGE = ROOT / "tests" / "data" / "ibims1_factory_01.png"
 PARAMS = 4.4e9
+PIXTRAL_PARAMS = 12.2e9  # Mistral-Nemo-12B, the text model of Pixtral-12B (the 0.4B vision encoder not counted)
 GEN_TOKENS = 12
 LONG_TOKENS = 30   # DepthLM's training answer (<think> ... </think>\n\n<answer> d </answer>) is about this long
 GRID = (64, 48)
@@ -175,12 +180,11 @@ def image_batch(profile, k: int, n: int | None = None, sampling: Sampling | None
                 tokens: int = GEN_TOKENS) -> EngineBatch:
     rgb, cam = photo(k)
     p = profile.preprocess
-    prep = prepare_image(rgb, cam, focal=p.focal, max_side=p.max_side, square_pixels=p.square_pixels,
-                         coord_range=profile.coord_range, resample=p.resample)
+    prep = prepare_image(rgb, cam, coord_range=profile.coord_range, **p.image_options())
     pts = grid_points(cam.width, cam.height, count=GRID)
     if n is not None and n < len(pts):
         pts = pts[np.linspace(0, len(pts) - 1, n).round().astype(int)]
-    plan = plan_queries(pts, prep.pixel_map)
+    plan = plan_queries(pts, prep.pixel_map, marker=profile.marker)
     s = sampling or Sampling(max_tokens=tokens)
     sid = f"bench-{profile.name}-{k}"
     return depth_batch(prep, plan, profile, uid=image_uid(prep, sid), ref=image_ref(sid, prep), sampling=s,
@@ -188,7 +192,7 @@ def image_batch(profile, k: int, n: int | None = None, sampling: Sampling | None
 
 
 def summarize(name: str, completions: list, wall: float, rate: float, *, engines_per_gpu: int = 1,
-              **extra) -> dict:
+              params: float = PARAMS, **extra) -> dict:
     """One row. queries_per_s counts answered queries only; a row with engine errors is invalid."""
     failed = [c for c in completions if c.error is not None]
     errs = len(failed)
@@ -198,7 +202,7 @@ def summarize(name: str, completions: list, wall: float, rate: float, *, engines
     gt = np.array([c.n_generated_tokens or 0 for c in completions], float)
     ct = np.array([c.cached_prompt_tokens or 0 for c in completions], float)
     uncached = pt - ct
-    flop = 2 * PARAMS * (uncached + gt)
+    flop = 2 * params * (uncached + gt)
     ceiling = rate / flop.mean() if n and flop.mean() > 0 else None
     qps = n / wall if wall > 0 and n else None
     row = {"variant": name, "valid": errs == 0 and n > 0, "queries": n + errs, "answered": n, "errors": errs,
@@ -420,11 +424,6 @@ def vllm_phase(name: str, model: str, opts: dict, rate: float, what: set[str], s
                     outs, wall = timed(lambda: eng.generate(b))
                     rows.append(summarize(f"{name}: {label} decoding", outs, wall, rate,
                                           sample_answer=outs[0].text[:60]))
-            if "c" in what:
-                dlm = load_profile("depthlm")
-                b = image_batch(dlm, new_image(), 256, Sampling(max_tokens=GEN_TOKENS, system_prompt=dlm.system_prompt))
-                outs, wall = timed(lambda: eng.generate(b))
-                rows.append(summarize(f"{name}: (c) DepthLM markers", outs, wall, rate))
         finally:
             fast = int(eng.stats.get("fast_prompt_batches", 0))
             eng.close()
@@ -434,6 +433,46 @@ def vllm_phase(name: str, model: str, opts: dict, rate: float, what: set[str], s
         r["memory_per_engine_gib"] = round(opts.get("gpu_memory_utilization", 0.9) * (mem.total_gib or 0), 1) or None
         r["engine_options"] = {k: v for k, v in opts.items()}
         r["fast_prompt_batches_in_phase"] = fast
+    return rows
+
+
+def depthlm_phase(model: str, rate: float, state: dict, n_queries: int = 256, long_tokens: int = LONG_TOKENS,
+                  opts: dict | None = None) -> list[dict]:
+    """(c) DepthLM as released on the Pixtral-12B shape: the depthlm profile's exact marker (every query its
+    own marked image: no image prefix to share), its chat (no system message), at 12 and 30 tokens."""
+    from densify.engines import create_engine
+
+    dlm = load_profile("depthlm")
+    opts = dict(BASE_OPTS if opts is None else opts)
+    rows: list[dict] = []
+    mem = GPUMemory()
+    t0 = time.perf_counter()
+    with mem:
+        eng = create_engine("vllm", profile=dlm, model=model, **opts)
+        start_s = time.perf_counter() - t0
+        log.info("[depthlm] engine ready in %.1f s", start_s)
+        k = state.setdefault("next_image", 100)
+        try:
+            eng.generate(image_batch(dlm, k + 1, 32))  # warm-up
+            for j, tokens in enumerate((GEN_TOKENS, long_tokens)):
+                if not tokens:
+                    continue
+                eng.min_tokens = tokens
+                b = image_batch(dlm, k + 2 + j, n_queries, Sampling(max_tokens=tokens, system_prompt=dlm.system_prompt))
+                outs, wall = timed(lambda: eng.generate(b))
+                rows.append(summarize(f"depthlm: (c) exact marker, Pixtral-12B, {tokens} tokens", outs, wall, rate,
+                                      params=PIXTRAL_PARAMS, engine_start_s=start_s, profile=dlm.name,
+                                      model_shape="pixtral-12b", answer_tokens=tokens,
+                                      images_sent=len(b.images), marker=dlm.marker.model_dump(),
+                                      image_size=list(next(iter(b.images.values())).pixels.shape[1::-1])))
+            state["next_image"] = k + 4
+        finally:
+            eng.close()
+    for r in rows:
+        r["peak_gpu_memory_gib"] = mem.peak_gib
+        r["engine_process_peak_gib"] = mem.process_peak_gib
+        r["memory_per_engine_gib"] = round(opts.get("gpu_memory_utilization", 0.9) * (mem.total_gib or 0), 1) or None
+        r["engine_options"] = dict(opts)
     return rows
 
 
@@ -642,9 +681,12 @@ def markdown_table(paths: list[Path]) -> str:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"), help="folder for the JSON result")
-    ap.add_argument("--phases", default="base,hf,cascade,fp8",
-                    help="comma list: base,cascade,fp8,cpu,rayN (N engines per GPU in Ray actors; rayN+NAME with "
-                         "--custom NAME's options),hf, or --custom names")
+    ap.add_argument("--phases", default="base,depthlm,hf,cascade,fp8",
+                    help="comma list: base,depthlm,cascade,fp8,cpu,rayN (N engines per GPU in Ray actors; rayN+NAME "
+                         "with --custom NAME's options),hf, or --custom names")
+    ap.add_argument("--depthlm-model", help="Pixtral-12B-shaped folder for the depthlm phase (default: build one in "
+                                            "a temporary folder)")
+    ap.add_argument("--depthlm-queries", type=int, default=256, help="queries of the depthlm phase's image")
     ap.add_argument("--custom", action="append", default=[], metavar="NAME=JSON",
                     help='an extra vLLM phase: engine options over BASE_OPTS as JSON, e.g. '
                          'fp8kv=\'{"quantization": "fp8", "kv_cache_dtype": "fp8"}\' (measures (a) and streamed)')
@@ -681,7 +723,7 @@ def main(argv=None) -> int:
     tmp = None
     model = args.model
     if model is None:
-        from densify.synthetic.qwen3vl import build_model_folder
+        from densify.synthetic.models import build_model_folder
 
         tmp = tempfile.TemporaryDirectory(prefix="densify-bench-")
         model = str(build_model_folder(Path(tmp.name) / "qwen3vl-4b", shape="4b"))
@@ -693,7 +735,8 @@ def main(argv=None) -> int:
     path = out_dir / (args.name or f"engine_bench-{dev}-{stamp:%Y%m%d-%H%M}.json")
     result = {"benchmark": "densify engine_bench", "date_utc": stamp.isoformat(timespec="seconds"),
               "host": platform.node(), **info, "bf16_matmul_tflops": round(rate / 1e12, 1),
-              "params_for_ceiling": PARAMS, "generated_tokens_forced": GEN_TOKENS,
+              "params_for_ceiling": PARAMS, "params_for_ceiling_depthlm": PIXTRAL_PARAMS,
+              "generated_tokens_forced": GEN_TOKENS,
               "image": f"{IMAGE.name} resized to 1000x750 (fx=1000): {GRID[0]}x{GRID[1]} grid",
               "template": render_text(prof, x=1000, y=1000),
               "notes": ["dummy (random) weights: vLLM answers forced to 12 tokens (min_tokens=max_tokens=12, "
@@ -713,8 +756,16 @@ def main(argv=None) -> int:
         t0 = time.perf_counter()
         try:
             if ph == "base":
-                rows = vllm_phase("base", model, dict(BASE_OPTS), rate, {"a", "stream", "images", "b", "structured", "c"},
+                rows = vllm_phase("base", model, dict(BASE_OPTS), rate, {"a", "stream", "images", "b", "structured"},
                                   state, **kw)
+            elif ph == "depthlm":
+                if args.depthlm_model is None:
+                    from densify.synthetic.models import build_model_folder
+
+                    tmp = tmp or tempfile.TemporaryDirectory(prefix="densify-bench-")
+                    args.depthlm_model = str(build_model_folder(Path(tmp.name) / "pixtral-12b", shape="pixtral-12b"))
+                rows = depthlm_phase(args.depthlm_model, rate, state, args.depthlm_queries,
+                                     long_tokens=args.long_tokens)
             elif ph == "cascade":
                 rows = vllm_phase("cascade", model, dict(BASE_OPTS, cascade_attention=True), rate, {"a", "stream"},
                                   state, **kw)

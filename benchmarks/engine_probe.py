@@ -12,7 +12,7 @@ from pathlib import Path
 from benchmarks import engine_bench as eb
 from densify.config.profiles import load_profile
 from densify.engines import create_engine
-from densify.synthetic.qwen3vl import build_model_folder
+from densify.synthetic.models import build_model_folder
 
 
 def main():

@@ -2,7 +2,8 @@
 # GPU session job: the gpu tests and the engine benchmark, logs and JSON into $OUT.
 #
 # On the GPU host, from the repository root, after staging vLLM (../shared/gpu/README.md):
-#   bash benchmarks/gpu_session.sh [tests|bench|all] [benchmark phases, default base,hf,cascade,fp8] [engine_bench args]
+#   bash benchmarks/gpu_session.sh [tests|bench|all] [benchmark phases, default base,depthlm,hf,cascade,fp8] [engine_bench args]
+#   (depthlm: DepthLM as released, the exact marker on the Pixtral-12B shape, dummy weights; its folder is built once per host)
 #   bash benchmarks/gpu_session.sh scaling [scaling_bench args, e.g. --gpus 1,2 --engines-per-gpu 2]
 #   bash benchmarks/gpu_session.sh pipeline [pipeline_bench args, e.g. --images 12 --cpu-workers 4]
 # After `bench`, /tmp/densify-best-options.json holds the engine options (beyond engine_bench's base) of the
@@ -13,7 +14,7 @@
 # back from the host). PYTEST_K=EXPR selects tests (pytest -k). Exit status: that of the last step that failed, else 0.
 set -uo pipefail
 what=${1:-all}
-if [ "$what" = scaling ] || [ "$what" = pipeline ]; then shift; extra=("$@"); else phases=${2:-base,hf,cascade,fp8}; extra=("${@:3}"); fi
+if [ "$what" = scaling ] || [ "$what" = pipeline ]; then shift; extra=("$@"); else phases=${2:-base,depthlm,hf,cascade,fp8}; extra=("${@:3}"); fi
 OUT=${OUT:-/tmp/densify-gpu-out}
 mkdir -p "$OUT"
 if [ -f /tmp/gpu-env.sh ]; then
@@ -65,7 +66,7 @@ fi
 # one 4B-shaped model folder per host (dummy weights), shared by the benchmarks of a session
 MODEL=/tmp/densify-m4b
 if [ "$what" != tests ] && [ ! -f "$MODEL/config.json" ]; then
-  python3 -c "from densify.synthetic.qwen3vl import build_model_folder as b; b('$MODEL', shape='4b')" || rc=1
+  python3 -c "from densify.synthetic.models import build_model_folder as b; b('$MODEL', shape='4b')" || rc=1
 fi
 if [ "$what" = scaling ]; then
   python3 -m benchmarks.scaling_bench --out "$OUT" --model "$MODEL" "${extra[@]}" 2>&1 \
@@ -77,8 +78,15 @@ if [ "$what" = pipeline ]; then
     | grep --line-buffered -v "jit_monitor\|Capturing CUDA graphs" | tee "$OUT/pipeline.log"
   r=${PIPESTATUS[0]}; [ "$r" -ne 0 ] && rc=$r
 fi
+# and one Pixtral-12B-shaped folder (DepthLM's released architecture, dummy weights) for the depthlm phase
+PIXTRAL=/tmp/densify-pixtral12b
+if [ "$what" != tests ] && [[ ",${phases:-}," == *",depthlm,"* ]] && [ ! -f "$PIXTRAL/config.json" ]; then
+  python3 -c "from densify.synthetic.models import build_model_folder as b; b('$PIXTRAL', shape='pixtral-12b')" || rc=1
+fi
 if [ "$what" = bench ] || [ "$what" = all ]; then
-  python3 -m benchmarks.engine_bench --out "$OUT" --phases "$phases" --model "$MODEL" "${extra[@]}" 2>&1 \
+  dargs=()
+  [ -f "$PIXTRAL/config.json" ] && dargs=(--depthlm-model "$PIXTRAL")
+  python3 -m benchmarks.engine_bench --out "$OUT" --phases "$phases" --model "$MODEL" "${dargs[@]}" "${extra[@]}" 2>&1 \
     | grep --line-buffered -v "jit_monitor\|Capturing CUDA graphs" | tee "$OUT/bench.log"
   r=${PIPESTATUS[0]}; [ "$r" -ne 0 ] && rc=$r
   python3 -m benchmarks.engine_bench --best "$OUT"/engine_bench-*.json > /tmp/densify-best-options.json

@@ -113,8 +113,8 @@ def make_batches(n: int, profile, grid=(64, 48), tag_prefix: str = "img",
     for i in range(n):
         k = first + i
         rgb = shifted_photo(k)
-        prep = prepare_image(rgb, cam, focal=p.focal, max_side=p.max_side, coord_range=profile.coord_range)
-        plan = plan_queries(grid_points(1000, 750, count=grid), prep.pixel_map)
+        prep = prepare_image(rgb, cam, coord_range=profile.coord_range, **p.image_options())
+        plan = plan_queries(grid_points(1000, 750, count=grid), prep.pixel_map, marker=profile.marker)
         uid = f"{tag_prefix}{k}"
         out.append(depth_batch(prep, plan, profile, uid=uid, ref=image_ref(uid, prep),
                                sampling=sampling or sampling_for(profile), tag=i))
@@ -125,7 +125,7 @@ def measure(n_gpus: int, args, profile) -> dict:
     engine_options = {}
     per_gpu = 1 if args.engine == "simulated" else args.engines_per_gpu
     if args.engine == "vllm":
-        from densify.synthetic.qwen3vl import build_model_folder
+        from densify.synthetic.models import build_model_folder
 
         model = args.model or build_model_folder(Path(tempfile.mkdtemp()) / "qwen3vl-4b", shape="4b")
         engine_options = {"model": str(model), "load_format": "dummy", "min_tokens": GEN_TOKENS,

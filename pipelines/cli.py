@@ -3,8 +3,9 @@ messages and exit codes.
 
 Exit codes: 0 done; 1 done, but some images or pairs failed (see summary.json); 2 bad usage, settings or
 input; 3 the engine is unavailable (no model, a missing package, an unreachable server or cluster, a
-refused key); 4 the answer store cannot be used (damaged, or held by another job); 5 the engine failed
-during the run; 74 outputs could not be written (disk full, permissions); 70 an internal error (a bug:
+refused key, a Ray pool larger than the cluster); 4 the answer store cannot be used (damaged, or held by
+another job); 5 the engine failed during the run; 74 outputs or the answer store could not be written
+(disk full, permissions); 70 an internal error (a bug:
 please report it with the --debug traceback); 130 interrupted (Ctrl-C); 143 terminated (SIGTERM). In the
 last two cases the finished work is kept and the summary says what finished; rerun the command to resume.
 `--debug` (or DENSIFY_DEBUG=1) prints the traceback of any error.
@@ -88,7 +89,7 @@ def _on_sigterm(signum, frame):
 def exit_code(exc: BaseException) -> int:
     from densify.config.loading import ConfigError
     from densify.engines.base import EngineError, EngineStartError
-    from densify.engines.store import StoreError
+    from densify.engines.store import StoreError, StoreFullError
     from densify.io.cameras import CameraError
     from densify.io.images import ImageError
     from densify.queries.plan import PlanError
@@ -99,6 +100,8 @@ def exit_code(exc: BaseException) -> int:
         return EXIT_INTERRUPTED
     if isinstance(exc, (EngineStartError, ImportError)):
         return EXIT_ENGINE_UNAVAILABLE
+    if isinstance(exc, StoreFullError):
+        return EXIT_IO  # a full disk, as for any output
     if isinstance(exc, StoreError):
         return EXIT_STORE
     if isinstance(exc, EngineError):

@@ -84,6 +84,7 @@ def write_config(layout: RunLayout, cfg) -> None:
     """The resolved settings beside the outputs (and in the log with --verbose)."""
     from densify.io import outputs
     text = yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+    layout.sweep(layout.config)
     outputs.write_text(layout.config, text)
     log.debug("settings:\n%s", text)
 

@@ -145,6 +145,7 @@ def run_spatialrgpt(args) -> int:
     rep["data"] = str(data)
     rep["simulated"] = engine.simulated
     if args.out:
+        RunLayout(args.out).sweep(Path(args.out) / "eval.json", Path(args.out) / "answers.jsonl")
         outputs.write_json(Path(args.out) / "eval.json", rep)
         outputs.write_jsonl(Path(args.out) / "answers.jsonl", records)
     c = common.report(rep)

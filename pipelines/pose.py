@@ -45,6 +45,7 @@ def run(args) -> int:
            "intrinsics": [i.camera.to_dict() if i.camera else None for i in infos],
            "engine": cfg.engine.name, "simulated": cfg.engine.simulated,
            "wall_s": time.perf_counter() - t0}
+    layout.sweep(layout.pose_report)
     outputs.write_json(layout.pose_report, rep)
     print_report(rep, args.out)
     return 0 if rep["status"] != "failed" else 1

@@ -1,7 +1,11 @@
 """`densify prompts`: print the exact prompt a profile sends for each point (one JSON object per line).
 
 {"pixel": [x, y], "normalized": [u, v], "image_size": [w, h], "text": "..."}: pixel in the original image,
-normalized the prompt coordinates (null for marker profiles), image_size after preprocessing.
+normalized the prompt coordinates (null for marker profiles), image_size after preprocessing. Marker
+profiles (depthlm) add "marked": the preprocessed pixel the marker points at, or "failure": "unmarkable"
+for a point too close to a border to be marked (never asked). With --save-images DIR each record names
+the PNG of the image the engine is sent for it ("image_file": marked and resized, drawn by the same
+function that draws for the engine; one shared file for profiles that write coordinates instead).
 Object profiles (vlm3-object) take --regions and --question instead of --points and print
 {"question": ..., "text": "...", "regions_normalized": [[x1, y1, x2, y2], ...], "image_size": [w, h]}.
 """
@@ -9,12 +13,16 @@ Object profiles (vlm3-object) take --regions and --question instead of --points 
 from __future__ import annotations
 
 import json
+from pathlib import Path
+
+import numpy as np
 
 from densify.config.profiles import load_profile
+from densify.io import outputs
 from densify.io.cameras import parse_intrinsics_arg, prepare_image, resolve_camera
 from densify.io.images import load_rgb
-from densify.queries.plan import check_points, plan_queries
-from densify.queries.prompts import render_text
+from densify.queries.plan import check_points, markable, plan_queries
+from densify.queries.prompts import depth_batch, image_uid, render_text
 
 
 def parse_points(text: str) -> list[tuple[float, float]]:
@@ -32,26 +40,55 @@ def parse_points(text: str) -> list[tuple[float, float]]:
     return pts
 
 
-def prompt_records(profile_name: str, image, points, intrinsics=None):
+def prompt_records(profile_name: str, image, points, intrinsics=None, save_images: str | Path | None = None):
     profile = load_profile(profile_name)
     rgb = load_rgb(image)
     h, w = rgb.shape[:2]
     cam = resolve_camera(image, w, h, intrinsics)
-    p = profile.preprocess
-    prep = prepare_image(rgb, cam, focal=p.focal, max_side=p.max_side, square_pixels=p.square_pixels,
-                         coord_range=profile.coord_range, resample=p.resample)
+    prep = prepare_image(rgb, cam, coord_range=profile.coord_range, **profile.preprocess.image_options())
     pts = check_points(points, w, h, "--points")
+    size = list(prep.pixel_map.pre_size)
+    out_dir = Path(save_images) if save_images is not None else None
+    if out_dir is not None:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    if profile.marker is not None:
+        yield from _marker_records(profile, prep, pts, Path(image).stem, out_dir)
+        return
     plan = plan_queries(pts, prep.pixel_map, dedupe=False)
+    shared = None
+    if out_dir is not None:  # every query shows the same prepared image
+        shared = str(outputs.write_png(out_dir / f"{Path(image).stem}_{profile.name}.png", prep.pixels))
     coord_names = ("x1", "y1") if profile.images_per_query == 2 else ("x", "y")
     for i, (x, y) in enumerate(plan.pixels):
-        if plan.prompt_xy is not None:
-            u, v = (int(c) for c in plan.prompt_xy[i])
-            text = render_text(profile, **{coord_names[0]: u, coord_names[1]: v})
-            norm = [u, v]
-        else:
-            text, norm = render_text(profile), None
-        yield {"pixel": [_num(x), _num(y)], "normalized": norm, "image_size": list(prep.pixel_map.pre_size),
-               "text": text}
+        u, v = (int(c) for c in plan.prompt_xy[i])
+        rec = {"pixel": [_num(x), _num(y)], "normalized": [u, v], "image_size": size,
+               "text": render_text(profile, **{coord_names[0]: u, coord_names[1]: v})}
+        if shared is not None:
+            rec["image_file"] = shared
+        yield rec
+
+
+def _marker_records(profile, prep, pts: np.ndarray, stem: str, out_dir: Path | None):
+    """Records in the order of the points; the images are the ones `depth_batch` makes for the engine."""
+    pm = prep.pixel_map
+    marked = pm.to_pixel(pts)
+    ok = markable(marked, pm.pre_size, profile.marker)
+    plan = plan_queries(pts[ok], pm, dedupe=False, marker=profile.marker)
+    batch = depth_batch(prep, plan, profile, uid=image_uid(prep, stem))
+    asked = iter(zip(plan.marked.tolist(), batch.queries))
+    for (x, y), (xm, ym), good in zip(pts.tolist(), marked.tolist(), ok.tolist()):
+        rec = {"pixel": [_num(x), _num(y)], "normalized": None, "image_size": list(pm.pre_size),
+               "marked": [int(xm), int(ym)]}
+        if not good:
+            yield {**rec, "text": None, "failure": "unmarkable"}
+            continue
+        (xq, yq), q = next(asked)
+        assert (xq, yq) == (xm, ym)
+        rec["text"] = q.text
+        if out_dir is not None:
+            path = out_dir / f"{stem}_{profile.name}_m{xm}_{ym}.png"
+            rec["image_file"] = str(outputs.write_png(path, batch.images[q.image_uids[0]].pixels))
+        yield rec
 
 
 def object_prompt_records(profile_name: str, image, regions: str, questions: list[str], intrinsics=None):
@@ -83,6 +120,8 @@ def add_arguments(p) -> None:
     p.add_argument("--regions", help="Boxes 'x1,y1,x2,y2;x1,y1,x2,y2' in original-image pixels (object profiles).")
     p.add_argument("--question", action="append", help="A question name (object profiles; repeatable), "
                                                        "e.g. small_predicate, distance_data, direction.")
+    p.add_argument("--save-images", metavar="DIR", help="Write the image the engine is sent for each query as a PNG "
+                                                        "into DIR (marked and resized; point profiles).")
 
 
 def run(args) -> int:
@@ -97,6 +136,6 @@ def run(args) -> int:
         return 0
     if not args.points:
         raise ValueError(f"profile {args.profile} asks about points: pass --points 'x,y;x,y'")
-    for rec in prompt_records(args.profile, args.image, parse_points(args.points), intr):
+    for rec in prompt_records(args.profile, args.image, parse_points(args.points), intr, args.save_images):
         print(json.dumps(rec, ensure_ascii=False))
     return 0

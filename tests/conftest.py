@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED = REPO.parent / "shared"
+# beside the checkout (/work/main -> /work/shared), or two up for a worktree (/work/wt/NAME -> /work/shared)
+SHARED = next((d for d in (REPO.parent / "shared", REPO.parents[1] / "shared") if d.is_dir()), REPO.parent / "shared")
 IBIMS = SHARED / "data" / "ibims1-sample" / "ibims1_sample.jsonl"
 MODEL_FORMATS = SHARED / "reference" / "model-formats.md"
 

@@ -177,6 +177,64 @@ def test_16_bit_images_keep_their_scaling(tmp_path):
     assert load_rgb(p, max_side=20).shape == (15, 20, 3)
 
 
+def test_a_very_elongated_image_fails_saying_why(tmp_path):
+    p = tmp_path / "wide.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (4, 20000, 3), np.uint8)).save(p)
+    assert load_image(p).rgb.shape == (4, 20000, 3)  # it decodes at full size
+    with pytest.raises(ImageError) as info:
+        load_image(p, max_side=2048)  # ... but not reduced to 2048 x 0.4 px
+    assert "20000x4 is too elongated" in str(info.value) and str(p) in str(info.value)
+    assert "unexpected image shape" not in str(info.value)
+
+
+def test_a_narrow_image_with_a_guessed_focal_is_refused_before_it_inflates(tmp_path):
+    """4x20000 with a 60 degree guess: fx 3.5 px, and focal 1000 would make it 1155 x 5.8 million px (20 GB)."""
+    p = tmp_path / "tall.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (20000, 4, 3), np.uint8)).save(p)
+    code = f"""
+import resource
+resource.setrlimit(resource.RLIMIT_AS, (3 << 30, 3 << 30))
+from pathlib import Path
+from densify.io.cameras import CameraError
+from densify.io.images import ImageSource
+from densify.stages.depth import DepthStage
+from densify.stages.settings import DepthConfig
+try:
+    DepthStage(DepthConfig(engine={{"name": "simulated"}}, max_side=100000), None).prepare(ImageSource("t", Path({str(p)!r})))
+except CameraError as exc:
+    print("refused:", exc)
+"""
+    r = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120,
+                       env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert r.returncode == 0 and "refused:" in r.stdout and "1155x5773503 px" in r.stdout, r.stdout + r.stderr[-2000:]
+
+
+def test_gif_files_are_read_and_an_animation_gives_its_first_frame(tmp_path, caplog):
+    import json
+    import shutil
+
+    from densify.synthetic.scenes import SceneSpec, make_scene
+    from pipelines.cli import main
+
+    scene = tmp_path / "scene"
+    make_scene(SceneSpec(seed=9, n_views=2, width=160, height=120)).save(scene)
+    Image.open(scene / "view_001.png").save(scene / "view_001.gif")  # the truth beside it names the stem
+    (scene / "view_001.png").unlink()
+    frames = [Image.fromarray(np.full((12, 16, 3), v, np.uint8)) for v in (10, 200)]
+    frames[0].save(tmp_path / "anim.gif", save_all=True, append_images=frames[1:])
+    with caplog.at_level("WARNING"):
+        rgb = load_rgb(tmp_path / "anim.gif")
+    assert rgb.shape == (12, 16, 3) and abs(int(rgb.mean()) - 10) <= 2 and "2 frames; using the first" in caplog.text
+    out = tmp_path / "out"
+    assert main(["-q", "depth", str(scene), "--out", str(out), "--engine", "simulated", "--count", "128"]) == 0
+    s = json.loads((out / "summary.json").read_text())
+    assert s["images"] == 2 and s["ok"] == 2 and (out / "view_001" / "result.json").is_file()
+    from densify.stages.label import count_manifest
+
+    assert count_manifest(str(scene)) == 2
+    shutil.rmtree(out)
+
+
 # -- outputs
 
 def test_outputs_honour_the_umask(tmp_path):
@@ -234,3 +292,174 @@ def test_sweep_removes_only_densify_temporaries(tmp_path):
         assert (tmp_path / name).read_text() == "keep"
     assert target.read_text() == "precious" and (tmp_path / ".precious.txt.densify-tmp-abcdef12.txt").is_symlink()
     assert (tmp_path / ".cfg").is_dir()
+
+
+# -- every command sweeps what a killed run's last writes left at the top of --out
+
+def _leftovers(folder: Path, names: list[str]) -> list[Path]:
+    """Temporaries as a run killed while writing `names` leaves them (atomic_path's names, never renamed)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    out = []
+    for name in names:
+        fd, tmp = tempfile.mkstemp(prefix=outputs.temp_name(name), suffix=Path(name).suffix, dir=folder)
+        os.write(fd, b"half")
+        os.close(fd)
+        out.append(Path(tmp))
+    return out
+
+
+@pytest.mark.parametrize("command", ["depth", "reconstruct", "pose", "eval"])
+def test_each_command_sweeps_its_killed_run_files_and_only_those(tmp_path, command):
+    from conftest import IBIMS
+
+    from densify.synthetic.scenes import SceneSpec, make_scene
+    from pipelines.cli import main
+
+    if command == "eval" and not IBIMS.is_file():
+        pytest.skip("iBims sample not beside the checkout")
+    out = tmp_path / "out"
+    images = [str(p) for p in make_scene(SceneSpec(seed=2, n_views=3, width=160, height=120)).save(tmp_path / "s")]
+    argv = {"depth": ["depth", *images, "--count", "256"],
+            "reconstruct": ["reconstruct", *images, "--grid", "8", "6", "--set", "depth.plan.count=256"],
+            "pose": ["pose", *images[:2], "--grid", "8", "6", "--set", "depth.plan.count=256"],
+            "eval": ["eval", "ibims", "--data", str(IBIMS), "--limit", "1"]}[command]
+    names = {"depth": ["config.yaml", "summary.json", "failures.jsonl"],
+             "reconstruct": ["summary.json", "poses.json", "pairs.jsonl", "mesh.ply", "cloud.ply", "transforms.json"],
+             "pose": ["pose.json"], "eval": ["eval.json", "summary.json", "failures.jsonl"]}[command]
+    ours = _leftovers(out, names)
+    if command == "reconstruct":
+        ours += _leftovers(out / "colmap", ["cameras.txt", "images.txt", "points3D.txt"])
+    if command in ("reconstruct", "pose"):
+        ours += _leftovers(out / "pairs" / "view_000__view_001", ["matches.npz", "pose.json"])
+    if command != "eval":  # an image folder (eval's images have other ids)
+        ours += _leftovers(out / "depth" / "view_000" if command in ("reconstruct", "pose") else out / "view_000",
+                           ["depth.npy"])
+    foreign = _leftovers(out, ["notes.txt", "summary-1.json", "manifest.parquet"])  # another job's, or a shard's
+    assert main(["-q", *argv, "--out", str(out), "--engine", "simulated"]) in (0, 1)
+    assert [p.name for p in ours if p.exists()] == []
+    assert all(p.exists() for p in foreign)
+
+
+# -- a full disk: the run stops at once (exit 74, "No space left on device"), and a rerun resumes as if
+# nothing had happened
+
+def _depth_argv(scene: Path, out: Path) -> list[str]:
+    return ["depth", str(scene), "--out", str(out), "--engine", "simulated", "--count", "256"]
+
+
+def _same_outputs(a: Path, b: Path) -> None:
+    import json
+
+    dirs = sorted(d.name for d in b.iterdir() if d.is_dir())
+    assert sorted(d.name for d in a.iterdir() if d.is_dir()) == dirs and dirs
+    for d in dirs:
+        names = sorted(f.name for f in (b / d).iterdir())
+        assert sorted(f.name for f in (a / d).iterdir()) == names, d
+        for n in names:
+            x, y = (a / d / n).read_bytes(), (b / d / n).read_bytes()
+            if n == "result.json":  # the same but for the time it took
+                x, y = ({k: v for k, v in json.loads(t).items() if k != "wall_s"} for t in (x, y))
+            assert x == y, f"{d}/{n}"
+
+
+@pytest.fixture(scope="module")
+def six_views(tmp_path_factory):
+    from densify.synthetic.scenes import SceneSpec, make_scene
+
+    root = tmp_path_factory.mktemp("six")
+    make_scene(SceneSpec(seed=8, n_views=6, width=160, height=120)).save(root / "scene")
+    from pipelines.cli import main
+
+    assert main(["-q", *_depth_argv(root / "scene", root / "ref")]) == 0
+    return root / "scene", root / "ref"
+
+
+def test_a_full_disk_stops_depth_at_once_with_exit_74_and_the_rerun_resumes_identically(six_views, tmp_path,
+                                                                                          monkeypatch, capsys):
+    import errno
+    from contextlib import contextmanager
+
+    from pipelines.cli import main
+
+    scene, ref = six_views
+    per_image = sum(f.stat().st_size for f in (ref / "view_000").iterdir())
+    real, used = outputs.atomic_path, [0]
+
+    @contextmanager
+    def filling(path):  # a disk with room for about two and a half images
+        with real(path) as tmp:
+            yield tmp
+            used[0] += tmp.stat().st_size
+            if used[0] > 2.5 * per_image:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(outputs, "atomic_path", filling)
+    out = tmp_path / "out"
+    rc = main(_depth_argv(scene, out))
+    err = capsys.readouterr().err
+    assert rc == 74 and "No space left on device" in err and "Traceback" not in err, err
+    assert len(err.strip().splitlines()[-1:]) == 1 and "densify depth: cannot write outputs" in err
+    done = sorted(p.parent.name for p in out.glob("*/result.json"))
+    assert 1 <= len(done) <= 2 and len([d for d in out.iterdir() if d.is_dir()]) <= 3  # stopped at the first
+    assert not list(out.rglob(f"*{outputs.TEMP_TAG}*"))
+    monkeypatch.setattr(outputs, "atomic_path", real)  # space freed
+    assert main(["-q", *_depth_argv(scene, out)]) == 0
+    _same_outputs(out, ref)
+
+
+def test_open3d_s_silent_short_write_is_an_error(tmp_path, monkeypatch):
+    """Open3D reports success when its writes fail: the PLY's length is checked against its header."""
+    o3d = pytest.importorskip("open3d")
+    cloud = o3d.geometry.PointCloud(o3d.utility.Vector3dVector(np.random.default_rng(0).random((500, 3))))
+    cloud.colors = o3d.utility.Vector3dVector(np.random.default_rng(1).random((500, 3)))
+    outputs.write_ply(tmp_path / "cloud.ply", cloud)
+    outputs.check_ply(tmp_path / "cloud.ply")
+    mesh = o3d.geometry.TriangleMesh.create_sphere()
+    mesh.compute_vertex_normals()
+    outputs.write_mesh(tmp_path / "mesh.ply", mesh)
+    outputs.check_ply(tmp_path / "mesh.ply")
+    real = o3d.io.write_point_cloud
+
+    def short(path, pc, **kw):  # what a full disk does to it: a truncated file, and True
+        real(path, pc, **kw)
+        os.truncate(path, os.path.getsize(path) - 7)
+        return True
+
+    monkeypatch.setattr(o3d.io, "write_point_cloud", short)
+    with pytest.raises(OSError, match="Open3D wrote") as info:
+        outputs.write_ply(tmp_path / "again.ply", cloud)
+    assert info.value.filename == str(tmp_path / "again.ply") and not list(tmp_path.glob(".again*"))
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A real 2 MiB file system (tmpfs), where this process may mount one."""
+    d = tmp_path / "disk"
+    d.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(d)], capture_output=True).returncode:
+        pytest.skip("cannot mount a small file system here (needs root)")
+    yield d
+    subprocess.run(["umount", "-l", str(d)], capture_output=True)
+
+
+def test_a_real_full_disk_stops_depth_with_exit_74_and_nothing_truncated_is_certified(six_views, small_disk):
+    scene, ref = six_views
+    out = small_disk / "out"
+    p = subprocess.run([sys.executable, "-m", "pipelines", *_depth_argv(scene, out), "--count", "3072"], cwd=REPO,
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 74 and "No space left on device" in p.stderr, p.stderr[-2000:]
+    from densify.io.layout import ImageFiles
+
+    for res in out.glob("*/result.json"):  # what is certified is whole (numpy and Open3D writes included)
+        files = ImageFiles(res.parent)
+        outputs.check_ply(files.cloud)
+        np.load(files.depth_npy)
+        assert all((files.dir / n).stat().st_size == size for n, size in files.read_result()["files"].items())
+    subprocess.run(["mount", "-o", "remount,size=64m", str(small_disk)], check=True)
+    p = subprocess.run([sys.executable, "-m", "pipelines", "-q", *_depth_argv(scene, out), "--count", "3072"],
+                       cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-2000:]
+    ref3072 = small_disk / "ref"
+    subprocess.run([sys.executable, "-m", "pipelines", "-q", *_depth_argv(scene, ref3072), "--count", "3072"],
+                   cwd=REPO, check=True, capture_output=True, timeout=300)
+    _same_outputs(out, ref3072)

@@ -175,6 +175,10 @@ def test_disk_full_on_commit_is_one_clear_error_and_the_store_stays_usable(tmp_p
         eng.generate(big)
         assert len(store) == 3010
     assert issubclass(StoreFullError, StoreError)
+    from pipelines.cli import EXIT_IO, EXIT_STORE, exit_code
+
+    # a full disk is a full disk, under the store or any other output; a damaged or held store is not
+    assert exit_code(info.value) == EXIT_IO == 74 and exit_code(StoreLockedError("held")) == EXIT_STORE == 4
 
 
 # -- the store key

@@ -1,6 +1,7 @@
 """End to end through the command line: `densify depth`, `densify demo`, `densify prompts`, `densify eval`."""
 
 import json
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -8,6 +9,8 @@ import pytest
 from conftest import IBIMS
 
 from pipelines.cli import main
+
+REPO_DATA = Path(__file__).parent / "data"
 
 
 @pytest.fixture(scope="module")
@@ -93,6 +96,44 @@ def test_prompts_command_prints_exact_json(capsys):
     assert lines[0]["normalized"] == [round(519 * s / W * 2000), round(129 * (1000 / 558.14) / H * 2000)]
     assert lines[0]["text"].startswith(f"Given this image, how far is the point at coordinates "
                                        f"({lines[0]['normalized'][0]}, {lines[0]['normalized'][1]}) from")
+
+
+def test_prompts_save_images_writes_what_the_engine_is_sent(tmp_path, capsys):
+    """--save-images: per query the marked, resized image exactly as depth_batch builds it for the engine;
+    a point too close to a border is reported unmarkable and gets no image."""
+    from densify.config.profiles import load_profile
+    from densify.io.cameras import Camera, prepare_image
+    from densify.io.images import load_rgb
+    from densify.queries.plan import plan_queries
+    from densify.queries.prompts import depth_batch
+
+    img = REPO_DATA / "ibims1_factory_01.png"
+    intr = "559.62,558.14,361.87,241.99"  # fx != fy: undistorted, then one scale 750 / fx
+    out = tmp_path / "seen"
+    assert main(["prompts", "--profile", "depthlm", "--image", str(img), "--intrinsics", intr,
+                 "--points", "519,129;2,2;45,56", "--save-images", str(out)]) == 0
+    recs = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
+    assert [r.get("failure") for r in recs] == [None, "unmarkable", None]
+    assert "image_file" not in recs[1] and recs[1]["text"] is None
+    p = load_profile("depthlm")
+    rgb = load_rgb(img)
+    prep = prepare_image(rgb, Camera(559.62, 558.14, 361.87, 241.99, 640, 480), **p.preprocess.image_options())
+    plan = plan_queries(np.array([[519, 129], [45, 56]], float), prep.pixel_map, marker=p.marker)
+    b = depth_batch(prep, plan, p, uid="x")
+    assert sorted(f.name for f in out.iterdir()) == sorted(Path(r["image_file"]).name for r in (recs[0], recs[2]))
+    for r, q, xy in zip((recs[0], recs[2]), b.queries, plan.marked.tolist()):
+        assert r["marked"] == xy and r["image_size"] == list(prep.pixel_map.pre_size) and r["text"] == q.text
+        saved = cv2.imread(r["image_file"], cv2.IMREAD_COLOR)[..., ::-1]
+        assert np.array_equal(saved, b.images[q.image_uids[0]].pixels)
+        x, y = xy
+        assert tuple(saved[y, x - 1]) == (255, 0, 0) and tuple(saved[y, x]) == tuple(prep.pixels[y, x])
+    # a coordinate profile: one shared image, the prepared one
+    assert main(["prompts", "--profile", "vlm3-depth", "--image", str(img), "--intrinsics", intr,
+                 "--points", "519,129;45,56", "--save-images", str(tmp_path / "vlm3")]) == 0
+    recs = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
+    assert len({r["image_file"] for r in recs}) == 1 and len(list((tmp_path / "vlm3").iterdir())) == 1
+    saved = cv2.imread(recs[0]["image_file"], cv2.IMREAD_COLOR)[..., ::-1]
+    assert list(saved.shape[1::-1]) == recs[0]["image_size"]
 
 
 def test_prompts_rejects_points_outside(capsys):

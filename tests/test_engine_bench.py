@@ -99,3 +99,32 @@ def test_best_options_are_those_of_the_fastest_valid_bf16_pool_row(tmp_path):
     assert eb.best_options([str(tmp_path / "a.json"), str(tmp_path / "b.json")]) == {
         "cascade_attention": True, "queries_in_flight": 0}
     assert eb.best_options([str(tmp_path / "b.json")]) == {}
+
+
+def test_depthlm_phase_sends_exactly_marked_images(fast_vllm):  # noqa: F811
+    """The depthlm phase on a fake vLLM: the depthlm profile's chat and the release's marker, every query
+    its own image (one of 9 red pixels changed from the unmarked photo), answered rows at 12 and 30 tokens."""
+    import numpy as np
+
+    from densify.config.profiles import load_profile
+    from densify.io.cameras import prepare_image
+
+    rows = eb.depthlm_phase("/m", 7.8e14, {}, n_queries=20)
+    assert [r["answer_tokens"] for r in rows] == [12, 30]
+    assert all(r["valid"] and r["answered"] == 20 and r["images_sent"] == 20 and r["profile"] == "depthlm"
+               for r in rows)
+    r = rows[0]
+    assert r["flop_per_query"] == pytest.approx(2 * eb.PIXTRAL_PARAMS * (r["uncached_prompt_tokens_per_query"]
+                                                                        + r["generated_tokens_per_query"]))
+    llm = FakeLLM.instances[-1]
+    dlm = load_profile("depthlm")
+    rgb, cam = eb.photo(102)  # the first measured image of the phase (state starts at 100, warm-up 101)
+    prep = prepare_image(rgb, cam, **dlm.preprocess.image_options())
+    sent = [p for _, p, _ in llm.enqueued if p["multi_modal_data"]["image"][0].size == (750, 562)]
+    assert len(sent) >= 20 + 32
+    measured = [p for p in sent[32:52]]
+    for p in measured:
+        assert p["prompt"].endswith(dlm.question.template + "<|im_end|>\n<|im_start|>assistant\n")
+        assert "system" not in p["prompt"]  # no system message
+        diff = np.argwhere(np.any(np.asarray(p["multi_modal_data"]["image"][0]) != prep.pixels, axis=2))
+        assert len(diff) == 9

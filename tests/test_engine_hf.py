@@ -20,7 +20,7 @@ from densify.engines import EngineBatch, PromptImage, Query, Sampling, create_en
 from densify.io.cameras import Camera, prepare_image  # noqa: E402
 from densify.queries.plan import plan_queries  # noqa: E402
 from densify.queries.prompts import depth_batch  # noqa: E402
-from densify.synthetic.qwen3vl import build_model_folder  # noqa: E402
+from densify.synthetic.models import build_model_folder  # noqa: E402
 
 MAX_TOKENS = 10
 
@@ -130,7 +130,7 @@ def test_two_image_inputs(engine):
     cache: dict = {}
     inputs = engine.build_inputs(batch, batch.queries, cache)
     assert sorted(cache) == ["a", "b"]
-    ga, gb = cache["a"][1][0].tolist(), cache["b"][1][0].tolist()
+    ga, gb = (cache[u][0]["image_grid_thw"][0].tolist() for u in ("a", "b"))
     assert ga != gb
     assert inputs["image_grid_thw"].tolist() == [ga, gb, gb, ga]
     mask = inputs["attention_mask"]

@@ -38,14 +38,14 @@ TINY = dict(gpu_memory_utilization=0.25, max_model_len=4096, max_num_seqs=128, m
 
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory):
-    from densify.synthetic.qwen3vl import build_model_folder
+    from densify.synthetic.models import build_model_folder
 
     return build_model_folder(tmp_path_factory.mktemp("models") / "tiny", shape="tiny")
 
 
 @pytest.fixture(scope="module")
 def model_4b(tmp_path_factory):
-    from densify.synthetic.qwen3vl import build_model_folder
+    from densify.synthetic.models import build_model_folder
 
     return build_model_folder(tmp_path_factory.mktemp("models") / "qwen3vl-4b", shape="4b")
 
@@ -62,15 +62,14 @@ def real_image(profile, size: tuple[int, int] | None = None):
         sc = cam.scaled(*size)
         cam = Camera(cam.fx, cam.fy, sc.cx, sc.cy, size[0], size[1])
     p = profile.preprocess
-    return prepare_image(rgb, cam, focal=p.focal, max_side=p.max_side, square_pixels=p.square_pixels,
-                         coord_range=profile.coord_range, resample=p.resample)
+    return prepare_image(rgb, cam, coord_range=profile.coord_range, **p.image_options())
 
 
 def queries(profile, n: int, sampling: Sampling | None = None, size=None, tag=None) -> EngineBatch:
     prep = real_image(profile, size)
     w, h = prep.camera.width, prep.camera.height
     orig = prep.pixel_map.orig_size
-    plan = plan_queries(grid_points(orig[0], orig[1], count=n), prep.pixel_map)
+    plan = plan_queries(grid_points(orig[0], orig[1], count=n), prep.pixel_map, marker=profile.marker)
     return depth_batch(prep, plan, profile, uid=image_uid(prep, f"{IMAGE.stem}-{w}x{h}"),
                        sampling=sampling or sampling_for(profile), tag=tag)
 
@@ -89,7 +88,7 @@ def test_vllm_and_hf_give_the_same_greedy_answers(tiny_model, dtype):
     prof = load_profile("vlm3-depth")
     plain = queries(prof, 16, Sampling(max_tokens=24))
     # a system prompt and a prefill, as DepthLM-style profiles use
-    extra = queries(prof, 6, Sampling(max_tokens=16, system_prompt=load_profile("depthlm").system_prompt,
+    extra = queries(prof, 6, Sampling(max_tokens=16, system_prompt=load_profile("depthlm-qwen").system_prompt,
                                       prefill="<think> </think><answer>"))
     v_plain = _run("vllm", plain, model=str(tiny_model), dtype=dtype, **TINY)
     v_extra = None
@@ -206,7 +205,7 @@ def test_openai_engine_against_vllm_serve(tiny_model, monkeypatch):
 
     prof = load_profile("vlm3-depth")
     plain = queries(prof, 12, Sampling(max_tokens=24))
-    extra = queries(prof, 4, Sampling(max_tokens=16, system_prompt=load_profile("depthlm").system_prompt,
+    extra = queries(prof, 4, Sampling(max_tokens=16, system_prompt=load_profile("depthlm-qwen").system_prompt,
                                       prefill="<think> </think><answer>"))
     local = _run("vllm", plain, model=str(tiny_model), dtype="float32", **TINY)
     local_extra = _run("vllm", extra, model=str(tiny_model), dtype="float32", **TINY)
@@ -310,3 +309,106 @@ def test_cpu_cuts_give_the_same_answers(tiny_model):
         assert eng.stats["fast_prompt_batches"] == 3 and eng.fast_prompts  # the fast path's check held
     finally:
         eng.close()
+
+
+# (8) DepthLM as released on the Pixtral-shaped models: vLLM and transformers give the same prompt tokens
+# (one BOS, the same image rows) and, in float32, the same greedy answers; the hf engine's folder inputs
+# (no torchvision) equal the processor's; `densify depth --profile depthlm` through vLLM on the 12B shape
+@pytest.fixture(scope="module")
+def pixtral_tiny(tmp_path_factory):
+    from densify.synthetic.models import build_model_folder
+
+    return build_model_folder(tmp_path_factory.mktemp("models") / "pixtral-tiny", shape="pixtral-tiny")
+
+
+@pytest.fixture(scope="module")
+def pixtral_12b(tmp_path_factory):
+    from densify.synthetic.models import build_model_folder
+
+    return build_model_folder(tmp_path_factory.mktemp("models") / "pixtral-12b", shape="pixtral-12b")
+
+
+def test_vllm_and_hf_agree_on_depthlm_pixtral_tiny(pixtral_tiny):
+    prof = load_profile("depthlm")
+    b = queries(prof, 12, Sampling(max_tokens=16), size=(400, 300))
+    assert len(b.images) == len(b.queries) >= 10  # every query its own marked image
+    v = _run_profile("vllm", prof, b, model=str(pixtral_tiny), dtype="float32", **TINY)
+    h = _run_profile("hf", prof, b, model=str(pixtral_tiny), device="cuda", dtype="float32", batch_size=6)
+    assert all(o.error is None for o in v)
+    assert [o.n_prompt_tokens for o in v] == [o.n_prompt_tokens for o in h]
+    same = [a.text == c.text for a, c in zip(v, h)]
+    print(f"\npixtral-tiny float32: {sum(same)}/{len(same)} identical; prompt tokens {v[0].n_prompt_tokens}; "
+          f"first: vllm {v[0].text!r} hf {h[0].text!r}")
+    assert all(same)
+
+
+def test_hf_folder_inputs_equal_the_processor(pixtral_tiny, tiny_model):
+    """Without torchvision the hf engine expands image placeholders itself; here (torchvision present) the
+    processor's inputs are the reference."""
+    pytest.importorskip("torchvision")
+    from transformers import AutoTokenizer
+
+    from densify.engines.hf import FolderInputs, ProcessorInputs, model_inputs
+
+    class Cfg:  # just what model_inputs reads of a model
+        def __init__(self, path):
+            import json as _json
+            c = _json.loads((Path(path) / "config.json").read_text())
+            self.config = type("C", (), {"image_token_id": c.get("image_token_id", c.get("image_token_index"))})()
+
+        def forward(self, input_ids=None, mm_token_type_ids=None):
+            pass
+
+    for folder, name, proc_cls in ((pixtral_tiny, "depthlm", "PixtralProcessor"),
+                                   (tiny_model, "depthlm-qwen", "Qwen3VLProcessor")):
+        prof = load_profile(name)
+        b = queries(prof, 4, size=(400, 300))
+        tok = AutoTokenizer.from_pretrained(folder)
+        tok.padding_side = "left"
+        m = Cfg(folder)
+        proc = model_inputs(str(folder), tok, m, None)
+        assert isinstance(proc, ProcessorInputs)
+        mine = FolderInputs(str(folder), tok, m.config.image_token_id, True, proc_cls)
+        from densify.engines.chat import TEMPLATE_TEXT_KEYS, chat_messages
+        texts = [tok.apply_chat_template(chat_messages(1, q.text, b.sampling.system_prompt, text_keys=TEMPLATE_TEXT_KEYS),
+                                         tokenize=False, add_generation_prompt=True) for q in b.queries]
+        ims = [[b.images[q.image_uids[0]]] for q in b.queries]
+        a, c = proc(texts, ims, {}), mine(texts, ims, {})
+        assert torch.equal(a["input_ids"], c["input_ids"]) and torch.equal(a["attention_mask"], c["attention_mask"])
+        d = (a["pixel_values"].float() - c["pixel_values"].float()).abs()
+        print(f"\n{name}: pixel values, torchvision vs PIL: max |diff| {float(d.max()):.4f}, mean {float(d.mean()):.5f}")
+        assert float(d.mean()) < 0.02
+        for k in ("image_sizes", "image_grid_thw"):
+            if k in a:
+                assert torch.equal(torch.as_tensor(a[k]), torch.as_tensor(c[k])), k
+
+
+def _run_profile(engine_name: str, profile, batch: EngineBatch, **opts):
+    eng = create_engine(engine_name, profile=profile, **opts)
+    try:
+        return eng.generate(batch)
+    finally:
+        eng.close()
+
+
+def test_densify_depth_depthlm_vllm_pixtral_12b_dummy(pixtral_12b, tmp_path):
+    from pipelines.cli import main
+
+    out = tmp_path / "out"
+    rc = main(["depth", str(IMAGE), "--out", str(out), "--profile", "depthlm", "--engine", "vllm",
+               "--model", str(pixtral_12b), "--count", "64",
+               "--set", "plan.mode=grid", "--set", "densify.method=linear",
+               "--set", "engine.options.load_format=dummy",
+               "--set", "engine.options.gpu_memory_utilization=0.85",
+               "--set", "engine.options.enforce_eager=true",
+               "--set", "engine.options.max_model_len=4096",
+               "--set", "outputs.ply=false"])
+    summary = json.loads((out / "summary.json").read_text())
+    print("\n", {k: summary[k] for k in ("images", "ok", "failed", "queries", "queries_per_s", "answer_failures")})
+    # dummy weights write garbage: the image fails for its answers; every query went through the engine
+    assert summary["images"] == 1 and summary["queries"] >= 60
+    assert all(f["kind"] == "answers" for f in summary["failed_images"]), summary["failed_images"]
+    assert "engine_error" not in summary["answer_failures"]
+    recs = [json.loads(x) for x in (out / IMAGE.stem / "answers.jsonl").read_text().splitlines()]
+    assert len(recs) == summary["queries"] and all(r["text"] for r in recs)
+    assert rc == 1

@@ -402,18 +402,70 @@ def test_prompt_renderer_matches_real_chat_template(tmp_path):
     pytest.importorskip("tokenizers")
     transformers = pytest.importorskip("transformers")
     from densify.engines.vllm import PromptRenderer, chat_messages
-    from densify.synthetic.qwen3vl import build_model_folder
+    from densify.synthetic.models import build_model_folder
 
     folder = build_model_folder(tmp_path / "m", shape="4b")
     tok = transformers.AutoTokenizer.from_pretrained(folder)
     r = PromptRenderer(tok)
-    prof = load_profile("depthlm")
+    prof = load_profile("depthlm-qwen")
     for n, sys_prompt, prefill in [(1, None, None), (1, prof.system_prompt, None), (2, None, "<think> </think>")]:
         for text in ["Given this image, how far is (12, 34)?", "a {brace} and \\ backslash"]:
             want = tok.apply_chat_template(chat_messages(n, text, sys_prompt), tokenize=False,
                                            add_generation_prompt=True) + (prefill or "")
             assert r(n, text, sys_prompt, prefill) == want
     assert r(1, "q", None, None).count("<|image_pad|>") == 1
+
+
+def test_vllm_renders_depthlm_prompts_for_a_pixtral_model(fake_vllm, monkeypatch, tmp_path):
+    """The released DepthLM chat through the vllm engine, rendered by a Pixtral-shaped folder's own
+    tokenizer and template: no system message, the image then the question, exactly one BOS once vLLM
+    tokenises the prompt (its tokenizer prepends <s>, so the rendered one is left to it); every query its
+    own marked image, so no fast path."""
+    pytest.importorskip("tokenizers")
+    transformers = pytest.importorskip("transformers")
+    from densify.engines import create_engine
+    from densify.io.cameras import Camera, prepare_image
+    from densify.queries.plan import plan_queries
+    from densify.queries.prompts import depth_batch as marked_depth_batch
+    from densify.synthetic.models import build_model_folder
+
+    folder = build_model_folder(tmp_path / "pixtral-12b", shape="pixtral-12b")
+    tok = transformers.AutoTokenizer.from_pretrained(folder)
+
+    class PixtralLLM(FastFakeLLM):
+        def __init__(self, **kw):
+            super().__init__(**kw)
+            self.tokenizer = tok
+
+    monkeypatch.setattr(fake_vllm, "LLM", PixtralLLM)
+    sys.modules["vllm.sampling_params"].RequestOutputKind = types.SimpleNamespace(FINAL_ONLY="final_only")
+    prof = load_profile("depthlm")
+    rgb = np.random.default_rng(0).integers(0, 200, (480, 640, 3), dtype=np.uint8)
+    prep = prepare_image(rgb, Camera(1000.0, 1000.0, 320.0, 240.0, 640, 480), coord_range=None,
+                         **prof.preprocess.image_options())
+    plan = plan_queries(np.array([[100, 100], [300, 200], [500, 400], [320, 240]], float), prep.pixel_map,
+                        marker=prof.marker)
+    b = marked_depth_batch(prep, plan, prof, uid="img")
+    eng = create_engine("vllm", profile="depthlm", model=str(folder), load_format="dummy")
+    outs = eng.generate(b)
+    llm = FakeLLM.instances[-1]
+    assert llm.kw["model"] == str(folder) and llm.kw["limit_mm_per_prompt"] == {"image": 1, "video": 0}
+    assert len(outs) == 4 and all(c.error is None for c in outs)
+    assert llm.renders == 0 and len(llm.enqueued) == 4  # one image per query: nothing to share
+    question = prof.question.template
+    for (_, p, _), q in zip(llm.enqueued, b.queries):
+        assert p["prompt"] == f"[INST][IMG]{question}[/INST]"
+        ids = tok(p["prompt"])["input_ids"]  # as vLLM tokenises a text prompt: special tokens added
+        assert ids[:3] == [1, 3, 10] and ids.count(1) == 1 and ids[-1] == 4
+        [im] = p["multi_modal_data"]["image"]
+        assert im.size == (480, 360) and np.array_equal(np.asarray(im), b.images[q.image_uids[0]].pixels)
+    uuids = [p["multi_modal_uuids"]["image"][0] for _, p, _ in llm.enqueued]
+    assert len(set(uuids)) == 4  # the marked images differ, so do their content hashes
+    # the hf engine's rendering (tokenised without special tokens) is the same token sequence
+    from densify.engines.chat import TEMPLATE_TEXT_KEYS, chat_messages
+    hf_text = tok.apply_chat_template(chat_messages(1, question, None, text_keys=TEMPLATE_TEXT_KEYS),
+                                      tokenize=False, add_generation_prompt=True)
+    assert tok(hf_text, add_special_tokens=False)["input_ids"] == ids
 
 
 @pytest.fixture

@@ -1,5 +1,6 @@
 """The simulated engine's error presets: the statistics of the errors they generate."""
 
+import dataclasses
 import math
 
 import numpy as np
@@ -57,13 +58,17 @@ def _ref(uid, w, h):
 
 
 def _point_batch(depth, xys, uid="a", object_ids=None):
-    """Queries at exact preprocessed pixels (hint, no coordinates in the text) of one prompt image whose
-    truth (depth, object ids) is given in its own frame."""
+    """Queries at exact preprocessed pixels (marked images: the pixel is in each image's provenance, no
+    coordinates in the text) of one source image whose truth (depth, object ids) is given in its own frame."""
     h, w = depth.shape
     _TRUTH.d[uid], _TRUTH.ids[uid] = depth, object_ids
-    img = PromptImage(uid, np.zeros((h, w, 3), np.uint8), _ref(uid, w, h))
-    qs = [Query(f"depth {k}", (uid,), "depth", hint={"pre_xy": (float(x), float(y))}) for k, (x, y) in enumerate(xys)]
-    return EngineBatch({uid: img}, qs)
+    pixels, ref = np.zeros((h, w, 3), np.uint8), _ref(uid, w, h)
+    images, qs = {}, []
+    for k, (x, y) in enumerate(xys):
+        muid = f"{uid}:m{int(x)},{int(y)}"
+        images[muid] = PromptImage(muid, pixels, dataclasses.replace(ref, marker=(int(x), int(y))))
+        qs.append(Query(f"depth {k}", (muid,), "depth"))
+    return EngineBatch(images, qs)
 
 
 def _log_errors(engine, batch, depth, xys):

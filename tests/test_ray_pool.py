@@ -224,6 +224,25 @@ def test_unknown_engine_and_broken_engine_fail_early():
                       actor_max_restarts=0)
 
 
+def test_a_pool_larger_than_the_cluster_stops_at_once_naming_both_numbers(monkeypatch):
+    """Each actor fits, all of them do not: refused before any actor starts, not after the start timeout."""
+    from densify.engines.base import EngineStartError
+
+    t0 = time.monotonic()
+    with pytest.raises(EngineStartError, match=r"9 Ray actors need 9 CPUs in all but the cluster has 8"):
+        RayPoolEngine(PROFILE, num_actors=9, engine_options={"truth": TRUTH}, startup_timeout_s=30)
+    with pytest.raises(EngineStartError, match=r"3 Ray actors need 9 CPUs in all but the cluster has 8"):
+        RayPoolEngine(PROFILE, num_actors=3, num_cpus_per_actor=3, engine_options={"truth": TRUTH},
+                      startup_timeout_s=30)
+    assert time.monotonic() - t0 < 10
+    # GPUs alike (the cluster here has none: pretend it has one)
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 8.0, "GPU": 1.0})
+    with pytest.raises(EngineStartError, match=r"3 Ray actors need 1.5 GPUs in all but the cluster has 1"):
+        RayPoolEngine(PROFILE, num_actors=3, num_gpus_per_actor=0.5, engines_per_gpu=1)
+    with pytest.raises(EngineStartError, match=r"3 Ray actors need 2 GPUs in all but the cluster has 1"):
+        RayPoolEngine(PROFILE, engine="vllm", num_actors=3, num_gpus_per_actor=1, engines_per_gpu=2)
+
+
 def test_close_kills_the_actors():
     p = create_engine("ray", profile=PROFILE, num_actors=1)
     actor = p.actors[0]

@@ -35,10 +35,12 @@ def _depth_case(textured_image, count, sampling=None):
 def test_exact_answers_read_coordinates_from_the_prompt(textured_image, profile):
     depth, cam = _scene(textured_image)
     p = load_profile(profile)
-    prep = prepare_image(textured_image, cam, focal=p.preprocess.focal, coord_range=p.coord_range)
-    plan = plan_queries(grid_points(640, 480, count=(8, 6)), prep.pixel_map)
+    prep = prepare_image(textured_image, cam, coord_range=p.coord_range, **p.preprocess.image_options())
+    plan = plan_queries(grid_points(640, 480, count=(8, 6)), prep.pixel_map, marker=p.marker)
     eng = create_engine("simulated", profile=p, noise=False, truth=ArrayTruth({"i": depth}))
     batch = depth_batch(prep, plan, p, uid="i", ref=image_ref("i", prep))
+    # a marked image's only trace of its pixel is the image itself and its provenance (no hint)
+    assert all(not hasattr(q, "hint") for q in batch.queries)
     ans = collect_depth(p, plan.pixels, plan.prompt_xy, eng.generate(batch))
     gt = depth[plan.pixels[:, 1], plan.pixels[:, 0]]
     assert np.allclose(ans.values, gt, atol=0.006)
@@ -103,3 +105,27 @@ def test_answers_per_s_paces_batches_without_changing_answers(textured_image):
     assert time.perf_counter() - t0 >= 0.1 - 1e-3
     with pytest.raises(ValueError, match="answers_per_s"):
         SimulatedEngine(p, truth=truth, answers_per_s=0)
+
+
+def test_depthlm_unmarkable_points_get_a_failure_record_and_are_never_asked(tmp_path):
+    """Through the depth stage: points too close to a border for the marker are not sent to the engine;
+    answers.jsonl and the failure counts say `unmarkable`, the other points are answered."""
+    import json
+
+    from densify import Densifier
+    from densify.synthetic.scenes import SceneSpec, make_scene
+
+    paths = make_scene(SceneSpec(seed=2, n_views=1, width=320, height=240)).save(tmp_path / "scene")
+    cam = json.loads(paths[0].with_suffix(".json").read_text())
+    s = 750.0 / cam["fx"]  # depthlm's scale: the 5-px margin in original pixels is 5 / s
+    inner = [(160, 120), (100, 80), (200, 150)]
+    edge = [(0, 120), (160, 0), (319, 120), (160, 239)]
+    with Densifier(engine="simulated", profile="depthlm", plan={"mode": "grid"}, noise=False) as d:
+        [m] = d.depth(paths, points=np.array(inner + edge, float), out=tmp_path / "out")
+    recs = [json.loads(line) for line in (tmp_path / "out" / m.id / "answers.jsonl").read_text().splitlines()]
+    by_pixel = {tuple(r["pixel"]): r for r in recs}
+    assert len(recs) == 7 and s > 1
+    assert all(by_pixel[tuple(map(float, p))]["failure"] == "unmarkable" for p in edge)
+    assert all(by_pixel[tuple(map(float, p))]["failure"] is None for p in inner)
+    assert all(by_pixel[tuple(map(float, p))]["text"] == "" for p in edge)
+    assert m.ok

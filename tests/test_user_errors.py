@@ -76,6 +76,21 @@ def test_errors_in_a_config_file_name_the_file_and_key(scene_dir, tmp_path, caps
     assert rc == 2 and "no such file" in text
 
 
+@pytest.mark.parametrize("text, words", [
+    ("plan:\n  count: !!python/object/apply:os.system [echo hi]\n", ["line 2, column 10", "remove the tag"]),
+    ("plan: !custom {count: 3}\n", ["'!custom'", "line 1, column 7", "remove the tag"]),
+    ("plan:\n  count: [1, 2\n", ["expected ',' or ']'", "line 3"]),
+])
+def test_a_yaml_error_in_a_config_file_is_one_line(scene_dir, tmp_path, capsys, text, words):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(text)
+    rc, out = _run(capsys, "depth", str(scene_dir), "--out", str(tmp_path / "o"), "--config", str(cfg))
+    lines = out.strip().splitlines()
+    assert rc == 2 and len(lines) == 1 and lines[0].startswith(f"densify depth: error: {cfg}: not valid YAML"), out
+    assert all(w in lines[0] for w in words), out
+    assert not (tmp_path / "o").exists()
+
+
 def test_out_that_is_a_file_is_refused_before_the_work(scene_dir, tmp_path, capsys):
     f = tmp_path / "file"
     f.write_text("x")
@@ -86,12 +101,28 @@ def test_out_that_is_a_file_is_refused_before_the_work(scene_dir, tmp_path, caps
 
 def test_label_with_no_ray_cluster_says_so(scene_dir, tmp_path, capsys):
     pytest.importorskip("ray")
-    if Path("/tmp/ray/ray_current_cluster").exists():
-        pytest.skip("a Ray cluster runs on this machine: 'auto' would find it")
+    import psutil
+
+    if Path("/tmp/ray/ray_current_cluster").exists() or any(
+            p.info["name"] == "gcs_server" for p in psutil.process_iter(["name"])):
+        pytest.skip("a Ray cluster runs on this machine (another job's): 'auto' would find it")
     rc, text = _run(capsys, "label", str(scene_dir), "--out", str(tmp_path / "o"), "--engine", "simulated",
                     "--ray-address", "auto")
     assert rc == 3 and "Ray could not start or connect" in text and "ray start --head" in text
     assert "Traceback" not in text
+
+
+def test_label_pool_larger_than_the_local_ray_stops_at_once_with_exit_3(scene_dir, tmp_path, capsys):
+    pytest.importorskip("ray")
+    import re
+
+    n = 2 * (os.cpu_count() or 1) + 1  # more actors than the local Ray has CPUs
+    t0 = time.monotonic()
+    rc, text = _run(capsys, "label", str(scene_dir), "--out", str(tmp_path / "o"), "--engine", "simulated",
+                    "--count", "64", "--set", f"ray.num_actors={n}")
+    assert rc == 3 and time.monotonic() - t0 < 120, text
+    m = re.search(rf"{n} Ray actors need {n} CPUs in all but the cluster has (\d+)", text)
+    assert m and int(m.group(1)) < n and "num_actors" in text and "Traceback" not in text, text
 
 
 def test_debug_shows_the_traceback(scene_dir, tmp_path, capsys):
@@ -196,6 +227,28 @@ def test_ctrl_c_on_a_label_job_with_local_ray_stops_fast_and_starts_no_second_ra
     assert err.count("Started a local Ray instance") <= 1 and "Traceback" not in err
     s = json.loads((out / "summary.json").read_text())
     assert s["interrupted"] is True and s["ok"] >= 1 and not s["complete"]
+
+
+def test_sigterm_on_a_label_job_with_local_ray_exits_143_with_densify_s_message_and_resumes(tmp_path):
+    # ray.init installs its own SIGTERM handler (sys.exit(15)) and a crash dump: densify's must win
+    pytest.importorskip("ray")
+    from densify.synthetic.scenes import SceneSpec, make_scene
+
+    make_scene(SceneSpec(seed=7, n_views=8, width=320, height=240)).save(tmp_path / "scene")
+    out = tmp_path / "out"
+    argv = ["label", str(tmp_path / "scene"), "--out", str(out), "--engine", "simulated", "--count", "3072",
+            "--set", "ray.num_actors=1"]
+    p = _start_until_a_result(out, *argv)
+    p.send_signal(signal.SIGTERM)
+    _, err = p.communicate(timeout=60)
+    assert p.returncode == 143, err
+    assert "densify label: terminated" in err and "SIGTERM received" not in err and "Traceback" not in err, err
+    s = json.loads((out / "summary.json").read_text())
+    assert s["interrupted"] is True and s["ok"] >= 1 and not s["complete"]
+    p = subprocess.run([sys.executable, "-m", "pipelines", *argv], cwd=REPO, capture_output=True, text=True,
+                       timeout=300)
+    s2 = json.loads((out / "summary.json").read_text())
+    assert p.returncode == 0 and s2["complete"] and s2["skipped"] == s["ok"] and s2["ok"] + s2["skipped"] == 8, p.stderr
 
 
 def test_ctrl_c_on_reconstruct_writes_what_finished(tmp_path):

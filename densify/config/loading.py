@@ -76,11 +76,26 @@ def validate(model: type[M], data: dict, source: str, overrides: tuple[Override,
         raise ConfigError(format_validation_error(exc, source, model, overrides)) from None
 
 
+def yaml_problem(exc: yaml.YAMLError) -> str:
+    """A YAML error in one line: what is wrong and where (PyYAML's own message quotes the text over lines)."""
+    mark = getattr(exc, "problem_mark", None)
+    problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+    context = getattr(exc, "context", None)
+    text = f"{context}: {problem}" if context else problem
+    if mark is not None:
+        text += f" at line {mark.line + 1}, column {mark.column + 1}"
+    if "constructor for the tag" in problem:
+        text += "; settings are plain YAML: remove the tag"
+    return " ".join(text.split())
+
+
 def read_yaml(path: str | Path) -> dict:
     path = Path(path)
     try:
         data = yaml.safe_load(path.read_text()) or {}
-    except (OSError, yaml.YAMLError) as exc:
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {yaml_problem(exc)}") from None
+    except OSError as exc:
         raise ConfigError(f"{path}: cannot read YAML ({exc})") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: a config must be a YAML mapping (key: value), got {type(data).__name__}")
@@ -124,7 +139,7 @@ def parse_set(items: list[str] | None) -> list[Override]:
         try:
             val = yaml.safe_load(value)
         except yaml.YAMLError as exc:
-            raise ConfigError(f"--set {item}: the value is not valid YAML ({exc})") from None
+            raise ConfigError(f"--set {item}: the value is not valid YAML ({yaml_problem(exc)})") from None
         out.append(Override(tuple(key.strip().split(".")), val, f"--set {item}"))
     return out
 

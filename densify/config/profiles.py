@@ -20,24 +20,50 @@ class Preprocess(BaseModel):
     focal: float | None = Field(None, description="resize so the focal length is this many pixels")
     max_side: int | None = Field(None, description="resize so max(W, H) equals this")
     square_pixels: bool = Field(True, description="resample rows first when fx != fy")
-    resample: Literal["bicubic", "bilinear", "lanczos", "nearest", "area"] = "bicubic"
+    resample: Literal["bicubic", "bilinear", "lanczos", "nearest", "area", "pil_default"] = Field(
+        "bicubic", description="PIL filter of the resize (pil_default: none given, PIL's own default)")
+    size_rounding: Literal["round", "truncate"] = Field(
+        "round", description="new size round(W * s) or int(W * s)")
+    undistort: Literal["none", "opencv_alpha1"] = Field(
+        "none", description="opencv_alpha1: when |fx - fy| > undistort_tol, OpenCV's optimal new camera "
+                            "matrix (alpha=1, no distortion) and undistort into it")
+    undistort_tol: float = Field(1e-3, ge=0)
+    pixel_mapping: Literal["scale", "intrinsics"] = Field(
+        "scale", description="original -> preprocessed pixel: x * s, or (x - cx) * (fx' / fx) + cx'")
+    pixel_rounding: Literal["none", "truncate"] = Field(
+        "none", description="the integer pixel a marker is drawn at: rounded, or int() as DepthLM's release")
 
     @model_validator(mode="after")
     def _one_rule(self):
         if (self.focal is None) == (self.max_side is None):
             raise ValueError("set exactly one of preprocess.focal and preprocess.max_side")
+        if self.square_pixels and self.undistort != "none":
+            raise ValueError("preprocess.square_pixels and preprocess.undistort are two ways of handling fx != fy; "
+                             "set square_pixels: false with an undistort rule")
         return self
+
+    def image_options(self) -> dict:
+        """These settings as the keywords of `densify.io.cameras.prepare_image`."""
+        return self.model_dump(exclude={"focal", "max_side"}) | {"focal": self.focal, "max_side": self.max_side}
 
 
 class Marker(BaseModel):
-    """A mark drawn on the image at the queried pixel (DepthLM's red arrow)."""
+    """Red pixels set on the preprocessed image to point at the queried pixel (DepthLM's arrow).
+
+    `pixels` are (dx, dy) offsets from the queried pixel, each painted `color`; a query closer to a border
+    than `margin` cannot be marked (the release skips it; densify records it as `unmarkable`)."""
     model_config = ConfigDict(extra="forbid")
-    kind: Literal["arrow"] = "arrow"
     color: tuple[int, int, int] = (255, 0, 0)
-    length: float = Field(40.0, description="arrow length in preprocessed pixels")
-    thickness: int = 3
-    angle_deg: float = Field(225.0, description="direction the arrow comes from (225: from lower left)")
-    tip_length: float = 0.3
+    pixels: list[tuple[int, int]] = Field(min_length=1, description="(dx, dy) offsets painted, in order")
+    margin: int = Field(ge=0, description="markable: margin <= x < W - margin and margin <= y < H - margin")
+
+    @model_validator(mode="after")
+    def _inside_margin(self):
+        reach = max(max(abs(dx), abs(dy)) for dx, dy in self.pixels)
+        if reach > self.margin:
+            raise ValueError(f"marker.pixels reach {reach} px from the queried pixel but margin is {self.margin}: "
+                             f"a marker near a border would be clipped")
+        return self
 
 
 class RegionFormat(BaseModel):

@@ -29,6 +29,8 @@ class ImageRef:
     """Original (width, height)."""
     scale: tuple[float, float] = (1.0, 1.0)
     """Prompt-image pixel = original pixel * scale (per axis, the profile's exact resize factors)."""
+    marker: tuple[int, int] | None = None
+    """The prompt-image pixel a marker was drawn to point at (marker profiles), else None."""
 
 
 @dataclass
@@ -38,6 +40,11 @@ class PromptImage:
     uid: str
     pixels: np.ndarray  # HxWx3 uint8 RGB
     ref: ImageRef | None = None
+
+    @property
+    def source_uid(self) -> str:
+        """The uid of the image this one was drawn from (a marked image is `<source uid>:m<x>,<y>`)."""
+        return self.uid.split(":", 1)[0]
 
     @staticmethod
     def content_uid(pixels: np.ndarray, salt: str = "") -> str:
@@ -56,8 +63,6 @@ class Query:
     image_uids: tuple[str, ...]
     question: str = "depth"
     """The profile question name (engines ignore it except the simulated one)."""
-    hint: dict | None = None
-    """Facts a simulator may use when the text does not carry them (e.g. a marker's pixel)."""
 
 
 @dataclass(frozen=True)

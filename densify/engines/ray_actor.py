@@ -211,12 +211,12 @@ def to_columns(batch: EngineBatch) -> tuple:
     """A batch without its tag, queries as columns."""
     qs = batch.queries
     return (batch.images, [q.text for q in qs], [q.image_uids for q in qs], [q.question for q in qs],
-            [q.hint for q in qs], batch.sampling)
+            batch.sampling)
 
 
 def from_columns(payload: tuple) -> EngineBatch:
-    images, texts, uids, questions, hints, sampling = payload
-    return EngineBatch(images, [Query(t, u, qn, h) for t, u, qn, h in zip(texts, uids, questions, hints)], sampling)
+    images, texts, uids, questions, sampling = payload
+    return EngineBatch(images, [Query(t, u, qn) for t, u, qn in zip(texts, uids, questions)], sampling)
 
 
 def completions_from_columns(cols: tuple) -> list[Completion]:

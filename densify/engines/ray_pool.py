@@ -36,7 +36,7 @@ from densify.engines.ray_actor import EngineSpec, actor_class, completions_from_
 from densify.engines.registry import options_model, pool_default_engine, split_runtime
 from densify.engines.vllm_memory import AUTO_ENGINES_PER_GPU, AUTO_ENGINES_PER_GPU_FP8
 
-__all__ = ["RayPoolEngine", "AUTO_ENGINES_PER_GPU", "AUTO_ENGINES_PER_GPU_FP8", "resolve_engines_per_gpu"]
+__all__ = ["RayPoolEngine", "init_ray", "AUTO_ENGINES_PER_GPU", "AUTO_ENGINES_PER_GPU_FP8", "resolve_engines_per_gpu"]
 
 log = logging.getLogger("densify.ray")
 
@@ -62,6 +62,23 @@ def resolve_engines_per_gpu(engines_per_gpu: int | str, engine: EngineSpec, engi
                                       num_actors=num_actors, engine=inner.engine_name if inner else pool_default_engine(),
                                       engine_options=inner)
     return pool.engines_per_gpu_for()
+
+
+def init_ray(**kwargs) -> None:
+    """`ray.init`, keeping a SIGTERM handler the process installed: ray.init puts in its own (sys.exit(15)) and
+    its core worker a crash dump, which would skip the caller's cleanup (the CLI's summary and exit 143)."""
+    import signal
+    import threading
+
+    import ray
+
+    main = threading.current_thread() is threading.main_thread()
+    old = signal.getsignal(signal.SIGTERM) if main else None
+    try:
+        ray.init(**kwargs)
+    finally:
+        if callable(old):  # a Python handler; the default action (or none set from Python) is left to Ray
+            signal.signal(signal.SIGTERM, old)
 
 
 @dataclass
@@ -198,7 +215,7 @@ class RayPoolEngine(Engine):
             # A local Ray by default (or the cluster RAY_ADDRESS names); `address` for an existing cluster.
             # close() shuts down what this call started: the local Ray, or this driver's connection.
             try:
-                ray.init(address=opts.address, include_dashboard=False, log_to_driver=False, ignore_reinit_error=True,
+                init_ray(address=opts.address, include_dashboard=False, log_to_driver=False, ignore_reinit_error=True,
                          configure_logging=False, runtime_env=runtime_env)
             except Exception as exc:  # no cluster at that address, a bad address, ...
                 raise EngineStartError(f"Ray could not start or connect (ray_address={opts.address!r}): "
@@ -233,6 +250,13 @@ class RayPoolEngine(Engine):
             else:
                 num_actors = int((res.get("CPU", 1) - self.spare_cpus) // max(num_cpus, 1e-9))
         num_actors = max(1, int(num_actors))
+        # K engines per GPU get whole GPUs (a placement-group bundle each); else each actor its share
+        gpus = -(-num_actors // self.engines_per_gpu) if self.engines_per_gpu > 1 else num_actors * num_gpus
+        for what, total in (("GPU", gpus), ("CPU", num_actors * num_cpus)):
+            if total > res.get(what, 0) + 1e-9:  # some actors could never start: say so now, not after the timeout
+                raise EngineStartError(f"{num_actors} Ray actors need {total:g} {what}s in all but the cluster has "
+                                       f"{res.get(what, 0):g}; lower num_actors or num_{what.lower()}s_per_actor, "
+                                       f"or use a larger cluster")
         # threaded: all batches in flight reach a streaming engine at once, and pings answer meanwhile
         opts: dict = {"num_cpus": num_cpus, "num_gpus": num_gpus, "max_restarts": self.actor_max_restarts,
                       "max_task_retries": 0, "max_concurrency": self.max_in_flight + 4}

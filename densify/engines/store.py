@@ -282,10 +282,9 @@ class AnswerStore:
 
     @staticmethod
     def query_part(q: Query) -> bytes:
-        """16 bytes naming (prompt images, prompt text, hint) within an image part."""
+        """16 bytes naming (prompt images, prompt text) within an image part (a marked image's uid names
+        its marked pixel, so the two say everything the model is asked)."""
         text = "\x1f".join(q.image_uids) + "\x1e" + q.text
-        if q.hint:
-            text += "\x1e" + repr(sorted(q.hint.items()))
         return hashlib.blake2b(text.encode(), digest_size=16).digest()
 
     # -- reads

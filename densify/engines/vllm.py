@@ -9,7 +9,9 @@ scheduled, so the running batch is dominated by one shared prefix.
 
 Prompts are rendered with the model's chat template exactly as the hf engine does (optional system
 message; one user turn holding the images, then the text; the generation prompt; then the optional
-prefill, which is also put back at the start of each answer). Images go in as PIL images with a hash of
+prefill, which is also put back at the start of each answer). vLLM tokenises a text prompt with the
+tokenizer's special tokens, so when the tokenizer prepends a BOS itself (Pixtral's does) the rendered BOS
+is left to it: the tokens are the hf engine's either way. Images go in as PIL images with a hash of
 their pixels as `multi_modal_uuids` (computed once per image and batch), so vLLM's processor and encoder
 caches key on the content: the image is neither re-hashed nor re-processed per query, and a uuid never
 stands for other pixels, whatever uids the caller reuses.
@@ -33,7 +35,7 @@ from typing import Any, Iterable, Iterator
 from densify.config.profiles import Profile, load_profile
 from densify.engines.base import (Completion, Engine, EngineBatch, EngineError, EngineStartError, PromptImage, Query,
                                   Sampling, check_batch)
-from densify.engines.chat import chat_messages
+from densify.engines.chat import TEMPLATE_TEXT_KEYS, chat_messages
 from densify.engines.options import VLLMOptions
 from densify.engines.vllm_fast import FALLBACK, FAST, add_fast
 
@@ -89,12 +91,18 @@ class PromptRenderer:
     def __init__(self, tokenizer):
         self.tokenizer = tokenizer
         self._parts: dict[tuple, tuple[str, str] | None] = {}
+        self.bos = tokenizer_adds_bos(tokenizer)
 
     def full(self, n_images: int, text: str, system_prompt: str | None, prefill: str | None) -> str:
-        out = self.tokenizer.apply_chat_template(chat_messages(n_images, text, system_prompt), tokenize=False,
+        out = self.tokenizer.apply_chat_template(chat_messages(n_images, text, system_prompt,
+                                                               text_keys=TEMPLATE_TEXT_KEYS), tokenize=False,
                                                  add_generation_prompt=True)
         if not isinstance(out, str):
             raise EngineError(f"the tokenizer's chat template returned {type(out).__name__}, not text")
+        if self.bos and out.startswith(self.bos):
+            # vLLM tokenizes a text prompt with the tokenizer's special tokens, which prepend this BOS
+            # again (Llama-style tokenizers, e.g. Pixtral's): leave it to the tokenizer, once
+            out = out[len(self.bos):]
         return out + (prefill or "")
 
     def parts(self, n_images: int, system_prompt: str | None = None,
@@ -120,6 +128,19 @@ class PromptRenderer:
         if parts is None:
             return self.full(n_images, text, system_prompt, prefill)
         return parts[0] + text + parts[1]
+
+
+def tokenizer_adds_bos(tokenizer) -> str | None:
+    """The BOS text a tokenizer prepends by itself when it tokenizes with special tokens, else None."""
+    bos, bos_id = getattr(tokenizer, "bos_token", None), getattr(tokenizer, "bos_token_id", None)
+    if not isinstance(bos, str) or not bos or bos_id is None:
+        return None
+    try:
+        plain = tokenizer("x")["input_ids"]
+        bare = tokenizer("x", add_special_tokens=False)["input_ids"]
+    except Exception:  # noqa: BLE001 - a tokenizer without these calls adds nothing we know of
+        return None
+    return bos if list(plain[:1]) == [bos_id] and list(bare[:1]) != [bos_id] else None
 
 
 class _PILCache:

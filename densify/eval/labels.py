@@ -60,5 +60,6 @@ def evaluate_labels(sources: list[ImageSource], cfg: DepthConfig, engine: Engine
         "queries_per_s": summary["queries_per_s"], "per_image": per_image,
     }
     if layout is not None:
+        layout.sweep(layout.eval)
         outputs.write_json(layout.eval, report)
     return report

@@ -288,6 +288,8 @@ class AdaptiveRun:
     completions: list = field(default_factory=list)
     calls: list[int] = field(default_factory=list)
     """Queries per engine call (one call per round)."""
+    unmarkable: np.ndarray = field(default_factory=lambda: np.zeros((0, 2)))
+    """Pixels planned but not asked: too close to a border for the profile's marker."""
 
 
 def run_adaptive(planner: AdaptivePlanner, ask, parse, *, first_points=None) -> AdaptiveRun:
@@ -347,14 +349,20 @@ class AdaptiveDepthImage:
             if self._prebuilt is not None:
                 batch, plan = self._prebuilt, self._first_plan
                 self._prebuilt = None
+                if len(plan.unmarkable):
+                    self.run.unmarkable = np.concatenate([self.run.unmarkable, plan.unmarkable])
             else:
-                plan = plan_queries(self._points, self.prep.pixel_map)
+                plan = plan_queries(self._points, self.prep.pixel_map, marker=self.profile.marker)
                 keys = _keys(plan)
                 fresh = np.array([k not in self.seen for k in keys], bool)
                 if not fresh.all():
                     plan.pixels = plan.pixels[fresh]
                     if plan.prompt_xy is not None:
                         plan.prompt_xy = plan.prompt_xy[fresh]
+                    if plan.marked is not None:
+                        plan.marked = plan.marked[fresh]
+                if len(plan.unmarkable):
+                    self.run.unmarkable = np.concatenate([self.run.unmarkable, plan.unmarkable])
                 if len(plan) == 0:
                     self.done = True
                     return None
@@ -374,8 +382,9 @@ class AdaptiveDepthImage:
                                                                                           plan.prompt_xy])
         run.completions.extend(completions)
         run.calls.append(len(completions))
-        ans = answers_mod.collect_depth(self.profile, run.pixels, run.prompt_xy, run.completions)
-        self._points = self.planner.next_points(run.pixels, ans.values, ans.logprobs)
+        ans = answers_mod.collect_depth(self.profile, run.pixels, run.prompt_xy, run.completions,
+                                        unmarkable=run.unmarkable)
+        self._points = self.planner.next_points(ans.pixels, ans.values, ans.logprobs)
         self.done = self._points is None or len(self._points) == 0
 
 
@@ -391,6 +400,7 @@ def run_adaptive_depth(engine, planner: AdaptivePlanner, prep, profile, *, uid: 
     return img.run
 
 def _keys(plan) -> list[tuple[int, int]]:
-    """What makes two queries the same prompt: prompt coordinates, else the (rounded) pixel."""
-    src = plan.prompt_xy if plan.prompt_xy is not None else np.rint(plan.pixels)
+    """What makes two queries the same prompt: prompt coordinates, the marked pixel, else the (rounded) pixel."""
+    src = plan.prompt_xy if plan.prompt_xy is not None else plan.marked if plan.marked is not None \
+        else np.rint(plan.pixels)
     return [tuple(map(int, p)) for p in src]

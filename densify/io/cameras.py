@@ -152,6 +152,10 @@ class PixelMap:
     normalise by the *rounded* resized size: (264, 24) in 600x400 -> (450.56, 40.96) in 1024x683 ->
     (440.0, 59.971) -> prompt (440, 60). `range_` is the prompt's normalised range (2000 for VLM3-depth,
     1000 for VLM3-corr); prompt coordinates are Python-rounded (half to even, as the release's `round`).
+
+    With `origin` set (DepthLM's rule) a pixel maps through the intrinsics instead,
+    x' = (x - cx) * (fx' / fx) + cx' with gain = fx' / fx, origin = (cx, cy), pre_origin = (cx', cy'), in
+    that order of float operations; `rounding="truncate"` makes the marked pixel int(x'), as the release.
     """
 
     orig_size: tuple[int, int]
@@ -159,6 +163,14 @@ class PixelMap:
     range_: int | None = None
     scale: tuple[float, float] | None = None
     """Exact (sx, sy) resize factors; default: the ratio of the sizes."""
+    origin: tuple[float, float] | None = None
+    """(cx, cy) of the original intrinsics, when pixels map through the intrinsics."""
+    pre_origin: tuple[float, float] | None = None
+    """(cx', cy') of the preprocessed intrinsics (with `origin`)."""
+    gain: tuple[float, float] | None = None
+    """(fx' / fx, fy' / fy) (with `origin`)."""
+    rounding: str = "none"
+    """How `to_pixel` makes an integer pixel: "none" (round half to even) or "truncate" (int())."""
 
     @property
     def sx(self) -> float:
@@ -169,10 +181,23 @@ class PixelMap:
         return self.scale[1] if self.scale else self.pre_size[1] / self.orig_size[1]
 
     def to_pre(self, x, y):
+        if self.origin is not None:
+            return ((np.asarray(x, float) - self.origin[0]) * self.gain[0] + self.pre_origin[0],
+                    (np.asarray(y, float) - self.origin[1]) * self.gain[1] + self.pre_origin[1])
         return np.asarray(x, float) * self.sx, np.asarray(y, float) * self.sy
 
     def to_orig(self, xp, yp):
+        if self.origin is not None:
+            return ((np.asarray(xp, float) - self.pre_origin[0]) / self.gain[0] + self.origin[0],
+                    (np.asarray(yp, float) - self.pre_origin[1]) / self.gain[1] + self.origin[1])
         return np.asarray(xp, float) / self.sx, np.asarray(yp, float) / self.sy
+
+    def to_pixel(self, xy: np.ndarray) -> np.ndarray:
+        """Original pixels (Nx2) -> integer preprocessed pixels (Nx2 int64), e.g. where a marker goes."""
+        xy = np.asarray(xy, float).reshape(-1, 2)
+        xp, yp = self.to_pre(xy[:, 0], xy[:, 1])
+        r = np.trunc if self.rounding == "truncate" else np.rint
+        return np.stack([r(xp), r(yp)], 1).astype(np.int64)
 
     def pre_to_prompt_float(self, xp, yp):
         if self.range_ is None:
@@ -211,23 +236,26 @@ class PreparedImage:
 
 
 def preprocess_scale(camera: Camera, *, focal: float | None = None, max_side: int | None = None,
-                     square_pixels: bool = True) -> tuple[tuple[int, int], tuple[float, float]]:
+                     square_pixels: bool = True,
+                     size_rounding: str = "round") -> tuple[tuple[int, int], tuple[float, float]]:
     """The size a profile resizes an image to, and the exact per-axis coordinate scale.
 
     focal: scale so the focal length becomes `focal` (s = focal / fx; new size round(W * s), round(H' * s),
     where H' = round(H * fx / fy) resamples rows to square pixels when fx != fy; coordinates scale by
-    focal / fx and focal / fy). max_side: scale so max(W, H) == max_side.
+    focal / fx and focal / fy). max_side: scale so max(W, H) == max_side. size_rounding "truncate": the
+    new size is int(W * s), int(H * s) (DepthLM's release) instead of rounded.
     """
     w, h = camera.width, camera.height
+    rnd = (lambda v: int(v)) if size_rounding == "truncate" else (lambda v: int(round(v)))
     if focal is not None:
         s = focal / camera.fx
         if square_pixels and camera.fx != camera.fy:
             h1 = int(round(h * camera.fx / camera.fy))
-            return (int(round(w * s)), int(round(h1 * s))), (s, focal / camera.fy)
-        return (int(round(w * s)), int(round(h * s))), (s, s)
+            return (rnd(w * s), rnd(h1 * s)), (s, focal / camera.fy)
+        return (rnd(w * s), rnd(h * s)), (s, s)
     if max_side is not None:
         s = max_side / max(w, h)
-        return (int(round(w * s)), int(round(h * s))), (s, s)
+        return (rnd(w * s), rnd(h * s)), (s, s)
     return (w, h), (1.0, 1.0)
 
 
@@ -236,26 +264,68 @@ def preprocessed_size(camera: Camera, **kwargs) -> tuple[int, int]:
 
 
 def resize_rgb(rgb: np.ndarray, size: tuple[int, int], resample: str = "bicubic") -> np.ndarray:
-    """Resize with PIL, as the Hugging Face image pipelines of the releases do."""
+    """Resize with PIL, as the Hugging Face image pipelines of the releases do ("pil_default": whatever
+    filter `Image.resize` uses when given none, as DepthLM's release calls it)."""
     from PIL import Image
 
     if (rgb.shape[1], rgb.shape[0]) == tuple(size):
         return rgb
+    if resample == "pil_default":
+        return np.asarray(Image.fromarray(rgb).resize(tuple(size)))
     modes = {"bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR, "lanczos": Image.LANCZOS,
              "nearest": Image.NEAREST, "area": Image.BOX}
     return np.asarray(Image.fromarray(rgb).resize(tuple(size), modes[resample]))
 
 
+def undistort_alpha1(rgb: np.ndarray, camera: Camera, tol: float = 1e-3) -> tuple[np.ndarray, Camera]:
+    """DepthLM's camera step: when |fx - fy| > tol, OpenCV's optimal new camera matrix (no distortion,
+    alpha=1, same size) and `undistort` into it; the intrinsics are then the new matrix's."""
+    if abs(camera.fx - camera.fy) <= tol:
+        return rgb, camera
+    import cv2
+
+    dist = np.zeros((4, 1))
+    size = (rgb.shape[1], rgb.shape[0])
+    new_k, _ = cv2.getOptimalNewCameraMatrix(camera.K, dist, size, 1, size)
+    out = cv2.undistort(np.ascontiguousarray(rgb), camera.K, dist, None, new_k)
+    return out, Camera(float(new_k[0, 0]), float(new_k[1, 1]), float(new_k[0, 2]), float(new_k[1, 2]),
+                       camera.width, camera.height, camera.source)
+
+
 def prepare_image(rgb: np.ndarray, camera: Camera, *, focal: float | None = None,
                   max_side: int | None = None, square_pixels: bool = True, coord_range: int | None = None,
-                  resample: str = "bicubic") -> PreparedImage:
-    """Undistort (square pixels) and resize an image for a profile, keeping the exact pixel map."""
+                  resample: str = "bicubic", size_rounding: str = "round", undistort: str = "none",
+                  undistort_tol: float = 1e-3, pixel_mapping: str = "scale",
+                  pixel_rounding: str = "none") -> PreparedImage:
+    """Undistort (square pixels, or OpenCV's alpha=1 undistortion) and resize an image for a profile,
+    keeping the exact pixel map. The keywords are a profile's `preprocess` settings (config/profiles.py)."""
     if rgb.shape[1] != camera.width or rgb.shape[0] != camera.height:
         raise CameraError(f"intrinsics are for {camera.width}x{camera.height} but the image is "
                           f"{rgb.shape[1]}x{rgb.shape[0]}")
-    size, scale = preprocess_scale(camera, focal=focal, max_side=max_side, square_pixels=square_pixels)
+    if undistort == "opencv_alpha1":
+        rgb, cam = undistort_alpha1(rgb, camera, undistort_tol)
+    elif undistort == "none":
+        cam = camera
+    else:
+        raise ValueError(f"unknown undistort rule {undistort!r}")
+    size, scale = preprocess_scale(cam, focal=focal, max_side=max_side, square_pixels=square_pixels,
+                                   size_rounding=size_rounding)
+    from densify.io.images import MAX_PIXELS
+
+    if min(size) < 2 or size[0] * size[1] > MAX_PIXELS:  # a narrow image with a guessed focal can inflate
+        how = f"to focal {focal:g} px from fx {cam.fx:.4g}" if focal is not None else f"to {max_side} px"
+        raise CameraError(f"the profile resizes this {cam.width}x{cam.height} image {how}, which makes it "
+                          f"{size[0]}x{size[1]} px (it needs at least 2 px a side and at most {MAX_PIXELS:,} px); "
+                          f"give its intrinsics if fx is wrong, or crop it to a less elongated image")
     pixels = resize_rgb(rgb, size, resample)
-    pmap = PixelMap((camera.width, camera.height), size, coord_range, scale)
-    c = camera
+    c = cam
     pre_cam = Camera(c.fx * scale[0], c.fy * scale[1], c.cx * scale[0], c.cy * scale[1], size[0], size[1], c.source)
+    if pixel_mapping == "intrinsics":  # through the intrinsics, from the original camera's (as DepthLM)
+        pmap = PixelMap((camera.width, camera.height), size, coord_range, scale, origin=(camera.cx, camera.cy),
+                        pre_origin=(pre_cam.cx, pre_cam.cy),
+                        gain=(pre_cam.fx / camera.fx, pre_cam.fy / camera.fy), rounding=pixel_rounding)
+    elif pixel_mapping == "scale":
+        pmap = PixelMap((camera.width, camera.height), size, coord_range, scale, rounding=pixel_rounding)
+    else:
+        raise ValueError(f"unknown pixel mapping {pixel_mapping!r}")
     return PreparedImage(pixels, pre_cam, pmap)

@@ -14,7 +14,7 @@ import numpy as np
 
 log = logging.getLogger(__name__)
 
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"}
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".gif"}
 MAX_PIXELS = 64_000_000
 
 
@@ -162,10 +162,16 @@ def load_image(path: str | Path, max_pixels: int = MAX_PIXELS, *, max_side: int 
                 orientation = int(im.getexif().get(0x0112, 1))
             except Exception:  # a damaged EXIF block: the pixels may still be fine
                 orientation = 1
+            if getattr(im, "n_frames", 1) > 1:  # animated GIF/PNG/WebP, multi-page TIFF: the first is the image
+                log.warning("%s: %d frames; using the first", path, im.n_frames)
             target = None
             if max_side is not None and max(w, h) > max_side:
                 s = max_side / max(w, h)
-                target = (max(1, int(round(w * s))), max(1, int(round(h * s))))
+                target = (int(round(w * s)), int(round(h * s)))
+                if min(target) < 2:
+                    raise ImageError(f"{path}: {w}x{h} is too elongated to decode at most {max_side} px on its longer "
+                                     f"side (the shorter would be {min(w, h) * s:.2g} px, under 2); crop it to a "
+                                     f"less elongated image")
                 if im.format == "JPEG":
                     im.draft("RGB", target)  # decodes at the smallest DCT scale still >= target
             im.load()

@@ -152,6 +152,16 @@ class RunLayout:
     def pair(self, id1: str, id2: str) -> PairFiles:
         return PairFiles(self.root / "pairs" / f"{id1}__{id2}")
 
+    def sweep(self, *files: str | Path) -> list[Path]:
+        """Remove what interrupted writes of these files of the run left: their temporaries only (a job
+        sharing the folder keeps its own). Each command calls it on the run files it writes, before writing."""
+        from densify.io.outputs import sweep_temp_files
+
+        by_dir: dict[Path, list[str]] = {}
+        for f in map(Path, files):
+            by_dir.setdefault(f.parent, []).append(f.name)
+        return [p for d, names in by_dir.items() for p in sweep_temp_files(d, names)]
+
     config = property(lambda self: self.root / f"config{self.suffix}.yaml")
     summary = property(lambda self: self.root / f"summary{self.suffix}.json")
     failures = property(lambda self: self.root / f"failures{self.suffix}.jsonl")

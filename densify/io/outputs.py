@@ -7,9 +7,11 @@ the permissions an ordinary `open()` would give them (0666 minus the umask), not
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
+import shutil
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -59,9 +61,18 @@ def atomic_path(path: str | Path):
     try:
         yield Path(tmp)
         os.replace(tmp, path)
+    except OSError as exc:
+        if exc.errno is not None and exc.filename in (None, tmp):  # name the file, not its temporary
+            raise OSError(exc.errno, exc.strerror, str(path)) from exc
+        raise
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def disk_full(exc: BaseException) -> bool:
+    """A write failed for want of space (or quota): no later output can be written either."""
+    return isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)
 
 
 def sweep_temp_files(folder: str | Path, targets: Iterable[str] | None = None, *,
@@ -121,10 +132,18 @@ def _jsonable(o):
     raise TypeError(f"not JSON serialisable: {type(o)}")
 
 
+class _Writes:
+    """Only a file's write(): numpy then writes through Python, whose errors keep their errno (ENOSPC); into
+    a real file it uses fwrite, whose errors say only "N requested and M written"."""
+
+    def __init__(self, f):
+        self.write = f.write
+
+
 def write_npy(path, array: np.ndarray) -> Path:
     with atomic_path(path) as tmp:
         with open(tmp, "wb") as f:
-            np.save(f, array)
+            np.save(_Writes(f), array)
     return Path(path)
 
 
@@ -167,6 +186,7 @@ def write_ply(path, cloud) -> Path:
     with atomic_path(path) as tmp:
         if not o3d.io.write_point_cloud(str(tmp), cloud, write_ascii=False):
             raise OSError(f"Open3D could not write {path}")
+        check_ply(tmp)
     return Path(path)
 
 
@@ -176,4 +196,41 @@ def write_mesh(path, mesh) -> Path:
     with atomic_path(path) as tmp:
         if not o3d.io.write_triangle_mesh(str(tmp), mesh, write_ascii=False):
             raise OSError(f"Open3D could not write {path}")
+        check_ply(tmp)
     return Path(path)
+
+
+_PLY_TYPES = {"char": 1, "uchar": 1, "int8": 1, "uint8": 1, "short": 2, "ushort": 2, "int16": 2, "uint16": 2,
+              "int": 4, "uint": 4, "int32": 4, "uint32": 4, "float": 4, "float32": 4, "double": 8, "float64": 8}
+
+
+def check_ply(path, list_items: int = 3) -> None:
+    """Raise OSError unless the binary PLY at `path` is as long as its header says. Open3D reports success
+    when its writes fail (a full disk leaves a truncated file); list properties are taken to hold
+    `list_items` entries (Open3D's triangles)."""
+    path = Path(path)
+    with open(path, "rb") as f:
+        head = f.read(1 << 16)
+    end = head.find(b"end_header\n")
+    lines = head[:max(end, 0)].decode("ascii", "replace").splitlines()
+    if end < 0 or not any(line.startswith("format binary") for line in lines):
+        raise _short(path, len(head), None)
+    want, count, item = end + len(b"end_header\n"), 0, 0
+    for w in (line.split() for line in lines):
+        if w[:1] == ["element"]:
+            want, count, item = want + count * item, int(w[2]), 0
+        elif w[:2] == ["property", "list"]:
+            item += _PLY_TYPES[w[2]] + list_items * _PLY_TYPES[w[3]]
+        elif w[:1] == ["property"]:
+            item += _PLY_TYPES[w[1]]
+    want += count * item
+    got = path.stat().st_size
+    if got < want:
+        raise _short(path, got, want)
+
+
+def _short(path: Path, got: int, want: int | None) -> OSError:
+    what = f"Open3D wrote {got} of {want} bytes" if want else "Open3D wrote no complete header"
+    if shutil.disk_usage(path.parent).free < (want or 0) - got + (1 << 20):  # its writes failed for want of space
+        return OSError(errno.ENOSPC, f"{os.strerror(errno.ENOSPC)} ({what})", str(path))
+    return OSError(errno.EIO, what, str(path))

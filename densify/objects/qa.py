@@ -22,8 +22,7 @@ from densify.queries.prompts import image_ref, image_uid, object_batch
 
 def prepare_object_image(rgb: np.ndarray, camera: Camera, profile: Profile) -> PreparedImage:
     p = profile.preprocess
-    return prepare_image(rgb, camera, focal=p.focal, max_side=p.max_side, square_pixels=p.square_pixels,
-                         coord_range=None, resample=p.resample)
+    return prepare_image(rgb, camera, coord_range=None, **p.image_options())
 
 
 def build_prompts(profile: Profile, prep: PreparedImage, questions: list[tuple[str, list[Region], str | None]]

@@ -62,8 +62,7 @@ class CorrView:
 def corr_view(image_id: str, rgb: np.ndarray, camera: Camera, profile: Profile, *, path=None,
               manifest=None) -> CorrView:
     p = profile.preprocess
-    prep = prepare_image(rgb, camera, focal=p.focal, max_side=p.max_side, square_pixels=p.square_pixels,
-                         coord_range=profile.coord_range, resample=p.resample)
+    prep = prepare_image(rgb, camera, coord_range=profile.coord_range, **p.image_options())
     return CorrView(image_id, camera, prep, image_uid(prep, image_id), image_ref(image_id, prep, path, manifest))
 
 

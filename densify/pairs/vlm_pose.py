@@ -65,8 +65,7 @@ class VlmPose:
 
 def pose_view(rgb: np.ndarray, camera: Camera, profile: Profile) -> PreparedImage:
     p = profile.preprocess
-    return prepare_image(rgb, camera, focal=p.focal, max_side=p.max_side, square_pixels=p.square_pixels,
-                         coord_range=profile.coord_range, resample=p.resample)
+    return prepare_image(rgb, camera, coord_range=profile.coord_range, **p.image_options())
 
 
 _KIND_TO_FIELD = {"euler": "euler", "vector3": "direction", "distance": "distance", "angle": "angle"}

@@ -20,6 +20,7 @@ NOT_A_NUMBER = "not_a_number"
 NON_POSITIVE = "non_positive"
 NO_MATCH = "no_match"
 ENGINE_ERROR = "engine_error"
+UNMARKABLE = "unmarkable"  # not asked: too close to a border for the profile's marker
 
 
 @dataclass
@@ -132,7 +133,10 @@ class PointAnswers:
                    "logprob": None if np.isnan(self.logprobs[i]) else float(self.logprobs[i])}
 
 
-def collect_depth(profile: Profile, pixels: np.ndarray, prompt_xy, completions: list[Completion]) -> PointAnswers:
+def collect_depth(profile: Profile, pixels: np.ndarray, prompt_xy, completions: list[Completion], *,
+                  unmarkable: np.ndarray | None = None) -> PointAnswers:
+    """Answers about `pixels` (one completion each, in order); `unmarkable` pixels (never asked: a marker
+    cannot be drawn there) follow them, each with the failure kind `unmarkable`."""
     q = profile.question
     vals = np.full(len(completions), np.nan)
     fails: list[str | None] = []
@@ -142,5 +146,13 @@ def collect_depth(profile: Profile, pixels: np.ndarray, prompt_xy, completions: 
         if p.failure is None:
             vals[i] = p.value
     lps = np.array([np.nan if c.logprob is None else c.logprob for c in completions], dtype=float)
-    return PointAnswers(np.asarray(pixels), prompt_xy, [c.text for c in completions], vals, fails, lps,
-                        [c.error for c in completions])
+    texts, errors = [c.text for c in completions], [c.error for c in completions]
+    pixels = np.asarray(pixels, float).reshape(-1, 2)
+    n = 0 if unmarkable is None else len(unmarkable)
+    if n:
+        pixels = np.concatenate([pixels, np.asarray(unmarkable, float).reshape(-1, 2)])
+        vals, lps = np.concatenate([vals, np.full(n, np.nan)]), np.concatenate([lps, np.full(n, np.nan)])
+        fails, texts, errors = fails + [UNMARKABLE] * n, texts + [""] * n, errors + [None] * n
+        if prompt_xy is not None:
+            raise ValueError("unmarkable pixels belong to marker profiles, which have no prompt coordinates")
+    return PointAnswers(pixels, prompt_xy, texts, vals, fails, lps, errors)

@@ -1,14 +1,17 @@
 """Query plans: which pixels to ask about, in original-image pixels.
 
-Pixels that map to the same prompt coordinates would get the same prompt, so they are asked once.
+Pixels that map to the same prompt coordinates (or, for a marker profile, the same marked pixel) would get
+the same prompt, so they are asked once. A marker profile's pixel too close to a border to be marked is
+not asked: the plan lists it as unmarkable, and its answer record says so.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
+from densify.config.profiles import Marker
 from densify.io.cameras import PixelMap
 
 
@@ -22,6 +25,10 @@ class QueryPlan:
     """Nx2 integer pixel positions (x, y) in the original image."""
     prompt_xy: np.ndarray | None
     """Nx2 integer prompt coordinates, or None for profiles that mark the pixel instead."""
+    marked: np.ndarray | None = None
+    """Nx2 integer preprocessed pixels the marker points at (marker profiles)."""
+    unmarkable: np.ndarray = field(default_factory=lambda: np.zeros((0, 2)))
+    """Mx2 original pixels not asked: too close to a border of the preprocessed image to be marked."""
 
     def __len__(self) -> int:
         return len(self.pixels)
@@ -63,9 +70,29 @@ def check_points(points: np.ndarray, width: int, height: int, source: str = "poi
     return pts
 
 
-def plan_queries(points: np.ndarray, pixel_map: PixelMap, *, dedupe: bool = True) -> QueryPlan:
-    """Attach prompt coordinates to pixels and drop pixels whose prompt would repeat."""
+def markable(pre_xy: np.ndarray, pre_size: tuple[int, int], marker: Marker) -> np.ndarray:
+    """Which integer preprocessed pixels a marker can be drawn at whole (margin <= x < W - margin, ...)."""
+    xy = np.asarray(pre_xy).reshape(-1, 2)
+    m, (w, h) = marker.margin, pre_size
+    return (xy[:, 0] >= m) & (xy[:, 0] < w - m) & (xy[:, 1] >= m) & (xy[:, 1] < h - m)
+
+
+def plan_queries(points: np.ndarray, pixel_map: PixelMap, *, dedupe: bool = True,
+                 marker: Marker | None = None) -> QueryPlan:
+    """Attach prompt coordinates (or marked pixels) to pixels and drop pixels whose prompt would repeat.
+
+    marker: the profile's marker; each pixel gets the preprocessed pixel it is marked at, and those that
+    cannot be marked go to `unmarkable` instead of being asked."""
     pts = np.asarray(points).reshape(-1, 2)
+    if marker is not None:
+        marked = pixel_map.to_pixel(pts)
+        ok = markable(marked, pixel_map.pre_size, marker)
+        bad, pts, marked = pts[~ok], pts[ok], marked[ok]
+        if dedupe and len(marked):
+            _, keep = np.unique(marked, axis=0, return_index=True)
+            keep = np.sort(keep)
+            pts, marked = pts[keep], marked[keep]
+        return QueryPlan(pts, None, marked, np.asarray(bad, float).reshape(-1, 2))
     if pixel_map.range_ is None:
         if dedupe:
             _, keep = np.unique(np.round(pts).astype(np.int64), axis=0, return_index=True)

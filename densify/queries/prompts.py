@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-import math
+import dataclasses
 
-import cv2
 import numpy as np
 
 from densify.config.profiles import Marker, Profile
 from densify.engines.base import EngineBatch, ImageRef, PromptImage, Query, Sampling
 from densify.io.cameras import PreparedImage
-from densify.queries.plan import QueryPlan
+from densify.queries.plan import QueryPlan, markable
 
 
 def render_text(profile: Profile, question: str | None = None, **coords: int) -> str:
@@ -26,15 +25,34 @@ def sampling_for(profile: Profile, question: str | None = None, *, logprobs: boo
                     structured_regex=q.structured_regex if structured else None, logprobs=logprobs)
 
 
-def draw_marker(pixels: np.ndarray, x: float, y: float, marker: Marker) -> np.ndarray:
-    """Draw the profile's arrow with its tip at preprocessed pixel (x, y)."""
-    out = np.ascontiguousarray(pixels.copy())
-    a = math.radians(marker.angle_deg)
-    tail = (x + marker.length * math.cos(a), y - marker.length * math.sin(a))
-    shift = 4  # sub-pixel precision for the tip
-    s = 1 << shift
-    cv2.arrowedLine(out, (int(round(tail[0] * s)), int(round(tail[1] * s))), (int(round(x * s)), int(round(y * s))),
-                    tuple(int(c) for c in marker.color), marker.thickness, cv2.LINE_AA, shift, marker.tip_length)
+def draw_marker(pixels: np.ndarray, x: int, y: int, marker: Marker) -> np.ndarray:
+    """A copy of the preprocessed image with the profile's marker pointing at integer pixel (x, y): each
+    of its pixels set to its colour, nothing else touched (no blending, no anti-aliasing). A pixel too
+    close to a border is refused, never marked with a clipped marker."""
+    h, w = pixels.shape[:2]
+    if not markable(np.array([[x, y]]), (w, h), marker)[0]:
+        raise ValueError(f"pixel ({x}, {y}) of a {w}x{h} image cannot be marked: the marker needs "
+                         f"{marker.margin} <= x < {w - marker.margin} and {marker.margin} <= y < {h - marker.margin}")
+    out = np.array(pixels, copy=True)
+    off = np.asarray(marker.pixels, np.int64)
+    out[y + off[:, 1], x + off[:, 0]] = marker.color
+    return out
+
+
+def marked_uid(uid: str, x: int, y: int) -> str:
+    """The id of an image marked at pixel (x, y): named by the pixel, so the prompt image says which
+    point it asks about (the answer store keys on it; no per-query hint is needed)."""
+    return f"{uid}:m{int(x)},{int(y)}"
+
+
+def marked_images(prep: PreparedImage, plan: QueryPlan, profile: Profile, *, uid: str,
+                  ref: ImageRef | None = None) -> list[PromptImage]:
+    """One image per planned query, marked as the engine is sent it (`depth_batch` and `densify prompts
+    --save-images` both draw through here). Each image's provenance names its marked pixel."""
+    out = []
+    for x, y in plan.marked.tolist():
+        r = dataclasses.replace(ref, marker=(x, y)) if ref is not None else None
+        out.append(PromptImage(marked_uid(uid, x, y), draw_marker(prep.pixels, x, y, profile.marker), r))
     return out
 
 
@@ -60,14 +78,13 @@ def depth_batch(prep: PreparedImage, plan: QueryPlan, profile: Profile, *, uid: 
         template, suffix, uids = profile.questions[qname].template, profile.suffix, (uid,)
         queries = [Query(template.format(x=u, y=v) + suffix, uids, qname) for u, v in plan.prompt_xy.tolist()]
         return EngineBatch(images, queries, sampling, tag)
-    images, queries = {}, []
+    if plan.marked is None:
+        raise ValueError(f"profile {profile.name} marks its queries: plan them with "
+                         f"plan_queries(..., marker=profile.marker)")
     text = render_text(profile, qname)
-    xp, yp = prep.pixel_map.to_pre(plan.pixels[:, 0], plan.pixels[:, 1])
-    for i, (x, y) in enumerate(zip(np.atleast_1d(xp), np.atleast_1d(yp))):
-        quid = f"{uid}:m{i}"
-        images[quid] = PromptImage(quid, draw_marker(prep.pixels, float(x), float(y), profile.marker), ref)
-        queries.append(Query(text, (quid,), qname, hint={"pre_xy": (float(x), float(y))}))
-    return EngineBatch(images, queries, sampling, tag)
+    marked = marked_images(prep, plan, profile, uid=uid, ref=ref)
+    queries = [Query(text, (im.uid,), qname) for im in marked]  # one per planned pixel, in order
+    return EngineBatch({im.uid: im for im in marked}, queries, sampling, tag)
 
 
 def pair_images(prep1: PreparedImage, prep2: PreparedImage, uid1: str, uid2: str,

@@ -191,8 +191,6 @@ class SimulatedEngine(Engine):
         for uid in q.image_uids:
             h.update(uid.encode())
         h.update(q.text.encode())
-        if q.hint:
-            h.update(repr(sorted(q.hint.items())).encode())
         # Re-seeding one bit generator is ~10x cheaper than a new default_rng per query.
         self._bitgen.state = {"bit_generator": "PCG64",
                               "state": {"state": int.from_bytes(h.digest(), "little"), "inc": 1},
@@ -205,8 +203,8 @@ class SimulatedEngine(Engine):
             h, w = img.pixels.shape[:2]
             r = self.profile.coord_range
             return int(m.group(1)) / r * w, int(m.group(2)) / r * h
-        if q.hint and "pre_xy" in q.hint:
-            return tuple(q.hint["pre_xy"])
+        if img.ref is not None and img.ref.marker is not None:  # the marked pixel, from the image's provenance
+            return float(img.ref.marker[0]), float(img.ref.marker[1])
         return None
 
     def _answer(self, batch: EngineBatch, q: Query, rng: np.random.Generator):
@@ -250,7 +248,7 @@ class SimulatedEngine(Engine):
         e = self.error
         if e.structured_depth:
             t = self._image_truth(img)
-            state = self._errors.depth(img.uid, img.pixels.shape[:2], t.depth, t.object_ids)
+            state = self._errors.depth(img.source_uid, img.pixels.shape[:2], t.depth, t.object_ids)
             pred, own, _ = depth_answer(e, gt, rng, state, (int(xy[0]), int(xy[1])), t.depth)
             return f"<think> </think><answer>{pred:.{e.decimals}f}</answer>", own
         if e.outlier_rate and rng.random() < e.outlier_rate:

@@ -165,9 +165,7 @@ class DepthStage:
                                 cfg.default_hfov_deg)
         if (w, h) != (W, H):  # decoded reduced: intrinsics, points and outputs at the decoded size
             camera = camera.scaled(w, h)
-        p = profile.preprocess
-        prep = prepare_image(rgb, camera, focal=p.focal, max_side=p.max_side, square_pixels=p.square_pixels,
-                             coord_range=profile.coord_range, resample=p.resample)
+        prep = prepare_image(rgb, camera, coord_range=profile.coord_range, **profile.preprocess.image_options())
         if points is None and src.extra.get("points") is not None:
             points = np.asarray(src.extra["points"], float)
         if points is not None:
@@ -176,7 +174,7 @@ class DepthStage:
             pts = self._planner(w, h).first_points()
         else:
             pts = grid_points(w, h, **cfg.plan.grid_kwargs())
-        plan = plan_queries(pts, prep.pixel_map)
+        plan = plan_queries(pts, prep.pixel_map, marker=profile.marker)
         uid = image_uid(prep, src.id)
         ref = image_ref(src.id, prep, src.path, src.manifest)
         task = DepthTask(src, rgb, camera, prep, plan, uid, ref, fixed=points is not None, started=t0,
@@ -196,12 +194,18 @@ class DepthStage:
         res = DepthResult(src.id, str(src.path), "ok", len(completions), uid=task.uid, camera=task.camera,
                           scale=task.scale)
         errors = [c.error for c in completions if c.error is not None]
-        ans = answers_mod.collect_depth(profile, task.plan.pixels, task.plan.prompt_xy, completions)
+        ans = answers_mod.collect_depth(profile, task.plan.pixels, task.plan.prompt_xy, completions,
+                                        unmarkable=task.plan.unmarkable)
         res.failures = ans.failure_counts()
         files = self.layout.image(src.id) if self.layout is not None else None
         if errors:
             res.status, res.error_kind = "failed", "engine"
             res.error = f"{len(errors)} of {len(completions)} answers failed: {errors[0]}"
+        elif not completions and len(task.plan.unmarkable):
+            res.status, res.error_kind = "failed", "unmarkable"
+            res.error = (f"all {len(task.plan.unmarkable)} planned points are too close to a border of the "
+                         f"{task.prep.pixel_map.pre_size[0]}x{task.prep.pixel_map.pre_size[1]} preprocessed image "
+                         f"for the {profile.name} marker; ask about points further inside")
         elif not ans.valid.any():
             res.status, res.error_kind = "failed", "answers"
             res.error = (f"none of {len(completions)} answers could be parsed ({res.failures}); check that the "
@@ -276,6 +280,8 @@ class DepthStage:
             try:
                 res = self.finish(task, completions)
             except (OSError, ValueError, MemoryError) as exc:
+                if outputs.disk_full(exc):
+                    raise  # no later image could be written either: stop (exit 74); a rerun resumes
                 res = DepthResult(task.source.id, str(task.source.path), "failed", len(completions),
                                   error=f"{type(exc).__name__}: {exc}", error_kind="output")
             res.wall_s = time.perf_counter() - task.started
@@ -349,6 +355,8 @@ class DepthStage:
                     res = ray.get(done[0])
                 except Exception as exc:
                     exc = getattr(exc, "cause", None) or exc
+                    if outputs.disk_full(exc):
+                        raise exc from None
                     res = DepthResult(task.source.id, str(task.source.path), "failed", n,
                                       error=f"{type(exc).__name__}: {exc}", error_kind="output")
                 res.wall_s = time.perf_counter() - task.started
@@ -462,7 +470,7 @@ class DepthStage:
             while finished:
                 state = finished.popleft()
                 task = state.tag
-                task.plan = QueryPlan(state.run.pixels, state.run.prompt_xy)
+                task.plan = QueryPlan(state.run.pixels, state.run.prompt_xy, unmarkable=state.run.unmarkable)
                 batch = firsts.pop(state.key)
                 batch.tag = task
                 yield batch, state.run.completions
@@ -551,7 +559,8 @@ def summarize(results: list[DepthResult], wall: float, profile: Profile, cfg: De
         "failed": sum(r.status == "failed" for r in results), "failed_by_kind": kinds,
         "failed_images": [{"id": r.id, "image": r.image, "kind": r.error_kind, "error": r.error}
                           for r in results if r.status == "failed"][:1000],
-        "queries": q, "answer_failures": fails, "answer_failure_rate": sum(fails.values()) / q if q else 0.0,
+        "queries": q, "answer_failures": fails,  # unmarkable points were never asked: not in the rate
+        "answer_failure_rate": sum(v for k, v in fails.items() if k != "unmarkable") / q if q else 0.0,
         "wall_s": wall, "queries_per_s": q / wall if wall > 0 else 0.0, "metrics": agg, **extra,
     }
 
@@ -569,6 +578,8 @@ def run_depth(sources: list[ImageSource], cfg: DepthConfig, engine: Engine, layo
     """The depth stage over a list of images as one run: results in input order and the run's summary,
     written (summary.json, failures.jsonl) even when the run is interrupted, which the summary then says."""
     profile = load_profile(cfg.profile)
+    if layout is not None:
+        layout.sweep(layout.summary, layout.failures)  # what a killed run's last writes left
     on_round = (lambda n: progress.update(images=0, queries=n)) if progress is not None else None
     stage = DepthStage(cfg, engine, layout=layout, keep_maps=keep_maps, evaluate=evaluate, on_round=on_round)
     results: dict[str, DepthResult] = {}
@@ -590,9 +601,14 @@ def run_depth(sources: list[ImageSource], cfg: DepthConfig, engine: Engine, layo
                             interrupted=interrupted, complete=not interrupted and len(ordered) == len(sources),
                             **summary_extra)
         if layout is not None and layout.root.is_dir():
-            outputs.write_json(layout.summary, summary)
-            outputs.write_jsonl(layout.failures, ({"id": r.id, "image": r.image, "kind": r.error_kind,
-                                                   "error": r.error} for r in ordered if r.status == "failed"))
+            try:
+                outputs.write_json(layout.summary, summary)
+                outputs.write_jsonl(layout.failures, ({"id": r.id, "image": r.image, "kind": r.error_kind,
+                                                       "error": r.error} for r in ordered if r.status == "failed"))
+            except OSError as exc:
+                if not interrupted:
+                    raise
+                log.error("could not write the run's summary: %s", exc)  # the error that stopped the run wins
     return summary, ordered
 
 

@@ -186,7 +186,12 @@ class LabelJob:
                 except Exception:  # a broken store must not hide the error that stopped the job
                     pass
                 store.close()
-            manifest.write()
+            try:
+                manifest.write()
+            except OSError as exc:
+                if not interrupted:
+                    raise
+                log.error("could not write the manifest: %s", exc)  # the error that stopped the job wins
             wall = time.perf_counter() - t0
             times = {"startup": t_ready - t0, "driver_cpu": time.process_time() - cpu0}
             times.update({f"store_{k}": v for k, v in getattr(eng, "times", {}).items()})
@@ -202,7 +207,12 @@ class LabelJob:
                 "queries_per_s": totals["queries"] / run_s, "time_s": times, "pool": pool_stats,
                 "store": store_totals,
             }
-            outputs.write_json(layout.summary, summary)
+            try:
+                outputs.write_json(layout.summary, summary)
+            except OSError as exc:
+                if not interrupted:
+                    raise
+                log.error("could not write the summary: %s", exc)
         return summary
 
     def _record(self, res: DepthResult, hits, asked, counts, kinds, failed, totals, manifest) -> None:

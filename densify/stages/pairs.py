@@ -82,6 +82,7 @@ def load_depth(layout: RunLayout, info: ImageInfo) -> np.ndarray | None:
 
 
 def _write_pair(f: PairFiles, res: PairResult, m: Matches | None, cfg: ReconstructConfig, rgb1=None) -> None:
+    outputs.sweep_temp_files(f.dir)  # what an interrupted write of this pair left
     if m is not None:
         inl = np.zeros(len(m), bool)
         if res.pose is not None and res.pose.inlier_mask is not None:

@@ -225,6 +225,8 @@ def reconstruct(sources: list[ImageSource], cfg: ReconstructConfig, out: str | P
         raise ConfigError(f"reconstruct needs at least 2 images, got {len(sources)}")
     require_open3d()  # the pose graph and fusion need it: fail before any engine work, not after it
     layout.root.mkdir(parents=True, exist_ok=True)
+    layout.sweep(layout.summary, layout.pairs_jsonl, layout.poses, layout.mesh, layout.cloud, layout.transforms,
+                 *(layout.colmap / n for n in ("cameras.txt", "images.txt", "points3D.txt")))
     stage_engines = StageEngines(cfg.engine, cfg.models.model_dump(), engines)
     timings: dict[str, float] = {}
     try:

@@ -1,4 +1,4 @@
-"""Synthetic Qwen3-VL folders: tokenizer ids, chat template, image token counts, config shape, tiny weights."""
+"""Synthetic model folders (Qwen3-VL and Pixtral): tokenizer ids, chat templates, image token counts, config shapes, tiny weights."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ try:  # a missing hf extra skips; a broken install fails
 except ModuleNotFoundError as exc:
     pytest.skip(f"needs the hf extra ({exc})", allow_module_level=True)
 
-from densify.synthetic.qwen3vl import TOKEN_IDS, build_model_folder, main  # noqa: E402
+from densify.synthetic.models import TOKEN_IDS, build_model_folder, main  # noqa: E402
 
 SPECIAL_IDS = {
     "<|endoftext|>": 151643, "<|im_start|>": 151644, "<|im_end|>": 151645, "<|object_ref_start|>": 151646,
@@ -192,3 +192,104 @@ def test_cli(tmp_path, capsys):
     assert (tmp_path / "cli4b" / "config.json").is_file()
     assert not list((tmp_path / "cli4b").glob("*.safetensors"))
     assert str(tmp_path / "cli4b") in capsys.readouterr().out
+
+
+# ---------------------------------------------------------------------------------------------- Pixtral
+@pytest.fixture(scope="module")
+def pixtral_tiny(tmp_path_factory):
+    return build_model_folder(tmp_path_factory.mktemp("pixtral-tiny"), shape="pixtral-tiny", seed=0)
+
+
+@pytest.fixture(scope="module")
+def pixtral_12b(tmp_path_factory):
+    return build_model_folder(tmp_path_factory.mktemp("pixtral-12b"), shape="pixtral-12b")
+
+
+@pytest.fixture(scope="module")
+def pixtral_tok(pixtral_12b):
+    from transformers import AutoTokenizer
+    return AutoTokenizer.from_pretrained(pixtral_12b)
+
+
+def test_pixtral_12b_config_is_shape_faithful(pixtral_12b):
+    cfg = json.loads((pixtral_12b / "config.json").read_text())
+    assert cfg["architectures"] == ["LlavaForConditionalGeneration"] and cfg["model_type"] == "llava"
+    assert cfg["image_token_index"] == 10 and cfg["projector_hidden_act"] == "gelu"
+    assert cfg["vision_feature_layer"] == -1 and cfg["vision_feature_select_strategy"] == "full"
+    t, v = cfg["text_config"], cfg["vision_config"]
+    assert {k: t[k] for k in ("model_type", "hidden_size", "num_hidden_layers", "num_attention_heads",
+                              "num_key_value_heads", "head_dim", "intermediate_size", "vocab_size", "rope_theta")} == {
+        "model_type": "mistral", "hidden_size": 5120, "num_hidden_layers": 40, "num_attention_heads": 32,
+        "num_key_value_heads": 8, "head_dim": 128, "intermediate_size": 14336, "vocab_size": 131072,
+        "rope_theta": 1e9}
+    assert {k: v[k] for k in ("model_type", "hidden_size", "num_hidden_layers", "num_attention_heads", "patch_size",
+                              "image_size", "intermediate_size", "rope_theta")} == {
+        "model_type": "pixtral", "hidden_size": 1024, "num_hidden_layers": 24, "num_attention_heads": 16,
+        "patch_size": 16, "image_size": 1024, "intermediate_size": 4096, "rope_theta": 1e4}
+    assert not list(pixtral_12b.glob("*.safetensors"))  # served with load_format="dummy"
+
+    from transformers import AutoConfig
+    c = AutoConfig.from_pretrained(pixtral_12b)
+    assert (type(c).__name__, type(c.text_config).__name__, type(c.vision_config).__name__) == (
+        "LlavaConfig", "MistralConfig", "PixtralVisionConfig")
+    assert c.image_token_id == 10 and c.text_config.hidden_size == 5120 and c.vision_config.num_hidden_layers == 24
+    with torch.device("meta"):  # the parameter count of Pixtral-12B, without allocating it
+        from transformers import AutoModelForImageTextToText
+        model = AutoModelForImageTextToText.from_config(c)
+    n = sum(p.numel() for p in model.parameters())
+    assert type(model).__name__ == "LlavaForConditionalGeneration" and 12.3e9 < n < 12.8e9, n
+
+
+def test_pixtral_tokens_and_chat(pixtral_tok):
+    tok = pixtral_tok
+    ids = {t: tok.convert_tokens_to_ids(t) for t in ("<unk>", "<s>", "</s>", "[INST]", "[/INST]", "[IMG]", "<pad>",
+                                                       "[IMG_BREAK]", "[IMG_END]")}
+    assert ids == {"<unk>": 0, "<s>": 1, "</s>": 2, "[INST]": 3, "[/INST]": 4, "[IMG]": 10, "<pad>": 11,
+                   "[IMG_BREAK]": 12, "[IMG_END]": 13}
+    assert len(tok) == 131072 and (tok.bos_token, tok.eos_token, tok.pad_token) == ("<s>", "</s>", "<pad>")
+    # a Llama-style tokenizer: plain tokenisation prepends <s>; a rendered chat already holds it
+    assert tok("3.42")["input_ids"][0] == 1 and tok("3.42", add_special_tokens=False)["input_ids"][0] != 1
+    pieces = [tok.decode([i]) for i in tok("3.42 1234", add_special_tokens=False)["input_ids"]]
+    assert pieces == ["3", ".", "4", "2", " ", "1", "2", "3", "4"]
+    text = "<think> The point is around 3.42 meters away from the camera. </think>\n\n<answer> 3.42 </answer>"
+    assert tok.decode(tok(text, add_special_tokens=False)["input_ids"]) == text
+    q = "Given this image, how far is the point pointed by the red arrow from the camera?"
+    msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": q}]}]
+    assert tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False) == f"<s>[INST][IMG]{q}[/INST]"
+    # DepthLM's eval.py names the text `content`: the same prompt
+    msgs2 = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "content": q}]}]
+    assert tok.apply_chat_template(msgs2, add_generation_prompt=True, tokenize=False) == f"<s>[INST][IMG]{q}[/INST]"
+    sys_msgs = [{"role": "system", "content": "S"}] + msgs
+    assert tok.apply_chat_template(sys_msgs, add_generation_prompt=True, tokenize=False) == f"<s>[INST]S\n\n[IMG]{q}[/INST]"
+
+
+def test_pixtral_image_processor_and_token_rows(pixtral_12b):
+    from PIL import Image
+
+    from densify.engines.hf import load_image_processor
+
+    ip = load_image_processor(str(pixtral_12b))
+    out = ip(images=[Image.fromarray(np.zeros((360, 480, 3), np.uint8))], return_tensors="pt")
+    # 480x360 -> patches of 16: 30 columns, ceil(360 / 16) = 23 rows
+    assert [list(map(int, s)) for s in out["image_sizes"]] == [[368, 480]]
+    big = ip(images=[Image.fromarray(np.zeros((1500, 2000, 3), np.uint8))], return_tensors="pt")
+    assert [list(map(int, s)) for s in big["image_sizes"]] == [[768, 1024]]  # longest edge 1024
+
+
+def test_pixtral_tiny_loads_and_generates(pixtral_tiny):
+    from transformers import AutoModelForImageTextToText
+
+    model = AutoModelForImageTextToText.from_pretrained(pixtral_tiny, dtype=torch.float32).eval()
+    assert type(model).__name__ == "LlavaForConditionalGeneration" and model.config.text_config.hidden_size == 128
+    assert (pixtral_tiny / "model.safetensors").stat().st_size < 80e6
+    again = build_model_folder(pixtral_tiny.parent / "again", shape="pixtral-tiny", seed=0)
+    assert _sha(again / "model.safetensors") == _sha(pixtral_tiny / "model.safetensors")
+
+
+def test_make_model_command_builds_a_pixtral_folder(tmp_path, capsys):
+    from pipelines.cli import main as cli
+
+    assert cli(["make-model", str(tmp_path / "p12b"), "--shape", "pixtral-12b"]) == 0
+    assert "pixtral-12b Pixtral (LLaVA) folder" in capsys.readouterr().out
+    cfg = json.loads((tmp_path / "p12b" / "config.json").read_text())
+    assert cfg["text_config"]["hidden_size"] == 5120 and (tmp_path / "p12b" / "processor_config.json").is_file()

@@ -1,20 +1,27 @@
-"""Synthetic Qwen3-VL model folders: real file formats, fake weights.
+"""Synthetic model folders: real file formats, fake weights, for the two families densify's profiles drive.
 
-`build_model_folder(out, shape="4b")` writes a folder that vLLM serves with `load_format="dummy"` and that
-transformers loads with `AutoProcessor` / `AutoConfig` (no weights): the real Qwen3-VL-4B shape, so memory
-and speed measurements are those of VLM3-depth. `shape="tiny"` writes a small model with seeded random
-weights that `AutoModelForImageTextToText.from_pretrained` loads and runs on a CPU in about a second.
+`build_model_folder(out, shape=...)` writes a folder that vLLM serves with `load_format="dummy"` and that
+transformers loads (`AutoConfig`, `AutoTokenizer`, the image processor; `AutoModelForImageTextToText`
+with the saved weights of the tiny shapes). The shapes (`SHAPES`):
 
-The tokenizer is made here (byte-level BPE trained on a small embedded corpus, digits split one by one as
-Qwen does), padded with filler entries so that Qwen's special tokens sit at their real ids; the processor
-configs are those of the real checkpoint. See ../shared/reference/model-formats.md.
+  tiny, 4b                 Qwen3-VL (`Qwen3VLForConditionalGeneration`): the VLM3 checkpoints' architecture;
+                           4b is the real Qwen3-VL-4B shape, so memory and speed are those of VLM3-depth.
+  pixtral-tiny, pixtral-12b  Pixtral-12B in the LLaVA layout (`LlavaForConditionalGeneration`, text
+                           Mistral-Nemo, vision Pixtral): the released DepthLM checkpoint's architecture.
 
-    python -m densify.synthetic.qwen3vl OUT_DIR --shape tiny|4b [--seed 0] [--no-weights]
+The tiny shapes save seeded random weights that run on a CPU in about a second; the big ones are config,
+tokenizer and processor files only. Each family's tokenizer is made here with the `tokenizers` library
+(byte-level BPE trained on a small embedded corpus, digits split one by one), its special tokens at the
+real ids and filler entries up to the real vocabulary size; the chat templates and processor configs
+follow the real checkpoints'. See ../shared/reference/model-formats.md.
+
+    python -m densify.synthetic.models OUT_DIR --shape tiny|4b|pixtral-tiny|pixtral-12b [--seed 0] [--no-weights]
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import json
 import logging
@@ -173,40 +180,88 @@ def _filler_token(i: int) -> str:
     return f"<|filler_{i}|>"
 
 
-@functools.lru_cache(maxsize=2)
-def tokenizer_json() -> str:
-    """The tokenizer.json text (cached: training and padding take about a second)."""
+# Pixtral-12B's (Tekken) control tokens at ids 0-19, then <SPECIAL_20> ... <SPECIAL_999>; text tokens from 1000
+PIXTRAL_ADDED_TOKENS: list[tuple[str, bool]] = [
+    ("<unk>", True), ("<s>", True), ("</s>", True), ("[INST]", True), ("[/INST]", True),
+    ("[AVAILABLE_TOOLS]", True), ("[/AVAILABLE_TOOLS]", True), ("[TOOL_RESULTS]", True), ("[/TOOL_RESULTS]", True),
+    ("[TOOL_CALLS]", True), ("[IMG]", True), ("<pad>", True), ("[IMG_BREAK]", True), ("[IMG_END]", True),
+    ("[PREFIX]", True), ("[MIDDLE]", True), ("[SUFFIX]", True), ("[SYSTEM_PROMPT]", True), ("[/SYSTEM_PROMPT]", True),
+    ("[TOOL_CONTENT]", True),
+] + [(f"<SPECIAL_{i}>", True) for i in range(20, 1000)]
+PIXTRAL_TOKEN_IDS = {tok: i for i, (tok, _) in enumerate(PIXTRAL_ADDED_TOKENS)}
+PIXTRAL_VOCAB_SIZE = 131072
+# Tekken's pre-tokenizer (the pattern transformers restores for Mistral tokenizers): \p{N} alone splits digits
+TEKKEN_REGEX = (r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+|"
+                r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*|\p{N}|"
+                r" ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenLayout:
+    """Where a family's tokens sit: BPE entries from `first_bpe_id`, `added` tokens at their ids, filler
+    entries for every other id below `base_size`; `bos` is prepended by the post-processor (Llama-style)."""
+
+    added: tuple[tuple[str, int, bool], ...]
+    base_size: int
+    first_bpe_id: int
+    regex: str
+    normalize_nfc: bool
+    bos: str | None = None
+
+
+LAYOUTS = {
+    "qwen3vl": TokenLayout(tuple((t, TOKEN_IDS[t], sp) for t, sp in ADDED_TOKENS), FIRST_SPECIAL_ID, 0,
+                           PRETOKENIZE_REGEX, True),
+    "pixtral": TokenLayout(tuple((t, i, sp) for i, (t, sp) in enumerate(PIXTRAL_ADDED_TOKENS)), PIXTRAL_VOCAB_SIZE,
+                           len(PIXTRAL_ADDED_TOKENS), TEKKEN_REGEX, False, bos="<s>"),
+}
+
+
+@functools.lru_cache(maxsize=4)
+def tokenizer_json(family: str = "qwen3vl") -> str:
+    """The tokenizer.json text of a family (cached: training and padding take about a second)."""
     from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 
+    lay = LAYOUTS[family]
     tok = Tokenizer(models.BPE(unk_token=None, continuing_subword_prefix="", end_of_word_suffix="",
                                fuse_unk=False, byte_fallback=False))
-    # the exact pipeline transformers' Qwen2Tokenizer builds (it replaces the loaded one with it)
-    tok.normalizer = normalizers.NFC()
+    # Qwen: the exact pipeline transformers' Qwen2Tokenizer builds (it replaces the loaded one with it)
+    if lay.normalize_nfc:
+        tok.normalizer = normalizers.NFC()
     tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(PRETOKENIZE_REGEX), behavior="isolated", invert=False),
+        pre_tokenizers.Split(Regex(lay.regex), behavior="isolated", invert=False),
         pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
     ])
     tok.decoder = decoders.ByteLevel()
-    tok.post_processor = processors.ByteLevel(trim_offsets=False)
+    if lay.bos is None:
+        tok.post_processor = processors.ByteLevel(trim_offsets=False)
+    else:  # prepends the BOS token, as Llama-style tokenizers do (chat templates render it themselves)
+        bos_id = next(i for t, i, _ in lay.added if t == lay.bos)
+        tok.post_processor = processors.TemplateProcessing(single=f"{lay.bos} $A", pair=f"{lay.bos} $A $B",
+                                                           special_tokens=[(lay.bos, bos_id)])
     trainer = trainers.BpeTrainer(vocab_size=BPE_VOCAB, min_frequency=2, show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), special_tokens=[])
     tok.train_from_iterator(_corpus(), trainer=trainer)
     data = json.loads(tok.to_str())
-    vocab: dict[str, int] = data["model"]["vocab"]
-    if len(vocab) >= FIRST_SPECIAL_ID:
-        raise RuntimeError("BPE vocabulary too large")
-    taken = set(vocab)
-    next_id = len(vocab)
-    if sorted(vocab.values()) != list(range(next_id)):
+    learned: dict[str, int] = data["model"]["vocab"]
+    n = len(learned)
+    if sorted(learned.values()) != list(range(n)):
         raise RuntimeError("BPE vocabulary ids are not contiguous")
-    for i in range(next_id, FIRST_SPECIAL_ID):
-        name = _filler_token(i)
-        assert name not in taken
-        vocab[name] = i
+    added_at = {i: t for t, i, _ in lay.added}
+    bpe_ids = range(lay.first_bpe_id, lay.first_bpe_id + n)
+    if any(i in added_at for i in bpe_ids) or bpe_ids.stop > lay.base_size:
+        raise RuntimeError("BPE vocabulary too large for the token layout")
+    vocab = {t: i + lay.first_bpe_id for t, i in learned.items()}
+    for i in range(lay.base_size):  # every other id below base_size: an added token's entry, else filler
+        if not bpe_ids.start <= i < bpe_ids.stop:
+            name = added_at.get(i, _filler_token(i))
+            assert name not in vocab
+            vocab[name] = i
+    data["model"]["vocab"] = dict(sorted(vocab.items(), key=lambda kv: kv[1]))
     data["added_tokens"] = [
-        {"id": TOKEN_IDS[t], "content": t, "single_word": False, "lstrip": False, "rstrip": False,
+        {"id": i, "content": t, "single_word": False, "lstrip": False, "rstrip": False,
          "normalized": False, "special": special}
-        for t, special in ADDED_TOKENS
+        for t, i, special in lay.added
     ]
     data["model"]["dropout"] = None
     data["model"]["ignore_merges"] = False
@@ -239,6 +294,7 @@ def tokenizer_config() -> dict:
 CHECKPOINT_TRANSFORMERS_VERSION = "4.57.1"
 SHAPES = {
     "4b": {
+        "family": "qwen3vl",
         "text": dict(hidden_size=2560, intermediate_size=9728, num_hidden_layers=36, num_attention_heads=32,
                      num_key_value_heads=8, head_dim=128, mrope_section=[24, 20, 20]),
         "vision": dict(depth=24, hidden_size=1024, intermediate_size=4096, num_heads=16, out_hidden_size=2560,
@@ -246,6 +302,7 @@ SHAPES = {
         "dtype": "bfloat16", "initializer_range": 0.02, "save_weights": False,
     },
     "tiny": {
+        "family": "qwen3vl",
         "text": dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
                      num_key_value_heads=2, head_dim=32, mrope_section=[6, 5, 5]),
         "vision": dict(depth=2, hidden_size=64, intermediate_size=128, num_heads=4, out_hidden_size=128,
@@ -255,14 +312,34 @@ SHAPES = {
         # just repeat the last prompt token
         "dtype": "bfloat16", "initializer_range": 0.25, "save_weights": True,
     },
+    # Pixtral-12B (facebook/DepthLM's architecture): text Mistral-Nemo-12B, vision the Pixtral encoder
+    "pixtral-12b": {
+        "family": "pixtral",
+        "text": dict(hidden_size=5120, intermediate_size=14336, num_hidden_layers=40, num_attention_heads=32,
+                     num_key_value_heads=8, head_dim=128),
+        "vision": dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
+                       head_dim=64),
+        "dtype": "bfloat16", "initializer_range": 0.02, "save_weights": False,
+    },
+    "pixtral-tiny": {
+        "family": "pixtral",
+        "text": dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+                     num_key_value_heads=2, head_dim=32),
+        "vision": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, head_dim=16),
+        "dtype": "bfloat16", "initializer_range": 0.25, "save_weights": True,
+    },
 }
+FAMILY_NAMES = {"qwen3vl": "Qwen3-VL", "pixtral": "Pixtral (LLaVA)"}
 
 
 def model_config(shape: str = "tiny") -> dict:
-    """config.json in the form of the published Qwen3-VL-4B-Instruct checkpoint."""
+    """config.json in the form of the published checkpoint of the shape's family (Qwen3-VL-4B-Instruct,
+    Pixtral-12B in the LLaVA layout)."""
     if shape not in SHAPES:
         raise ValueError(f"unknown shape {shape!r}; choose from {', '.join(SHAPES)}")
     s = SHAPES[shape]
+    if s["family"] == "pixtral":
+        return _pixtral_config(s)
     t, v = dict(s["text"]), dict(s["vision"])
     mrope = t.pop("mrope_section")
     if sum(mrope) * 2 != t["head_dim"]:
@@ -376,6 +453,164 @@ GENERATION_CONFIG = {
 }
 
 
+def _pixtral_config(s: dict) -> dict:
+    ids = PIXTRAL_TOKEN_IDS
+    text_config = {
+        "bos_token_id": ids["<s>"],
+        "eos_token_id": ids["</s>"],
+        "hidden_act": "silu",
+        "initializer_range": s["initializer_range"],
+        "max_position_embeddings": 1024000,
+        "model_type": "mistral",
+        "rms_norm_eps": 1e-05,
+        "rope_theta": 1000000000.0,
+        "sliding_window": None,
+        "tie_word_embeddings": False,
+        "vocab_size": PIXTRAL_VOCAB_SIZE,
+        **s["text"],
+    }
+    vision_config = {
+        "hidden_act": "silu",  # the Pixtral encoder's gated (SwiGLU) feed-forward
+        "image_size": 1024,
+        "initializer_range": s["initializer_range"],
+        "model_type": "pixtral",
+        "num_channels": 3,
+        "patch_size": 16,
+        "rope_theta": 10000.0,
+        **s["vision"],
+    }
+    return {
+        "architectures": ["LlavaForConditionalGeneration"],
+        "image_seq_length": 1,
+        "image_token_index": ids["[IMG]"],
+        "model_type": "llava",
+        "multimodal_projector_bias": True,
+        "projector_hidden_act": "gelu",
+        "text_config": dict(sorted(text_config.items())),
+        "tie_word_embeddings": False,
+        "vision_config": dict(sorted(vision_config.items())),
+        "vision_feature_layer": -1,
+        "vision_feature_select_strategy": "full",
+        "dtype": s["dtype"],
+        "transformers_version": CHECKPOINT_TRANSFORMERS_VERSION,
+    }
+
+
+# Pixtral's chat (Mistral instruct format): BOS, then per user turn [INST] (an optional system message
+# joined to the last user turn), each image as [IMG] (the processor expands it into rows of [IMG] ended by
+# [IMG_BREAK], the last by [IMG_END]) and each text as is, then [/INST]; nothing after the last [/INST].
+# A text part may name its text `text` (the OpenAI / Qwen form) or `content` (DepthLM's eval.py form).
+PIXTRAL_CHAT_TEMPLATE = (
+    "{%- if messages[0]['role'] == 'system' %}\n"
+    "    {%- if messages[0]['content'] is string %}\n"
+    "        {%- set system_message = messages[0]['content'] %}\n"
+    "    {%- else %}\n"
+    "        {%- set system_message = messages[0]['content'][0]['text'] %}\n"
+    "    {%- endif %}\n"
+    "    {%- set loop_messages = messages[1:] %}\n"
+    "{%- else %}\n"
+    "    {%- set loop_messages = messages %}\n"
+    "{%- endif %}\n"
+    "{{- bos_token }}\n"
+    "{%- for message in loop_messages %}\n"
+    "    {%- if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}\n"
+    "        {{- raise_exception('conversation roles must alternate user/assistant/user/assistant/...') }}\n"
+    "    {%- endif %}\n"
+    "    {%- if message['role'] == 'user' %}\n"
+    "        {%- if loop.last and system_message is defined %}\n"
+    "            {{- '[INST]' + system_message + '\\n\\n' }}\n"
+    "        {%- else %}\n"
+    "            {{- '[INST]' }}\n"
+    "        {%- endif %}\n"
+    "        {%- if message['content'] is string %}\n"
+    "            {{- message['content'] }}\n"
+    "        {%- else %}\n"
+    "            {%- for chunk in message['content'] %}\n"
+    "                {%- if chunk['type'] == 'text' %}\n"
+    "                    {{- chunk['text'] if 'text' in chunk else chunk['content'] }}\n"
+    "                {%- elif chunk['type'] == 'image' %}\n"
+    "                    {{- '[IMG]' }}\n"
+    "                {%- else %}\n"
+    "                    {{- raise_exception('Unrecognized content type!') }}\n"
+    "                {%- endif %}\n"
+    "            {%- endfor %}\n"
+    "        {%- endif %}\n"
+    "        {{- '[/INST]' }}\n"
+    "    {%- elif message['role'] == 'assistant' %}\n"
+    "        {{- message['content'] + eos_token }}\n"
+    "    {%- else %}\n"
+    "        {{- raise_exception('Only user and assistant roles are supported, after an optional system message') }}\n"
+    "    {%- endif %}\n"
+    "{%- endfor %}\n"
+)
+
+PIXTRAL_PREPROCESSOR_CONFIG = {
+    "do_convert_rgb": True,
+    "do_normalize": True,
+    "do_rescale": True,
+    "do_resize": True,
+    "image_mean": [0.48145466, 0.4578275, 0.40821073],
+    "image_processor_type": "PixtralImageProcessor",
+    "image_std": [0.26862954, 0.26130258, 0.27577711],
+    "patch_size": {"height": 16, "width": 16},
+    "processor_class": "PixtralProcessor",
+    "resample": 3,
+    "rescale_factor": 0.00392156862745098,
+    "size": {"longest_edge": 1024},
+}
+
+PIXTRAL_PROCESSOR_CONFIG = {
+    "image_break_token": "[IMG_BREAK]",
+    "image_end_token": "[IMG_END]",
+    "image_token": "[IMG]",
+    "patch_size": 16,
+    "processor_class": "PixtralProcessor",
+    "spatial_merge_size": 1,
+}
+
+PIXTRAL_GENERATION_CONFIG = {
+    "bos_token_id": PIXTRAL_TOKEN_IDS["<s>"],
+    "do_sample": False,
+    "eos_token_id": PIXTRAL_TOKEN_IDS["</s>"],
+    "pad_token_id": PIXTRAL_TOKEN_IDS["<pad>"],
+    "transformers_version": CHECKPOINT_TRANSFORMERS_VERSION,
+}
+
+
+def pixtral_tokenizer_config() -> dict:
+    return {
+        "add_bos_token": True,
+        "add_eos_token": False,
+        "added_tokens_decoder": {
+            str(i): {"content": t, "lstrip": False, "normalized": False, "rstrip": False, "single_word": False,
+                     "special": special}
+            for i, (t, special) in enumerate(PIXTRAL_ADDED_TOKENS)
+        },
+        "bos_token": "<s>",
+        "clean_up_tokenization_spaces": False,
+        "eos_token": "</s>",
+        "model_max_length": 1000000000000000019884624838656,
+        "pad_token": "<pad>",
+        "processor_class": "PixtralProcessor",
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "unk_token": "<unk>",
+    }
+
+
+def family_files(family: str) -> dict[str, object]:
+    """Every file of a family's folder but config.json and the weights: name -> text or JSON object."""
+    if family == "qwen3vl":
+        return {"tokenizer.json": tokenizer_json("qwen3vl"), "tokenizer_config.json": tokenizer_config(),
+                "chat_template.jinja": CHAT_TEMPLATE, "preprocessor_config.json": PREPROCESSOR_CONFIG,
+                "video_preprocessor_config.json": VIDEO_PREPROCESSOR_CONFIG,
+                "generation_config.json": GENERATION_CONFIG}
+    if family == "pixtral":
+        return {"tokenizer.json": tokenizer_json("pixtral"), "tokenizer_config.json": pixtral_tokenizer_config(),
+                "chat_template.jinja": PIXTRAL_CHAT_TEMPLATE, "preprocessor_config.json": PIXTRAL_PREPROCESSOR_CONFIG,
+                "processor_config.json": PIXTRAL_PROCESSOR_CONFIG, "generation_config.json": PIXTRAL_GENERATION_CONFIG}
+    raise ValueError(f"unknown model family {family!r}")
+
+
 # ---------------------------------------------------------------------------------------------- folder
 def _write_json(path: Path, obj) -> None:
     path.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
@@ -400,7 +635,7 @@ def _save_tiny_weights(out: Path, config: dict, seed: int) -> None:
                 if p.dim() == 1:
                     p.fill_(1.0 if "norm" in name and name.endswith("weight") else 0.0)
                     continue
-                if "visual" in name and "pos_embed" not in name:
+                if ("visual" in name or "vision_tower" in name) and "pos_embed" not in name:
                     fan_in = p[0].numel()
                     s = 1.0 / fan_in ** 0.5
                 else:
@@ -413,44 +648,48 @@ def _save_tiny_weights(out: Path, config: dict, seed: int) -> None:
 
 
 def build_model_folder(out_dir, *, shape: str = "tiny", save_weights: bool | None = None, seed: int = 0) -> Path:
-    """Write a Qwen3-VL model folder of the given shape ("tiny" or "4b") to out_dir; return its path.
+    """Write a model folder of the given shape (`SHAPES`: tiny, 4b, pixtral-tiny, pixtral-12b) to out_dir;
+    return its path.
 
-    save_weights defaults to True for "tiny" (seeded random weights, bf16 safetensors) and False for "4b"
-    (config, tokenizer and processor files only: serve it with vLLM's load_format="dummy").
+    save_weights defaults to True for the tiny shapes (seeded random weights, bf16 safetensors) and False
+    for the real ones (config, tokenizer and processor files only: serve them with vLLM's load_format="dummy").
     """
     t0 = time.perf_counter()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     config = model_config(shape)
+    family = SHAPES[shape]["family"]
     if save_weights is None:
         save_weights = SHAPES[shape]["save_weights"]
+    files = family_files(family)
 
-    (out / "tokenizer.json").write_text(tokenizer_json())
-    _write_json(out / "tokenizer_config.json", tokenizer_config())
-    (out / "chat_template.jinja").write_text(CHAT_TEMPLATE)
-    _write_json(out / "preprocessor_config.json", PREPROCESSOR_CONFIG)
-    _write_json(out / "video_preprocessor_config.json", VIDEO_PREPROCESSOR_CONFIG)
-    _write_json(out / "generation_config.json", GENERATION_CONFIG)
-    _write_json(out / "config.json", config)
+    def write_files():
+        for name, body in files.items():
+            if isinstance(body, str):
+                (out / name).write_text(body)
+            else:
+                _write_json(out / name, body)
+        _write_json(out / "config.json", config)
+
+    write_files()
     if save_weights:
         _save_tiny_weights(out, config, seed)
-        # save_pretrained rewrites these in the running transformers' own form; keep the checkpoint's form
-        _write_json(out / "config.json", config)
-        _write_json(out / "generation_config.json", GENERATION_CONFIG)
-    log.info("built %s Qwen3-VL folder %s in %.1f s", shape, out, time.perf_counter() - t0)
+        # save_pretrained rewrites some of these in the running transformers' own form; keep the checkpoint's
+        write_files()
+    log.info("built %s %s folder %s in %.1f s", shape, FAMILY_NAMES[family], out, time.perf_counter() - t0)
     return out
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m densify.synthetic.qwen3vl", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m densify.synthetic.models", description=__doc__.split("\n\n")[0])
     ap.add_argument("out_dir")
     ap.add_argument("--shape", choices=sorted(SHAPES), default="tiny")
     ap.add_argument("--seed", type=int, default=0)
     w = ap.add_mutually_exclusive_group()
     w.add_argument("--weights", dest="save_weights", action="store_true", default=None,
-                   help="save random weights (default for tiny)")
+                   help="save random weights (default for the tiny shapes)")
     w.add_argument("--no-weights", dest="save_weights", action="store_false",
-                   help="config, tokenizer and processor files only (default for 4b)")
+                   help="config, tokenizer and processor files only (default for 4b and pixtral-12b)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     path = build_model_folder(args.out_dir, shape=args.shape, save_weights=args.save_weights, seed=args.seed)
