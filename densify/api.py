@@ -131,7 +131,7 @@ class Densifier:
         """Dense depth for each image (files, folders, globs or manifests); written under `out` when given."""
         from densify.io.layout import RunLayout
 
-        sources = _sources(images)
+        sources = _sources(images, exclude=[out] if out is not None else ())
         stage = DepthStage(self.depth_config, self._engines["depth"], keep_maps=True,
                            layout=RunLayout(out) if out is not None else None)
         by_id = {r.id: r for r in stage.run(sources, intrinsics=intrinsics, points=points)}
@@ -158,7 +158,7 @@ class Densifier:
                     pairs: str | None = None) -> SceneResult:
         """Depth, pairwise poses, pose graph, fused mesh and exports of an image sequence, written to `out`."""
         cfg = self._rcfg if pairs is None else self._rcfg.model_copy(update={"pairs": pairs})
-        return reconstruct(_sources(images), cfg, out, engines=self._engines, intrinsics=intrinsics)
+        return reconstruct(_sources(images, exclude=[out]), cfg, out, engines=self._engines, intrinsics=intrinsics)
 
     def close(self) -> None:
         for eng in list(self._engines.values()):
@@ -172,13 +172,13 @@ class Densifier:
         self.close()
 
 
-def _sources(images) -> list[ImageSource]:
+def _sources(images, exclude=()) -> list[ImageSource]:
     if isinstance(images, (str, Path)):
         images = [images]
     images = list(images)
     if images and all(isinstance(s, ImageSource) for s in images):
         return images
-    return discover([str(i) for i in images])
+    return discover([str(i) for i in images], exclude=exclude)
 
 
 def _depth_map(r) -> DepthMap:

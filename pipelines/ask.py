@@ -68,6 +68,29 @@ def _load_mask(path: str, k: int):
         return np.asarray(im.convert("L")) > 127
 
 
+def _given_depth(args, w: int, h: int):
+    """The --depth map, checked against the image: a map of another size would be read at the wrong pixels."""
+    if args.up != "floor" and not args.geometry:
+        raise ConfigError(f"--up {args.up}: used only with --geometry; add --geometry or drop --up")
+    if not args.depth:
+        return None
+    if not args.geometry:
+        raise ConfigError(f"--depth {args.depth}: used only with --geometry (the geometry answers); add --geometry "
+                          f"or drop --depth")
+    try:
+        depth = np.load(args.depth, allow_pickle=False)
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"--depth {args.depth}: not a readable .npy depth map ({exc})") from None
+    if depth.ndim == 3 and depth.shape[2] == 1:
+        depth = depth[..., 0]
+    if depth.ndim != 2 or depth.shape != (h, w):
+        raise ConfigError(f"--depth {args.depth}: a {'x'.join(map(str, depth.shape[::-1]))} map for a {w}x{h} image; "
+                          f"give the depth map of this image at its size (metres, H x W)")
+    if not np.issubdtype(depth.dtype, np.number):
+        raise ConfigError(f"--depth {args.depth}: holds {depth.dtype} values, not depth in metres")
+    return depth.astype(np.float32)
+
+
 def run(args) -> int:
     profile = load_profile(args.profile)
     if profile.task != "object":
@@ -89,17 +112,24 @@ def run(args) -> int:
         if len(regions) < n:
             raise RegionError(f"--question {q} is about {n} regions but --regions gives {len(regions)}; add a box")
         qs.append((q, regions[:n], None))
+    most = max(len(r) for _, r, _ in qs)
+    if len(regions) > most:  # an extra box would be ignored without a word
+        raise RegionError(f"--regions gives {len(regions)} boxes but --question {', '.join(args.question)} "
+                          f"{'is' if len(args.question) == 1 else 'are'} about at most {most}; drop the extra box, "
+                          f"or ask about it separately")
+    depth = _given_depth(args, w, h)  # checked before any engine starts
     prompts = build_prompts(profile, prep, qs)
     sid = Path(args.image).stem
     with build_engine(cfg.engine, profile, model=args.model) as engine:
         _, completions = next(iter(engine.stream([image_batch(profile, prep, prompts, sid, path=args.image)])))
     ctx = None
     if args.geometry:
-        if args.depth:
-            depth, source = np.load(args.depth), str(args.depth)
+        if depth is not None:
+            source = str(args.depth)
         else:
             with build_engine(cfg.engine, load_profile(cfg.profile), model=cfg.model) as deng:
-                res = DepthStage(cfg, deng, keep_maps=True).one(ImageSource(sid, Path(args.image)), intrinsics=intr)
+                full = cfg.model_copy(update={"max_side": None})  # the map at the image's size, as the boxes
+                res = DepthStage(full, deng, keep_maps=True).one(ImageSource(sid, Path(args.image)), intrinsics=intr)
             if res.status != "ok":
                 raise ConfigError(f"{args.image}: the depth stage failed ({res.error}); pass a depth map with --depth")
             depth, source = res.depth, f"densify depth ({cfg.profile}, {cfg.engine.name} engine)"
@@ -115,4 +145,8 @@ def run(args) -> int:
     print(json.dumps(doc, indent=1))
     if args.out:
         outputs.write_json(Path(args.out), doc)
-    return 0
+    failed = [r["question"] for r in recs if r["model"]["failure"] is not None]
+    if failed:  # done, but not every question got a usable answer: exit 1, as for failed images
+        log.error("%d of %d question(s) got no usable answer from the model: %s", len(failed), len(recs),
+                  ", ".join(failed))
+    return 1 if failed else 0

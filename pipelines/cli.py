@@ -1,11 +1,11 @@
 """The `densify` command: one subcommand per module in pipelines/, and one place that turns errors into
 messages and exit codes.
 
-Exit codes: 0 done; 1 done, but some images or pairs failed (see summary.json); 2 bad usage, settings or
-input; 3 the engine is unavailable (no model, a missing package, an unreachable server or cluster, a
-refused key, a Ray pool larger than the cluster); 4 the answer store cannot be used (damaged, or held by
-another job); 5 the engine failed during the run; 74 outputs or the answer store could not be written
-(disk full, permissions); 70 an internal error (a bug:
+Exit codes: 0 done; 1 done, but some images, pairs or questions failed (see summary.json); 2 bad usage,
+settings or input; 3 the engine is unavailable (no model, a missing package, an unreachable server or
+cluster, a refused key, a Ray pool larger than the cluster); 4 the output folder or answer store is held by
+another job, or the store is damaged; 5 the engine failed during the run; 74 outputs or the answer store
+could not be written (disk full, permissions); 70 an internal error (a bug:
 please report it with the --debug traceback); 130 interrupted (Ctrl-C); 143 terminated (SIGTERM). In the
 last two cases the finished work is kept and the summary says what finished; rerun the command to resume.
 `--debug` (or DENSIFY_DEBUG=1) prints the traceback of any error.
@@ -61,12 +61,12 @@ class _Unavailable:
 def build_parser() -> tuple[argparse.ArgumentParser, dict]:
     parser = argparse.ArgumentParser(prog="densify", description="Dense 3D outputs from point-query VLMs.",
                                      epilog="Exit codes: 0 done, 1 some items failed, 2 bad usage or input, 3 engine "
-                                            "unavailable, 4 answer store unusable, 5 engine failed, 74 cannot write "
+                                            "unavailable, 4 output folder or answer store held by another job (or store damaged), 5 engine failed, 74 cannot write "
                                             "outputs, 130/143 interrupted (work kept; rerun to resume).")
     parser.add_argument("--version", action="version", version=f"densify {__version__}")
-    parser.add_argument("-v", "--verbose", action="store_true", help="Debug logging, including the settings used.")
-    parser.add_argument("-q", "--quiet", action="store_true", help="Warnings and errors only.")
-    parser.add_argument("--debug", action="store_true", help="Print the traceback of any error (or DENSIFY_DEBUG=1).")
+    _add_global_args(parser, False)
+    after = argparse.ArgumentParser(add_help=False)  # the same options after the subcommand (`densify depth ... -v`)
+    _add_global_args(after, argparse.SUPPRESS)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     modules = {}
     for name, (modname, help_) in COMMANDS.items():
@@ -76,10 +76,20 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict]:
             if getattr(exc, "name", None) == modname:  # command not part of this build
                 continue
             mod = _Unavailable(name, exc)  # a missing optional dependency disables only that command
-        p = sub.add_parser(name, help=help_, description=(mod.__doc__ or help_).strip().splitlines()[0])
+        p = sub.add_parser(name, help=help_, description=(mod.__doc__ or help_).strip().splitlines()[0],
+                           parents=[after])
         mod.add_arguments(p)
         modules[name] = mod
     return parser, modules
+
+
+def _add_global_args(p: argparse.ArgumentParser, default) -> None:
+    """-v, -q and --debug; after a subcommand their default is SUPPRESS, so one given before it still counts."""
+    p.add_argument("-v", "--verbose", action="store_true", default=default,
+                   help="Debug logging, including the settings used.")
+    p.add_argument("-q", "--quiet", action="store_true", default=default, help="Warnings and errors only.")
+    p.add_argument("--debug", action="store_true", default=default,
+                   help="Print the traceback of any error (or DENSIFY_DEBUG=1).")
 
 
 def _on_sigterm(signum, frame):
@@ -92,6 +102,7 @@ def exit_code(exc: BaseException) -> int:
     from densify.engines.store import StoreError, StoreFullError
     from densify.io.cameras import CameraError
     from densify.io.images import ImageError
+    from densify.io.lock import OutputLockedError
     from densify.queries.plan import PlanError
 
     if isinstance(exc, Terminated):
@@ -102,7 +113,7 @@ def exit_code(exc: BaseException) -> int:
         return EXIT_ENGINE_UNAVAILABLE
     if isinstance(exc, StoreFullError):
         return EXIT_IO  # a full disk, as for any output
-    if isinstance(exc, StoreError):
+    if isinstance(exc, (StoreError, OutputLockedError)):
         return EXIT_STORE
     if isinstance(exc, EngineError):
         return EXIT_ENGINE_FAILED

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import yaml
 
-from densify.config.loading import Override, parse_set
+from densify.config.loading import ConfigError, Override, parse_set
 from densify.io.layout import RunLayout
 from densify.stages.settings import load_config
 
@@ -30,12 +30,13 @@ def add_config_args(p: argparse.ArgumentParser, default_name: str) -> None:
                         "repeatable.")
 
 
-def add_engine_args(p: argparse.ArgumentParser, *, profile: bool = True) -> None:
+def add_engine_args(p: argparse.ArgumentParser, *, profile: bool = True,
+                    model_help: str = "The checkpoint: a local folder or a hub name (default: the profile's model).") -> None:
     if profile:
         p.add_argument("--profile", help="The model profile: vlm3-depth (default), depthlm, or a profile YAML path.")
     p.add_argument("--engine", help="The engine: vllm or hf (default: vllm when installed, else hf), openai (a "
                                     "running server), ray, or simulated (tests and demos: answers from ground truth).")
-    p.add_argument("--model", help="The checkpoint: a local folder or a hub name (default: the profile's model).")
+    p.add_argument("--model", help=model_help)
 
 
 def add_plan_args(p: argparse.ArgumentParser) -> None:
@@ -63,6 +64,8 @@ def overrides(args) -> list[Override]:
         add(("engine", "name"), args.engine, f"--engine {args.engine}")
     if getattr(args, "model", None):
         add(at("model"), args.model, f"--model {args.model}")
+    if getattr(args, "stride", None) is not None and getattr(args, "count", None) is not None:
+        raise ConfigError(f"--count {args.count} and --stride {args.stride:g} both choose the query grid; give one")
     if getattr(args, "stride", None) is not None:
         add(at("plan", "stride"), args.stride, f"--stride {args.stride:g}")
     if getattr(args, "count", None) is not None:
@@ -76,8 +79,28 @@ def load(args, model, default_name: str, extra: list[Override] | None = None, *,
     """Settings: defaults, then --config, then the shared options (unless not `shared`), then the command's
     own (`extra`), then --set."""
     ov = (overrides(args) if shared else []) + list(extra or [])
-    ov += parse_set(getattr(args, "set", None))
-    return load_config(model, getattr(args, "config", None), ov, default_name=default_name)
+    sets = parse_set(getattr(args, "set", None))
+    check_conflicts(ov, sets)
+    return load_config(model, getattr(args, "config", None), ov + sets, default_name=default_name)
+
+
+# settings that exclude each other: given together on the command line, one would silently lose
+_EXCLUSIVE = [({("plan", "stride")}, {("plan", "count")})]
+
+
+def check_conflicts(options: list[Override], sets: list[Override]) -> None:
+    """Refuse an option and a --set that set the same key to different values (the --set would win
+    silently), and settings that exclude each other given together."""
+    for s in sets:
+        for o in options:
+            if o.path == s.path and o.value != s.value:
+                raise ConfigError(f"{o.origin} and {s.origin} both set {'.'.join(s.path)}; give one")
+    given = {o.path: o for o in options + sets if o.value is not None}
+    for a, b in _EXCLUSIVE:
+        oa = next((given[p] for p in a if p in given), None)
+        ob = next((given[p] for p in b if p in given), None)
+        if oa is not None and ob is not None:
+            raise ConfigError(f"{oa.origin} and {ob.origin} both choose the query grid; give one")
 
 
 def write_config(layout: RunLayout, cfg) -> None:
@@ -101,6 +124,20 @@ def console():
     return Console(file=sys.stdout, highlight=False, soft_wrap=True)
 
 
+def esc(value) -> str:
+    """Text for a rich console as it is: brackets in messages (`[fx, fy, cx, cy]`) are not markup."""
+    from rich.markup import escape
+
+    return escape(str(value))
+
+
+def written(out, names: list[str]) -> str:
+    """`outputs in OUT (a, b, ...)` listing only the files and folders that exist."""
+    root = Path(out)
+    have = [n for n in names if (root / n.rstrip("/")).exists()]
+    return f"outputs in {esc(out)}" + (f" ({', '.join(have)})" if have else " (none written)")
+
+
 def report(summary: dict):
     """A console for a run's report, opened with the simulated-engine note when the run used it."""
     c = console()
@@ -111,9 +148,9 @@ def report(summary: dict):
 
 def print_failures(c, failed: list[dict], total: int, where: str, limit: int = 20) -> None:
     for f in failed[:limit]:
-        c.print(f"  [red]failed[/] {f['id']} ({f['kind']}): {f['error']}")
+        c.print(f"  [red]failed[/] {esc(f['id'])} ({esc(f['kind'])}): {esc(f['error'])}")
     if total > limit:
-        c.print(f"  ... and {total - limit} more in {where}")
+        c.print(f"  ... and {total - limit} more in {esc(where)}")
 
 
 def progress(total: int, label: str = "images", every_s: float = 10.0):
@@ -126,10 +163,25 @@ def out_path(args) -> Path:
     return Path(args.out)
 
 
+def require_empty(folder: Path, what: str, overwrite: bool) -> None:
+    """A folder to write a new thing into: missing or empty, else --overwrite; a file is refused by name."""
+    from densify.io.layout import check_folder
+
+    check_folder(folder, what)
+    if folder.is_dir() and not overwrite and any(folder.iterdir()):
+        raise ConfigError(f"{what} {folder}: the folder is not empty; give a new or empty folder, or pass "
+                          f"--overwrite to write into it")
+
+
 # -- pose and reconstruct
 
 def add_pair_args(p: argparse.ArgumentParser) -> None:
-    add_engine_args(p, profile=False)
+    add_engine_args(p, profile=False, model_help="The depth checkpoint: a local folder or a hub name (default: "
+                                                 "the depth profile's model, facebook/VLM3-depth).")
+    p.add_argument("--corr-model", help="The correspondence checkpoint (default: the corr profile's model, "
+                                        "facebook/VLM3-corr); --model sets the depth one.")
+    p.add_argument("--pose-model", help="The pose checkpoint for --pose-source vlm or both (default: the pose "
+                                        "profile's model, facebook/VLM3-pose).")
     p.add_argument("--pose-source", choices=["matches", "vlm", "both"],
                    help="Poses from RANSAC on the correspondence answers (matches, default), from the pose "
                         "profile's answers (vlm), or RANSAC cross-checked by the pose profile (both).")
@@ -139,13 +191,15 @@ def add_pair_args(p: argparse.ArgumentParser) -> None:
 
 
 def pair_overrides(args) -> list[Override]:
-    """Settings of `densify pose` / `reconstruct` from their options (--model is the depth checkpoint; the
-    corr and pose ones go through --set models.corr=..., models.pose=...)."""
+    """Settings of `densify pose` / `reconstruct` from their options (--model is the depth checkpoint,
+    --corr-model and --pose-model the others)."""
     out = []
     if getattr(args, "engine", None):
         out.append(Override(("engine", "name"), args.engine, f"--engine {args.engine}"))
-    if getattr(args, "model", None):
-        out.append(Override(("models", "depth"), args.model, f"--model {args.model}"))
+    for stage, option in (("depth", "model"), ("corr", "corr_model"), ("pose", "pose_model")):
+        if getattr(args, option, None):
+            flag = "--" + option.replace("_", "-")
+            out.append(Override(("models", stage), getattr(args, option), f"{flag} {getattr(args, option)}"))
     if getattr(args, "pose_source", None):
         out.append(Override(("pose", "source"), args.pose_source, f"--pose-source {args.pose_source}"))
     if getattr(args, "grid", None):

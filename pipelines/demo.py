@@ -87,7 +87,9 @@ def run(args) -> int:
         raise ConfigError(f"--views {args.views}: render at least one view")
     with tempfile.TemporaryDirectory(prefix="densify-demo-") as tmp:
         out = Path(args.out) if args.out else Path(tmp)
-        RunLayout(out).check()
-        s = run_demo(out, seed=args.seed, views=args.views, noise=not args.no_noise, cfg=cfg)
+        layout = RunLayout(out)
+        layout.check()
+        with layout.lock():
+            s = run_demo(out, seed=args.seed, views=args.views, noise=not args.no_noise, cfg=cfg)
         print(format_report(s, out, kept=bool(args.out)))
     return 1 if s["failed"] else 0

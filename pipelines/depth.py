@@ -35,14 +35,15 @@ def run(args) -> int:
     layout = RunLayout(args.out)
     layout.check()
     intr = common.intrinsics(args)
-    sources = discover(args.inputs)
-    engine = build_engine(cfg.engine, load_profile(cfg.profile), model=cfg.model)
-    try:
-        layout.root.mkdir(parents=True, exist_ok=True)
-        common.write_config(layout, cfg)
-        summary, _ = run_depth(sources, cfg, engine, layout, intrinsics=intr, progress=common.progress(len(sources)))
-    finally:
-        engine.close()
+    sources = discover(args.inputs, exclude=[layout.root])
+    with layout.lock():
+        engine = build_engine(cfg.engine, load_profile(cfg.profile), model=cfg.model)
+        try:
+            common.write_config(layout, cfg)
+            summary, _ = run_depth(sources, cfg, engine, layout, intrinsics=intr,
+                                   progress=common.progress(len(sources)))
+        finally:
+            engine.close()
     print_summary(summary, layout.root)
     return 1 if summary["failed"] else 0
 
@@ -51,6 +52,6 @@ def print_summary(s: dict, out) -> None:
     c = common.report(s)
     c.print(f"[bold]densify depth[/]: {s['ok']} ok, {s['skipped']} skipped (done earlier), {s['failed']} failed of "
             f"{s['images']} images; {s['queries']:,} queries in {s['wall_s']:.1f} s ({s['queries_per_s']:,.0f} q/s); "
-            f"answer failures {s['answer_failures'] or 'none'}")
+            f"answer failures {common.esc(s['answer_failures'] or 'none')}")
     common.print_failures(c, s["failed_images"], s["failed"], f"{out}/failures.jsonl")
-    c.print(f"outputs in {out}")
+    c.print(f"outputs in {common.esc(out)}")

@@ -11,6 +11,7 @@ scored by rule (qualitative accuracy, quantitative success within 25% and AbsRel
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 from pathlib import Path
 
@@ -51,10 +52,24 @@ def add_arguments(p) -> None:
     common.add_config_args(p, "depth")
 
 
+_SPATIALRGPT_ONLY = ("synthetic", "images", "geometry", "depth_dir")
+
+
 def run(args) -> int:
     if args.limit is not None and args.limit < 1:
         raise ConfigError(f"--limit {args.limit}: give a positive number")
-    return run_spatialrgpt(args) if args.suite == "spatialrgpt" else run_ibims(args)
+    if args.suite == "spatialrgpt" and args.synthetic and args.data:
+        raise ConfigError(f"--synthetic {args.synthetic} and --data {args.data} both give the questions; give one")
+    if args.suite == "ibims":
+        given = [f"--{k.replace('_', '-')}" for k in _SPATIALRGPT_ONLY if getattr(args, k)]
+        if given:
+            raise ConfigError(f"{', '.join(given)}: only for `densify eval spatialrgpt`; drop it for ibims")
+    if args.up != "floor" and not args.geometry:
+        raise ConfigError(f"--up {args.up}: only with --geometry (the vertical of the geometry answers)")
+    if args.out:
+        RunLayout(args.out).check()
+    with RunLayout(args.out).lock() if args.out else contextlib.nullcontext():
+        return run_spatialrgpt(args) if args.suite == "spatialrgpt" else run_ibims(args)
 
 
 def run_ibims(args) -> int:
@@ -66,24 +81,24 @@ def run_ibims(args) -> int:
              Override(("densify", "method"), "linear", "eval")]
     cfg = common.load(args, DepthConfig, "depth", extra)
     layout = RunLayout(args.out) if args.out else None
-    if layout is not None:
-        layout.check()
     sources = label_sources(data, args.limit)
     engine = build_engine(cfg.engine, load_profile(cfg.profile), model=cfg.model)
     try:
         if layout is not None:
-            layout.root.mkdir(parents=True, exist_ok=True)
-        rep = evaluate_labels(sources, cfg, engine, layout, data=str(data))
+            common.write_config(layout, cfg)
+        rep = evaluate_labels(sources, cfg, engine, layout, data=str(data), progress=common.progress(len(sources)))
     finally:
         engine.close()
     c = common.report(rep)
-    c.print(f"eval {args.suite} ({rep['engine']} engine, {rep['profile']}, model {rep['model']}): {rep['images']} "
+    c.print(f"eval {args.suite} ({rep['engine']} engine, {rep['profile']}, model {common.esc(rep['model'])}): {rep['images']} "
             f"images, {rep['points']} labelled points, answered {rep['answered']}")
     c.print(f"  delta_1 {rep['delta1']:.3f} (over answered: {rep['delta1_answered']:.3f}), AbsRel "
-            f"{rep['absrel_answered']:.3f}, parse failures {rep['parse_failures'] or 'none'}, "
+            f"{rep['absrel_answered']:.3f}, parse failures {common.esc(rep['parse_failures'] or 'none')}, "
             f"{rep['queries_per_s']:.0f} q/s")
     for f in rep["failed_images"][:10]:
-        c.print(f"  [red]failed[/] {f['id']} ({f['kind']}): {f['error']}")
+        c.print(f"  [red]failed[/] {common.esc(f['id'])} ({common.esc(f['kind'])}): {common.esc(f['error'])}")
+    if args.out:
+        c.print(common.written(args.out, ["eval.json", "summary.json", "failures.jsonl", "config.yaml"]))
     return 1 if rep["failed_images"] else 0
 
 
@@ -113,7 +128,7 @@ def _depth_for(args, cfg: DepthConfig):
 
 
 def run_spatialrgpt(args) -> int:
-    from densify.eval.spatialrgpt import format_table, read_bench, run_bench
+    from densify.eval.spatialrgpt import bench_images, format_table, read_bench, run_bench
 
     if args.synthetic:
         from densify.synthetic.object_questions import build_question_set
@@ -136,7 +151,8 @@ def run_spatialrgpt(args) -> int:
         depth_for = None
         if args.geometry:
             depth_for, depth_engine = _depth_for(args, dcfg)
-        rep = run_bench(items, profile, engine, depth_for=depth_for, up=args.up, limit=args.limit)
+        rep = run_bench(items, profile, engine, depth_for=depth_for, up=args.up, limit=args.limit,
+                        progress=common.progress(bench_images(items, args.limit)))
     finally:
         engine.close()
         if depth_engine is not None:
@@ -145,6 +161,7 @@ def run_spatialrgpt(args) -> int:
     rep["data"] = str(data)
     rep["simulated"] = engine.simulated
     if args.out:
+        common.write_config(RunLayout(args.out), dcfg)
         RunLayout(args.out).sweep(Path(args.out) / "eval.json", Path(args.out) / "answers.jsonl")
         outputs.write_json(Path(args.out) / "eval.json", rep)
         outputs.write_jsonl(Path(args.out) / "answers.jsonl", records)
@@ -152,5 +169,7 @@ def run_spatialrgpt(args) -> int:
     c.print(f"eval spatialrgpt ({rep['engine']} engine, {rep['profile']}): {rep['questions']} questions on "
             f"{rep['images']} images, unscorable references {rep['model']['unscorable']}, "
             f"failed questions {len(rep['failed_questions'])}")
-    c.print(format_table(rep))
+    c.print(common.esc(format_table(rep)))
+    if args.out:
+        c.print(common.written(args.out, ["eval.json", "answers.jsonl", "config.yaml"]))
     return 1 if rep["failed_images"] else 0

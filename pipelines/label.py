@@ -64,10 +64,14 @@ def config_from_args(args) -> LabelConfig:
 def run(args) -> int:
     cfg = config_from_args(args)
     shard = parse_shard(args.shard)
+    exclude = [args.out] + ([cfg.store.dir] if cfg.store.dir else [])
     job = LabelJob(cfg, args.out, shard=shard,
-                   progress=common.progress(count_manifest(args.manifest, shard), every_s=cfg.log_every_s))
+                   progress=common.progress(count_manifest(args.manifest, shard, exclude=exclude),
+                                            every_s=cfg.log_every_s))
     try:
-        summary = job.run(args.manifest)
+        with job.layout.lock():
+            common.write_config(job.layout, cfg)
+            summary = job.run(args.manifest)
     finally:
         job.progress.close()
     print_summary(summary, args.out)
@@ -81,7 +85,7 @@ def print_summary(s: dict, out) -> None:
             f"store, {s['engine_queries']:,} asked) in {s['wall_s']:.1f} s ({s['images_per_s']:.2f} images/s, "
             f"{s['queries_per_s']:,.0f} q/s)")
     if s["failed"]:
-        kinds = ", ".join(f"{k}: {v}" for k, v in sorted(s["failed_by_kind"].items()))
+        kinds = common.esc(", ".join(f"{k}: {v}" for k, v in sorted(s["failed_by_kind"].items())))
         c.print(f"  [red]failed[/] by kind: {kinds}")
         common.print_failures(c, s["failed_images"], s["failed"], f"{out}/manifest.parquet")
-    c.print(f"outputs in {out}")
+    c.print(f"outputs in {common.esc(out)}")

@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import argparse
 
+from densify.geometry.clouds import require_open3d
 from densify.io.images import discover
-from densify.stages.scene import reconstruct
+from densify.io.layout import RunLayout
+from densify.stages.scene import check_stages, reconstruct
 from densify.stages.settings import ReconstructConfig
 from pipelines import common
 
@@ -34,9 +36,15 @@ def config_from_args(args) -> ReconstructConfig:
 
 def run(args) -> int:
     cfg = config_from_args(args)
-    sources = discover(args.inputs)
-    scene = reconstruct(sources, cfg, args.out, intrinsics=common.intrinsics(args),
-                        progress=common.progress(len(sources)))
+    sources = discover(args.inputs, exclude=[args.out])
+    layout = RunLayout(args.out)
+    layout.check()
+    intr = common.intrinsics(args)
+    require_open3d()  # the pose graph and fusion need it
+    check_stages(cfg)  # every checkpoint before anything is written
+    with layout.lock():
+        common.write_config(layout, cfg)
+        scene = reconstruct(sources, cfg, args.out, intrinsics=intr, progress=common.progress(len(sources)))
     print_summary(scene.summary, args.out)
     s = scene.summary
     return 0 if scene.ok and not s["dropped"] and not s["failed_pairs"] else 1
@@ -46,19 +54,21 @@ def print_summary(s: dict, out) -> None:
     c = common.report(s)
     t = s["timings_s"]
     c.print(f"[bold]densify reconstruct[/]: {s['posed']} of {s['images']} images posed "
-            f"(reference {s['reference']}); pairs {s['pairs_ok']} ok of {s['pairs']} "
+            f"(reference {common.esc(s['reference'])}); pairs {s['pairs_ok']} ok of {s['pairs']} "
             f"(verdicts {s['verdicts']}); {s['pair_queries']:,} correspondence queries (forward + backward); "
             f"{s['wall_s']:.1f} s (" + ", ".join(f"{k} {v:.1f}" for k, v in t.items()) + ")")
     for f in s["failed_pairs"]:
-        c.print(f"  [red]failed pair[/] {f['pair'][0]} -> {f['pair'][1]} ({f.get('error_kind')}): {f.get('error')}")
+        c.print(f"  [red]failed pair[/] {common.esc(f['pair'][0])} -> {common.esc(f['pair'][1])} "
+                f"({common.esc(f.get('error_kind'))}): {common.esc(f.get('error'))}")
     for d in s["dropped"]:
-        c.print(f"  [yellow]dropped[/] {d['id']}: {d['reason']}")
+        c.print(f"  [yellow]dropped[/] {common.esc(d['id'])}: {common.esc(d['reason'])}")
     if "skipped" in s["fusion"]:
-        c.print(f"  [red]no scene[/]: {s['fusion']['skipped']}")
+        c.print(f"  [red]no scene[/]: {common.esc(s['fusion']['skipped'])}")
     if "colmap" in s["export"]:
-        c.print(f"  COLMAP model: {s['export']['colmap']}")
+        c.print(f"  COLMAP model: {common.esc(s['export']['colmap'])}")
     fu = s["fusion"]
     if fu.get("frames"):
         c.print(f"  fused {fu['frames']} frames: mesh {fu['mesh_vertices']:,} vertices, "
                 f"cloud {fu['cloud_points']:,} points")
-    c.print(f"outputs in {out} (poses.json, mesh.ply, cloud.ply, colmap/, transforms.json, pairs.jsonl, summary.json)")
+    c.print(common.written(out, ["poses.json", "mesh.ply", "cloud.ply", "colmap/", "transforms.json", "pairs.jsonl",
+                                 "summary.json", "config.yaml", "depth/", "pairs/"]))

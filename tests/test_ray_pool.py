@@ -519,3 +519,59 @@ def test_an_actor_dying_on_its_part_of_a_split_batch_loses_nothing(tmp_path):
     assert flag.exists(), "an actor was supposed to crash on its part"
     assert b is big and stats["split_batches"] == 1 and stats["actor_failures"] >= 1 and stats["failed_batches"] == 0
     assert [c.text for c in got] == [c.text for c in SimulatedEngine(PROFILE, truth=TRUTH).generate(big)]
+
+
+class LastFirstEngine(Engine):
+    """The simulated engine behind a `stream` that holds up to `hold` batches (waiting up to `wait_s` for
+    them) and answers the batch whose first query is `last_text` last, half a second after the others, as
+    vLLM may finish a later image before an earlier one."""
+
+    name = "last-first"
+    simulated = True
+
+    def __init__(self, profile, *, last_text=None, hold=2, wait_s=30.0, **options):
+        self.inner = SimulatedEngine(profile, **options)
+        self.last_text, self.hold, self.wait_s = last_text, hold, wait_s
+
+    def generate(self, batch):
+        return self.inner.generate(batch)
+
+    def stream(self, batches):
+        it, held, t0 = iter(batches), [], time.monotonic()
+        for b in it:
+            if b is not None:
+                held.append(b)
+            elif time.monotonic() - t0 > self.wait_s:
+                break
+            else:
+                time.sleep(0.01)
+            if len(held) >= self.hold:
+                break
+        for b in sorted(held, key=lambda b: b.queries[0].text == self.last_text):
+            if b.queries[0].text == self.last_text:
+                time.sleep(0.5)  # the driver sees the other batch back first
+            yield b, self.inner.generate(b)
+        for b in it:
+            if b is not None:
+                yield b, self.inner.generate(b)
+
+    def close(self):
+        pass
+
+
+def test_duplicate_images_finishing_out_of_order_on_one_actor():
+    """The same image twice (two batches whose PromptImages share the uid but not the array object) on one
+    actor, the second finishing first: each comes back with its answers (the pool forgets a finished batch
+    by identity, never by comparing pixel arrays)."""
+    first = make_batch(1300, n=50, tag="first")
+    second = EngineBatch({u: PromptImage(u, im.pixels.copy(), im.ref) for u, im in first.images.items()},
+                         first.queries[10:], first.sampling, "second")
+    with RayPoolEngine(PROFILE, engine=LastFirstEngine, num_actors=1, max_in_flight_per_actor=2,
+                       split_min_queries=0, engine_options={"truth": TRUTH, "last_text": first.queries[0].text}) as p:
+        got = list(p.stream([first, second]))
+        stats = dict(p.stats)
+    assert [b.tag for b, _ in got] == ["second", "first"]
+    assert stats["failed_batches"] == 0 and stats["retries"] == 0
+    want = SimulatedEngine(PROFILE, truth=TRUTH)
+    for b, comps in got:
+        assert [c.text for c in comps] == [c.text for c in want.generate(b)]

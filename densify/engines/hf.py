@@ -42,7 +42,8 @@ from typing import Any
 import numpy as np
 
 from densify.config.profiles import Profile, load_profile
-from densify.engines.base import Completion, Engine, EngineBatch, EngineError, PromptImage, Query, check_batch
+from densify.engines.base import (Completion, Engine, EngineBatch, EngineError, EngineStartError, PromptImage, Query,
+                                  check_batch)
 from densify.engines.chat import TEMPLATE_TEXT_KEYS, chat_messages
 from densify.engines.options import HFOptions
 
@@ -58,10 +59,20 @@ def _warn_once(key: str, msg: str, *args) -> None:
 
 
 def resolve_device(device: str = "auto") -> str:
+    """The torch device to run on; a device this machine cannot give is refused before any model loads."""
     import torch
 
     if device in (None, "auto"):
         return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        kind = torch.device(str(device)).type
+    except (RuntimeError, ValueError) as exc:
+        raise ValueError(f"engine.options.device={device}: not a torch device ({exc}); use auto, cpu or cuda") from None
+    if kind == "cuda" and not torch.cuda.is_available():
+        why = (f"this torch build ({torch.__version__}) has no CUDA support" if torch.version.cuda is None else
+               "no CUDA GPU is visible (check CUDA_VISIBLE_DEVICES and the driver)")
+        raise EngineStartError(f"engine.options.device={device}: {why}; use device=cpu (or auto), or install a CUDA "
+                               f"build of torch on a machine with a GPU")
     return str(device)
 
 

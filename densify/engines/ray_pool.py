@@ -99,7 +99,7 @@ class _Slot:
     suspect: Any = None
 
 
-@dataclass
+@dataclass(eq=False)  # jobs are told apart by identity: comparing fields would compare pixel arrays
 class _Job:
     batch: EngineBatch
     payload: Any
@@ -140,6 +140,26 @@ def _dead_errors() -> tuple:
 
         _DEAD_ERRORS = (rx.RayActorError,)
     return _DEAD_ERRORS
+
+
+def probe_address(address: str | None, timeout_s: float = 3.0) -> None:
+    """An EngineStartError within seconds when a cluster address (host:port or ray://host:port) does not
+    accept connections: ray.init would otherwise retry for minutes. 'auto' and None are Ray's to resolve."""
+    import socket
+
+    if not address or address == "auto" or address.startswith("local"):
+        return
+    hostport = address.split("://", 1)[-1].rsplit("/", 1)[0]
+    host, sep, port = hostport.rpartition(":")
+    if not sep or not port.isdigit():
+        return  # Ray's own defaults and forms
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s):
+            pass
+    except OSError as exc:
+        raise EngineStartError(f"Ray could not start or connect (ray_address={address!r}): nothing accepts "
+                               f"connections at {host}:{port} ({exc.strerror or exc}); start a cluster (`ray start "
+                               f"--head`) or leave the address unset for a local one") from None
 
 
 class RayPoolEngine(Engine):
@@ -214,6 +234,7 @@ class RayPoolEngine(Engine):
         if not ray.is_initialized():
             # A local Ray by default (or the cluster RAY_ADDRESS names); `address` for an existing cluster.
             # close() shuts down what this call started: the local Ray, or this driver's connection.
+            probe_address(opts.address)
             try:
                 init_ray(address=opts.address, include_dashboard=False, log_to_driver=False, ignore_reinit_error=True,
                          configure_logging=False, runtime_env=runtime_env)
@@ -486,7 +507,8 @@ class RayPoolEngine(Engine):
     @staticmethod
     def _forget(slot: _Slot, job: _Job) -> None:
         slot.in_flight -= 1
-        slot.jobs.remove(job)
+        # by identity: two jobs of one image (a split batch, an image listed twice) are distinct jobs
+        slot.jobs[:] = [j for j in slot.jobs if j is not job]
 
     def _retry_or_fail(self, job: _Job, reason: str, retry: deque, fail, *, charge: bool = True) -> None:
         job.errors.append(reason)

@@ -279,10 +279,16 @@ def bench_regions(item: BenchItem, width: int, height: int, use_masks: bool = Tr
     return make_regions(boxes, width, height, masks)
 
 
+def bench_images(items: list[BenchItem], limit: int | None = None) -> int:
+    """How many images the (first `limit`) questions are about: the steps of `run_bench`'s progress."""
+    return len({it.image for it in (items[:limit] if limit else items)})
+
+
 def run_bench(items: list[BenchItem], profile: Profile, engine, *, depth_for: DepthFor | None = None,
-              up: str = "floor", use_masks: bool = True, limit: int | None = None) -> dict:
+              up: str = "floor", use_masks: bool = True, limit: int | None = None, progress=None) -> dict:
     """Ask `engine` every question (one batch per image) and score it; with depth_for also answer every
-    question from that image's depth map and score those answers the same way."""
+    question from that image's depth map and score those answers the same way. progress: a
+    densify.io.progress.Progress over the images (`bench_images`), updated as each is scored."""
     from densify.objects.qa import (build_prompts, geometry_answer, geometry_context, image_batch, parse_model_answer,
                                     prepare_object_image, to_json_value)
 
@@ -308,6 +314,8 @@ def run_bench(items: list[BenchItem], profile: Profile, engine, *, depth_for: De
             except (OSError, ValueError) as exc:
                 log.error("%s: %s", path, exc)
                 run.failed_images.append({"image": str(path), "error": str(exc), "questions": len(its)})
+                if progress is not None:
+                    progress.update(failed=1)
                 continue
             ok, prompts = [], []
             for it in its:
@@ -319,6 +327,8 @@ def run_bench(items: list[BenchItem], profile: Profile, engine, *, depth_for: De
                     log.error("%s: question %s: %s", path, it.id, exc)
                     run.failed_questions.append({"id": it.id, "error": str(exc)})
             if not ok:
+                if progress is not None:
+                    progress.update(failed=1)
                 continue
             yield image_batch(profile, prep, prompts, its[0].file_path or str(path), path=path,
                               tag=(ok, prompts, cam))
@@ -350,6 +360,10 @@ def run_bench(items: list[BenchItem], profile: Profile, engine, *, depth_for: De
                     run.geometry.append(sg)
                     rec["geometry"]["correct"] = sg.correct
             run.records.append(rec)
+        if progress is not None:
+            progress.update(queries=len(completions), failed=int(all(c.error is not None for c in completions)))
+    if progress is not None:
+        progress.close()
     wall = time.perf_counter() - t0
     report = {"profile": profile.name, "engine": getattr(engine, "name", "?"), "questions": len(items),
               "images": len(by_image), "failed_images": run.failed_images,

@@ -94,6 +94,15 @@ def parse_intrinsics_arg(text: str) -> list[float]:
         raise CameraError(f"--intrinsics must be 'fx,fy,cx,cy' numbers, got {text!r}") from exc
     if len(vals) not in (4, 6):
         raise CameraError(f"--intrinsics must be 'fx,fy,cx,cy' (4 numbers), got {text!r}")
+    if not all(math.isfinite(v) for v in vals):
+        raise CameraError(f"--intrinsics {text}: every value must be a finite number")
+    if vals[0] <= 0 or vals[1] <= 0:
+        raise CameraError(f"--intrinsics {text}: the focal lengths fx, fy must be positive pixels")
+    if vals[2] < 0 or vals[3] < 0:
+        raise CameraError(f"--intrinsics {text}: the principal point cx, cy must be pixel positions (>= 0), "
+                          f"about half the image size")
+    if len(vals) == 6 and (vals[4] <= 0 or vals[5] <= 0):
+        raise CameraError(f"--intrinsics {text}: the image size W, H must be positive")
     return vals
 
 
@@ -129,15 +138,51 @@ def sidecar_path(image_path: Path) -> Path | None:
     return None
 
 
+MAX_ASPECT = 1.25
+"""fx / fy beyond this (or below its inverse) is reported: real cameras have nearly square pixels."""
+_warned: set = set()
+
+
+def implausible(cam: Camera) -> list[str]:
+    """What cannot be right about intrinsics that are otherwise valid: a principal point outside the image
+    (e.g. fx,fy,cx,cy given in another order), or fx / fy far from 1."""
+    out = []
+    if not (0 <= cam.cx <= cam.width and 0 <= cam.cy <= cam.height):
+        out.append(f"the principal point ({cam.cx:g}, {cam.cy:g}) is outside the {cam.width}x{cam.height} image "
+                   f"(it is usually near the centre, ({cam.width / 2:g}, {cam.height / 2:g}))")
+    ratio = cam.fx / cam.fy
+    if not 1 / MAX_ASPECT <= ratio <= MAX_ASPECT:
+        out.append(f"fx / fy is {ratio:.2f} (fx {cam.fx:g}, fy {cam.fy:g}); real cameras have nearly square pixels")
+    return out
+
+
+def warn_implausible(cam: Camera, where: str) -> None:
+    """Log what `implausible` finds, once per distinct camera (a job of many images warns once)."""
+    key = (cam.fx, cam.fy, cam.cx, cam.cy, cam.width, cam.height)
+    if key in _warned:
+        return
+    problems = implausible(cam)
+    if problems:
+        if len(_warned) < 10_000:
+            _warned.add(key)
+        log.warning("%s: intrinsics fx,fy,cx,cy = %g,%g,%g,%g look wrong: %s; the order is fx,fy,cx,cy in pixels",
+                    where, cam.fx, cam.fy, cam.cx, cam.cy, "; ".join(problems))
+
+
 def resolve_camera(image_path: Path | None, width: int, height: int, given=None,
                    default_hfov_deg: float = DEFAULT_HFOV_DEG) -> Camera:
-    """Explicit values, else a sidecar, else a default field of view (with a warning)."""
+    """Explicit values, else a sidecar, else a default field of view (with a warning). Intrinsics that
+    cannot be right (see `implausible`) are used as given, with a warning."""
     if given is not None:
-        return given if isinstance(given, Camera) else Camera.from_list(given, width, height)
+        cam = given if isinstance(given, Camera) else Camera.from_list(given, width, height)
+        warn_implausible(cam, str(image_path or "image"))
+        return cam
     if image_path is not None:
         side = sidecar_path(Path(image_path))
         if side is not None:
-            return read_sidecar(side, width, height)
+            cam = read_sidecar(side, width, height)
+            warn_implausible(cam, str(side))
+            return cam
     log.warning("%s: no intrinsics given; assuming a %.0f degree horizontal field of view. Metric depth "
                 "will be off by the focal error: pass --intrinsics or add a JSON sidecar.",
                 image_path or "image", default_hfov_deg)

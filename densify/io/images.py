@@ -230,11 +230,78 @@ def _stem_id(path: Path, root: Path | None = None) -> str:
     return Path(path).stem
 
 
-def walk_images(root: Path) -> Iterator[Path]:
+OUTPUT_MARKERS = ("result.json", "summary.json", ".densify.lock")
+"""Files that make a folder a densify output folder (an image's results, a run's root): walks skip it."""
+
+
+def holds_outputs(folder: Path, names=None) -> bool:
+    """Whether `folder` (whose entries are `names`, listed here when None) holds densify outputs (an image's
+    result.json, a run's summary or lock, an answer store), so a walk over inputs must not take its images
+    (depth.png, preview.png) as new inputs."""
+    try:
+        names = set(os.listdir(folder) if names is None else names)
+    except OSError:
+        return False
+    if names.intersection(OUTPUT_MARKERS) or any(n.startswith("summary-") and n.endswith(".json") for n in names):
+        return True
+    if "store" in names and os.path.isdir(os.path.join(folder, "store")):
+        try:
+            return any(n.startswith("answers-") for n in os.listdir(os.path.join(folder, "store")))
+        except OSError:
+            return False
+    return any(n.startswith("answers-") and n.endswith(".sqlite") for n in names)
+
+
+class _Skip:
+    """What folder walks and globs leave out: the job's own output folders (and what is inside them), any
+    folder below the one given that holds densify outputs, and hidden files and folders (`.git/`, macOS
+    `._name.png` resource forks). A folder named as an input is itself only left out when it lies inside
+    an output folder."""
+
+    def __init__(self, exclude=()):
+        self.exclude = [os.path.realpath(p) for p in exclude if p is not None]
+        self.skipped: list[str] = []
+        self._dirs: dict[tuple[str, bool], bool] = {}
+
+    def _excluded(self, real: str, given: bool) -> bool:
+        # a folder named as an input that is the output folder itself is walked (its image folders are
+        # skipped as outputs); one inside the output folder is not
+        return any(real == e and not given or real.startswith(e.rstrip(os.sep) + os.sep) for e in self.exclude)
+
+    def folder(self, d: str, *, given: bool = False, names=None) -> bool:
+        key = (os.path.realpath(d), given)
+        if key not in self._dirs:
+            why = "the job's output folder" if self._excluded(*key) else \
+                "it holds densify outputs" if not given and holds_outputs(Path(d), names) else None
+            self._dirs[key] = why is not None
+            if why is not None:
+                self.skipped.append(d)
+                log.info("%s: skipped (%s)", d, why)
+        return self._dirs[key]
+
+    def path(self, p: Path, base: Path) -> bool:
+        """Whether a file a glob found below `base` (the glob's fixed part) is left out."""
+        try:
+            rel = p.relative_to(base)
+        except ValueError:
+            rel = p
+        if any(part.startswith(".") and part not in (".", "..") for part in rel.parts):
+            return True
+        parents = [base / Path(*rel.parts[:k]) for k in range(1, len(rel.parts))]
+        return self.folder(str(base), given=True) or any(self.folder(str(d)) for d in parents)
+
+
+def walk_images(root: Path, *, exclude=(), skip: _Skip | None = None) -> Iterator[Path]:
+    """Image files under `root`, sorted, leaving out hidden files and folders, the folders in `exclude`
+    (the job's --out) and every folder holding densify outputs."""
+    skip = skip if skip is not None else _Skip(exclude)
     for d, dirs, files in os.walk(root):
-        dirs.sort()
+        if skip.folder(d, given=d == str(root), names=dirs + files):
+            dirs[:] = []
+            continue
+        dirs[:] = sorted(x for x in dirs if not x.startswith("."))
         for f in sorted(files):
-            if Path(f).suffix.lower() in IMAGE_SUFFIXES:
+            if not f.startswith(".") and Path(f).suffix.lower() in IMAGE_SUFFIXES:
                 yield Path(d) / f
 
 
@@ -255,8 +322,28 @@ def _record_source(rec, base: Path, where: str) -> ImageSource:
     return ImageSource(sid, img, rec.get("intrinsics"), labels, extra, where.rsplit(":", 1)[0])
 
 
+def read_json_list(path: Path) -> list | None:
+    """The records of a manifest written as one JSON list (`[{...}, ...]`), or None for JSON lines."""
+    with open(path, "rb") as f:
+        head = f.read(4096).lstrip()
+    if not head.startswith(b"["):
+        return None
+    try:
+        data = json.loads(Path(path).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ImageError(f"{path}: a JSON list manifest that is not valid JSON ({exc}); fix it, or write one JSON "
+                         f"object per line (.jsonl)") from None
+    return data if isinstance(data, list) else None
+
+
 def iter_jsonl(path: Path) -> Iterator[ImageSource]:
-    """A JSONL manifest (DepthLM/iBims format or {"image", "intrinsics"}), streamed."""
+    """A JSONL manifest (DepthLM/iBims format or {"image", "intrinsics"}), streamed; a `.json` file holding
+    one JSON list of such records is read whole."""
+    records = read_json_list(path)
+    if records is not None:
+        for n, rec in enumerate(records, 1):
+            yield _record_source(rec, path.parent, f"{path}:{n}")
+        return
     with open(path) as f:
         for n, line in enumerate(f, 1):
             if not line.strip():
@@ -270,12 +357,24 @@ def iter_jsonl(path: Path) -> Iterator[ImageSource]:
             yield _record_source(rec, path.parent, f"{path}:{n}")
 
 
-def iter_parquet(path: Path, batch_rows: int = 4096) -> Iterator[ImageSource]:
+def open_parquet(path: Path):
+    """A Parquet manifest, checked: readable, with an `image` column (an ImageError naming the fix otherwise)."""
     import pyarrow.parquet as pq
 
-    pf = pq.ParquetFile(path)
-    if "image" not in pf.schema_arrow.names:
-        raise ImageError(f"{path}: a Parquet manifest needs an 'image' column (has {pf.schema_arrow.names})")
+    try:
+        pf = pq.ParquetFile(path)
+    except Exception as exc:  # pyarrow's own error types: not Parquet, truncated, unreadable
+        raise ImageError(f"{path}: not a readable Parquet file ({type(exc).__name__}: {exc}); give a Parquet "
+                         f"manifest with an 'image' column, or a .jsonl") from None
+    names = pf.schema_arrow.names
+    if "image" not in names:
+        raise ImageError(f"{path}: a Parquet manifest needs an 'image' column of image paths (it has "
+                         f"{', '.join(names) or 'no columns'}); rename the column, or write the manifest again")
+    return pf
+
+
+def iter_parquet(path: Path, batch_rows: int = 4096) -> Iterator[ImageSource]:
+    pf = open_parquet(path)
     n = 0
     for rb in pf.iter_batches(batch_size=batch_rows):
         for rec in rb.to_pylist():
@@ -283,28 +382,32 @@ def iter_parquet(path: Path, batch_rows: int = 4096) -> Iterator[ImageSource]:
             yield _record_source(rec, path.parent, f"{path}:{n}")
 
 
+MANIFEST_SUFFIXES = {".jsonl": "jsonl", ".json": "jsonl", ".parquet": "parquet"}
+
+
 def manifest_kind(item: str) -> str:
     p = Path(item)
     if p.is_dir():
         return "dir"
-    if p.suffix == ".jsonl" and p.is_file():
-        return "jsonl"
-    if p.suffix == ".parquet" and p.is_file():
-        return "parquet"
+    kind = MANIFEST_SUFFIXES.get(p.suffix.lower())
+    if kind is not None and p.is_file():
+        return kind
     if p.is_file() or (p.suffix.lower() in IMAGE_SUFFIXES and not any(c in str(item) for c in "*?[")):
         return "file"  # a missing image file fails as that image, later
     return "glob"
 
 
-def iter_sources(inputs) -> Iterator[ImageSource]:
+def iter_sources(inputs, *, exclude=()) -> Iterator[ImageSource]:
     """Folders (recursive), globs, image files, JSONL and Parquet manifests -> image sources, streamed, in
     order, with safe, unique, stable ids (they name output folders: densify.io.layout). A source whose id had
-    to change carries extra["id_wanted"]."""
+    to change carries extra["id_wanted"]. Folder walks and globs leave out `exclude` (the job's own output
+    folders), every folder holding densify outputs and hidden files (see `walk_images`); files and
+    manifest entries named explicitly are always taken."""
     from densify.io.layout import IdAssigner
 
     inputs = [inputs] if isinstance(inputs, (str, Path)) else list(inputs)
     ids = IdAssigner()
-    for src in _iter_raw([str(x) for x in inputs]):
+    for src in _iter_raw([str(x) for x in inputs], _Skip(exclude)):
         new = ids.assign(src.id, str(src.path))
         if new != src.id:
             src.extra["id_wanted"] = src.id
@@ -312,12 +415,12 @@ def iter_sources(inputs) -> Iterator[ImageSource]:
         yield src
 
 
-def _iter_raw(inputs: list[str]) -> Iterator[ImageSource]:
+def _iter_raw(inputs: list[str], skip: _Skip) -> Iterator[ImageSource]:
     for item in inputs:
         kind = manifest_kind(item)
         p = Path(item)
         if kind == "dir":
-            yield from (ImageSource(_stem_id(f), f) for f in walk_images(p))
+            yield from (ImageSource(_stem_id(f), f) for f in walk_images(p, skip=skip))
         elif kind == "jsonl":
             yield from iter_jsonl(p)
         elif kind == "parquet":
@@ -325,11 +428,20 @@ def _iter_raw(inputs: list[str]) -> Iterator[ImageSource]:
         elif kind == "file":
             yield ImageSource(_stem_id(p), p)
         else:
-            matches = sorted(Path(m) for m in glob.glob(item, recursive=True))
-            if not matches:
-                raise ImageError(f"{item}: matches no file or folder; give image files, a folder, a glob, a "
-                                 f".jsonl or a .parquet manifest")
-            yield from (ImageSource(_stem_id(m), m) for m in matches if m.suffix.lower() in IMAGE_SUFFIXES)
+            yield from (ImageSource(_stem_id(m), m) for m in glob_images(item, skip=skip))
+
+
+def glob_images(pattern: str, *, exclude=(), skip: _Skip | None = None) -> list[Path]:
+    """The image files a glob matches, sorted, leaving out what folder walks leave out."""
+    skip = skip if skip is not None else _Skip(exclude)
+    matches = sorted(Path(m) for m in glob.glob(pattern, recursive=True))
+    if not matches:
+        raise ImageError(f"{pattern}: matches no file or folder; give image files, a folder, a glob, a "
+                         f".jsonl or a .parquet manifest")
+    parts = Path(pattern).parts
+    fixed = next((k for k, part in enumerate(parts) if any(c in part for c in "*?[")), len(parts))
+    base = Path(*parts[:fixed]) if fixed else Path(".")
+    return [m for m in matches if m.suffix.lower() in IMAGE_SUFFIXES and not skip.path(m, base)]
 
 
 def read_jsonl_manifest(path: Path) -> list[ImageSource]:
@@ -342,10 +454,11 @@ def read_jsonl_manifest(path: Path) -> list[ImageSource]:
     return out
 
 
-def discover(inputs: list[str | Path]) -> list[ImageSource]:
+def discover(inputs: list[str | Path], *, exclude=()) -> list[ImageSource]:
     """All image sources of the inputs (see iter_sources); an empty result is an error."""
-    found = list(iter_sources(inputs))
+    found = list(iter_sources(inputs, exclude=exclude))
     if not found:
         raise ImageError(f"no images found in {', '.join(map(str, inputs))}; supported: "
-                         f"{', '.join(sorted(IMAGE_SUFFIXES))}, folders, globs, .jsonl and .parquet manifests")
+                         f"{', '.join(sorted(IMAGE_SUFFIXES))}, folders, globs, .jsonl and .parquet manifests "
+                         f"(folders holding densify outputs, the job's --out and hidden files are left out)")
     return found

@@ -7,9 +7,9 @@
       depth/<id>/...  pairs/<id1>__<id2>/{matches.npz,answers.jsonl,pose.json,flow.npy,vlm_pose.json}
       poses.json  mesh.ply  cloud.ply  colmap/  transforms.json  pairs.jsonl                (reconstruct)
 
-An image's id is its manifest `id`, else its file name without extension, made a safe name (letters,
-digits, `._-`; no leading dot; at most 96 characters, longer ones shortened with a hash; never a name the
-job itself uses). Ids are unique within a job: a later image whose id is taken gets `-<8 hex>` of its
+An image's id is its manifest `id`, else its file name without extension, made a safe name (NFC-normalised
+letters and digits of any script, `._-`; no separators, spaces or control characters; no leading dot; at
+most 96 characters and 120 bytes, longer ones shortened with a hash; never a name the job itself uses). Ids are unique within a job: a later image whose id is taken gets `-<8 hex>` of its
 path appended, so the same inputs always give the same folders. `result.json` is written last: it names
 the settings' fingerprint and certifies the size of every file of the image, so a folder is "done" only
 when all of those hold.
@@ -18,33 +18,55 @@ when all of those hold.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
-import re
+import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["RunLayout", "ImageFiles", "PairFiles", "safe_id", "IdAssigner", "fingerprint", "RESERVED"]
+__all__ = ["RunLayout", "ImageFiles", "PairFiles", "safe_id", "IdAssigner", "fingerprint", "check_folder", "RESERVED"]
 
 RESERVED = {"config", "summary", "failures", "manifest", "store", "depth", "pairs", "poses", "mesh", "cloud",
             "colmap", "transforms", "eval", "scene"}
 """Names the job itself uses in --out: never an image's folder."""
 
-_UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
 MAX_ID = 96
+MAX_ID_BYTES = 120
+"""An id is at most 96 characters and 120 bytes of UTF-8, so `<id1>__<id2>` stays within a file system's
+255-byte name limit."""
 
 
 def _hash(text: str, n: int = 8) -> str:
     return hashlib.blake2b(text.encode("utf-8", "surrogateescape"), digest_size=16).hexdigest()[:n]
 
 
+def _kept(ch: str) -> bool:
+    """Letters, digits and marks of any script, and `._-`; never separators, spaces, control or format
+    characters (a right-to-left override), surrogates of undecodable bytes, private or unassigned code points."""
+    return ch in "._-" or unicodedata.category(ch)[0] in "LNM"
+
+
+def _fits(s: str, chars: int, nbytes: int) -> bool:
+    return len(s) <= chars and len(s.encode("utf-8", "surrogateescape")) <= nbytes
+
+
+def _cut(s: str, chars: int, nbytes: int) -> str:
+    while not _fits(s, chars, nbytes):
+        s = s[:-1]
+    return s
+
+
 def safe_id(raw: str) -> str:
-    """A name that is one folder strictly inside the output folder, whatever `raw` holds."""
-    s = _UNSAFE.sub("_", str(raw)).strip("._-") or "image"
-    base = s.split(".", 1)[0].lower()
+    """A name that is one folder strictly inside the output folder, whatever `raw` holds: NFC-normalised
+    (the same name from macOS and Linux gives the same folder), every other character replaced by `_`."""
+    text = unicodedata.normalize("NFC", str(raw))
+    s = "".join("".join(run) if kept else "_" for kept, run in itertools.groupby(text, _kept))  # a run: one _
+    s = s.strip("._-") or "image"
+    base = s.split(".", 1)[0].casefold()
     if base in RESERVED or base.startswith("answers-") or base.startswith(("summary-", "manifest-", "failures-")):
         s = f"img_{s}"
-    if len(s) > MAX_ID or s != raw and len(s) > MAX_ID - 9:
-        s = f"{s[:MAX_ID - 9]}-{_hash(str(raw))}"
+    if not _fits(s, MAX_ID, MAX_ID_BYTES) or s != raw and not _fits(s, MAX_ID - 9, MAX_ID_BYTES - 9):
+        s = f"{_cut(s, MAX_ID - 9, MAX_ID_BYTES - 9)}-{_hash(str(raw))}"
     return s
 
 
@@ -57,16 +79,30 @@ class IdAssigner:
 
     def assign(self, raw: str, path: str) -> str:
         sid = safe_id(raw)
-        if sid.lower() in self.taken:
-            new = f"{sid[:MAX_ID - 9]}-{_hash(str(path))}"
+        if sid.casefold() in self.taken:
+            new = f"{_cut(sid, MAX_ID - 9, MAX_ID_BYTES - 9)}-{_hash(str(path))}"
             k = 1
-            while new.lower() in self.taken:  # the same path twice in one job
-                new = f"{sid[:MAX_ID - 12]}-{_hash(f'{path}#{k}')}"
+            while new.casefold() in self.taken:  # the same path twice in one job
+                new = f"{_cut(sid, MAX_ID - 12, MAX_ID_BYTES - 12)}-{_hash(f'{path}#{k}')}"
                 k += 1
             self.collisions.append({"id": new, "wanted": sid, "image": str(path)})
             sid = new
-        self.taken.add(sid.lower())  # case-insensitive file systems
+        self.taken.add(sid.casefold())  # case-insensitive file systems
         return sid
+
+
+def check_folder(path: str | Path, what: str) -> None:
+    """A ConfigError naming `what` (the option) when `path` cannot be a folder: it, or a folder above it, is
+    a file."""
+    from densify.config.loading import ConfigError
+
+    path = Path(path)
+    for p in (path, *path.parents):
+        if p.exists() or p.is_symlink():
+            if not p.is_dir():
+                where = "is a file" if p == path else f"lies under {p}, which is a file"
+                raise ConfigError(f"{what} {path}: {where}, not a folder; give a new or existing folder")
+            return
 
 
 def fingerprint(settings: dict) -> str:
@@ -134,12 +170,15 @@ class RunLayout:
         self.suffix = "" if shard[1] == 1 else f"-{shard[0]}"
         self.shard = shard
 
-    def check(self) -> None:
+    def check(self, what: str = "--out") -> None:
         """Fail before any work when the output folder cannot be one."""
-        from densify.config.loading import ConfigError
+        check_folder(self.root, what)
 
-        if self.root.exists() and not self.root.is_dir():
-            raise ConfigError(f"--out {self.root}: is a file, not a folder; give a new or existing folder")
+    def lock(self, what: str = "--out"):
+        """The job's exclusive lock on this folder (densify.io.lock), per shard; a context manager."""
+        from densify.io.lock import OutputLock
+
+        return OutputLock(self.root, shard=self.shard, what=what)
 
     @property
     def depth(self) -> "RunLayout":

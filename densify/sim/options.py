@@ -31,5 +31,5 @@ class SimulatedOptions(EngineOptions):
     def with_model(self, model: str | None):
         if model is None:
             return self
-        raise ValueError("the simulated engine answers from ground truth and takes no model; drop --model, or "
-                         "choose a real engine with --engine")
+        raise ValueError("the simulated engine answers from ground truth and takes no model; drop it, or choose a "
+                         "real engine with --engine")

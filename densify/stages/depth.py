@@ -147,6 +147,7 @@ class DepthStage:
         self.keep_maps = keep_maps
         self.evaluate = evaluate
         self.on_round = on_round
+        self._capped = False  # the plan asks more queries than an image holds (said once)
         self.fingerprint = settings_fingerprint(cfg, self.profile)
         self.sampling = sampling_for(self.profile, logprobs=cfg.logprobs, structured=cfg.structured)
         if cfg.densify.method == "edge" or cfg.plan.mode == "adaptive":
@@ -175,11 +176,27 @@ class DepthStage:
         else:
             pts = grid_points(w, h, **cfg.plan.grid_kwargs())
         plan = plan_queries(pts, prep.pixel_map, marker=profile.marker)
+        if points is None:
+            self._say_if_capped(w, h, len(plan))
         uid = image_uid(prep, src.id)
         ref = image_ref(src.id, prep, src.path, src.manifest)
         task = DepthTask(src, rgb, camera, prep, plan, uid, ref, fixed=points is not None, started=t0,
                          scale=img.scale)
         return task, depth_batch(prep, plan, profile, uid=uid, ref=ref, sampling=self.sampling, tag=task)
+
+    def _say_if_capped(self, width: int, height: int, planned: int) -> None:
+        """Warn (once per stage) when an image holds fewer distinct query positions than the plan asks for."""
+        p = self.cfg.plan
+        if self._capped or p.stride is not None:
+            return
+        wanted = int(p.count[0]) * int(p.count[1]) if isinstance(p.count, list) else int(p.count)
+        if p.mode == "adaptive":
+            wanted, planned = p.budget or wanted, width * height
+        if planned < 0.95 * wanted:
+            self._capped = True
+            log.warning("plan.count %s: a %dx%d image has only %s distinct query positions (pixels, or prompt "
+                        "coordinates of the %s profile), so at most %s are asked per image like this one; lower --count",
+                        f"{wanted:,}", width, height, f"{planned:,}", self.profile.name, f"{planned:,}")
 
     def _planner(self, width: int, height: int, rgb=None):
         from densify.fields.adaptive import AdaptivePlanner
@@ -584,29 +601,34 @@ def run_depth(sources: list[ImageSource], cfg: DepthConfig, engine: Engine, layo
     stage = DepthStage(cfg, engine, layout=layout, keep_maps=keep_maps, evaluate=evaluate, on_round=on_round)
     results: dict[str, DepthResult] = {}
     t0 = time.perf_counter()
-    interrupted = True
+    interrupted, error = False, None
     stream = stage.run(sources, intrinsics=intrinsics, points=points)
     try:
         for r in stream:
             results[r.id] = r
             if progress is not None:
                 progress.update(failed=int(r.status == "failed"))
-        interrupted = False
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM: the only way a run is interrupted
+        interrupted = True
+        raise
+    except BaseException as exc:  # the run stopped on an error: the summary says which, not "interrupted"
+        error = f"{type(exc).__name__}: {exc}"[:500]
+        raise
     finally:
         stream.close()  # in-flight work is cancelled here, while the caller's engine is still up
         if progress is not None:
             progress.close()
         ordered = [results[s.id] for s in sources if s.id in results]
         summary = summarize(ordered, time.perf_counter() - t0, profile, cfg, simulated=engine.simulated,
-                            interrupted=interrupted, complete=not interrupted and len(ordered) == len(sources),
-                            **summary_extra)
+                            interrupted=interrupted, complete=error is None and not interrupted
+                            and len(ordered) == len(sources), **({"error": error} if error else {}), **summary_extra)
         if layout is not None and layout.root.is_dir():
             try:
                 outputs.write_json(layout.summary, summary)
                 outputs.write_jsonl(layout.failures, ({"id": r.id, "image": r.image, "kind": r.error_kind,
                                                        "error": r.error} for r in ordered if r.status == "failed"))
             except OSError as exc:
-                if not interrupted:
+                if not interrupted and error is None:
                     raise
                 log.error("could not write the run's summary: %s", exc)  # the error that stopped the run wins
     return summary, ordered

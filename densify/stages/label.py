@@ -10,7 +10,6 @@ and at the end), shards (every n-th image, own store, manifest and summary files
 
 from __future__ import annotations
 
-import glob
 import logging
 import time
 from pathlib import Path
@@ -21,8 +20,9 @@ from densify.config.profiles import load_profile
 from densify.engines import Engine
 from densify.engines.store import AnswerStore, StoredEngine, store_path
 from densify.io import outputs
-from densify.io.images import IMAGE_SUFFIXES, ImageSource, iter_sources, manifest_kind, walk_images
-from densify.io.layout import RunLayout
+from densify.io.images import (ImageSource, read_json_list, glob_images, iter_sources, manifest_kind, open_parquet,
+                               walk_images)
+from densify.io.layout import RunLayout, check_folder
 from densify.stages.depth import DepthResult, DepthStage
 from densify.stages.engine import build_engine
 from densify.stages.settings import LabelConfig
@@ -32,32 +32,36 @@ log = logging.getLogger("densify.label")
 __all__ = ["LabelJob", "iter_manifest", "count_manifest", "ManifestWriter"]
 
 
-def iter_manifest(inputs: list[str] | str, shard: tuple[int, int] = (0, 1)) -> Iterator[ImageSource]:
-    """Image sources of a manifest, in order, streamed; ids safe and unique; only shard i of n (every n-th)."""
+def iter_manifest(inputs: list[str] | str, shard: tuple[int, int] = (0, 1), *, exclude=()) -> Iterator[ImageSource]:
+    """Image sources of a manifest, in order, streamed; ids safe and unique; only shard i of n (every n-th).
+    Folder walks and globs leave out `exclude` (the job's output folders; see densify.io.images)."""
     i, n = shard
-    for k, src in enumerate(iter_sources(inputs)):
+    for k, src in enumerate(iter_sources(inputs, exclude=exclude)):
         if k % n == i:
             yield src
 
 
-def count_manifest(inputs: list[str] | str, shard: tuple[int, int] = (0, 1)) -> int:
+def count_manifest(inputs: list[str] | str, shard: tuple[int, int] = (0, 1), *, exclude=()) -> int:
     """Images in the shard (a cheap first pass: Parquet metadata, JSONL lines, a folder walk)."""
     inputs = [inputs] if isinstance(inputs, (str, Path)) else list(inputs)
     total = 0
     for item in inputs:
         kind = manifest_kind(str(item))
         if kind == "parquet":
-            import pyarrow.parquet as pq
-            total += pq.ParquetFile(item).metadata.num_rows
+            total += open_parquet(Path(item)).metadata.num_rows
         elif kind == "jsonl":
-            with open(item) as f:
-                total += sum(1 for line in f if line.strip())
+            records = read_json_list(Path(item))
+            if records is not None:
+                total += len(records)
+            else:
+                with open(item) as f:
+                    total += sum(1 for line in f if line.strip())
         elif kind == "dir":
-            total += sum(1 for _ in walk_images(Path(item)))
+            total += sum(1 for _ in walk_images(Path(item), exclude=exclude))
         elif kind == "file":
             total += 1
         else:
-            total += sum(1 for m in glob.glob(str(item), recursive=True) if Path(m).suffix.lower() in IMAGE_SUFFIXES)
+            total += len(glob_images(str(item), exclude=exclude))  # one matching nothing: an error now, not later
     i, n = shard
     return len(range(i, total, n))
 
@@ -130,6 +134,8 @@ class LabelJob:
         self.profile = load_profile(cfg.profile)
         self.layout = RunLayout(out, shard=shard)
         self.layout.check()
+        if cfg.store.dir:
+            check_folder(cfg.store.dir, "--store")
         self.engine = engine
         self.model_key = model_key
         self.progress = progress
@@ -137,7 +143,8 @@ class LabelJob:
     def run(self, inputs: list[str] | str) -> dict:
         cfg, layout = self.cfg, self.layout
         t0, cpu0 = time.perf_counter(), time.process_time()
-        total = count_manifest(inputs, self.shard)
+        exclude = [layout.root] + ([cfg.store.dir] if cfg.store.dir else [])
+        total = count_manifest(inputs, self.shard, exclude=exclude)
         own = self.engine is None
         inner = self.engine if self.engine is not None else build_engine(cfg.engine, self.profile, model=cfg.model,
                                                                           ray=cfg.ray)
@@ -166,14 +173,19 @@ class LabelJob:
         failed: list[dict] = []
         totals = {"queries": 0, "store_hits": 0, "engine_queries": 0, "answer_failures": 0}
         simulated = inner.simulated
-        interrupted = True
-        results = stage.run(iter_manifest(inputs, self.shard))
+        interrupted, error = False, None
+        results = stage.run(iter_manifest(inputs, self.shard, exclude=exclude))
         try:
             for res in results:
                 hits, asked = eng.image_stats.pop(res.uid, (0, 0)) if store is not None and res.uid else \
                     (0, res.queries if res.status != "skipped" else 0)
                 self._record(res, hits, asked, counts, kinds, failed, totals, manifest)
-            interrupted = False
+        except KeyboardInterrupt:  # Ctrl-C or SIGTERM: the only way a job is interrupted
+            interrupted = True
+            raise
+        except BaseException as exc:  # the job stopped on an error: the summary says which
+            error = f"{type(exc).__name__}: {exc}"[:500]
+            raise
         finally:
             results.close()  # in-flight work is cancelled while the engine is still up
             if own:
@@ -198,10 +210,12 @@ class LabelJob:
             images = sum(counts.values())
             run_s = max(wall - (t_ready - t0), 1e-9)
             summary = {
-                "profile": self.profile.name, "engine": cfg.engine.name, "model": cfg.model or self.profile.model,
+                "profile": self.profile.name, "engine": cfg.engine.name,
+                "model": None if simulated else cfg.model or self.profile.model,
                 "simulated": simulated, "ray": cfg.ray.wraps(cfg.engine.options),
                 "shard": f"{self.shard[0]}/{self.shard[1]}", "images_in_shard": total, "images": images, **counts,
-                "complete": not interrupted and images == total, "interrupted": interrupted,
+                "complete": error is None and not interrupted and images == total, "interrupted": interrupted,
+                **({"error": error} if error else {}),
                 "failed_by_kind": kinds, "failed_images": failed, **totals,
                 "wall_s": wall, "startup_s": t_ready - t0, "images_per_s": counts["ok"] / run_s,
                 "queries_per_s": totals["queries"] / run_s, "time_s": times, "pool": pool_stats,

@@ -194,7 +194,7 @@ def pair_stage(infos: list[ImageInfo], pairs: list[tuple[int, int]], cfg: Recons
 
 def vlm_pose_stage(infos: list[ImageInfo], pairs: list[tuple[int, int]], results: list[PairResult] | None,
                    cfg: ReconstructConfig, layout: RunLayout, engines, *,
-                   require_metric: bool = True) -> list[PairResult]:
+                   require_metric: bool = True, progress: bool = False) -> list[PairResult]:
     """Ask the pose profile about every pair; source 'vlm' replaces the poses, 'both' cross-checks them."""
     profile = load_profile(cfg.pose.profile)
     if profile.task != "pose":
@@ -203,12 +203,14 @@ def vlm_pose_stage(infos: list[ImageInfo], pairs: list[tuple[int, int]], results
     engine, owned = engines.open("pose", profile)
     views = _Views(lambda info: pose_view(info.rgb(), info.camera, profile))
     out_results = []
+    bar = Progress(len(pairs), enabled=progress, label="pose questions")
     try:
         for i, j in pairs:
             a, b = infos[i], infos[j]
             res = by_pair.get((i, j))
             if not (a.ok and b.ok):
                 out_results.append(res or _unusable(i, j, a, b))
+                bar.update(failed=1)
                 continue
             try:
                 vp = ask_pose(engine, profile, views.get(a), views.get(b), id1=a.id, id2=b.id,
@@ -216,6 +218,7 @@ def vlm_pose_stage(infos: list[ImageInfo], pairs: list[tuple[int, int]], results
             except (ImageError, CameraError, OSError, EngineError) as exc:
                 log.error("pair %s/%s: pose questions failed: %s", a.id, b.id, exc)
                 out_results.append(res or failed_pair(i, j, a.id, b.id, f"pose questions: {exc}", "engine"))
+                bar.update(failed=1)
                 continue
             vpose = vp.pair_pose()
             if cfg.pose.source == "vlm":
@@ -237,7 +240,9 @@ def vlm_pose_stage(infos: list[ImageInfo], pairs: list[tuple[int, int]], results
             if cfg.pose.source == "vlm":
                 _write_pair(f, res, None, cfg)
             out_results.append(res)
+            bar.update(failed=int(res.status == "failed"))
     finally:
+        bar.close()
         if owned:
             engine.close()
     return out_results

@@ -70,13 +70,16 @@ def depth_infos(sources: list[ImageSource], cfg: ReconstructConfig, layout: RunL
     engine, owned = engines.open("depth", profile)
     results = {}
     t0 = time.perf_counter()
+    on_round = (lambda n: progress.update(images=0, queries=n)) if progress is not None else None
     try:
-        stage = DepthStage(dcfg, engine, layout=layout.depth)
+        stage = DepthStage(dcfg, engine, layout=layout.depth, on_round=on_round)  # queries counted per round
         for r in stage.run(sources, intrinsics=intrinsics):
             results[r.id] = r
             if progress is not None:
-                progress.update(queries=r.queries, failed=int(r.status == "failed"))
+                progress.update(failed=int(r.status == "failed"))
     finally:
+        if progress is not None:
+            progress.close()
         if owned:
             engine.close()
     infos = []
@@ -224,10 +227,11 @@ def reconstruct(sources: list[ImageSource], cfg: ReconstructConfig, out: str | P
 
         raise ConfigError(f"reconstruct needs at least 2 images, got {len(sources)}")
     require_open3d()  # the pose graph and fusion need it: fail before any engine work, not after it
+    check_stages(cfg, engines=engines)
+    stage_engines = StageEngines(cfg.engine, cfg.models.model_dump(), engines)
     layout.root.mkdir(parents=True, exist_ok=True)
     layout.sweep(layout.summary, layout.pairs_jsonl, layout.poses, layout.mesh, layout.cloud, layout.transforms,
                  *(layout.colmap / n for n in ("cameras.txt", "images.txt", "points3D.txt")))
-    stage_engines = StageEngines(cfg.engine, cfg.models.model_dump(), engines)
     timings: dict[str, float] = {}
     try:
         return _reconstruct(sources, cfg, layout, stage_engines, timings, intrinsics, progress)
@@ -252,7 +256,7 @@ def _reconstruct(sources, cfg: ReconstructConfig, layout: RunLayout, stage_engin
     timings["pairs"] = time.perf_counter() - t
     if cfg.pose.source in ("vlm", "both"):
         t = time.perf_counter()
-        results = vlm_pose_stage(infos, pairs, results, cfg, layout, stage_engines)
+        results = vlm_pose_stage(infos, pairs, results, cfg, layout, stage_engines, progress=progress is not None)
         timings["vlm_pose"] = time.perf_counter() - t
     results = sorted(results, key=lambda r: (r.i, r.j))
     outputs.write_jsonl(layout.pairs_jsonl, (r.record() for r in results))
@@ -318,21 +322,46 @@ def camera_info(index: int, src: ImageSource, cfg: ReconstructConfig, intrinsics
     return info
 
 
+def stage_profiles(cfg: ReconstructConfig, *, depth: bool) -> dict[str, str]:
+    """The stages a run will use (stage -> profile): depth when asked, corr for matches, pose for the VLM."""
+    stages = {"depth": cfg.depth.profile} if depth else {}
+    if cfg.pose.source in ("matches", "both"):
+        stages["corr"] = cfg.corr.profile
+    if cfg.pose.source in ("vlm", "both"):
+        stages["pose"] = cfg.pose.profile
+    return stages
+
+
+def check_stages(cfg: ReconstructConfig, *, pose: bool = False, engines: dict[str, Engine] | None = None) -> None:
+    """Every stage's engine and checkpoint that a reconstruction (or, with `pose`, a relative pose) will use,
+    checked before any starts (the commands call it before writing anything)."""
+    depth = not pose or cfg.pose.use_depth and cfg.pose.source in ("matches", "both")
+    StageEngines(cfg.engine, cfg.models.model_dump(), engines).check(stage_profiles(cfg, depth=depth))
+
+
 def relative_pose(sources: list[ImageSource], cfg: ReconstructConfig, out: str | Path, *,
-                  engines: dict[str, Engine] | None = None, intrinsics=None) -> tuple[PairResult, list[ImageInfo]]:
-    """The pose of image 2 relative to image 1 (depth of image 1 only when the metric scale is wanted)."""
+                  engines: dict[str, Engine] | None = None, intrinsics=None,
+                  progress: bool = False) -> tuple[PairResult, list[ImageInfo]]:
+    """The pose of image 2 relative to image 1 (depth of image 1 only when the metric scale is wanted).
+    progress: a progress bar (or log lines) per stage: image 1's depth, the correspondences, the pose
+    questions."""
     layout = RunLayout(out)
     layout.check()
+    check_stages(cfg, pose=True, engines=engines)
     stage_engines = StageEngines(cfg.engine, cfg.models.model_dump(), engines)
     cfg = cfg.model_copy(update={"corr": cfg.corr.model_copy(update={"save_flow": True, "track_queries": False})})
     if cfg.pose.use_depth and cfg.pose.source in ("matches", "both"):
-        infos, _ = depth_infos(sources[:1], cfg, layout, stage_engines, intrinsics=intrinsics)
+        from densify.io.progress import Progress
+
+        bar = Progress(1, enabled=progress, label="depth of image 1")
+        infos, _ = depth_infos(sources[:1], cfg, layout, stage_engines, intrinsics=intrinsics, progress=bar)
         infos.append(camera_info(1, sources[1], cfg, intrinsics))
     else:
         infos = [camera_info(k, s, cfg, intrinsics) for k, s in enumerate(sources)]
     results = None
     if cfg.pose.source in ("matches", "both"):
-        results = pair_stage(infos, [(0, 1)], cfg, layout, stage_engines, progress=False, require_metric=False)
+        results = pair_stage(infos, [(0, 1)], cfg, layout, stage_engines, progress=progress, require_metric=False)
     if cfg.pose.source in ("vlm", "both"):
-        results = vlm_pose_stage(infos, [(0, 1)], results, cfg, layout, stage_engines, require_metric=False)
+        results = vlm_pose_stage(infos, [(0, 1)], results, cfg, layout, stage_engines, require_metric=False,
+                                 progress=progress)
     return results[0], infos

@@ -105,7 +105,8 @@ class PlanConfig(_Model):
 class DensifyConfig(_Model):
     method: str = Field("edge", description="edge (edge-aware, image-guided) or linear (see densify.fields)")
     outliers: bool = Field(True, description="drop answers that disagree with their neighbours")
-    options: dict = Field(default_factory=dict, description="method-specific options")
+    options: dict = Field(default_factory=dict, description="the densifier's options (densify.fields.options: "
+                          "linear: inverse; edge: radius, tau, k_fit, ...), checked against its typed model")
 
     @field_validator("method")
     @classmethod
@@ -115,6 +116,13 @@ class DensifyConfig(_Model):
         if v not in DEPTH_METHODS:
             raise ValueError(f"unknown densifier {v!r}; available: {', '.join(DEPTH_METHODS)}")
         return v
+
+    @model_validator(mode="after")
+    def _options(self):
+        from densify.fields import validate_options
+
+        self.options = validate_options(self.method, self.options)  # as given, typed (the fingerprint keeps them)
+        return self
 
 
 class OutputConfig(_Model):
