@@ -96,6 +96,11 @@ def test_the_ray_section_is_the_pool_model():
     assert RayOptions.parse({"ray_address": "auto", "spare_cpus": 1}) == RayOptions(address="auto", cpu_workers=1)
     dumped = cfg.model_dump(mode="json")["ray"]
     assert "engine" not in dumped and "engine_options" not in dumped  # the engine: section's, never this one's
+    assert dumped["startup_timeout_s"] == 60 and "start_one_by_one" not in dumped  # written when set
+    assert list(label().model_dump(mode="json")["ray"]) == [  # label.yaml's keys, in its order
+        "enabled", "address", "num_actors", "num_gpus_per_actor", "num_cpus_per_actor", "engines_per_gpu",
+        "max_in_flight_per_actor", "split_min_queries", "cpu_workers", "max_retries", "actor_max_restarts",
+        "runtime_env"]
     with pytest.raises(ConfigError, match="ray.engine: the pool runs the engine of the engine: section"):
         label(ray={"engine": "vllm"})
     for bad, words in (({"engine": "ray"}, "cannot run itself"), ({"engine": "nope"}, "unknown engine 'nope'"),
