@@ -2,6 +2,8 @@
 
     python -m benchmarks.reconstruct_bench [--seeds 0 1] [--views 10] [--pairs consecutive+skip2]
                                            [--errors iid,structured]
+    python -m benchmarks.reconstruct_bench --sets unordered,loop,video   (benchmarks/reconstruct_sets.py:
+        shuffled names, a closed loop of 36 views, a video; exhaustive vs retrieval, with vs without loops)
 
 Per sequence: a ray-cast room (densify.synthetic.scenes) seen along an arc of `--views` 640x480 views;
 `densify reconstruct` runs on it with the simulated engine answering from exact ground truth, once per
@@ -335,6 +337,11 @@ def print_table(agg: dict, seqs: list[dict]) -> None:
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if any(a == "--sets" or a.startswith("--sets=") for a in argv):
+        from benchmarks import reconstruct_sets
+
+        return reconstruct_sets.main(argv)
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
     p.add_argument("--views", type=int, default=10)
@@ -371,7 +378,7 @@ def main(argv=None) -> int:
     path = Path(args.json) if args.json else default
     path.parent.mkdir(parents=True, exist_ok=True)
     result = {"benchmark": "reconstruct", "date": dt.datetime.now().isoformat(timespec="seconds"),
-              "command": "python -m benchmarks.reconstruct_bench " + " ".join(sys.argv[1:] if argv is None else argv),
+              "command": "python -m benchmarks.reconstruct_bench " + " ".join(argv),
               "settings": vars(args), "errors": presets, "presets": runs, "wall_s": wall}
     path.write_text(json.dumps(result, indent=1, default=_json))
     print(f"wrote {path}")

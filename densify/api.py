@@ -155,9 +155,15 @@ class Densifier:
                             0 if p is None else p.n_matches, None if p is None else p.verdict, res.error, res)
 
     def reconstruct(self, images: str | Path | Sequence[str | Path], *, out: str | Path, intrinsics=None,
-                    pairs: str | None = None) -> SceneResult:
+                    pairs: str | dict | None = None) -> SceneResult:
         """Depth, pairwise poses, pose graph, fused mesh and exports of an image sequence, written to `out`."""
-        cfg = self._rcfg if pairs is None else self._rcfg.model_copy(update={"pairs": pairs})
+        if pairs is not None:  # a mode name or PairsConfig fields (densify.pairs.select)
+            from densify.pairs.select import PairsConfig
+
+            sel = _config(PairsConfig, pairs, "Densifier.reconstruct(pairs=...)")
+            cfg = self._rcfg.model_copy(update={"pairs": sel})
+        else:
+            cfg = self._rcfg
         return reconstruct(_sources(images, exclude=[out]), cfg, out, engines=self._engines, intrinsics=intrinsics)
 
     def close(self) -> None:

@@ -208,9 +208,6 @@ def pair_overrides(args) -> list[Override]:
         out.append(Override(("corr", "fb_check"), False, "--no-fb"))
     if getattr(args, "no_depth", False):
         out.append(Override(("pose", "use_depth"), False, "--no-depth"))
-    if getattr(args, "pairs", None):
-        mode = "consecutive+skip2" if args.pairs in ("+skip2", "consecutive+skip2") else args.pairs
-        out.append(Override(("pairs",), mode, f"--pairs {args.pairs}"))
     if getattr(args, "overwrite", False):
         out.append(Override(("overwrite",), True, "--overwrite"))
     return out

@@ -1,4 +1,6 @@
-"""Scene exports: multi-view tracks from pairwise matches, a COLMAP text model, nerfstudio transforms.json.
+"""Scene exports: multi-view tracks from pairwise matches, a COLMAP model (text, and binary through
+pycolmap), nerfstudio transforms.json, and a glTF binary (.glb: the fused mesh or cloud with a frustum per
+camera, through trimesh) that any 3D viewer opens.
 
 Tracks: each match joins two (image, keypoint) nodes, keypoints quantised to whole pixels; union-find
 chains i -> i+1 -> i+2 into tracks. When a track holds two different keypoints of one image, that
@@ -28,7 +30,8 @@ from densify.io.cameras import Camera
 log = logging.getLogger(__name__)
 
 __all__ = ["ExportConfig", "Track", "TrackSet", "build_tracks", "triangulate_tracks", "write_colmap_text",
-           "read_colmap_check", "write_nerfstudio", "rotmat_to_qvec", "OPENCV_TO_OPENGL"]
+           "write_colmap_binary", "read_colmap_check", "write_nerfstudio", "write_glb", "camera_frustum",
+           "rotmat_to_qvec", "OPENCV_TO_OPENGL"]
 
 OPENCV_TO_OPENGL = np.diag([1.0, -1.0, -1.0, 1.0])
 """Right-multiply a camera-to-world (OpenCV axes: y down, z forward) to get OpenGL axes (y up, z back)."""
@@ -37,6 +40,10 @@ OPENCV_TO_OPENGL = np.diag([1.0, -1.0, -1.0, 1.0])
 class ExportConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
     colmap: bool = Field(True, description="write a COLMAP text model (colmap/) and read it back with pycolmap")
+    colmap_binary: bool = Field(True, description="also the same model in COLMAP's binary format (colmap/bin/, "
+                                "written by pycolmap from the text model)")
+    glb: bool = Field(True, description="scene.glb: the fused mesh (or cloud) with a frustum per camera, y up "
+                      "(glTF binary, written with trimesh)")
     nerfstudio: bool = Field(True, description="write transforms.json (nerfstudio, OpenGL camera axes)")
     min_track_length: int = Field(2, ge=2, description="views a track needs to become a 3D point")
     max_reproj_px: float = Field(4.0, gt=0, description="drop tracks reprojecting worse than this in any view")
@@ -276,6 +283,27 @@ def write_colmap_text(folder: str | Path, images: list[tuple[int, str, Camera, n
     return folder
 
 
+def write_colmap_binary(text_folder: str | Path, folder: str | Path) -> Path:
+    """The text model converted to COLMAP's binary files (cameras.bin, images.bin, points3D.bin) by pycolmap."""
+    import pycolmap
+
+    import os
+    import shutil
+    import tempfile
+
+    folder = Path(folder)
+    rec = pycolmap.Reconstruction(str(text_folder))
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=outputs.temp_name(folder), dir=folder.parent))
+    try:  # written aside, then each file renamed into place: never a half-written model
+        rec.write_binary(str(tmp))
+        for f in tmp.iterdir():
+            os.replace(f, folder / f.name)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return folder
+
+
 def read_colmap_check(folder: str | Path) -> dict:
     """Read the model back with pycolmap: counts, track lengths, mean reprojection error."""
     import pycolmap
@@ -317,3 +345,52 @@ def write_nerfstudio(path: str | Path, frames: list[tuple[str, Camera, np.ndarra
     if depth_paths and any(depth_paths):
         out["depth_unit_scale_factor"] = 0.001  # depth.png holds uint16 millimetres
     return outputs.write_json(path, out)
+
+
+def camera_frustum(cam: Camera, cam_to_world: np.ndarray, size: float) -> np.ndarray:
+    """Line segments (Nx2x3, world) of a camera's frustum: centre to the image corners at depth `size`, the
+    image rectangle, and a tick on its top edge (which way is up)."""
+    w, h = cam.width - 1, cam.height - 1
+    uv = np.array([[0, 0], [w, 0], [w, h], [0, h], [w / 2, -0.15 * h]], float)
+    pc = np.c_[(uv[:, 0] - cam.cx) / cam.fx, (uv[:, 1] - cam.cy) / cam.fy, np.ones(len(uv))] * size
+    T = np.asarray(cam_to_world, float)
+    c = T[:3, 3]
+    p = pc @ T[:3, :3].T + c
+    segs = [(c, p[k]) for k in range(4)] + [(p[k], p[(k + 1) % 4]) for k in range(4)] + [(p[0], p[4]), (p[4], p[1])]
+    return np.asarray(segs)
+
+
+def write_glb(path: str | Path, cameras: list[tuple[str, Camera, np.ndarray]], *, mesh=None, cloud=None,
+              frustum_size: float | None = None) -> Path:
+    """scene.glb: the fused mesh (Open3D TriangleMesh, vertex colours kept), else the cloud, and each camera
+    as a frustum of lines named camera_<id> (the reference camera in red). World axes are turned from
+    OpenCV's (y down, z forward) to glTF's (y up), so viewers show the scene upright."""
+    import trimesh
+
+    flip = OPENCV_TO_OPENGL[:3, :3]
+    scene = trimesh.Scene()
+    pts = None
+    if mesh is not None and len(mesh.triangles):
+        pts = np.asarray(mesh.vertices) @ flip.T
+        colours = (np.clip(np.asarray(mesh.vertex_colors), 0, 1) * 255).astype(np.uint8) if mesh.has_vertex_colors() \
+            else None
+        scene.add_geometry(trimesh.Trimesh(pts, np.asarray(mesh.triangles), vertex_colors=colours, process=False),
+                           geom_name="mesh")
+    elif cloud is not None and len(cloud.points):
+        pts = np.asarray(cloud.points) @ flip.T
+        colours = (np.clip(np.asarray(cloud.colors), 0, 1) * 255).astype(np.uint8) if cloud.has_colors() else None
+        scene.add_geometry(trimesh.PointCloud(pts, colors=colours), geom_name="cloud")
+    centres = np.array([np.asarray(T)[:3, 3] for _, _, T in cameras]) if cameras else np.zeros((0, 3))
+    if frustum_size is None:
+        ext = np.ptp(np.r_[centres @ flip.T, pts if pts is not None else np.zeros((0, 3))], 0) if len(centres) else [1]
+        frustum_size = max(0.04 * float(np.linalg.norm(ext)), 1e-3)
+    for k, (name, cam, T) in enumerate(cameras):
+        segs = camera_frustum(cam, T, frustum_size) @ flip.T
+        colour = [220, 40, 40, 255] if k == 0 else [40, 90, 220, 255]
+        path3d = trimesh.load_path(segs)
+        path3d.colors = np.tile(colour, (len(path3d.entities), 1))
+        scene.add_geometry(path3d, geom_name=f"camera_{name}")
+    data = scene.export(file_type="glb")
+    with outputs.atomic_path(Path(path)) as tmp:
+        Path(tmp).write_bytes(data)
+    return Path(path)

@@ -31,9 +31,11 @@ def pair_log_scale(xy1: np.ndarray, xy2: np.ndarray, depth1: np.ndarray, depth2:
     return float(np.median(np.log(d2[ok] / z2[ok])))
 
 
-def relative_log_scales(n: int, pairs: list[tuple[int, int, float]]) -> np.ndarray | None:
-    """Each view's log scale (mean 0) from (i, j, log(s_j / s_i)) by least squares; None when no pair.
-    Views no pair reaches keep 0 (no correction)."""
+def relative_log_scales(n: int, pairs: list[tuple[int, int, float]], robust: float | None = None) -> np.ndarray | None:
+    """Each view's log scale (mean 0) from (i, j, log(s_j / s_i)); None when no pair. Views no pair reaches
+    keep 0 (no correction). robust: residuals beyond about this many log units count less (SciPy's soft-L1
+    loss, e.g. 0.05), so a wrong pair's ratio cannot pull every view; None (the stages' default, as
+    benchmarked): plain least squares."""
     if not pairs:
         return None
     A = np.zeros((len(pairs) + 1, n))
@@ -41,4 +43,10 @@ def relative_log_scales(n: int, pairs: list[tuple[int, int, float]]) -> np.ndarr
     for q, (i, j, lr) in enumerate(pairs):
         A[q, i], A[q, j], b[q] = -1.0, 1.0, lr
     A[-1] = 1.0  # the gauge: the scene keeps its mean scale
-    return np.linalg.lstsq(A, b, rcond=None)[0]
+    x = np.linalg.lstsq(A, b, rcond=None)[0]
+    if robust is None or len(pairs) < 3:
+        return x
+    from scipy.optimize import least_squares
+
+    w = np.r_[np.ones(len(pairs)), 10.0]  # the gauge row is a constraint, not a measurement
+    return least_squares(lambda v: w * (A @ v - b), x, loss="soft_l1", f_scale=robust).x

@@ -4,8 +4,8 @@
       config.yaml  summary.json  failures.jsonl  manifest.parquet   (per run; -<i> suffix per label shard)
       store/answers-<i>.sqlite                                       (label)
       <id>/  depth.npy depth.png confidence.npy preview.png cloud.ply answers.jsonl camera.json result.json
-      depth/<id>/...  pairs/<id1>__<id2>/{matches.npz,answers.jsonl,pose.json,flow.npy,vlm_pose.json}
-      poses.json  mesh.ply  cloud.ply  colmap/  transforms.json  pairs.jsonl                (reconstruct)
+      depth/<id>/...  pairs/<id1>__<id2>/{matches.npz,answers.jsonl,pose.json,flow.npy,vlm_pose.json,result.json}
+      frames/  poses.json  mesh.ply  cloud.ply  scene.glb  colmap/[bin/]  transforms.json  pairs.jsonl  (reconstruct)
 
 An image's id is its manifest `id`, else its file name without extension, made a safe name (NFC-normalised
 letters and digits of any script, `._-`; no separators, spaces or control characters; no leading dot; at
@@ -27,7 +27,7 @@ from pathlib import Path
 __all__ = ["RunLayout", "ImageFiles", "PairFiles", "safe_id", "IdAssigner", "fingerprint", "check_folder", "RESERVED"]
 
 RESERVED = {"config", "summary", "failures", "manifest", "store", "depth", "pairs", "poses", "mesh", "cloud",
-            "colmap", "transforms", "eval", "scene"}
+            "colmap", "transforms", "eval", "scene", "frames"}
 """Names the job itself uses in --out: never an image's folder."""
 
 MAX_ID = 96
@@ -110,19 +110,10 @@ def fingerprint(settings: dict) -> str:
     return hashlib.blake2b(json.dumps(settings, sort_keys=True, default=str).encode(), digest_size=8).hexdigest()
 
 
-@dataclass(frozen=True)
-class ImageFiles:
-    """One image's output folder."""
+class _Certified:
+    """A folder whose result.json, written last, names the settings' fingerprint and each file's size."""
 
     dir: Path
-
-    depth_npy = property(lambda self: self.dir / "depth.npy")
-    depth_png = property(lambda self: self.dir / "depth.png")
-    confidence = property(lambda self: self.dir / "confidence.npy")
-    preview = property(lambda self: self.dir / "preview.png")
-    cloud = property(lambda self: self.dir / "cloud.ply")
-    answers = property(lambda self: self.dir / "answers.jsonl")
-    camera = property(lambda self: self.dir / "camera.json")
     result = property(lambda self: self.dir / "result.json")
 
     def read_result(self) -> dict | None:
@@ -134,7 +125,7 @@ class ImageFiles:
     def done(self, fp: str) -> dict | None:
         """The earlier result when this folder holds a finished run with the same settings, whole."""
         res = self.read_result()
-        if not res or res.get("status") != "ok" or res.get("fingerprint") != fp:
+        if not res or res.get("status") not in self.done_status or res.get("fingerprint") != fp:
             return None
         for name, size in (res.get("files") or {}).items():
             p = self.dir / name
@@ -151,8 +142,28 @@ class ImageFiles:
 
 
 @dataclass(frozen=True)
-class PairFiles:
+class ImageFiles(_Certified):
+    """One image's output folder."""
+
     dir: Path
+    done_status = ("ok",)
+
+    depth_npy = property(lambda self: self.dir / "depth.npy")
+    depth_png = property(lambda self: self.dir / "depth.png")
+    confidence = property(lambda self: self.dir / "confidence.npy")
+    preview = property(lambda self: self.dir / "preview.png")
+    cloud = property(lambda self: self.dir / "cloud.ply")
+    answers = property(lambda self: self.dir / "answers.jsonl")
+    camera = property(lambda self: self.dir / "camera.json")
+
+
+@dataclass(frozen=True)
+class PairFiles(_Certified):
+    """One pair's folder; its result.json certifies a pair that was asked, failed or not (a failed pose is a
+    finished result too: the same settings give it again)."""
+
+    dir: Path
+    done_status = ("ok", "failed")
 
     matches = property(lambda self: self.dir / "matches.npz")
     answers = property(lambda self: self.dir / "answers.jsonl")
@@ -212,5 +223,7 @@ class RunLayout:
     cloud = property(lambda self: self.root / "cloud.ply")
     colmap = property(lambda self: self.root / "colmap")
     transforms = property(lambda self: self.root / "transforms.json")
+    glb = property(lambda self: self.root / "scene.glb")
+    frames = property(lambda self: self.root / "frames")
     pairs_jsonl = property(lambda self: self.root / "pairs.jsonl")
     eval = property(lambda self: self.root / "eval.json")

@@ -31,7 +31,7 @@ from densify.queries.prompts import corr_batch, image_ref, image_uid, sampling_f
 
 log = logging.getLogger(__name__)
 
-__all__ = ["CorrView", "Matches", "corr_view", "plan_pair", "track_points",
+__all__ = ["CorrView", "Matches", "corr_view", "plan_pair", "track_points", "probe_subset",
            "collect_matches", "backward_plan", "apply_forward_backward", "match_pair", "match_pairs",
            "dense_flow", "sift_matches", "DEFAULT_GRID"]
 
@@ -135,6 +135,17 @@ class Matches:
         return path
 
     @classmethod
+    def concat(cls, parts: list["Matches"]) -> "Matches":
+        """One pair's answers asked in parts (a probe, then the rest), as if asked at once."""
+        a = parts[0]
+        fb = None if all(p.fb_error is None for p in parts) else np.concatenate(
+            [p.fb_error if p.fb_error is not None else np.full(len(p), np.nan) for p in parts])
+        return cls(a.id1, a.id2, *(np.concatenate([getattr(p, k) for p in parts]) for k in
+                                   ("xy1", "xy2", "prompt1", "prompt2")),
+                   [f for p in parts for f in p.failures], [t for p in parts for t in p.texts], fb, a.size1, a.size2,
+                   sum(p.backward_queries for p in parts))
+
+    @classmethod
     def load(cls, path: str | Path) -> "Matches":
         z = np.load(path)
         ids = [str(s) for s in z["ids"]]
@@ -176,6 +187,16 @@ def track_points(width: int, height: int, grid: tuple[int, int], carried: np.nda
     first = np.r_[True, cell_s[1:] != cell_s[:-1]]
     pts[cell_s[first]] = c[order][first]
     return pts
+
+
+def probe_subset(points: np.ndarray, width: int, height: int, grid: tuple[int, int]) -> np.ndarray:
+    """Indices of a probe: per cell of a coarse grid, the point of `points` nearest its centre (each once).
+
+    The probe asks a subset of the pair's own points, so a pair that verifies costs no extra query."""
+    pts = np.asarray(points, float).reshape(-1, 2)
+    centres = grid_points(width, height, count=tuple(grid)).astype(float)
+    d = ((centres[:, None, :] - pts[None]) ** 2).sum(-1)
+    return np.unique(np.argmin(d, 1))
 
 
 def collect_matches(profile: Profile, plan: QueryPlan, v1: CorrView, v2: CorrView,

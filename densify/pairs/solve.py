@@ -11,25 +11,38 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from densify.geometry.clouds import depth_at_pixels, unproject
-from densify.geometry.pose import FAILED, PairPose, PoseConfig, estimate_pair_pose
+from densify.geometry.pose import FAILED, PairPose, PoseConfig, essential_pose, estimate_pair_pose
 from densify.geometry.posegraph import information_from_points
 from densify.io.cameras import Camera
 from densify.pairs.matching import Matches
 
 __all__ = ["pair_list", "PairResult", "solve_pair", "solve_pair_xy", "pair_key", "failed_pair", "classify",
-           "PAIR_MODES"]
+           "probe_verdict", "PAIR_MODES"]
 
 PAIR_MODES = ("consecutive", "consecutive+skip2")
 
 
 def pair_list(n: int, mode: str = "consecutive") -> list[tuple[int, int]]:
-    """(i, i+1) for every i, plus (i, i+2) with 'consecutive+skip2'; sorted by i (then j)."""
+    """(i, i+1) for every i, plus (i, i+2) with 'consecutive+skip2'; sorted by i (then j). Other selections:
+    densify.pairs.select."""
     if mode not in PAIR_MODES:
         raise ValueError(f"pairs must be one of {', '.join(PAIR_MODES)}, got {mode!r}")
-    pairs = [(i, i + 1) for i in range(n - 1)]
-    if mode == "consecutive+skip2":
-        pairs += [(i, i + 2) for i in range(n - 2)]
-    return sorted(pairs)
+    from densify.pairs.select import sequential_pairs
+
+    return sequential_pairs(n, mode == "consecutive+skip2")
+
+
+def probe_verdict(m: Matches, cam1: Camera, cam2: Camera, min_matches: int, cfg: PoseConfig) -> tuple[bool, dict]:
+    """Does a probe's answers say the two images overlap? At least `min_matches` answers must pass the
+    forward-backward check and be inliers of one essential matrix (random answers about a view that is
+    not there almost never survive the round trip)."""
+    xy1, xy2 = m.pairs()
+    rec = {"asked": len(m), "asked_backward": m.backward_queries, "valid": len(xy1), "inliers": 0}
+    if len(xy1) >= min_matches:
+        e = essential_pose(xy1, xy2, cam1, cam2, cfg)
+        rec["inliers"] = 0 if e is None else int(np.sum(e[2]))
+    rec["verified"] = rec["inliers"] >= min_matches
+    return rec["verified"], rec
 
 
 def pair_key(id1: str, id2: str) -> str:
@@ -49,19 +62,21 @@ class PairResult:
     """Counts: asked, valid, failure kinds."""
     error: str | None = None
     error_kind: str | None = None
-    """'image' | 'depth' | 'engine' | 'matches' | 'pose' | 'scale'."""
+    """'image' | 'depth' | 'engine' | 'matches' | 'pose' | 'scale' | 'no_overlap' (the probe did not verify)."""
     information: np.ndarray | None = None
     """6x6 pose-graph information of the metric pose (from the 3D points supporting it)."""
     vlm: dict | None = None
     cross_check: dict | None = None
     """Angles between the RANSAC and the VLM pose, when both were computed."""
+    kind: str = "sequential"
+    """'sequential' (a neighbour in a sequence) | 'candidate' (chosen by retrieval, a file or every pair)."""
 
     @property
     def usable(self) -> bool:
         return self.pose is not None and self.pose.ok and self.pose.T is not None
 
     def record(self) -> dict:
-        rec = {"pair": [self.id1, self.id2], "index": [self.i, self.j], "status": self.status,
+        rec = {"pair": [self.id1, self.id2], "index": [self.i, self.j], "status": self.status, "kind": self.kind,
                "matches": self.matches}
         if self.pose is not None:
             p = self.pose

@@ -1,10 +1,14 @@
 """The scene stage: pose graph, TSDF fusion and exports; and `reconstruct`, which runs every stage in turn.
 
     depth   every image through the depth stage (<out>/depth/<id>/, resumable)
-    pairs   correspondences and RANSAC/PnP poses per pair (i, i+1) [+ (i, i+2)] (densify.stages.pairs)
-    graph   Open3D pose-graph optimisation over the largest connected component -> poses.json
+    select  which pairs: a sequence's neighbours, every pair, a global-descriptor retrieval, a pairs file
+            (densify.pairs.select), plus loop-closure candidates
+    pairs   correspondences and RANSAC/PnP poses per pair, candidates probed first (densify.stages.pairs)
+    graph   Open3D pose-graph optimisation, coarse to fine with outlier pruning, over the largest connected
+            component -> poses.json
     fusion  TSDF of the written depth maps (loaded one at a time) -> mesh.ply, cloud.ply
-    export  multi-view tracks -> colmap/ (read back with pycolmap), transforms.json
+    export  multi-view tracks -> colmap/ (text, read back with pycolmap) and colmap/bin/, transforms.json,
+            scene.glb (mesh and cameras)
 
 A missing image or a failed pair gets a record; reconstruction goes on with what still connects and says
 what it dropped and why. With fewer than two posed images there is no scene: no mesh, cloud or exports
@@ -16,6 +20,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,14 +29,15 @@ import numpy as np
 from densify.config.profiles import load_profile
 from densify.engines import Engine
 from densify.geometry.clouds import require_open3d
-from densify.geometry.export import (build_tracks, read_colmap_check, triangulate_tracks, write_colmap_text,
-                                     write_nerfstudio)
+from densify.geometry.export import (build_tracks, read_colmap_check, triangulate_tracks, write_colmap_binary,
+                                     write_colmap_text, write_glb, write_nerfstudio)
 from densify.geometry.fusion import FusionFrame, tsdf_fuse
 from densify.geometry.posegraph import PoseEdge, PoseGraphResult, optimize_poses
 from densify.io import outputs
 from densify.io.images import ImageSource, load_image
 from densify.io.layout import RunLayout
-from densify.pairs.solve import PairResult, pair_list
+from densify.pairs.select import SEQUENTIAL, PairSelection, select_pairs
+from densify.pairs.solve import PairResult
 from densify.stages.depth import DepthStage, summarize
 from densify.stages.engine import StageEngines
 from densify.stages.pairs import ImageInfo, load_depth, pair_stage, vlm_pose_stage
@@ -39,7 +45,7 @@ from densify.stages.settings import ReconstructConfig
 
 log = logging.getLogger("densify.scene")
 
-__all__ = ["SceneResult", "reconstruct", "depth_infos", "graph_stage", "fusion_stage", "export_stage"]
+__all__ = ["SceneResult", "reconstruct", "depth_infos", "select_stage", "graph_stage", "fusion_stage", "export_stage"]
 
 
 @dataclass
@@ -88,23 +94,50 @@ def depth_infos(sources: list[ImageSource], cfg: ReconstructConfig, layout: RunL
     for k, src in enumerate(sources):
         r = results[src.id]
         info = ImageInfo(k, src.id, Path(src.path), r.status, r.camera, r.error, r.error_kind, src.manifest,
-                         dcfg.max_side)
+                         dcfg.max_side, src.extra.get("timestamp_s"))
         if r.status == "skipped":
             info.camera = read_camera(stage.layout.image(src.id))
         infos.append(info)
     summary = summarize(list(results.values()), time.perf_counter() - t0, profile, dcfg)
+    summary["fingerprint"] = stage.fingerprint
     return infos, summary
 
 
-def graph_stage(infos: list[ImageInfo], results: list[PairResult], cfg: ReconstructConfig) -> PoseGraphResult:
+def select_stage(infos: list[ImageInfo], cfg: ReconstructConfig) -> PairSelection:
+    """The pairs to relate; a retrieval reads each usable image once (unusable ones match nothing)."""
+    from densify.io.images import ImageError, load_rgb
+
+    def pixels(k):
+        if not infos[k].ok:
+            return None
+        try:
+            return load_rgb(infos[k].path, max_side=cfg.pairs.retrieval.max_side)
+        except (ImageError, OSError):
+            return None
+
+    sel = select_pairs(cfg.pairs, [i.path for i in infos], [i.id for i in infos], pixels)
+    log.info("pairs: %d (%s; %d candidates to probe)", len(sel.pairs), sel.report["mode"], sel.report["candidates"])
+    return sel
+
+
+def graph_stage(infos: list[ImageInfo], results: list[PairResult], cfg: ReconstructConfig,
+                log_scales: np.ndarray | None = None) -> PoseGraphResult:
+    """The pose graph of the usable pairs; log_scales: each view's estimated depth log scale (a pair's
+    metres come from its first image's depth map, so its translation is divided by that view's scale)."""
     nodes = [k.index for k in infos if k.ok]
     edges = []
     for r in results:
         if r.status == "failed" or not r.usable:
             continue
         w = float(max(r.pose.inliers, 1))
-        edges.append(PoseEdge(r.i, r.j, r.pose.T, r.information, weight=w,
-                              uncertain=cfg.posegraph.loop_edges_uncertain and (r.j - r.i) > 1))
+        T = r.pose.T
+        if log_scales is not None:
+            T = T.copy()
+            T[:3, 3] *= np.exp(-log_scales[r.i])
+        # Only a sequence's consecutive pairs are odometry; loops, skips and retrieved pairs may be pruned.
+        odometry = r.kind == SEQUENTIAL and r.j - r.i == 1
+        edges.append(PoseEdge(r.i, r.j, T, r.information, weight=w,
+                              uncertain=cfg.posegraph.loop_edges_uncertain and not odometry))
     return optimize_poses(nodes, edges, cfg.posegraph)
 
 
@@ -141,7 +174,8 @@ def view_scales(infos: list[ImageInfo], results: list[PairResult], layout: RunLa
 
 
 def fusion_stage(infos: list[ImageInfo], graph: PoseGraphResult, cfg: ReconstructConfig, layout: RunLayout,
-                 log_scales: np.ndarray | None = None) -> dict:
+                 log_scales: np.ndarray | None = None) -> tuple[dict, object, object]:
+    """TSDF fusion of the posed views -> mesh.ply, cloud.ply; returns the report, the mesh and the cloud."""
     depth = layout.depth
     frames = []
     for k in sorted(graph.cam_to_world):
@@ -161,65 +195,90 @@ def fusion_stage(infos: list[ImageInfo], graph: PoseGraphResult, cfg: Reconstruc
         report["mesh"] = "not written: fusion gave no surface (depth beyond fusion.depth_trunc, or no overlap)"
     if len(cloud.points):
         outputs.write_ply(layout.cloud, cloud)
+    return report, mesh, cloud
+
+
+def _export_colmap(infos: list[ImageInfo], results: list[PairResult], graph: PoseGraphResult,
+                   cfg: ReconstructConfig, layout: RunLayout) -> dict:
+    """Multi-view tracks -> colmap/ (text), read back with pycolmap, and colmap/bin/ (binary) from it."""
+    posed = graph.cam_to_world
+
+    def pair_matches():
+        for r in results:
+            if r.i not in posed or r.j not in posed or r.status == "failed":
+                continue
+            f = layout.pair(infos[r.i].id, infos[r.j].id).matches
+            if not f.is_file():
+                continue
+            z = np.load(f)
+            keep = z["inliers"] if "inliers" in z.files else z["valid"]
+            yield r.i, r.j, z["xy1"][keep], z["xy2"][keep]
+
+    tracks = build_tracks(pair_matches(), cfg.export.min_track_length)
+    tracks = triangulate_tracks(tracks, {k: infos[k].camera for k in posed}, posed, cfg=cfg.export,
+                                load_depth=lambda k: load_depth(layout, infos[k]), load_rgb=lambda k: infos[k].rgb())
+    write_colmap_text(layout.colmap, [(k, infos[k].path.name, infos[k].camera, posed[k]) for k in sorted(posed)],
+                      tracks)
+    report: dict = {"tracks": tracks.stats}
+    try:
+        report["colmap"] = read_colmap_check(layout.colmap)
+        if cfg.export.colmap_binary:
+            write_colmap_binary(layout.colmap, layout.colmap / "bin")
+            report["colmap"]["binary"] = str((layout.colmap / "bin").relative_to(layout.root))
+    except ImportError:
+        report["colmap"] = {"error": "pycolmap not installed: text model written but not read back, no binary "
+                                     "model (pip install 'densify[colmap]')"}
+    except Exception as exc:  # pycolmap raises its own error types; the check must not end the run
+        report["colmap"] = {"error": f"pycolmap could not read the model back: {exc}"}
+        log.error("COLMAP model check failed: %s", exc)
     return report
 
 
 def export_stage(infos: list[ImageInfo], results: list[PairResult], graph: PoseGraphResult, cfg: ReconstructConfig,
-                 layout: RunLayout) -> dict:
+                 layout: RunLayout, mesh=None, cloud=None) -> dict:
     posed = graph.cam_to_world
-    depth = layout.depth
-    report: dict = {}
-    if cfg.export.colmap:
-        def pair_matches():
-            for r in results:
-                if r.i not in posed or r.j not in posed or r.status == "failed":
-                    continue
-                f = layout.pair(infos[r.i].id, infos[r.j].id).matches
-                if not f.is_file():
-                    continue
-                z = np.load(f)
-                keep = z["inliers"] if "inliers" in z.files else z["valid"]
-                yield r.i, r.j, z["xy1"][keep], z["xy2"][keep]
-
-        tracks = build_tracks(pair_matches(), cfg.export.min_track_length)
-        cams = {k: infos[k].camera for k in posed}
-        tracks = triangulate_tracks(tracks, cams, posed, cfg=cfg.export,
-                                    load_depth=lambda k: load_depth(layout, infos[k]),
-                                    load_rgb=lambda k: infos[k].rgb())
-        images = [(k, infos[k].path.name, infos[k].camera, posed[k]) for k in sorted(posed)]
-        write_colmap_text(layout.colmap, images, tracks)
-        report["tracks"] = tracks.stats
-        try:
-            report["colmap"] = read_colmap_check(layout.colmap)
-        except ImportError:
-            report["colmap"] = {"error": "pycolmap not installed: model written but not read back"}
-        except Exception as exc:  # pycolmap raises its own error types; the check must not end the run
-            report["colmap"] = {"error": f"pycolmap could not read the model back: {exc}"}
-            log.error("COLMAP model check failed: %s", exc)
+    report: dict = _export_colmap(infos, results, graph, cfg, layout) if cfg.export.colmap else {}
     if cfg.export.nerfstudio:
         frames = [(os.path.relpath(infos[k].path, layout.root), infos[k].camera, posed[k]) for k in sorted(posed)]
-        paths = [depth.image(infos[k].id).depth_png for k in sorted(posed)]
+        paths = [layout.depth.image(infos[k].id).depth_png for k in sorted(posed)]
         write_nerfstudio(layout.transforms, frames,
                          depth_paths=[os.path.relpath(p, layout.root) if p.is_file() else None for p in paths])
         report["nerfstudio"] = {"frames": len(frames)}
+    if cfg.export.glb:
+        try:
+            cams = [(infos[k].id, infos[k].camera, posed[k]) for k in sorted(posed)]
+            write_glb(layout.glb, cams, mesh=mesh, cloud=cloud)
+            report["glb"] = {"file": layout.glb.name, "cameras": len(cams),
+                             "geometry": "mesh" if mesh is not None and len(mesh.triangles) else "cloud"}
+        except ImportError:
+            report["glb"] = {"error": "trimesh not installed: no scene.glb (pip install trimesh)"}
     return report
 
 
 def write_poses(layout: RunLayout, infos: list[ImageInfo], graph: PoseGraphResult, dropped: list[dict]) -> None:
     ref = infos[graph.reference].id if graph.reference is not None else None
+
+    def frame(k):
+        f = {"id": infos[k].id, "image": str(infos[k].path), "cam_to_world": graph.cam_to_world[k],
+             "intrinsics": infos[k].camera.to_dict()}
+        if infos[k].timestamp_s is not None:
+            f["timestamp_s"] = infos[k].timestamp_s
+        return f
+
     outputs.write_json(layout.poses, {
         "convention": "cam_to_world: x_world = T @ x_camera; OpenCV camera axes (x right, y down, z forward); "
                       "world = the reference camera's frame; metres",
         "reference": ref,
-        "frames": [{"id": infos[k].id, "image": str(infos[k].path), "cam_to_world": graph.cam_to_world[k],
-                    "intrinsics": infos[k].camera.to_dict()} for k in sorted(graph.cam_to_world)],
+        "frames": [frame(k) for k in sorted(graph.cam_to_world)],
         "dropped": dropped, "pruned_pairs": [[infos[i].id, infos[j].id] for i, j in graph.pruned_edges]})
 
 
 def reconstruct(sources: list[ImageSource], cfg: ReconstructConfig, out: str | Path, *,
-                engines: dict[str, Engine] | None = None, intrinsics=None, progress=None) -> SceneResult:
+                engines: dict[str, Engine] | None = None, intrinsics=None, progress=None,
+                video: dict | None = None) -> SceneResult:
     """Every stage in turn; the summary is also <out>/summary.json. `engines`: ready engines per stage
-    ('depth', 'corr', 'pose'), used as given and not closed."""
+    ('depth', 'corr', 'pose'), used as given and not closed. `video`: the frames.json record when the
+    sources are a video's frames (densify.io.video), kept in the summary."""
     layout = RunLayout(out)
     layout.check()
     if len(sources) < 2:
@@ -234,7 +293,7 @@ def reconstruct(sources: list[ImageSource], cfg: ReconstructConfig, out: str | P
                  *(layout.colmap / n for n in ("cameras.txt", "images.txt", "points3D.txt")))
     timings: dict[str, float] = {}
     try:
-        return _reconstruct(sources, cfg, layout, stage_engines, timings, intrinsics, progress)
+        return _reconstruct(sources, cfg, layout, stage_engines, timings, intrinsics, progress, video)
     except KeyboardInterrupt:  # Ctrl-C or SIGTERM: say what finished (the stages' files are valid and resume)
         outputs.write_json(layout.summary, {"images": len(sources), "interrupted": True, "complete": False,
                                             "finished_stages": list(timings), "timings_s": timings,
@@ -243,60 +302,95 @@ def reconstruct(sources: list[ImageSource], cfg: ReconstructConfig, out: str | P
         raise
 
 
-def _reconstruct(sources, cfg: ReconstructConfig, layout: RunLayout, stage_engines: StageEngines, timings: dict,
-                 intrinsics, progress) -> SceneResult:
-    t = time.perf_counter()
-    infos, depth_summary = depth_infos(sources, cfg, layout, stage_engines, intrinsics=intrinsics, progress=progress)
-    timings["depth"] = time.perf_counter() - t
-    pairs = pair_list(len(infos), cfg.pairs)
-    t = time.perf_counter()
+@contextmanager
+def _timed(timings: dict, name: str):
+    """timings[name] = seconds the block took, once it finished (an interrupted stage is not listed)."""
+    t0 = time.perf_counter()
+    yield
+    timings[name] = time.perf_counter() - t0
+
+
+def _pair_results(infos, sel: PairSelection, cfg: ReconstructConfig, layout: RunLayout, stage_engines,
+                  depth_fp: str | None, timings: dict, progress) -> list[PairResult]:
     results = None
-    if cfg.pose.source in ("matches", "both"):
-        results = pair_stage(infos, pairs, cfg, layout, stage_engines, progress=progress is not None)
-    timings["pairs"] = time.perf_counter() - t
+    with _timed(timings, "pairs"):
+        if cfg.pose.source in ("matches", "both"):
+            results = pair_stage(infos, sel.pairs, cfg, layout, stage_engines, progress=progress is not None,
+                                 kinds=sel.kinds, depth_fp=depth_fp)
     if cfg.pose.source in ("vlm", "both"):
-        t = time.perf_counter()
-        results = vlm_pose_stage(infos, pairs, results, cfg, layout, stage_engines, progress=progress is not None)
-        timings["vlm_pose"] = time.perf_counter() - t
+        with _timed(timings, "vlm_pose"):
+            results = vlm_pose_stage(infos, sel.pairs, results, cfg, layout, stage_engines,
+                                     progress=progress is not None)
+            for r in results:
+                r.kind = sel.kind(r.i, r.j)
     results = sorted(results, key=lambda r: (r.i, r.j))
     outputs.write_jsonl(layout.pairs_jsonl, (r.record() for r in results))
+    return results
 
-    t = time.perf_counter()
-    graph = graph_stage(infos, results, cfg)
-    dropped = dropped_images(infos, graph)
-    for d in dropped:
-        log.warning("dropped %s: %s", d["id"], d["reason"])
-    write_poses(layout, infos, graph, dropped)
-    timings["posegraph"] = time.perf_counter() - t
-    fusion, export = {"frames": 0}, {}
-    if len(graph.cam_to_world) >= 2:
-        t = time.perf_counter()
-        scales, used = view_scales(infos, results, layout) if cfg.fusion.scale_check else (None, 0)
-        fusion = fusion_stage(infos, graph, cfg, layout, scales)
-        fusion["scale_check_pairs"] = used
-        timings["fusion"] = time.perf_counter() - t
-        t = time.perf_counter()
-        export = export_stage(infos, results, graph, cfg, layout)
-        timings["export"] = time.perf_counter() - t
-    else:
+
+def _scene(infos, results, graph: PoseGraphResult, cfg: ReconstructConfig, layout: RunLayout,
+           timings: dict, scales: tuple) -> tuple[dict, dict]:
+    """Fusion and exports of the posed images (or why there is no scene)."""
+    if len(graph.cam_to_world) < 2:
         why = (f"only {len(graph.cam_to_world)} image(s) connect through usable pairs: no scene to fuse or export "
                f"(see dropped and failed_pairs)")
-        fusion = export = {"skipped": why}
         log.error("%s", why)
-    summary = {
-        "images": len(infos), "posed": len(graph.cam_to_world), "complete": len(graph.cam_to_world) >= 2,
-        "reference": infos[graph.reference].id if graph.reference is not None else None,
-        "dropped": dropped,
-        "pairs": len(results), "pairs_ok": sum(r.status != "failed" for r in results),
-        "failed_pairs": [r.record() for r in results if r.status == "failed"],
+        return {"skipped": why}, {"skipped": why}
+    with _timed(timings, "fusion"):
+        fusion, mesh, cloud = fusion_stage(infos, graph, cfg, layout, scales[0])
+        fusion["scale_check_pairs"] = scales[1]
+    with _timed(timings, "export"):
+        export = export_stage(infos, results, graph, cfg, layout, mesh, cloud)
+    return fusion, export
+
+
+def _pair_summary(infos, results: list[PairResult], graph: PoseGraphResult, sel: PairSelection) -> dict:
+    asked = lambda r: r.matches.get("asked", 0) + r.matches.get("asked_backward", 0)  # noqa: E731
+    failed = [r for r in results if r.status == "failed"]
+    return {
+        "pairs": len(results), "pairs_ok": len(results) - len(failed),
+        "pair_selection": sel.report,
+        "failed_pairs": [r.record() for r in failed],
         "pruned_pairs": [[infos[i].id, infos[j].id] for i, j in graph.pruned_edges],
         "verdicts": {v: sum(1 for r in results if r.pose is not None and r.pose.verdict == v)
                      for v in ("good", "weak", "failed")},
+        "pair_queries": sum(asked(r) for r in results),
+        "pair_queries_failed": sum(asked(r) for r in failed),
+        "pair_queries_no_overlap": sum(asked(r) for r in failed if r.error_kind == "no_overlap"),
+        "pairs_no_overlap": sum(r.error_kind == "no_overlap" for r in failed),
+    }
+
+
+def _reconstruct(sources, cfg: ReconstructConfig, layout: RunLayout, stage_engines: StageEngines, timings: dict,
+                 intrinsics, progress, video) -> SceneResult:
+    with _timed(timings, "depth"):
+        infos, depth_summary = depth_infos(sources, cfg, layout, stage_engines, intrinsics=intrinsics,
+                                           progress=progress)
+    with _timed(timings, "select"):
+        sel = select_stage(infos, cfg)
+    results = _pair_results(infos, sel, cfg, layout, stage_engines,
+                            depth_summary["fingerprint"] if cfg.pose.use_depth else None, timings, progress)
+    with _timed(timings, "posegraph"):
+        want = cfg.fusion.scale_check or cfg.posegraph.scale_pairs
+        scales, scale_pairs = view_scales(infos, results, layout) if want else (None, 0)
+        graph = graph_stage(infos, results, cfg, scales if cfg.posegraph.scale_pairs else None)
+        dropped = dropped_images(infos, graph)
+        for d in dropped:
+            log.warning("dropped %s: %s", d["id"], d["reason"])
+        write_poses(layout, infos, graph, dropped)
+    fusion, export = _scene(infos, results, graph, cfg, layout, timings,
+                            (scales, scale_pairs) if cfg.fusion.scale_check else (None, 0))
+    summary = {
+        "images": len(infos), "posed": len(graph.cam_to_world), "complete": len(graph.cam_to_world) >= 2,
+        "reference": infos[graph.reference].id if graph.reference is not None else None,
+        "dropped": dropped, **_pair_summary(infos, results, graph, sel),
         "depth": {k: depth_summary[k] for k in ("ok", "skipped", "failed", "queries", "answer_failures", "metrics")},
-        "pair_queries": sum(r.matches.get("asked", 0) + r.matches.get("asked_backward", 0) for r in results),
         "fusion": fusion, "export": export, "timings_s": timings, "wall_s": sum(timings.values()),
         "engine": cfg.engine.name, "simulated": cfg.engine.simulated,
     }
+    if video is not None:
+        summary["video"] = {k: video[k] for k in ("video", "native_fps", "decoded_frames", "sampling")}
+        summary["video"]["frames"] = [{"id": f["id"], "timestamp_s": f["timestamp_s"]} for f in video["frames"]]
     outputs.write_json(layout.summary, summary)
     return SceneResult({infos[k].id: graph.cam_to_world[k] for k in graph.cam_to_world},
                        {i.id: i.camera for i in infos if i.camera is not None},
@@ -354,13 +448,14 @@ def relative_pose(sources: list[ImageSource], cfg: ReconstructConfig, out: str |
         from densify.io.progress import Progress
 
         bar = Progress(1, enabled=progress, label="depth of image 1")
-        infos, _ = depth_infos(sources[:1], cfg, layout, stage_engines, intrinsics=intrinsics, progress=bar)
+        infos, dsum = depth_infos(sources[:1], cfg, layout, stage_engines, intrinsics=intrinsics, progress=bar)
         infos.append(camera_info(1, sources[1], cfg, intrinsics))
     else:
-        infos = [camera_info(k, s, cfg, intrinsics) for k, s in enumerate(sources)]
+        infos, dsum = [camera_info(k, s, cfg, intrinsics) for k, s in enumerate(sources)], {}
     results = None
     if cfg.pose.source in ("matches", "both"):
-        results = pair_stage(infos, [(0, 1)], cfg, layout, stage_engines, progress=progress, require_metric=False)
+        results = pair_stage(infos, [(0, 1)], cfg, layout, stage_engines, progress=progress, require_metric=False,
+                             depth_fp=dsum.get("fingerprint"))
     if cfg.pose.source in ("vlm", "both"):
         results = vlm_pose_stage(infos, [(0, 1)], results, cfg, layout, stage_engines, require_metric=False,
                                  progress=progress)

@@ -21,6 +21,7 @@ from densify.geometry.export import ExportConfig
 from densify.geometry.fusion import FusionConfig
 from densify.geometry.pose import PoseConfig
 from densify.geometry.posegraph import PoseGraphConfig
+from densify.pairs.select import PairsConfig
 
 __all__ = ["EngineConfig", "PlanConfig", "DensifyConfig", "OutputConfig", "DepthConfig", "StoreConfig",
            "RayConfig", "LabelConfig", "CorrConfig", "PoseStageConfig", "ModelsConfig", "ReconstructConfig",
@@ -284,8 +285,8 @@ class ReconstructConfig(_Model):
                                "engine and model are replaced by `engine` and `models.depth`)")
     corr: CorrConfig = Field(default_factory=CorrConfig)
     pose: PoseStageConfig = Field(default_factory=PoseStageConfig)
-    pairs: Literal["consecutive", "consecutive+skip2"] = Field("consecutive", description="which image pairs: "
-                                                               "(i, i+1), plus (i, i+2) with +skip2")
+    pairs: PairsConfig = Field(default_factory=PairsConfig, description="which image pairs to relate "
+                               "(densify.pairs.select); a string sets the mode")
     posegraph: PoseGraphConfig = Field(default_factory=PoseGraphConfig)
     fusion: FusionConfig = Field(default_factory=FusionConfig)
     export: ExportConfig = Field(default_factory=ExportConfig)

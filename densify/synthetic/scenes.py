@@ -161,16 +161,19 @@ class Scene:
             return v.depth
         return _raycast_depth(self.raycaster(), v.camera.scaled(*pixel_size), v.cam_to_world)
 
-    def save(self, folder) -> list[Path]:
+    def save(self, folder, names: list[str] | None = None) -> list[Path]:
         """Write view_NNN.png, view_NNN.depth.npy, view_NNN.objects.npy (object id per pixel), view_NNN.json
-        (intrinsics + cam_to_world), objects.json (every surface: id, kind, centre, size, yaw), scene.ply."""
+        (intrinsics + cam_to_world), objects.json (every surface: id, kind, centre, size, yaw), scene.ply.
+        names: other file stems, one per view (e.g. shuffled, so that file order says nothing)."""
         from PIL import Image
 
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         paths = []
+        if names is not None and len(names) != len(self.views):
+            raise ValueError(f"names: {len(names)} for {len(self.views)} views")
         for k, v in enumerate(self.views):
-            stem = f"view_{k:03d}"
+            stem = names[k] if names is not None else f"view_{k:03d}"
             img = folder / f"{stem}.png"
             Image.fromarray(v.rgb).save(img)
             np.save(folder / f"{stem}.depth.npy", v.depth.astype(np.float32))
