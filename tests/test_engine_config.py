@@ -73,6 +73,8 @@ def test_one_answer_identity_for_fingerprints_and_store_keys_with_unchanged_valu
                                                              "engine_options": {"dtype": "float16"}}})
     assert pooled.engine.answer_identity() == model_key_for("vllm", {"dtype": "float16"})
     assert model_key_for(pooled.engine.options) == pooled.engine.answer_identity()
+    # typed options given beside a name are taken as they are (never read as a dict of every default)
+    assert model_key_for("ray", pooled.engine.options) == model_key_for("vllm", {"dtype": "float16"})
 
 
 def test_gpu_sharing_is_asked_of_the_options_and_sized_on_a_copy():

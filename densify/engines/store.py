@@ -459,6 +459,8 @@ def model_key_for(engine: str | EngineOptions, options: dict | None = None, *, m
     """
     if isinstance(engine, EngineOptions):
         return engine.answer_identity(model)
+    if isinstance(options, EngineOptions):  # typed options already name their engine
+        return options.answer_identity(model)
     if engine not in engine_names():  # an engine this process does not know: nothing is transport
         return identity(engine, dict(options or {}), frozenset(), model)
     return options_model(engine).identity_of(dict(options or {}), model)
