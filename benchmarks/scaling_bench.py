@@ -30,17 +30,14 @@ from pathlib import Path
 
 import numpy as np
 
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from densify.config.profiles import load_profile  # noqa: E402
-from densify.engines import generate_stream  # noqa: E402
-from densify.engines.base import Sampling  # noqa: E402
-from densify.engines.ray_pool import RayPoolEngine  # noqa: E402
-from densify.io.cameras import Camera, prepare_for, resize_rgb  # noqa: E402
-from densify.io.images import load_rgb  # noqa: E402
-from densify.queries.plan import grid_points, plan_queries  # noqa: E402
-from densify.queries.prompts import depth_batch, image_ref, sampling_for  # noqa: E402
+from densify.config.profiles import load_profile
+from densify.engines import generate_stream
+from densify.engines.base import Sampling
+from densify.engines.ray_pool import RayPoolEngine
+from densify.io.cameras import Camera, prepare_for, resize_rgb
+from densify.io.images import load_rgb
+from densify.queries.plan import grid_points, plan_queries
+from densify.queries.prompts import depth_batch, image_ref, sampling_for
 
 log = logging.getLogger("scaling_bench")
 ROOT = Path(__file__).resolve().parents[1]

@@ -444,8 +444,9 @@ def test_engines_per_gpu_resolution():
 def test_engines_per_gpu_shares_each_gpu(monkeypatch):
     seen = {}
 
-    def fake_start(self, engine, options, num_actors, num_gpus, num_cpus, runtime_env, timeout_s):
-        seen.update(options=options, num_actors=num_actors, num_gpus=num_gpus, per_gpu=self.engines_per_gpu)
+    def fake_start(self, engine, runtime, num_actors, num_gpus, num_cpus, runtime_env, timeout_s):
+        # the actors' engine arrives as its typed options; the options given are what was set
+        seen.update(options=engine.set_values(), num_actors=num_actors, num_gpus=num_gpus, per_gpu=self.engines_per_gpu)
         raise RuntimeError("stop here")
 
     monkeypatch.setattr(RayPoolEngine, "_start_actors", fake_start)

@@ -18,7 +18,7 @@ from typing import Iterator
 from densify.config.loading import ConfigError
 from densify.config.profiles import load_profile
 from densify.engines import Engine
-from densify.engines.store import AnswerStore, StoredEngine, model_key_for, store_path
+from densify.engines.store import AnswerStore, StoredEngine, store_path
 from densify.io import outputs
 from densify.io.images import (ImageSource, read_json_list, glob_images, iter_sources, manifest_kind, open_parquet,
                                walk_images)
@@ -208,7 +208,7 @@ class LabelJob:
         return {
             "profile": self.profile.name, "engine": cfg.engine.name,
             "model": None if simulated else cfg.model or self.profile.model,
-            "simulated": simulated, "ray": cfg.ray.enabled and cfg.engine.name != "ray",
+            "simulated": simulated, "ray": cfg.ray.wraps(cfg.engine.options),
             "shard": f"{self.shard[0]}/{self.shard[1]}", "images_in_shard": total, "images": images, **counts,
             "complete": error is None and not interrupted and images == total, "interrupted": interrupted,
             **({"error": error} if error else {}),
@@ -283,6 +283,4 @@ def _close_store(store: AnswerStore | None):
 
 def _model_key(cfg: LabelConfig) -> str:
     """The store key of the configured model: the answering engine and its answer-changing options."""
-    from densify.stages.engine import engine_options
-
-    return model_key_for(cfg.engine.name, engine_options(cfg.engine, cfg.model))
+    return cfg.engine.answer_identity(cfg.model)

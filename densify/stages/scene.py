@@ -298,7 +298,7 @@ def reconstruct(sources: list[ImageSource], cfg: ReconstructConfig, out: str | P
         outputs.write_json(layout.summary, {"images": len(sources), "interrupted": True, "complete": False,
                                             "finished_stages": list(timings), "timings_s": timings,
                                             "engine": cfg.engine.name,
-                                            "simulated": cfg.engine.inner_name() == "simulated"})
+                                            "simulated": cfg.engine.simulated})
         raise
 
 
@@ -386,7 +386,7 @@ def _reconstruct(sources, cfg: ReconstructConfig, layout: RunLayout, stage_engin
         "dropped": dropped, **_pair_summary(infos, results, graph, sel),
         "depth": {k: depth_summary[k] for k in ("ok", "skipped", "failed", "queries", "answer_failures", "metrics")},
         "fusion": fusion, "export": export, "timings_s": timings, "wall_s": sum(timings.values()),
-        "engine": cfg.engine.name, "simulated": cfg.engine.inner_name() == "simulated",
+        "engine": cfg.engine.name, "simulated": cfg.engine.simulated,
     }
     if video is not None:
         summary["video"] = {k: video[k] for k in ("video", "native_fps", "decoded_frames", "sampling")}

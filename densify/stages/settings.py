@@ -11,13 +11,15 @@ options, the densifier by name, counts and strides positive, the profile's exist
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
-from typing import Literal, TypeVar
+from typing import Any, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, SerializeAsAny, field_serializer, field_validator, model_serializer,
+                      model_validator)
 
 from densify.config.loading import ConfigError, Override, apply_overrides, config_dir, read_yaml, validate
+from densify.engines.options import EngineOptions, RayOptions
+from densify.engines.registry import default_engine, options_model, pool_default_engine
 from densify.geometry.export import ExportConfig
 from densify.geometry.fusion import FusionConfig
 from densify.geometry.pose import PoseConfig
@@ -36,31 +38,40 @@ class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
 
 
-def default_engine() -> str:
-    """The real model's engine: vLLM when it is installed, else transformers."""
-    return "vllm" if importlib.util.find_spec("vllm") is not None else "hf"
-
-
 class EngineConfig(_Model):
     name: str = Field("auto", description="auto (the real model: vllm when installed, else hf) | vllm | hf | "
                                           "openai | ray | simulated (tests and demos only: answers from ground truth)")
-    options: dict = Field(default_factory=dict, description="that engine's options (densify.engines.options)")
+    options: Any = Field(default_factory=dict, description="that engine's options (densify.engines.options), "
+                         "held as its typed options once the config loads")
 
     @model_validator(mode="after")
     def _check(self):
-        from densify.engines import validate_engine_options
-
+        """The options become the engine's typed options, here and only here (engines take them as they are)."""
         if self.name == "auto":
             self.name = default_engine()
         try:
-            validate_engine_options(self.name, self.options)
+            model = options_model(self.name)
         except KeyError as exc:
             raise ValueError(f"engine.name: {exc.args[0]}") from None
+        if isinstance(self.options, dict):
+            self.options = model.parse(self.options)
+        elif not isinstance(self.options, model):
+            raise ValueError(f"engine.options: {type(self.options).__name__} given for the {self.name} engine")
         return self
 
-    def inner_name(self) -> str:
-        """The engine that answers (the Ray pool's actors' engine for `ray`)."""
-        return self.options.get("engine", "simulated") if self.name == "ray" else self.name
+    @field_serializer("options")
+    def _options_as_given(self, options: EngineOptions, info):
+        """What was set, as a config writes it (config.yaml): the defaults stay the engine's."""
+        return options.model_dump(mode="json" if info.mode_is_json() else "python", exclude_unset=True)
+
+    @property
+    def simulated(self) -> bool:
+        """Whether the engine that answers is the simulator (a pool's actors' engine for `ray`)."""
+        return self.options.answering().simulated
+
+    def answer_identity(self, model: str | None = None) -> str:
+        """The identity of the answers (EngineOptions.answer_identity) with a stage's model put in."""
+        return self.options.with_model(model).answer_identity()
 
 
 class PlanConfig(_Model):
@@ -177,25 +188,31 @@ class StoreConfig(_Model):
                                              "fresh one started (--rebuild-store); otherwise the job stops")
 
 
-class RayConfig(_Model):
-    enabled: bool = Field(True, description="run engines in Ray actors; false: in this process")
-    address: str | None = Field(None, description="existing cluster ('auto' or ray://...); default a local Ray")
-    num_actors: int | None = Field(None, ge=1, description="default: one per GPU, else one per CPU")
-    num_gpus_per_actor: float = Field(0, ge=0, description="GPUs per actor (1 for a GPU engine)")
-    num_cpus_per_actor: float = Field(1, gt=0, description="CPUs per actor")
-    engines_per_gpu: int | Literal["auto"] = Field("auto", description="vLLM engines sharing each GPU, each sized "
-                                                   "to fit (auto: 2 for vllm at one GPU per actor, 3 with fp8 "
-                                                   "weights, else 1)")
-    max_in_flight_per_actor: int = Field(2, ge=1, description="images queued per actor")
-    split_min_queries: int = Field(128, ge=0, description="split an image's batch between idle engines, at "
-                                   "least this many queries each (one image at a time keeps every engine busy; 0: "
-                                   "never)")
-    cpu_workers: int = Field(0, ge=0, description="prepare, plan (adaptive rounds) and densify images in this many "
-                                                  "Ray CPU tasks at a time instead of the driver (0: in the driver)")
-    max_retries: int = Field(2, ge=0, description="resubmissions of an image after its actor died or failed")
-    actor_max_restarts: int = Field(4, ge=0, description="times Ray restarts a dead actor")
-    runtime_env: dict | None = Field(None, description="Ray runtime_env for the actors (working_dir, pip) when the "
-                                                       "cluster's workers lack densify")
+class RayConfig(RayOptions):
+    """The label job's `ray:` section: the Ray pool's own options (densify.engines.options.RayOptions), run
+    around the engine of the `engine:` section (`RayOptions.around`); `cpu_workers` also sets how many Ray CPU
+    tasks prepare, plan and densify images."""
+    # the pool's engine is the engine: section's: never set here, never written here
+    engine: str = Field(default_factory=pool_default_engine, exclude=True)
+    engine_options: SerializeAsAny[EngineOptions] | None = Field(None, exclude=True)
+
+    @model_serializer(mode="wrap")
+    def _as_written(self, handler):
+        """label.yaml leaves the pool's start-up settings to their defaults: they are written when set."""
+        data = handler(self)
+        for key in ("startup_timeout_s", "start_one_by_one"):
+            if key not in self.model_fields_set:
+                data.pop(key, None)
+        return data
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_engine(cls, data):
+        for key in ("engine", "engine_options"):
+            if isinstance(data, dict) and key in data:
+                raise ValueError(f"ray.{key}: the pool runs the engine of the engine: section; set engine.name and "
+                                 f"engine.options there")
+        return data
 
 
 def _label_outputs() -> OutputConfig:

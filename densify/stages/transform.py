@@ -126,11 +126,9 @@ def settings_fingerprint(cfg: DepthConfig, profile: Profile) -> str:
     """What shapes a depth result: the profile, the model, the engine's answer-changing options, the plan,
     the densifier, the sampling options, the decoding size and the assumed field of view (not memory,
     scheduling or network settings)."""
-    from densify.engines.store import model_key_for  # the answer store's key: the same answers, the same identity
-
-    ident = model_key_for(cfg.engine.name, cfg.engine.options)
+    # the answer store's identity too (the model is named on its own here)
     return fingerprint({"profile": profile.model_dump(mode="json"), "model": cfg.model or profile.model,
-                        "engine": ident, "plan": cfg.plan.model_dump(mode="json"),
+                        "engine": cfg.engine.answer_identity(), "plan": cfg.plan.model_dump(mode="json"),
                         "densify": cfg.densify.model_dump(mode="json"), "logprobs": cfg.logprobs,
                         "structured": cfg.structured, "max_side": cfg.max_side,
                         "default_hfov_deg": cfg.default_hfov_deg})
