@@ -102,8 +102,8 @@ class Densifier:
     """Dense depth, poses and scenes from point-query models (see the module docstring).
 
     profile: the depth profile (vlm3-depth, depthlm or a YAML path). engine: auto (vllm when installed, else
-    hf), vllm, hf, openai, ray, or simulated (answers from ground truth: pass `truth=`, a densify.sim.truth
-    provider). model / corr_model / pose_model: checkpoints (default: each profile's). plan, densify: the
+    hf), vllm, hf, openai, ray, or simulated (tests and demos: answers from the ground-truth files beside each
+    image, as `densify synth` writes them). model / corr_model / pose_model: checkpoints (default: each profile's). plan, densify: the
     depth stage's query plan and densifier (dicts of `densify.stages.settings.PlanConfig` / `DensifyConfig`
     fields). reconstruct: other `ReconstructConfig` fields (pairs, fusion, export, ...). Any other keyword is
     an engine option. Every other setting is the commands' default: `depth` runs as `densify depth` does

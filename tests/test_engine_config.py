@@ -52,10 +52,11 @@ def test_what_the_options_answer():
     pool = RayOptions.parse({"engine": "vllm", "engine_options": {"load_format": "dummy"}})
     assert pool.answering() is pool.engine_options and not pool.needs_checkpoint()
     assert VLLMOptions().needs_checkpoint() and HFOptions().needs_checkpoint()
-    assert not SimulatedOptions().needs_checkpoint() and not RayOptions().needs_checkpoint()
-    assert RayOptions().answering().simulated and SimulatedOptions().simulated  # the pool's default engine
+    assert not SimulatedOptions().needs_checkpoint() and SimulatedOptions().simulated
+    assert RayOptions().needs_checkpoint()  # a pool runs the real model's engine unless told otherwise
+    assert not RayOptions().answering().simulated and not DepthConfig(engine={"name": "ray"}).engine.simulated
+    assert DepthConfig(engine={"name": "ray", "options": {"engine": "simulated"}}).engine.simulated
     assert not pool.answering().simulated
-    assert DepthConfig(engine={"name": "ray"}).engine.simulated
     assert not DepthConfig(engine={"name": "ray", "options": {"engine": "hf"}}).engine.simulated
     assert RayOptions(enabled=False, engine="hf").to_build() == HFOptions()
 
@@ -98,11 +99,11 @@ def test_the_ray_section_is_the_pool_model():
     assert RayOptions.parse({"ray_address": "auto", "spare_cpus": 1}) == RayOptions(address="auto", cpu_workers=1)
     dumped = cfg.model_dump(mode="json")["ray"]
     assert "engine" not in dumped and "engine_options" not in dumped  # the engine: section's, never this one's
-    assert dumped["startup_timeout_s"] == 60 and "start_one_by_one" not in dumped  # written when set
+    assert dumped["startup_timeout_s"] == 60 and dumped["start_one_by_one"] is None  # like label.yaml, every key
     assert list(label().model_dump(mode="json")["ray"]) == [  # label.yaml's keys, in its order
         "enabled", "address", "num_actors", "num_gpus_per_actor", "num_cpus_per_actor", "engines_per_gpu",
         "max_in_flight_per_actor", "split_min_queries", "cpu_workers", "max_retries", "actor_max_restarts",
-        "runtime_env"]
+        "runtime_env", "startup_timeout_s", "start_one_by_one"]
     with pytest.raises(ConfigError, match="ray.engine: the pool runs the engine of the engine: section"):
         label(ray={"engine": "vllm"})
     for bad, words in (({"engine": "ray"}, "cannot run itself"), ({"engine": "nope"}, "unknown engine 'nope'"),

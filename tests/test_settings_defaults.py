@@ -15,7 +15,8 @@ from densify.stages.settings import DepthConfig, LabelConfig, ReconstructConfig,
 JOBS = [(DepthConfig, "depth"), (LabelConfig, "label"), (ReconstructConfig, "reconstruct")]
 # Keys a YAML leaves out on purpose: the depth stage inside reconstruct takes its engine, model and
 # overwrite from reconstruct's own keys (ReconstructConfig.depth_config).
-NOT_IN_YAML = {"reconstruct": {("depth", "engine"), ("depth", "model"), ("depth", "overwrite")}}
+NOT_IN_YAML = {"reconstruct": {("depth", "engine"), ("depth", "model"), ("depth", "overwrite")},
+               "label": {("ray", "engine"), ("ray", "engine_options")}}  # the engine: section's, never set here
 
 
 def _yaml(name: str) -> dict:

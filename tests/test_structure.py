@@ -99,6 +99,30 @@ def test_no_module_imports_back_up():
             visit(m)
 
 
+def test_packages_form_floors():
+    """Between packages too every arrow runs down: the package graph (densify.io, densify.queries, ...) has
+    no loop, so each package stands on a floor above all it imports (docs/architecture.md)."""
+    def package(m: str) -> str:
+        return ".".join(m.split(".")[:2])
+
+    graph: dict[str, set[str]] = {}
+    for m, deps in _library_graph().items():
+        graph.setdefault(package(m), set()).update(package(d) for d in deps if package(d) != package(m))
+    graph.pop("densify", None)  # the facade's lazy face
+    done: set[str] = set()
+
+    def floor(p: str, path: tuple) -> None:
+        if p in path:
+            raise AssertionError(f"packages import each other: {' -> '.join(path[path.index(p):] + (p,))}")
+        if p not in done:
+            for d in graph.get(p, ()):
+                floor(d, path + (p,))
+            done.add(p)
+
+    for p in sorted(graph):
+        floor(p, ())
+
+
 def test_packages_say_what_lives_there():
     for init in (REPO / "densify").glob("*/__init__.py"):
         doc = ast.get_docstring(ast.parse(init.read_text()))

@@ -263,7 +263,8 @@ class RayOptions(EngineOptions):
     runtime_env: dict | None = Field(None, description="Ray runtime_env for the actors (working_dir, pip) when the "
                                                        "cluster's workers lack densify")
     engine: str = Field(default_factory=pool_default_engine,
-                        description="the engine each actor runs (default: the simulated one)")
+                        description="the engine each actor runs (default: the real model's, vllm when "
+                                    "installed, else hf)")
     engine_options: SerializeAsAny[EngineOptions] | None = Field(None, description="that engine's options")
     startup_timeout_s: float = Field(900.0, gt=0, description="seconds to wait for the actors to start")
     start_one_by_one: bool | None = Field(None, description="start actors one at a time (default: when they "

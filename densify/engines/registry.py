@@ -42,12 +42,10 @@ class Entry:
     """What else it needs, said when its packages are missing (e.g. a CUDA GPU)."""
     auto: int = 0
     """Rank among the real model's engines that `engine.name: auto` picks from (1 first; 0: never)."""
-    pool_default: bool = False
-    """The engine a Ray pool runs when none is named (the simulated one: a pool of test actors)."""
 
 
 _ENGINES: dict[str, Entry] = {
-    "simulated": Entry("densify.sim.engine:SimulatedEngine", "densify.sim.options:SimulatedOptions", pool_default=True),
+    "simulated": Entry("densify.sim.engine:SimulatedEngine", "densify.sim.options:SimulatedOptions"),
     "hf": Entry("densify.engines.hf:HFEngine", "densify.engines.options:HFOptions", "hf", ("torch", "transformers"), auto=2),
     "vllm": Entry("densify.engines.vllm:VLLMEngine", "densify.engines.options:VLLMOptions", "vllm", ("vllm",), "a CUDA GPU", auto=1),
     "openai": Entry("densify.engines.openai:OpenAIEngine", "densify.engines.options:OpenAIOptions", "openai"),
@@ -107,7 +105,9 @@ def default_engine() -> str:
 
 
 def pool_default_engine() -> str:
-    return next(n for n, e in _ENGINES.items() if e.pool_default)
+    """The engine a Ray pool's actors run when none is named: the real model's, as for `engine.name: auto`
+    (the simulator only ever runs when asked for by name)."""
+    return default_engine()
 
 
 def check_available(name: str) -> None:

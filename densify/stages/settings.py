@@ -14,7 +14,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
-from pydantic import (BaseModel, ConfigDict, Field, SerializeAsAny, field_serializer, field_validator, model_serializer,
+from pydantic import (BaseModel, ConfigDict, Field, SerializeAsAny, field_serializer, field_validator,
                       model_validator)
 
 from densify.config.loading import ConfigError, Override, apply_overrides, config_dir, read_yaml, validate
@@ -195,15 +195,6 @@ class RayConfig(RayOptions):
     # the pool's engine is the engine: section's: never set here, never written here
     engine: str = Field(default_factory=pool_default_engine, exclude=True)
     engine_options: SerializeAsAny[EngineOptions] | None = Field(None, exclude=True)
-
-    @model_serializer(mode="wrap")
-    def _as_written(self, handler):
-        """label.yaml leaves the pool's start-up settings to their defaults: they are written when set."""
-        data = handler(self)
-        for key in ("startup_timeout_s", "start_one_by_one"):
-            if key not in self.model_fields_set:
-                data.pop(key, None)
-        return data
 
     @model_validator(mode="before")
     @classmethod
