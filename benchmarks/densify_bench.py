@@ -18,9 +18,12 @@ Both are models of errors, not measurements of VLM3. For each preset, budget (qu
 * ``adaptive+linear``: adaptive placement (`AdaptivePlanner`), piecewise-linear interpolation (ablation);
 * ``adaptive+edge``: adaptive placement and edge-aware densification.
 
-`--auto` adds ``plan.count: auto`` (`StopRule`: a grid, then rounds until the answers stop paying; budget-free)
-with the edge-aware densifier, per scene its queries, engine calls and why it stopped, and against
-``adaptive+edge`` at 3072 (the former default) the AbsRel it loses (`auto` in each preset's results).
+The adaptive rows are the depth stage itself (`DepthStage` with an adaptive plan of the budget, the
+edge-aware densifier, nothing written): its rounds, its planner, its map; ``adaptive+linear`` densifies
+the same answers piecewise-linearly. `--auto` adds the same stage with ``plan.count: auto`` (`StopRule`: a
+grid, then rounds until the answers stop paying; budget-free): per scene its queries, engine calls and why it
+stopped, and against ``adaptive+edge`` at 3072 (the former default) the AbsRel it loses (`auto` in each
+preset's results).
 
 Every method asks at most the budget (grids are the largest that fit). Metrics over all valid pixels:
 delta_1 and AbsRel; near discontinuities: AbsRel and delta_1 within 5 px of a ground-truth depth edge
@@ -44,7 +47,9 @@ import json
 import math
 import os
 import sys
+import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -60,15 +65,31 @@ METRICS = {"delta1": "higher", "absrel": "lower", "edge_absrel": "lower", "edge_
 
 # ---------------------------------------------------------------------------------------------- one scene
 
+@dataclass
+class AdaptiveAnswers:
+    """One adaptive run of the depth stage on a scene: its answers, rounds and edge-aware map."""
+
+    answers: object
+    calls: list[int]
+    """Queries per engine round."""
+    depth: np.ndarray
+    confidence: np.ndarray
+    densify_s: float
+    wall_s: float
+    plan: dict
+    """The planner's report (rounds, why it stopped)."""
+
+
 class SceneCase:
     """One rendered view with the simulated engine and everything needed to ask and score."""
 
     def __init__(self, seed: int, *, width: int = 640, height: int = 480, logprobs: bool = False,
                  engine_seed: int | None = None, error: str | dict = "iid"):
         import cv2
+        from PIL import Image
 
         from densify.config.profiles import load_profile
-        from densify.io.cameras import prepare_image
+        from densify.io.cameras import prepare_for
         from densify.queries.prompts import image_ref, image_uid, sampling_for
         from densify.sim.engine import SimulatedEngine
         from densify.sim.truth import SceneTruth
@@ -78,10 +99,12 @@ class SceneCase:
         scene = make_scene(SceneSpec(seed=seed, width=width, height=height))
         view = scene.views[0]
         self.rgb, self.depth, self.camera = view.rgb, view.depth.astype(np.float32), view.camera
-        p = self.profile.preprocess
-        self.prep = prepare_image(self.rgb, self.camera, coord_range=self.profile.coord_range,
-                                  **p.image_options())
+        self.prep = prepare_for(self.rgb, self.camera, self.profile)
         self.ref = image_ref(f"bench-scene-{seed}", self.prep)
+        self._dir = tempfile.TemporaryDirectory(prefix="densify-bench-")  # the view as a file for the depth stage
+        self.image = Path(self._dir.name) / f"{self.ref.id}.png"
+        Image.fromarray(self.rgb).save(self.image)
+        self.logprobs = logprobs
         self.uid = image_uid(self.prep, self.ref.id)
         self.engine = SimulatedEngine(self.profile, seed=seed if engine_seed is None else engine_seed, error=error,
                                       truth=SceneTruth(scene, {self.ref.id: 0}))
@@ -111,28 +134,25 @@ class SceneCase:
         comps = self.engine.generate(batch)
         return answers.collect_depth(self.profile, plan.pixels, plan.prompt_xy, comps, unmarkable=plan.unmarkable)
 
-    def ask_adaptive(self, budget: int, **planner_opts):
-        from densify.fields.adaptive import AdaptivePlanner, run_adaptive_depth
+    def ask_adaptive(self, budget: int | None, planner_opts: dict | None = None, edge_opts: dict | None = None,
+                     auto: dict | None = None) -> AdaptiveAnswers:
+        """The depth stage on this view (in memory: nothing written) with an adaptive plan of `budget`
+        queries (None: `plan.count: auto` with the plan.auto options `auto`) and the edge-aware densifier."""
+        from densify.io.images import ImageSource
+        from densify.stages.depth import DepthStage
+        from densify.stages.settings import DepthConfig
 
-        h, w = self.depth.shape
-        planner = AdaptivePlanner((h, w), budget, rgb=self.rgb, **planner_opts)
-        run = run_adaptive_depth(self.engine, planner, self.prep, self.profile, uid=self.uid, ref=self.ref,
-                                 sampling=self.sampling)
-        from densify.queries import answers
-        return answers.collect_depth(self.profile, run.pixels, run.prompt_xy, run.completions,
-                                     unmarkable=run.unmarkable), run.calls
-
-    def ask_auto(self, rule):
-        """`plan.count: auto`: the planner with its stopping rule (answers, calls, planner report)."""
-        from densify.fields.adaptive import AdaptivePlanner, run_adaptive_depth
-        from densify.queries import answers
-
-        h, w = self.depth.shape
-        planner = AdaptivePlanner((h, w), rule.cap, rgb=self.rgb, stop=rule)
-        run = run_adaptive_depth(self.engine, planner, self.prep, self.profile, uid=self.uid, ref=self.ref,
-                                 sampling=self.sampling)
-        return (answers.collect_depth(self.profile, run.pixels, run.prompt_xy, run.completions), run.calls,
-                planner.report())
+        cfg = DepthConfig(engine={"name": "simulated"}, plan={"mode": "adaptive", "budget": budget, "auto": auto or {}},
+                          densify={"method": "edge", "options": edge_opts or {}}, logprobs=self.logprobs,
+                          outputs={"ply": False}, forcing={"mode": "off"})  # plans only: no audit batches
+        calls: list[int] = []
+        stage = DepthStage(cfg, self.engine, keep_maps=True, on_round=calls.append, planner_options=planner_opts)
+        t = time.perf_counter()
+        (res,) = stage.run([ImageSource(self.ref.id, self.image)], intrinsics=self.camera)
+        wall = time.perf_counter() - t
+        if res.status != "ok":
+            raise RuntimeError(f"the depth stage failed on scene {self.ref.id}: {res.error}")
+        return AdaptiveAnswers(res.answers, calls, res.depth, res.confidence, res.densify_s, wall, res.plan)
 
     def score(self, pred: np.ndarray) -> dict:
         from densify.eval.metrics import absrel, delta1
@@ -179,30 +199,21 @@ def run_scene(args) -> dict:
         row["edge"]["densify_s"] = time.perf_counter() - t
         for m in ("bilinear", "linear", "edge"):
             row[m].update(queries=len(ans.pixels), calls=1)
-        t = time.perf_counter()
-        aans, calls = case.ask_adaptive(B, **planner_opts)
-        plan_s = time.perf_counter() - t
+        run = case.ask_adaptive(B, planner_opts, edge_opts)  # the depth stage: rounds, then edge-aware
+        aans, plan_s = run.answers, run.wall_s - run.densify_s
         t = time.perf_counter()
         row["adaptive+linear"] = case.score(_linear(aans, (h, w), True))
         row["adaptive+linear"]["densify_s"] = time.perf_counter() - t
-        alp = aans.logprobs if opts.get("logprobs") else None
-        t = time.perf_counter()
-        row["adaptive+edge"] = case.score(densify_depth_edge(aans.pixels, aans.values, case.rgb, logprobs=alp,
-                                                             **edge_opts).values)
-        row["adaptive+edge"]["densify_s"] = time.perf_counter() - t
+        row["adaptive+edge"] = case.score(run.depth)
+        row["adaptive+edge"]["densify_s"] = run.densify_s
         for m in ("adaptive+linear", "adaptive+edge"):
-            row[m].update(queries=len(aans.pixels), calls=len(calls), plan_s=plan_s)
+            row[m].update(queries=len(aans.pixels), calls=len(run.calls), plan_s=plan_s)
         out["results"][str(B)] = row
-    if opts.get("auto") is not None:  # plan.count: auto (budget-free), with the edge-aware densifier
-        from densify.fields.adaptive import StopRule
-
-        t = time.perf_counter()
-        aans, calls, report = case.ask_auto(StopRule(**opts["auto"]))
-        plan_s = time.perf_counter() - t
-        t = time.perf_counter()
-        row = case.score(densify_depth_edge(aans.pixels, aans.values, case.rgb, **edge_opts).values)
-        row.update(densify_s=time.perf_counter() - t, queries=len(aans.pixels), calls=len(calls), plan_s=plan_s,
-                   stop=report["stop"], history=case_history(report))
+    if opts.get("auto") is not None:  # plan.count: auto (budget-free): the stage's stopping rule
+        run = case.ask_adaptive(None, planner_opts, edge_opts, auto=opts["auto"])
+        row = case.score(run.depth)
+        row.update(densify_s=run.densify_s, queries=len(run.answers.pixels), calls=len(run.calls),
+                   plan_s=run.wall_s - run.densify_s, stop=run.plan["stop"], history=case_history(run.plan))
         out["auto"] = row
     out["wall_s"] = time.perf_counter() - t0
     return out
@@ -364,26 +375,25 @@ def example_figure(seed: int, budget: int, path: Path, opts: dict) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from densify.fields import densify_depth_edge
     from densify.fields.adaptive import grid_within
 
     case = SceneCase(seed, error=opts.get("error", "iid"))
     h, w = case.depth.shape
     ans = case.ask(grid_within(w, h, budget))
     base = _linear(ans, (h, w), False)
-    aans, _ = case.ask_adaptive(budget, **opts.get("planner", {}))
-    field = densify_depth_edge(aans.pixels, aans.values, case.rgb, **opts.get("edge", {}))
+    run = case.ask_adaptive(budget, opts.get("planner", {}), opts.get("edge", {}))
+    aans = run.answers
     lo, hi = np.percentile(case.depth[case.valid], [1, 99])
     err_b = np.abs(base - case.depth) / np.maximum(case.depth, 1e-6)
-    err_a = np.abs(field.values - case.depth) / np.maximum(case.depth, 1e-6)
+    err_a = np.abs(run.depth - case.depth) / np.maximum(case.depth, 1e-6)
     fig, axes = plt.subplots(2, 4, figsize=(20, 8))
     panels = [
         (case.rgb, None, f"image + uniform grid ({len(ans.pixels)} queries)", ans.pixels),
         (case.depth, "depth", "ground truth", None),
         (base, "depth", "grid + bilinear", None),
-        (field.values, "depth", "adaptive + edge-aware", None),
+        (run.depth, "depth", "adaptive + edge-aware", None),
         (case.rgb, None, f"image + adaptive queries ({len(aans.pixels)}, {budget} budget)", aans.pixels),
-        (field.confidence, "conf", "adaptive + edge-aware: confidence", None),
+        (run.confidence, "conf", "adaptive + edge-aware: confidence", None),
         (err_b, "err", "grid + bilinear: |relative error| (0-0.3)", None),
         (err_a, "err", "adaptive + edge-aware: |relative error| (0-0.3)", None),
     ]

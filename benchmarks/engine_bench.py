@@ -68,15 +68,12 @@ from pathlib import Path
 
 import numpy as np
 
-if __package__ in (None, ""):  # run as a script: python benchmarks/engine_bench.py
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from densify.config.profiles import load_profile  # noqa: E402
-from densify.engines.base import EngineBatch, Sampling  # noqa: E402
-from densify.io.cameras import Camera, prepare_image, resize_rgb  # noqa: E402
-from densify.io.images import load_rgb  # noqa: E402
-from densify.queries.plan import grid_points, plan_queries  # noqa: E402
-from densify.queries.prompts import depth_batch, image_ref, image_uid, render_text  # noqa: E402
+from densify.config.profiles import load_profile
+from densify.engines.base import EngineBatch, Sampling
+from densify.io.cameras import Camera, prepare_for, resize_rgb
+from densify.io.images import load_rgb
+from densify.queries.plan import grid_points, plan_queries
+from densify.queries.prompts import depth_batch, image_ref, image_uid, render_text
 
 log = logging.getLogger("engine_bench")
 ROOT = Path(__file__).resolve().parents[1]
@@ -203,8 +200,7 @@ def photo(k: int, size=(1000, 750)) -> tuple[np.ndarray, Camera]:
 def image_batch(profile, k: int, n: int | None = None, sampling: Sampling | None = None, tag=None,
                 tokens: int = GEN_TOKENS, prefill: str | None = None) -> EngineBatch:
     rgb, cam = photo(k)
-    p = profile.preprocess
-    prep = prepare_image(rgb, cam, coord_range=profile.coord_range, **p.image_options())
+    prep = prepare_for(rgb, cam, profile)
     pts = grid_points(cam.width, cam.height, count=GRID)
     if n is not None and n < len(pts):
         pts = pts[np.linspace(0, len(pts) - 1, n).round().astype(int)]
@@ -282,30 +278,13 @@ class Probe:
 
     def __init__(self, eng=None, mem: GPUMemory | None = None, pyspy: str | None = None, seconds: float = 10.0):
         self.mem, self.pyspy, self.seconds = mem, pyspy, seconds
-        self.spent = {"submit": [0.0, 0], "step": [0.0, 0]}  # seconds, calls
-        self._patch = []
-        if eng is not None and getattr(eng, "llm", None) is not None:
-            core = eng.llm.llm_engine
-            self._patch = [(eng, "_submit", self._timed(eng._submit, "submit")),
-                           (core, "step", self._timed(core.step, "step"))]
-
-    def _timed(self, fn, key: str):
-        acc = self.spent[key]
-
-        def timed_call(*a, **k):
-            t = time.perf_counter()
-            try:
-                return fn(*a, **k)
-            finally:
-                acc[0] += time.perf_counter() - t
-                acc[1] += 1
-        return timed_call
+        # the vllm engine's own counters (VLLMEngine.stats: submit_s, step_s, steps), read before and after
+        self.eng = eng if eng is not None and getattr(eng, "llm", None) is not None else None
 
     def run(self, fn):
         import subprocess
 
-        for obj, name, f in self._patch:
-            setattr(obj, name, f)
+        before = dict(self.eng.stats) if self.eng is not None else {}
         spy = None
         if self.pyspy:
             import os
@@ -316,23 +295,17 @@ class Probe:
                                    stderr=subprocess.STDOUT)
             time.sleep(1.0)  # py-spy attaches
         c0, k0, t0 = time.process_time(), _children_cpu(), time.perf_counter()
-        try:
-            out = fn()
-        finally:
-            for obj, name, _ in self._patch:
-                try:
-                    delattr(obj, name)
-                except AttributeError:
-                    pass
+        out = fn()
         t1 = time.perf_counter()
         wall = t1 - t0
         extra = {"frontend_cpu_share": round((time.process_time() - c0) / wall, 3),
                  "engine_core_cpu_share": round((_children_cpu() - k0) / wall, 3)}
         if self.mem is not None:
             extra["gpu_busy_share"] = self.mem.busy(t0, t1)
-        if self._patch:
-            extra.update(submit_s=round(self.spent["submit"][0], 3), blocked_in_step_s=round(self.spent["step"][0], 3),
-                         steps=self.spent["step"][1])
+        if self.eng is not None:
+            spent = {k: self.eng.stats.get(k, 0) - before.get(k, 0) for k in ("submit_s", "step_s", "steps")}
+            extra.update(submit_s=round(spent["submit_s"], 3), blocked_in_step_s=round(spent["step_s"], 3),
+                         steps=int(spent["steps"]))
         if spy is not None:
             try:
                 spy.wait(timeout=self.seconds + 30)
@@ -645,26 +618,16 @@ def _kernel_profile(pool, started: list, trace_dir: str, steps: int) -> dict:
 
 def hf_phase(model: str, rate: float, n_single: int, n_batched: int) -> list[dict]:
     import torch
-    from transformers import AutoConfig, AutoModelForImageTextToText
 
     from densify.engines.hf import HFEngine
 
     prof = load_profile("vlm3-depth")
 
-    def random_on_gpu(path, **kw):  # the 4B folder has no weights: build random ones on the GPU
-        cfg = AutoConfig.from_pretrained(path)
-        with torch.device("cuda"):
-            return AutoModelForImageTextToText.from_config(cfg, dtype=kw.get("dtype", torch.bfloat16))
-
     rows = []
-    orig = AutoModelForImageTextToText.from_pretrained
-    AutoModelForImageTextToText.from_pretrained = random_on_gpu
-    try:
-        t0 = time.perf_counter()
-        eng = HFEngine(prof, model=model, device="cuda", dtype="bfloat16", batch_size=1)
-        log.info("[hf] model ready in %.1f s", time.perf_counter() - t0)
-    finally:
-        AutoModelForImageTextToText.from_pretrained = orig
+    t0 = time.perf_counter()
+    # the 4B folder has no weights: random ones, made on the GPU
+    eng = HFEngine(prof, model=model, device="cuda", dtype="bfloat16", batch_size=1, load_format="dummy")
+    log.info("[hf] model ready in %.1f s", time.perf_counter() - t0)
     mem = GPUMemory()
     try:
         with mem:

@@ -75,8 +75,7 @@ def engine_alone(manifest: Path, cfg, n: int) -> dict:
     from densify.stages.depth import DepthStage
     from densify.stages.label import iter_manifest
 
-    options = {k: v for k, v in cfg.engine.options.items() if k != "answers_per_s"}  # its own speed: unpaced
-    eng = SimulatedEngine(cfg.profile, **options)
+    eng = SimulatedEngine(cfg.profile, cfg.engine.options.model_copy(update={"answers_per_s": None}))  # unpaced
     stage = DepthStage(cfg, eng)
     t_prep = t_gen = 0.0
     q = 0

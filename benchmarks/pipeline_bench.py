@@ -40,19 +40,16 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from benchmarks.scaling_bench import shift_of, shifted_photo  # noqa: E402
-from densify.config.loading import dict_overrides  # noqa: E402
-from densify.config.profiles import load_profile, profiles_dir  # noqa: E402
-from densify.engines.base import generate_stream  # noqa: E402
-from densify.io.images import ImageSource  # noqa: E402
-from densify.io.layout import RunLayout  # noqa: E402
-from densify.stages.depth import DepthStage  # noqa: E402
-from densify.stages.engine import build_engine  # noqa: E402
-from densify.stages.label import LabelJob  # noqa: E402
-from densify.stages.settings import DepthConfig, LabelConfig, load_config  # noqa: E402
+from benchmarks.scaling_bench import shift_of, shifted_photo
+from densify.config.loading import dict_overrides
+from densify.config.profiles import load_profile, profiles_dir
+from densify.engines.base import generate_stream
+from densify.io.images import ImageSource
+from densify.io.layout import RunLayout
+from densify.stages.depth import DepthStage
+from densify.stages.engine import build_engine
+from densify.stages.label import LabelJob
+from densify.stages.settings import DepthConfig, LabelConfig, load_config
 
 log = logging.getLogger("pipeline_bench")
 ROOT = Path(__file__).resolve().parents[1]

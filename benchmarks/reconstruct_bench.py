@@ -1,8 +1,8 @@
 """Poses and fused geometry on seeded synthetic sequences: densify (simulated VLM3 answers) vs SIFT.
 
-    python benchmarks/reconstruct_bench.py [--seeds 0 1] [--views 10] [--pairs consecutive+skip2]
+    python -m benchmarks.reconstruct_bench [--seeds 0 1] [--views 10] [--pairs consecutive+skip2]
                                            [--errors iid,structured]
-    python benchmarks/reconstruct_bench.py --sets unordered,loop,video   (benchmarks/reconstruct_sets.py:
+    python -m benchmarks.reconstruct_bench --sets unordered,loop,video   (benchmarks/reconstruct_sets.py:
         shuffled names, a closed loop of 36 views, a video; exhaustive vs retrieval, with vs without loops)
 
 Per sequence: a ray-cast room (densify.synthetic.scenes) seen along an arc of `--views` 640x480 views;
@@ -43,25 +43,22 @@ from pathlib import Path
 
 import numpy as np
 
-if __package__ in (None, ""):  # run as a script: python benchmarks/reconstruct_bench.py
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from densify.config.loading import dict_overrides  # noqa: E402
-from densify.config.profiles import load_profile  # noqa: E402
-from densify.eval.pose_eval import (chamfer, match_epe, pose_auc, pose_errors, trajectory_error,  # noqa: E402
+from densify.config.loading import dict_overrides
+from densify.config.profiles import load_profile
+from densify.eval.pose_eval import (chamfer, match_epe, pose_auc, pose_errors, trajectory_error,
                                     visible_surface_samples)
-from densify.geometry.fusion import FusionFrame  # noqa: E402
-from densify.geometry.fusion import tsdf_fuse  # noqa: E402
-from densify.geometry.pose import estimate_pair_pose  # noqa: E402
-from densify.geometry.posegraph import PoseGraphResult  # noqa: E402
-from densify.io.images import discover, load_rgb  # noqa: E402
-from densify.io.layout import RunLayout  # noqa: E402
-from densify.pairs.matching import Matches, sift_matches  # noqa: E402
-from densify.pairs.solve import PairResult, classify, pair_key, solve_pair_xy  # noqa: E402
-from densify.sim.engine import ErrorModel, SimulatedEngine  # noqa: E402
-from densify.sim.truth import SceneTruth  # noqa: E402
-from densify.stages.scene import graph_stage, reconstruct  # noqa: E402
-from densify.stages.settings import ReconstructConfig, load_config  # noqa: E402
+from densify.geometry.fusion import FusionFrame
+from densify.geometry.fusion import tsdf_fuse
+from densify.geometry.pose import estimate_pair_pose
+from densify.geometry.posegraph import PoseGraphResult
+from densify.io.images import discover, load_rgb
+from densify.io.layout import RunLayout
+from densify.pairs.matching import Matches, sift_matches
+from densify.pairs.solve import PairResult, classify, pair_key, solve_pair_xy
+from densify.sim.engine import ErrorModel, SimulatedEngine
+from densify.sim.truth import SceneTruth
+from densify.stages.scene import graph_stage, reconstruct
+from densify.stages.settings import ReconstructConfig, load_config
 
 log = logging.getLogger("reconstruct_bench")
 ROOT = Path(__file__).resolve().parents[1]
@@ -381,7 +378,7 @@ def main(argv=None) -> int:
     path = Path(args.json) if args.json else default
     path.parent.mkdir(parents=True, exist_ok=True)
     result = {"benchmark": "reconstruct", "date": dt.datetime.now().isoformat(timespec="seconds"),
-              "command": "python benchmarks/reconstruct_bench.py " + " ".join(argv),
+              "command": "python -m benchmarks.reconstruct_bench " + " ".join(argv),
               "settings": vars(args), "errors": presets, "presets": runs, "wall_s": wall}
     path.write_text(json.dumps(result, indent=1, default=_json))
     print(f"wrote {path}")

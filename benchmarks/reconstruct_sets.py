@@ -1,7 +1,7 @@
 """Image sets that are not a neat sequence, on seeded synthetic scenes: densify (simulated VLM3) vs SIFT.
 
     python -m benchmarks.reconstruct_sets [--sets unordered,loop,video] [--errors iid,structured] [--seed 0]
-    (also: python benchmarks/reconstruct_bench.py --sets ...)
+    (also: python -m benchmarks.reconstruct_bench --sets ...)
 
 Sets (640x480 views of a ray-cast room, densify.synthetic.scenes):
 

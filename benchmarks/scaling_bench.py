@@ -30,17 +30,14 @@ from pathlib import Path
 
 import numpy as np
 
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from densify.config.profiles import load_profile  # noqa: E402
-from densify.engines import generate_stream  # noqa: E402
-from densify.engines.base import Sampling  # noqa: E402
-from densify.engines.ray_pool import RayPoolEngine  # noqa: E402
-from densify.io.cameras import Camera, prepare_image, resize_rgb  # noqa: E402
-from densify.io.images import load_rgb  # noqa: E402
-from densify.queries.plan import grid_points, plan_queries  # noqa: E402
-from densify.queries.prompts import depth_batch, image_ref, sampling_for  # noqa: E402
+from densify.config.profiles import load_profile
+from densify.engines import generate_stream
+from densify.engines.base import Sampling
+from densify.engines.ray_pool import RayPoolEngine
+from densify.io.cameras import Camera, prepare_for, resize_rgb
+from densify.io.images import load_rgb
+from densify.queries.plan import grid_points, plan_queries
+from densify.queries.prompts import depth_batch, image_ref, sampling_for
 
 log = logging.getLogger("scaling_bench")
 ROOT = Path(__file__).resolve().parents[1]
@@ -111,12 +108,11 @@ def make_batches(n: int, profile, grid=(64, 48), tag_prefix: str = "img",
     (Until 2026-11-30 every image had the same pixels under another id; with content-keyed image caches
     the engine then answered from the prefix cache, see benchmarks/results/README-rows-issue13.md.)"""
     cam = Camera(1000, 1000, 500, 375, 1000, 750)
-    p = profile.preprocess
     out = []
     for i in range(n):
         k = first + i
         rgb = shifted_photo(k)
-        prep = prepare_image(rgb, cam, coord_range=profile.coord_range, **p.image_options())
+        prep = prepare_for(rgb, cam, profile)
         plan = plan_queries(grid_points(1000, 750, count=grid), prep.pixel_map, marker=profile.marker)
         uid = f"{tag_prefix}{k}"
         out.append(depth_batch(prep, plan, profile, uid=uid, ref=image_ref(uid, prep),

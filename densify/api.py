@@ -102,11 +102,13 @@ class Densifier:
     """Dense depth, poses and scenes from point-query models (see the module docstring).
 
     profile: the depth profile (vlm3-depth, depthlm or a YAML path). engine: auto (vllm when installed, else
-    hf), vllm, hf, openai, ray, or simulated (answers from ground truth: pass `truth=`, a densify.sim.truth
-    provider). model / corr_model / pose_model: checkpoints (default: each profile's). plan, densify: the
+    hf), vllm, hf, openai, ray, or simulated (tests and demos: answers from the ground-truth files beside each
+    image, as `densify synth` writes them). model / corr_model / pose_model: checkpoints (default: each profile's). plan, densify: the
     depth stage's query plan and densifier (dicts of `densify.stages.settings.PlanConfig` / `DensifyConfig`
     fields). reconstruct: other `ReconstructConfig` fields (pairs, fusion, export, ...). Any other keyword is
-    an engine option.
+    an engine option. Every other setting is the commands' default: `depth` runs as `densify depth` does
+    (configs/pipelines/depth.yaml), `pose` and `reconstruct` as `densify reconstruct` (reconstruct.yaml:
+    images at full size, no per-image clouds).
     """
 
     def __init__(self, *, profile: str = "vlm3-depth", engine: str = "auto", model: str | None = None,
@@ -115,16 +117,18 @@ class Densifier:
                  default_hfov_deg: float = 60.0, reconstruct: dict | None = None, **engine_options: Any):
         self.profile = profile
         depth = {"profile": profile, "model": model, "default_hfov_deg": default_hfov_deg,
-                 "plan": plan or {}, "densify": densify or {}}
-        data = {"engine": {"name": engine, "options": engine_options},
-                "models": {"depth": model, "corr": corr_model, "pose": pose_model}, "depth": depth,
+                 **{k: v for k, v in (("plan", plan), ("densify", densify)) if v is not None}}  # else each job's own
+        eng = {"name": engine, "options": engine_options}
+        data = {"engine": eng, "models": {"depth": model, "corr": corr_model, "pose": pose_model}, "depth": depth,
                 "corr": {"profile": corr_profile}, "pose": {"profile": pose_profile}, **(reconstruct or {})}
         self._rcfg: ReconstructConfig = _config(ReconstructConfig, data, "Densifier")
+        self._dcfg: DepthConfig = _config(DepthConfig, {**depth, "engine": eng}, "Densifier")
         self._engines = _Engines(self)
 
     @property
     def depth_config(self) -> DepthConfig:
-        return self._rcfg.depth_config()
+        """The settings of `depth` (those of `densify depth` but for the facade's own options)."""
+        return self._dcfg
 
     def depth(self, images: str | Path | Sequence[str | Path] | Iterable[ImageSource], *, intrinsics=None,
               points=None, out: str | Path | None = None) -> list[DepthMap]:

@@ -23,8 +23,8 @@ import numpy as np
 from densify.config.loading import ConfigError
 from densify.config.profiles import load_profile
 from densify.io import outputs
-from densify.io.cameras import resolve_camera
-from densify.io.images import ImageSource, load_rgb
+from densify.io.cameras import decode
+from densify.io.images import ImageSource
 from densify.objects.qa import ask_records, build_prompts, geometry_context, image_batch, prepare_object_image
 from densify.objects.questions import RegionError, make_regions, parse_regions, question_of
 from densify.stages.depth import DepthStage
@@ -99,10 +99,10 @@ def run(args) -> int:
     for q in args.question:
         question_of(profile, q)
     cfg = common.load(argparse.Namespace(engine=args.engine, set=args.set), DepthConfig, "depth")
-    rgb = load_rgb(args.image)
-    h, w = rgb.shape[:2]
     intr = common.intrinsics(args)
-    cam = resolve_camera(args.image, w, h, intr)
+    img = decode(args.image, intr)
+    rgb, cam = img.rgb, img.camera
+    h, w = rgb.shape[:2]
     regions = make_regions(parse_regions(args.regions), w, h,
                            [_load_mask(m, k) for k, m in enumerate(args.mask)] if args.mask else None)
     prep = prepare_object_image(rgb, cam, profile)

@@ -14,13 +14,14 @@ from densify.engines import create_engine
 from densify.eval.metrics import delta1, depth_report
 from densify.io.images import discover
 from densify.io.layout import RunLayout
-from densify.stages.depth import run_depth
+from densify.stages.summary import run_depth
 from densify.stages.settings import DepthConfig
 from pipelines import common
 
 
 def run_demo(out_dir: str | Path, *, seed: int = 0, views: int = 2, noise: bool = True,
              cfg: DepthConfig | None = None, progress=None) -> dict:
+    from densify.sim.options import SimulatedOptions
     from densify.sim.truth import SceneTruth
     from densify.synthetic.scenes import SceneSpec, make_scene
 
@@ -29,9 +30,9 @@ def run_demo(out_dir: str | Path, *, seed: int = 0, views: int = 2, noise: bool 
     scene = make_scene(SceneSpec(seed=seed, n_views=views))
     images = scene.save(out / "scene")
     t_render = time.perf_counter() - t0
-    cfg = cfg or DepthConfig(engine={"name": "simulated"})
+    cfg = cfg or DepthConfig(engine={"name": SimulatedOptions.engine_name})
     truth = SceneTruth(scene)
-    engine = create_engine("simulated", profile=cfg.profile, seed=seed, noise=noise, truth=truth)
+    engine = create_engine(SimulatedOptions(seed=seed, noise=noise), profile=cfg.profile, truth=truth)
     view = {f"view_{k:03d}": v for k, v in enumerate(scene.views)}
 
     def evaluate(src, res) -> dict:  # the scene's exact depth: the demo knows it, the stage does not
@@ -76,8 +77,10 @@ def add_arguments(p) -> None:
 
 def run(args) -> int:
     from densify.config.loading import Override
+    from densify.sim.options import SimulatedOptions
 
-    cfg = common.load(args, DepthConfig, "depth", [Override(("engine", "name"), "simulated", "densify demo")])
+    simulated = Override(("engine", "name"), SimulatedOptions.engine_name, "densify demo")
+    cfg = common.load(args, DepthConfig, "depth", [simulated])
     if args.views < 1:
         from densify.config.loading import ConfigError
 

@@ -13,7 +13,7 @@ import argparse
 from densify.config.profiles import load_profile
 from densify.io.images import discover
 from densify.io.layout import RunLayout
-from densify.stages.depth import run_depth
+from densify.stages.summary import run_depth
 from densify.stages.engine import build_engine
 from densify.stages.settings import DepthConfig
 from pipelines import common

@@ -19,11 +19,12 @@ import numpy as np
 
 from densify.config.loading import ConfigError, Override
 from densify.config.profiles import load_profile
-from densify.eval.labels import evaluate_labels, label_sources
+from densify.eval.labels import label_report, label_sources
 from densify.io import outputs
 from densify.io.layout import RunLayout
 from densify.stages.engine import build_engine
 from densify.stages.settings import DepthConfig
+from densify.stages.summary import run_depth
 from pipelines import common
 
 log = logging.getLogger("densify.eval")
@@ -86,9 +87,15 @@ def run_ibims(args) -> int:
     try:
         if layout is not None:
             common.write_config(layout, cfg)
-        rep = evaluate_labels(sources, cfg, engine, layout, data=str(data), progress=common.progress(len(sources)))
+        # every image is asked exactly its labelled pixels, and asked again on a rerun
+        summary, results = run_depth(sources, cfg.model_copy(update={"overwrite": True}), engine, layout,
+                                     keep_maps=True, progress=common.progress(len(sources)))
     finally:
         engine.close()
+    rep = label_report(summary, results, sources, data=str(data))
+    if layout is not None:
+        layout.sweep(layout.eval)
+        outputs.write_json(layout.eval, rep)
     c = common.report(rep)
     c.print(f"eval {args.suite} ({rep['engine']} engine, {rep['profile']}, model {common.esc(rep['model'])}): {rep['images']} "
             f"images, {rep['points']} labelled points, answered {rep['answered']}")

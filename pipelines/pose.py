@@ -52,7 +52,7 @@ def run(args) -> int:
         rep = {"images": [str(s.path) for s in sources], "status": res.status, "record": res.record(),
                "pose": res.pose.to_dict() if res.pose is not None else None,
                "intrinsics": [i.camera.to_dict() if i.camera else None for i in infos],
-               "engine": cfg.engine.name, "simulated": cfg.engine.inner_name() == "simulated",
+               "engine": cfg.engine.name, "simulated": cfg.engine.simulated,
                "wall_s": time.perf_counter() - t0}
         layout.sweep(layout.pose_report)
         outputs.write_json(layout.pose_report, rep)

@@ -19,8 +19,7 @@ import numpy as np
 
 from densify.config.profiles import load_profile
 from densify.io import outputs
-from densify.io.cameras import parse_intrinsics_arg, prepare_image, resolve_camera
-from densify.io.images import load_rgb
+from densify.io.cameras import decode, parse_intrinsics_arg, prepare_for
 from densify.queries.plan import check_points, markable, plan_queries
 from densify.queries.prompts import depth_batch, image_uid, render_text
 
@@ -42,10 +41,9 @@ def parse_points(text: str) -> list[tuple[float, float]]:
 
 def prompt_records(profile_name: str, image, points, intrinsics=None, save_images: str | Path | None = None):
     profile = load_profile(profile_name)
-    rgb = load_rgb(image)
-    h, w = rgb.shape[:2]
-    cam = resolve_camera(image, w, h, intrinsics)
-    prep = prepare_image(rgb, cam, coord_range=profile.coord_range, **profile.preprocess.image_options())
+    img = decode(image, intrinsics)
+    h, w = img.rgb.shape[:2]
+    prep = prepare_for(img.rgb, img.camera, profile)
     pts = check_points(points, w, h, "--points")
     size = list(prep.pixel_map.pre_size)
     out_dir = Path(save_images) if save_images is not None else None
@@ -98,9 +96,9 @@ def object_prompt_records(profile_name: str, image, regions: str, questions: lis
     profile = load_profile(profile_name)
     for q in questions:
         question_of(profile, q)
-    rgb = load_rgb(image)
-    h, w = rgb.shape[:2]
-    prep = prepare_object_image(rgb, resolve_camera(image, w, h, intrinsics), profile)
+    img = decode(image, intrinsics)
+    h, w = img.rgb.shape[:2]
+    prep = prepare_object_image(img.rgb, img.camera, profile)
     regs = make_regions(parse_regions(regions), w, h)
     for p in build_prompts(profile, prep, [(q, regs, None) for q in questions]):
         yield {"question": p.question, "text": p.text, "regions_normalized": [list(n) for n in p.regions_normalized],

@@ -9,15 +9,17 @@ import pytest
 from conftest import sidecar_metrics
 
 from densify.config.profiles import load_profile
-from densify.fields import AdaptivePlanner, run_adaptive_depth
+from PIL import Image
+
+from densify.fields import AdaptivePlanner
 from densify.fields.adaptive import grid_within, round_sizes
-from densify.io.cameras import Camera, prepare_image
-from densify.io.images import discover
+from densify.io.cameras import Camera
+from densify.io.images import ImageSource, discover
 from densify.io.layout import RunLayout
-from densify.queries.prompts import image_ref, image_uid, sampling_for
 from densify.sim.engine import SimulatedEngine
 from densify.sim.truth import ArrayTruth
-from densify.stages.depth import run_depth
+from densify.stages.depth import DepthStage
+from densify.stages.summary import run_depth
 from densify.stages.settings import DepthConfig
 from densify.synthetic.scenes import SceneSpec, make_scene
 
@@ -91,26 +93,42 @@ def test_concentrates_queries_near_discontinuities():
     assert planner.last_uncertainty is not None and planner.last_uncertainty.shape == (H, W)
 
 
-def test_one_batch_per_round_through_the_engine():
-    rgb, depth, box = step_scene()
+def _step_stage_run(tmp_path, plan: dict):
+    """The step scene through the depth stage (nothing written): the result, every batch and the size of
+    every round."""
+    rgb, depth, _ = step_scene()
+    Image.fromarray(rgb).save(tmp_path / "step.png")
     profile = load_profile("vlm3-depth")
-    cam = Camera.default(W, H)
-    p = profile.preprocess
-    prep = prepare_image(rgb, cam, focal=p.focal, square_pixels=p.square_pixels, coord_range=profile.coord_range)
     engine = SimulatedEngine(profile, seed=0, truth=ArrayTruth({"step": depth}))
-    batches = []
+    batches, calls = [], []
     gen = engine.generate
     engine.generate = lambda b: (batches.append(b), gen(b))[1]
-    planner = AdaptivePlanner((H, W), 400, coarse=0.5, rounds=3, rgb=rgb)
-    uid = image_uid(prep, "step")
-    run = run_adaptive_depth(engine, planner, prep, profile, uid=uid, ref=image_ref("step", prep),
-                             sampling=sampling_for(profile))
-    assert len(batches) == len(run.calls) <= 4
-    assert [len(b.queries) for b in batches] == run.calls
-    assert sum(run.calls) == len(run.pixels) == len(run.completions) <= 400
+    cfg = DepthConfig(engine={"name": "simulated"}, plan={"mode": "adaptive", **plan}, outputs={"ply": False},
+                      forcing={"mode": "off"})  # rounds only (forced answers add audit batches: test_forcing.py)
+    stage = DepthStage(cfg, engine, keep_maps=True, on_round=calls.append)
+    (res,) = stage.run([ImageSource("step", tmp_path / "step.png")], intrinsics=Camera.default(W, H))
+    return res, batches, calls
+
+
+def test_one_batch_per_round_through_the_engine(tmp_path):
+    res, batches, calls = _step_stage_run(tmp_path, {"budget": 400, "coarse": 0.5, "rounds": 3})
+    assert res.status == "ok"
+    assert len(batches) == len(calls) <= 4
+    assert [len(b.queries) for b in batches] == calls
+    assert sum(calls) == len(res.answers.pixels) == res.queries <= 400
     for b in batches:                               # every round shows the same single image: cacheable
-        assert list(b.images) == [uid]
-    assert len({tuple(q) for q in run.prompt_xy}) == len(run.prompt_xy)
+        assert list(b.images) == [res.uid]
+    assert len({tuple(q) for q in res.answers.prompt_xy}) == len(res.answers.prompt_xy)
+
+
+def test_the_stage_asks_the_planners_rounds(tmp_path):
+    """One planner per image plans every round, the first included: the stage asks the coarse grid, then
+    `rounds` refinements of the planner's sizes (not the coarse grid's size again)."""
+    res, _, calls = _step_stage_run(tmp_path, {"budget": 1200, "coarse": 0.5, "rounds": 4})
+    sizes = round_sizes(1200, 0.5, 4, 256)
+    assert len(calls) == len(sizes) == 5, (calls, sizes)
+    assert calls[0] <= sizes[0] and all(0 < c <= s for c, s in zip(calls[1:-1], sizes[1:-1])), (calls, sizes)
+    assert sum(calls) == res.queries <= 1200  # the last round spends what the others left
 
 
 def test_flow_planner_on_scene_matches():
@@ -147,7 +165,7 @@ def test_flow_planner_on_scene_matches():
 def test_pipeline_adaptive_mode_end_to_end(tmp_path):
     from densify.io.images import discover
     from densify.io.layout import RunLayout
-    from densify.stages.depth import run_depth
+    from densify.stages.summary import run_depth
     from densify.stages.settings import DepthConfig
     from densify.synthetic.scenes import SceneSpec, make_scene
 
@@ -261,16 +279,11 @@ def test_adaptive_images_do_not_wait_for_each_others_rounds(tmp_path):
 def _auto_run(error: str, seed: int = 100, cap: int = 2304):
     """The benchmark's 640x480 room under the simulated engine's error preset, planned by the stopping rule
     (which knows nothing of the preset: only the engine's answers differ)."""
-    import sys
-    from pathlib import Path
-
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from benchmarks.densify_bench import SceneCase
-    from densify.fields.adaptive import StopRule
 
     case = SceneCase(seed, error=error)
-    _, calls, report = case.ask_auto(StopRule(floor=768, cap=cap, round=384))
-    return sum(calls), calls, report
+    run = case.ask_adaptive(None, auto={"floor": 768, "cap": cap, "round": 384})
+    return sum(run.calls), run.calls, run.plan
 
 
 def test_auto_stops_early_on_shared_errors_and_goes_on_under_independent_noise():

@@ -214,13 +214,17 @@ def test_answer_options_change_the_store_key():
 def test_every_engine_option_is_classified_once():
     from densify.engines.hf import HFEngine
     from densify.engines.openai import OpenAIEngine
+    from densify.engines.registry import options_model
     from densify.engines.ray_pool import RayPoolEngine
     from densify.engines.vllm import VLLMEngine
     from densify.sim.engine import SimulatedEngine
 
     for name, cls in (("simulated", SimulatedEngine), ("hf", HFEngine), ("vllm", VLLMEngine),
                       ("openai", OpenAIEngine), ("ray", RayPoolEngine)):
-        opts = set(inspect.signature(cls.__init__).parameters) - {"self", "profile"}
+        # every option (the constructor takes them typed, or as keywords) and every Python-only argument
+        params = inspect.signature(cls.__init__).parameters
+        model = options_model(name)
+        opts = set(model.model_fields) | {k for k, p in params.items() if p.kind == p.KEYWORD_ONLY}
         keep, drop = ANSWER_OPTIONS[name], TRANSPORT_OPTIONS[name]
         assert not keep & drop, name
         assert opts <= keep | drop, (name, sorted(opts - keep - drop))

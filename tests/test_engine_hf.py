@@ -161,3 +161,21 @@ def test_bad_image_reference(engine, batch):
     bad = EngineBatch(batch.images, [Query("Q", ("missing",))], batch.sampling)
     with pytest.raises(ValueError, match="missing"):
         engine.generate(bad)
+
+
+def test_dummy_load_format_builds_random_weights_without_weight_files(tmp_path, profile, batch):
+    """load_format=dummy (benchmarks): the model is built from the folder's config alone, on the device, and
+    answers (random text); the same folder without it and without weights cannot load."""
+    bare = build_model_folder(tmp_path / "bare", shape="tiny", save_weights=False)
+    assert not list(bare.glob("*.safetensors"))
+    eng = create_engine("hf", profile=profile, model=str(bare), device="cpu", load_format="dummy", batch_size=3)
+    try:
+        outs = eng.generate(batch)
+        assert len(outs) == len(batch.queries) and all(o.error is None and o.n_generated_tokens for o in outs)
+        assert eng.options.load_format == "dummy"
+    finally:
+        eng.close()
+    from densify.engines import EngineStartError
+
+    with pytest.raises(EngineStartError, match="could not start"):
+        create_engine("hf", profile=profile, model=str(bare), device="cpu")

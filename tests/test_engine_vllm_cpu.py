@@ -237,6 +237,40 @@ def test_engine_options_reach_llm(fake_vllm):
     assert FakeLLM.instances[0].llm_engine.shutdown_called
 
 
+def test_typed_options_reach_llm_as_they_are(fake_vllm, monkeypatch):
+    """The config's typed options are the engine's: create_engine takes them without checking them again
+    (no model_validate after the config loaded), and vllm.LLM gets their one conversion."""
+    from densify.engines import VLLMOptions, create_engine
+    from densify.stages.settings import DepthConfig
+
+    cfg = DepthConfig(engine={"name": "vllm", "options": {"model": "/models/x", "max_num_seqs": 64,
+                                                           "llm_kwargs": {"seed": 3}}})
+    opts = cfg.engine.options
+    assert isinstance(opts, VLLMOptions) and opts.max_num_seqs == 64
+
+    def no_second_validation(*a, **k):
+        raise AssertionError("options validated again")
+
+    monkeypatch.setattr(VLLMOptions, "model_validate", classmethod(no_second_validation))
+    eng = create_engine(opts, profile="vlm3-depth")
+    assert eng.options is opts
+    kw = FakeLLM.instances[-1].kw
+    assert kw["max_num_seqs"] == 64 and kw["seed"] == 3 and kw["model"] == "/models/x"
+    assert kw["compilation_config"] == {"max_cudagraph_capture_size": 64}
+    eng.close()
+
+
+def test_engine_counts_its_submit_and_step_time(fake_vllm):
+    """stats time the frontend's work (benchmarks read them instead of wrapping the engine)."""
+    eng = make(fake_vllm)
+    eng.generate(depth_batch(5))
+    eng.generate(depth_batch(3, uid="img1"))
+    st = eng.stats
+    assert st["submits"] == 2 and st["steps"] >= 2 and st["batches"] == 2 and st["queries"] == 8
+    assert 0 < st["submit_s"] < 60 and 0 < st["step_s"] < 60
+    eng.close()
+
+
 def test_prompts_uids_and_sampling(fake_vllm):
     eng = make(fake_vllm)
     s = Sampling(max_tokens=64, system_prompt="SYS", prefill="<think> </think><answer>",

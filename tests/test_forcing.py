@@ -12,7 +12,7 @@ import yaml
 
 from densify.config.profiles import load_profile, profiles_dir
 from densify.engines.base import Completion, EngineBatch, Query, Sampling
-from densify.queries.answer_format import AnswerFormat
+from densify.config.answer_format import AnswerFormat
 from densify.queries.forcing import ForcingEngine, ForcingSettings
 from densify.sim.engine import SimulatedEngine
 from test_engine_vllm_cpu import fake_vllm  # noqa: F401 - fixture
@@ -61,7 +61,7 @@ def test_learned_forcing_gives_the_unforced_maps(tmp_path):
     """VLM3-depth publishes no answer text: the job learns it from its first answers, forces it, audits it,
     and the maps are those of unforced answers (the simulator answers a forced prompt as a model that
     writes that text would)."""
-    from densify.stages.depth import run_depth
+    from densify.stages.summary import run_depth
     from densify.stages.settings import DepthConfig
 
     sources = _scene(tmp_path)
@@ -100,7 +100,7 @@ class _Stubborn(SimulatedEngine):
 
 
 def test_audit_disagreement_turns_forcing_off(tmp_path):
-    from densify.stages.depth import run_depth
+    from densify.stages.summary import run_depth
     from densify.stages.settings import DepthConfig
 
     sources = _scene(tmp_path, n=3)
@@ -219,7 +219,7 @@ def test_forcing_is_exact_on_a_model_that_writes_the_declared_text(chain, tmp_pa
     forced answers are the model's free answers, byte for byte, with fewer generated tokens."""
     from densify.engines import create_engine
 
-    from densify.queries.answer_format import NUMBER
+    from densify.config.answer_format import NUMBER
 
     folder, answer = chain
     number = NUMBER.search(answer).group()

@@ -16,7 +16,7 @@ pytest.importorskip("vllm")
 from test_forcing import _batch, _profile, _with, chain  # noqa: E402,F401 - the chain model fixture
 
 from densify.engines import create_engine  # noqa: E402
-from densify.queries.answer_format import NUMBER  # noqa: E402
+from densify.config.answer_format import NUMBER  # noqa: E402
 from densify.queries.forcing import ForcingEngine, ForcingSettings  # noqa: E402
 
 pytestmark = pytest.mark.gpu

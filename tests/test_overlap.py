@@ -8,7 +8,8 @@ import time
 import pytest
 
 from densify.sim.engine import SimulatedEngine
-from densify.stages.depth import DepthStage, run_depth
+from densify.stages.depth import DepthStage
+from densify.stages.summary import run_depth
 from densify.stages.settings import DepthConfig
 
 

@@ -23,7 +23,7 @@ def test_a_lost_node_costs_no_answers():
     try:
         ray.init(address=cluster.address, include_dashboard=False, log_to_driver=False, configure_logging=False)
         cluster.wait_for_nodes()
-        pool = RayPoolEngine(T.PROFILE, engine_options={"truth": T.TRUTH}, num_actors=2, num_cpus_per_actor=1,
+        pool = RayPoolEngine(T.PROFILE, engine="simulated", engine_options={"truth": T.TRUTH}, num_actors=2, num_cpus_per_actor=1,
                              max_in_flight_per_actor=1, max_retries=3, split_min_queries=0)  # whole batches in flight
         batches = [T.make_batch(700 + i, n=3000) for i in range(12)]
         got = {}

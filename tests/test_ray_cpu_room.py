@@ -16,6 +16,7 @@ from densify.config.loading import ConfigError  # noqa: E402
 from densify.engines.ray_pool import RayPoolEngine  # noqa: E402
 from densify.sim.truth import ConstantTruth  # noqa: E402
 from densify.stages import depth as depth_mod  # noqa: E402
+from densify.stages import workers as workers_mod  # noqa: E402
 from densify.stages.settings import DepthConfig  # noqa: E402
 
 
@@ -40,12 +41,12 @@ def _one_image(folder: Path):
 def test_cpu_workers_need_a_cpu_the_actors_leave_free(tmp_path, monkeypatch):
     """A CPU-only pool takes every CPU by default, so CPU tasks could never run: the stage says so within
     seconds instead of waiting forever; `spare_cpus` leaves them room (build_engine spares ray.cpu_workers)."""
-    monkeypatch.setattr(depth_mod, "_wait_for_a_free_cpu",
-                        functools.partial(depth_mod._wait_for_a_free_cpu, timeout_s=3.0))
+    monkeypatch.setattr(workers_mod, "wait_for_a_free_cpu",
+                        functools.partial(workers_mod.wait_for_a_free_cpu, timeout_s=3.0))
     src = _one_image(tmp_path / "in")
-    cfg = DepthConfig(engine={"name": "ray"}, plan={"mode": "grid", "count": 64},
+    cfg = DepthConfig(engine={"name": "ray", "options": {"engine": "simulated"}}, plan={"mode": "grid", "count": 64},
                       densify={"method": "linear"}, outputs={"preview": False, "ply": False})
-    with RayPoolEngine("vlm3-depth", engine_options={"truth": ConstantTruth(2.0)}) as p:
+    with RayPoolEngine("vlm3-depth", engine="simulated", engine_options={"truth": ConstantTruth(2.0)}) as p:
         assert p.num_actors == 4
         out: dict = {}
 
@@ -61,7 +62,7 @@ def test_cpu_workers_need_a_cpu_the_actors_leave_free(tmp_path, monkeypatch):
         assert not th.is_alive(), "the stage waited for a CPU that never comes"
         assert isinstance(out.get("error"), ConfigError)
         assert re.search(r"ray.cpu_workers=1 .* none of the Ray cluster.s 4 CPUs was free", str(out["error"]))
-    with RayPoolEngine("vlm3-depth", spare_cpus=1) as p:
+    with RayPoolEngine("vlm3-depth", engine="simulated", spare_cpus=1) as p:
         assert p.num_actors == 3
         [res] = list(depth_mod.DepthStage(cfg, p, cpu_workers=1).run(src))
         assert res.status == "ok" and res.queries > 0

@@ -13,7 +13,7 @@ import pytest
 ray = pytest.importorskip("ray")
 
 from densify.config.profiles import load_profile  # noqa: E402
-from densify.engines import EngineBatch, create_engine  # noqa: E402
+from densify.engines import EngineBatch, RayOptions, create_engine  # noqa: E402
 from densify.engines.base import Completion, Engine, ImageRef, PromptImage, Query, Sampling  # noqa: E402
 from densify.engines.ray_pool import RayPoolEngine  # noqa: E402
 from densify.queries.prompts import render_text  # noqa: E402
@@ -124,7 +124,7 @@ def ray_cluster():
 
 @pytest.fixture(scope="module")
 def pool():
-    p = RayPoolEngine(PROFILE, num_actors=2, max_in_flight_per_actor=2, engine_options={"truth": TRUTH})
+    p = RayPoolEngine(PROFILE, engine="simulated", num_actors=2, max_in_flight_per_actor=2, engine_options={"truth": TRUTH})
     yield p
     p.close()
 
@@ -230,21 +230,21 @@ def test_a_pool_larger_than_the_cluster_stops_at_once_naming_both_numbers(monkey
 
     t0 = time.monotonic()
     with pytest.raises(EngineStartError, match=r"9 Ray actors need 9 CPUs in all but the cluster has 8"):
-        RayPoolEngine(PROFILE, num_actors=9, engine_options={"truth": TRUTH}, startup_timeout_s=30)
+        RayPoolEngine(PROFILE, engine="simulated", num_actors=9, engine_options={"truth": TRUTH}, startup_timeout_s=30)
     with pytest.raises(EngineStartError, match=r"3 Ray actors need 9 CPUs in all but the cluster has 8"):
-        RayPoolEngine(PROFILE, num_actors=3, num_cpus_per_actor=3, engine_options={"truth": TRUTH},
+        RayPoolEngine(PROFILE, engine="simulated", num_actors=3, num_cpus_per_actor=3, engine_options={"truth": TRUTH},
                       startup_timeout_s=30)
     assert time.monotonic() - t0 < 10
     # GPUs alike (the cluster here has none: pretend it has one)
     monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 8.0, "GPU": 1.0})
     with pytest.raises(EngineStartError, match=r"3 Ray actors need 1.5 GPUs in all but the cluster has 1"):
-        RayPoolEngine(PROFILE, num_actors=3, num_gpus_per_actor=0.5, engines_per_gpu=1)
+        RayPoolEngine(PROFILE, engine="simulated", num_actors=3, num_gpus_per_actor=0.5, engines_per_gpu=1)
     with pytest.raises(EngineStartError, match=r"3 Ray actors need 2 GPUs in all but the cluster has 1"):
         RayPoolEngine(PROFILE, engine="vllm", num_actors=3, num_gpus_per_actor=1, engines_per_gpu=2)
 
 
 def test_close_kills_the_actors():
-    p = create_engine("ray", profile=PROFILE, num_actors=1)
+    p = create_engine(RayOptions.parse({"engine": "simulated", "num_actors": 1}), profile=PROFILE)
     actor = p.actors[0]
     assert ray.get(actor.ping.remote())
     p.close()
@@ -262,7 +262,7 @@ def test_depth_pipeline_through_the_pool(tmp_path):
     from densify.io.images import discover
     from densify.io.layout import RunLayout
     from densify.stages import build_engine
-    from densify.stages.depth import run_depth
+    from densify.stages.summary import run_depth
     from densify.stages.settings import DepthConfig
 
     rng = np.random.default_rng(5)
@@ -273,7 +273,7 @@ def test_depth_pipeline_through_the_pool(tmp_path):
         cv2.imwrite(str(src / f"v{i}.png"), img)
         np.save(src / f"v{i}.depth.npy", np.full((120, 160), 1.5 + i, np.float32))
     outputs = {"preview": False, "ply": False, "answers": False}
-    cfg_ray = DepthConfig(engine={"name": "ray", "options": {"num_actors": 2}}, plan={"count": 300},
+    cfg_ray = DepthConfig(engine={"name": "ray", "options": {"engine": "simulated", "num_actors": 2}}, plan={"count": 300},
                           outputs=outputs)
     cfg_local = DepthConfig(engine={"name": "simulated"}, plan={"count": 300}, outputs=outputs)
     runs = {}
@@ -444,8 +444,9 @@ def test_engines_per_gpu_resolution():
 def test_engines_per_gpu_shares_each_gpu(monkeypatch):
     seen = {}
 
-    def fake_start(self, engine, options, num_actors, num_gpus, num_cpus, runtime_env, timeout_s):
-        seen.update(options=options, num_actors=num_actors, num_gpus=num_gpus, per_gpu=self.engines_per_gpu)
+    def fake_start(self, engine, runtime, num_actors, num_gpus, num_cpus, runtime_env, timeout_s):
+        # the actors' engine arrives as its typed options; the options given are what was set
+        seen.update(options=engine.set_values(), num_actors=num_actors, num_gpus=num_gpus, per_gpu=self.engines_per_gpu)
         raise RuntimeError("stop here")
 
     monkeypatch.setattr(RayPoolEngine, "_start_actors", fake_start)

@@ -99,6 +99,30 @@ def test_no_module_imports_back_up():
             visit(m)
 
 
+def test_packages_form_floors():
+    """Between packages too every arrow runs down: the package graph (densify.io, densify.queries, ...) has
+    no loop, so each package stands on a floor above all it imports (docs/architecture.md)."""
+    def package(m: str) -> str:
+        return ".".join(m.split(".")[:2])
+
+    graph: dict[str, set[str]] = {}
+    for m, deps in _library_graph().items():
+        graph.setdefault(package(m), set()).update(package(d) for d in deps if package(d) != package(m))
+    graph.pop("densify", None)  # the facade's lazy face
+    done: set[str] = set()
+
+    def floor(p: str, path: tuple) -> None:
+        if p in path:
+            raise AssertionError(f"packages import each other: {' -> '.join(path[path.index(p):] + (p,))}")
+        if p not in done:
+            for d in graph.get(p, ()):
+                floor(d, path + (p,))
+            done.add(p)
+
+    for p in sorted(graph):
+        floor(p, ())
+
+
 def test_packages_say_what_lives_there():
     for init in (REPO / "densify").glob("*/__init__.py"):
         doc = ast.get_docstring(ast.parse(init.read_text()))
@@ -130,27 +154,79 @@ def test_ground_truth_stays_with_the_simulator():
     assert "truth" not in {f.name for f in __import__("dataclasses").fields(PromptImage)}
 
 
-def test_every_engine_subclasses_engine_and_its_options_match_its_constructor():
-    from densify.engines import _ENGINES, Engine, options_model
+def test_every_engine_subclasses_engine_and_takes_its_typed_options():
+    """Each registered engine subclasses Engine and is built from its typed options as they are:
+    `(profile, options=None, *, <Python-only arguments>, **keyword options)`. Its options model names it,
+    holds every option and its one default (the constructor repeats none), and lists the Python-only
+    arguments the constructor takes besides; the engine's name and simulated flag are its options'."""
+    from densify.engines import Engine, EngineOptions
+    from densify.engines.registry import _ENGINES, engine_class, options_model
 
-    for name, entry in _ENGINES.items():
-        cls = entry.load()
-        assert issubclass(cls, Engine), name
-        model = options_model(name)
-        params = {k: p for k, p in inspect.signature(cls.__init__).parameters.items()
-                  if k not in ("self", "profile") and p.kind == p.KEYWORD_ONLY}
-        fields = dict(model.model_fields)
-        if "llm_kwargs" in fields:  # vLLM's pass-through options arrive as **engine_kwargs
-            fields.pop("llm_kwargs")
-        runtime = {"truth", "llm"}
-        assert set(fields) == set(params) - runtime, (name, set(fields) ^ (set(params) - runtime))
-        for k, f in fields.items():
-            default = params[k].default
-            assert f.get_default(call_default_factory=True) == default, (name, k, default)
+    for name in _ENGINES:
+        cls, model = engine_class(name), options_model(name)
+        assert issubclass(cls, Engine) and issubclass(model, EngineOptions), name
+        assert model.engine_name == name == cls.name and cls.simulated == model.simulated, name
+        params = inspect.signature(cls.__init__).parameters
+        assert list(params)[:3] == ["self", "profile", "options"], (name, list(params))
+        assert params["options"].default is None
+        assert any(p.kind == p.VAR_KEYWORD for p in params.values()), name  # the options as keywords
+        kw_only = {k: p for k, p in params.items() if p.kind == p.KEYWORD_ONLY}
+        assert model.runtime <= set(kw_only), (name, model.runtime - set(kw_only))
+        for k, p in kw_only.items():  # Python-only arguments, or an option's keyword form without a default
+            assert k in model.runtime or (k in model.model_fields and p.default is None), (name, k)
+
+
+def test_engine_names_appear_only_in_their_own_modules():
+    """An engine's name as a string literal (a branch on the engine: `== "ray"`, `create_engine("simulated")`)
+    appears only in its own engine and options modules and on its registry line; everything else asks its
+    options (answering, simulated, with_model, answer_identity, needs_checkpoint, for_shared_gpu). Record
+    fields that happen to share a name (`summary["simulated"]`, `{"ray": ...}` beside other keys,
+    `getattr(e, "simulated")`, a settings path such as `("ray", "address")`) are not engine names."""
+    own = {"vllm": {"engines/vllm.py", "engines/vllm_fast.py", "engines/vllm_memory.py", "engines/options.py"},
+           "hf": {"engines/hf.py", "engines/options.py"}, "openai": {"engines/openai.py", "engines/options.py"},
+           "ray": {"engines/ray_pool.py", "engines/ray_actor.py", "engines/options.py"},
+           "simulated": {"sim/engine.py", "sim/options.py"}}
+    registry = "engines/registry.py"
+    bad = []
+    for f in sorted(list((REPO / "densify").rglob("*.py")) + list((REPO / "pipelines").glob("*.py"))):
+        rel = str(f.relative_to(REPO / "densify")) if f.is_relative_to(REPO / "densify") else str(f.relative_to(REPO))
+        tree = ast.parse(f.read_text())
+        parents = {c: n for n in ast.walk(tree) for c in ast.iter_child_nodes(n)}
+        entry_lines = {}  # registry: line -> the engine of its _ENGINES entry
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Assign) and any(getattr(t, "id", "") == "_ENGINES" for t in node.targets):
+                entry_lines = {k.lineno: k.value for k in node.value.keys}
+            if isinstance(node, ast.AnnAssign) and getattr(node.target, "id", "") == "_ENGINES":
+                entry_lines = {k.lineno: k.value for k in node.value.keys}
+        for node in ast.walk(tree):
+            if not (isinstance(node, ast.Constant) and node.value in own):
+                continue
+            if rel in own[node.value] or (rel == registry and entry_lines.get(node.lineno) == node.value):
+                continue
+            if not _names_a_record_field(node, parents, set(own)):
+                bad.append(f"{rel}:{node.lineno}: {node.value!r}")
+    assert not bad, bad
+
+
+def _names_a_record_field(node, parents, names: set) -> bool:
+    p = parents.get(node)
+    if isinstance(p, ast.Dict) and node in p.keys:  # a key beside other keys (a table keyed by engine is not)
+        return not all(isinstance(k, ast.Constant) and k.value in names for k in p.keys)
+    if isinstance(p, ast.Subscript) and p.slice is node:
+        return True
+    if isinstance(p, ast.Call) and p.args and p.args[0] is node and getattr(p.func, "attr", "") in ("get", "pop"):
+        return True
+    if isinstance(p, ast.Call) and len(p.args) > 1 and p.args[1] is node and getattr(p.func, "id", "") in (
+            "getattr", "hasattr"):
+        return True
+    if isinstance(p, ast.Tuple):  # a settings path: Override(("ray", "address"), ...)
+        call = parents.get(p)
+        return isinstance(call, ast.Call) and getattr(call.func, "id", "") == "Override" and call.args[0] is p
+    return False
 
 
 def test_readme_engine_tables_match_the_typed_options():
-    from densify.engines import _ENGINES, options_model
+    from densify.engines.registry import _ENGINES, options_model
 
     readme = (REPO / "README.md").read_text()
     for name in _ENGINES:
@@ -206,3 +282,13 @@ def test_fingerprint_ignores_transport_options():
     assert fp(quantization="fp8") != fp()
     ray = DepthConfig(engine={"name": "ray", "options": {"engine": "vllm", "num_actors": 4}})
     assert settings_fingerprint(ray, p) == fp()  # a pool answers as the engine its actors run
+
+
+def test_stage_functions_are_short():
+    """The stages read top to bottom: no function (closures included) longer than 60 lines."""
+    long = []
+    for f in sorted((REPO / "densify" / "stages").glob("*.py")):
+        for node in ast.walk(ast.parse(f.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno >= 60:
+                long.append(f"{f.name}:{node.lineno} {node.name} ({node.end_lineno - node.lineno + 1} lines)")
+    assert not long, long

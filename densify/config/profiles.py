@@ -105,7 +105,7 @@ class Question(BaseModel):
     @model_validator(mode="after")
     def _answer_format(self):
         if self.answer_format is not None:
-            from densify.queries.answer_format import AnswerFormat
+            from densify.config.answer_format import AnswerFormat
 
             AnswerFormat.parse(self.answer_format)
         return self

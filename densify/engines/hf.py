@@ -47,6 +47,7 @@ from densify.config.profiles import Profile, load_profile
 from densify.engines.base import (Completion, Engine, EngineBatch, EngineError, EngineStartError, PromptImage, Query,
                                   check_batch)
 from densify.engines.chat import TEMPLATE_TEXT_KEYS, chat_messages
+from densify.engines.options import HFOptions
 
 log = logging.getLogger(__name__)
 
@@ -341,20 +342,19 @@ def model_inputs(path: str, tokenizer, model, chat_template: str | None):
 
 
 class HFEngine(Engine):
-    name = "hf"
+    name = HFOptions.engine_name
 
-    def __init__(self, profile: Profile | str, *, model: str | None = None, device: str = "auto",
-                 dtype: str = "auto", batch_size: int = 16, attn_implementation: str | None = None):
+    def __init__(self, profile: Profile | str, options: HFOptions | None = None, **kwargs):
+        """Options: densify.engines.options.HFOptions (typed, as a config holds them, or the same as keywords)."""
         import torch
-        from transformers import AutoModelForImageTextToText, AutoTokenizer
+        from transformers import AutoConfig, AutoModelForImageTextToText, AutoTokenizer
 
+        self.options = opts = HFOptions.given(options, kwargs)
         self.profile = load_profile(profile)
-        self.model_path = str(model or self.profile.model)
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be at least 1, got {batch_size}")
-        self.batch_size = int(batch_size)
-        self.device = resolve_device(device)
-        self.dtype = resolve_dtype(dtype, self.device)
+        self.model_path = str(opts.model or self.profile.model)
+        self.batch_size = int(opts.batch_size)
+        self.device = resolve_device(opts.device)
+        self.dtype = resolve_dtype(opts.dtype, self.device)
 
         self.tokenizer = AutoTokenizer.from_pretrained(self.model_path)
         self.tokenizer.padding_side = "left"
@@ -363,10 +363,15 @@ class HFEngine(Engine):
             raise EngineError(f"{self.model_path}: no chat template (neither chat_template.jinja nor the "
                               f"tokenizer's or processor's config has one)")
 
-        kwargs: dict[str, Any] = {"dtype": self.dtype}
-        if attn_implementation:
-            kwargs["attn_implementation"] = attn_implementation
-        self.model = AutoModelForImageTextToText.from_pretrained(self.model_path, **kwargs)
+        load: dict[str, Any] = {"dtype": self.dtype}
+        if opts.attn_implementation:
+            load["attn_implementation"] = opts.attn_implementation
+        if opts.load_format == "dummy":  # random weights, made on the device (a benchmark's folder has none)
+            with torch.device(self.device):
+                self.model = AutoModelForImageTextToText.from_config(AutoConfig.from_pretrained(self.model_path),
+                                                                     **load)
+        else:
+            self.model = AutoModelForImageTextToText.from_pretrained(self.model_path, **load)
         self.model.to(self.device)
         self.model.eval()
 

@@ -44,6 +44,7 @@ from densify.config.profiles import Profile, load_profile
 from densify.engines.base import (Completion, Engine, EngineBatch, EngineError, EngineStartError, PromptImage, Query,
                                   check_batch)
 from densify.engines.chat import chat_messages
+from densify.engines.options import OpenAIOptions
 from densify.io.redact import redact
 
 log = logging.getLogger(__name__)
@@ -183,7 +184,7 @@ def png_data_url(pixels) -> str:
 class OpenAIEngine(Engine):
     """Point queries against an OpenAI-compatible server.
 
-    Options: base_url (".../v1"), model (default: the server's only model, else the profile's), api_key_env
+    Options (densify.engines.options.OpenAIOptions, typed or as keywords): base_url (".../v1"), model (default: the server's only model, else the profile's), api_key_env
     (name of the environment variable holding the key; default OPENAI_API_KEY; sent as a Bearer token when
     set), concurrency (requests in flight), timeout_s (wall-clock deadline of one attempt: connect, send and
     the whole answer), connect_timeout_s (of the connect alone), retries (further attempts after a timeout,
@@ -193,14 +194,14 @@ class OpenAIEngine(Engine):
     request), check_server (probe /models at start).
     """
 
-    name = "openai"
+    name = OpenAIOptions.engine_name
 
-    def __init__(self, profile: Profile | str, *, base_url: str = "http://127.0.0.1:8000/v1",
-                 model: str | None = None, api_key_env: str = "OPENAI_API_KEY", concurrency: int = 64,
-                 timeout_s: float = 120.0, connect_timeout_s: float = 10.0, retries: int = 4,
-                 backoff_s: float = 0.5, max_backoff_s: float = 20.0, structured_field: str = "structured_outputs",
-                 send_uuids: bool = True, batches_in_flight: int = 2, extra_body: dict | None = None,
-                 check_server: bool = True):
+    def __init__(self, profile: Profile | str, options: OpenAIOptions | None = None, **kwargs):
+        self.options = o = OpenAIOptions.given(options, kwargs)
+        base_url, model, api_key_env, concurrency = o.base_url, o.model, o.api_key_env, o.concurrency
+        timeout_s, connect_timeout_s, retries, backoff_s = o.timeout_s, o.connect_timeout_s, o.retries, o.backoff_s
+        max_backoff_s, structured_field, send_uuids = o.max_backoff_s, o.structured_field, o.send_uuids
+        batches_in_flight, extra_body, check_server = o.batches_in_flight, o.extra_body, o.check_server
         self.profile = load_profile(profile)
         self.base_url = base_url.rstrip("/")
         u = urllib.parse.urlsplit(self.base_url)

@@ -16,21 +16,23 @@ import threading
 import time
 from typing import Any, Callable
 
-from densify.engines import create_engine
 from densify.engines.base import Completion, Engine, EngineBatch, EngineError, Query, generate_stream
-from densify.engines.vllm_memory import ASSUMED_GPU_GIB, apply_memory_plan, visible_gpu_total_gib
+from densify.engines.options import EngineOptions
+from densify.engines.registry import create_engine, split_runtime, validate_engine_options
+from densify.engines.vllm_memory import ASSUMED_GPU_GIB, visible_gpu_total_gib
 
 log = logging.getLogger("densify.ray")
 
-EngineSpec = str | Callable[..., Engine]
-"""A registered engine name, or a factory called as factory(profile=..., **engine_options)."""
+EngineSpec = str | EngineOptions | Callable[..., Engine]
+"""An engine's typed options, a registered engine name (with a dict of options), or a factory called as
+factory(profile=..., **engine_options)."""
 
 
 _STOP = object()  # on an actor's queue: the engine thread finishes what it holds and ends
 
 
 class _EngineActor:
-    """One engine in one Ray worker process (a threaded Ray actor: `_actor_class`, `_start_actors`).
+    """One engine in one Ray worker process (a threaded Ray actor: `actor_class`, `_start_actors`).
 
     `generate` is called concurrently (up to the pool's batches in flight per actor). Every batch goes
     through one background engine thread that feeds `generate_stream(engine, ...)` from a queue, so an
@@ -39,17 +41,22 @@ class _EngineActor:
     `generate` call waits on its batch's future. `ping`, `info` and `cpu_seconds` answer while batches run.
     """
 
-    def __init__(self, engine: EngineSpec, profile, options: dict, engines_per_gpu: int = 1):
+    def __init__(self, engine: EngineSpec, profile, options: dict | None = None, engines_per_gpu: int = 1):
+        """engine: typed options (`options` then holds the engine's Python-only arguments, e.g. `truth`), a
+        registered name (`options`: its keyword options, checked here) or a factory (`options`: its keywords)."""
         self.memory_plan = None
-        if engines_per_gpu > 1 and engine == "vllm":
-            # sized here, where the GPU is visible: the driver may have none
-            total = visible_gpu_total_gib() or ASSUMED_GPU_GIB
-            options, self.memory_plan = apply_memory_plan(options, engines_per_gpu, total)
-            log.info("vllm engine %d per GPU on a %.0f GiB card: %s", engines_per_gpu, total, options)
-        if isinstance(engine, str):
-            self.engine = create_engine(engine, profile=profile, **options)
-        else:
+        options = dict(options or {})
+        if callable(engine) and not isinstance(engine, (str, EngineOptions)):
             self.engine = engine(profile=profile, **options)
+        else:
+            opts, runtime = (engine, options) if isinstance(engine, EngineOptions) else _typed(engine, options)
+            if engines_per_gpu > 1:  # sized here, where the GPU is visible: the driver may have none
+                total = visible_gpu_total_gib() or ASSUMED_GPU_GIB
+                opts, self.memory_plan = opts.for_shared_gpu(engines_per_gpu, total)
+                if self.memory_plan is not None:
+                    log.info("%s engine %d per GPU on a %.0f GiB card: %s", opts.engine_name, engines_per_gpu,
+                             total, opts.set_values())
+            self.engine = create_engine(opts, profile=profile, **runtime)
         self.batches = 0
         self._lock = threading.Lock()  # guards the queue/thread hand-over
         self._queue: queue.Queue = queue.Queue()
@@ -83,10 +90,10 @@ class _EngineActor:
         return time.process_time()
 
     def generate(self, payload: tuple) -> tuple:
-        """A batch as columns in (see `_to_columns`), answers as columns out: ~20x cheaper to move between
+        """A batch as columns in (see `to_columns`), answers as columns out: ~20x cheaper to move between
         processes than lists of dataclasses. The last element is the batch's seconds in this actor (queued
         and in the engine; batches overlap when the engine streams)."""
-        batch = _from_columns(payload)
+        batch = from_columns(payload)
         fut: cf.Future = cf.Future()
         batch.tag = fut  # engines pass tags through: the engine thread answers this future
         t0 = time.perf_counter()
@@ -156,7 +163,7 @@ class _EngineActor:
                     err = EngineError(f"the engine's stream ended with {len(held)} batch(es) unanswered")
             except BaseException as exc:  # noqa: BLE001 - every waiting call must hear of it
                 err = exc
-                log.error("engine stream failed with %d batch(es) in it: %s", len(held), _short(exc))
+                log.error("engine stream failed with %d batch(es) in it: %s", len(held), short_error(exc))
                 if getattr(self.engine, "dead", False):
                     self._restart()
             for f in held:
@@ -189,7 +196,7 @@ class _EngineActor:
         try:
             self.engine.close()
         except BaseException as exc:  # noqa: BLE001 - exiting anyway
-            log.warning("closing the dead engine: %s", _short(exc))
+            log.warning("closing the dead engine: %s", short_error(exc))
 
     def close(self) -> None:
         with self._lock:
@@ -212,26 +219,32 @@ def _settle(fut: cf.Future, result: Any = None, exc: BaseException | None = None
         pass
 
 
-def _to_columns(batch: EngineBatch) -> tuple:
+def to_columns(batch: EngineBatch) -> tuple:
     """A batch without its tag, queries as columns."""
     qs = batch.queries
     return (batch.images, [q.text for q in qs], [q.image_uids for q in qs], [q.question for q in qs],
             batch.sampling)
 
 
-def _from_columns(payload: tuple) -> EngineBatch:
+def from_columns(payload: tuple) -> EngineBatch:
     images, texts, uids, questions, sampling = payload
     return EngineBatch(images, [Query(t, u, qn) for t, u, qn in zip(texts, uids, questions)], sampling)
 
 
-def _completions(cols: tuple) -> list[Completion]:
+def completions_from_columns(cols: tuple) -> list[Completion]:
     return [Completion(t, lp, npt, ngt, cpt, err) for t, lp, npt, ngt, cpt, err in zip(*cols[:6])]
 
 
 _ACTOR_CLASS = None
 
 
-def _actor_class():
+def _typed(name: str, options: dict) -> tuple[EngineOptions, dict]:
+    """A registered engine's keyword options as its typed options and its Python-only arguments."""
+    config, runtime = split_runtime(name, options)
+    return validate_engine_options(name, config), runtime
+
+
+def actor_class():
     global _ACTOR_CLASS
     if _ACTOR_CLASS is None:
         import ray
@@ -240,7 +253,7 @@ def _actor_class():
     return _ACTOR_CLASS
 
 
-def _short(exc: BaseException, limit: int = 300) -> str:
+def short_error(exc: BaseException, limit: int = 300) -> str:
     cause = getattr(exc, "cause", None)  # RayTaskError: the exception the engine raised
     if isinstance(cause, BaseException) and cause is not exc:
         exc = cause

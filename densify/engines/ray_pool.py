@@ -15,6 +15,7 @@ failure for that image and goes on. Batch tags stay on the driver (they may hold
 objects) and are reattached to the results.
 
     engine = RayPoolEngine("vlm3-depth", engine="vllm", engine_options={"model": "..."}, num_gpus_per_actor=1)
+    engine = create_engine(RayOptions(engine="vllm", engine_options=VLLMOptions(model="...")), profile=...)
     for batch, completions in engine.stream(batches):
         ...
 """
@@ -29,46 +30,38 @@ from dataclasses import dataclass, field
 from typing import Any, Iterable, Iterator
 
 from densify.config.profiles import Profile
-from densify.engines import engine_names
 from densify.engines.base import Completion, Engine, EngineBatch, EngineError, EngineStartError
-from densify.engines.ray_actor import EngineSpec, _actor_class, _completions, _short, _to_columns
+from densify.engines.options import EngineOptions, OptionsError, RayOptions
+from densify.engines.ray_actor import EngineSpec, actor_class, completions_from_columns, short_error, to_columns
+from densify.engines.registry import options_model, pool_default_engine, split_runtime
+from densify.engines.vllm_memory import AUTO_ENGINES_PER_GPU, AUTO_ENGINES_PER_GPU_FP8
 
 __all__ = ["RayPoolEngine", "init_ray", "AUTO_ENGINES_PER_GPU", "AUTO_ENGINES_PER_GPU_FP8", "resolve_engines_per_gpu"]
 
 log = logging.getLogger("densify.ray")
 
-# vLLM engines per GPU when `engines_per_gpu="auto"`: one engine core process leaves the GPU idle while it
-# does its per-request CPU work; a second overlaps it (H200, 4B-shaped Qwen3-VL, 12-token answers,
-# 2026-11-30: one engine 500-526 q/s streamed, two 628 in the Ray pool, three 624: the GPU is busy 91%
-# with two). fp8 weights shorten the GPU's share, so a third engine still pays there (735 -> 781 q/s,
-# four 782). See docs/scaling.md for the measurements.
-AUTO_ENGINES_PER_GPU = 2
-AUTO_ENGINES_PER_GPU_FP8 = 3
 
-
-def resolve_engines_per_gpu(engines_per_gpu: int | str, engine: EngineSpec, engine_options: dict,
+def resolve_engines_per_gpu(engines_per_gpu: int | str, engine: EngineSpec, engine_options: dict | EngineOptions,
                             num_gpus_per_actor: float, num_actors: int | None = None) -> int:
-    """How many engines share each GPU. "auto": AUTO_ENGINES_PER_GPU (AUTO_ENGINES_PER_GPU_FP8 with
-    `quantization: fp8`) for the vllm engine on whole GPUs (one GPU per engine, no tensor parallelism)
-    unless the options size its memory themselves
-    (gpu_memory_utilization given) or num_actors is given (a count meant as one per GPU); else 1. An
-    explicit K > 1 needs num_gpus_per_actor=1, and num_actors then counts engines, not GPUs."""
-    if engines_per_gpu == "auto":
-        if (engine == "vllm" and num_gpus_per_actor == 1 and num_actors is None
-                and "gpu_memory_utilization" not in engine_options
-                and int(engine_options.get("tensor_parallel_size") or 1) == 1):
-            return AUTO_ENGINES_PER_GPU_FP8 if engine_options.get("quantization") == "fp8" else AUTO_ENGINES_PER_GPU
+    """How many engines share each GPU (RayOptions.engines_per_gpu_for). "auto": what the actors' engine
+    says (VLLMOptions.auto_engines_per_gpu: AUTO_ENGINES_PER_GPU, AUTO_ENGINES_PER_GPU_FP8 with fp8 weights,
+    on whole GPUs unless the memory is sized by hand or num_actors is given), 1 for a factory; an explicit
+    K > 1 needs num_gpus_per_actor=1, and num_actors then counts engines, not GPUs. `engine_options`: typed,
+    or the keyword options of the named engine."""
+    if not (engines_per_gpu == "auto" or (isinstance(engines_per_gpu, int) and not isinstance(engines_per_gpu, bool))):
+        raise ValueError(f"engines_per_gpu must be 'auto' or a whole number, got {engines_per_gpu!r}")
+    if isinstance(engine_options, EngineOptions):
+        inner = engine_options
+    elif isinstance(engine, str):
+        inner = options_model(engine).parse(split_runtime(engine, dict(engine_options or {}))[0])
+    else:  # a factory: one engine per GPU unless told
+        inner = None
+    if engines_per_gpu == "auto" and inner is None:
         return 1
-    try:
-        k = int(engines_per_gpu)
-    except (TypeError, ValueError):
-        raise ValueError(f"engines_per_gpu must be 'auto' or a whole number, got {engines_per_gpu!r}") from None
-    if k < 1 or k != engines_per_gpu:
-        raise ValueError(f"engines_per_gpu must be 'auto' or a whole number >= 1, got {engines_per_gpu!r}")
-    if k > 1 and num_gpus_per_actor != 1:
-        raise ValueError(f"engines_per_gpu={k} shares each GPU between {k} actors: leave num_gpus_per_actor at 1 "
-                         f"(got {num_gpus_per_actor})")
-    return k
+    pool = RayOptions.model_construct(engines_per_gpu=engines_per_gpu, num_gpus_per_actor=num_gpus_per_actor,
+                                      num_actors=num_actors, engine=inner.engine_name if inner else pool_default_engine(),
+                                      engine_options=inner)
+    return pool.engines_per_gpu_for()
 
 
 def init_ray(**kwargs) -> None:
@@ -172,46 +165,60 @@ def probe_address(address: str | None, timeout_s: float = 3.0) -> None:
 class RayPoolEngine(Engine):
     """Run an engine in `num_actors` Ray actors (one per GPU when GPUs are requested).
 
-    Only `profile` is positional; all other options are keyword-only. `engine_options` go to the engine
-    each actor builds (`create_engine(engine, profile=profile, **engine_options)`). A fractional
-    `num_gpus_per_actor` (e.g. 0.5) runs several engines on one GPU (give each a matching
-    gpu_memory_utilization); such actors start one by one (`start_one_by_one`, default: when fractional).
-    `engines_per_gpu` (K, default "auto": see `resolve_engines_per_gpu`) does that for you: actors ask for
-    1/K GPU each, `num_actors` defaults to GPUs x K, and each actor sizes its vllm engine's memory, steps
-    and CUDA graphs to fit K on its card (`vllm_memory.apply_memory_plan`; options given win).
-    A batch of at least 2 x `split_min_queries` queries that arrives while several actors are idle is
-    split between them (0: never split). `spare_cpus`: CPUs that the default actor count of a CPU-only pool
-    leaves free (for the stage's CPU workers).
+    Options: densify.engines.options.RayOptions, typed (as a config holds them: `engine_options` are then
+    the actors' engine's typed options), or in Python as keywords: `engine` (a registered name, or a
+    factory called as factory(profile=..., **engine_options)) and `engine_options` (that engine's options
+    and its Python-only arguments such as `truth`), checked here. A fractional `num_gpus_per_actor` (e.g.
+    0.5) runs several engines on one GPU (give each a matching gpu_memory_utilization); such actors start one
+    by one (`start_one_by_one`, default: when fractional). `engines_per_gpu` (K, default "auto": see
+    `resolve_engines_per_gpu`) does that for you: actors ask for 1/K GPU each, `num_actors` defaults to GPUs
+    x K, and each actor sizes its engine's memory, steps and CUDA graphs to fit K on its card
+    (`EngineOptions.for_shared_gpu`; options given win). A batch of at least 2 x `split_min_queries` queries
+    that arrives while several actors are idle is split between them (0: never split). `cpu_workers`: CPUs
+    that the default actor count of a CPU-only pool leaves free (for the stage's CPU workers).
     """
 
-    name = "ray"
+    name = RayOptions.engine_name
 
-    def __init__(self, profile: Profile | str, *, engine: EngineSpec = "simulated", engine_options: dict | None = None,
-                 num_actors: int | None = None, num_gpus_per_actor: float = 0, num_cpus_per_actor: float = 1,
-                 ray_address: str | None = None, max_in_flight_per_actor: int = 2, max_retries: int = 2,
-                 runtime_env: dict | None = None, actor_max_restarts: int = 4, startup_timeout_s: float = 900.0,
-                 start_one_by_one: bool | None = None, engines_per_gpu: int | str = "auto",
-                 split_min_queries: int = 128, spare_cpus: int = 0):
+    def __init__(self, profile: Profile | str, options: RayOptions | None = None, *, engine: EngineSpec | None = None,
+                 engine_options: dict | None = None, **kwargs):
         import ray
 
-        if isinstance(engine, str) and engine not in engine_names():
-            raise KeyError(f"unknown engine {engine!r}; available: {', '.join(engine_names())}")
-        if engine == "ray":
-            raise ValueError("the Ray pool cannot wrap itself; name the engine each actor runs")
-        if max_in_flight_per_actor < 1:
-            raise ValueError(f"max_in_flight_per_actor must be >= 1, got {max_in_flight_per_actor}")
+        runtime: dict = {}
+        if options is not None:
+            if engine is not None or engine_options is not None or kwargs:
+                raise TypeError("the Ray pool takes typed options or keyword options, not both")
+            opts = RayOptions.given(options, {})
+            spec: EngineSpec = opts.inner
+        elif engine is not None and not isinstance(engine, str):  # a factory (tests, benchmarks)
+            opts = RayOptions.parse(kwargs)
+            spec, runtime = engine, dict(engine_options or {})
+        else:
+            name = engine if engine is not None else pool_default_engine()
+            inner, runtime = split_runtime(name, dict(engine_options or {}))  # KeyError: no such engine
+            try:
+                opts = RayOptions.parse({**kwargs, "engine": name, "engine_options": inner})
+            except OptionsError as exc:
+                if ".engine_options." not in str(exc):
+                    raise
+                raise EngineStartError(f"the {name} engine could not start: {exc}") from None
+            spec = opts.inner
+        self.options = opts
         self.profile = profile
-        self.engine_spec = engine
-        self.max_in_flight = int(max_in_flight_per_actor)
-        self.split_min_queries = int(split_min_queries)
-        self.spare_cpus = int(spare_cpus)
-        self.max_retries = int(max_retries)
-        self.actor_max_restarts = int(actor_max_restarts)
-        self.start_one_by_one = start_one_by_one
-        engine_options = dict(engine_options or {})
-        self.engines_per_gpu = resolve_engines_per_gpu(engines_per_gpu, engine, engine_options, num_gpus_per_actor,
-                                                       num_actors)
-        self.memory_plan: dict | None = None  # what each vllm actor was given, when they share GPUs
+        self.engine_spec = spec
+        self.max_in_flight = int(opts.max_in_flight_per_actor)
+        self.split_min_queries = int(opts.split_min_queries)
+        self.spare_cpus = int(opts.cpu_workers)
+        self.max_retries = int(opts.max_retries)
+        self.actor_max_restarts = int(opts.actor_max_restarts)
+        self.start_one_by_one = opts.start_one_by_one
+        num_gpus_per_actor = opts.num_gpus_per_actor
+        if isinstance(spec, EngineOptions):
+            self.engines_per_gpu = opts.engines_per_gpu_for()
+        else:
+            self.engines_per_gpu = resolve_engines_per_gpu(opts.engines_per_gpu, spec, {}, num_gpus_per_actor,
+                                                           opts.num_actors)
+        self.memory_plan: dict | None = None  # what each actor's engine was given, when they share GPUs
         if self.engines_per_gpu > 1:
             num_gpus_per_actor = 1.0 / self.engines_per_gpu
         # Counters, and seconds: engine_s actors spent in the engine, wait_s the driver waited on actors,
@@ -223,28 +230,31 @@ class RayPoolEngine(Engine):
         self._slots: list[_Slot] = []
         self._pg = None  # the placement group of K engines per GPU on several GPUs
         self._cpu0 = 0.0
+        runtime_env = opts.runtime_env
         if not ray.is_initialized():
-            # A local Ray by default (or the cluster RAY_ADDRESS names); `ray_address` for an existing cluster.
+            # A local Ray by default (or the cluster RAY_ADDRESS names); `address` for an existing cluster.
             # close() shuts down what this call started: the local Ray, or this driver's connection.
-            probe_address(ray_address)
+            probe_address(opts.address)
             try:
-                init_ray(address=ray_address, include_dashboard=False, log_to_driver=False, ignore_reinit_error=True,
+                init_ray(address=opts.address, include_dashboard=False, log_to_driver=False, ignore_reinit_error=True,
                          configure_logging=False, runtime_env=runtime_env)
             except Exception as exc:  # no cluster at that address, a bad address, ...
-                raise EngineStartError(f"Ray could not start or connect (ray_address={ray_address!r}): "
-                                       f"{_short(exc)}; start a cluster (`ray start --head`) or leave the "
+                raise EngineStartError(f"Ray could not start or connect (ray_address={opts.address!r}): "
+                                       f"{short_error(exc)}; start a cluster (`ray start --head`) or leave the "
                                        f"address unset for a local one") from None
             self._started_ray = True
             runtime_env = None  # the job's runtime_env now applies to every actor
         try:
-            self._start_actors(engine, engine_options, num_actors, num_gpus_per_actor, num_cpus_per_actor,
-                               runtime_env, startup_timeout_s)
+            self._start_actors(spec, runtime, opts.num_actors, num_gpus_per_actor, opts.num_cpus_per_actor,
+                               runtime_env, opts.startup_timeout_s)
         except BaseException:
             self.close()
             raise
 
     # -- setup
     def _start_actors(self, engine, options, num_actors, num_gpus, num_cpus, runtime_env, timeout_s) -> None:
+        """engine: the actors' engine (typed options, or a factory); options: its Python-only arguments
+        (a factory's keywords)."""
         import ray
 
         res = ray.cluster_resources()
@@ -273,7 +283,7 @@ class RayPoolEngine(Engine):
                       "max_task_retries": 0, "max_concurrency": self.max_in_flight + 4}
         if runtime_env is not None:
             opts["runtime_env"] = runtime_env
-        cls = _actor_class().options(**opts)
+        cls = actor_class().options(**opts)
         # Actors that share a GPU start one after another: vLLM sizes its KV cache from a memory profile that
         # fails (or comes out wrong) when another process allocates on the GPU meanwhile. With K engines on
         # each of G GPUs, a placement group gives every GPU its bundle and the actors start in K rounds of G,
@@ -296,7 +306,7 @@ class RayPoolEngine(Engine):
             try:
                 infos += ray.get(refs)
             except Exception as exc:  # an engine that cannot be built: say why, once
-                raise EngineStartError(f"the engine could not start in a Ray actor: {_short(exc)}") from None
+                raise EngineStartError(f"the engine could not start in a Ray actor: {short_error(exc)}") from None
         self._cpu0 = sum(i["cpu_s"] for i in infos)
         self.inner_name = infos[0]["name"]
         self.simulated = infos[0]["simulated"]
@@ -319,7 +329,7 @@ class RayPoolEngine(Engine):
             raise EngineStartError(f"Ray could not reserve {n_gpus} whole GPU(s) with {k * num_cpus:g} CPU each for "
                                    f"{num_actors} engines ({k} per GPU) within {timeout_s:.0f} s; the cluster has "
                                    f"{ray.cluster_resources()}")
-        classes = [_actor_class().options(**opts, scheduling_strategy=PlacementGroupSchedulingStrategy(
+        classes = [actor_class().options(**opts, scheduling_strategy=PlacementGroupSchedulingStrategy(
             self._pg, placement_group_bundle_index=i % n_gpus)) for i in range(num_actors)]
         rounds = [list(range(r, min(r + n_gpus, num_actors))) for r in range(0, num_actors, n_gpus)]
         return classes, rounds
@@ -421,7 +431,7 @@ class RayPoolEngine(Engine):
                         continue
                     for job in self._split(batch):
                         tp = time.perf_counter()
-                        job.payload = ray.put(_to_columns(job.batch))
+                        job.payload = ray.put(to_columns(job.batch))
                         self.stats["put_s"] += time.perf_counter() - tp
                         if retry or not submit(job):
                             retry.append(job)
@@ -459,19 +469,19 @@ class RayPoolEngine(Engine):
                         self._on_actor_error(slot, pings)
                         charged = job is slot.suspect or job.requeues >= 4 * (self.max_retries + 1)
                         self._forget(slot, job)
-                        self._retry_or_fail(job, f"actor {slot.index} died: {_short(exc)}", retry, fail,
+                        self._retry_or_fail(job, f"actor {slot.index} died: {short_error(exc)}", retry, fail,
                                             charge=charged)
                         continue
                     except Exception as exc:  # the engine raised, or the batch's object was lost
                         self._forget(slot, job)
-                        self._retry_or_fail(job, f"actor {slot.index}: {_short(exc)}", retry, fail)
+                        self._retry_or_fail(job, f"actor {slot.index}: {short_error(exc)}", retry, fail)
                         continue
                     self._forget(slot, job)
                     if slot.state == "ok":
                         slot.failures = 0
                     job.payload = None
                     self.stats["engine_s"] += cols[6]
-                    deliver(job, _completions(cols))
+                    deliver(job, completions_from_columns(cols))
                 while done:
                     outstanding -= 1
                     yield done.popleft()
@@ -552,7 +562,7 @@ class RayPoolEngine(Engine):
             if slot.failures > self.actor_max_restarts + 1:
                 slot.state = "dead"
                 self.stats["dead_actors"] += 1
-                log.error("Ray pool: actor %d is gone (restarts used up): %s", slot.index, _short(exc))
+                log.error("Ray pool: actor %d is gone (restarts used up): %s", slot.index, short_error(exc))
                 ray.kill(slot.handle, no_restart=True)
             else:
                 pings[slot.handle.ping.remote()] = slot

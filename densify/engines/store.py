@@ -39,6 +39,8 @@ from pathlib import Path
 from typing import Iterable, Iterator
 
 from densify.engines.base import Completion, Engine, EngineBatch, Query, Sampling
+from densify.engines.options import EngineOptions, identity
+from densify.engines.registry import engine_names, options_model
 
 __all__ = ["AnswerStore", "StoredEngine", "BatchStats", "StoreError", "StoreDamagedError", "StoreLockedError",
            "StoreFullError", "ANSWER_OPTIONS", "TRANSPORT_OPTIONS", "model_key_for", "store_path"]
@@ -427,48 +429,42 @@ def _sampling_tuple(s: Sampling) -> list:
     return [s.max_tokens, s.system_prompt, s.prefill, s.structured_regex, s.logprobs] + ([list(s.stop)] if s.stop else [])
 
 
-# The store key names what changes an answer: the engine, the options below in ANSWER_OPTIONS, the profile,
-# the sampling, the prompt image and text. TRANSPORT_OPTIONS change where, how fast or how reliably answers
-# come (servers, timeouts, retries, memory, batching, parallelism, devices, kernels, pool sizes), never what
-# they say, and are left out: changing one replays the stored answers. An option in neither list stays in
-# the key (a new option re-asks rather than replays answers it may have changed); tests check that every
-# constructor option of every engine is in exactly one list.
+# The store key names what changes an answer: the engine's answer identity (its options' `answer_identity`:
+# the engine and the options that change answers), the profile, the sampling, the prompt image and text.
+# Transport options change where, how fast or how reliably answers come (servers, timeouts, retries,
+# memory, batching, parallelism, devices, kernels, pool sizes), never what they say, and are left out:
+# changing one replays the stored answers. Each options model marks its own (`transport`); any other option
+# stays in the key (a new option re-asks rather than replays answers it may have changed); tests check that
+# every option of every engine is in exactly one of the lists below.
 def _option_lists() -> tuple[dict, dict]:
-    """From the engines' typed options (densify.engines.options), the one place that marks transport options."""
-    from densify.engines import _RUNTIME_ARGS, engine_names, options_model
-
+    """Per engine: the options (and Python-only arguments) that change answers, and the transport ones."""
     answer, transport = {}, {}
     for name in engine_names():
         model = options_model(name)
         transport[name] = model.transport
-        answer[name] = frozenset(set(model.model_fields) - model.transport) | _RUNTIME_ARGS.get(name, frozenset())
-    answer["vllm"] |= {"engine_kwargs"}  # llm_kwargs reach the engine as **engine_kwargs
-    # the openai names before timeout_s/retries/...: old configs keep their keys out of the store key
-    transport["openai"] |= {"timeout", "connect_timeout", "max_retries", "backoff", "max_backoff"}
+        answer[name] = frozenset(set(model.model_fields) - model.transport) | model.runtime
     return answer, transport
 
 
 ANSWER_OPTIONS, TRANSPORT_OPTIONS = _option_lists()
 
 
-def model_key_for(engine_name: str, options: dict | None, *, model: str | None = None) -> str:
-    """What identifies a model's answers: the engine and the options that change them (see ANSWER_OPTIONS
-    and TRANSPORT_OPTIONS above; transport options are dropped).
+def model_key_for(engine: str | EngineOptions, options: dict | None = None, *, model: str | None = None) -> str:
+    """What identifies a model's answers (`EngineOptions.answer_identity`, also behind result fingerprints),
+    from typed options, or from an engine name and a dict of its options as given (not checked: an unknown
+    option stays in the key, on the safe side).
 
     model: the model the started engine actually serves (e.g. `OpenAIEngine.model`, resolved from the
     server when the option is unset); it fills in an unset `model` option, so two servers' answers never
-    share a key. For the Ray pool the key is the one of the engine its actors run, with that engine's options.
+    share a key. For a Ray pool the key is the one of the engine its actors run, with that engine's options.
     """
-    options = dict(options or {})
-    if engine_name == "ray":
-        inner = options.get("engine", "simulated")
-        return model_key_for(inner if isinstance(inner, str) else getattr(inner, "__qualname__", repr(inner)),
-                             options.get("engine_options") or {}, model=model)
-    drop = TRANSPORT_OPTIONS.get(engine_name, frozenset())
-    kept = {k: v for k, v in options.items() if k not in drop}
-    if model is not None and kept.get("model") is None:
-        kept["model"] = model
-    return json.dumps([engine_name, kept], sort_keys=True, default=str)
+    if isinstance(engine, EngineOptions):
+        return engine.answer_identity(model)
+    if isinstance(options, EngineOptions):  # typed options already name their engine
+        return options.answer_identity(model)
+    if engine not in engine_names():  # an engine this process does not know: nothing is transport
+        return identity(engine, dict(options or {}), frozenset(), model)
+    return options_model(engine).identity_of(dict(options or {}), model)
 
 
 @dataclass

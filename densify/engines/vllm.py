@@ -16,8 +16,10 @@ their pixels as `multi_modal_uuids` (computed once per image and batch), so vLLM
 caches key on the content: the image is neither re-hashed nor re-processed per query, and a uuid never
 stands for other pixels, whatever uids the caller reuses.
 
-Options (engine.options in a pipeline config) are the explicit keyword arguments of `VLLMEngine`; any
-other keyword goes to `vllm.LLM` unchanged. vLLM is imported only when an engine is built.
+Options (engine.options in a pipeline config) are `VLLMOptions`; `llm_kwargs` go to `vllm.LLM` unchanged.
+vLLM is imported only when an engine is built. `stats` counts batches and queries and times where the
+frontend's time goes: `submit_s` (rendering and adding requests, `submits` calls) and `step_s` (blocked
+in engine steps, `steps` calls), so benchmarks read them instead of wrapping the engine.
 """
 
 from __future__ import annotations
@@ -34,11 +36,13 @@ from densify.config.profiles import Profile, load_profile
 from densify.engines.base import (Completion, Engine, EngineBatch, EngineError, EngineStartError, PromptImage, Query,
                                   Sampling, check_batch)
 from densify.engines.chat import TEMPLATE_TEXT_KEYS, chat_messages
+from densify.engines.options import VLLMOptions
 from densify.engines.vllm_fast import FALLBACK, FAST, add_fast
 
 log = logging.getLogger(__name__)
 
-# Defaults for thousands of short requests per image (benchmarks/engine_bench.py; numbers in
+# Why VLLMOptions' defaults (densify.engines.options) are what they are, for thousands of short requests
+# per image (benchmarks/engine_bench.py; numbers in
 # benchmarks/results/engine_bench-H100-*.json, 4B shape, 1000x750 image, 12-token answers, H100):
 # large running batches and prefill steps amortise per-step overhead; prefix caching makes per-image
 # batching pay (388 q/s with it, 86 without); the fast prompt path lifts the frontend bound (325 -> 388);
@@ -48,10 +52,6 @@ log = logging.getLogger(__name__)
 # (H200 Ray pool, 2 engines: 540 vs 628 q/s); fp8 weights gave 735 q/s there.
 # max_num_batched_tokens 65536 ran out of memory at gpu_memory_utilization 0.9 (FlashAttention's split
 # workspace for a 64k-token step is not in vLLM's memory profile).
-DEFAULT_MAX_NUM_SEQS = 1024
-DEFAULT_MAX_NUM_BATCHED_TOKENS = 32768
-DEFAULT_MAX_MODEL_LEN = 8192
-DEFAULT_GPU_MEMORY_UTILIZATION = 0.90
 
 _OOM_WORDS = ("out of memory", "outofmemory", "cuda error: out of memory", "no available memory",
               "insufficient memory", "not enough memory", "cublas_status_alloc_failed",
@@ -172,6 +172,24 @@ class _PILCache:
         return pil
 
 
+def llm_arguments(opts: VLLMOptions, model: str, images_per_query: int = 1) -> dict:
+    """The keyword arguments of `vllm.LLM` for these options: the one step from densify's typed options to
+    vLLM's names (`llm_kwargs` go through as they are, and win)."""
+    kw = dict(model=model, gpu_memory_utilization=float(opts.gpu_memory_utilization), max_model_len=opts.max_model_len,
+              tensor_parallel_size=int(opts.tensor_parallel_size), dtype=opts.dtype, max_num_seqs=int(opts.max_num_seqs),
+              max_num_batched_tokens=opts.max_num_batched_tokens, enable_prefix_caching=bool(opts.enable_prefix_caching),
+              load_format=opts.load_format, enforce_eager=bool(opts.enforce_eager), quantization=opts.quantization,
+              limit_mm_per_prompt=opts.limit_mm_per_prompt or {"image": images_per_query, "video": 0})
+    if opts.cascade_attention is not None:
+        kw["disable_cascade_attn"] = not opts.cascade_attention
+    if not opts.enforce_eager and "compilation_config" not in opts.llm_kwargs:
+        # vLLM captures CUDA graphs for at most 512 requests; a full decode batch of a dense grid is
+        # max_num_seqs, and eager decode steps left the GPU idle (388 -> 412 q/s, one image)
+        kw["compilation_config"] = {"max_cudagraph_capture_size": int(opts.max_num_seqs)}
+    kw.update(opts.llm_kwargs)
+    return {k: v for k, v in kw.items() if v is not None}
+
+
 # ---------------------------------------------------------------------------------------------- engine
 @dataclass
 class _InFlight:
@@ -189,11 +207,12 @@ class _InFlight:
 class VLLMEngine(Engine):
     """Point queries through an in-process vLLM engine (one GPU, or one tensor-parallel group).
 
-    Options (all keyword):
+    Options: densify.engines.options.VLLMOptions (typed, as a config holds them, or the same as keywords;
+    `llm_arguments` turns them into vllm.LLM's):
       model: checkpoint folder or name (default: the profile's `model`).
       gpu_memory_utilization: share of the GPU's memory vLLM may take (weights + activations + KV cache).
         Several engines on one GPU: `RayPoolEngine(engines_per_gpu=K)` sizes this, max_num_batched_tokens
-        and the CUDA-graph sizes for each (`vllm_memory.apply_memory_plan`).
+        and the CUDA-graph sizes for each (`VLLMOptions.for_shared_gpu`).
       max_model_len: longest prompt + answer in tokens (a 1000x750 image is ~713 tokens; two 1024-wide
         images ~1400); small values keep the memory profile small.
       tensor_parallel_size, dtype, quantization (e.g. "fp8": online fp8 weights, ~2x matmul rate),
@@ -217,51 +236,28 @@ class VLLMEngine(Engine):
         step) and the engine decodes each finished batch's answers at once.
       mm_uuids: pass each image's content hash as `multi_modal_uuids` (False: vLLM hashes every
         request's image itself; for benchmarks).
-      prefix_caching_hash_algo (a vLLM option, passed through): e.g. "xxhash" (needs the xxhash package).
-      llm: an already built `vllm.LLM` to use (the engine then does not own it).
-      **engine_kwargs: passed to `vllm.LLM` as is (e.g. mm_processor_cache_gb, kv_cache_dtype, seed).
+      llm_kwargs: passed to `vllm.LLM` as is (e.g. mm_processor_cache_gb, kv_cache_dtype, seed,
+        prefix_caching_hash_algo="xxhash", which needs the xxhash package).
+    In Python also `llm`: an already built `vllm.LLM` to use (the engine then does not own it).
     """
 
-    name = "vllm"
+    name = VLLMOptions.engine_name
 
-    def __init__(self, profile: Profile | str, *, model: str | None = None,
-                 gpu_memory_utilization: float = DEFAULT_GPU_MEMORY_UTILIZATION,
-                 max_model_len: int | None = DEFAULT_MAX_MODEL_LEN, tensor_parallel_size: int = 1,
-                 dtype: str = "auto", max_num_seqs: int = DEFAULT_MAX_NUM_SEQS,
-                 max_num_batched_tokens: int | None = DEFAULT_MAX_NUM_BATCHED_TOKENS,
-                 detokenize: bool = True, mm_uuids: bool = True,
-                 enable_prefix_caching: bool = True, load_format: str = "auto", enforce_eager: bool = False,
-                 limit_mm_per_prompt: dict | None = None, quantization: str | None = None,
-                 cascade_attention: bool | None = None, queries_in_flight: int | None = None,
-                 batches_in_flight: int = 16, min_tokens: int = 0, ignore_eos: bool = False,
-                 read_prefix_cache: bool = True, fast_prompts: bool = True, llm: Any = None, **engine_kwargs: Any):
+    def __init__(self, profile: Profile | str, options: VLLMOptions | None = None, *, llm: Any = None, **kwargs):
+        self.options = opts = VLLMOptions.given(options, kwargs)
         self.profile = load_profile(profile)
-        self.model = str(model or self.profile.model)
-        self.max_num_seqs = int(max_num_seqs)
-        self.queries_in_flight = 2 * self.max_num_seqs if queries_in_flight is None else int(queries_in_flight)
-        self.batches_in_flight = max(1, int(batches_in_flight))
-        self.min_tokens = int(min_tokens)
-        self.ignore_eos = bool(ignore_eos)
-        self.read_prefix_cache = bool(read_prefix_cache)
-        self.fast_prompts = bool(fast_prompts)
-        self.detokenize = bool(detokenize)
-        self.mm_uuids = bool(mm_uuids)
+        self.model = str(opts.model or self.profile.model)
+        self.max_num_seqs = int(opts.max_num_seqs)
+        self.queries_in_flight = 2 * self.max_num_seqs if opts.queries_in_flight is None else int(opts.queries_in_flight)
+        self.batches_in_flight = int(opts.batches_in_flight)
+        self.min_tokens = int(opts.min_tokens)
+        self.ignore_eos = bool(opts.ignore_eos)
+        self.read_prefix_cache = bool(opts.read_prefix_cache)
+        self.fast_prompts = bool(opts.fast_prompts)
+        self.detokenize = bool(opts.detokenize)
+        self.mm_uuids = bool(opts.mm_uuids)
         self.dead = False  # the engine core died: this engine cannot answer again (the Ray actor restarts)
-        self.llm_options = dict(
-            model=self.model, gpu_memory_utilization=float(gpu_memory_utilization), max_model_len=max_model_len,
-            tensor_parallel_size=int(tensor_parallel_size), dtype=dtype, max_num_seqs=self.max_num_seqs,
-            max_num_batched_tokens=max_num_batched_tokens, enable_prefix_caching=bool(enable_prefix_caching),
-            load_format=load_format, enforce_eager=bool(enforce_eager), quantization=quantization,
-            limit_mm_per_prompt=limit_mm_per_prompt or {"image": self.profile.images_per_query, "video": 0},
-        )
-        if cascade_attention is not None:
-            self.llm_options["disable_cascade_attn"] = not cascade_attention
-        if not enforce_eager and "compilation_config" not in engine_kwargs:
-            # vLLM captures CUDA graphs for at most 512 requests; a full decode batch of a dense grid is
-            # max_num_seqs, and eager decode steps left the GPU idle (388 -> 412 q/s, one image)
-            self.llm_options["compilation_config"] = {"max_cudagraph_capture_size": self.max_num_seqs}
-        self.llm_options.update(engine_kwargs)
-        self.llm_options = {k: v for k, v in self.llm_options.items() if v is not None}
+        self.llm_options = llm_arguments(opts, self.model, self.profile.images_per_query)
         self._own_llm = llm is None
         self.llm = llm if llm is not None else self._start()
         try:
@@ -302,7 +298,7 @@ class VLLMEngine(Engine):
 
     def _check_free_memory(self) -> None:
         """Fail fast (instead of a hung or dead engine) when the GPU lacks the memory asked for."""
-        want = float(self.llm_options.get("gpu_memory_utilization", DEFAULT_GPU_MEMORY_UTILIZATION))
+        want = float(self.llm_options.get("gpu_memory_utilization", self.options.gpu_memory_utilization))
         try:
             import pynvml
 
@@ -467,7 +463,10 @@ class VLLMEngine(Engine):
                             break  # go on stepping what is in flight
                         time.sleep(0.001)  # nothing to step: ask again shortly
                         continue
+                    t = time.perf_counter()
                     fl = self._submit(batch, by_id)
+                    self.stats["submit_s"] += time.perf_counter() - t
+                    self.stats["submits"] += 1
                     if fl.remaining == 0:  # empty batch, or failed as a whole before reaching the engine
                         yield fl.batch, fl.completions
                         continue
@@ -477,10 +476,14 @@ class VLLMEngine(Engine):
                     return
                 if not engine.has_unfinished_requests():
                     raise EngineError(f"vllm engine lost {unfinished} queries (no unfinished requests left)")
+                t = time.perf_counter()
                 try:
                     outs = engine.step()
                 except Exception as exc:
                     raise self._generation_error(exc) from exc
+                finally:
+                    self.stats["step_s"] += time.perf_counter() - t
+                    self.stats["steps"] += 1
                 finished: list[_InFlight] = []
                 for o in outs:
                     if not getattr(o, "finished", True):

@@ -10,14 +10,23 @@ Qwen3-VL, 2026-11-30): engines given 0.88/K of the card held 42-48 GiB against a
 1/K slice after that overshoot, and large K take smaller steps (less workspace) and fewer CUDA graphs.
 
 `engine_memory_plan` and `apply_memory_plan` are pure (no GPU, no vLLM); the Ray actor of a vllm engine
-that shares its GPU (`RayPoolEngine(engines_per_gpu=K)`) calls `apply_memory_plan` with the card's memory
-(`visible_gpu_total_gib`) before it builds the engine.
+that shares its GPU (`RayPoolEngine(engines_per_gpu=K)`) sizes the engine's typed options with the card's
+memory (`visible_gpu_total_gib`, `VLLMOptions.for_shared_gpu`, which calls `apply_memory_plan`) before it
+builds the engine.
 """
 
 from __future__ import annotations
 
 import math
 import os
+
+# vLLM engines per GPU when a Ray pool's `engines_per_gpu` is "auto" (VLLMOptions.auto_engines_per_gpu): one
+# engine core process leaves the GPU idle while it does its per-request CPU work; a second overlaps it (H200,
+# 4B-shaped Qwen3-VL, 12-token answers, 2026-11-30: one engine 500-526 q/s streamed, two 628 in the Ray pool,
+# three 624: the GPU is busy 91% with two). fp8 weights shorten the GPU's share, so a third engine still pays
+# there (735 -> 781 q/s, four 782). See docs/scaling.md for the measurements.
+AUTO_ENGINES_PER_GPU = 2
+AUTO_ENGINES_PER_GPU_FP8 = 3
 
 # Memory outside vLLM's share, per engine process, in GiB: fixed part (context, graph pool, slack) and the
 # step's uncounted workspace, which grows with its tokens. Fitted to the overshoot above (6.2-6.7 GiB at
@@ -85,20 +94,27 @@ def engine_memory_plan(engines_per_gpu: int, gpu_total_gib: float, *, max_num_se
             "process_gib": round(share_gib + overhead, 2)}
 
 
-def apply_memory_plan(options: dict, engines_per_gpu: int, gpu_total_gib: float) -> tuple[dict, dict]:
+def apply_memory_plan(options, engines_per_gpu: int, gpu_total_gib: float):
     """vllm engine options for one of `engines_per_gpu` engines on a card of `gpu_total_gib`: the plan's
     gpu_memory_utilization, max_num_batched_tokens and CUDA-graph sizes wherever `options` leave them unset
-    (what the caller sets wins). Returns (options, plan)."""
-    opts = dict(options)
-    plan = engine_memory_plan(engines_per_gpu, gpu_total_gib, max_num_seqs=int(opts.get("max_num_seqs") or 1024),
-                              max_num_batched_tokens=opts.get("max_num_batched_tokens"))
-    opts.setdefault("gpu_memory_utilization", plan["gpu_memory_utilization"])
-    opts.setdefault("max_num_batched_tokens", plan["max_num_batched_tokens"])
-    extra = dict(opts.get("llm_kwargs") or {})  # vllm.LLM's own options travel under llm_kwargs
-    if not opts.get("enforce_eager") and "compilation_config" not in extra:
+    (what the caller sets wins). `options`: typed (densify.engines.options.VLLMOptions: a copy comes back,
+    with those fields set) or a dict of the options given. Returns (options, plan)."""
+    typed = hasattr(options, "model_fields_set")
+    given = options.model_fields_set if typed else set(options)
+
+    def value(key):
+        if key not in given:
+            return None
+        return getattr(options, key) if typed else options[key]
+
+    plan = engine_memory_plan(engines_per_gpu, gpu_total_gib, max_num_seqs=int(value("max_num_seqs") or 1024),
+                              max_num_batched_tokens=value("max_num_batched_tokens"))
+    update = {k: plan[k] for k in ("gpu_memory_utilization", "max_num_batched_tokens") if k not in given}
+    extra = dict(value("llm_kwargs") or {})  # vllm.LLM's own options travel under llm_kwargs
+    if not value("enforce_eager") and "compilation_config" not in extra:
         extra["compilation_config"] = plan["compilation_config"]
-        opts["llm_kwargs"] = extra
-    return opts, plan
+        update["llm_kwargs"] = extra
+    return (options.model_copy(update=update) if typed else {**options, **update}), plan
 
 
 def visible_gpu_total_gib() -> float | None:

@@ -1,5 +1,7 @@
-"""Scoring an engine at labelled points, as DepthLM reports it (delta_1 over all labels; a missing answer
-counts as a miss), on DepthLM-format JSONL data (iBims-1 and the others of the DepthLM release)."""
+"""Scoring at labelled points, as DepthLM reports it (delta_1 over all labels; a missing answer counts as a
+miss), on DepthLM-format JSONL data (iBims-1 and the others of the DepthLM release). Pure functions: the
+depth stage runs the images (`densify eval ibims` asks exactly the labelled pixels), these score them.
+"""
 
 from __future__ import annotations
 
@@ -7,15 +9,10 @@ from pathlib import Path
 
 import numpy as np
 
-from densify.engines import Engine
-from densify.eval.metrics import absrel, delta1
-from densify.io import outputs
+from densify.eval.metrics import absrel, delta1, depth_report
 from densify.io.images import ImageError, ImageSource, read_jsonl_manifest
-from densify.io.layout import RunLayout
-from densify.stages.depth import run_depth
-from densify.stages.settings import DepthConfig
 
-__all__ = ["evaluate_labels", "label_sources"]
+__all__ = ["answers_at", "label_metrics", "label_report", "label_sources", "score_points"]
 
 
 def label_sources(jsonl: str | Path, limit: int | None = None) -> list[ImageSource]:
@@ -29,27 +26,53 @@ def label_sources(jsonl: str | Path, limit: int | None = None) -> list[ImageSour
     return sources
 
 
-def evaluate_labels(sources: list[ImageSource], cfg: DepthConfig, engine: Engine, layout: RunLayout | None = None,
-                    *, data: str = "", progress=None) -> dict:
-    """Ask the engine exactly the labelled pixels of every image; score the point answers."""
-    cfg = cfg.model_copy(update={"overwrite": True})
-    summary, results = run_depth(sources, cfg, engine, layout, keep_maps=True, progress=progress)
+def answers_at(answers, pixels: np.ndarray, *, nearest: bool) -> np.ndarray:
+    """The answered value at each pixel (NaN where none was asked): answers are matched by integer pixel,
+    rounded to the nearest (`nearest`) or truncated."""
+    key = (lambda p: tuple(map(int, np.round(p)))) if nearest else (lambda p: tuple(map(int, p)))
+    lookup = {key(p): v for p, v in zip(answers.pixels, answers.values)}
+    return np.array([lookup.get(key(p), np.nan) for p in pixels])
+
+
+def label_metrics(labels: dict | None, depth: np.ndarray | None, answers=None, scale: float = 1.0) -> dict:
+    """Scores of a dense map (and of its point answers) at an image's labelled points, which the engine
+    never sees. labels: {"pixels": Nx2 file pixels, "depth": N}; scale: decoded pixels per file pixel."""
+    if labels is None or depth is None:
+        return {}
+    lp = np.asarray(labels["pixels"], float).reshape(-1, 2) * scale
+    gt = np.asarray(labels["depth"], float)
+    h, w = depth.shape
+    xi = np.clip(np.round(lp[:, 0]).astype(int), 0, w - 1)
+    yi = np.clip(np.round(lp[:, 1]).astype(int), 0, h - 1)
+    out = {"labels_dense": depth_report(depth[yi, xi], gt)}
+    if answers is not None:
+        pred = answers_at(answers, lp, nearest=True)
+        if np.isfinite(pred).any():
+            out["labels_points"] = {"delta1": delta1(pred, gt), "n": int(np.isfinite(pred).sum())}
+    return out
+
+
+def score_points(labels: dict, answers, scale: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
+    """(answer, label) per labelled point of an image asked exactly its labelled pixels (NaN: no answer)."""
+    asked = np.asarray(labels["pixels"], float).reshape(-1, 2) * scale  # the decoded image's pixels
+    return answers_at(answers, asked, nearest=False), np.asarray(labels["depth"], float)
+
+
+def label_report(summary: dict, results, sources: list[ImageSource], *, data: str = "") -> dict:
+    """The evaluation report of a depth run over labelled images: `summary` and `results` (the run's
+    per-image results with their answers kept) as the depth stage gives them."""
     by_id = {s.id: s for s in sources}
     preds, gts, per_image = [], [], []
     for r in results:
         if r.status != "ok":
             continue
-        src = by_id[r.id]
-        lookup = {tuple(map(int, p)): v for p, v in zip(r.answers.pixels, r.answers.values)}
-        asked = np.asarray(src.labels["pixels"], float).reshape(-1, 2) * r.scale  # the decoded image's pixels
-        pred = np.array([lookup.get(tuple(map(int, p)), np.nan) for p in asked])
-        gt = np.asarray(src.labels["depth"], float)
+        pred, gt = score_points(by_id[r.id].labels, r.answers, r.scale)
         preds.append(pred)
         gts.append(gt)
         per_image.append({"id": r.id, "delta1": delta1(pred, gt), "absrel": absrel(pred, gt),
                           "answered": int(np.isfinite(pred).sum()), "labels": len(gt)})
     pred, gt = (np.concatenate(preds), np.concatenate(gts)) if preds else (np.array([]), np.array([]))
-    report = {
+    return {
         "data": str(data), "profile": summary["profile"], "engine": summary["engine"], "model": summary["model"],
         "simulated": summary["simulated"], "images": summary["ok"], "failed_images": summary["failed_images"],
         "points": int(len(gt)), "answered": int(np.isfinite(pred).sum()),
@@ -59,7 +82,3 @@ def evaluate_labels(sources: list[ImageSource], cfg: DepthConfig, engine: Engine
         "parse_failures": summary["answer_failures"], "wall_s": summary["wall_s"],
         "queries_per_s": summary["queries_per_s"], "per_image": per_image,
     }
-    if layout is not None:
-        layout.sweep(layout.eval)
-        outputs.write_json(layout.eval, report)
-    return report

@@ -42,8 +42,7 @@ import numpy as np
 
 from densify.config.profiles import Profile
 from densify.engines.base import generate_stream
-from densify.io.cameras import Camera, resolve_camera
-from densify.io.images import load_rgb
+from densify.io.cameras import Camera, decode
 from densify.objects.questions import (CATEGORIES, QUALITATIVE_GROUPS, QUANTITATIVE_GROUPS, choice_index, clock_error,
                                        make_regions, question_of, rewrite_answer)
 from densify.queries import answers as answers_mod
@@ -307,9 +306,9 @@ def run_bench(items: list[BenchItem], profile: Profile, engine, *, depth_for: De
     def batches():
         for path, its in by_image.items():
             try:
-                rgb = load_rgb(path)
+                img = decode(path, its[0].intrinsics)
+                rgb, cam = img.rgb, img.camera
                 h, w = rgb.shape[:2]
-                cam = resolve_camera(path, w, h, its[0].intrinsics)
                 prep = prepare_object_image(rgb, cam, profile)
             except (OSError, ValueError) as exc:
                 log.error("%s: %s", path, exc)

@@ -16,7 +16,7 @@ from typing import Callable
 import numpy as np
 from pydantic import ValidationError
 
-from densify.fields.adaptive import AdaptivePlanner, run_adaptive, run_adaptive_depth
+from densify.fields.adaptive import AdaptivePlanner
 from densify.fields.edge_aware import densify_depth_edge, densify_flow_edge
 from densify.fields.interpolate import DenseField, densify_depth, densify_flow, reject_outliers
 from densify.fields.options import (DensifierOptions, EdgeDepthOptions, EdgeFlowOptions, LinearDepthOptions,
@@ -77,4 +77,4 @@ def validate_options(name: str, options: dict | None, *, kind: str = "depth", wh
 
 __all__ = ["DenseField", "densify_depth", "densify_flow", "reject_outliers", "densify_depth_edge",
            "densify_flow_edge", "densify_depth_linear", "densify_flow_linear", "DEPTH_METHODS", "FLOW_METHODS",
-           "DEPTH_DENSIFIERS", "FLOW_DENSIFIERS", "Method", "validate_options", "depth_method", "AdaptivePlanner", "run_adaptive", "run_adaptive_depth"]
+           "DEPTH_DENSIFIERS", "FLOW_DENSIFIERS", "Method", "validate_options", "depth_method", "AdaptivePlanner"]

@@ -46,7 +46,8 @@ between the two error presets of the simulator (independent noise 0.125: on to t
         ...accumulate pixels / values / logprobs...
         pts = planner.next_points(pixels, values, logprobs)
 
-`run_adaptive_depth` does this loop for the depth pipeline (prompts, engine, parsing).
+`AdaptiveDepthImage` is this loop for one image of the depth stage, a round at a time (prompts, parsing);
+the depth stage's round scheduler (densify.stages.rounds) drives it through the engine.
 """
 
 from __future__ import annotations
@@ -62,8 +63,7 @@ from densify.fields.edge_aware import guide_maps, guided_planes
 from densify.fields.interpolate import reject_outliers
 from densify.queries.plan import grid_points
 
-__all__ = ["AdaptiveDepthImage", "AdaptivePlanner", "AdaptiveRun", "StopRule", "run_adaptive", "run_adaptive_depth",
-           "round_sizes"]
+__all__ = ["AdaptiveDepthImage", "AdaptivePlanner", "AdaptiveRun", "StopRule", "round_sizes"]
 
 
 def round_sizes(budget: int, coarse: float, rounds: int, min_coarse: int = 16) -> list[int]:
@@ -424,36 +424,14 @@ class AdaptiveRun:
     """Pixels planned but not asked: too close to a border for the profile's marker."""
 
 
-def run_adaptive(planner: AdaptivePlanner, ask, parse, *, first_points=None) -> AdaptiveRun:
-    """Generic loop: `ask(points) -> (pixels, prompt_xy | None, completions)` makes ONE engine call for the
-    points (it may drop points it has asked before); `parse(run) -> (values, logprobs)` reads all answers
-    so far. Stops when the planner has nothing more to ask (budget or rounds spent). first_points: ask
-    these in the first round instead of the planner's coarse grid (at most the budget)."""
-    run = AdaptiveRun(np.zeros((0, 2), np.int64), None)
-    pts = planner.first_points()
-    if first_points is not None:
-        pts = np.asarray(first_points).reshape(-1, 2)[: planner.budget]
-    while pts is not None and len(pts):
-        pix, pxy, comps = ask(pts)
-        if len(pix) == 0:
-            break
-        run.pixels = np.concatenate([run.pixels, np.asarray(pix).reshape(-1, 2)])
-        if pxy is not None:
-            run.prompt_xy = pxy if run.prompt_xy is None else np.concatenate([run.prompt_xy, pxy])
-        run.completions.extend(comps)
-        run.calls.append(len(comps))
-        values, logprobs = parse(run)
-        pts = planner.next_points(run.pixels, values, logprobs)
-    return run
-
-
 class AdaptiveDepthImage:
     """One image's adaptive depth run, a round at a time: `next_batch()` gives the round's single batch
     (or None when done), `receive(completions)` takes its answers. Callers can keep many images in
-    flight, one batch each per round (see pipelines/depth.py).
+    flight, one batch each per round (densify.stages.rounds).
 
-    first_batch / first_plan: an already built first-round batch and its query plan (the pipeline's
-    `prepare_task` builds it); otherwise the planner's coarse grid is asked first.
+    first_batch / first_plan: an already built first-round batch and its query plan (the depth stage's
+    `prepare` builds it with this planner's `first_points`); otherwise the planner's coarse grid is asked
+    first.
     """
 
     def __init__(self, planner: AdaptivePlanner, prep, profile, *, uid: str, ref=None, sampling=None,
@@ -520,17 +498,6 @@ class AdaptiveDepthImage:
         self._points = self.planner.next_points(ans.pixels, ans.values, ans.logprobs)
         self.done = self._points is None or len(self._points) == 0
 
-
-def run_adaptive_depth(engine, planner: AdaptivePlanner, prep, profile, *, uid: str, ref=None,
-                       sampling=None, tag=None, first_batch=None, first_plan=None) -> AdaptiveRun:
-    """The depth pipeline's adaptive loop for one image: per round one `depth_batch` and one
-    `engine.generate` call. Returns all pixels asked (original pixels), prompt coordinates and
-    completions in order, ready for `answers.collect_depth`."""
-    img = AdaptiveDepthImage(planner, prep, profile, uid=uid, ref=ref, sampling=sampling, tag=tag,
-                             first_batch=first_batch, first_plan=first_plan)
-    while (batch := img.next_batch()) is not None:
-        img.receive(engine.generate(batch))
-    return img.run
 
 def _keys(plan) -> list[tuple[int, int]]:
     """What makes two queries the same prompt: prompt coordinates, the marked pixel, else the (rounded) pixel."""

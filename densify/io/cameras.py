@@ -12,8 +12,14 @@ import logging
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+from densify.io.images import load_image
+
+if TYPE_CHECKING:
+    from densify.config.profiles import Profile
 
 log = logging.getLogger(__name__)
 
@@ -187,6 +193,33 @@ def resolve_camera(image_path: Path | None, width: int, height: int, given=None,
                 "will be off by the focal error: pass --intrinsics or add a JSON sidecar.",
                 image_path or "image", default_hfov_deg)
     return Camera.default(width, height, default_hfov_deg)
+
+
+@dataclass
+class DecodedImage:
+    """An image file decoded with its camera, both at the decoded size."""
+
+    rgb: np.ndarray
+    """HxWx3 uint8 RGB, upright, reduced when decoding asked for it (max_side)."""
+    camera: Camera
+    """Intrinsics of `rgb` (scaled from the file's own when decoded reduced)."""
+    size: tuple[int, int]
+    """(width, height) of the image file as displayed."""
+    scale: float
+    """Decoded width / the file's width (1.0 at full size); points in file pixels scale by it."""
+
+
+def decode(path: str | Path, intrinsics=None, *, max_side: int | None = None,
+           default_hfov_deg: float = DEFAULT_HFOV_DEG) -> DecodedImage:
+    """The one way an image file becomes pixels and a camera: decode (reduced beyond max_side), take the
+    intrinsics (given, else a sidecar, else a default field of view) for the file's size, and scale them to
+    the decoded size."""
+    img = load_image(path, max_side=max_side)
+    (W, H), (h, w) = img.size, img.rgb.shape[:2]
+    camera = resolve_camera(Path(path), W, H, intrinsics, default_hfov_deg)
+    if (w, h) != (W, H):
+        camera = camera.scaled(w, h)
+    return DecodedImage(img.rgb, camera, img.size, img.scale)
 
 
 @dataclass(frozen=True)
@@ -374,3 +407,9 @@ def prepare_image(rgb: np.ndarray, camera: Camera, *, focal: float | None = None
     else:
         raise ValueError(f"unknown pixel mapping {pixel_mapping!r}")
     return PreparedImage(pixels, pre_cam, pmap)
+
+
+def prepare_for(rgb: np.ndarray, camera: Camera, profile: "Profile") -> PreparedImage:
+    """An image as `profile` was trained on it: its preprocessing rule and prompt coordinates (the one place
+    a profile's preprocessing is read)."""
+    return prepare_image(rgb, camera, coord_range=profile.coord_range, **profile.preprocess.image_options())

@@ -13,7 +13,7 @@ import numpy as np
 from densify.config.profiles import Profile
 from densify.engines.base import Completion, EngineBatch
 from densify.objects import geometry as georeg
-from densify.io.cameras import Camera, PreparedImage, prepare_image
+from densify.io.cameras import Camera, PreparedImage, prepare_for
 from densify.objects.questions import (CATEGORIES, ObjectPrompt, Region, category_of, choice_index, object_prompt,
                                        question_of)
 from densify.queries import answers as answers_mod
@@ -21,8 +21,9 @@ from densify.queries.prompts import image_ref, image_uid, object_batch
 
 
 def prepare_object_image(rgb: np.ndarray, camera: Camera, profile: Profile) -> PreparedImage:
-    p = profile.preprocess
-    return prepare_image(rgb, camera, coord_range=None, **p.image_options())
+    """An image as the object profile wants it (its boxes are normalised by the image size, not by
+    prompt coordinates)."""
+    return prepare_for(rgb, camera, profile)
 
 
 def build_prompts(profile: Profile, prep: PreparedImage, questions: list[tuple[str, list[Region], str | None]]

@@ -1,4 +1,4 @@
-"""Object questions: image regions, their normalised form, the exact question text, and answer parsing.
+"""Object questions: image regions, their normalised form, the exact question text, choices and clock errors.
 
 An object profile (vlm3-object) asks SpatialRGPT-Bench-style questions about regions of one image. Each
 region is a box [x1, y1, x2, y2] in original-image pixels (optionally with a mask of the image's size);
@@ -6,7 +6,8 @@ the prompt writes it with the profile's region format, its corners normalised to
 to the image's width and height and rounded to the nearest integer (Python's round, as the releases do).
 
 Categories are SpatialRGPT-Bench's (`qa_info.category`); `CATEGORIES` says what each one asks, for the
-geometry answers, the scorer and the synthetic question set. Nothing here knows the truth.
+geometry answers, the scorer and the synthetic question set; their answers are parsed with every other
+answer (densify.queries.answers). Nothing here knows the truth.
 """
 
 from __future__ import annotations
@@ -66,10 +67,6 @@ QUALITATIVE_GROUPS = ["left/right", "below/above", "behind/front", "big/small", 
 QUANTITATIVE_GROUPS = ["direct_distance", "horizontal_distance", "vertical_distance", "width", "height",
                        "direction"]
 
-UNITS_M = {"m": 1.0, "meter": 1.0, "meters": 1.0, "metre": 1.0, "metres": 1.0,
-           "cm": 0.01, "centimeter": 0.01, "centimeters": 0.01, "centimetre": 0.01, "centimetres": 0.01,
-           "mm": 0.001, "millimeter": 0.001, "millimeters": 0.001, "millimetre": 0.001, "millimetres": 0.001,
-           "inch": 0.0254, "inches": 0.0254, "in": 0.0254, "foot": 0.3048, "feet": 0.3048, "ft": 0.3048}
 
 
 def category_of(profile: Profile, question: str) -> Category:
@@ -244,30 +241,6 @@ def _rx(pattern: str, flags=re.IGNORECASE) -> re.Pattern:
     return _re_cache[key]
 
 
-def parse_predicate(q: Question, text: str) -> bool | None:
-    """Yes/correct/indeed/true vs no/incorrect/actually/in fact: the earliest word decides."""
-    pos = _rx(q.regex).search(text)
-    neg = _rx(q.regex_negative or r"(?!)").search(text)
-    if pos is None and neg is None:
-        return None
-    if neg is None:
-        return True
-    if pos is None:
-        return False
-    return pos.start() < neg.start()
-
-
-def parse_choice(q: Question, text: str) -> tuple | None:
-    """The first region the answer names: ('box', (x1, y1, x2, y2)) or ('index', i) for `Region [i]`."""
-    m = _rx(q.regex, 0).search(text)
-    if m is None:
-        return None
-    g = [x for x in m.groups() if x is not None]
-    if len(g) == 4:
-        return ("box", tuple(int(v) for v in g))
-    return ("index", int(g[0]))
-
-
 def choice_index(value: tuple | None, norms: list[tuple[int, int, int, int]]) -> int | None:
     """Which of the prompt's regions a parsed choice names (an exact box, else the nearest within 5 units)."""
     if value is None:
@@ -284,29 +257,6 @@ def strip_regions(profile: Profile, text: str) -> str:
     """Answer text without its region references (their numbers are not measurements)."""
     text = _rx(profile.regions.region_regex, 0).sub(" ", text)
     return _rx(profile.regions.answer_region_regex, 0).sub(" ", text)
-
-
-def parse_metric(q: Question, text: str) -> float | None:
-    """The first number with a length unit, in metres."""
-    m = _rx(q.regex).search(text)
-    if m is None:
-        return None
-    try:
-        v = float(m.group(1))
-    except ValueError:
-        return None
-    unit = UNITS_M.get(m.group(2).lower())
-    if unit is None or not math.isfinite(v) or v < 0:
-        return None
-    return v * unit
-
-
-def parse_clock(q: Question, text: str) -> int | None:
-    m = _rx(q.regex).search(text)
-    if m is None:
-        return None
-    h = int(m.group(1))
-    return h if 1 <= h <= 12 else None
 
 
 def clock_error(a: int, b: int) -> int:

@@ -24,7 +24,7 @@ from densify.config.profiles import Profile
 from densify.engines.base import Completion, Engine, EngineBatch, ImageRef, generate_stream
 from densify.fields import DenseField
 from densify.io import outputs
-from densify.io.cameras import Camera, PreparedImage, prepare_image
+from densify.io.cameras import Camera, PreparedImage, prepare_for
 from densify.queries.answers import parse_completion
 from densify.queries.plan import QueryPlan, grid_points, plan_queries
 from densify.queries.prompts import corr_batch, image_ref, image_uid, sampling_for
@@ -61,8 +61,7 @@ class CorrView:
 
 def corr_view(image_id: str, rgb: np.ndarray, camera: Camera, profile: Profile, *, path=None,
               manifest=None) -> CorrView:
-    p = profile.preprocess
-    prep = prepare_image(rgb, camera, coord_range=profile.coord_range, **p.image_options())
+    prep = prepare_for(rgb, camera, profile)
     return CorrView(image_id, camera, prep, image_uid(prep, image_id), image_ref(image_id, prep, path, manifest))
 
 

@@ -16,7 +16,7 @@ from densify.config.profiles import Profile
 from densify.engines.base import Completion, Engine, generate_stream
 from densify.geometry.pose import FAILED, GOOD, PairPose
 from densify.geometry.rotations import angle_between_deg, matrix_from_euler, rotation_angle_deg
-from densify.io.cameras import Camera, PreparedImage, prepare_image
+from densify.io.cameras import Camera, PreparedImage, prepare_for
 from densify.queries.answers import parse_completion
 from densify.queries.prompts import image_ref, image_uid, pose_batch
 
@@ -64,8 +64,7 @@ class VlmPose:
 
 
 def pose_view(rgb: np.ndarray, camera: Camera, profile: Profile) -> PreparedImage:
-    p = profile.preprocess
-    return prepare_image(rgb, camera, coord_range=profile.coord_range, **p.image_options())
+    return prepare_for(rgb, camera, profile)
 
 
 _KIND_TO_FIELD = {"euler": "euler", "vector3": "direction", "distance": "distance", "angle": "angle"}

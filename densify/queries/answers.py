@@ -47,17 +47,66 @@ def _num(s: str) -> float | None:
 _BOX4_RE = re.compile(r"\(\s*\d+\s*,\s*\d+\s*,\s*\d+\s*,\s*\d+\s*\)|Region \[\d+\]")
 
 
+# Object answers (VLM3-object, SpatialRGPT-Bench): the profile's regexes find the words and numbers.
+UNITS_M = {"m": 1.0, "meter": 1.0, "meters": 1.0, "metre": 1.0, "metres": 1.0,
+           "cm": 0.01, "centimeter": 0.01, "centimeters": 0.01, "centimetre": 0.01, "centimetres": 0.01,
+           "mm": 0.001, "millimeter": 0.001, "millimeters": 0.001, "millimetre": 0.001, "millimetres": 0.001,
+           "inch": 0.0254, "inches": 0.0254, "in": 0.0254, "foot": 0.3048, "feet": 0.3048, "ft": 0.3048}
+
+
+def parse_predicate(q: Question, text: str) -> bool | None:
+    """Yes/correct/indeed/true vs no/incorrect/actually/in fact: the earliest word decides."""
+    pos = _compiled(q.regex, re.IGNORECASE).search(text)
+    neg = _compiled(q.regex_negative or r"(?!)", re.IGNORECASE).search(text)
+    if pos is None and neg is None:
+        return None
+    if neg is None:
+        return True
+    if pos is None:
+        return False
+    return pos.start() < neg.start()
+
+def parse_choice(q: Question, text: str) -> tuple | None:
+    """The first region the answer names: ('box', (x1, y1, x2, y2)) or ('index', i) for `Region [i]`."""
+    m = _compiled(q.regex).search(text)
+    if m is None:
+        return None
+    g = [x for x in m.groups() if x is not None]
+    if len(g) == 4:
+        return ("box", tuple(int(v) for v in g))
+    return ("index", int(g[0]))
+
+def parse_metric(q: Question, text: str) -> float | None:
+    """The first number with a length unit, in metres."""
+    m = _compiled(q.regex, re.IGNORECASE).search(text)
+    if m is None:
+        return None
+    try:
+        v = float(m.group(1))
+    except ValueError:
+        return None
+    unit = UNITS_M.get(m.group(2).lower())
+    if unit is None or not math.isfinite(v) or v < 0:
+        return None
+    return v * unit
+
+def parse_clock(q: Question, text: str) -> int | None:
+    m = _compiled(q.regex, re.IGNORECASE).search(text)
+    if m is None:
+        return None
+    h = int(m.group(1))
+    return h if 1 <= h <= 12 else None
+
+
 def _parse_object(question: Question, body: str) -> Parsed:
     """Object answers: predicate -> bool, choice -> ('box', x1y1x2y2) | ('index', i), metric -> metres,
     clock -> 1..12. Region references are removed before looking for numbers."""
-    from densify.objects import questions as objects
     kind = question.parser
     if kind == "choice":
-        v = objects.parse_choice(question, body)
+        v = parse_choice(question, body)
     else:
         clean = _BOX4_RE.sub(" ", body)
-        v = {"predicate": objects.parse_predicate, "metric": objects.parse_metric,
-             "clock": objects.parse_clock}[kind](question, clean)
+        v = {"predicate": parse_predicate, "metric": parse_metric, "clock": parse_clock}[kind](question, clean)
     return Parsed(None, NO_MATCH) if v is None else Parsed(v)
 
 

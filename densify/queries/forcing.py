@@ -36,7 +36,7 @@ from dataclasses import dataclass, field, replace
 from typing import Iterable, Iterator
 
 from densify.engines.base import Completion, Engine, EngineBatch, Sampling
-from densify.queries.answer_format import NUMBER, AnswerFormat
+from densify.config.answer_format import NUMBER, AnswerFormat
 
 __all__ = ["AnswerFormat", "ForcingEngine", "ForcingSettings", "NUMBER"]
 

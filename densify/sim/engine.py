@@ -35,6 +35,7 @@ from densify.geometry.rotations import euler_from_matrix, relative_from_T, rotat
 from densify.io.cameras import PixelMap
 from densify.sim.errors import ErrorModel, ErrorState, corr_answer, depth_answer
 from densify.sim.objects import NO_TRUTH_ANSWER, ObjectErrorModel, answer_from_truth, regions_in_text
+from densify.sim.options import SimulatedOptions
 from densify.sim.truth import FileTruth, GroundTruth
 
 COORD_RE = re.compile(r"\((\d+), (\d+)\)")
@@ -75,24 +76,22 @@ class NoTruth(LookupError):
 
 
 class SimulatedEngine(Engine):
-    """Options: seed, noise (False: exact answers), error (ErrorModel fields), answers_per_s (pacing, None:
-    none); in Python also `truth`, a `densify.sim.truth.Truth` provider (default `FileTruth()`)."""
+    """Options (densify.sim.options.SimulatedOptions, typed, or the same as keywords): seed, noise (False:
+    exact answers), error (ErrorModel fields), answers_per_s (pacing, None: none); in Python also `truth`, a
+    `densify.sim.truth.Truth` provider (default `FileTruth()`)."""
 
-    name = "simulated"
-    simulated = True
+    name = SimulatedOptions.engine_name
+    simulated = SimulatedOptions.simulated
 
-    def __init__(self, profile: Profile | str, *, seed: int = 0, noise: bool = True,
-                 error: ErrorModel | dict | str | None = None, object_error: dict | None = None,
-                 answers_per_s: float | None = None, truth=None):
-        if answers_per_s is not None and not answers_per_s > 0:
-            raise ValueError(f"answers_per_s must be > 0 (or None: no pacing), got {answers_per_s!r}")
-        self.answers_per_s = float(answers_per_s) if answers_per_s is not None else None
+    def __init__(self, profile: Profile | str, options: SimulatedOptions | None = None, *, truth=None, **kwargs):
+        self.options = opts = SimulatedOptions.given(options, kwargs)
+        self.answers_per_s = float(opts.answers_per_s) if opts.answers_per_s is not None else None
         self._due = 0.0  # virtual clock (time.monotonic): when the last paced batch is due
         self._pace_lock = threading.Lock()
         self.profile = load_profile(profile)
-        self.error = ErrorModel.from_option(error) if noise else ErrorModel.exact()
-        self.object_error = ObjectErrorModel(**(object_error or {})) if noise else ObjectErrorModel.exact()
-        self.seed = int(seed)
+        self.error = ErrorModel.from_option(opts.error) if opts.noise else ErrorModel.exact()
+        self.object_error = ObjectErrorModel(**(opts.object_error or {})) if opts.noise else ObjectErrorModel.exact()
+        self.seed = int(opts.seed)
         self.truth = truth if truth is not None else FileTruth()
         self.stats = collections.Counter()
         if self.answers_per_s:

@@ -9,9 +9,11 @@ from pathlib import Path
 from densify.config.loading import ConfigError
 from densify.config.profiles import Profile
 from densify.engines import Engine, EngineStartError, check_available, create_engine
-from densify.stages.settings import EngineConfig, RayConfig
+from densify.engines.options import EngineOptions, RayOptions
+from densify.stages.settings import EngineConfig
 
 log = logging.getLogger("densify.engine")
+
 
 def no_model_hint(option: str = "--model") -> str:
     return (f"give a checkpoint with {option} PATH (a local folder) and an engine with --engine vllm, hf or openai; "
@@ -20,7 +22,6 @@ def no_model_hint(option: str = "--model") -> str:
 
 STAGE_OPTIONS = {"depth": "--model", "corr": "--corr-model", "pose": "--pose-model"}
 """The command-line option that sets each stage's checkpoint (named in the hint when one is missing)."""
-_LOCAL_ENGINES = ("hf", "vllm")
 
 
 def _looks_local(model: str) -> bool:
@@ -59,50 +60,35 @@ def check_model(model: str, option: str = "--model") -> None:
                                f"could not be asked ({type(exc).__name__}: {why}); {hint}") from None
 
 
-def engine_options(engine: EngineConfig, model: str | None, option: str = "--model") -> dict:
-    """The engine's options with the stage's model put where that engine takes it."""
-    opts = dict(engine.options)
-    if model is None:
-        return opts
-    inner = engine.inner_name()
-    if inner == "simulated":
-        raise ConfigError(f"{option}: the simulated engine answers from ground truth and takes no model; drop "
-                          f"{option}, or choose a real engine with --engine")
-    if engine.name == "ray":
-        opts["engine_options"] = {**opts.get("engine_options", {}), "model": model}
-    else:
-        opts["model"] = model
-    return opts
+def stage_options(engine: EngineConfig, model: str | None, ray: RayOptions | None = None,
+                  option: str = "--model") -> EngineOptions:
+    """The engine's typed options with the stage's model (set by `option`) put where that engine takes it,
+    run in the Ray pool of `ray` when it is given and enabled (copies: nothing is validated again)."""
+    try:
+        opts = engine.options.with_model(model)
+    except ValueError as exc:
+        raise ConfigError(f"{option}: {exc}") from None
+    return ray.around(opts) if ray is not None else opts
 
 
-def preflight(engine: EngineConfig, profile: Profile, *, model: str | None = None, option: str = "--model") -> dict:
+def preflight(engine: EngineConfig, profile: Profile, *, model: str | None = None, option: str = "--model",
+              ray: RayOptions | None = None) -> EngineOptions:
     """What can be checked without starting the engine (its packages, its checkpoint: `option` sets it);
-    the engine's options with the model in place."""
-    opts = engine_options(engine, model, option)
-    inner = engine.inner_name()
-    check_available(engine.name)
-    check_available(inner)
-    if inner in _LOCAL_ENGINES:
-        inner_opts = opts.get("engine_options", {}) if engine.name == "ray" else opts
-        if inner_opts.get("load_format") != "dummy":
-            check_model(inner_opts.get("model") or profile.model, option)
+    the stage's options (`stage_options`)."""
+    opts = stage_options(engine, model, ray, option)
+    answering = opts.answering()
+    for name in dict.fromkeys((opts.engine_name, answering.engine_name)):
+        check_available(name)
+    if answering.needs_checkpoint():
+        check_model(answering.checkpoint(profile.model), option)
     return opts
 
 
 def build_engine(engine: EngineConfig, profile: Profile, *, model: str | None = None,
-                 ray: RayConfig | None = None, option: str = "--model") -> Engine:
-    """The configured engine for a profile; in a pool of Ray actors when `ray` is given and enabled."""
-    opts = preflight(engine, profile, model=model, option=option)
-    if ray is not None and ray.enabled and engine.name != "ray":
-        r = ray
-        opts = dict(engine=engine.name, engine_options=opts, num_actors=r.num_actors,
-                    num_gpus_per_actor=r.num_gpus_per_actor, num_cpus_per_actor=r.num_cpus_per_actor,
-                    engines_per_gpu=r.engines_per_gpu,
-                    ray_address=r.address, max_in_flight_per_actor=r.max_in_flight_per_actor,
-                    max_retries=r.max_retries, actor_max_restarts=r.actor_max_restarts, runtime_env=r.runtime_env,
-                    split_min_queries=r.split_min_queries, spare_cpus=r.cpu_workers)
-        return create_engine("ray", profile=profile, **opts)
-    return create_engine(engine.name, profile=profile, **opts)
+                 ray: RayOptions | None = None, option: str = "--model") -> Engine:
+    """The configured engine for a profile; in a pool of Ray actors when `ray` is given and enabled. Its
+    packages and its checkpoint are checked first, so a missing one fails at once."""
+    return create_engine(preflight(engine, profile, model=model, option=option, ray=ray), profile=profile)
 
 
 class StageEngines:

@@ -18,7 +18,7 @@ from typing import Iterator
 from densify.config.loading import ConfigError
 from densify.config.profiles import load_profile
 from densify.engines import Engine
-from densify.engines.store import AnswerStore, StoredEngine, model_key_for, store_path
+from densify.engines.store import AnswerStore, StoredEngine, store_path
 from densify.io import outputs
 from densify.io.images import (ImageSource, read_json_list, glob_images, iter_sources, manifest_kind, open_parquet,
                                walk_images)
@@ -148,16 +148,7 @@ class LabelJob:
         own = self.engine is None
         inner = self.engine if self.engine is not None else build_engine(cfg.engine, self.profile, model=cfg.model,
                                                                           ray=cfg.ray)
-        store = None
-        try:
-            if cfg.store.enabled:
-                store = AnswerStore(store_path(cfg.store.dir or layout.store_dir, self.shard[0]),
-                                    synchronous=cfg.store.synchronous, exclusive=cfg.store.exclusive,
-                                    on_damage="rebuild" if cfg.store.rebuild else "error")
-        except BaseException:
-            if own:
-                inner.close()
-            raise
+        store = self._open_store(inner, own)
         layout.root.mkdir(parents=True, exist_ok=True)
         outputs.sweep_temp_files(layout.root, [layout.manifest.name, layout.summary.name])  # this shard's only
         key = self.model_key or _model_key(cfg)
@@ -167,19 +158,14 @@ class LabelJob:
         log.info("label: %d image(s) in shard %d/%d; engine %s ready in %.1f s; store %s", total, *self.shard,
                  inner.name, t_ready - t0, store.path if store is not None else "off")
         stage = DepthStage(cfg, eng, layout=layout, cpu_workers=cfg.ray.cpu_workers)
-        manifest = ManifestWriter(layout.manifest, cfg.manifest_every_s)
-        counts = {"ok": 0, "skipped": 0, "failed": 0}
-        kinds: dict[str, int] = {}
-        failed: list[dict] = []
-        totals = {"queries": 0, "store_hits": 0, "engine_queries": 0, "answer_failures": 0}
-        simulated = inner.simulated
+        tally = _Tally(ManifestWriter(layout.manifest, cfg.manifest_every_s))
         interrupted, error = False, None
         results = stage.run(iter_manifest(inputs, self.shard, exclude=exclude))
         try:
             for res in results:
                 hits, asked = eng.image_stats.pop(res.uid, (0, 0)) if store is not None and res.uid else \
                     (0, res.queries if res.status != "skipped" else 0)
-                self._record(res, hits, asked, counts, kinds, failed, totals, manifest)
+                self._record(res, hits, asked, tally)
         except KeyboardInterrupt:  # Ctrl-C or SIGTERM: the only way a job is interrupted
             interrupted = True
             raise
@@ -191,56 +177,49 @@ class LabelJob:
             if own:
                 eng.close()  # before reading the pool's stats: closing adds the actors' CPU time
             pool_stats = dict(inner.stats)
-            store_totals = None
-            if store is not None:
-                try:
-                    store_totals = store.totals()
-                except Exception:  # a broken store must not hide the error that stopped the job
-                    pass
-                store.close()
-            try:
-                manifest.write()
-            except OSError as exc:
-                if not interrupted:
-                    raise
-                log.error("could not write the manifest: %s", exc)  # the error that stopped the job wins
-            wall = time.perf_counter() - t0
+            store_totals = _close_store(store)
+            _write_unless_interrupted(tally.manifest.write, "the manifest", interrupted)
             times = {"startup": t_ready - t0, "driver_cpu": time.process_time() - cpu0}
             times.update({f"store_{k}": v for k, v in getattr(eng, "times", {}).items()})
-            images = sum(counts.values())
-            run_s = max(wall - (t_ready - t0), 1e-9)
-            summary = {
-                "profile": self.profile.name, "engine": cfg.engine.name,
-                "model": None if simulated else cfg.model or self.profile.model,
-                "simulated": simulated, "ray": cfg.ray.enabled and cfg.engine.name != "ray",
-                "shard": f"{self.shard[0]}/{self.shard[1]}", "images_in_shard": total, "images": images, **counts,
-                "complete": error is None and not interrupted and images == total, "interrupted": interrupted,
-                **({"error": error} if error else {}),
-                "failed_by_kind": kinds, "failed_images": failed, **totals,
-                "wall_s": wall, "startup_s": t_ready - t0, "images_per_s": counts["ok"] / run_s,
-                "queries_per_s": totals["queries"] / run_s, "time_s": times, "pool": pool_stats,
-                "store": store_totals,
-            }
-            try:
-                outputs.write_json(layout.summary, summary)
-            except OSError as exc:
-                if not interrupted:
-                    raise
-                log.error("could not write the summary: %s", exc)
+            summary = self._summary(tally, total, inner.simulated, interrupted, error, time.perf_counter() - t0,
+                                    t_ready - t0, times, pool_stats, store_totals)
+            _write_unless_interrupted(lambda: outputs.write_json(layout.summary, summary), "the summary", interrupted)
         return summary
 
-    def _record(self, res: DepthResult, hits, asked, counts, kinds, failed, totals, manifest) -> None:
-        counts[res.status] += 1
-        if res.status == "failed":
-            kinds[res.error_kind] = kinds.get(res.error_kind, 0) + 1
-            if len(failed) < 1000:
-                failed.append({"id": res.id, "image": res.image, "kind": res.error_kind, "error": res.error})
-            log.error("%s (%s): %s", res.id, res.error_kind, res.error)
-        elif res.status == "ok":
-            totals["queries"] += res.queries
-            totals["answer_failures"] += sum(res.failures.values())
-        totals["store_hits"] += hits
-        totals["engine_queries"] += asked
+    def _open_store(self, inner: Engine, own: bool) -> AnswerStore | None:
+        """The shard's answer store (None when off); the engine is closed here if opening it fails."""
+        cfg = self.cfg
+        try:
+            if cfg.store.enabled:
+                return AnswerStore(store_path(cfg.store.dir or self.layout.store_dir, self.shard[0]),
+                                   synchronous=cfg.store.synchronous, exclusive=cfg.store.exclusive,
+                                   on_damage="rebuild" if cfg.store.rebuild else "error")
+        except BaseException:
+            if own:
+                inner.close()
+            raise
+        return None
+
+    def _summary(self, tally: "_Tally", total: int, simulated: bool, interrupted: bool, error: str | None,
+                 wall: float, startup: float, times: dict, pool_stats: dict, store_totals) -> dict:
+        cfg, counts = self.cfg, tally.counts
+        images = sum(counts.values())
+        run_s = max(wall - startup, 1e-9)
+        return {
+            "profile": self.profile.name, "engine": cfg.engine.name,
+            "model": None if simulated else cfg.model or self.profile.model,
+            "simulated": simulated, "ray": cfg.ray.wraps(cfg.engine.options),
+            "shard": f"{self.shard[0]}/{self.shard[1]}", "images_in_shard": total, "images": images, **counts,
+            "complete": error is None and not interrupted and images == total, "interrupted": interrupted,
+            **({"error": error} if error else {}),
+            "failed_by_kind": tally.kinds, "failed_images": tally.failed, **tally.totals,
+            "wall_s": wall, "startup_s": startup, "images_per_s": counts["ok"] / run_s,
+            "queries_per_s": tally.totals["queries"] / run_s, "time_s": times, "pool": pool_stats,
+            "store": store_totals,
+        }
+
+    def _record(self, res: DepthResult, hits: int, asked: int, tally: "_Tally") -> None:
+        tally.add(res, hits, asked)
         o = self.cfg.outputs
         paths = {}
         if res.status != "failed":
@@ -248,15 +227,60 @@ class LabelJob:
             rel = lambda p, on: str(p.relative_to(self.layout.root)) if on else None  # noqa: E731
             paths = {"dir": rel(f.dir, True), "depth_npy": rel(f.depth_npy, o.npy), "depth_png": rel(f.depth_png, o.png16),
                      "confidence": rel(f.confidence, o.confidence), "cloud": rel(f.cloud, o.ply)}
-        manifest.add(id=res.id, image=res.image, status=res.status, error_kind=res.error_kind, error=res.error,
-                     queries=res.queries, store_hits=hits, engine_queries=asked, wall_s=res.wall_s, **paths)
+        tally.manifest.add(id=res.id, image=res.image, status=res.status, error_kind=res.error_kind, error=res.error,
+                           queries=res.queries, store_hits=hits, engine_queries=asked, wall_s=res.wall_s, **paths)
         if self.progress is not None:
             self.progress.update(queries=res.queries if res.status == "ok" else 0,
                                  failed=int(res.status == "failed"), store_hits=hits if res.status == "ok" else 0)
 
 
+class _Tally:
+    """A shard's running counts and its output manifest."""
+
+    def __init__(self, manifest: ManifestWriter):
+        self.manifest = manifest
+        self.counts = {"ok": 0, "skipped": 0, "failed": 0}
+        self.kinds: dict[str, int] = {}
+        self.failed: list[dict] = []
+        self.totals = {"queries": 0, "store_hits": 0, "engine_queries": 0, "answer_failures": 0}
+
+    def add(self, res: DepthResult, hits: int, asked: int) -> None:
+        self.counts[res.status] += 1
+        if res.status == "failed":
+            self.kinds[res.error_kind] = self.kinds.get(res.error_kind, 0) + 1
+            if len(self.failed) < 1000:
+                self.failed.append({"id": res.id, "image": res.image, "kind": res.error_kind, "error": res.error})
+            log.error("%s (%s): %s", res.id, res.error_kind, res.error)
+        elif res.status == "ok":
+            self.totals["queries"] += res.queries
+            self.totals["answer_failures"] += sum(res.failures.values())
+        self.totals["store_hits"] += hits
+        self.totals["engine_queries"] += asked
+
+
+def _write_unless_interrupted(write, what: str, interrupted: bool) -> None:
+    """Write; when the job was interrupted, a failed write is logged (the interruption is what the user sees)."""
+    try:
+        write()
+    except OSError as exc:
+        if not interrupted:
+            raise
+        log.error("could not write %s: %s", what, exc)
+
+
+def _close_store(store: AnswerStore | None):
+    """The store's totals (None when off or unreadable), and the store closed."""
+    if store is None:
+        return None
+    totals = None
+    try:
+        totals = store.totals()
+    except Exception:  # a broken store must not hide the error that stopped the job
+        pass
+    store.close()
+    return totals
+
+
 def _model_key(cfg: LabelConfig) -> str:
     """The store key of the configured model: the answering engine and its answer-changing options."""
-    from densify.stages.engine import engine_options
-
-    return model_key_for(cfg.engine.name, engine_options(cfg.engine, cfg.model))
+    return cfg.engine.answer_identity(cfg.model)

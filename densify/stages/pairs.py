@@ -93,10 +93,9 @@ def pair_fingerprint(cfg: ReconstructConfig, profile, depth_fp: str | None, kind
     """What shapes a pair's result: the corr profile, model and engine identity, the questions (grid, probe
     of a candidate pair, forward-backward check), the pose estimator and, when poses use depth, the depth
     stage's fingerprint (not memory, scheduling or network settings)."""
-    from densify.engines.store import model_key_for  # the answer store's key: the same answers, the same identity
-
+    # the answer store's identity too (the model is named on its own here)
     return fingerprint({"profile": profile.model_dump(mode="json"), "model": cfg.models.corr or profile.model,
-                        "engine": model_key_for(cfg.engine.name, cfg.engine.options),
+                        "engine": cfg.engine.answer_identity(),
                         "corr": cfg.corr.model_dump(mode="json"),
                         "probe": [cfg.pairs.probe, cfg.pairs.probe_min_matches] if kind != SEQUENTIAL else None,
                         "use_depth": cfg.pose.use_depth, "estimator": cfg.pose.estimator.model_dump(mode="json"),

@@ -34,11 +34,12 @@ from densify.geometry.export import (build_tracks, read_colmap_check, triangulat
 from densify.geometry.fusion import FusionFrame, tsdf_fuse
 from densify.geometry.posegraph import PoseEdge, PoseGraphResult, optimize_poses
 from densify.io import outputs
-from densify.io.images import ImageSource, load_image
+from densify.io.images import ImageSource
 from densify.io.layout import RunLayout
 from densify.pairs.select import SEQUENTIAL, PairSelection, select_pairs
 from densify.pairs.solve import PairResult
-from densify.stages.depth import DepthStage, summarize
+from densify.stages.depth import DepthStage, read_camera
+from densify.stages.summary import summarize
 from densify.stages.engine import StageEngines
 from densify.stages.pairs import ImageInfo, load_depth, pair_stage, vlm_pose_stage
 from densify.stages.settings import ReconstructConfig
@@ -89,7 +90,6 @@ def depth_infos(sources: list[ImageSource], cfg: ReconstructConfig, layout: RunL
         if owned:
             engine.close()
     infos = []
-    from densify.stages.depth import read_camera
 
     for k, src in enumerate(sources):
         r = results[src.id]
@@ -298,7 +298,7 @@ def reconstruct(sources: list[ImageSource], cfg: ReconstructConfig, out: str | P
         outputs.write_json(layout.summary, {"images": len(sources), "interrupted": True, "complete": False,
                                             "finished_stages": list(timings), "timings_s": timings,
                                             "engine": cfg.engine.name,
-                                            "simulated": cfg.engine.inner_name() == "simulated"})
+                                            "simulated": cfg.engine.simulated})
         raise
 
 
@@ -386,7 +386,7 @@ def _reconstruct(sources, cfg: ReconstructConfig, layout: RunLayout, stage_engin
         "dropped": dropped, **_pair_summary(infos, results, graph, sel),
         "depth": {k: depth_summary[k] for k in ("ok", "skipped", "failed", "queries", "answer_failures", "metrics")},
         "fusion": fusion, "export": export, "timings_s": timings, "wall_s": sum(timings.values()),
-        "engine": cfg.engine.name, "simulated": cfg.engine.inner_name() == "simulated",
+        "engine": cfg.engine.name, "simulated": cfg.engine.simulated,
     }
     if video is not None:
         summary["video"] = {k: video[k] for k in ("video", "native_fps", "decoded_frames", "sampling")}
@@ -399,17 +399,13 @@ def _reconstruct(sources, cfg: ReconstructConfig, layout: RunLayout, stage_engin
 
 def camera_info(index: int, src: ImageSource, cfg: ReconstructConfig, intrinsics=None) -> ImageInfo:
     """An image's record without running depth on it (its camera at the size the depth stage decodes to)."""
-    from densify.io.cameras import CameraError, resolve_camera
+    from densify.io.cameras import CameraError, decode
     from densify.io.images import ImageError
 
     info = ImageInfo(index, src.id, Path(src.path), "ok", manifest=src.manifest, max_side=cfg.depth.max_side)
     try:
-        img = load_image(src.path, max_side=cfg.depth.max_side)
-        (W, H), (h, w) = img.size, img.rgb.shape[:2]
-        info.camera = resolve_camera(src.path, W, H, intrinsics if intrinsics is not None else src.intrinsics,
-                                     cfg.depth.default_hfov_deg)
-        if (w, h) != (W, H):
-            info.camera = info.camera.scaled(w, h)
+        info.camera = decode(src.path, intrinsics if intrinsics is not None else src.intrinsics,
+                             max_side=cfg.depth.max_side, default_hfov_deg=cfg.depth.default_hfov_deg).camera
     except (ImageError, CameraError, OSError) as exc:
         info.status, info.error = "failed", str(exc)
         info.error_kind = "intrinsics" if isinstance(exc, CameraError) else getattr(exc, "kind", "image")

@@ -1,20 +1,25 @@
 """Settings of every job: pydantic models, each field documented, validated when the config loads.
 
-Loaded from configs/pipelines/<job>.yaml (the defaults), an optional `--config FILE` and command-line
-overrides; an error names the key, and the override that set it (`--set plan.count=0`, `--count -5`).
+Loaded from configs/pipelines/<job>.yaml, an optional `--config FILE` and command-line overrides; an error
+names the key, and the override that set it (`--set plan.count=0`, `--count -5`). The models' defaults are
+the YAML files' values (DepthConfig: depth.yaml, LabelConfig: label.yaml, ReconstructConfig:
+reconstruct.yaml; tests/test_settings_defaults.py holds them together), so Python callers (`Densifier`,
+`LabelJob(LabelConfig(...))`) and the commands run the same settings.
 Nothing is checked later than here that could be checked here: engine options against the engine's typed
 options, the densifier by name, counts and strides positive, the profile's existence and task.
 """
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
-from typing import Literal, TypeVar
+from typing import Any, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, SerializeAsAny, field_serializer, field_validator,
+                      model_validator)
 
 from densify.config.loading import ConfigError, Override, apply_overrides, config_dir, read_yaml, validate
+from densify.engines.options import EngineOptions, RayOptions
+from densify.engines.registry import default_engine, options_model, pool_default_engine
 from densify.geometry.export import ExportConfig
 from densify.geometry.fusion import FusionConfig
 from densify.geometry.pose import PoseConfig
@@ -22,8 +27,8 @@ from densify.geometry.posegraph import PoseGraphConfig
 from densify.pairs.select import PairsConfig
 
 __all__ = ["EngineConfig", "AutoPlanConfig", "ForcingConfig", "PlanConfig", "DensifyConfig", "OutputConfig",
-           "DepthConfig", "StoreConfig",
-           "RayConfig", "LabelConfig", "CorrConfig", "PoseStageConfig", "ModelsConfig", "ReconstructConfig",
+           "DepthConfig", "StoreConfig", "RayConfig", "LabelConfig", "CorrConfig", "PoseStageConfig", "ModelsConfig",
+           "SceneDepthConfig", "ReconstructConfig",
            "load_config", "default_engine"]
 
 M = TypeVar("M", bound=BaseModel)
@@ -33,31 +38,40 @@ class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
 
 
-def default_engine() -> str:
-    """The real model's engine: vLLM when it is installed, else transformers."""
-    return "vllm" if importlib.util.find_spec("vllm") is not None else "hf"
-
-
 class EngineConfig(_Model):
     name: str = Field("auto", description="auto (the real model: vllm when installed, else hf) | vllm | hf | "
                                           "openai | ray | simulated (tests and demos only: answers from ground truth)")
-    options: dict = Field(default_factory=dict, description="that engine's options (densify.engines.options)")
+    options: Any = Field(default_factory=dict, description="that engine's options (densify.engines.options), "
+                         "held as its typed options once the config loads")
 
     @model_validator(mode="after")
     def _check(self):
-        from densify.engines import validate_engine_options
-
+        """The options become the engine's typed options, here and only here (engines take them as they are)."""
         if self.name == "auto":
             self.name = default_engine()
         try:
-            validate_engine_options(self.name, self.options)
+            model = options_model(self.name)
         except KeyError as exc:
             raise ValueError(f"engine.name: {exc.args[0]}") from None
+        if isinstance(self.options, dict):
+            self.options = model.parse(self.options)
+        elif not isinstance(self.options, model):
+            raise ValueError(f"engine.options: {type(self.options).__name__} given for the {self.name} engine")
         return self
 
-    def inner_name(self) -> str:
-        """The engine that answers (the Ray pool's actors' engine for `ray`)."""
-        return self.options.get("engine", "simulated") if self.name == "ray" else self.name
+    @field_serializer("options")
+    def _options_as_given(self, options: EngineOptions, info):
+        """What was set, as a config writes it (config.yaml): the defaults stay the engine's."""
+        return options.model_dump(mode="json" if info.mode_is_json() else "python", exclude_unset=True)
+
+    @property
+    def simulated(self) -> bool:
+        """Whether the engine that answers is the simulator (a pool's actors' engine for `ray`)."""
+        return self.options.answering().simulated
+
+    def answer_identity(self, model: str | None = None) -> str:
+        """The identity of the answers (EngineOptions.answer_identity) with a stage's model put in."""
+        return self.options.with_model(model).answer_identity()
 
 
 class AutoPlanConfig(_Model):
@@ -235,25 +249,22 @@ class StoreConfig(_Model):
                                              "fresh one started (--rebuild-store); otherwise the job stops")
 
 
-class RayConfig(_Model):
-    enabled: bool = Field(True, description="run engines in Ray actors; false: in this process")
-    address: str | None = Field(None, description="existing cluster ('auto' or ray://...); default a local Ray")
-    num_actors: int | None = Field(None, ge=1, description="default: one per GPU, else one per CPU")
-    num_gpus_per_actor: float = Field(0, ge=0, description="GPUs per actor (1 for a GPU engine)")
-    num_cpus_per_actor: float = Field(1, gt=0, description="CPUs per actor")
-    engines_per_gpu: int | Literal["auto"] = Field("auto", description="vLLM engines sharing each GPU, each sized "
-                                                   "to fit (auto: 2 for vllm at one GPU per actor, 3 with fp8 "
-                                                   "weights, else 1)")
-    max_in_flight_per_actor: int = Field(2, ge=1, description="images queued per actor")
-    split_min_queries: int = Field(128, ge=0, description="split an image's batch between idle engines, at "
-                                   "least this many queries each (one image at a time keeps every engine busy; 0: "
-                                   "never)")
-    cpu_workers: int = Field(0, ge=0, description="prepare, plan (adaptive rounds) and densify images in this many "
-                                                  "Ray CPU tasks at a time instead of the driver (0: in the driver)")
-    max_retries: int = Field(2, ge=0, description="resubmissions of an image after its actor died or failed")
-    actor_max_restarts: int = Field(4, ge=0, description="times Ray restarts a dead actor")
-    runtime_env: dict | None = Field(None, description="Ray runtime_env for the actors (working_dir, pip) when the "
-                                                       "cluster's workers lack densify")
+class RayConfig(RayOptions):
+    """The label job's `ray:` section: the Ray pool's own options (densify.engines.options.RayOptions), run
+    around the engine of the `engine:` section (`RayOptions.around`); `cpu_workers` also sets how many Ray CPU
+    tasks prepare, plan and densify images."""
+    # the pool's engine is the engine: section's: never set here, never written here
+    engine: str = Field(default_factory=pool_default_engine, exclude=True)
+    engine_options: SerializeAsAny[EngineOptions] | None = Field(None, exclude=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_engine(cls, data):
+        for key in ("engine", "engine_options"):
+            if isinstance(data, dict) and key in data:
+                raise ValueError(f"ray.{key}: the pool runs the engine of the engine: section; set engine.name and "
+                                 f"engine.options there")
+        return data
 
 
 def _label_outputs() -> OutputConfig:
@@ -264,8 +275,19 @@ def _label_forcing() -> ForcingConfig:
     return ForcingConfig(mode="declared")
 
 
+def _label_plan() -> PlanConfig:
+    return PlanConfig(mode="grid", count=3072)
+
+
+def _label_densify() -> DensifyConfig:
+    return DensifyConfig(method="linear")
+
+
 class LabelConfig(DepthConfig):
-    """`densify label`: the depth stage's settings plus the batch-job machinery (store, Ray, manifests)."""
+    """`densify label`: the depth stage's settings plus the batch-job machinery (store, Ray, manifests).
+    A plain grid and the linear densifier by default (cheap per image at dataset scale)."""
+    plan: PlanConfig = Field(default_factory=_label_plan, description="labels: one uniform grid per image")
+    densify: DensifyConfig = Field(default_factory=_label_densify, description="labels: piecewise-linear")
     outputs: OutputConfig = Field(default_factory=_label_outputs,
                                   description="per-image files (labels: depth, 16-bit PNG, confidence)")
     forcing: ForcingConfig = Field(default_factory=_label_forcing, description="forced answers: declared formats "
@@ -328,13 +350,31 @@ class ModelsConfig(_Model):
     pose: str | None = None
 
 
+def _scene_outputs() -> OutputConfig:
+    return OutputConfig(ply=False)
+
+
+def _scene_plan() -> PlanConfig:
+    return PlanConfig(count=3072)
+
+
+class SceneDepthConfig(DepthConfig):
+    """The depth stage inside `reconstruct` / `pose`: full-size decoding, so poses, fusion and exports
+    describe the image files as they are, and no per-image clouds (the fused cloud replaces them)."""
+    max_side: int | None = Field(None, ge=64, description="images longer than this are decoded reduced "
+                                 "(null: full size, within the 64 Mpx limit)")
+    plan: PlanConfig = Field(default_factory=_scene_plan, description="a fixed budget of 3072 (poses and fusion "
+                             "were measured so: benchmarks/results/reconstruct_sets_20261203.json)")
+    outputs: OutputConfig = Field(default_factory=_scene_outputs, description="per-image files (no cloud.ply)")
+
+
 class ReconstructConfig(_Model):
     """`densify reconstruct` / `densify pose`: depth per image, pairwise poses, pose graph, fusion, exports."""
     engine: EngineConfig = Field(default_factory=EngineConfig, description="engine for every stage (one "
                                  "stage's model at a time is loaded)")
     models: ModelsConfig = Field(default_factory=ModelsConfig)
-    depth: DepthConfig = Field(default_factory=DepthConfig, description="the depth stage (its own "
-                               "engine and model are replaced by `engine` and `models.depth`)")
+    depth: SceneDepthConfig = Field(default_factory=SceneDepthConfig, description="the depth stage (its own "
+                                    "engine and model are replaced by `engine` and `models.depth`)")
     corr: CorrConfig = Field(default_factory=CorrConfig)
     pose: PoseStageConfig = Field(default_factory=PoseStageConfig)
     pairs: PairsConfig = Field(default_factory=PairsConfig, description="which image pairs to relate "

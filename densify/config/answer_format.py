@@ -1,6 +1,6 @@
 """The fixed text around an answer's number (densify.queries.forcing forces it; profiles declare it).
 
-Pure text: no other densify module is imported here (profiles validate their formats with it).
+Pure text, no other densify module imported: profiles validate their formats with it.
 """
 
 from __future__ import annotations
