@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 import yaml
 
+from densify.config.answer_format import AnswerFormat
 from densify.config.profiles import load_profile, profiles_dir
 from densify.engines.base import Completion, EngineBatch, Query, Sampling
-from densify.config.answer_format import AnswerFormat
 from densify.queries.forcing import ForcingEngine, ForcingSettings
 from densify.sim.engine import SimulatedEngine
 from test_engine_vllm_cpu import fake_vllm  # noqa: F401 - fixture
@@ -214,12 +214,28 @@ def _batch(profile, n=6):
     return b
 
 
+def check_forced_is_free(eng, prof, answer: str, number: str) -> dict:
+    """Free answers are `answer`; forced ones the same text; forced without completion they stop after the
+    number, with fewer generated tokens. The forcing report."""
+    batch = _batch(prof)
+    free = eng.generate(batch)
+    assert [c.text for c in free] == [answer] * len(free)
+    forcing = ForcingEngine(eng, prof, ForcingSettings(audit_min=2, min_audits=2))
+    forced = forcing.generate(batch)
+    assert [c.text for c in forced] == [c.text for c in free]
+    r = forcing.report()
+    assert r["agreement"] == 1.0
+    raw = eng.generate(_with(batch, prefill=forcing.fmt.head, stop=(forcing.fmt.stop,)))
+    assert [c.text for c in raw] == [forcing.fmt.head + number] * len(raw)  # stopped after the number
+    assert max(c.n_generated_tokens for c in raw) < min(c.n_generated_tokens for c in free)
+    return r
+
+
 def test_forcing_is_exact_on_a_model_that_writes_the_declared_text(chain, tmp_path):
     """A real transformer (the tiny Qwen3-VL, made to answer a fixed text) through the hf engine: the
     forced answers are the model's free answers, byte for byte, with fewer generated tokens."""
-    from densify.engines import create_engine
-
     from densify.config.answer_format import NUMBER
+    from densify.engines import create_engine
 
     folder, answer = chain
     number = NUMBER.search(answer).group()
@@ -227,20 +243,12 @@ def test_forcing_is_exact_on_a_model_that_writes_the_declared_text(chain, tmp_pa
     prof = _profile(tmp_path, fmt)
     eng = create_engine("hf", profile=prof, model=str(folder), device="cpu", batch_size=4)
     try:
-        batch = _batch(prof)
-        free = eng.generate(batch)
-        assert [c.text for c in free] == [answer] * len(free)
-        forcing = ForcingEngine(eng, prof, ForcingSettings(audit_min=2, min_audits=2))
-        forced = forcing.generate(batch)
-        assert [c.text for c in forced] == [c.text for c in free]
-        r = forcing.report()
-        assert r["active"] and r["audited"] == 2 and r["agreement"] == 1.0 and r["same_text"] == 2
-        raw = eng.generate(_with(batch, prefill=forcing.fmt.head, stop=(forcing.fmt.stop,)))
-        assert [c.text for c in raw] == [forcing.fmt.head + number] * len(raw)  # stopped after the number
-        assert max(c.n_generated_tokens for c in raw) < min(c.n_generated_tokens for c in free)
+        r = check_forced_is_free(eng, prof, answer, number)
+        assert r["active"] and r["audited"] == 2 and r["same_text"] == 2
         # a declared text the model does not write: the audit sees other numbers and forcing goes off
         wrong = ForcingEngine(eng, _profile(tmp_path, fmt.replace("{d}", "-{d}")),
                               ForcingSettings(audit_min=3, min_audits=3))
+        batch = _batch(prof)
         out = wrong.generate(batch)
         rw = wrong.report()
         assert not rw["active"] and rw["agreed"] == 0 and rw["off_reason"].startswith("audit: 0 of 3")

@@ -13,11 +13,10 @@ if not torch.cuda.is_available():
     pytest.skip("needs a CUDA GPU", allow_module_level=True)
 pytest.importorskip("vllm")
 
-from test_forcing import _batch, _profile, _with, chain  # noqa: E402,F401 - the chain model fixture
+from test_forcing import _profile, chain, check_forced_is_free  # noqa: E402,F401 - the chain model fixture
 
-from densify.engines import create_engine  # noqa: E402
 from densify.config.answer_format import NUMBER  # noqa: E402
-from densify.queries.forcing import ForcingEngine, ForcingSettings  # noqa: E402
+from densify.engines import create_engine  # noqa: E402
 
 pytestmark = pytest.mark.gpu
 
@@ -29,15 +28,6 @@ def test_vllm_forced_answers_are_the_free_ones(chain, tmp_path):  # noqa: F811
     eng = create_engine("vllm", profile=prof, model=str(folder), gpu_memory_utilization=0.25, max_model_len=4096,
                         max_num_seqs=64, max_num_batched_tokens=8192, enforce_eager=True)
     try:
-        batch = _batch(prof)
-        free = eng.generate(batch)
-        assert [c.text for c in free] == [answer] * len(free)
-        forcing = ForcingEngine(eng, prof, ForcingSettings(audit_min=2, min_audits=2))
-        forced = forcing.generate(batch)
-        assert [c.text for c in forced] == [c.text for c in free]
-        assert forcing.report()["agreement"] == 1.0
-        raw = eng.generate(_with(batch, prefill=forcing.fmt.head, stop=(forcing.fmt.stop,)))
-        assert [c.text for c in raw] == [forcing.fmt.head + number] * len(raw)
-        assert max(c.n_generated_tokens for c in raw) < min(c.n_generated_tokens for c in free)
+        check_forced_is_free(eng, prof, answer, number)
     finally:
         eng.close()
