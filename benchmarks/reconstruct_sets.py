@@ -167,6 +167,7 @@ def run_one(name: str, sources, scene, view_of: dict, pairs: dict, args, work: P
            "depth_queries": s["depth"]["queries"], "depth_skipped": s["depth"]["skipped"],
            "pair_queries": s["pair_queries"], "pair_queries_no_overlap": s["pair_queries_no_overlap"],
            "pair_queries_failed": s["pair_queries_failed"], "pruned_pairs": len(s["pruned_pairs"]),
+           "long_pairs_left_out": len(s["long_pairs_left_out"]),
            "selection": s["pair_selection"]}
     sel = {(view_of[res.infos[r.i].id], view_of[res.infos[r.j].id]) for r in res.pairs}
     sel = {(min(a, b), max(a, b)) for a, b in sel}

@@ -282,12 +282,17 @@ def test_a_loop_of_36_views_closes_and_a_wrong_edge_is_pruned(seed):
     odo, loops, wrong, best, worst = _loop_edges(seed)
     n = 36
     chain = optimize_poses(list(range(n)), odo)
-    closed = optimize_poses(list(range(n)), odo + loops + [wrong])
+    every = PoseGraphConfig(short_edges_per_image=0)  # the line process alone (the wrong edge is also long)
+    closed = optimize_poses(list(range(n)), odo + loops + [wrong], every)
     optimum = worst(optimize_poses(list(range(n)), best, PoseGraphConfig(coarse_scales=[])))
     assert closed.pruned_edges == [(5, 20)] and len(closed.cam_to_world) == n
     assert worst(closed) < 1.05 * optimum + 0.005, (worst(closed), optimum)
     # the chain's drift opens a gap of 2.5-11 cm at the seam; closed, it is the noise of one edge
     assert _seam(closed) < 0.02 and _seam(closed) < 0.6 * _seam(chain), (_seam(closed), _seam(chain))
+    # by default the wrong edge (1.1 m, its images have 4 shorter pairs) never enters; the loop still closes
+    short = optimize_poses(list(range(n)), odo + loops + [wrong])
+    assert (5, 20) in short.long_edges and not short.pruned_edges and len(short.cam_to_world) == n
+    assert _seam(short) < 0.02 and worst(short) < 1.05 * optimum + 0.005, (_seam(short), worst(short), optimum)
 
 
 def test_a_wrong_edge_cannot_seed_an_unordered_graph():
@@ -298,8 +303,8 @@ def test_a_wrong_edge_cannot_seed_an_unordered_graph():
     edges = odo + loops + [wrong]
     for e in edges:
         e.uncertain = True
-    plain = optimize_poses(list(range(36)), edges, PoseGraphConfig(tree_trials=1))
-    robust = optimize_poses(list(range(36)), edges)
+    plain = optimize_poses(list(range(36)), edges, PoseGraphConfig(tree_trials=1, short_edges_per_image=0))
+    robust = optimize_poses(list(range(36)), edges, PoseGraphConfig(short_edges_per_image=0))
     optimum = worst(optimize_poses(list(range(36)), best, PoseGraphConfig(coarse_scales=[])))
     assert worst(plain) > 1.0 and len(plain.pruned_edges) > 5
     assert (5, 20) in robust.pruned_edges and worst(robust) < 1.05 * optimum + 0.005, (worst(robust), optimum)
