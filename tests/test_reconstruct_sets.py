@@ -369,6 +369,56 @@ def test_a_long_pair_that_alone_joins_two_parts_stays_and_odometry_is_never_left
     assert res.long_edges == [(2, 3)] and len(res.cam_to_world) == 6  # the odometry stays and joins them
 
 
+def _global_auc10(res, scene) -> float:
+    """Pose AUC@10 over every pair of views from the global poses (an unposed view's pairs are misses)."""
+    from types import SimpleNamespace
+
+    from densify.eval.pose_eval import pose_auc, pose_errors
+
+    est = {int(i.split("_")[1]): T for i, T in res.cam_to_world.items()}  # ids: view_000, ...
+    errs = []
+    for a in range(len(scene.views)):
+        for b in range(a + 1, len(scene.views)):
+            if a not in est or b not in est:
+                errs.append(float("inf"))
+                continue
+            E = np.linalg.inv(est[b]) @ est[a]
+            t = E[:3, 3]
+            p = SimpleNamespace(R=E[:3, :3], t=t / max(np.linalg.norm(t), 1e-12), t_metric=t, ok=True)
+            errs.append(pose_errors(p, np.linalg.inv(scene.views[b].cam_to_world) @ scene.views[a].cam_to_world)["max_deg"])
+    return pose_auc(errs)["auc@10"]
+
+
+@pytest.mark.slow
+def test_an_exhaustive_set_under_shared_errors_is_as_good_as_the_sequence(tmp_path):
+    """12 views of a walk (320x240), every pair, the simulated engine's structured errors (shared by an
+    image's answers). With every verified pair in the pose graph the wide pairs bend it (AUC@10 0.70, the
+    sequence's own pairs 0.75); each image keeping its 4 shortest pairs: 0.81."""
+    from densify.sim.engine import ErrorModel
+
+    scene = _scene(seed=1, n_views=12, step_m=0.15)
+    images = discover([str(p) for p in scene.save(tmp_path / "scene")])
+
+    def run(pairs, out, **posegraph):
+        over = {"engine": {"name": "simulated"}, "pairs": pairs, "corr": {"grid": [16, 12]},
+                "depth": {"plan": {"count": 600}}, "fusion": {"voxel_length": 0.05, "sdf_trunc": 0.2},
+                "posegraph": posegraph, "export": {"colmap": False, "glb": False, "nerfstudio": False}}
+        cfg = load_config(ReconstructConfig, None, dict_overrides(over), default_name="reconstruct")
+        truth = SceneTruth(scene)
+        engines = {st: SimulatedEngine(load_profile(p), error=ErrorModel.from_option("structured"), truth=truth)
+                   for st, p in (("depth", "vlm3-depth"), ("corr", "vlm3-corr"), ("pose", "vlm3-pose"))}
+        res = reconstruct(images, cfg, tmp_path / out, engines=engines)
+        assert res.summary["posed"] == 12
+        return res
+
+    every = run("exhaustive", "exhaustive", short_edges_per_image=0)
+    short = run("exhaustive", "exhaustive")  # the same depth maps and pairs (skipped): only the graph differs
+    sequence = run("consecutive+skip2", "sequence")
+    assert not every.summary["long_pairs_left_out"] and len(short.summary["long_pairs_left_out"]) > 20
+    auc = {k: _global_auc10(r, scene) for k, r in (("every", every), ("short", short), ("sequence", sequence))}
+    assert auc["short"] > auc["every"] + 0.05 and auc["short"] > auc["sequence"] - 0.05, auc
+
+
 def test_of_two_pairs_that_disagree_the_one_the_rest_agrees_with_places_the_image():
     """Image 3's two pairs place it metres apart. (1, 3) agrees with the rest, through (0, 3); (2, 3) is
     pruned and image 3 lands where (1, 3) puts it."""
