@@ -3,6 +3,7 @@
     python -m benchmarks.densify_bench            # full sweep: 10 scenes x 7 budgets x 2 presets (~5 min, 2 cores)
     python -m benchmarks.densify_bench --quick    # 4 scenes x 3 budgets (~1 min)
     python -m benchmarks.densify_bench --errors structured --edge-opts '{"radius": 4}' --tag r4   # a variant
+    python -m benchmarks.densify_bench --budgets 3072 --auto --no-plot --tag auto  # plan.count: auto vs 3072
 
 Seeded synthetic rooms (densify.synthetic.scenes, 640x480) are answered by the simulated VLM3-depth engine
 through the real prompts, parser and pixel maps, under each error preset of `--errors` (default both, in one
@@ -19,7 +20,10 @@ Both are models of errors, not measurements of VLM3. For each preset, budget (qu
 
 The adaptive rows are the depth stage itself (`DepthStage` with an adaptive plan of the budget, the
 edge-aware densifier, nothing written): its rounds, its planner, its map; ``adaptive+linear`` densifies
-the same answers piecewise-linearly.
+the same answers piecewise-linearly. `--auto` adds the same stage with ``plan.count: auto`` (`StopRule`: a
+grid, then rounds until the answers stop paying; budget-free): per scene its queries, engine calls and why it
+stopped, and against ``adaptive+edge`` at 3072 (the former default) the AbsRel it loses (`auto` in each
+preset's results).
 
 Every method asks at most the budget (grids are the largest that fit). Metrics over all valid pixels:
 delta_1 and AbsRel; near discontinuities: AbsRel and delta_1 within 5 px of a ground-truth depth edge
@@ -72,6 +76,8 @@ class AdaptiveAnswers:
     confidence: np.ndarray
     densify_s: float
     wall_s: float
+    plan: dict
+    """The planner's report (rounds, why it stopped)."""
 
 
 class SceneCase:
@@ -128,17 +134,17 @@ class SceneCase:
         comps = self.engine.generate(batch)
         return answers.collect_depth(self.profile, plan.pixels, plan.prompt_xy, comps, unmarkable=plan.unmarkable)
 
-    def ask_adaptive(self, budget: int, planner_opts: dict | None = None, edge_opts: dict | None = None
-                     ) -> AdaptiveAnswers:
+    def ask_adaptive(self, budget: int | None, planner_opts: dict | None = None, edge_opts: dict | None = None,
+                     auto: dict | None = None) -> AdaptiveAnswers:
         """The depth stage on this view (in memory: nothing written) with an adaptive plan of `budget`
-        queries and the edge-aware densifier."""
+        queries (None: `plan.count: auto` with the plan.auto options `auto`) and the edge-aware densifier."""
         from densify.io.images import ImageSource
         from densify.stages.depth import DepthStage
         from densify.stages.settings import DepthConfig
 
-        cfg = DepthConfig(engine={"name": "simulated"}, plan={"mode": "adaptive", "budget": budget},
+        cfg = DepthConfig(engine={"name": "simulated"}, plan={"mode": "adaptive", "budget": budget, "auto": auto or {}},
                           densify={"method": "edge", "options": edge_opts or {}}, logprobs=self.logprobs,
-                          outputs={"ply": False})
+                          outputs={"ply": False}, forcing={"mode": "off"})  # plans only: no audit batches
         calls: list[int] = []
         stage = DepthStage(cfg, self.engine, keep_maps=True, on_round=calls.append, planner_options=planner_opts)
         t = time.perf_counter()
@@ -146,7 +152,7 @@ class SceneCase:
         wall = time.perf_counter() - t
         if res.status != "ok":
             raise RuntimeError(f"the depth stage failed on scene {self.ref.id}: {res.error}")
-        return AdaptiveAnswers(res.answers, calls, res.depth, res.confidence, res.densify_s, wall)
+        return AdaptiveAnswers(res.answers, calls, res.depth, res.confidence, res.densify_s, wall, res.plan)
 
     def score(self, pred: np.ndarray) -> dict:
         from densify.eval.metrics import absrel, delta1
@@ -203,11 +209,61 @@ def run_scene(args) -> dict:
         for m in ("adaptive+linear", "adaptive+edge"):
             row[m].update(queries=len(aans.pixels), calls=len(run.calls), plan_s=plan_s)
         out["results"][str(B)] = row
+    if opts.get("auto") is not None:  # plan.count: auto (budget-free): the stage's stopping rule
+        run = case.ask_adaptive(None, planner_opts, edge_opts, auto=opts["auto"])
+        row = case.score(run.depth)
+        row.update(densify_s=run.densify_s, queries=len(run.answers.pixels), calls=len(run.calls),
+                   plan_s=run.wall_s - run.densify_s, stop=run.plan["stop"], history=case_history(run.plan))
+        out["auto"] = row
     out["wall_s"] = time.perf_counter() - t0
     return out
 
 
+def case_history(report: dict) -> dict:
+    return {k: report[k] for k in ("rounds", "own_spread", "disagreement", "ratio") if k in report}
+
+
 # ---------------------------------------------------------------------------------------------- summary
+
+AUTO_KEYS = ("delta1", "absrel", "edge_absrel", "edge_delta1", "queries", "calls", "densify_s", "plan_s")
+
+
+def aggregate_auto(scenes: list[dict], agg: dict, default: int = 3072) -> dict | None:
+    """`plan.count: auto` over the scenes against adaptive + edge-aware at `default` queries (the former
+    default), when both were run: means, per-scene queries and stop reasons, and the AbsRel difference."""
+    rows = [s["auto"] for s in scenes if "auto" in s]
+    if not rows:
+        return None
+    out = {k: float(np.nanmean([r[k] for r in rows])) for k in AUTO_KEYS}
+    out["queries_per_scene"] = [int(r["queries"]) for r in rows]
+    out["stops"] = {k: sum(r["stop"] == k for r in rows) for k in sorted({r["stop"] for r in rows})}
+    ref = agg.get("adaptive+edge", {}).get(str(default))
+    if ref is not None:
+        out["reference"] = {"method": "adaptive+edge", "budget": default, **{k: ref[k] for k in METRICS}}
+        out["absrel_loss"] = out["absrel"] - ref["absrel"]
+        out["query_share"] = out["queries"] / ref["queries"]
+        out["within_0.005_absrel"] = out["absrel_loss"] <= 0.005
+    return out
+
+
+def auto_table(runs: dict) -> str:
+    lines = ["| errors | plan | queries / image (min-max) | calls | AbsRel | edge AbsRel | δ1 | stops |",
+             "|---|---|---:|---:|---:|---:|---:|---|"]
+    for e, run in runs.items():
+        a = run.get("auto")
+        if not a:
+            continue
+        ref = a.get("reference")
+        if ref:
+            r = run["aggregate"]["adaptive+edge"][str(ref["budget"])]
+            lines.append(f"| {e} | adaptive {ref['budget']} (former default) | {r['queries']:.0f} | {r['calls']:.1f} | "
+                         f"{r['absrel']:.4f} | {r['edge_absrel']:.4f} | {r['delta1']:.4f} | |")
+        q = a["queries_per_scene"]
+        lines.append(f"| {e} | auto | {a['queries']:.0f} ({min(q)}-{max(q)}) | {a['calls']:.1f} | {a['absrel']:.4f} | "
+                     f"{a['edge_absrel']:.4f} | {a['delta1']:.4f} | "
+                     + ", ".join(f"{k} {v}" for k, v in a["stops"].items()) + " |")
+    return "\n".join(lines)
+
 
 def aggregate(scenes: list[dict], budgets: list[int]) -> dict:
     agg = {}
@@ -377,8 +433,12 @@ def run_preset(error: str, seeds: list[int], budgets: list[int], opts: dict, wor
     else:
         scenes = [run_scene(j) for j in jobs]
     agg = aggregate(scenes, budgets)
-    return {"error_model": ErrorModel.from_option(error).__dict__, "wall_s": time.perf_counter() - t0,
-            "aggregate": agg, "ratios_at_1024": ratios(agg, budgets), "per_scene": scenes}
+    out = {"error_model": ErrorModel.from_option(error).__dict__, "wall_s": time.perf_counter() - t0,
+           "aggregate": agg, "ratios_at_1024": ratios(agg, budgets), "per_scene": scenes}
+    auto = aggregate_auto(scenes, agg)
+    if auto is not None:
+        out["auto"] = auto
+    return out
 
 
 def main(argv=None) -> int:
@@ -391,6 +451,9 @@ def main(argv=None) -> int:
     p.add_argument("--logprobs", action="store_true", help="ask for answer log-probabilities and use them")
     p.add_argument("--edge-opts", type=json.loads, default={}, help="JSON options for densify_depth_edge")
     p.add_argument("--planner-opts", type=json.loads, default={}, help="JSON options for AdaptivePlanner")
+    p.add_argument("--auto", nargs="?", const="{}", type=json.loads, default=None, metavar="JSON",
+                   help="also run plan.count: auto (StopRule options as JSON, e.g. '{\"ratio\": 1.2}'); with "
+                        "3072 among the budgets, compared with adaptive + edge-aware at 3072 (the former default)")
     p.add_argument("--tag", default="", help="suffix of the default JSON / plot names (a variant's name)")
     p.add_argument("--json", type=Path, help="results JSON (default benchmarks/results/densify_<date>[_tag].json)")
     p.add_argument("--plot", type=Path, help="budget plot (default docs/densify_budget[_tag]_<preset>.png)")
@@ -402,7 +465,7 @@ def main(argv=None) -> int:
     n_scenes = args.scenes or (4 if args.quick else 10)
     seeds = list(range(100, 100 + n_scenes))
     presets = [e.strip() for e in args.errors.split(",") if e.strip()]
-    opts = {"logprobs": args.logprobs, "edge": args.edge_opts, "planner": args.planner_opts}
+    opts = {"logprobs": args.logprobs, "edge": args.edge_opts, "planner": args.planner_opts, "auto": args.auto}
     t0 = time.perf_counter()
     runs = {e: run_preset(e, seeds, budgets, opts, args.workers) for e in presets}
     wall = time.perf_counter() - t0
@@ -435,6 +498,9 @@ def main(argv=None) -> int:
                                REPO / "docs" / f"densify_example{suffix}_{e}.png", {**opts, "error": e})
         print(f"### error preset: {e}\n")
         print(markdown_table(agg, budgets))
+        if run.get("auto"):
+            print("\n`plan.count: auto` against the former default:\n")
+            print(auto_table({e: run}))
         if rat:
             print("\nBaseline budget needed for each method's accuracy at 1024 queries (log-budget interpolation):\n")
             print(ratio_table(rat))

@@ -24,7 +24,18 @@ What runs (each phase its own engine; phases append to one JSON file, written af
   xxhash   base with prefix_caching_hash_algo="xxhash" (needs the xxhash package), N images streamed.
   hf       (d) transformers the way the VLM3 release notebook runs it (one query per generate call) and
            batched (64 per call); random bf16 weights built on the GPU (the 4B folder has none).
-  --custom NAME=JSON  any engine options over base's: (a), streamed.
+  --custom NAME=JSON  any engine options over base's: (a), streamed. VARIANTS names options worth trying on
+           the GPU (rayK+NAME without --custom): chunk64k (larger prefill chunks), graphsfull (CUDA graphs for
+           mixed prefill/decode steps too), async / noasync (vLLM's async scheduling), byimage (each engine's
+           running batch mostly one image: the next image only once fewer than 512 queries are unfinished).
+  rayK@T   the production path at a forced answer length: every prompt ends with the assistant-turn head a
+           forced answer has (FORCED_HEAD, VLM3-depth's learned one) and T tokens are generated (the number
+           and the stop token; densify.queries.forcing), N images streamed.
+  profK    rayK (12 tokens) under vLLM's torch profiler (CUDA activities, `profiler_config`), the first
+           --profile-steps engine steps of each engine: kernel time by class (GEMM, attention per prefill /
+           decode / mixed step, KV-cache writes, sampling, copies, other) and idle gaps
+           (benchmarks.kernel_profile) in the row's "kernel_profile"; `profK+NAME` with a variant. The
+           profiled run's q/s carries the profiler's cost (compare the rayK row).
 `--table [RESULT ...]` prints README's engine rows from committed results (no GPU needed).
 Every row counts answered queries only in queries_per_s; a row with engine errors has "valid": false and
 "invalid_reason". Rows record engines_per_gpu, memory_per_engine_gib (vLLM's share) and the most GPU
@@ -73,6 +84,16 @@ GEN_TOKENS = 12
 LONG_TOKENS = 30   # DepthLM's training answer (<think> ... </think>\n\n<answer> d </answer>) is about this long
 GRID = (64, 48)
 TARGETS = {"bf16": 900.0, "fp8": 1500.0}  # answered q/s per H200 through the Ray pool at 12 tokens (issue 13)
+FORCED_TARGETS = {"bf16": 900.0, "fp8": 1300.0}  # ... at the forced answer length (issue 23)
+FORCED_HEAD = "<think> </think><answer>"  # what densify learns from VLM3-depth-style answers and forces
+VARIANTS = {  # engine options worth trying on the GPU (issue 23), over BASE_OPTS
+    "chunk64k": {"max_num_batched_tokens": 65536},
+    "graphsfull": {"llm_kwargs": {"compilation_config": {"cudagraph_mode": "FULL"}}},
+    "async": {"llm_kwargs": {"async_scheduling": True}},
+    "noasync": {"llm_kwargs": {"async_scheduling": False}},
+    "byimage": {"queries_in_flight": 512},
+    "fp8": {"quantization": "fp8"},
+}
 
 
 # ---------------------------------------------------------------------------------------------- helpers
@@ -177,14 +198,14 @@ def photo(k: int, size=(1000, 750)) -> tuple[np.ndarray, Camera]:
 
 
 def image_batch(profile, k: int, n: int | None = None, sampling: Sampling | None = None, tag=None,
-                tokens: int = GEN_TOKENS) -> EngineBatch:
+                tokens: int = GEN_TOKENS, prefill: str | None = None) -> EngineBatch:
     rgb, cam = photo(k)
     prep = prepare_for(rgb, cam, profile)
     pts = grid_points(cam.width, cam.height, count=GRID)
     if n is not None and n < len(pts):
         pts = pts[np.linspace(0, len(pts) - 1, n).round().astype(int)]
     plan = plan_queries(pts, prep.pixel_map, marker=profile.marker)
-    s = sampling or Sampling(max_tokens=tokens)
+    s = sampling or Sampling(max_tokens=tokens, prefill=prefill)
     sid = f"bench-{profile.name}-{k}"
     return depth_batch(prep, plan, profile, uid=image_uid(prep, sid), ref=image_ref(sid, prep), sampling=s,
                        tag=tag if tag is not None else k)
@@ -476,20 +497,38 @@ def depthlm_phase(model: str, rate: float, state: dict, n_queries: int = 256, lo
 
 
 def ray_phase(name: str, model: str, opts: dict, rate: float, per_gpu: int, state: dict, n_images: int,
-              engine: str = "vllm", long_tokens: int = LONG_TOKENS, pyspy_dir: str | None = None) -> list[dict]:
+              engine: str = "vllm", long_tokens: int = LONG_TOKENS, pyspy_dir: str | None = None,
+              answer_tokens: int = GEN_TOKENS, prefill: str | None = None,
+              profile_steps: int | None = None) -> list[dict]:
     """K vLLM engines on the one GPU as Ray actors (several engine-core processes feed one GPU: one core's
-    per-request CPU work overlaps another's GPU steps). Memory per engine from `engines_per_gpu`."""
+    per-request CPU work overlaps another's GPU steps). Memory per engine from `engines_per_gpu`.
+    answer_tokens / prefill: the first run's answer length and assistant-turn head (rayK@T: forced answers);
+    profile_steps: that run under vLLM's torch profiler, the kernel breakdown in its row (profK)."""
     from densify.engines.ray_pool import RayPoolEngine
     from densify.engines.vllm_memory import engine_memory_plan
 
     prof = load_profile("vlm3-depth")
     k0 = state.setdefault("next_image", 100)
     # min_tokens covers the longer answers; each batch's max_tokens sets its length
-    opts = dict(opts, model=model, min_tokens=max(GEN_TOKENS, long_tokens or 0))
+    opts = dict(opts, model=model, min_tokens=max(answer_tokens, long_tokens or 0))
     opts.pop("gpu_memory_utilization", None)
-    opts.pop("max_num_batched_tokens", None)
+    if opts.get("max_num_batched_tokens") == BASE_OPTS["max_num_batched_tokens"]:  # a variant's own value stays
+        opts.pop("max_num_batched_tokens", None)
     mem = GPUMemory()
     plan = engine_memory_plan(per_gpu, mem.total_gib or 140.0) if per_gpu > 1 else None
+    extra_llm = dict(opts.get("llm_kwargs") or {})
+    if "compilation_config" in extra_llm and plan:  # a variant's graph mode keeps the plan's capture sizes
+        extra_llm["compilation_config"] = {**plan["compilation_config"], **extra_llm["compilation_config"]}
+    trace_dir = None
+    if profile_steps:
+        trace_dir = tempfile.mkdtemp(prefix="densify-prof-")
+        extra_llm["profiler_config"] = {"profiler": "torch", "torch_profiler_dir": trace_dir,
+                                        "torch_profiler_with_stack": False, "torch_profiler_record_shapes": False,
+                                        "torch_profiler_dump_cuda_time_total": False,
+                                        "max_iterations": int(profile_steps)}
+        long_tokens = 0
+    if extra_llm:
+        opts["llm_kwargs"] = extra_llm
     rows: list[dict] = []
     t0 = time.perf_counter()
     with mem:
@@ -501,9 +540,14 @@ def ray_phase(name: str, model: str, opts: dict, rate: float, per_gpu: int, stat
         n = max(n_images, 2 * per_gpu)
         try:
             list(pool.stream([image_batch(prof, k0 + 1 + i, 512) for i in range(2 * per_gpu)]))  # warm-up
-            for tokens in [GEN_TOKENS] + ([long_tokens] if long_tokens else []):
+            for tokens in [answer_tokens] + ([long_tokens] if long_tokens else []):
                 k = state["next_image"] = state.get("next_image", k0) + n + 10
-                bs = [image_batch(prof, k + i, tokens=tokens) for i in range(n)]
+                head = prefill if tokens == answer_tokens else None
+                bs = [image_batch(prof, k + i, tokens=tokens, prefill=head) for i in range(n)]
+                if trace_dir:
+                    import ray
+
+                    profiling = ray.get([a.profile.remote(True, f"engine{i}") for i, a in enumerate(pool.actors)])
                 s0 = dict(pool.stats)
                 spy = None
                 if pyspy_dir and tokens == GEN_TOKENS:  # one actor and its engine core, during the 12-token run
@@ -518,6 +562,10 @@ def ray_phase(name: str, model: str, opts: dict, rate: float, per_gpu: int, stat
                                            stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
                     time.sleep(1.0)
                 res, wall, extra = Probe(None, mem).run(lambda: list(pool.stream(bs)))
+                if trace_dir:
+                    extra["kernel_profile"] = _kernel_profile(pool, profiling, trace_dir, profile_steps)
+                if head:
+                    extra["forced_head"] = head
                 if spy is not None:
                     try:
                         spy.wait(timeout=40)
@@ -546,6 +594,26 @@ def ray_phase(name: str, model: str, opts: dict, rate: float, per_gpu: int, stat
         row["ray"] = {"num_actors": per_gpu, "engines_per_gpu": per_gpu, "max_in_flight_per_actor": 3}
         row["dtype"] = "fp8" if opts.get("quantization") == "fp8" else "bf16"
     return rows
+
+
+def _kernel_profile(pool, started: list, trace_dir: str, steps: int) -> dict:
+    """Stop every actor's profiler and classify the kernels of the traces it wrote."""
+    import ray
+
+    from benchmarks.kernel_profile import breakdown
+
+    try:
+        ray.get([a.profile.remote(False) for a, on in zip(pool.actors, started) if on], timeout=600)
+        files = sorted(Path(trace_dir).rglob("*.pt.trace.json*"))
+        if not files:
+            return {"error": f"no trace written under {trace_dir} (profiler started on {sum(started)} of "
+                             f"{len(started)} engines)"}
+        out = breakdown(files)
+        out.update(trace_files=[f.name for f in files], trace_mb=round(sum(f.stat().st_size for f in files) / 2**20, 1),
+                   profiled_steps_per_engine=steps)
+        return out
+    except Exception as exc:  # noqa: BLE001 - the run's own numbers stand without the profile
+        return {"error": f"{type(exc).__name__}: {exc}"[:500]}
 
 
 def hf_phase(model: str, rate: float, n_single: int, n_batched: int) -> list[dict]:
@@ -611,6 +679,15 @@ def derive(result: dict) -> None:
         s["best_(a)"] = f"{best['variant']}: {best['queries_per_s']} q/s"
         if single and single.get("queries_per_s"):
             s["best_(a)_over_hf_one_per_call"] = round(best["queries_per_s"] / single["queries_per_s"], 1)
+    for dtype, target in FORCED_TARGETS.items():  # the same at the forced answer length (rayK@T)
+        forced = [r for r in result["rows"] if "ray" in r and r.get("dtype") == dtype and r.get("valid")
+                  and r.get("forced_head")]
+        if forced:
+            best = max(forced, key=lambda r: r["queries_per_s"])
+            met = "met" if best["queries_per_s"] >= target else "NOT met"
+            s[f"target_{dtype}_ray_pool_forced"] = (f"{best['queries_per_s']:.0f} answered q/s at {best['answer_tokens']} "
+                                                    f"tokens with {best['engines_per_gpu']} engine(s) per GPU vs >= "
+                                                    f"{target:.0f}: {met}")
     for dtype, target in TARGETS.items():  # the production path: the Ray pool, 12-token answers, valid rows
         ray = [r for r in result["rows"] if "ray" in r and r.get("dtype") == dtype and r.get("valid")
                and r.get("answer_tokens") == GEN_TOKENS]
@@ -693,6 +770,8 @@ def main(argv=None) -> int:
     ap.add_argument("--long-tokens", type=int, default=LONG_TOKENS,
                     help="rayK phases: also stream N images with answers this long (0: skip)")
     ap.add_argument("--pyspy", help="folder for py-spy profiles of the (a) measurement (needs py-spy)")
+    ap.add_argument("--profile-steps", type=int, default=300, help="profK: engine steps each engine's torch "
+                    "profiler records (keeps the trace to tens of MB)")
     ap.add_argument("--model", help="4B-shaped model folder (default: build one in a temporary folder)")
     ap.add_argument("--hf-single", type=int, default=32, help="queries for hf one-per-call")
     ap.add_argument("--hf-batched", type=int, default=256, help="queries for hf batched")
@@ -770,18 +849,26 @@ def main(argv=None) -> int:
                                   state, **kw)
             elif ph == "fp8":
                 rows = vllm_phase("fp8", model, dict(BASE_OPTS, quantization="fp8"), rate, {"a", "stream"}, state, **kw)
-            elif ph.startswith("ray") and ph[3:].partition("+")[0].isdigit():
-                k, _, extra_name = ph[3:].partition("+")
-                extra_opts = custom[extra_name] if extra_name else {}
+            elif ph.startswith(("ray", "prof")) and ph.lstrip("rayprof")[:1].isdigit():
+                kind = "prof" if ph.startswith("prof") else "ray"
+                spec, _, extra_name = ph[len(kind):].partition("+")
+                k, _, forced = spec.partition("@")
+                extra_opts = (custom.get(extra_name) or VARIANTS[extra_name]) if extra_name else {}
+                more = {}
+                if forced:
+                    more = dict(answer_tokens=int(forced), prefill=FORCED_HEAD, long_tokens=0)
+                if kind == "prof":
+                    more["profile_steps"] = args.profile_steps
                 rows = ray_phase(ph, model, dict(BASE_OPTS, **extra_opts), rate, int(k), state, args.stream_images,
-                                 long_tokens=args.long_tokens, pyspy_dir=args.pyspy)
+                                 **{"long_tokens": args.long_tokens, "pyspy_dir": args.pyspy, **more})
             elif ph == "cpu":
                 rows = vllm_phase("cpu", model, dict(BASE_OPTS), rate, {"cpu"}, state, **kw)
             elif ph == "xxhash":
                 rows = vllm_phase("xxhash", model, dict(BASE_OPTS, prefix_caching_hash_algo="xxhash"), rate,
                                   {"stream"}, state, **kw)
-            elif ph in custom:
-                rows = vllm_phase(ph, model, dict(BASE_OPTS, **custom[ph]), rate, {"a", "stream"}, state, **kw)
+            elif ph in custom or ph in VARIANTS:
+                rows = vllm_phase(ph, model, dict(BASE_OPTS, **(custom.get(ph) or VARIANTS[ph])), rate, {"a", "stream"},
+                                  state, **kw)
             elif ph == "hf":
                 rows = hf_phase(model, rate, args.hf_single, args.hf_batched)
             else:

@@ -6,6 +6,7 @@
 #   (depthlm: DepthLM as released, the exact marker on the Pixtral-12B shape, dummy weights; its folder is built once per host)
 #   bash benchmarks/gpu_session.sh scaling [scaling_bench args, e.g. --gpus 1,2 --engines-per-gpu 2]
 #   bash benchmarks/gpu_session.sh pipeline [pipeline_bench args, e.g. --images 12 --cpu-workers 4]
+#   bash benchmarks/gpu_session.sh depth [depth_bench args, e.g. --images 12 --one 1]: `densify depth` itself
 # After `bench`, /tmp/densify-best-options.json holds the engine options (beyond engine_bench's base) of the
 # fastest valid bf16 Ray-pool row at 12 tokens, for the next call: --engine-options "$(cat /tmp/densify-best-options.json)".
 # e.g. the last staging call and the tests together:
@@ -14,7 +15,7 @@
 # back from the host). PYTEST_K=EXPR selects tests (pytest -k). Exit status: that of the last step that failed, else 0.
 set -uo pipefail
 what=${1:-all}
-if [ "$what" = scaling ] || [ "$what" = pipeline ]; then shift; extra=("$@"); else phases=${2:-base,depthlm,hf,cascade,fp8}; extra=("${@:3}"); fi
+if [ "$what" = scaling ] || [ "$what" = pipeline ] || [ "$what" = depth ]; then shift; extra=("$@"); else phases=${2:-base,depthlm,hf,cascade,fp8}; extra=("${@:3}"); fi
 OUT=${OUT:-/tmp/densify-gpu-out}
 mkdir -p "$OUT"
 if [ -f /tmp/gpu-env.sh ]; then
@@ -59,7 +60,7 @@ cat "$OUT/env.txt"
 if [ "$what" = tests ] || [ "$what" = all ]; then
   kargs=()
   [ -n "${PYTEST_K:-}" ] && kargs=(-k "$PYTEST_K")
-  python3 -m pytest -m gpu -v -s -rA -p no:cacheprovider "${kargs[@]}" tests/test_engine_vllm.py 2>&1 \
+  python3 -m pytest -m gpu -v -s -rA -p no:cacheprovider "${kargs[@]}" tests/test_engine_vllm.py tests/test_forcing_gpu.py 2>&1 \
     | grep --line-buffered -v "jit_monitor\|Capturing CUDA graphs" | tee "$OUT/gpu-tests.log"
   r=${PIPESTATUS[0]}; [ "$r" -ne 0 ] && rc=$r
 fi
@@ -76,6 +77,11 @@ fi
 if [ "$what" = pipeline ]; then
   python3 -m benchmarks.pipeline_bench --out "$OUT" --model "$MODEL" "${extra[@]}" 2>&1 \
     | grep --line-buffered -v "jit_monitor\|Capturing CUDA graphs" | tee "$OUT/pipeline.log"
+  r=${PIPESTATUS[0]}; [ "$r" -ne 0 ] && rc=$r
+fi
+if [ "$what" = depth ]; then
+  python3 -m benchmarks.depth_bench --out "$OUT" --model "$MODEL" "${extra[@]}" 2>&1 \
+    | grep --line-buffered -v "jit_monitor\|Capturing CUDA graphs" | tee "$OUT/depth.log"
   r=${PIPESTATUS[0]}; [ "$r" -ne 0 ] && rc=$r
 fi
 # and one Pixtral-12B-shaped folder (DepthLM's released architecture, dummy weights) for the depthlm phase

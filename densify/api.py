@@ -117,7 +117,7 @@ class Densifier:
                  default_hfov_deg: float = 60.0, reconstruct: dict | None = None, **engine_options: Any):
         self.profile = profile
         depth = {"profile": profile, "model": model, "default_hfov_deg": default_hfov_deg,
-                 "plan": plan or {}, "densify": densify or {}}
+                 **{k: v for k, v in (("plan", plan), ("densify", densify)) if v is not None}}  # else each job's own
         eng = {"name": engine, "options": engine_options}
         data = {"engine": eng, "models": {"depth": model, "corr": corr_model, "pose": pose_model}, "depth": depth,
                 "corr": {"profile": corr_profile}, "pose": {"profile": pose_profile}, **(reconstruct or {})}

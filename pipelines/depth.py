@@ -53,5 +53,14 @@ def print_summary(s: dict, out) -> None:
     c.print(f"[bold]densify depth[/]: {s['ok']} ok, {s['skipped']} skipped (done earlier), {s['failed']} failed of "
             f"{s['images']} images; {s['queries']:,} queries in {s['wall_s']:.1f} s ({s['queries_per_s']:,.0f} q/s); "
             f"answer failures {common.esc(s['answer_failures'] or 'none')}")
+    plan, q = s.get("plan") or {}, (s.get("plan") or {}).get("queries_per_image")
+    if q:
+        stops = ", ".join(f"{k} {v}" for k, v in plan.get("stops", {}).items())
+        c.print(f"{q['mean']:,.0f} queries per image ({q['min']:,}-{q['max']:,}), {plan.get('mode')} rounds "
+                f"stopped by: {stops or '-'}")
+    f = s.get("forcing")
+    if f and (f.get("forced_queries") or f.get("off_reason")):
+        c.print(f"answer forcing: {f['forced_queries']:,} forced, {f['agreed']}/{f['audited']} audited agreed"
+                + (f"; off: {common.esc(f['off_reason'])}" if f.get("off_reason") else ""))
     common.print_failures(c, s["failed_images"], s["failed"], f"{out}/failures.jsonl")
     c.print(f"outputs in {common.esc(out)}")

@@ -103,7 +103,8 @@ def _step_stage_run(tmp_path, plan: dict):
     batches, calls = [], []
     gen = engine.generate
     engine.generate = lambda b: (batches.append(b), gen(b))[1]
-    cfg = DepthConfig(engine={"name": "simulated"}, plan={"mode": "adaptive", **plan}, outputs={"ply": False})
+    cfg = DepthConfig(engine={"name": "simulated"}, plan={"mode": "adaptive", **plan}, outputs={"ply": False},
+                      forcing={"mode": "off"})  # rounds only (forced answers add audit batches: test_forcing.py)
     stage = DepthStage(cfg, engine, keep_maps=True, on_round=calls.append)
     (res,) = stage.run([ImageSource("step", tmp_path / "step.png")], intrinsics=Camera.default(W, H))
     return res, batches, calls
@@ -175,7 +176,7 @@ def test_pipeline_adaptive_mode_end_to_end(tmp_path):
     gen = engine.generate
     engine.generate = lambda b: (calls.append(len(b.queries)), gen(b))[1]
     cfg = DepthConfig(engine={"name": "simulated"}, plan={"mode": "adaptive", "budget": 300, "rounds": 2},
-                      densify={"method": "edge"})
+                      densify={"method": "edge"}, forcing={"mode": "off"})  # forcing's audits are calls too
     out = tmp_path / "out"
     summary, _ = run_depth(sources, cfg, engine, RunLayout(out), evaluate=sidecar_metrics)
     assert summary["ok"] == 1 and summary["failed"] == 0
@@ -201,7 +202,9 @@ def _adaptive_scene_run(tmp_path, engine, *, seed: int, images_in_flight: int):
     """A 3-view synthetic scene through the depth stage with an adaptive plan (400 queries, 3 rounds)."""
     paths = make_scene(SceneSpec(seed=seed, n_views=3, width=160, height=120)).save(tmp_path / "scene")
     cfg = DepthConfig(engine={"name": "simulated"}, plan={"mode": "adaptive", "count": 400, "rounds": 3},
-                      images_in_flight=images_in_flight, outputs={"ply": False, "preview": False})
+                      images_in_flight=images_in_flight, outputs={"ply": False, "preview": False},
+                      forcing={"mode": "off"},  # an audit batch of an image would ride along with its round
+                      cpu_threads=0)  # rounds planned in the engine's loop (tests/test_overlap.py: in threads)
     return run_depth(discover([str(p) for p in paths]), cfg, engine, RunLayout(tmp_path / "out"))
 
 
@@ -270,3 +273,72 @@ def test_adaptive_images_do_not_wait_for_each_others_rounds(tmp_path):
     s, _ = _adaptive_scene_run(tmp_path, eng, seed=5, images_in_flight=3)
     assert s["ok"] == 3 and all(n >= 2 for n in eng.round_of.values())
     assert any(len(set(w)) > 1 for w in eng.windows), eng.windows  # rounds of different depth in flight together
+
+
+# ---------------------------------------------------------------------------------------------- plan.count: auto
+def _auto_run(error: str, seed: int = 100, cap: int = 2304):
+    """The benchmark's 640x480 room under the simulated engine's error preset, planned by the stopping rule
+    (which knows nothing of the preset: only the engine's answers differ)."""
+    from benchmarks.densify_bench import SceneCase
+
+    case = SceneCase(seed, error=error)
+    run = case.ask_adaptive(None, auto={"floor": 768, "cap": cap, "round": 384})
+    return sum(run.calls), run.calls, run.plan
+
+
+def test_auto_stops_early_on_shared_errors_and_goes_on_under_independent_noise():
+    """`plan.count: auto` stops when the new answers disagree with the map beyond their own spread (errors
+    they share: scale, object bias, token-scale fields, bleeding at edges) and goes on while independent
+    noise is what they disagree by (benchmarks/results/densify_2026-12-03_auto.json: 10 scenes each)."""
+    n, calls, rep = _auto_run("structured")
+    assert rep["stop"] == "shared" and n == 1536 and calls == [768, 384, 384]  # grid + the two rounds pooled
+    assert rep["ratio"] < 1.0 and rep["own_spread"] < rep["disagreement"]
+    n, calls, rep = _auto_run("iid")
+    assert rep["stop"] == "cap" and n == 2304 and rep["ratio"] >= 1.0  # on to the cap
+
+
+def test_stop_rule_rounds_and_report():
+    from densify.fields.adaptive import StopRule
+
+    rule = StopRule(floor=100, cap=430, round=100)
+    assert rule.sizes() == [100, 100, 100, 100, 30]
+    for bad in (dict(floor=500, cap=400), dict(round=0), dict(ratio=0), dict(pool=0)):
+        with pytest.raises(ValueError):
+            StopRule(**bad)
+    rgb, depth, _ = step_scene()
+    planner = AdaptivePlanner((H, W), 1, rgb=rgb, stop=StopRule(floor=120, cap=360, round=60, min_rounds=3))
+    pix, _, sizes = simulate(planner, depth, sigma=0.1)
+    rep = planner.report()
+    assert sizes[0] <= 120 and len(pix) <= 360 and len(sizes) >= 4  # min_rounds refinement rounds at least
+    assert rep["mode"] == "auto" and rep["stop"] in ("shared", "precise", "cap") and rep["rounds"] == len(sizes)
+    assert [h["queries"] for h in planner.history] == list(np.cumsum(sizes)[1:len(planner.history) + 1])
+    assert {"own_spread", "disagreement", "ratio"} <= set(rep)
+    with pytest.raises(ValueError):
+        AdaptivePlanner((H, W), 1, kind="flow", stop=rule)
+
+
+def test_auto_is_the_default_of_adaptive_plans():
+    from densify.stages.settings import DepthConfig, PlanConfig
+
+    cfg = DepthConfig()
+    assert cfg.plan.count == "auto" and cfg.plan.is_auto and cfg.plan.mode == "adaptive"
+    assert not PlanConfig(budget=300).is_auto  # a fixed budget keeps the fixed-budget plan
+    grid = PlanConfig(mode="grid")  # a grid has no rounds to stop: auto is plan.auto.grid queries
+    assert not grid.is_auto and grid.grid_kwargs() == {"count": 3072}
+    with pytest.raises(ValueError, match="floor"):
+        PlanConfig(auto={"floor": 5000})
+
+
+def test_precise_answers_stop_at_the_floor_and_noisy_ones_go_on():
+    """Answers that agree to within `tolerance` stop after the minimum rounds ("precise"): the error they keep
+    is shared. The same scene with noisy answers goes on while the map's disagreement is their own spread."""
+    from densify.fields.adaptive import StopRule
+
+    rgb, depth, _ = step_scene()
+    rule = StopRule(floor=120, cap=600, round=60, ratio=0.01)  # ratio ~off: the tolerance decides here
+    precise = AdaptivePlanner((H, W), 1, rgb=rgb, stop=rule)
+    pix, _, _ = simulate(precise, depth, sigma=0.03)
+    assert precise.report()["stop"] == "precise" and len(pix) <= 120 + 2 * 60
+    noisy = AdaptivePlanner((H, W), 1, rgb=rgb, stop=rule)
+    pix2, _, _ = simulate(noisy, depth, sigma=0.2)
+    assert noisy.report()["own_spread"] >= rule.tolerance and len(pix2) > len(pix)

@@ -80,7 +80,8 @@ def test_demo_without_noise_reaches_delta1_098(tmp_path, capsys):
     assert "SIMULATED" in text
     s = json.loads((tmp_path / "depth" / "summary.json").read_text())
     assert s["metrics"]["dense"]["delta1"] >= 0.98
-    assert s["queries"] == 3072
+    # plan.count auto: exact answers need no more than the grid and the two refinement rounds
+    assert s["queries"] == 1536 and s["plan"]["stops"] == {"shared": 1}
 
 
 def test_prompts_command_prints_exact_json(capsys):

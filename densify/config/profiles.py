@@ -96,6 +96,19 @@ class Question(BaseModel):
     strip_think: bool = Field(False, description="remove <think>...</think> before matching")
     structured_regex: str | None = Field(None, description="optional regex for guided decoding")
     max_tokens: int = 256
+    answer_format: str | None = Field(None, description="the model's published answer text, the number as one "
+                                      "format field ({d:.2f}) wherever it appears: its fixed text is then forced "
+                                      "instead of generated (densify.queries.forcing); null: not published")
+    learn_answer_format: bool = Field(False, description="without answer_format: a job may learn the fixed text "
+                                      "from its first unforced answers, then force and audit it")
+
+    @model_validator(mode="after")
+    def _answer_format(self):
+        if self.answer_format is not None:
+            from densify.config.answer_format import AnswerFormat
+
+            AnswerFormat.parse(self.answer_format)
+        return self
 
 
 class Profile(BaseModel):

@@ -72,8 +72,12 @@ class Sampling:
     max_tokens: int = 256
     system_prompt: str | None = None
     prefill: str | None = None
+    """Text appended to the assistant turn (the model continues it); answers start with it."""
     structured_regex: str | None = None
     logprobs: bool = False
+    stop: tuple[str, ...] = ()
+    """Generation ends at the first of these strings, which the answer does not include (forced answers:
+    densify.queries.forcing)."""
 
 
 @dataclass

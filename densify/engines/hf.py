@@ -22,7 +22,9 @@ shows it. Other processors need torchvision installed.
 Prefill (`sampling.prefill`) is appended after the generation prompt (`<|im_start|>assistant\\n`), and the
 returned `Completion.text` starts with the prefill text, so answer parsers always see the whole answer
 (e.g. `<answer>3.42</answer>` when the prefill is `<think> </think><answer>`). Token counts and log-probs
-cover the generated tokens only; the prefill's tokens count as prompt tokens.
+cover the generated tokens only; the prefill's tokens count as prompt tokens. Stop strings
+(`sampling.stop`) end a sequence (transformers' `stop_strings`) and are cut from the answer with what
+follows, as vLLM and OpenAI servers return it.
 
 `logprob` is the sum over the generated tokens (the end-of-sequence token included, as vLLM counts it) of
 log softmax of the model's raw logits at the chosen token (`output_logits`; the same as
@@ -111,6 +113,12 @@ def load_image_processor(path: str):
         _warn_once("pil-image-processor", "%s: the configured image processor needs torchvision, which is not "
                    "installed; using %s (PIL resampling)", path, cls.__name__)
         return cls.from_pretrained(path)
+
+
+def cut_at_stop(text: str, stop) -> str:
+    """The text before the first stop string (what vLLM and OpenAI servers return)."""
+    cut = min((i for i in (text.find(t) for t in stop if t) if i >= 0), default=-1)
+    return text if cut < 0 else text[:cut]
 
 
 def _pil_image_processor_class(path: str):
@@ -444,9 +452,13 @@ class HFEngine(Engine):
                 setattr(gen, attr, None)
         gen.return_dict_in_generate = True
         gen.output_logits = bool(s.logprobs)
+        extra = {}
+        if s.stop:
+            gen.stop_strings = list(s.stop)
+            extra["tokenizer"] = self.tokenizer
         try:
             with torch.inference_mode():
-                res = self.model.generate(**moved, generation_config=gen)
+                res = self.model.generate(**moved, generation_config=gen, **extra)
         except torch.cuda.OutOfMemoryError as exc:
             raise EngineError(f"hf engine out of GPU memory on a chunk of {len(chunk)} queries "
                               f"(batch_size={self.batch_size}); lower batch_size") from exc
@@ -467,6 +479,8 @@ class HFEngine(Engine):
                     n = j + 1
                     break
             text = self.tokenizer.decode(toks[:n], skip_special_tokens=True)
+            if s.stop:
+                text = cut_at_stop(text, s.stop)
             lp = float(logp[i, :n].sum()) if logp is not None else None
             out.append(Completion(text=(s.prefill or "") + text, logprob=lp, n_prompt_tokens=int(n_prompt[i]),
                                   n_generated_tokens=n))

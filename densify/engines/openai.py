@@ -54,7 +54,7 @@ for _name in ("httpx", "httpx2"):  # they log every request at INFO: thousands o
 
 RETRY_STATUS = {408, 409, 425, 429, 500, 502, 503, 504}
 # Request fields the SDK's `create` takes by name; everything else (vLLM extensions) goes in extra_body.
-_SDK_FIELDS = ("model", "messages", "max_tokens", "temperature", "n", "stream", "logprobs", "top_logprobs")
+_SDK_FIELDS = ("model", "messages", "max_tokens", "temperature", "n", "stream", "logprobs", "top_logprobs", "stop")
 
 
 def _sdk():
@@ -377,6 +377,8 @@ class OpenAIEngine(Engine):
             messages.append({"role": "assistant", "content": s.prefill})
             body["continue_final_message"] = True
             body["add_generation_prompt"] = False
+        if s.stop:
+            body["stop"] = list(s.stop)
         if s.structured_regex:
             if self.structured_field == "structured_outputs":
                 body["structured_outputs"] = {"regex": s.structured_regex}

@@ -73,6 +73,18 @@ class _EngineActor:
     def ping(self) -> bool:
         return True
 
+    def profile(self, start: bool, prefix: str | None = None) -> bool:
+        """Start or stop the engine's profiler (benchmarks); False when the engine has none."""
+        fn = getattr(self.engine, "start_profile" if start else "stop_profile", None)
+        if fn is None:
+            return False
+        fn(prefix) if start else fn()
+        return True
+
+    def engine_stats(self) -> dict:
+        """The engine's own counters (e.g. a paced simulated engine's busy seconds)."""
+        return dict(getattr(self.engine, "stats", {}) or {})
+
     def cpu_seconds(self) -> float:
         """CPU time this actor's process has used (engine and transfers)."""
         return time.process_time()

@@ -343,6 +343,17 @@ class RayPoolEngine(Engine):
         """The actor handles (for tests and diagnostics)."""
         return [s.handle for s in self._slots]
 
+    def engine_stats(self) -> list[dict]:
+        """Each live actor's engine counters (e.g. paced simulated engines' busy seconds)."""
+        import ray
+
+        refs = [s.handle.engine_stats.remote() for s in self._slots if s.state == "ok"]
+        try:
+            return list(ray.get(refs, timeout=30))
+        except Exception as exc:  # noqa: BLE001 - diagnostics only
+            log.warning("engine counters of the actors: %s", exc)
+            return []
+
     @property
     def capacity(self) -> int:
         """Batches the pool holds at once: live actors x batches in flight per actor."""

@@ -425,7 +425,8 @@ class AnswerStore:
 
 
 def _sampling_tuple(s: Sampling) -> list:
-    return [s.max_tokens, s.system_prompt, s.prefill, s.structured_regex, s.logprobs]
+    # stop strings only when set: keys of answers stored before they existed stay the same
+    return [s.max_tokens, s.system_prompt, s.prefill, s.structured_regex, s.logprobs] + ([list(s.stop)] if s.stop else [])
 
 
 # The store key names what changes an answer: the engine's answer identity (its options' `answer_identity`:

@@ -347,6 +347,14 @@ class VLLMEngine(Engine):
     def __exit__(self, *exc):
         self.close()
 
+    def start_profile(self, prefix: str | None = None) -> None:
+        """Start vLLM's worker profiler (the engine must be started with llm_kwargs.profiler_config)."""
+        self.llm.start_profile(prefix) if prefix else self.llm.start_profile()
+
+    def stop_profile(self) -> None:
+        """Stop it: the worker writes its trace under profiler_config.torch_profiler_dir."""
+        self.llm.stop_profile()
+
     # -- requests
     def sampling_params(self, s: Sampling):
         """The vLLM SamplingParams for a batch's Sampling (greedy; cached)."""
@@ -358,6 +366,8 @@ class VLLMEngine(Engine):
             kw: dict[str, Any] = dict(max_tokens=int(s.max_tokens), temperature=0.0)
             if s.logprobs:
                 kw["logprobs"] = 1
+            if s.stop:
+                kw["stop"] = list(s.stop)
             if self.min_tokens:
                 kw["min_tokens"] = min(self.min_tokens, int(s.max_tokens))
             if self.ignore_eos:

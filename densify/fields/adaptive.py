@@ -18,6 +18,27 @@ It picks the best-scoring pixels, spread out (one per cell, then thinned), as ON
 prefix-caching engine computes the image tokens once per round. It never asks more than `budget` queries
 and never asks the same pixel twice.
 
+**When to stop** (`StopRule`, `plan.count: auto`): more answers improve a map by averaging the errors that
+differ from answer to answer; errors that nearby answers share (a per-image scale, an object's bias, an error
+field at the token scale, answers bled across an edge) stay however many are asked. After each refinement
+round the planner compares two spreads of the answers, both measured on the answers themselves:
+  * their own spread `s`: how much neighbouring answers disagree about their local surface (half the robust
+    spread of nearest-neighbour differences of the residuals around the local planes): the independent part;
+  * the disagreement `d` of the newest rounds' answers (the last `pool` rounds) with what the map predicted
+    at their pixels before they came (the local planes of the answers so far).
+The part of `d` that `s` does not explain, e = sqrt(d^2 - s^2), is what the new answers and the map disagree
+about beyond independent scatter. Rounds go on while the answers' own spread is at least that (`s >= ratio *
+e`: independent noise dominates, more answers average it down) and stop when it is not ("shared": the new
+answers mostly re-measure errors they share, or structure that one more round will not settle). They also
+stop when `s` itself is below `tolerance` ("precise"): the answers already agree to within that, so what
+error the map keeps is what they all share (a scale, an object's bias), which no number of answers shows or
+removes. Only after `min_rounds` refinement rounds, within [floor, cap] queries ("cap"). The result says how
+many queries were asked and why the planner stopped (`report()`).
+
+`tolerance` is the one absolute number: 0.09 (9% spread of log depth between neighbouring answers) lies
+between the two error presets of the simulator (independent noise 0.125: on to the cap; shared errors with
+0.06 independent: stop), which are models, not measurements of VLM3 (README, Performance).
+
     planner = AdaptivePlanner((h, w), budget=1024, rgb=rgb)
     pts = planner.first_points()
     while pts is not None:
@@ -42,7 +63,7 @@ from densify.fields.edge_aware import guide_maps, guided_planes
 from densify.fields.interpolate import reject_outliers
 from densify.queries.plan import grid_points
 
-__all__ = ["AdaptiveDepthImage", "AdaptivePlanner", "AdaptiveRun", "round_sizes"]
+__all__ = ["AdaptiveDepthImage", "AdaptivePlanner", "AdaptiveRun", "StopRule", "round_sizes"]
 
 
 def round_sizes(budget: int, coarse: float, rounds: int, min_coarse: int = 16) -> list[int]:
@@ -72,6 +93,39 @@ def grid_within(width: int, height: int, n: int) -> np.ndarray:
         count -= max(1, (len(pts) - n) // 2)
 
 
+@dataclass(frozen=True)
+class StopRule:
+    """`plan.count: auto`: ask a `floor`-query grid, then rounds of `round` queries until the answers stop
+    paying (see the module docstring) or `cap` queries are asked."""
+
+    floor: int = 768
+    cap: int = 4096
+    round: int = 384
+    ratio: float = 1.0
+    """go on while the answers' own spread >= ratio x the disagreement it does not explain"""
+    tolerance: float = 0.09
+    """go on while the answers' own spread (log depth) is at least this: below it they already agree to
+    within what averaging more of them could still remove"""
+    pool: int = 2
+    """refinement rounds whose answers are pooled for the disagreement (one round's median is noisy)"""
+    min_rounds: int = 2
+    """refinement rounds always asked after the grid (at least `pool`)"""
+
+    def __post_init__(self):
+        if not 1 <= self.floor <= self.cap:
+            raise ValueError(f"need 1 <= floor <= cap, got floor={self.floor}, cap={self.cap}")
+        if self.round < 1 or self.ratio <= 0 or self.min_rounds < 0 or self.pool < 1 or self.tolerance < 0:
+            raise ValueError(f"round >= 1, ratio > 0, pool >= 1, min_rounds >= 0; got {self.round}, {self.ratio}, "
+                             f"{self.pool}, {self.min_rounds}")
+
+    def sizes(self) -> list[int]:
+        sizes, left = [self.floor], self.cap - self.floor
+        while left > 0:
+            sizes.append(min(self.round, left))
+            left -= sizes[-1]
+        return sizes
+
+
 class AdaptivePlanner:
     """Chooses where to ask next from the answers so far (see module docstring).
 
@@ -86,14 +140,20 @@ class AdaptivePlanner:
     triangles (off by default: on textured images surface patterns attract as much as outlines, and the
     benchmark is better without). z0, z1: a triangle's disagreement counts from z0 to z0 + z1 times the
     typical one. logprob_scale: log-probability below the image's median at which an answer is doubtful.
+    stop: a `StopRule` (depth only): budget, coarse and rounds then come from it (budget = its cap).
     """
 
     def __init__(self, shape: tuple[int, int], budget: int, *, coarse: float = 0.5, rounds: int = 4,
                  rgb: np.ndarray | None = None, kind: str = "depth", base: float = 0.05,
                  edge_weight: float = 0.0, tau: float | None = None, logprob_scale: float = 2.0,
-                 min_gap: float = 2.0, z0: float = 1.5, z1: float = 2.5, min_coarse: int = 256):
+                 min_gap: float = 2.0, z0: float = 1.5, z1: float = 2.5, min_coarse: int = 256,
+                 stop: StopRule | None = None):
         if kind not in ("depth", "flow"):
             raise ValueError(f"kind must be 'depth' or 'flow', got {kind!r}")
+        if stop is not None:
+            if kind != "depth":
+                raise ValueError("the stopping rule is for depth planners")
+            budget = stop.cap
         if budget < 1:
             raise ValueError(f"budget must be positive, got {budget}")
         if not 0 < coarse <= 1:
@@ -110,9 +170,20 @@ class AdaptivePlanner:
         self.logprob_scale = float(logprob_scale)
         self.min_gap = float(min_gap)
         self.z0, self.z1 = float(z0), float(z1)
-        self.sizes = round_sizes(self.budget, self.coarse, self.rounds, min_coarse)
+        self.stop = stop
+        if stop is not None:
+            self.sizes = stop.sizes()
+            self.rounds = len(self.sizes) - 1
+        else:
+            self.sizes = round_sizes(self.budget, self.coarse, self.rounds, min_coarse)
         self.round = 0
         self.last_uncertainty: np.ndarray | None = None
+        self.stop_reason: str | None = None
+        self.history: list[dict] = []
+        """per refinement round: queries so far, own spread, disagreement, ratio (stopping rule)"""
+        self._fit = None   # (xy, planes, own spread) of the last scoring: predicts the next round's answers
+        self._seen = 0     # answers the planner has seen
+        self._residuals: list[np.ndarray] = []  # |log answer - log predicted| of each refinement round
 
     # -- rounds
     def first_points(self) -> np.ndarray:
@@ -131,15 +202,73 @@ class AdaptivePlanner:
         pixels = np.asarray(pixels, float).reshape(-1, 2)
         asked = len(pixels)
         left = self.budget - asked
+        fresh = slice(self._seen, asked)
+        self._seen = asked
         if self.round >= len(self.sizes) or left <= 0:
+            self.stop_reason = self.stop_reason or ("cap" if self.stop is not None else "budget")
+            return None
+        if self.stop is not None and self.round >= 2 and self._stop_now(pixels[fresh],
+                                                                        np.asarray(values, float)[fresh]):
             return None
         n = min(left, self.sizes[self.round]) if self.round < len(self.sizes) - 1 else left
         self.round += 1
         if n <= 0:
+            self.stop_reason = self.stop_reason or "budget"
             return None
         score = self.uncertainty(pixels, values, logprobs, fb_error=fb_error)
         pts = self._pick(score, n, pixels)
-        return pts if len(pts) else None
+        if not len(pts):
+            self.stop_reason = "nothing left to ask"
+            return None
+        return pts
+
+    # -- stopping rule
+    def _stop_now(self, new_xy: np.ndarray, new_vals: np.ndarray) -> bool:
+        """Whether the newest round's answers say to stop (records the round in `history`)."""
+        if self._fit is None:
+            return False
+        xy, planes, own = self._fit
+        ok = np.isfinite(new_vals) & (new_vals > 0)
+        if ok.sum() < 8 or not np.isfinite(own):
+            return False
+        q = new_xy[ok]
+        k = min(4, len(xy))
+        dist, idx = cKDTree(xy).query(q, k=k)
+        dist, idx = dist.reshape(len(q), k), idx.reshape(len(q), k)
+        pred = np.log(np.maximum(planes.predict(idx, q[:, :1], q[:, 1:])[..., 0], 1e-9))  # log inverse depth
+        w = np.exp(-0.5 * (dist / planes.spacing[idx]) ** 2) + 1e-9
+        r = np.log(new_vals[ok]) + (w * pred).sum(1) / w.sum(1)    # log answer - log predicted depth
+        self._residuals.append(np.abs(r))
+        d = 1.4826 * float(np.median(np.concatenate(self._residuals[-self.stop.pool:])))
+        unexplained = math.sqrt(max(d * d - own * own, 1e-12))
+        ratio = own / unexplained
+        self.history.append({"queries": int(self._seen), "own_spread": round(own, 4), "disagreement": round(d, 4),
+                             "ratio": round(min(ratio, 1e3), 3)})
+        if len(self._residuals) < self.stop.pool or self.round - 1 < self.stop.min_rounds:
+            return False
+        if ratio < self.stop.ratio:
+            self.stop_reason = "shared"
+        elif own < self.stop.tolerance:
+            self.stop_reason = "precise"
+        return self.stop_reason is not None
+
+    @staticmethod
+    def _own_spread(xy: np.ndarray, vals: np.ndarray, planes) -> float:
+        """Half the robust spread of nearest-neighbour differences of the residuals (log depth) around
+        each answer's local plane: what averaging can remove (shared errors cancel in the difference)."""
+        if len(xy) < 8:
+            return float("nan")
+        u = np.log(np.maximum(vals, 1e-9)) + np.log(np.maximum(planes.center[:, 0], 1e-9))
+        _, j = cKDTree(xy).query(xy, k=2)
+        return 1.4826 * float(np.median(np.abs(u - u[j[:, 1]]))) / math.sqrt(2.0)
+
+    def report(self) -> dict:
+        """How the plan went: mode, rounds asked, why it stopped, and (auto) the last round's spreads."""
+        out = {"mode": "auto" if self.stop is not None else "adaptive", "rounds": int(self.round),
+               "stop": self.stop_reason or "budget"}
+        if self.history:
+            out.update({k: v for k, v in self.history[-1].items() if k != "queries"})
+        return out
 
     # -- scoring
     def uncertainty(self, pixels, values, logprobs=None, *, fb_error=None) -> np.ndarray:
@@ -183,6 +312,8 @@ class AdaptivePlanner:
             self.last_uncertainty = gap
             return gap
         planes = guided_planes(xy, vals, self.rgb, (h, w), kind=self.kind, tau=self.tau, iters=2)
+        if self.stop is not None:
+            self._fit = (xy, planes, self._own_spread(xy, 1.0 / vals, planes))
         tri = Delaunay(xy)
         simp = tri.simplices
         # Disagreement across each triangle edge: one corner's plane against the other corner's denoised
@@ -314,6 +445,7 @@ class AdaptiveDepthImage:
         if first_plan is not None:
             self._points = np.asarray(first_plan.pixels).reshape(-1, 2)[: planner.budget]
             self._first_plan = first_plan
+            planner.round = max(planner.round, 1)  # the first round is this plan (as first_points() would give)
         else:
             self._points = planner.first_points()
             self._first_plan = None

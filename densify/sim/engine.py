@@ -6,7 +6,8 @@ A test and demo tool, never a default: it answers only where truth exists, looke
 without truth gets an error answer for every query, never an invented one.
 
 It writes answers as text, the way the model would, so the profile's parser is always exercised, and it
-reads the queried coordinates back out of the prompt text, so a wrong prompt gives wrong answers.
+reads the queried coordinates back out of the prompt text, so a wrong prompt gives wrong answers. A prefill
+and stop strings act as on a real engine (the answer continues the prefill and ends before a stop string).
 Each answer's randomness is seeded by (seed, images, text): answers do not depend on batching or order.
 
 `answers_per_s` paces the engine like a GPU engine of that rate (benchmarks of the framework around it):
@@ -59,6 +60,17 @@ def corr_truth(orig_matches: np.ndarray, pmap1: PixelMap, pmap2: PixelMap) -> np
     return np.stack([tx, ty], -1).astype(np.float32)
 
 
+def _continued(text: str, s) -> str:
+    """What an engine returns for this answer under the batch's prefill and stop strings: the prefill, then
+    the rest of the answer (the model continues the prefill; an answer that would not have started with it
+    is continued from there as written) up to the first stop string."""
+    if not s.prefill and not s.stop:
+        return text
+    rest = text[len(s.prefill):] if s.prefill and text.startswith(s.prefill) else text
+    cut = min((i for i in (rest.find(t) for t in s.stop if t) if i >= 0), default=-1)
+    return (s.prefill or "") + (rest if cut < 0 else rest[:cut])
+
+
 class NoTruth(LookupError):
     """The provider knows nothing needed to answer this query."""
 
@@ -82,6 +94,8 @@ class SimulatedEngine(Engine):
         self.seed = int(opts.seed)
         self.truth = truth if truth is not None else FileTruth()
         self.stats = collections.Counter()
+        if self.answers_per_s:
+            self.stats["busy_s"] = 0.0  # seconds of booked work (the busy share of a paced engine)
         self._errors = ErrorState(self.error, self.seed)  # per-image/pair shared errors, built on first use
         self._bitgen = np.random.PCG64(0)
         self._gen = np.random.Generator(self._bitgen)
@@ -104,6 +118,7 @@ class SimulatedEngine(Engine):
         """Book n answers on the virtual clock; the time they are due."""
         with self._pace_lock:
             self._due = max(self._due, time.monotonic()) + n / self.answers_per_s
+            self.stats["busy_s"] += n / self.answers_per_s  # the engine has work for this long (busy share)
             return self._due
 
     def _generate(self, batch: EngineBatch) -> list[Completion]:
@@ -122,6 +137,7 @@ class SimulatedEngine(Engine):
                 lp = -self.error.logprob_scale * rel_err - abs(rng.normal(0, 0.05))
             elif isinstance(text, tuple):
                 text = text[0]
+            text = _continued(text, batch.sampling)
             out.append(Completion(text=text, logprob=lp, n_generated_tokens=max(1, len(text) // 3)))
         self.stats["queries"] += len(out)
         return out

@@ -7,7 +7,8 @@
 Each image is prepared as the profile wants it, asked a grid (plan.mode=grid) or a coarse grid and then
 refinement rounds (adaptive), one engine batch per image per round; `images_in_flight` images (at least
 the engine's capacity) advance together so a streaming engine or pool stays busy. Answers are parsed and
-densified at full resolution; with a layout the files are written and `result.json` last. A bad image
+densified at full resolution, in `cpu_threads` threads while the engine's loop goes on feeding the engine
+(rounds are planned there too); with a layout the files are written and `result.json` last. A bad image
 becomes a failed result and the stream goes on. Used by `densify depth`, `label`, `eval`, `reconstruct`,
 the Python facade and the benchmarks.
 
@@ -17,6 +18,7 @@ CPU-worker executor (stages.workers); a whole run with its summary is stages.sum
 
 from __future__ import annotations
 
+import concurrent.futures as cf
 import logging
 import time
 from collections import deque
@@ -32,7 +34,7 @@ from densify.queries.plan import PlanError
 from densify.stages.rounds import RoundScheduler, engine_stream
 from densify.stages.settings import DepthConfig
 from densify.stages.transform import (DepthResult, DepthTask, DepthTransform, failed, failure_kind, read_camera,
-                                      settings_fingerprint)
+                                      settings_fingerprint, wants_forcing)
 from densify.stages.workers import CpuWorkers
 
 log = logging.getLogger("densify.depth")
@@ -52,6 +54,8 @@ class DepthStage(DepthTransform):
     cpu_workers: prepare, plan (adaptive rounds) and finish (densify, write) images in this many Ray CPU
     tasks at a time instead of this process (Ray must be running, e.g. for the engine pool).
     planner_options: more AdaptivePlanner options for adaptive plans (benchmark variants).
+    Where the profile declares (or lets a job learn) its fixed answer text, the engine is wrapped in a
+    ForcingEngine (densify.queries.forcing; `forcing` then holds it, for its audit report).
     """
 
     def __init__(self, cfg: DepthConfig, engine: Engine | None, *, layout: RunLayout | None = None,
@@ -60,6 +64,12 @@ class DepthStage(DepthTransform):
                  planner_options: dict | None = None):
         super().__init__(cfg, layout=layout, evaluate=evaluate, planner_options=planner_options)
         self.engine = engine
+        self.forcing = None
+        if engine is not None and wants_forcing(cfg, self.profile):
+            from densify.queries.forcing import ForcingEngine
+
+            self.engine = self.forcing = ForcingEngine(engine, self.profile, cfg.forcing.settings())
+        self._threads: cf.ThreadPoolExecutor | None = None  # run(): plan rounds and finish images
         self.keep_maps = keep_maps
         self.on_round = on_round
         self.cpu_workers = int(cpu_workers)
@@ -71,18 +81,66 @@ class DepthStage(DepthTransform):
             yield from self.workers.run(self, sources, intrinsics, points)
             return
         ready: deque[DepthResult] = deque()
+        if self.cfg.cpu_threads > 0:
+            yield from self._run_threaded(self._prepared(sources, intrinsics, points, ready), ready)
+            return
         for batch, completions in self.rounds(self._prepared(sources, intrinsics, points, ready)):
             yield from _drain(ready)
-            task: DepthTask = batch.tag
-            try:
-                res = self.finish(task, completions)
-            except (OSError, ValueError, MemoryError) as exc:
-                if outputs.disk_full(exc):
-                    raise  # no later image could be written either: stop (exit 74); a rerun resumes
-                res = failed(task.source, exc, task.started, len(completions), "output", f"{type(exc).__name__}: {exc}")
-            res.wall_s = time.perf_counter() - task.started
-            yield res if self.keep_maps else res.drop_maps()
+            yield self._finished(batch.tag, completions)
         yield from _drain(ready)
+
+    def _run_threaded(self, batches: Iterator[EngineBatch], ready: deque) -> Iterator[DepthResult]:
+        """Images densified and written in threads (numpy, SciPy and OpenCV release the GIL), so the engine's
+        loop goes on feeding the engine meanwhile; results are handed on oldest first."""
+        n = self.cfg.cpu_threads
+        pool = self._threads = cf.ThreadPoolExecutor(n, thread_name_prefix="densify-cpu")
+        self._defer_certify, self._disk_full = True, None
+        pending: deque[cf.Future] = deque()  # finishing images, oldest first
+        try:
+            for batch, completions in self.rounds(batches):  # rounds are planned in the same threads
+                yield from _drain(ready)
+                if self._disk_full is not None:
+                    raise self._disk_full
+                pending.append(pool.submit(self._finished, batch.tag, completions))
+                while pending and (pending[0].done() or len(pending) > 2 * n):
+                    yield from self._handed(pending.popleft().result())
+            yield from _drain(ready)
+            while pending:
+                yield from self._handed(pending.popleft().result())
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)  # running finishes end before certifying goes back
+            self._threads, self._defer_certify = None, False
+
+    def _handed(self, res: DepthResult) -> Iterator[DepthResult]:
+        """Hand a result on, then write its result.json: once the caller asks for the next one (it has this
+        one) or closes the stream (an interrupt), so a run's summary and its result.json files agree."""
+        closing = False
+        try:
+            yield res
+        except GeneratorExit:
+            closing = True
+            raise
+        finally:
+            try:
+                self.certify(res)
+            except OSError as exc:
+                if not closing:
+                    raise  # e.g. a full disk: the run stops (exit 74); a rerun redoes this image
+                log.error("%s: could not certify the image while stopping: %s", res.id, exc)
+
+    def _finished(self, task: DepthTask, completions) -> DepthResult:
+        """finish() with an output failure as the image's failure record (a full disk stops the run)."""
+        if self._disk_full is not None:  # another image found the disk full: write nothing more
+            raise self._disk_full
+        try:
+            res = self.finish(task, completions)
+        except (OSError, ValueError, MemoryError) as exc:
+            if outputs.disk_full(exc):
+                self._disk_full = exc
+                raise  # no later image could be written either: stop (exit 74); a rerun resumes
+            res = failed(task.source, exc, task.started, len(completions), "output", f"{type(exc).__name__}: {exc}")
+        res.wall_s = time.perf_counter() - task.started
+        return res if self.keep_maps else res.drop_maps()
 
     def one(self, src: ImageSource, *, intrinsics=None) -> DepthResult:
         """One image through the stage (its depth map kept when the stage keeps maps)."""
@@ -95,7 +153,7 @@ class DepthStage(DepthTransform):
             return engine_stream(self.engine, batches, self.on_round)
         width = max(self.cfg.images_in_flight, self.engine.capacity)
         return RoundScheduler(self.engine, width, self._adaptive, on_round=self.on_round,
-                              plan_remote=plan_remote).run(batches)
+                              plan_remote=plan_remote, threads=self._threads).run(batches)
 
     def _adaptive(self, batch: EngineBatch) -> AdaptiveDepthImage:
         """An image's adaptive run, from its first batch (planned by the image's own planner)."""
@@ -143,7 +201,7 @@ class DepthStage(DepthTransform):
                 files.result.unlink(missing_ok=True)
             return None
         return DepthResult(src.id, str(src.path), "skipped", int(prev.get("queries", 0)), prev.get("failures", {}),
-                           metrics=prev.get("metrics", {}))
+                           metrics=prev.get("metrics", {}), plan=prev.get("plan") or {})
 
 
 def _drain(ready: deque) -> Iterator[DepthResult]:

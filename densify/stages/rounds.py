@@ -3,12 +3,13 @@
 A grid plan is one batch per image. With an adaptive plan every image asks its rounds one after another,
 but images advance on their own (no lockstep across images): as soon as one round's answers are back,
 that image plans its next round while the engine works on the other images' batches, and a finished
-image makes room for the next. Rounds can be planned in Ray CPU tasks instead of this process (the
-image's state travels there and back).
+image makes room for the next. Rounds can be planned in this process's threads (the engine's loop goes on
+feeding the engine meanwhile) or in Ray CPU tasks (the image's state travels there and back).
 """
 
 from __future__ import annotations
 
+import concurrent.futures as cf
 import itertools
 from collections import deque
 from typing import Callable, Iterable, Iterator
@@ -40,16 +41,20 @@ class RoundScheduler:
     """Adaptive images through one engine stream, `width` images in flight (see the module docstring).
 
     start(first batch) -> the image's AdaptiveDepthImage (its first round already built: the batch itself).
+    threads: plan each round in this thread pool (numpy, SciPy and OpenCV release the GIL for their work).
     plan_remote: plan each round in a Ray CPU task, not in this process.
     """
 
     def __init__(self, engine: Engine, width: int, start: Callable[[EngineBatch], AdaptiveDepthImage], *,
-                 on_round: Callable[[int], None] | None = None, plan_remote: bool = False):
+                 on_round: Callable[[int], None] | None = None, plan_remote: bool = False,
+                 threads: cf.Executor | None = None):
         self.engine, self.width, self.start, self.on_round = engine, width, start, on_round
         self.queued: deque[EngineBatch] = deque()  # round batches ready for the engine
         self.finished: deque = deque()             # states whose image needs no more rounds
         self.firsts: dict[int, EngineBatch] = {}   # state.key -> the image's first batch (carries its task)
         self.planning: set = set()                 # plan_remote: ObjectRefs of rounds being planned
+        self.threads = None if plan_remote else threads
+        self.local: set = set()                    # threads: futures of rounds being planned
         self.active = 0
         self.exhausted = False
         self._serial = itertools.count()
@@ -65,6 +70,8 @@ class RoundScheduler:
         for b, completions in engine_stream(self.engine, self._feed(source), self.on_round):
             if self._plan_remote is not None:
                 self.planning.add(self._plan_remote.remote(b.tag, completions))
+            elif self.threads is not None:
+                self.local.add(self.threads.submit(plan_round, b.tag, completions))
             else:
                 self._place(*plan_round(b.tag, completions))
             yield from self._done()
@@ -76,7 +83,7 @@ class RoundScheduler:
             self._planned(0)
             while not self.exhausted and self.active < self.width:
                 self._admit(next(source, None))
-            if not self.queued and self.planning:
+            if not self.queued and (self.planning or self.local):
                 self._planned(0.005)  # the engine may hold nothing: wait a little for a planned round
             if self.queued:
                 yield self.queued.popleft()
@@ -104,7 +111,11 @@ class RoundScheduler:
         self.queued.append(batch)
 
     def _planned(self, timeout: float) -> None:
-        """Take the rounds planned remotely so far (waiting at most `timeout` s)."""
+        """Take the rounds planned remotely or in threads so far (waiting at most `timeout` s)."""
+        if self.local:
+            for fut in cf.wait(self.local, timeout=timeout, return_when=cf.FIRST_COMPLETED)[0]:
+                self.local.discard(fut)
+                self._place(*fut.result())
         if not self.planning:
             return
         import ray
@@ -119,6 +130,7 @@ class RoundScheduler:
             state = self.finished.popleft()
             task = state.tag
             task.plan = QueryPlan(state.run.pixels, state.run.prompt_xy, unmarkable=state.run.unmarkable)
+            task.plan_report = {"mode": "points"} if task.fixed else state.planner.report()
             batch = self.firsts.pop(state.key)
             batch.tag = task
             yield batch, state.run.completions

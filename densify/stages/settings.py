@@ -26,9 +26,9 @@ from densify.geometry.pose import PoseConfig
 from densify.geometry.posegraph import PoseGraphConfig
 from densify.pairs.select import PairsConfig
 
-__all__ = ["EngineConfig", "PlanConfig", "DensifyConfig", "OutputConfig", "DepthConfig", "StoreConfig",
-           "RayConfig", "LabelConfig", "CorrConfig", "PoseStageConfig", "ModelsConfig", "SceneDepthConfig",
-           "ReconstructConfig",
+__all__ = ["EngineConfig", "AutoPlanConfig", "ForcingConfig", "PlanConfig", "DensifyConfig", "OutputConfig",
+           "DepthConfig", "StoreConfig", "RayConfig", "LabelConfig", "CorrConfig", "PoseStageConfig", "ModelsConfig",
+           "SceneDepthConfig", "ReconstructConfig",
            "load_config", "default_engine"]
 
 M = TypeVar("M", bound=BaseModel)
@@ -74,20 +74,51 @@ class EngineConfig(_Model):
         return self.options.with_model(model).answer_identity()
 
 
+class AutoPlanConfig(_Model):
+    """`plan.count: auto`: a grid, then adaptive rounds until the answers stop paying (densify.fields.adaptive)."""
+    floor: int = Field(768, ge=16, description="queries of the first grid (always asked)")
+    cap: int = Field(4096, ge=16, description="at most this many queries per image")
+    round: int = Field(384, ge=1, description="queries per refinement round")
+    ratio: float = Field(1.0, gt=0, description="go on while the answers' own spread is at least this times the "
+                                                "disagreement with the map it does not explain")
+    tolerance: float = Field(0.09, ge=0, description="stop once the answers' own spread (log depth) is below this "
+                             "(precise answers: what error remains is shared, more answers do not average it)")
+    pool: int = Field(2, ge=1, description="refinement rounds pooled for the disagreement")
+    min_rounds: int = Field(2, ge=0, description="refinement rounds always asked after the grid")
+    grid: int = Field(3072, ge=1, description="plan.mode grid with count auto: the grid's queries (a grid has no "
+                                              "rounds to stop)")
+
+    @model_validator(mode="after")
+    def _order(self):
+        if self.floor > self.cap:
+            raise ValueError(f"floor ({self.floor}) must not exceed cap ({self.cap})")
+        return self
+
+    def rule(self):
+        from densify.fields.adaptive import StopRule
+
+        return StopRule(self.floor, self.cap, self.round, self.ratio, self.tolerance, self.pool, self.min_rounds)
+
+
 class PlanConfig(_Model):
     stride: float | None = Field(None, gt=0, description="one query every `stride` original pixels (grid)")
-    count: int | list[int] | None = Field(3072, description="queries per image (aspect kept), or [nx, ny]")
+    count: int | list[int] | Literal["auto"] | None = Field(
+        "auto", description="queries per image (aspect kept), or [nx, ny]; auto (adaptive): as many as pay, "
+                            "see plan.auto")
     mode: Literal["grid", "adaptive"] = Field(
         "adaptive", description="grid: one uniform grid; adaptive: a coarse grid, then rounds of queries where the "
                                 "field is uncertain (densify.fields.adaptive), one engine call per round")
-    budget: int | None = Field(None, ge=1, description="adaptive: queries per image (default: the grid's size)")
+    budget: int | None = Field(None, ge=1, description="adaptive: queries per image (default: the grid's size; "
+                                                       "with count auto: a fixed budget instead of the stopping rule)")
     rounds: int = Field(4, ge=0, description="adaptive: refinement rounds after the coarse grid")
     coarse: float = Field(0.5, gt=0, le=1, description="adaptive: share of the budget spent on the coarse grid")
+    auto: AutoPlanConfig = Field(default_factory=AutoPlanConfig, description="count auto: floor, cap, round size "
+                                 "and the stopping rule (budget, rounds and coarse are then not used)")
 
     @field_validator("count")
     @classmethod
     def _count(cls, v):
-        if v is None:
+        if v is None or v == "auto":
             return v
         vals = v if isinstance(v, list) else [v]
         if (isinstance(v, list) and len(v) != 2) or any(int(x) < 1 for x in vals):
@@ -102,9 +133,16 @@ class PlanConfig(_Model):
             raise ValueError("set plan.stride or plan.count")
         return self
 
+    @property
+    def is_auto(self) -> bool:
+        """count auto without a fixed budget (plan.budget: N keeps the fixed-budget adaptive plan)."""
+        return self.count == "auto" and self.budget is None and self.mode == "adaptive"
+
     def grid_kwargs(self) -> dict:
         if self.stride is not None:
             return {"stride": self.stride}
+        if self.count == "auto":
+            return {"count": self.budget or (self.auto.grid if self.mode == "grid" else self.auto.floor)}
         return {"count": tuple(self.count) if isinstance(self.count, list) else self.count}
 
 
@@ -153,6 +191,25 @@ def _check_profile(name: str, task: str, key: str) -> str:
     return name
 
 
+class ForcingConfig(_Model):
+    """Forced answers (densify.queries.forcing): the fixed text around the number is not generated."""
+    mode: Literal["auto", "off", "declared", "learn"] = Field(
+        "auto", description="auto: the profile's answer_format, else learn it where the profile allows "
+                            "(learn_answer_format); off; declared: only a declared format; learn: learn it anyway")
+    audit_share: float = Field(0.01, ge=0, le=1, description="share of each batch also asked unforced and compared")
+    audit_min: int = Field(2, ge=0, description="at least this many audited queries per batch (each round of an image)")
+    threshold: float = Field(0.95, ge=0, le=1, description="forcing goes off for the rest of the job when the audit "
+                                                           "agreement falls below this")
+    min_audits: int = Field(20, ge=1, description="audited answers before the threshold applies")
+    learn_answers: int = Field(32, ge=2, description="learn: parsed unforced answers the format is learned from")
+    max_tokens: int = Field(16, ge=1, description="tokens a forced answer may generate (the number and the stop)")
+
+    def settings(self):
+        from densify.queries.forcing import ForcingSettings
+
+        return ForcingSettings(**self.model_dump())
+
+
 class DepthConfig(_Model):
     """`densify depth`: per image, point-query depth answers densified to a metric depth map."""
     profile: str = Field("vlm3-depth", description="depth profile (configs/profiles) or a profile YAML path")
@@ -167,8 +224,12 @@ class DepthConfig(_Model):
                                  "camera.json records. null: always full size (within the 64 Mpx limit)")
     logprobs: bool = Field(False, description="ask engines for answer log-probabilities")
     structured: bool = Field(False, description="constrain answers with the profile's regex (vllm, openai)")
+    forcing: ForcingConfig = Field(default_factory=ForcingConfig, description="force the fixed answer text, "
+                                   "generate only the number (with an audit)")
     images_in_flight: int = Field(2, ge=1, description="images in flight at once (at least the engine's capacity; "
                                   "with an adaptive plan each asks its rounds on its own)")
+    cpu_threads: int = Field(2, ge=0, description="threads that plan rounds and densify and write finished images "
+                             "while the engine works (0: in the engine's loop, which then waits for them)")
     overwrite: bool = Field(False, description="redo images whose outputs exist")
 
     @field_validator("profile")
@@ -210,8 +271,12 @@ def _label_outputs() -> OutputConfig:
     return OutputConfig(preview=False, ply=False, answers=False)
 
 
+def _label_forcing() -> ForcingConfig:
+    return ForcingConfig(mode="declared")
+
+
 def _label_plan() -> PlanConfig:
-    return PlanConfig(mode="grid")
+    return PlanConfig(mode="grid", count=3072)
 
 
 def _label_densify() -> DensifyConfig:
@@ -225,6 +290,9 @@ class LabelConfig(DepthConfig):
     densify: DensifyConfig = Field(default_factory=_label_densify, description="labels: piecewise-linear")
     outputs: OutputConfig = Field(default_factory=_label_outputs,
                                   description="per-image files (labels: depth, 16-bit PNG, confidence)")
+    forcing: ForcingConfig = Field(default_factory=_label_forcing, description="forced answers: declared formats "
+                                   "only (a learned one depends on which answers came first; a resumed job would "
+                                   "ask again what it forced)")
     store: StoreConfig = Field(default_factory=StoreConfig)
     ray: RayConfig = Field(default_factory=RayConfig)
     manifest_every_s: float = Field(60.0, gt=0, description="rewrite the output manifest this often (seconds)")
@@ -286,11 +354,17 @@ def _scene_outputs() -> OutputConfig:
     return OutputConfig(ply=False)
 
 
+def _scene_plan() -> PlanConfig:
+    return PlanConfig(count=3072)
+
+
 class SceneDepthConfig(DepthConfig):
     """The depth stage inside `reconstruct` / `pose`: full-size decoding, so poses, fusion and exports
     describe the image files as they are, and no per-image clouds (the fused cloud replaces them)."""
     max_side: int | None = Field(None, ge=64, description="images longer than this are decoded reduced "
                                  "(null: full size, within the 64 Mpx limit)")
+    plan: PlanConfig = Field(default_factory=_scene_plan, description="a fixed budget of 3072 (poses and fusion "
+                             "were measured so: benchmarks/results/reconstruct_sets_20261203.json)")
     outputs: OutputConfig = Field(default_factory=_scene_outputs, description="per-image files (no cloud.ply)")
 
 

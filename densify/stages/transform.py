@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,7 +37,8 @@ from densify.stages.settings import DepthConfig
 
 log = logging.getLogger("densify.depth")
 
-__all__ = ["DepthTransform", "DepthTask", "DepthResult", "failure_kind", "settings_fingerprint", "read_camera"]
+__all__ = ["DepthTransform", "DepthTask", "DepthResult", "failure_kind", "settings_fingerprint", "read_camera",
+           "wants_forcing"]
 
 
 @dataclass
@@ -57,6 +59,8 @@ class DepthTask:
     started: float = 0.0
     scale: float = 1.0
     """Decoded size / the image's own size (below 1 when decoded reduced: DepthConfig.max_side)."""
+    plan_report: dict | None = None
+    """Adaptive plans: rounds asked and why the planner stopped (AdaptivePlanner.report)."""
 
 
 @dataclass
@@ -85,6 +89,10 @@ class DepthResult:
     """Pixels of the maps and answers per pixel of the image file (below 1 when decoded reduced)."""
     densify_s: float = 0.0
     """Time spent densifying the answers (part of wall_s)."""
+    plan: dict = field(default_factory=dict)
+    """How the plan went: grid, or adaptive rounds asked and why they stopped (result.json, summary)."""
+    _certificate: tuple | None = field(default=None, repr=False, compare=False)
+    """What result.json will say, when a finishing thread left it to DepthTransform.certify."""
 
     @property
     def ok(self) -> bool:
@@ -92,7 +100,8 @@ class DepthResult:
 
     def record(self) -> dict:
         return {"id": self.id, "image": self.image, "status": self.status, "queries": self.queries,
-                "failures": self.failures, "error": self.error, "kind": self.error_kind, "metrics": self.metrics}
+                "plan": self.plan, "failures": self.failures, "error": self.error, "kind": self.error_kind,
+                "metrics": self.metrics}
 
     def drop_maps(self) -> "DepthResult":
         """The result without its arrays (a long stream keeps only the records)."""
@@ -122,6 +131,14 @@ def failed(src: ImageSource, exc: BaseException, started: float, queries: int = 
                        error_kind=kind or failure_kind(exc, src), wall_s=time.perf_counter() - started)
 
 
+def wants_forcing(cfg: DepthConfig, profile: Profile) -> bool:
+    """Whether the stage forces answers: a declared format, or one it may learn (and forcing not off)."""
+    q = profile.question
+    if cfg.forcing.mode == "off" or cfg.structured or profile.prefill:
+        return False
+    return bool(q.answer_format) or cfg.forcing.mode == "learn" or (cfg.forcing.mode == "auto" and q.learn_answer_format)
+
+
 def settings_fingerprint(cfg: DepthConfig, profile: Profile) -> str:
     """What shapes a depth result: the profile, the model, the engine's answer-changing options, the plan,
     the densifier, the sampling options, the decoding size and the assumed field of view (not memory,
@@ -131,6 +148,7 @@ def settings_fingerprint(cfg: DepthConfig, profile: Profile) -> str:
                         "engine": cfg.engine.answer_identity(), "plan": cfg.plan.model_dump(mode="json"),
                         "densify": cfg.densify.model_dump(mode="json"), "logprobs": cfg.logprobs,
                         "structured": cfg.structured, "max_side": cfg.max_side,
+                        "forcing": cfg.forcing.model_dump(mode="json") if wants_forcing(cfg, profile) else None,
                         "default_hfov_deg": cfg.default_hfov_deg})
 
 
@@ -159,6 +177,9 @@ class DepthTransform:
         self.evaluate = evaluate
         self.planner_options = dict(planner_options or {})
         self._capped = False  # the plan asks more queries than an image holds (said once)
+        self._defer_certify = False  # finishing threads: result.json is written by certify()
+        self._disk_full: BaseException | None = None  # a finishing thread found the disk full: no more writes
+        self._write_lock = threading.Lock()  # one image writes at a time (a full disk stops at the first)
         self.fingerprint = settings_fingerprint(cfg, self.profile)
         self.sampling = sampling_for(self.profile, logprobs=cfg.logprobs, structured=cfg.structured)
         if cfg.densify.method == "edge" or cfg.plan.mode == "adaptive":
@@ -199,7 +220,10 @@ class DepthTransform:
         p = self.cfg.plan
         if self._capped or p.stride is not None:
             return
-        wanted = int(p.count[0]) * int(p.count[1]) if isinstance(p.count, list) else int(p.count)
+        if p.count == "auto":  # at most the cap (adaptive) or the grid's size
+            wanted = p.budget or (p.auto.cap if p.mode == "adaptive" else p.auto.grid)
+        else:
+            wanted = int(p.count[0]) * int(p.count[1]) if isinstance(p.count, list) else int(p.count)
         if p.mode == "adaptive":
             wanted, planned = p.budget or wanted, width * height
         if planned < 0.95 * wanted:
@@ -211,22 +235,27 @@ class DepthTransform:
     def planner(self, width: int, height: int, rgb=None) -> AdaptivePlanner:
         """The adaptive plan's planner for an image of this size."""
         p = self.cfg.plan
+        if p.is_auto:
+            return AdaptivePlanner((height, width), p.auto.cap, rgb=rgb, stop=p.auto.rule(), **self.planner_options)
         budget = p.budget or len(grid_points(width, height, **p.grid_kwargs()))
         opts = {"coarse": p.coarse, "rounds": p.rounds, **self.planner_options}
         return AdaptivePlanner((height, width), budget, rgb=rgb, **opts)
 
     def finish(self, task: DepthTask, completions) -> DepthResult:
-        """Answers -> dense depth -> files (result.json last) -> the image's result."""
+        """Answers -> dense depth -> files (result.json last) -> the image's result. In the stage's finishing
+        threads result.json is left to `certify(res)`, which the stage's own thread calls as it hands the
+        result on (so a summary never counts fewer finished images than have a result.json)."""
         cfg, src = self.cfg, task.source
         res = DepthResult(src.id, str(src.path), "ok", len(completions), uid=task.uid, camera=task.camera,
-                          scale=task.scale)
+                          scale=task.scale, plan=task.plan_report or {"mode": "points" if task.fixed else "grid"})
         ans = answers_mod.collect_depth(self.profile, task.plan.pixels, task.plan.prompt_xy, completions,
                                         unmarkable=task.plan.unmarkable)
         res.failures = ans.failure_counts()
         files = self.layout.image(src.id) if self.layout is not None else None
         if self._failed(res, task, ans, completions):
             if files is not None and cfg.outputs.answers and completions:
-                outputs.write_jsonl(files.answers, ans.records())
+                with self._write_lock:
+                    outputs.write_jsonl(files.answers, ans.records())
             return res
         lps = ans.logprobs if np.isfinite(ans.logprobs).any() else None
         t0 = time.perf_counter()
@@ -238,7 +267,18 @@ class DepthTransform:
         if self.evaluate is not None:
             res.metrics.update(self.evaluate(src, res))
         if files is not None:
-            self.write(files, task, ans, dense, res)
+            with self._write_lock:
+                if self._disk_full is not None:
+                    raise self._disk_full
+                self.write(files, task, ans, dense, res, certify=not self._defer_certify)
+        return res
+
+    def certify(self, res: DepthResult) -> DepthResult:
+        """Write the result.json a finishing thread left (the image is then done)."""
+        pending, res._certificate = res._certificate, None
+        if pending is not None:
+            files, record, written = pending
+            outputs.write_json(files.result, files.certify(record, written))
         return res
 
     def _failed(self, res: DepthResult, task: DepthTask, ans, completions) -> bool:
@@ -258,7 +298,8 @@ class DepthTransform:
                          f"profile ({self.profile.name}) matches the model; answers are in answers.jsonl")
         return res.status == "failed"
 
-    def write(self, files: ImageFiles, task: DepthTask, ans, dense: DenseField, res: DepthResult) -> None:
+    def write(self, files: ImageFiles, task: DepthTask, ans, dense: DenseField, res: DepthResult, *,
+              certify: bool = True) -> None:
         o = self.cfg.outputs
         depth = dense.values
         outputs.sweep_temp_files(files.dir)  # what an interrupted write of this image left
@@ -284,4 +325,7 @@ class DepthTransform:
                                                          "preprocessed_size": list(task.prep.pixel_map.pre_size),
                                                          "decoded_scale": task.scale}))
         record = {**res.record(), "fingerprint": self.fingerprint, "profile": self.profile.name}
-        outputs.write_json(files.result, files.certify(record, [Path(p) for p in written]))
+        if certify:
+            outputs.write_json(files.result, files.certify(record, [Path(p) for p in written]))
+        else:
+            res._certificate = (files, record, [Path(p) for p in written])

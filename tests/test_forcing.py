@@ -1,0 +1,290 @@
+"""Forced answers (densify.queries.forcing): the fixed text around the number is appended to the assistant turn,
+the engine stops after the number, the answer is completed, and an audit turns forcing off when it disagrees."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import numpy as np
+import pytest
+import yaml
+
+from densify.config.profiles import load_profile, profiles_dir
+from densify.engines.base import Completion, EngineBatch, Query, Sampling
+from densify.config.answer_format import AnswerFormat
+from densify.queries.forcing import ForcingEngine, ForcingSettings
+from densify.sim.engine import SimulatedEngine
+from test_engine_vllm_cpu import fake_vllm  # noqa: F401 - fixture
+
+DEPTHLM = "<think> The point is around {d:.2f} meters away from the camera. </think>\n\n<answer> {d:.2f} </answer>"
+
+
+def test_declared_format_splits_into_head_stop_and_tail():
+    f = AnswerFormat.parse(DEPTHLM)
+    assert f.head == "<think> The point is around "
+    assert f.stop == " m"  # the tail's first character ends the number (one token later at most)
+    whole = "<think> The point is around 3.42 meters away from the camera. </think>\n\n<answer> 3.42 </answer>"
+    assert f.complete("3.42") == whole  # the number repeated where the format repeats it
+    assert f.complete("far") == f.head + "far"  # not a lone number: left for the parser to reject
+    assert AnswerFormat.parse(load_profile("depthlm").question.answer_format) == f
+    with pytest.raises(ValueError):
+        AnswerFormat.parse("no number here")
+    with pytest.raises(ValueError):
+        AnswerFormat.parse("{a} and {b}")
+
+
+def test_formats_are_learned_from_answers():
+    texts = [f"<think> The point is around {d} meters away from the camera. </think>\n\n<answer> {d} </answer>"
+             for d in ("3.42", "1.07", "12.50")]
+    f = AnswerFormat.learn(texts)
+    assert f == dataclasses.replace(AnswerFormat.parse(DEPTHLM), source="learned")
+    g = AnswerFormat.learn(["<think> </think><answer>3.42</answer>", "<think> </think><answer>0.5</answer>"])
+    assert (g.head, g.tail, g.stop) == ("<think> </think><answer>", ("</answer>",), "<")
+    # the thinking differs: only the common start is fixed, forced without a stop
+    h = AnswerFormat.learn(["<think> a wall </think><answer>3.4</answer>", "<think> a floor </think><answer>2</answer>"])
+    assert (h.head, h.tail, h.stop) == ("<think> a ", (), None)
+    assert h.complete("wall </think><answer>3.4</answer>") == "<think> a wall </think><answer>3.4</answer>"
+    assert AnswerFormat.learn(["3.42", "1.0"]) is None  # nothing fixed before the number
+
+
+# ---------------------------------------------------------------------------------------------- pipeline
+def _scene(tmp_path, n=2):
+    from densify.io.images import discover
+    from densify.synthetic.scenes import SceneSpec, make_scene
+
+    make_scene(SceneSpec(seed=3, n_views=n, width=240, height=180)).save(tmp_path / "scene")
+    return discover([str(tmp_path / "scene")])
+
+
+def test_learned_forcing_gives_the_unforced_maps(tmp_path):
+    """VLM3-depth publishes no answer text: the job learns it from its first answers, forces it, audits it,
+    and the maps are those of unforced answers (the simulator answers a forced prompt as a model that
+    writes that text would)."""
+    from densify.stages.summary import run_depth
+    from densify.stages.settings import DepthConfig
+
+    sources = _scene(tmp_path)
+    out = {}
+    for mode in ("auto", "off"):
+        eng = SimulatedEngine("vlm3-depth", seed=1)
+        seen = []
+        gen = eng.generate
+        eng.generate = lambda b, gen=gen, seen=seen: (seen.append(b.sampling), gen(b))[1]
+        cfg = DepthConfig(engine={"name": "simulated"}, forcing={"mode": mode}, outputs={"ply": False})
+        summary, res = run_depth(sources, cfg, eng, None, keep_maps=True)
+        out[mode] = (summary, res, seen)
+    s, res, seen = out["auto"]
+    f = s["forcing"]
+    assert f["active"] and f["format"]["source"] == "learned"
+    assert f["format"]["head"] == "<think> </think><answer>" and f["format"]["stop"] == "<"
+    assert f["forced_queries"] > 0 and f["audited"] >= 8 and f["agreement"] == 1.0 and f["off_reason"] is None
+    assert any(sp.prefill == "<think> </think><answer>" and sp.stop == ("<",) for sp in seen)
+    assert "forcing" not in out["off"][0] and all(sp.prefill is None for sp in out["off"][2])
+    for a, b in zip(res, out["off"][1]):
+        assert a.queries == b.queries
+        np.testing.assert_array_equal(a.depth, b.depth)
+        np.testing.assert_array_equal(a.answers.values, b.answers.values)
+        assert a.answers.texts == b.answers.texts  # whole answers; the unparseable ones asked again unforced
+    assert f["retried_unforced"] > 0  # the simulator's unparseable answers (1%)
+
+
+class _Stubborn(SimulatedEngine):
+    """Writes another number when its answer is forced: the audit must notice."""
+
+    def generate(self, batch):
+        out = super().generate(batch)
+        if batch.sampling.prefill:
+            out = [dataclasses.replace(c, text=batch.sampling.prefill + "9.99") for c in out]
+        return out
+
+
+def test_audit_disagreement_turns_forcing_off(tmp_path):
+    from densify.stages.summary import run_depth
+    from densify.stages.settings import DepthConfig
+
+    sources = _scene(tmp_path, n=3)
+    eng = _Stubborn("vlm3-depth", seed=0)
+    seen = []
+    gen = eng.generate
+    eng.generate = lambda b: (seen.append(b.sampling.prefill), gen(b))[1]
+    cfg = DepthConfig(engine={"name": "simulated"}, forcing={"mode": "auto", "min_audits": 8},
+                      outputs={"ply": False})
+    summary, res = run_depth(sources, cfg, eng, None)
+    f = summary["forcing"]
+    assert not f["active"] and f["off_reason"].startswith("audit: 0 of")
+    assert f["agreement"] == 0.0 and f["forced_before_off"] == f["forced_queries"] > 0
+    assert f["disagreements"] and f["disagreements"][0]["forced"].endswith("9.99</answer>")
+    first_off = len(seen) - 1 - seen[::-1].index("<think> </think><answer>")
+    assert all(p is None for p in seen[first_off + 1:]) and len(seen) > first_off + 1  # the rest unforced
+    assert all(r.ok for r in res)
+
+
+def test_forcing_stays_off_without_a_format_or_with_structured_decoding(tmp_path):
+    prof = load_profile("vlm3-corr")
+    eng = ForcingEngine(SimulatedEngine(prof), prof)
+    assert not eng.active and "does not allow learning" in eng.report()["off_reason"]
+    depth = load_profile("depthlm")
+    inner = SimulatedEngine(depth)
+    forced = ForcingEngine(inner, depth, ForcingSettings())
+    assert forced.active and forced.fmt.source == "declared"
+    batch = EngineBatch({}, [Query("x", ())], Sampling(structured_regex="x"))
+    assert forced._split(batch, {})[0].tag[1] == "plain"
+
+
+# ---------------------------------------------------------------------------------------------- hf, a real model
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+CANDIDATES = ["Depth: 2.5 m", "Depth=2.5 m", "Depth: 7.25 m", "depth 2.5 m", "D: 2.5 m"]
+
+
+def _chain_model(folder, answer: str):
+    """Make the tiny model's greedy answer `answer` for every prompt: the transformer blocks add nothing
+    (attention and MLP outputs zero), each chain token's embedding is its own basis vector, and the
+    (untied) output layer maps it to the next token of the answer, then to end-of-turn. Returns the
+    answer's token ids, or None when the answer repeats a token before different successors."""
+    from transformers import AutoModelForImageTextToText, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(folder)
+    start = tok.apply_chat_template([{"role": "user", "content": [{"type": "text", "text": "x"}]}],
+                                    add_generation_prompt=True, tokenize=True)
+    start = start if isinstance(start, list) else start["input_ids"]
+    ids = tok(answer, add_special_tokens=False)["input_ids"]
+    chain = [start[-1]] + ids + [tok.convert_tokens_to_ids("<|im_end|>")]
+    nxt: dict[int, int] = {}
+    for a, b in zip(chain, chain[1:]):
+        if nxt.setdefault(a, b) != b:
+            return None
+    model = AutoModelForImageTextToText.from_pretrained(folder, dtype=torch.float32)
+    lm = model.model.language_model
+    hidden = model.config.text_config.hidden_size
+    with torch.no_grad():
+        for layer in lm.layers:
+            layer.self_attn.o_proj.weight.zero_()
+            layer.mlp.down_proj.weight.zero_()
+        emb = lm.embed_tokens.weight
+        head = torch.zeros_like(emb)
+        for slot, (a, b) in enumerate(nxt.items()):
+            assert slot < hidden
+            emb[a] = 0.0
+            emb[a, slot] = 1.0
+            head[b, slot] = 10.0
+        model.lm_head.weight = torch.nn.Parameter(head)
+    model.config.tie_word_embeddings = False
+    model.config.text_config.tie_word_embeddings = False
+    model.save_pretrained(folder)
+    return ids
+
+
+@pytest.fixture(scope="module")
+def chain(tmp_path_factory):
+    from densify.synthetic.models import build_model_folder
+
+    base = tmp_path_factory.mktemp("chain")
+    for answer in CANDIDATES:
+        folder = build_model_folder(base / f"m{CANDIDATES.index(answer)}", shape="tiny", seed=0)
+        if _chain_model(folder, answer) is not None:
+            return folder, answer
+    pytest.fail(f"none of {CANDIDATES} tokenizes without a repeated token")
+
+
+def _profile(tmp_path, fmt: str):
+    data = yaml.safe_load((profiles_dir() / "vlm3-depth.yaml").read_text())
+    q = data["questions"]["depth"]
+    q["regex"] = r"(?:Depth|D|depth)\s*[:=]?\s*([-+]?[0-9]*\.?[0-9]+)"
+    q["answer_format"] = fmt
+    q.pop("learn_answer_format", None)
+    data["name"] = "chain-test"
+    path = tmp_path / "chain.yaml"
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return load_profile(path)
+
+
+def _batch(profile, n=6):
+    from densify.io.cameras import Camera, prepare_image
+    from densify.queries.plan import plan_queries
+    from densify.queries.prompts import depth_batch
+
+    rgb = np.random.default_rng(0).integers(0, 256, (48, 64, 3), dtype=np.uint8)
+    prep = prepare_image(rgb, Camera(1000.0, 1000.0, 32.0, 24.0, 64, 48), focal=1000.0, coord_range=2000)
+    pts = np.stack([np.linspace(3, 60, n), np.linspace(3, 44, n)], 1).astype(int)
+    b = depth_batch(prep, plan_queries(pts, prep.pixel_map), profile, uid="img0")
+    b.sampling = dataclasses.replace(b.sampling, max_tokens=24)
+    return b
+
+
+def test_forcing_is_exact_on_a_model_that_writes_the_declared_text(chain, tmp_path):
+    """A real transformer (the tiny Qwen3-VL, made to answer a fixed text) through the hf engine: the
+    forced answers are the model's free answers, byte for byte, with fewer generated tokens."""
+    from densify.engines import create_engine
+
+    from densify.config.answer_format import NUMBER
+
+    folder, answer = chain
+    number = NUMBER.search(answer).group()
+    fmt = answer.replace(number, "{d}")
+    prof = _profile(tmp_path, fmt)
+    eng = create_engine("hf", profile=prof, model=str(folder), device="cpu", batch_size=4)
+    try:
+        batch = _batch(prof)
+        free = eng.generate(batch)
+        assert [c.text for c in free] == [answer] * len(free)
+        forcing = ForcingEngine(eng, prof, ForcingSettings(audit_min=2, min_audits=2))
+        forced = forcing.generate(batch)
+        assert [c.text for c in forced] == [c.text for c in free]
+        r = forcing.report()
+        assert r["active"] and r["audited"] == 2 and r["agreement"] == 1.0 and r["same_text"] == 2
+        raw = eng.generate(_with(batch, prefill=forcing.fmt.head, stop=(forcing.fmt.stop,)))
+        assert [c.text for c in raw] == [forcing.fmt.head + number] * len(raw)  # stopped after the number
+        assert max(c.n_generated_tokens for c in raw) < min(c.n_generated_tokens for c in free)
+        # a declared text the model does not write: the audit sees other numbers and forcing goes off
+        wrong = ForcingEngine(eng, _profile(tmp_path, fmt.replace("{d}", "-{d}")),
+                              ForcingSettings(audit_min=3, min_audits=3))
+        out = wrong.generate(batch)
+        rw = wrong.report()
+        assert not rw["active"] and rw["agreed"] == 0 and rw["off_reason"].startswith("audit: 0 of 3")
+        assert [out[i].text for i in (0, 5)] == [answer, answer]  # audited queries keep the free answer
+        assert all(p.sampling.prefill is None for p in [wrong._split(batch, {})[0]])
+    finally:
+        eng.close()
+
+
+def _with(batch: EngineBatch, **sampling) -> EngineBatch:
+    return EngineBatch(batch.images, batch.queries, dataclasses.replace(batch.sampling, **sampling), batch.tag)
+
+
+def test_openai_request_carries_the_head_and_the_stop():
+    from densify.engines.openai import OpenAIEngine
+
+    eng = OpenAIEngine.__new__(OpenAIEngine)  # only the request builder: no server
+    eng.model, eng.send_uuids, eng.structured_field, eng.extra_body = "m", False, "structured_outputs", {}
+    q = Query("how far?", ())
+    body = eng.request_body(EngineBatch({}, [q], Sampling(prefill="<answer>", stop=("<",))), q)
+    assert body["messages"][-1] == {"role": "assistant", "content": "<answer>"}
+    assert body["continue_final_message"] and body["stop"] == ["<"]
+    comp = eng._completion({"choices": [{"message": {"content": "3.42"}}]}, Sampling(prefill="<answer>"))
+    assert comp.text == "<answer>3.42" and isinstance(comp, Completion)
+
+
+def test_store_keys_of_stop_strings_only_when_set():
+    from densify.engines.store import _sampling_tuple
+
+    assert _sampling_tuple(Sampling()) == [256, None, None, None, False]  # answers stored earlier still match
+    assert _sampling_tuple(Sampling(stop=("<",)))[-1] == ["<"]
+    assert json.dumps(_sampling_tuple(Sampling(prefill="a", stop=(" m",))))
+
+
+def test_vllm_requests_carry_the_head_and_the_stop(fake_vllm):  # noqa: F811
+    """The vllm engine (vLLM faked on the CPU): the head ends the rendered prompt, the stop string reaches
+    SamplingParams, and the answer starts with the head (as the forcing wrapper expects)."""
+    import test_engine_vllm_cpu as tv
+
+    eng = tv.make(fake_vllm)
+    s = Sampling(max_tokens=16, prefill="<think> </think><answer>", stop=("<",))
+    outs = eng.generate(tv.depth_batch(3, sampling=s))
+    llm = tv.FakeLLM.instances[-1]
+    _, prompt, params = llm.enqueued[0]
+    assert params.kw["stop"] == ["<"] and params.kw["max_tokens"] == 16
+    assert prompt["prompt"].endswith("<|im_start|>assistant\n<think> </think><answer>")
+    assert all(c.text.startswith("<think> </think><answer>") for c in outs)
