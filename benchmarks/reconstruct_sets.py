@@ -1,6 +1,7 @@
 """Image sets that are not a neat sequence, on seeded synthetic scenes: densify (simulated VLM3) vs SIFT.
 
     python -m benchmarks.reconstruct_sets [--sets unordered,loop,video] [--errors iid,structured] [--seed 0]
+        [--short-edges K] [--work DIR]
     (also: python -m benchmarks.reconstruct_bench --sets ...)
 
 Sets (640x480 views of a ray-cast room, densify.synthetic.scenes):
@@ -157,6 +158,8 @@ def run_one(name: str, sources, scene, view_of: dict, pairs: dict, args, work: P
     if depth_from is not None and (depth_from / "depth").is_dir() and not (out / "depth").exists():
         shutil.copytree(depth_from / "depth", out / "depth")  # the same depth settings: the stage skips them
     over = {"engine": {"name": "simulated"}, "pairs": pairs, "corr": {"grid": list(args.grid)}}
+    if args.short_edges is not None:
+        over["posegraph"] = {"short_edges_per_image": args.short_edges}
     cfg = load_config(ReconstructConfig, None, dict_overrides(over), default_name="reconstruct")
     t0 = time.perf_counter()
     res = reconstruct(sources, cfg, out, engines=_engines(scene, view_of, args.seed, error), video=video)
@@ -167,6 +170,7 @@ def run_one(name: str, sources, scene, view_of: dict, pairs: dict, args, work: P
            "depth_queries": s["depth"]["queries"], "depth_skipped": s["depth"]["skipped"],
            "pair_queries": s["pair_queries"], "pair_queries_no_overlap": s["pair_queries_no_overlap"],
            "pair_queries_failed": s["pair_queries_failed"], "pruned_pairs": len(s["pruned_pairs"]),
+           "long_pairs_left_out": len(s["long_pairs_left_out"]),
            "selection": s["pair_selection"]}
     sel = {(view_of[res.infos[r.i].id], view_of[res.infos[r.j].id]) for r in res.pairs}
     sel = {(min(a, b), max(a, b)) for a, b in sel}
@@ -299,7 +303,10 @@ def main(argv=None) -> int:
     p.add_argument("--width", type=int, default=640)
     p.add_argument("--height", type=int, default=480)
     p.add_argument("--grid", type=int, nargs=2, default=[24, 18])
-    p.add_argument("--work", help="keep the outputs here (default: a temporary folder)")
+    p.add_argument("--short-edges", type=int, help="posegraph.short_edges_per_image of every run (default: the "
+                   "configuration's; 0: every pair enters the pose graph, as before it existed)")
+    p.add_argument("--work", help="keep the outputs here (default: a temporary folder; a rerun into the same "
+                   "folder reuses its depth maps and pairs)")
     p.add_argument("--json", help="result file (default: benchmarks/results/reconstruct_sets_<date>.json)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")

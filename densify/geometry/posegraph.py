@@ -17,6 +17,14 @@ as an outlier; a loop whose chained odometry has drifted further than that would
 pruned instead of closing it. So the optimisation runs coarse to fine (graduated non-convexity): first with
 the distance times each of `coarse_scales` and nothing pruned, each pass starting where the last ended,
 then at the distance itself with pruning. Edges pruned from the images' only links drop those images.
+
+Short pairs first: a metric pose from PnP on a monocular depth map is off by the depth errors its points
+share (per object, smooth fields), and those move the pose in proportion to the baseline (a pure rotation
+does not depend on depth at all). Such errors are shared, so they verify and agree with each other well
+enough to pass the line process, and an exhaustive set's many wide pairs outvote its short ones. So each
+image keeps only its `short_edges_per_image` shortest pairs (certain edges always stay; a left-out edge
+that alone joins two parts of the graph is put back), measured on the unordered 24-view benchmark set
+(benchmarks/reconstruct_sets.py).
 """
 
 from __future__ import annotations
@@ -31,7 +39,7 @@ from pydantic import BaseModel, ConfigDict, Field
 log = logging.getLogger(__name__)
 
 __all__ = ["PoseEdge", "PoseGraphConfig", "PoseGraphResult", "connected_components", "optimize_poses",
-           "information_from_points", "relative_residual"]
+           "information_from_points", "relative_residual", "short_edges"]
 
 
 class PoseGraphConfig(BaseModel):
@@ -52,6 +60,9 @@ class PoseGraphConfig(BaseModel):
     tree_inlier_ratio: float = Field(0.1, gt=0, description="an edge agrees with a tree's poses when they move its "
                                      "points by less than this fraction of their distance (0.1: ~6 degrees)")
     seed: int = Field(0, description="seed of the random spanning trees (results are reproducible)")
+    short_edges_per_image: int = Field(4, ge=0, description="each image keeps its this many shortest pairs "
+                                       "(metric baseline); longer uncertain pairs are left out unless they alone "
+                                       "connect the graph (0: every pair enters)")
     scale_pairs: bool = Field(True, description="divide each pair's metric translation by its first image's "
                               "depth scale as the other views estimate it (the fusion scale check's), so pairs "
                               "whose metres come from different depth maps agree")
@@ -80,6 +91,8 @@ class PoseGraphResult:
     """Images with no path of usable pairs to the reference."""
     pruned_edges: list[tuple[int, int]] = field(default_factory=list)
     """Uncertain edges the optimiser rejected."""
+    long_edges: list[tuple[int, int]] = field(default_factory=list)
+    """Uncertain edges left out before optimising: each of their images has enough shorter pairs."""
 
 
 def information_from_points(points_target: np.ndarray, scale: float = 1.0) -> np.ndarray:
@@ -113,6 +126,37 @@ def connected_components(nodes: list[int], edges: list[PoseEdge]) -> list[list[i
     for n in nodes:
         comps.setdefault(find(n), []).append(n)
     return sorted((sorted(c) for c in comps.values()), key=lambda c: (-len(c), c[0]))
+
+
+def short_edges(edges: list[PoseEdge], k: int) -> tuple[list[PoseEdge], list[PoseEdge]]:
+    """(kept, left out): every certain edge and each image's k shortest edges (metric baseline); a left-out
+    edge that joins two parts the kept ones leave apart is put back, shortest first (k <= 0: all kept)."""
+    if k <= 0 or not edges:
+        return list(edges), []
+    length = [float(np.linalg.norm(e.T[:3, 3])) for e in edges]
+    by_image: dict[int, list[int]] = {}
+    for q, e in enumerate(edges):
+        by_image.setdefault(e.i, []).append(q)
+        by_image.setdefault(e.j, []).append(q)
+    keep = {q for q, e in enumerate(edges) if not e.uncertain}
+    for qs in by_image.values():
+        keep.update(sorted(qs, key=lambda q: (length[q], q))[:k])
+    parent = {n: n for n in by_image}
+
+    def find(a):
+        while parent[a] != a:
+            parent[a] = parent[parent[a]]
+            a = parent[a]
+        return a
+
+    for q in keep:
+        parent[find(edges[q].i)] = find(edges[q].j)
+    for q in sorted(set(range(len(edges))) - keep, key=lambda q: (length[q], q)):  # Kruskal over the rest
+        a, b = find(edges[q].i), find(edges[q].j)
+        if a != b:
+            parent[a] = b
+            keep.add(q)
+    return [e for q, e in enumerate(edges) if q in keep], [e for q, e in enumerate(edges) if q not in keep]
 
 
 def _spanning_tree_poses(root: int, comp: set[int], edges: list[PoseEdge],
@@ -199,13 +243,18 @@ def optimize_poses(nodes: list[int], edges: list[PoseEdge], cfg: PoseGraphConfig
         return PoseGraphResult({}, None, [], [])
     comps = connected_components(nodes, edges)
     comp = comps[0]
+    edges, left_out = short_edges(edges, cfg.short_edges_per_image)
+    long = [(e.i, e.j) for e in left_out if e.i in comp and e.j in comp]
+    if long:
+        log.info("pose graph: %d long pair(s) left out (each image keeps its %d shortest)", len(long),
+                 cfg.short_edges_per_image)
     dropped = sorted(n for c in comps[1:] for n in c)
     root = comp[0]
     cset = set(comp)
     init = _consensus_tree(root, cset, edges, cfg)
     used = [e for e in edges if e.i in cset and e.j in cset]
     if len(comp) == 1 or not cfg.optimize or not used:
-        return PoseGraphResult(init, root, comp, dropped)
+        return PoseGraphResult(init, root, comp, dropped, long_edges=long)
 
     reg = o3d.pipelines.registration
     graph = reg.PoseGraph()
@@ -236,4 +285,4 @@ def optimize_poses(nodes: list[int], edges: list[PoseEdge], cfg: PoseGraphConfig
     # Re-anchor on the reference exactly (the optimiser keeps it fixed, this removes rounding drift).
     ref_inv = np.linalg.inv(np.asarray(graph.nodes[index[root]].pose))
     poses = {n: ref_inv @ np.asarray(graph.nodes[index[n]].pose) for n in comp}
-    return PoseGraphResult(poses, root, comp, dropped, pruned)
+    return PoseGraphResult(poses, root, comp, dropped, pruned, long)

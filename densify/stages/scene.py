@@ -270,7 +270,8 @@ def write_poses(layout: RunLayout, infos: list[ImageInfo], graph: PoseGraphResul
                       "world = the reference camera's frame; metres",
         "reference": ref,
         "frames": [frame(k) for k in sorted(graph.cam_to_world)],
-        "dropped": dropped, "pruned_pairs": [[infos[i].id, infos[j].id] for i, j in graph.pruned_edges]})
+        "dropped": dropped, "pruned_pairs": [[infos[i].id, infos[j].id] for i, j in graph.pruned_edges],
+        "long_pairs_left_out": [[infos[i].id, infos[j].id] for i, j in graph.long_edges]})
 
 
 def reconstruct(sources: list[ImageSource], cfg: ReconstructConfig, out: str | Path, *,
@@ -352,6 +353,7 @@ def _pair_summary(infos, results: list[PairResult], graph: PoseGraphResult, sel:
         "pair_selection": sel.report,
         "failed_pairs": [r.record() for r in failed],
         "pruned_pairs": [[infos[i].id, infos[j].id] for i, j in graph.pruned_edges],
+        "long_pairs_left_out": [[infos[i].id, infos[j].id] for i, j in graph.long_edges],
         "verdicts": {v: sum(1 for r in results if r.pose is not None and r.pose.verdict == v)
                      for v in ("good", "weak", "failed")},
         "pair_queries": sum(asked(r) for r in results),
