@@ -177,6 +177,11 @@ def test_simulated_engine_without_truth_fails_each_image_with_a_record(tmp_path,
     assert not list(out.glob("*/depth.npy")) and "SIMULATED" in text
 
 
+# answers paced like a GPU engine's (about 1 s per 3,072-query image), so a job is still running when its
+# first image is done, however fast the machine (answers_per_s is not part of the answers' identity)
+PACED = ("--set", "engine.options.answers_per_s=3000")
+
+
 def _start_until_a_result(out: Path, *argv, timeout: float = 120, pattern: str = "*/result.json") -> subprocess.Popen:
     """`densify ARGV` in a subprocess, returned once its first image is done (a result.json exists)."""
     p = subprocess.Popen([sys.executable, "-m", "pipelines", *argv], cwd=REPO, stdout=subprocess.PIPE,
@@ -195,7 +200,7 @@ def test_interrupt_writes_the_summary_of_what_finished(tmp_path, sig, code):
     make_scene(SceneSpec(seed=3, n_views=8, width=320, height=240)).save(tmp_path / "scene")
     out = tmp_path / "out"
     p = _start_until_a_result(out, "depth", str(tmp_path / "scene"), "--out", str(out), "--engine", "simulated",
-                              "--count", "3072", "--set", "plan.mode=grid")
+                              "--count", "3072", "--set", "plan.mode=grid", *PACED)
     p.send_signal(sig)
     _, err = p.communicate(timeout=30)
     assert p.returncode == code, err
@@ -205,7 +210,7 @@ def test_interrupt_writes_the_summary_of_what_finished(tmp_path, sig, code):
     assert len(list(out.glob("*/result.json"))) == s["ok"]
     # resuming finishes the rest and redoes nothing
     p = subprocess.run([sys.executable, "-m", "pipelines", "depth", str(tmp_path / "scene"), "--out", str(out),
-                        "--engine", "simulated", "--count", "3072", "--set", "plan.mode=grid"], cwd=REPO,
+                        "--engine", "simulated", "--count", "3072", "--set", "plan.mode=grid", *PACED], cwd=REPO,
                        capture_output=True, text=True, timeout=120)
     s2 = json.loads((out / "summary.json").read_text())
     assert p.returncode == 0 and s2["skipped"] == s["ok"] and s2["ok"] + s2["skipped"] == 8
@@ -218,7 +223,7 @@ def test_ctrl_c_on_a_label_job_with_local_ray_stops_fast_and_starts_no_second_ra
     make_scene(SceneSpec(seed=5, n_views=12, width=320, height=240)).save(tmp_path / "scene")
     out = tmp_path / "out"
     p = _start_until_a_result(out, "label", str(tmp_path / "scene"), "--out", str(out), "--engine", "simulated",
-                              "--count", "3072", "--set", "ray.num_actors=1")
+                              "--count", "3072", "--set", "ray.num_actors=1", *PACED)
     t0 = time.monotonic()
     p.send_signal(signal.SIGINT)
     _, err = p.communicate(timeout=60)
@@ -237,7 +242,7 @@ def test_sigterm_on_a_label_job_with_local_ray_exits_143_with_densify_s_message_
     make_scene(SceneSpec(seed=7, n_views=8, width=320, height=240)).save(tmp_path / "scene")
     out = tmp_path / "out"
     argv = ["label", str(tmp_path / "scene"), "--out", str(out), "--engine", "simulated", "--count", "3072",
-            "--set", "ray.num_actors=1"]
+            "--set", "ray.num_actors=1", *PACED]
     p = _start_until_a_result(out, *argv)
     p.send_signal(signal.SIGTERM)
     _, err = p.communicate(timeout=60)
@@ -257,7 +262,7 @@ def test_ctrl_c_on_reconstruct_writes_what_finished(tmp_path):
     make_scene(SceneSpec(seed=6, n_views=8, width=320, height=240)).save(tmp_path / "scene")
     out = tmp_path / "out"
     p = _start_until_a_result(out, "reconstruct", str(tmp_path / "scene"), "--out", str(out), "--engine",
-                              "simulated", "--set", "depth.plan.mode=grid", pattern="depth/*/result.json")
+                              "simulated", "--set", "depth.plan.mode=grid", *PACED, pattern="depth/*/result.json")
     p.send_signal(signal.SIGINT)
     _, err = p.communicate(timeout=60)
     assert p.returncode == 130 and "Traceback" not in err, err
