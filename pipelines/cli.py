@@ -92,7 +92,12 @@ def _add_global_args(p: argparse.ArgumentParser, default) -> None:
                    help="Print the traceback of any error (or DENSIFY_DEBUG=1).")
 
 
+_terminated = False  # a SIGTERM came: libraries that catch and re-raise interrupts (Ray) may drop our class
+
+
 def _on_sigterm(signum, frame):
+    global _terminated
+    _terminated = True
     raise Terminated()
 
 
@@ -105,7 +110,7 @@ def exit_code(exc: BaseException) -> int:
     from densify.io.lock import OutputLockedError
     from densify.queries.plan import PlanError
 
-    if isinstance(exc, Terminated):
+    if isinstance(exc, Terminated) or (isinstance(exc, KeyboardInterrupt) and _terminated):
         return EXIT_TERMINATED
     if isinstance(exc, KeyboardInterrupt):
         return EXIT_INTERRUPTED
@@ -148,6 +153,8 @@ def main(argv: list[str] | None = None) -> int:
     if not args.command:
         parser.print_help()
         return EXIT_USAGE
+    global _terminated
+    _terminated = False
     old = signal.signal(signal.SIGTERM, _on_sigterm) if hasattr(signal, "SIGTERM") else None
     try:
         return int(modules[args.command].run(args) or 0)
