@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import json
 import logging
 import platform
 import shutil
@@ -45,6 +44,7 @@ from densify.config.loading import dict_overrides
 from densify.config.profiles import load_profile
 from densify.eval.pose_eval import chamfer, pose_auc, pose_errors, trajectory_error, visible_surface_samples
 from densify.io.images import discover, load_rgb
+from densify.io.outputs import write_json
 from densify.io.video import extract_frames
 from densify.pairs.matching import sift_matches
 from densify.pairs.solve import PairResult, classify, solve_pair_xy
@@ -326,19 +326,9 @@ def main(argv=None) -> int:
                 print_rows(error, name, rows)
                 result["wall_s"] = time.perf_counter() - t0
                 path.parent.mkdir(parents=True, exist_ok=True)
-                path.write_text(json.dumps(result, indent=1, default=_json))  # after every set: nothing lost
+                write_json(path, result)  # after every set: nothing lost
     print(f"total {result['wall_s']:.0f} s; wrote {path}")
     return 0
-
-
-def _json(o):
-    if isinstance(o, np.generic):
-        return o.item()
-    if isinstance(o, np.ndarray):
-        return o.tolist()
-    if isinstance(o, Path):
-        return str(o)
-    raise TypeError(type(o))
 
 
 if __name__ == "__main__":
