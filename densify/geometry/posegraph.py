@@ -107,24 +107,37 @@ def information_from_points(points_target: np.ndarray, scale: float = 1.0) -> np
     return scale * np.einsum("nki,nkj->ij", G, G)
 
 
-def connected_components(nodes: list[int], edges: list[PoseEdge]) -> list[list[int]]:
-    """Components of the pair graph, largest first (ties: the one holding the earliest image)."""
-    parent = {n: n for n in nodes}
+class _Parts:
+    """Union-find over images: which part of the pair graph each is in."""
 
-    def find(a):
+    def __init__(self, nodes):
+        self.parent = {n: n for n in nodes}
+
+    def find(self, a):
+        parent = self.parent
         while parent[a] != a:
             parent[a] = parent[parent[a]]
             a = parent[a]
         return a
 
+    def join(self, a, b) -> bool:
+        """Join the parts of a and b; False when they were one part already."""
+        ra, rb = self.find(a), self.find(b)
+        if ra == rb:
+            return False
+        self.parent[max(ra, rb)] = min(ra, rb)
+        return True
+
+
+def connected_components(nodes: list[int], edges: list[PoseEdge]) -> list[list[int]]:
+    """Components of the pair graph, largest first (ties: the one holding the earliest image)."""
+    parts = _Parts(nodes)
     for e in edges:
-        if e.i in parent and e.j in parent:
-            ra, rb = find(e.i), find(e.j)
-            if ra != rb:
-                parent[max(ra, rb)] = min(ra, rb)
+        if e.i in parts.parent and e.j in parts.parent:
+            parts.join(e.i, e.j)
     comps: dict[int, list[int]] = {}
     for n in nodes:
-        comps.setdefault(find(n), []).append(n)
+        comps.setdefault(parts.find(n), []).append(n)
     return sorted((sorted(c) for c in comps.values()), key=lambda c: (-len(c), c[0]))
 
 
@@ -141,20 +154,11 @@ def short_edges(edges: list[PoseEdge], k: int) -> tuple[list[PoseEdge], list[Pos
     keep = {q for q, e in enumerate(edges) if not e.uncertain}
     for qs in by_image.values():
         keep.update(sorted(qs, key=lambda q: (length[q], q))[:k])
-    parent = {n: n for n in by_image}
-
-    def find(a):
-        while parent[a] != a:
-            parent[a] = parent[parent[a]]
-            a = parent[a]
-        return a
-
+    parts = _Parts(by_image)
     for q in keep:
-        parent[find(edges[q].i)] = find(edges[q].j)
+        parts.join(edges[q].i, edges[q].j)
     for q in sorted(set(range(len(edges))) - keep, key=lambda q: (length[q], q)):  # Kruskal over the rest
-        a, b = find(edges[q].i), find(edges[q].j)
-        if a != b:
-            parent[a] = b
+        if parts.join(edges[q].i, edges[q].j):
             keep.add(q)
     return [e for q, e in enumerate(edges) if q in keep], [e for q, e in enumerate(edges) if q not in keep]
 

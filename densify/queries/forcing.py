@@ -33,7 +33,9 @@ import logging
 import math
 from collections import deque
 from dataclasses import dataclass, field, replace
-from typing import Iterable, Iterator
+from typing import Iterable, Iterator, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
 
 from densify.engines.base import Completion, Engine, EngineBatch, Sampling
 from densify.config.answer_format import NUMBER, AnswerFormat
@@ -42,18 +44,20 @@ __all__ = ["AnswerFormat", "ForcingEngine", "ForcingSettings", "NUMBER"]
 
 log = logging.getLogger("densify.forcing")
 
-@dataclass
-class ForcingSettings:
-    """The forcing settings (DepthConfig.forcing) as the engine wrapper uses them."""
+class ForcingSettings(BaseModel):
+    """Forced answers: the fixed text around the number is not generated (DepthConfig.forcing)."""
+    model_config = ConfigDict(extra="forbid")
 
-    mode: str = "auto"
-    """auto: the profile's declared format, else learn it where the profile allows; off; declared; learn"""
-    audit_share: float = 0.01
-    audit_min: int = 2
-    threshold: float = 0.95
-    min_audits: int = 20
-    learn_answers: int = 32
-    max_tokens: int = 16
+    mode: Literal["auto", "off", "declared", "learn"] = Field(
+        "auto", description="auto: the profile's answer_format, else learn it where the profile allows "
+                            "(learn_answer_format); off; declared: only a declared format; learn: learn it anyway")
+    audit_share: float = Field(0.01, ge=0, le=1, description="share of each batch also asked unforced and compared")
+    audit_min: int = Field(2, ge=0, description="at least this many audited queries per batch (each round of an image)")
+    threshold: float = Field(0.95, ge=0, le=1, description="forcing goes off for the rest of the job when the audit "
+                                                           "agreement falls below this")
+    min_audits: int = Field(20, ge=1, description="audited answers before the threshold applies")
+    learn_answers: int = Field(32, ge=2, description="learn: parsed unforced answers the format is learned from")
+    max_tokens: int = Field(16, ge=1, description="tokens a forced answer may generate (the number and the stop)")
 
 
 @dataclass

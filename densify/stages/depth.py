@@ -68,7 +68,7 @@ class DepthStage(DepthTransform):
         if engine is not None and wants_forcing(cfg, self.profile):
             from densify.queries.forcing import ForcingEngine
 
-            self.engine = self.forcing = ForcingEngine(engine, self.profile, cfg.forcing.settings())
+            self.engine = self.forcing = ForcingEngine(engine, self.profile, cfg.forcing)
         self._threads: cf.ThreadPoolExecutor | None = None  # run(): plan rounds and finish images
         self.keep_maps = keep_maps
         self.on_round = on_round

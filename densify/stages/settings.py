@@ -25,6 +25,7 @@ from densify.geometry.fusion import FusionConfig
 from densify.geometry.pose import PoseConfig
 from densify.geometry.posegraph import PoseGraphConfig
 from densify.pairs.select import PairsConfig
+from densify.queries.forcing import ForcingSettings as ForcingConfig
 
 __all__ = ["EngineConfig", "AutoPlanConfig", "ForcingConfig", "PlanConfig", "DensifyConfig", "OutputConfig",
            "DepthConfig", "StoreConfig", "RayConfig", "LabelConfig", "CorrConfig", "PoseStageConfig", "ModelsConfig",
@@ -189,25 +190,6 @@ def _check_profile(name: str, task: str, key: str) -> str:
     if prof.task != task:
         raise ValueError(f"{prof.name!r} is a {prof.task} profile; {key} needs a {task} profile")
     return name
-
-
-class ForcingConfig(_Model):
-    """Forced answers (densify.queries.forcing): the fixed text around the number is not generated."""
-    mode: Literal["auto", "off", "declared", "learn"] = Field(
-        "auto", description="auto: the profile's answer_format, else learn it where the profile allows "
-                            "(learn_answer_format); off; declared: only a declared format; learn: learn it anyway")
-    audit_share: float = Field(0.01, ge=0, le=1, description="share of each batch also asked unforced and compared")
-    audit_min: int = Field(2, ge=0, description="at least this many audited queries per batch (each round of an image)")
-    threshold: float = Field(0.95, ge=0, le=1, description="forcing goes off for the rest of the job when the audit "
-                                                           "agreement falls below this")
-    min_audits: int = Field(20, ge=1, description="audited answers before the threshold applies")
-    learn_answers: int = Field(32, ge=2, description="learn: parsed unforced answers the format is learned from")
-    max_tokens: int = Field(16, ge=1, description="tokens a forced answer may generate (the number and the stop)")
-
-    def settings(self):
-        from densify.queries.forcing import ForcingSettings
-
-        return ForcingSettings(**self.model_dump())
 
 
 class DepthConfig(_Model):
