@@ -167,6 +167,7 @@ def main(argv=None) -> int:
                     busy = mem.busy(t0 + s["command_s"] - s["wall_s"], t0 + s["command_s"]) if mem else None
                 rec["one_at_a_time"].append(row(s, 1, busy))
                 print(f"{preset}: one image {k}: {s['wall_s']:.2f} s, {s['queries']} queries", flush=True)
+                path.write_text(json.dumps(result, indent=2) + "\n")  # a killed run keeps what it measured
             if args.images:
                 with mem or _null():
                     t0 = time.perf_counter()
