@@ -92,6 +92,33 @@ def fixed_answer_profile(folder: Path) -> Path:
     return path
 
 
+def declared_answer_profile(folder: Path, answer: str, fmt: str | None = None) -> Path:
+    """VLM3-depth with its prompt unchanged and its answer text DECLARED as `answer` with the number as the
+    field (`fmt` another declared format), parsed by a regex made from `answer`: for a model folder built with
+    that fixed answer (densify.synthetic.models, answer=...), so forcing is on from the first batch and the audit
+    compares forced with free answers. No structured decoding (it turns forcing off)."""
+    import re
+
+    import yaml
+
+    from densify.config.answer_format import NUMBER
+
+    number = NUMBER.search(answer)
+    if number is None:
+        raise ValueError(f"fixed answer {answer!r} has no number to parse")
+    pieces = answer.split(number.group())
+    data = yaml.safe_load((profiles_dir() / "vlm3-depth.yaml").read_text())
+    data["name"] = "vlm3-depth-declared-answer"
+    q = data["questions"][data["default_question"]]
+    q["regex"] = r"([-+]?\d*\.?\d+)".join(re.escape(p) for p in pieces)
+    q["answer_format"] = fmt or "{d}".join(p.replace("{", "{{").replace("}", "}}") for p in pieces)
+    q.pop("structured_regex", None)
+    q.pop("learn_answer_format", None)
+    path = folder / "vlm3-depth-declared-answer.yaml"
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", help="model folder (e.g. the 4B-shaped synthetic Qwen3-VL); needed unless "

@@ -137,68 +137,43 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 CANDIDATES = ["Depth: 2.5 m", "Depth=2.5 m", "Depth: 7.25 m", "depth 2.5 m", "D: 2.5 m"]
-
-
-def _chain_model(folder, answer: str):
-    """Make the tiny model's greedy answer `answer` for every prompt: the transformer blocks add nothing
-    (attention and MLP outputs zero), each chain token's embedding is its own basis vector, and the
-    (untied) output layer maps it to the next token of the answer, then to end-of-turn. Returns the
-    answer's token ids, or None when the answer repeats a token before different successors."""
-    from transformers import AutoModelForImageTextToText, AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(folder)
-    start = tok.apply_chat_template([{"role": "user", "content": [{"type": "text", "text": "x"}]}],
-                                    add_generation_prompt=True, tokenize=True)
-    start = start if isinstance(start, list) else start["input_ids"]
-    ids = tok(answer, add_special_tokens=False)["input_ids"]
-    chain = [start[-1]] + ids + [tok.convert_tokens_to_ids("<|im_end|>")]
-    nxt: dict[int, int] = {}
-    for a, b in zip(chain, chain[1:]):
-        if nxt.setdefault(a, b) != b:
-            return None
-    model = AutoModelForImageTextToText.from_pretrained(folder, dtype=torch.float32)
-    lm = model.model.language_model
-    hidden = model.config.text_config.hidden_size
-    with torch.no_grad():
-        for layer in lm.layers:
-            layer.self_attn.o_proj.weight.zero_()
-            layer.mlp.down_proj.weight.zero_()
-        emb = lm.embed_tokens.weight
-        head = torch.zeros_like(emb)
-        for slot, (a, b) in enumerate(nxt.items()):
-            assert slot < hidden
-            emb[a] = 0.0
-            emb[a, slot] = 1.0
-            head[b, slot] = 10.0
-        model.lm_head.weight = torch.nn.Parameter(head)
-    model.config.tie_word_embeddings = False
-    model.config.text_config.tie_word_embeddings = False
-    model.save_pretrained(folder)
-    return ids
+TOKEN_END = 151645  # <|im_end|>
 
 
 @pytest.fixture(scope="module")
 def chain(tmp_path_factory):
+    """The tiny Qwen3-VL made to answer a fixed text (densify.synthetic.models, answer=...)."""
     from densify.synthetic.models import build_model_folder
 
     base = tmp_path_factory.mktemp("chain")
-    for answer in CANDIDATES:
-        folder = build_model_folder(base / f"m{CANDIDATES.index(answer)}", shape="tiny", seed=0)
-        if _chain_model(folder, answer) is not None:
-            return folder, answer
+    for i, answer in enumerate(CANDIDATES):
+        try:
+            return build_model_folder(base / f"m{i}", shape="tiny", seed=0, answer=answer), answer
+        except ValueError as exc:
+            assert repr(answer) in str(exc)
     pytest.fail(f"none of {CANDIDATES} tokenizes without a repeated token")
 
 
-def _profile(tmp_path, fmt: str):
-    data = yaml.safe_load((profiles_dir() / "vlm3-depth.yaml").read_text())
-    q = data["questions"]["depth"]
-    q["regex"] = r"(?:Depth|D|depth)\s*[:=]?\s*([-+]?[0-9]*\.?[0-9]+)"
-    q["answer_format"] = fmt
-    q.pop("learn_answer_format", None)
-    data["name"] = "chain-test"
-    path = tmp_path / "chain.yaml"
-    path.write_text(yaml.safe_dump(data, sort_keys=False))
-    return load_profile(path)
+def test_a_fixed_answer_with_a_repeated_token_is_refused_by_name(tmp_path):
+    """A model that sees only its last token cannot write `>` before `2` and later before end-of-turn."""
+    from densify.synthetic.models import answer_chain, build_model_folder
+
+    folder = build_model_folder(tmp_path / "m", shape="tiny", save_weights=False)
+    bad = "<think> </think><answer>2.50</answer>"
+    with pytest.raises(ValueError, match=r"fixed answer '<think> </think><answer>2\.50</answer>': token '>' is "
+                                         r"followed by different tokens"):
+        answer_chain(folder, bad)
+    with pytest.raises(ValueError, match="repeated token"):
+        build_model_folder(tmp_path / "w", shape="tiny", answer=bad)
+    assert not list((tmp_path / "w").glob("*.safetensors")) and not (tmp_path / "w" / "fixed_answer.json").exists()
+    nxt = answer_chain(folder, "Depth: 2.5 m")  # the generation prompt's last token, then the answer, then the end
+    assert len(nxt) == len(set(nxt)) and TOKEN_END in nxt.values() and TOKEN_END not in nxt
+
+
+def _profile(tmp_path, answer: str, fmt: str | None = None):
+    from benchmarks.pipeline_bench import declared_answer_profile
+
+    return load_profile(declared_answer_profile(tmp_path, answer, fmt))
 
 
 def _batch(profile, n=6):
@@ -240,13 +215,14 @@ def test_forcing_is_exact_on_a_model_that_writes_the_declared_text(chain, tmp_pa
     folder, answer = chain
     number = NUMBER.search(answer).group()
     fmt = answer.replace(number, "{d}")
-    prof = _profile(tmp_path, fmt)
+    prof = _profile(tmp_path, answer)
+    assert prof.question.answer_format == fmt and prof.question.structured_regex is None
     eng = create_engine("hf", profile=prof, model=str(folder), device="cpu", batch_size=4)
     try:
         r = check_forced_is_free(eng, prof, answer, number)
         assert r["active"] and r["audited"] == 2 and r["same_text"] == 2
         # a declared text the model does not write: the audit sees other numbers and forcing goes off
-        wrong = ForcingEngine(eng, _profile(tmp_path, fmt.replace("{d}", "-{d}")),
+        wrong = ForcingEngine(eng, _profile(tmp_path, answer, fmt.replace("{d}", "-{d}")),
                               ForcingSettings(audit_min=3, min_audits=3))
         batch = _batch(prof)
         out = wrong.generate(batch)

@@ -15,12 +15,18 @@ tokenizer and processor files only. Each family's tokenizer is made here with th
 real ids and filler entries up to the real vocabulary size; the chat templates and processor configs
 follow the real checkpoints'. See ../shared/reference/model-formats.md.
 
+With `answer=TEXT` any shape gets real weights whose greedy answer to every prompt is TEXT (the transformer
+blocks add nothing and the output layer maps each answer token to the next: `answer_chain`): forced and
+free answers can then be compared on a real engine, and a real shape still costs its full GEMMs and attention.
+
     python -m densify.synthetic.models OUT_DIR --shape tiny|4b|pixtral-tiny|pixtral-12b [--seed 0] [--no-weights]
+                                       [--answer TEXT]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import functools
 import json
@@ -616,18 +622,37 @@ def _write_json(path: Path, obj) -> None:
     path.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
 
 
-def _save_tiny_weights(out: Path, config: dict, seed: int) -> None:
+def _init_context():
+    """Skip transformers' own initialisation where it can (every parameter is set explicitly after it)."""
+    try:
+        from transformers.initialization import no_init_weights
+    except ImportError:  # older transformers
+        return contextlib.nullcontext()
+    return no_init_weights()
+
+
+def _save_weights(out: Path, config: dict, seed: int, chain: dict[int, int] | None = None,
+                  device: str | None = None) -> None:
+    """Seeded random weights, saved as safetensors in the config's dtype. The tiny shapes are made in float32
+    on the CPU (bit-for-bit the same everywhere); a real shape (only with a fixed answer) in its own dtype on
+    `device` (CUDA when available: the 4B shape is about 9 GB)."""
     import torch
     from transformers import AutoConfig, AutoModelForImageTextToText
 
     cfg = AutoConfig.from_pretrained(out)
     dtype = getattr(torch, config["dtype"])
+    small = config["text_config"]["hidden_size"] <= 1024
+    if device is None:
+        device = "cpu" if small or not torch.cuda.is_available() else "cuda"
+    make_dtype = torch.float32 if small else dtype
     state = torch.random.get_rng_state()
     try:
         torch.manual_seed(seed)
-        model = AutoModelForImageTextToText.from_config(cfg, dtype=torch.float32)
+        # (skipping transformers' init also skips its tying: only for the big, untied fixed-answer shapes)
+        with torch.device(device), (contextlib.nullcontext() if small else _init_context()):
+            model = AutoModelForImageTextToText.from_config(cfg, dtype=make_dtype)
         std = float(config["text_config"]["initializer_range"])
-        gen = torch.Generator().manual_seed(seed)
+        gen = torch.Generator(device=device).manual_seed(seed)
         with torch.no_grad():
             # explicit, version-independent initialisation: every matrix N(0, std) (1/sqrt(fan_in) for the
             # vision tower so patch features stay O(1)), norms 1, biases 0
@@ -640,25 +665,98 @@ def _save_tiny_weights(out: Path, config: dict, seed: int) -> None:
                     s = 1.0 / fan_in ** 0.5
                 else:
                     s = std
-                p.copy_(torch.randn(p.shape, generator=gen) * s)
+                p.copy_(torch.randn(p.shape, generator=gen, device=device, dtype=make_dtype) * s)
+            if chain is not None:
+                _apply_chain(model, chain)
         model = model.to(dtype)
         model.save_pretrained(out, safe_serialization=True)
     finally:
         torch.random.set_rng_state(state)
 
 
-def build_model_folder(out_dir, *, shape: str = "tiny", save_weights: bool | None = None, seed: int = 0) -> Path:
+# ---------------------------------------------------------------------------------------------- fixed answer
+FIXED_ANSWER_FILE = "fixed_answer.json"
+
+
+def answer_chain(folder, answer: str) -> dict[int, int]:
+    """The token successor map that makes a model folder's greedy answer `answer` to any prompt: the last
+    token of the chat's generation prompt -> the answer's first token -> ... -> the end-of-turn token.
+    Refused (ValueError naming the answer) when a token repeats before different successors, or when the
+    text before the answer's number tokenizes differently on its own (a forced prompt ends there)."""
+    from transformers import AutoTokenizer
+
+    from densify.config.answer_format import NUMBER
+
+    if not answer:
+        raise ValueError("a fixed answer must not be empty")
+    tok = AutoTokenizer.from_pretrained(folder)
+    chat = [{"role": "user", "content": [{"type": "text", "text": "x"}]}]
+    prompt = tok.apply_chat_template(chat, add_generation_prompt=True, tokenize=False)
+    start = tok(prompt, add_special_tokens=False)["input_ids"]
+    ids = tok(answer, add_special_tokens=False)["input_ids"]
+    if tok.decode(ids) != answer:
+        raise ValueError(f"fixed answer {answer!r}: its tokens do not decode to it; choose another text")
+    number = NUMBER.search(answer)
+    if number and number.start():
+        head = tok(prompt + answer[: number.start()], add_special_tokens=False)["input_ids"]
+        if head[: len(start)] != start or ids[: len(head) - len(start)] != head[len(start):]:
+            raise ValueError(f"fixed answer {answer!r}: the text before its number tokenizes differently on its "
+                             f"own, so a forced answer would not continue it; choose another text")
+    end = json.loads((Path(folder) / "config.json").read_text())["text_config"]["eos_token_id"]
+    chain = [start[-1], *ids, end]
+    nxt: dict[int, int] = {}
+    for a, b in zip(chain, chain[1:]):
+        if nxt.setdefault(a, b) != b:
+            raise ValueError(f"fixed answer {answer!r}: token {tok.convert_ids_to_tokens(a)!r} is followed by "
+                             f"different tokens, which a model that sees only its last token cannot write; choose "
+                             f"a text without a repeated token (e.g. 'Depth: 2.5 m')")
+    return nxt
+
+
+def _apply_chain(model, nxt: dict[int, int]) -> None:
+    """The transformer blocks add nothing (attention and MLP outputs zero), so the last position's state is its
+    token's embedding; each chain token's embedding is its own basis vector and the untied output layer maps it
+    to its successor. The GEMMs and attention still run at full cost."""
+    import torch
+
+    lm = model.model.language_model
+    if len(nxt) > model.config.text_config.hidden_size:
+        raise ValueError(f"a fixed answer of {len(nxt)} tokens needs a hidden size at least that large")
+    for layer in lm.layers:
+        layer.self_attn.o_proj.weight.zero_()
+        layer.mlp.down_proj.weight.zero_()
+    emb = lm.embed_tokens.weight
+    head = torch.zeros_like(emb)
+    for slot, (a, b) in enumerate(nxt.items()):
+        emb[a] = 0.0
+        emb[a, slot] = 1.0
+        head[b, slot] = 10.0  # x sqrt(hidden) after the final norm: a clear margin over every other logit
+    model.lm_head.weight = torch.nn.Parameter(head)
+    model.config.tie_word_embeddings = False
+    model.config.text_config.tie_word_embeddings = False
+
+
+def build_model_folder(out_dir, *, shape: str = "tiny", save_weights: bool | None = None, seed: int = 0,
+                       answer: str | None = None, device: str | None = None) -> Path:
     """Write a model folder of the given shape (`SHAPES`: tiny, 4b, pixtral-tiny, pixtral-12b) to out_dir;
     return its path.
 
     save_weights defaults to True for the tiny shapes (seeded random weights, bf16 safetensors) and False
     for the real ones (config, tokenizer and processor files only: serve them with vLLM's load_format="dummy").
+    `answer`: real weights, any shape, whose greedy answer to every prompt is this text (`answer_chain`,
+    `_apply_chain`; recorded in fixed_answer.json), e.g. for forced-answer benchmarks at full model cost;
+    a real shape is made on `device` (default CUDA when available).
     """
     t0 = time.perf_counter()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     config = model_config(shape)
     family = SHAPES[shape]["family"]
+    if answer is not None:
+        if save_weights is False:
+            raise ValueError("a fixed answer needs saved weights")
+        save_weights = True
+        config["tie_word_embeddings"] = config["text_config"]["tie_word_embeddings"] = False  # lm_head of its own
     if save_weights is None:
         save_weights = SHAPES[shape]["save_weights"]
     files = family_files(family)
@@ -671,13 +769,24 @@ def build_model_folder(out_dir, *, shape: str = "tiny", save_weights: bool | Non
                 _write_json(out / name, body)
         _write_json(out / "config.json", config)
 
+    (out / FIXED_ANSWER_FILE).unlink(missing_ok=True)
     write_files()
+    chain = answer_chain(out, answer) if answer is not None else None
     if save_weights:
-        _save_tiny_weights(out, config, seed)
+        _save_weights(out, config, seed, chain, device)
         # save_pretrained rewrites some of these in the running transformers' own form; keep the checkpoint's
         write_files()
-    log.info("built %s %s folder %s in %.1f s", shape, FAMILY_NAMES[family], out, time.perf_counter() - t0)
+    if answer is not None:
+        _write_json(out / FIXED_ANSWER_FILE, {"answer": answer, "shape": shape, "seed": seed})
+    log.info("built %s %s folder %s in %.1f s%s", shape, FAMILY_NAMES[family], out, time.perf_counter() - t0,
+             f" (fixed answer {answer!r})" if answer is not None else "")
     return out
+
+
+def fixed_answer_of(folder) -> str | None:
+    """The fixed answer a folder was built with (build_model_folder(answer=...)), or None."""
+    path = Path(folder) / FIXED_ANSWER_FILE
+    return json.loads(path.read_text())["answer"] if path.is_file() else None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -690,9 +799,14 @@ def main(argv: list[str] | None = None) -> int:
                    help="save random weights (default for the tiny shapes)")
     w.add_argument("--no-weights", dest="save_weights", action="store_false",
                    help="config, tokenizer and processor files only (default for 4b and pixtral-12b)")
+    ap.add_argument("--answer", help="real weights whose greedy answer to every prompt is this text")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    path = build_model_folder(args.out_dir, shape=args.shape, save_weights=args.save_weights, seed=args.seed)
+    try:
+        path = build_model_folder(args.out_dir, shape=args.shape, save_weights=args.save_weights, seed=args.seed,
+                                  answer=args.answer)
+    except ValueError as exc:
+        ap.error(str(exc))
     print(path)
     return 0
 
