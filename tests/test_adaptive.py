@@ -342,3 +342,15 @@ def test_precise_answers_stop_at_the_floor_and_noisy_ones_go_on():
     noisy = AdaptivePlanner((H, W), 1, rgb=rgb, stop=rule)
     pix2, _, _ = simulate(noisy, depth, sigma=0.2)
     assert noisy.report()["own_spread"] >= rule.tolerance and len(pix2) > len(pix)
+
+
+def test_answers_that_agree_exactly_stop_precise():
+    """One answer everywhere (a fixed-answer model): own spread and disagreement are rounding, so nothing is
+    unexplained; the rule stops after the minimum rounds as `precise`, not `shared`."""
+    from densify.fields.adaptive import StopRule
+
+    rgb, _, _ = step_scene()
+    planner = AdaptivePlanner((H, W), 1, rgb=rgb, stop=StopRule(floor=120, cap=600, round=60))
+    pix, _, _ = simulate(planner, np.full((H, W), 2.5, np.float32), sigma=0.0)
+    rep = planner.report()
+    assert rep["stop"] == "precise" and len(pix) <= 120 + 2 * 60 and rep["own_spread"] < 1e-6

@@ -240,8 +240,9 @@ class AdaptivePlanner:
         r = np.log(new_vals[ok]) + (w * pred).sum(1) / w.sum(1)    # log answer - log predicted depth
         self._residuals.append(np.abs(r))
         d = 1.4826 * float(np.median(np.concatenate(self._residuals[-self.stop.pool:])))
-        unexplained = math.sqrt(max(d * d - own * own, 1e-12))
-        ratio = own / unexplained
+        unexplained = math.sqrt(max(d * d - own * own, 0.0))
+        # below 1e-6 (log depth) it is rounding, e.g. answers that agree exactly: nothing is unexplained
+        ratio = own / unexplained if unexplained > 1e-6 else math.inf
         self.history.append({"queries": int(self._seen), "own_spread": round(own, 4), "disagreement": round(d, 4),
                              "ratio": round(min(ratio, 1e3), 3)})
         if len(self._residuals) < self.stop.pool or self.round - 1 < self.stop.min_rounds:
