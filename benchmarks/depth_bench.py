@@ -5,6 +5,7 @@ and how busy the engines were meanwhile.
     python -m benchmarks.depth_bench --rate 652 --engines 2          # CPU: paced simulated engines (652 q/s in all)
     python -m benchmarks.depth_bench --rate 652 --engines 0 [--set cpu_threads=0]   # one engine in process
     python -m benchmarks.depth_bench --model DIR [--images 12]       # GPU: vLLM engines in a Ray pool (dummy weights)
+    python -m benchmarks.depth_bench --model DIR --answer "Depth: 2.50 m"   # GPU: real weights, forced answers
 
 CPU: the engines are simulated VLM3-depth engines in a Ray pool, paced to `--rate` answers/s in all
 (`answers_per_s` = rate / engines each: they take the time a GPU engine of that rate would, and spend no CPU
@@ -14,6 +15,11 @@ share is the share of wall time the engines have work booked (`summary.json` eng
 GPU: vLLM engines with random weights in a Ray pool (`engines_per_gpu` auto), 1000x750 photos, answers held to
 a VLM3-depth answer (`<think> </think><answer>d.dd</answer>`) by structured decoding (so forcing is off and
 the plan sees the fixed answers of a random model); the GPU's busy share is NVML's, sampled every 50 ms.
+GPU with `--answer TEXT`: the folder's real weights (`densify make-model DIR --shape 4b --answer TEXT`: the
+transformer blocks add nothing, so every prompt's greedy answer is TEXT, at the model's full GEMM and attention
+cost), VLM3-depth's prompt with TEXT declared as the answer format, forcing at its default and no structured
+decoding: what a real checkpoint runs. Every map is then constant (the plan stops `precise`); rows give
+`forcing` and the audit's agreement (`forcing_audit`).
 
 One image at a time: one `densify depth IMG` per image (seconds per map = that run's wall time, engines
 already up: summary.json wall_s; the command's own start-up, Ray and engines included, is reported apart).
@@ -82,6 +88,38 @@ def run_depth(images: list[Path], out: Path, config: Path, env: dict) -> dict:
     return s
 
 
+def gpu_config(work: Path, model: str, answer: str | None = None) -> tuple[dict, str]:
+    """The depth config of the GPU mode and what its engine is, in words. Without `answer`: dummy weights,
+    answers held to a VLM3-depth answer by structured decoding (forcing off). With it: the folder's real
+    weights, whose greedy answer is `answer` (refused unless the folder was built for it), and VLM3-depth with
+    that answer declared, so forcing is on from the first batch and audited against free answers."""
+    import importlib.util
+
+    from benchmarks.pipeline_bench import declared_answer_profile, fixed_answer_profile
+
+    vllm = {"model": model}
+    if answer is None:
+        vllm["load_format"] = "dummy"
+        cfg = {"profile": str(fixed_answer_profile(work)), "structured": True}
+        what = "vllm (Ray pool, engines_per_gpu auto), dummy weights, structured fixed answers"
+    else:
+        from densify.synthetic.models import fixed_answer_of
+
+        built = fixed_answer_of(model)
+        if built != answer:
+            raise SystemExit(f"--model {model}: " + (f"built for the answer {built!r}, not {answer!r}" if built else
+                                                     "not a fixed-answer folder") +
+                             f"; build it with: densify make-model {model} --shape 4b --answer {answer!r} --overwrite")
+        cfg = {"profile": str(declared_answer_profile(work, answer)), "structured": False}
+        what = (f"vllm (Ray pool, engines_per_gpu auto), real weights answering {answer!r} (greedy), that text "
+                f"declared as the answer format: forcing auto, audited; no structured decoding")
+    cfg["engine"] = {"name": "ray", "options": {"engine": "vllm", "num_gpus_per_actor": 1, "ray_address": "local",
+                                                "engine_options": vllm}}
+    if importlib.util.find_spec("open3d") is None:
+        cfg["outputs"] = {"ply": False}  # GPU hosts lack Open3D
+    return cfg, what
+
+
 def row(s: dict, images: int, gpu: dict | None = None) -> dict:
     answered = s["queries"] - sum(v for k, v in s["answer_failures"].items() if k == "engine_error")
     r = {"images": images, "ok": s["ok"], "failed": s["failed"], "queries": s["queries"], "answered": answered,
@@ -89,6 +127,10 @@ def row(s: dict, images: int, gpu: dict | None = None) -> dict:
          "s_per_map": s["wall_s"] / max(images, 1), "command_s": round(s["command_s"], 2),
          "startup_s": round(s["command_s"] - s["wall_s"], 2), "engine_busy": s.get("engine_busy"),
          "forcing": (s.get("forcing") or {}).get("active"), "valid": s["failed"] == 0 and answered == s["queries"]}
+    if s.get("forcing"):  # forced and audited queries, and how often the audit's free answer agreed
+        f = s["forcing"]
+        r["forcing_audit"] = {k: f.get(k) for k in ("forced_queries", "audited", "agreed", "agreement", "same_text",
+                                                    "retried_unforced", "off_reason")}
     if gpu:
         r["gpu_busy_share"] = gpu
     return r
@@ -97,6 +139,9 @@ def row(s: dict, images: int, gpu: dict | None = None) -> dict:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", help="GPU: model folder (the 4B-shaped synthetic Qwen3-VL); vLLM engines")
+    ap.add_argument("--answer", metavar="TEXT",
+                    help="GPU: --model was built with this fixed answer (make-model --answer): real weights, the "
+                         "answer format declared, forcing at its default, no structured decoding")
     ap.add_argument("--rate", type=float, default=652.0, help="CPU: answers/s of all simulated engines together")
     ap.add_argument("--engines", type=int, default=2, help="CPU: simulated engine actors (0: one engine in the "
                                                            "command's process, as densify depth runs vllm)")
@@ -105,9 +150,11 @@ def main(argv=None) -> int:
     ap.add_argument("--one", type=int, default=3, help="images run one at a time")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="more depth settings")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
-    ap.add_argument("--name", help="result file name (default depth_bench-<cpu|gpu>-<date>.json)")
+    ap.add_argument("--name", help="result file name (default depth_bench-<cpu|gpu|gpu-forced>-<date>.json)")
     args = ap.parse_args(argv)
     gpu = args.model is not None
+    if args.answer is not None and not gpu:
+        ap.error("--answer needs --model (the GPU mode)")
     work = Path(tempfile.mkdtemp(prefix="depth_bench_"))
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     result = {"benchmark": "densify depth_bench (benchmarks/depth_bench.py)", "command": "python -m benchmarks."
@@ -119,24 +166,18 @@ def main(argv=None) -> int:
               "presets": {}}
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / (args.name or f"depth_bench-{'gpu' if gpu else 'cpu'}-{dt.date.today():%Y%m%d}.json")
+    path = out_dir / (args.name or f"depth_bench-{'gpu' if gpu else 'cpu'}{'-forced' if args.answer else ''}-"
+                                          f"{dt.date.today():%Y%m%d}.json")
     try:
-        presets = ["fixed-answer"] if gpu else [e.strip() for e in args.errors.split(",") if e.strip()]
+        if gpu:
+            presets = ["declared-answer" if args.answer else "fixed-answer"]
+        else:
+            presets = [e.strip() for e in args.errors.split(",") if e.strip()]
         for i, preset in enumerate(presets):
             cfg: dict = {}
             if gpu:
-                import importlib.util
-
-                from benchmarks.pipeline_bench import fixed_answer_profile
-
-                cfg = {"profile": str(fixed_answer_profile(work)), "structured": True,
-                       "engine": {"name": "ray", "options": {
-                           "engine": "vllm", "num_gpus_per_actor": 1, "ray_address": "local",
-                           "engine_options": {"model": args.model, "load_format": "dummy"}}}}
-                if importlib.util.find_spec("open3d") is None:
-                    cfg["outputs"] = {"ply": False}  # GPU hosts lack Open3D
+                cfg, result["engine"] = gpu_config(work, args.model, args.answer)
                 images = photo_images(work / "img", 0, args.images + args.one)
-                result["engine"] = "vllm (Ray pool, engines_per_gpu auto), dummy weights, structured fixed answers"
             elif args.engines == 0:  # one engine in the command's own process (densify depth's default layout)
                 cfg = {"engine": {"name": "simulated", "options": {"answers_per_s": args.rate, "error": preset,
                                                                    "seed": 0}}}
@@ -166,7 +207,7 @@ def main(argv=None) -> int:
                     s = run_depth([img], work / f"one_{preset}_{k}", config, env)
                     busy = mem.busy(t0 + s["command_s"] - s["wall_s"], t0 + s["command_s"]) if mem else None
                 rec["one_at_a_time"].append(row(s, 1, busy))
-                print(f"{preset}: one image {k}: {s['wall_s']:.2f} s, {s['queries']} queries", flush=True)
+                print(f"{preset}: one image {k}: {s['wall_s']:.2f} s, {s['queries']} queries{_forced(s)}", flush=True)
                 path.write_text(json.dumps(result, indent=2) + "\n")  # a killed run keeps what it measured
             if args.images:
                 with mem or _null():
@@ -174,6 +215,7 @@ def main(argv=None) -> int:
                     s = run_depth(images[args.one:], work / f"stream_{preset}", config, env)
                     busy = mem.busy(t0 + s["command_s"] - s["wall_s"], t0 + s["command_s"]) if mem else None
                 rec["streamed"] = row(s, len(images) - args.one, busy)
+                print(f"{preset}: streamed {len(images) - args.one} images{_forced(s)}", flush=True)
                 rec["streamed_s_per_map"] = rec["streamed"]["s_per_map"]
             ones = rec["one_at_a_time"]
             if ones:
@@ -190,6 +232,14 @@ def main(argv=None) -> int:
     path.write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {path}")
     return 0
+
+
+def _forced(s: dict) -> str:
+    f = s.get("forcing")
+    if not f:
+        return "; forcing off"
+    return (f"; forcing {'active' if f['active'] else 'OFF (' + str(f['off_reason']) + ')'}, "
+            f"{f['forced_queries']} forced, audit {f['agreed']}/{f['audited']} agreed")
 
 
 class _null:

@@ -234,6 +234,56 @@ def test_forcing_is_exact_on_a_model_that_writes_the_declared_text(chain, tmp_pa
         eng.close()
 
 
+def test_densify_depth_forces_the_declared_answer_of_a_fixed_answer_model(chain, tmp_path):
+    """`densify depth` on the hf engine with the fixed-answer tiny model and that answer declared (what
+    depth_bench --answer runs on the GPU): every query forced from the first batch, the audit at 100%, the map
+    the answer's constant depth, and the stopping rule stops `precise` (the answers agree exactly)."""
+    import cv2
+
+    from benchmarks.pipeline_bench import declared_answer_profile
+    from densify.config.answer_format import NUMBER
+    from pipelines.cli import main
+
+    folder, answer = chain
+    depth = float(NUMBER.search(answer).group())
+    prof = declared_answer_profile(tmp_path, answer)
+    img = tmp_path / "room.png"
+    cv2.imwrite(str(img), np.random.default_rng(0).integers(0, 256, (120, 160, 3), dtype=np.uint8))
+    out = tmp_path / "out"
+    rc = main(["depth", str(img), "--out", str(out), "--profile", str(prof), "--engine", "hf", "--model", str(folder),
+               "--intrinsics", "1000,1000,80,60", "--set", "engine.options.device=cpu",
+               "--set", "engine.options.batch_size=32", "--set", "outputs.ply=false",
+               "--set", "plan.auto.floor=64", "--set", "plan.auto.round=32"])  # the tiny shape's share of a map
+    s = json.loads((out / "summary.json").read_text())
+    assert rc == 0 and s["ok"] == 1 and not s["answer_failures"], s
+    f = s["forcing"]
+    assert f["active"] and f["format"]["source"] == "declared" and f["off_reason"] is None
+    assert f["forced_queries"] == s["queries"] and f["retried_unforced"] == 0
+    assert f["audited"] >= 2 and f["agreed"] == f["audited"] == f["same_text"] and f["agreement"] == 1.0
+    assert s["plan"]["stops"] == {"precise": 1} and 64 < s["queries"] <= 64 + 2 * 32, s  # the minimum rounds
+    recs = [json.loads(line) for line in (out / "room" / "answers.jsonl").read_text().splitlines()]
+    assert len(recs) == s["queries"] and {r["text"] for r in recs} == {answer}
+    d = np.load(out / "room" / "depth.npy")
+    np.testing.assert_allclose(d[d > 0], depth, rtol=1e-5)
+    assert (d > 0).mean() > 0.95
+
+
+def test_make_model_writes_a_fixed_answer_folder_and_refuses_a_repeating_answer(tmp_path, capsys):
+    from densify.synthetic.models import fixed_answer_of
+    from pipelines.cli import main
+
+    assert main(["make-model", str(tmp_path / "ok"), "--answer", "Depth: 7.25 m"]) == 0
+    assert "answering 'Depth: 7.25 m'" in capsys.readouterr().out
+    assert fixed_answer_of(tmp_path / "ok") == "Depth: 7.25 m"
+    cfg = json.loads((tmp_path / "ok" / "config.json").read_text())
+    assert cfg["tie_word_embeddings"] is False and cfg["text_config"]["tie_word_embeddings"] is False
+    assert main(["make-model", str(tmp_path / "bad"), "--answer", "<answer>1</answer>"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("densify make-model: error: make-model --answer: fixed answer "
+                                               "'<answer>1</answer>': token")
+    assert not (tmp_path / "bad").exists() or not any((tmp_path / "bad").iterdir())
+
+
 def _with(batch: EngineBatch, **sampling) -> EngineBatch:
     return EngineBatch(batch.images, batch.queries, dataclasses.replace(batch.sampling, **sampling), batch.tag)
 

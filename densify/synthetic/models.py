@@ -749,7 +749,6 @@ def build_model_folder(out_dir, *, shape: str = "tiny", save_weights: bool | Non
     """
     t0 = time.perf_counter()
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     config = model_config(shape)
     family = SHAPES[shape]["family"]
     if answer is not None:
@@ -769,9 +768,18 @@ def build_model_folder(out_dir, *, shape: str = "tiny", save_weights: bool | Non
                 _write_json(out / name, body)
         _write_json(out / "config.json", config)
 
+    chain = None
+    if answer is not None:  # refused before anything is written
+        import tempfile
+
+        with tempfile.TemporaryDirectory(prefix="densify-answer-") as tmp:
+            out, real_out = Path(tmp), out
+            write_files()
+            chain = answer_chain(out, answer)
+            out = real_out
+    out.mkdir(parents=True, exist_ok=True)
     (out / FIXED_ANSWER_FILE).unlink(missing_ok=True)
     write_files()
-    chain = answer_chain(out, answer) if answer is not None else None
     if save_weights:
         _save_weights(out, config, seed, chain, device)
         # save_pretrained rewrites some of these in the running transformers' own form; keep the checkpoint's

@@ -1,0 +1,70 @@
+"""benchmarks/depth_bench.py without a GPU: the depth config its GPU mode writes, with dummy weights and with
+a fixed-answer model folder (--answer), and the rows it makes of a summary."""
+
+from __future__ import annotations
+
+import pytest
+
+pytest.importorskip("transformers")
+
+from benchmarks.depth_bench import gpu_config, row  # noqa: E402
+from densify.config.profiles import load_profile  # noqa: E402
+from densify.queries.answers import parse_text  # noqa: E402
+from densify.queries.forcing import ForcingEngine  # noqa: E402
+from densify.sim.engine import SimulatedEngine  # noqa: E402
+from densify.stages.settings import DepthConfig  # noqa: E402
+
+ANSWER = "Depth: 2.50 m"
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    from densify.synthetic.models import build_model_folder
+
+    return build_model_folder(tmp_path_factory.mktemp("answer"), shape="tiny", answer=ANSWER)
+
+
+def test_the_forced_gpu_config_uses_the_weights_and_declares_the_answer(folder, tmp_path):
+    cfg, what = gpu_config(tmp_path, str(folder), ANSWER)
+    opts = cfg["engine"]["options"]
+    assert cfg["engine"]["name"] == "ray" and opts["engine"] == "vllm" and opts["ray_address"] == "local"
+    assert opts["engine_options"] == {"model": str(folder)}  # the saved weights, not load_format dummy
+    assert cfg["structured"] is False and "forcing" not in cfg and "plan" not in cfg  # the defaults: forcing auto
+    assert repr(ANSWER) in what and "forcing auto" in what
+    depth = DepthConfig(**cfg)
+    assert depth.forcing.mode == "auto" and depth.plan.count == "auto"
+    prof = load_profile(cfg["profile"])
+    vlm3 = load_profile("vlm3-depth")
+    assert prof.question.template == vlm3.question.template and prof.suffix == vlm3.suffix  # the prompt unchanged
+    assert prof.question.answer_format == "Depth: {d} m" and prof.question.structured_regex is None
+    assert not prof.question.learn_answer_format
+    forcing = ForcingEngine(SimulatedEngine(prof), prof)
+    assert forcing.active and (forcing.fmt.head, forcing.fmt.stop) == ("Depth: ", " m")
+    assert parse_text(prof.question, ANSWER).value == 2.5 and parse_text(prof.question, "2.50").value is None
+
+
+def test_the_forced_gpu_config_refuses_a_folder_built_for_another_answer(folder, tmp_path):
+    with pytest.raises(SystemExit, match=r"built for the answer 'Depth: 2.50 m', not 'Depth: 3.00 m'; build it "
+                                         r"with: densify make-model .* --answer 'Depth: 3.00 m'"):
+        gpu_config(tmp_path, str(folder), "Depth: 3.00 m")
+    with pytest.raises(SystemExit, match="not a fixed-answer folder"):
+        gpu_config(tmp_path, str(tmp_path), ANSWER)
+
+
+def test_the_dummy_gpu_config_is_as_before(tmp_path):
+    cfg, what = gpu_config(tmp_path, "/m")
+    assert cfg["engine"]["options"]["engine_options"] == {"model": "/m", "load_format": "dummy"}
+    assert cfg["structured"] is True and "dummy weights" in what
+    assert load_profile(cfg["profile"]).question.structured_regex.startswith("<think> </think><answer>")
+
+
+def test_rows_say_whether_forcing_was_active_and_how_the_audit_agreed():
+    s = {"queries": 128, "answer_failures": {}, "ok": 1, "failed": 0, "wall_s": 2.0, "command_s": 5.0,
+         "plan": {"queries_per_image": {"mean": 128}, "stops": {"precise": 1}},
+         "forcing": {"active": True, "forced_queries": 128, "audited": 4, "agreed": 4, "agreement": 1.0,
+                     "same_text": 4, "retried_unforced": 0, "off_reason": None}}
+    r = row(s, 1, 0.5)
+    assert r["forcing"] is True and r["forcing_audit"]["agreement"] == 1.0 and r["forcing_audit"]["audited"] == 4
+    assert r["valid"] and r["gpu_busy_share"] == 0.5 and r["startup_s"] == 3.0
+    s.pop("forcing")
+    assert row(s, 1)["forcing"] is None and "forcing_audit" not in row(s, 1)
