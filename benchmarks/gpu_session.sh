@@ -7,6 +7,11 @@
 #   bash benchmarks/gpu_session.sh scaling [scaling_bench args, e.g. --gpus 1,2 --engines-per-gpu 2]
 #   bash benchmarks/gpu_session.sh pipeline [pipeline_bench args, e.g. --images 12 --cpu-workers 4]
 #   bash benchmarks/gpu_session.sh depth [depth_bench args, e.g. --images 12 --one 1]: `densify depth` itself
+#   bash benchmarks/gpu_session.sh depth --answer "Depth: 2.50 m" --images 8 --one 1: the same with forced answers,
+#     as a real checkpoint runs: a 4B-shaped folder whose real weights answer that text to every prompt
+#     (/tmp/densify-m4b-answer, built once per host on the GPU, ~10 GB: a minute or two the first time;
+#     `... depth --answer TEXT --images 0 --one 0` only builds it), the text declared as the answer format,
+#     forcing auto and audited, no structured decoding; result depth_bench-gpu-forced-<date>.json
 # After `bench`, /tmp/densify-best-options.json holds the engine options (beyond engine_bench's base) of the
 # fastest valid bf16 Ray-pool row at 12 tokens, for the next call: --engine-options "$(cat /tmp/densify-best-options.json)".
 # e.g. the last staging call and the tests together:
@@ -68,6 +73,23 @@ fi
 MODEL=/tmp/densify-m4b
 if [ "$what" != tests ] && [ ! -f "$MODEL/config.json" ]; then
   python3 -c "from densify.synthetic.models import build_model_folder as b; b('$MODEL', shape='4b')" || rc=1
+fi
+# depth --answer TEXT: a 4B-shaped folder with real weights whose greedy answer is TEXT, once per host (per TEXT)
+answer=
+if [ "$what" = depth ]; then
+  for ((i = 0; i < ${#extra[@]}; i++)); do
+    case "${extra[$i]}" in
+      --answer) answer=${extra[$((i + 1))]:-} ;;
+      --answer=*) answer=${extra[$i]#--answer=} ;;
+    esac
+  done
+fi
+if [ -n "$answer" ]; then
+  MODEL=/tmp/densify-m4b-answer
+  if ! ANSWER="$answer" python3 -c "import os, sys; from densify.synthetic.models import fixed_answer_of as f; sys.exit(f('$MODEL') != os.environ['ANSWER'])" 2>/dev/null; then
+    rm -rf "$MODEL"
+    python3 -m densify.synthetic.models "$MODEL" --shape 4b --answer "$answer" || rc=1
+  fi
 fi
 if [ "$what" = scaling ]; then
   python3 -m benchmarks.scaling_bench --out "$OUT" --model "$MODEL" "${extra[@]}" 2>&1 \

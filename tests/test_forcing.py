@@ -8,10 +8,9 @@ import json
 
 import numpy as np
 import pytest
-import yaml
 
 from densify.config.answer_format import AnswerFormat
-from densify.config.profiles import load_profile, profiles_dir
+from densify.config.profiles import load_profile
 from densify.engines.base import Completion, EngineBatch, Query, Sampling
 from densify.queries.forcing import ForcingEngine, ForcingSettings
 from densify.sim.engine import SimulatedEngine
