@@ -221,6 +221,10 @@ def main(argv=None) -> int:
             if ones:
                 rec["one_at_a_time_s_per_map"] = float(np.mean([o["s_per_map"] for o in ones]))
             rec["valid"] = all(o["valid"] for o in ones) and (rec["streamed"] or {}).get("valid", True)
+            if args.answer:  # what this mode measures: every row forced to the end, the audit agreeing
+                rows = ones + ([rec["streamed"]] if rec["streamed"] else [])
+                rec["forced_throughout"] = all(r["forcing"] and r["forcing_audit"]["off_reason"] is None
+                                               for r in rows)
             print(f"{preset}: {rec.get('one_at_a_time_s_per_map', float('nan')):.2f} s per map one at a time, "
                   f"{rec.get('streamed_s_per_map', float('nan')):.2f} s streamed; busy "
                   f"{(rec['streamed'] or {}).get('engine_busy') or (rec['streamed'] or {}).get('gpu_busy_share')}",

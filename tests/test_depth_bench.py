@@ -68,3 +68,37 @@ def test_rows_say_whether_forcing_was_active_and_how_the_audit_agreed():
     assert r["valid"] and r["gpu_busy_share"] == 0.5 and r["startup_s"] == 3.0
     s.pop("forcing")
     assert row(s, 1)["forcing"] is None and "forcing_audit" not in row(s, 1)
+
+
+def test_the_forced_gpu_mode_end_to_end_with_the_command_faked(folder, tmp_path, monkeypatch):
+    """main() --model --answer: the config it hands `densify depth` (read back from the file), one row per
+    run, and whether forcing held to the end (`forced_throughout`); no GPU, `densify depth` faked."""
+    import json
+
+    import yaml
+
+    import benchmarks.depth_bench as db
+
+    seen = []
+
+    def fake_run(images, out, config, env):
+        seen.append(yaml.safe_load(config.read_text()))
+        n = len(images)
+        return {"queries": 1536 * n, "answer_failures": {}, "ok": n, "failed": 0, "wall_s": 3.0 * n, "command_s": 9.0,
+                "plan": {"queries_per_image": {"mean": 1536}, "stops": {"precise": n}},
+                "forcing": {"active": True, "forced_queries": 1536 * n, "audited": 16 * n, "agreed": 16 * n,
+                            "agreement": 1.0, "same_text": 16 * n, "retried_unforced": 0,
+                            "off_reason": "audit: 0 of 8" if n > 1 else None}}
+
+    monkeypatch.setattr(db, "run_depth", fake_run)
+    monkeypatch.setattr(db, "_gpu_sampler", lambda: None)
+    assert db.main(["--model", str(folder), "--answer", ANSWER, "--images", "2", "--one", "1",
+                    "--out", str(tmp_path), "--name", "r.json"]) == 0
+    res = json.loads((tmp_path / "r.json").read_text())
+    rec = res["presets"]["declared-answer"]
+    assert [c["structured"] for c in seen] == [False, False] and "load_format" not in json.dumps(seen)
+    assert rec["one_at_a_time"][0]["forcing"] is True and rec["streamed"]["forcing_audit"]["audited"] == 32
+    assert rec["valid"] and rec["forced_throughout"] is False  # the streamed run's audit turned forcing off
+    assert "real weights answering" in res["engine"]
+    with pytest.raises(SystemExit):
+        db.main(["--answer", ANSWER])  # the GPU mode only
