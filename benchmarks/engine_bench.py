@@ -26,16 +26,19 @@ What runs (each phase its own engine; phases append to one JSON file, written af
            batched (64 per call); random bf16 weights built on the GPU (the 4B folder has none).
   --custom NAME=JSON  any engine options over base's: (a), streamed. VARIANTS names options worth trying on
            the GPU (rayK+NAME without --custom): chunk64k (larger prefill chunks), graphsfull (CUDA graphs for
-           mixed prefill/decode steps too), async / noasync (vLLM's async scheduling), byimage (each engine's
-           running batch mostly one image: the next image only once fewer than 512 queries are unfinished).
+           mixed prefill/decode steps too), async / noasync (vLLM's async scheduling: on by default in vLLM
+           0.26, so `async` is the base), byimage (each engine's running batch mostly one image: the next
+           image only once fewer than 512 queries are unfinished).
   rayK@T   the production path at a forced answer length: every prompt ends with the assistant-turn head a
            forced answer has (FORCED_HEAD, VLM3-depth's learned one) and T tokens are generated (the number
            and the stop token; densify.queries.forcing), N images streamed.
   profK    rayK (12 tokens) under vLLM's torch profiler (CUDA activities, `profiler_config`), the first
            --profile-steps engine steps of each engine: kernel time by class (GEMM, attention per prefill /
            decode / mixed step, KV-cache writes, sampling, copies, other) and idle gaps
-           (benchmarks.kernel_profile) in the row's "kernel_profile"; `profK+NAME` with a variant. The
-           profiled run's q/s carries the profiler's cost (compare the rayK row).
+           (benchmarks.kernel_profile) in the row's "kernel_profile", and per answered query with the rate
+           the same kernels allow on a GPU never idle ("per_query"; `python -m benchmarks.kernel_profile
+           --per-query RESULT` for committed results); `profK+NAME` with a variant. The profiled run's q/s
+           carries the profiler's cost (compare the rayK row).
 `--table [RESULT ...]` prints README's engine rows from committed results (no GPU needed).
 Every row counts answered queries only in queries_per_s; a row with engine errors has "valid": false and
 "invalid_reason". Rows record engines_per_gpu, memory_per_engine_gib (vLLM's share) and the most GPU
@@ -593,6 +596,14 @@ def ray_phase(name: str, model: str, opts: dict, rate: float, per_gpu: int, stat
         row["engine_options"] = {k: v for k, v in opts.items() if k != "model"}
         row["ray"] = {"num_actors": per_gpu, "engines_per_gpu": per_gpu, "max_in_flight_per_actor": 3}
         row["dtype"] = "fp8" if opts.get("quantization") == "fp8" else "bf16"
+        kp = row.get("kernel_profile") or {}
+        if "window_ms" in kp and row.get("answered"):
+            from benchmarks.kernel_profile import gemm_params, per_query
+
+            cfg = Path(model) / "config.json"
+            text = json.loads(cfg.read_text()).get("text_config") if cfg.is_file() else None
+            tokens = row["uncached_prompt_tokens_per_query"] + row["generated_tokens_per_query"]
+            kp["per_query"] = per_query(kp, row["answered"], tokens, gemm_params(text) if text else None)
     return rows
 
 

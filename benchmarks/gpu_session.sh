@@ -39,11 +39,6 @@ for w in .whl .whl-cv; do
   fi
 done
 export PATH="/tmp/site/bin:$PATH"
-# vLLM 0.26 imports transformers' PixtralRotaryEmbedding, renamed in the host's transformers 5.17: add the old
-# name in every process (benchmarks/host_compat/sitecustomize.py) where it is missing
-if ! python3 -c "from transformers.models.pixtral.modeling_pixtral import PixtralRotaryEmbedding" 2>/dev/null; then
-  export PYTHONPATH="$PWD/benchmarks/host_compat:$PYTHONPATH"
-fi
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 VLLM_NO_USAGE_STATS=1 DO_NOT_TRACK=1
 export TOKENIZERS_PARALLELISM=false
 rc=0

@@ -2,6 +2,7 @@
 profiler writes it with `profiler_config={"profiler": "torch", ...}` and `LLM.start_profile()`).
 
     python -m benchmarks.kernel_profile TRACE.json[.gz] ...     # prints the breakdown as JSON
+    python -m benchmarks.kernel_profile --per-query RESULT.json   # per answered query, for engine_bench's profK rows
 
 Every GPU kernel is put in one class by its name (`classify`): GEMM, attention, KV-cache writes, sampling,
 memory copies and sets, communication, other kernels (norms, activations, rotary, elementwise, vision
@@ -167,6 +168,34 @@ def breakdown(traces: list, top: int = 15) -> dict:
     }
 
 
+def gemm_params(text: dict) -> float:
+    """Weights every token's GEMMs multiply by in a dense decoder (attention projections and the gated MLP of
+    every layer), from a text config (hidden_size, intermediate_size, num_hidden_layers, num_attention_heads,
+    num_key_value_heads, head_dim). The embedding is a lookup and the output head runs at sampled positions
+    only (under 1% of a densify query's FLOP), so neither is counted."""
+    h, layers = text["hidden_size"], text["num_hidden_layers"]
+    hd = text.get("head_dim") or h // text["num_attention_heads"]
+    attn = h * hd * (2 * text["num_attention_heads"] + 2 * text["num_key_value_heads"])  # q, o; k, v
+    return float(layers * (attn + 3 * h * text["intermediate_size"]))
+
+
+def per_query(profile: dict, queries: int, tokens_per_query: float | None = None,
+              params: float | None = None) -> dict:
+    """GPU milliseconds per answered query by kernel class, GPU busy time per query and the rate the same
+    kernels would give on a GPU never idle (1 / busy time per query): what bounds the engine once every gap
+    is filled. Meaningful when the profile spans the whole run (`window_share_of_run` near 1 in
+    engine_bench). With the tokens each query runs through the model (uncached prompt + generated) and
+    `gemm_params`, the rate the GEMMs ran at (compare the card's matmul rate)."""
+    window = profile["window_ms"]
+    ms = {k: round(v * window / queries, 4) for k, v in profile["shares_of_window"].items() if k != "idle_gaps"}
+    busy = profile["gpu_busy_ms"] / queries
+    out = {"ms_per_query": ms, "idle_ms_per_query": round((window - profile["gpu_busy_ms"]) / queries, 4),
+           "busy_ms_per_query": round(busy, 4), "queries_per_s_never_idle": round(1e3 / busy, 1)}
+    if tokens_per_query and params and ms.get("gemm"):
+        out["gemm_tflop_per_s"] = round(2 * params * tokens_per_query / (ms["gemm"] / 1e3) / 1e12, 1)
+    return out
+
+
 def _kind_at(windows, starts, t: float) -> str | None:
     import bisect
 
@@ -176,12 +205,32 @@ def _kind_at(windows, starts, t: float) -> str | None:
     return None
 
 
+def result_per_query(path: str | Path, text: dict | None = None) -> list[dict]:
+    """`per_query` of every profiled row of an engine_bench result (the 4B shape's text config by default)."""
+    if text is None:
+        from densify.synthetic.models import SHAPES
+
+        text = SHAPES["4b"]["text"]
+    rows = []
+    for r in json.loads(Path(path).read_text()).get("rows", []):
+        kp = r.get("kernel_profile") or {}
+        if "window_ms" in kp and r.get("answered"):
+            tokens = (r.get("uncached_prompt_tokens_per_query") or 0) + (r.get("generated_tokens_per_query") or 0)
+            rows.append({"variant": r["variant"], "queries_per_s": r.get("queries_per_s"),
+                         "window_share_of_run": round(kp["window_ms"] / 1e3 / r["wall_s"], 3),
+                         **per_query(kp, r["answered"], tokens, gemm_params(text))})
+    return rows
+
+
 def main(argv=None) -> int:
-    paths = (argv if argv is not None else sys.argv[1:])
-    if not paths:
+    args = list(argv if argv is not None else sys.argv[1:])
+    if not args:
         print(__doc__)
         return 2
-    print(json.dumps(breakdown(paths), indent=2))
+    if args[0] == "--per-query":
+        print(json.dumps([row for p in args[1:] for row in result_per_query(p)], indent=2))
+        return 0
+    print(json.dumps(breakdown(args), indent=2))
     return 0
 
 

@@ -78,3 +78,27 @@ def test_two_engines_on_one_gpu_count_busy_time_once(tmp_path):
     assert b["gpu_busy_ms"] == pytest.approx(0.150) and b["kernel_ms"] == pytest.approx(0.300)
     assert b["kernels_overlap_ms"] == pytest.approx(0.150)
     assert kp.breakdown([[]])["error"].startswith("no GPU kernels")
+
+
+def test_per_query_bound_and_gemm_rate():
+    # 1,000 queries in a 2 s window, 1.5 s of it busy: 1.5 ms per query busy, so 666.7 q/s never idle
+    profile = {"window_ms": 2000.0, "gpu_busy_ms": 1500.0,
+               "shares_of_window": {"gemm": 0.5, "attention_mixed": 0.25, "idle_gaps": 0.25}}
+    text = dict(hidden_size=2560, intermediate_size=9728, num_hidden_layers=36, num_attention_heads=32,
+                num_key_value_heads=8, head_dim=128)
+    params = kp.gemm_params(text)
+    assert params == 36 * (2560 * 128 * (2 * 32 + 2 * 8) + 3 * 2560 * 9728)  # ~3.63e9: Qwen3-VL-4B's text layers
+    out = kp.per_query(profile, 1000, tokens_per_query=81.0, params=params)
+    assert out["ms_per_query"] == {"gemm": 1.0, "attention_mixed": 0.5}
+    assert out["busy_ms_per_query"] == 1.5 and out["idle_ms_per_query"] == 0.5
+    assert out["queries_per_s_never_idle"] == 666.7
+    assert out["gemm_tflop_per_s"] == round(2 * params * 81.0 / 1e-3 / 1e12, 1)
+    assert "gemm_tflop_per_s" not in kp.per_query(profile, 1000)
+
+
+def test_per_query_of_a_committed_profile():
+    rows = kp.result_per_query(Path(__file__).parents[1] / "benchmarks" / "results"
+                               / "engine_bench-H200-20261203-prof1-forced5.json")
+    assert len(rows) == 1 and rows[0]["window_share_of_run"] > 0.9
+    assert 800 < rows[0]["queries_per_s_never_idle"] < 900   # one engine's kernels: 1.16 ms per query
+    assert 700 < rows[0]["gemm_tflop_per_s"] < 800           # the card's bf16 matmul rate (798 measured)
