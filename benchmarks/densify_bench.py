@@ -4,6 +4,7 @@
     python -m benchmarks.densify_bench --quick    # 4 scenes x 3 budgets (~1 min)
     python -m benchmarks.densify_bench --errors structured --edge-opts '{"radius": 4}' --tag r4   # a variant
     python -m benchmarks.densify_bench --budgets 3072 --auto --no-plot --tag auto  # plan.count: auto vs 3072
+    python -m benchmarks.densify_bench --budgets 3072 --auto --first-seed 200 --no-plot --tag auto_s200  # other scenes
 
 Seeded synthetic rooms (densify.synthetic.scenes, 640x480) are answered by the simulated VLM3-depth engine
 through the real prompts, parser and pixel maps, under each error preset of `--errors` (default both, in one
@@ -445,6 +446,8 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="4 scenes x budgets 256, 1024, 4096")
     p.add_argument("--scenes", type=int, help="number of seeded scenes (default 10; quick 4)")
+    p.add_argument("--first-seed", type=int, default=100,
+                   help="seed of the first scene (default 100: seeds 100, 101, ...; another set, e.g. 200)")
     p.add_argument("--budgets", type=lambda s: [int(x) for x in s.split(",")], help="comma-separated budgets")
     p.add_argument("--errors", default="iid,structured", help="comma-separated error presets (simulated engine)")
     p.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1))
@@ -463,7 +466,7 @@ def main(argv=None) -> int:
 
     budgets = args.budgets or (QUICK_BUDGETS if args.quick else FULL_BUDGETS)
     n_scenes = args.scenes or (4 if args.quick else 10)
-    seeds = list(range(100, 100 + n_scenes))
+    seeds = list(range(args.first_seed, args.first_seed + n_scenes))
     presets = [e.strip() for e in args.errors.split(",") if e.strip()]
     opts = {"logprobs": args.logprobs, "edge": args.edge_opts, "planner": args.planner_opts, "auto": args.auto}
     t0 = time.perf_counter()
