@@ -6,6 +6,7 @@ and how busy the engines were meanwhile.
     python -m benchmarks.depth_bench --rate 652 --engines 0 [--set cpu_threads=0]   # one engine in process
     python -m benchmarks.depth_bench --model DIR [--images 12]       # GPU: vLLM engines in a Ray pool (dummy weights)
     python -m benchmarks.depth_bench --model DIR --answer "Depth: 2.50 m"   # GPU: real weights, forced answers
+    python -m benchmarks.depth_bench --table [RESULT ...]            # README's rows from committed results
 
 CPU: the engines are simulated VLM3-depth engines in a Ray pool, paced to `--rate` answers/s in all
 (`answers_per_s` = rate / engines each: they take the time a GPU engine of that rate would, and spend no CPU
@@ -151,7 +152,13 @@ def main(argv=None) -> int:
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="more depth settings")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     ap.add_argument("--name", help="result file name (default depth_bench-<cpu|gpu|gpu-forced>-<date>.json)")
+    ap.add_argument("--table", nargs="*", metavar="RESULT", help="print README's seconds-per-map rows (markdown) "
+                    "from these result files (none given: every committed depth_bench-*.json), and exit")
     args = ap.parse_args(argv)
+    if args.table is not None:
+        print(markdown_table([Path(p) for p in args.table]
+                             or sorted((ROOT / "benchmarks" / "results").glob("depth_bench-*.json"))))
+        return 0
     gpu = args.model is not None
     if args.answer is not None and not gpu:
         ap.error("--answer needs --model (the GPU mode)")
@@ -236,6 +243,43 @@ def main(argv=None) -> int:
     path.write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {path}")
     return 0
+
+
+TABLE_COLUMNS = ("file", "engine", "errors", "queries per map", "s per map streamed", "busy streamed",
+                 "s per map one at a time", "busy one at a time", "forcing", "valid")
+
+
+def table_rows(path: Path) -> list[dict]:
+    """README's seconds-per-map cells from one result file, a dict per preset. Busy: the engines' booked share
+    (CPU, paced engines) or NVML's GPU busy share (GPU)."""
+    data = json.loads(Path(path).read_text())
+
+    def busy(r):
+        b = r.get("gpu_busy_share")
+        if b is None:
+            b = (r.get("engine_busy") or {}).get("share")
+        return "-" if b is None else f"{b:.2f}"
+
+    out = []
+    for preset, rec in data.get("presets", {}).items():
+        st, ones = rec.get("streamed") or {}, rec.get("one_at_a_time") or []
+        q = [r["queries_per_image"]["mean"] for r in ones + ([st] if st else [])]
+        out.append({
+            "file": Path(path).name, "engine": data.get("engine", "-"), "errors": preset,
+            "queries per map": f"{min(q):.0f}-{max(q):.0f}" if q and min(q) != max(q) else (f"{q[0]:.0f}" if q else "-"),
+            "s per map streamed": f"{st['s_per_map']:.2f} ({st['images']} images)" if st else "-",
+            "busy streamed": busy(st) if st else "-",
+            "s per map one at a time": f"{rec['one_at_a_time_s_per_map']:.2f} ({len(ones)})" if ones else "-",
+            "busy one at a time": ", ".join(busy(r) for r in ones) or "-",
+            "forcing": "on" if any(r.get("forcing") for r in ones + ([st] if st else [])) else "off",
+            "valid": "yes" if rec.get("valid") else "INVALID"})
+    return out
+
+
+def markdown_table(paths: list[Path]) -> str:
+    rows = [row for p in paths for row in table_rows(p)]
+    lines = ["| " + " | ".join(TABLE_COLUMNS) + " |", "|" + " --- |" * len(TABLE_COLUMNS)]
+    return "\n".join(lines + ["| " + " | ".join(r[c] for c in TABLE_COLUMNS) + " |" for r in rows])
 
 
 def _forced(s: dict) -> str:

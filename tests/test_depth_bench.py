@@ -1,7 +1,9 @@
 """benchmarks/depth_bench.py without a GPU: the depth config its GPU mode writes, with dummy weights and with
-a fixed-answer model folder (--answer), and the rows it makes of a summary."""
+a fixed-answer model folder (--answer), the rows it makes of a summary, and README's table from committed results."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import pytest
 
@@ -102,3 +104,18 @@ def test_the_forced_gpu_mode_end_to_end_with_the_command_faked(folder, tmp_path,
     assert "real weights answering" in res["engine"]
     with pytest.raises(SystemExit):
         db.main(["--answer", ANSWER])  # the GPU mode only
+
+
+def test_table_rows_come_from_the_committed_results():
+    from benchmarks import depth_bench as db
+
+    results = Path(__file__).parents[1] / "benchmarks" / "results"
+    gpu = db.table_rows(results / "depth_bench-gpu-H200-20261203.json")
+    assert len(gpu) == 1
+    assert gpu[0]["s per map streamed"] == "4.49 (8 images)" and gpu[0]["s per map one at a time"] == "13.54 (1)"
+    assert gpu[0]["busy streamed"] == "0.64" and gpu[0]["forcing"] == "off" and gpu[0]["queries per map"] == "1536"
+    cpu = {r["errors"]: r for r in db.table_rows(results / "depth_bench-cpu-paced652x2-20261203.json")}
+    assert cpu["structured"]["s per map streamed"] == "2.62 (8 images)" and cpu["structured"]["busy streamed"] == "0.91"
+    assert cpu["iid"]["queries per map"] == "1536-4096" and cpu["iid"]["valid"] == "yes"
+    table = db.markdown_table([results / "depth_bench-gpu-H200-20261203.json"]).splitlines()
+    assert len(table) == 3 and table[0].startswith("| file | engine |")
