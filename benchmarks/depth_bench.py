@@ -277,9 +277,9 @@ def table_rows(path: Path) -> list[dict]:
 
 
 def markdown_table(paths: list[Path]) -> str:
-    rows = [row for p in paths for row in table_rows(p)]
-    lines = ["| " + " | ".join(TABLE_COLUMNS) + " |", "|" + " --- |" * len(TABLE_COLUMNS)]
-    return "\n".join(lines + ["| " + " | ".join(r[c] for c in TABLE_COLUMNS) + " |" for r in rows])
+    from benchmarks.engine_bench import markdown
+
+    return markdown([row for p in paths for row in table_rows(p)], TABLE_COLUMNS)
 
 
 def _forced(s: dict) -> str:

@@ -596,14 +596,12 @@ def ray_phase(name: str, model: str, opts: dict, rate: float, per_gpu: int, stat
         row["engine_options"] = {k: v for k, v in opts.items() if k != "model"}
         row["ray"] = {"num_actors": per_gpu, "engines_per_gpu": per_gpu, "max_in_flight_per_actor": 3}
         row["dtype"] = "fp8" if opts.get("quantization") == "fp8" else "bf16"
-        kp = row.get("kernel_profile") or {}
-        if "window_ms" in kp and row.get("answered"):
-            from benchmarks.kernel_profile import gemm_params, per_query
+        if "window_ms" in (row.get("kernel_profile") or {}) and row.get("answered"):
+            from benchmarks.kernel_profile import row_per_query
 
             cfg = Path(model) / "config.json"
             text = json.loads(cfg.read_text()).get("text_config") if cfg.is_file() else None
-            tokens = row["uncached_prompt_tokens_per_query"] + row["generated_tokens_per_query"]
-            kp["per_query"] = per_query(kp, row["answered"], tokens, gemm_params(text) if text else None)
+            row["kernel_profile"]["per_query"] = row_per_query(row, text)
     return rows
 
 
@@ -759,10 +757,14 @@ def table_rows(path: Path) -> list[dict]:
     return out
 
 
+def markdown(rows: list[dict], columns) -> str:
+    """A markdown table of these rows' cells in `columns` order."""
+    lines = ["| " + " | ".join(columns) + " |", "|" + " --- |" * len(columns)]
+    return "\n".join(lines + ["| " + " | ".join(r[c] for c in columns) + " |" for r in rows])
+
+
 def markdown_table(paths: list[Path]) -> str:
-    rows = [row for p in paths for row in table_rows(p)]
-    lines = ["| " + " | ".join(TABLE_COLUMNS) + " |", "|" + " --- |" * len(TABLE_COLUMNS)]
-    return "\n".join(lines + ["| " + " | ".join(r[c] for c in TABLE_COLUMNS) + " |" for r in rows])
+    return markdown([row for p in paths for row in table_rows(p)], TABLE_COLUMNS)
 
 
 def main(argv=None) -> int:

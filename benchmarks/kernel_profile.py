@@ -205,6 +205,13 @@ def _kind_at(windows, starts, t: float) -> str | None:
     return None
 
 
+def row_per_query(row: dict, text: dict | None) -> dict:
+    """`per_query` of one profiled engine_bench row (its answered queries and tokens per query; the GEMM rate
+    when the model's text config is given)."""
+    tokens = (row.get("uncached_prompt_tokens_per_query") or 0) + (row.get("generated_tokens_per_query") or 0)
+    return per_query(row["kernel_profile"], row["answered"], tokens, gemm_params(text) if text else None)
+
+
 def result_per_query(path: str | Path, text: dict | None = None) -> list[dict]:
     """`per_query` of every profiled row of an engine_bench result (the 4B shape's text config by default)."""
     if text is None:
@@ -215,10 +222,9 @@ def result_per_query(path: str | Path, text: dict | None = None) -> list[dict]:
     for r in json.loads(Path(path).read_text()).get("rows", []):
         kp = r.get("kernel_profile") or {}
         if "window_ms" in kp and r.get("answered"):
-            tokens = (r.get("uncached_prompt_tokens_per_query") or 0) + (r.get("generated_tokens_per_query") or 0)
             rows.append({"variant": r["variant"], "queries_per_s": r.get("queries_per_s"),
                          "window_share_of_run": round(kp["window_ms"] / 1e3 / r["wall_s"], 3),
-                         **per_query(kp, r["answered"], tokens, gemm_params(text))})
+                         **row_per_query(r, text)})
     return rows
 
 

@@ -81,15 +81,24 @@ def sources(manifest: Path) -> list[ImageSource]:
     return list(iter_manifest(str(manifest)))
 
 
-def fixed_answer_profile(folder: Path) -> Path:
+def _vlm3_depth_variant(folder: Path, name: str, question: dict, drop: tuple = ()) -> Path:
+    """VLM3-depth's profile with its prompt unchanged and these keys of its default question set (and `drop`
+    removed), written to folder/NAME.yaml."""
     import yaml
 
     data = yaml.safe_load((profiles_dir() / "vlm3-depth.yaml").read_text())
-    data["name"] = "vlm3-depth-fixed-answer"
-    data["questions"][data["default_question"]]["structured_regex"] = FIXED_ANSWER
-    path = folder / "vlm3-depth-fixed-answer.yaml"
+    data["name"] = name
+    q = data["questions"][data["default_question"]]
+    q.update(question)
+    for key in drop:
+        q.pop(key, None)
+    path = folder / f"{name}.yaml"
     path.write_text(yaml.safe_dump(data, sort_keys=False))
     return path
+
+
+def fixed_answer_profile(folder: Path) -> Path:
+    return _vlm3_depth_variant(folder, "vlm3-depth-fixed-answer", {"structured_regex": FIXED_ANSWER})
 
 
 def declared_answer_profile(folder: Path, answer: str, fmt: str | None = None) -> Path:
@@ -99,24 +108,16 @@ def declared_answer_profile(folder: Path, answer: str, fmt: str | None = None) -
     compares forced with free answers. No structured decoding (it turns forcing off)."""
     import re
 
-    import yaml
-
     from densify.config.answer_format import NUMBER
 
     number = NUMBER.search(answer)
     if number is None:
         raise ValueError(f"fixed answer {answer!r} has no number to parse")
     pieces = answer.split(number.group())
-    data = yaml.safe_load((profiles_dir() / "vlm3-depth.yaml").read_text())
-    data["name"] = "vlm3-depth-declared-answer"
-    q = data["questions"][data["default_question"]]
-    q["regex"] = r"([-+]?\d*\.?\d+)".join(re.escape(p) for p in pieces)
-    q["answer_format"] = fmt or "{d}".join(p.replace("{", "{{").replace("}", "}}") for p in pieces)
-    q.pop("structured_regex", None)
-    q.pop("learn_answer_format", None)
-    path = folder / "vlm3-depth-declared-answer.yaml"
-    path.write_text(yaml.safe_dump(data, sort_keys=False))
-    return path
+    return _vlm3_depth_variant(folder, "vlm3-depth-declared-answer", {
+        "regex": r"([-+]?\d*\.?\d+)".join(re.escape(p) for p in pieces),
+        "answer_format": fmt or "{d}".join(p.replace("{", "{{").replace("}", "}}") for p in pieces)},
+        drop=("structured_regex", "learn_answer_format"))
 
 
 def main(argv=None) -> int:

@@ -760,30 +760,28 @@ def build_model_folder(out_dir, *, shape: str = "tiny", save_weights: bool | Non
         save_weights = SHAPES[shape]["save_weights"]
     files = family_files(family)
 
-    def write_files():
+    def write_files(dest: Path):
         for name, body in files.items():
             if isinstance(body, str):
-                (out / name).write_text(body)
+                (dest / name).write_text(body)
             else:
-                _write_json(out / name, body)
-        _write_json(out / "config.json", config)
+                _write_json(dest / name, body)
+        _write_json(dest / "config.json", config)
 
     chain = None
-    if answer is not None:  # refused before anything is written
+    if answer is not None:  # checked on the tokenizer in a scratch folder: refused before anything is written
         import tempfile
 
         with tempfile.TemporaryDirectory(prefix="densify-answer-") as tmp:
-            out, real_out = Path(tmp), out
-            write_files()
-            chain = answer_chain(out, answer)
-            out = real_out
+            write_files(Path(tmp))
+            chain = answer_chain(tmp, answer)
     out.mkdir(parents=True, exist_ok=True)
     (out / FIXED_ANSWER_FILE).unlink(missing_ok=True)
-    write_files()
+    write_files(out)
     if save_weights:
         _save_weights(out, config, seed, chain, device)
         # save_pretrained rewrites some of these in the running transformers' own form; keep the checkpoint's
-        write_files()
+        write_files(out)
     if answer is not None:
         _write_json(out / FIXED_ANSWER_FILE, {"answer": answer, "shape": shape, "seed": seed})
     log.info("built %s %s folder %s in %.1f s%s", shape, FAMILY_NAMES[family], out, time.perf_counter() - t0,
