@@ -24,8 +24,9 @@ decoding: what a real checkpoint runs. Every map is then constant (the plan stop
 
 One image at a time: one `densify depth IMG` per image (seconds per map = that run's wall time, engines
 already up: summary.json wall_s; the command's own start-up, Ray and engines included, is reported apart).
-Streamed: one `densify depth` over N images (seconds per map = wall_s / N). Rows count answered queries only;
-a row with failed images or engine errors is marked invalid.
+Streamed: one `densify depth` over N images (seconds per map = wall_s / N; steady: the seconds between maps
+after the first, whose time carries the engines' first requests and the ramp; the summary's `timeline`).
+Rows count answered queries only; a row with failed images or engine errors is marked invalid.
 """
 
 from __future__ import annotations
@@ -127,7 +128,7 @@ def row(s: dict, images: int, gpu: dict | None = None) -> dict:
          "queries_per_image": s["plan"]["queries_per_image"], "stops": s["plan"]["stops"], "wall_s": s["wall_s"],
          "s_per_map": s["wall_s"] / max(images, 1), "command_s": round(s["command_s"], 2),
          "startup_s": round(s["command_s"] - s["wall_s"], 2), "engine_busy": s.get("engine_busy"),
-         "forcing": (s.get("forcing") or {}).get("active"), "valid": s["failed"] == 0 and answered == s["queries"]}
+         "timeline": s.get("timeline"), "forcing": (s.get("forcing") or {}).get("active"), "valid": s["failed"] == 0 and answered == s["queries"]}
     if s.get("forcing"):  # forced and audited queries, and how often the audit's free answer agreed
         f = s["forcing"]
         r["forcing_audit"] = {k: f.get(k) for k in ("forced_queries", "audited", "agreed", "agreement", "same_text",
@@ -245,8 +246,8 @@ def main(argv=None) -> int:
     return 0
 
 
-TABLE_COLUMNS = ("file", "engine", "errors", "queries per map", "s per map streamed", "busy streamed",
-                 "s per map one at a time", "busy one at a time", "forcing", "valid")
+TABLE_COLUMNS = ("file", "engine", "errors", "queries per map", "s per map streamed", "steady s per map",
+                 "busy streamed", "s per map one at a time", "busy one at a time", "forcing", "valid")
 
 
 def table_rows(path: Path) -> list[dict]:
@@ -268,6 +269,8 @@ def table_rows(path: Path) -> list[dict]:
             "file": Path(path).name, "engine": data.get("engine", "-"), "errors": preset,
             "queries per map": f"{min(q):.0f}-{max(q):.0f}" if q and min(q) != max(q) else (f"{q[0]:.0f}" if q else "-"),
             "s per map streamed": f"{st['s_per_map']:.2f} ({st['images']} images)" if st else "-",
+            "steady s per map": f"{t['steady_s_per_map']:.2f} (first map {t['first_map_s']:.1f} s)"
+                                if (t := st.get("timeline")) and t.get("steady_s_per_map") is not None else "-",
             "busy streamed": busy(st) if st else "-",
             "s per map one at a time": f"{rec['one_at_a_time_s_per_map']:.2f} ({len(ones)})" if ones else "-",
             "busy one at a time": ", ".join(busy(r) for r in ones) or "-",

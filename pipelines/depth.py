@@ -58,6 +58,9 @@ def print_summary(s: dict, out) -> None:
         stops = ", ".join(f"{k} {v}" for k, v in plan.get("stops", {}).items())
         c.print(f"{q['mean']:,.0f} queries per image ({q['min']:,}-{q['max']:,}), {plan.get('mode')} rounds "
                 f"stopped by: {stops or '-'}")
+    t = s.get("timeline")
+    if t and t["steady_s_per_map"] is not None:
+        c.print(f"first map after {t['first_map_s']:.1f} s, then {t['steady_s_per_map']:.2f} s per map")
     f = s.get("forcing")
     if f and (f.get("forced_queries") or f.get("off_reason")):
         c.print(f"answer forcing: {f['forced_queries']:,} forced, {f['agreed']}/{f['audited']} audited agreed"

@@ -20,7 +20,7 @@ from densify.stages.transform import DepthResult
 
 log = logging.getLogger("densify.depth")
 
-__all__ = ["run_depth", "summarize", "engine_busy"]
+__all__ = ["run_depth", "summarize", "engine_busy", "timeline"]
 
 
 def _count(pairs) -> dict[str, int]:
@@ -47,6 +47,16 @@ def _plans(results: list[DepthResult], cfg: DepthConfig) -> dict:
     return {"count": cfg.plan.count, "mode": cfg.plan.mode, "stops": stops,
             "queries_per_image": ({"mean": float(np.mean(per_image)), "min": int(min(per_image)),
                                    "max": int(max(per_image))} if per_image else None)}
+
+
+def timeline(finished: list[float]) -> dict | None:
+    """When the maps came out: the first after the run began (it carries the engines' first requests and the
+    pipeline's ramp) and the steady seconds per map after it, (last - first) / (maps - 1)."""
+    if not finished:
+        return None
+    t = sorted(finished)
+    return {"maps": len(t), "first_map_s": round(t[0], 3),
+            "steady_s_per_map": round((t[-1] - t[0]) / (len(t) - 1), 3) if len(t) > 1 else None}
 
 
 def summarize(results: list[DepthResult], wall: float, profile: Profile, cfg: DepthConfig, **extra) -> dict:
@@ -81,6 +91,7 @@ def run_depth(sources: list[ImageSource], cfg: DepthConfig, engine: Engine, layo
     on_round = (lambda n: progress.update(images=0, queries=n)) if progress is not None else None
     stage = DepthStage(cfg, engine, layout=layout, keep_maps=keep_maps, evaluate=evaluate, on_round=on_round)
     results: dict[str, DepthResult] = {}
+    finished: list[float] = []  # seconds from the start at which each asked image's map came out
     busy0 = engine_busy(engine)
     t0, started = time.perf_counter(), time.time()
     interrupted, error = False, None
@@ -88,6 +99,8 @@ def run_depth(sources: list[ImageSource], cfg: DepthConfig, engine: Engine, layo
     try:
         for r in stream:
             results[r.id] = r
+            if r.status == "ok":
+                finished.append(time.perf_counter() - t0)
             if progress is not None:
                 progress.update(failed=int(r.status == "failed"))
     except KeyboardInterrupt:  # Ctrl-C or SIGTERM: the only way a run is interrupted
@@ -103,6 +116,7 @@ def run_depth(sources: list[ImageSource], cfg: DepthConfig, engine: Engine, layo
         if (interrupted or error) and layout is not None:
             _count_certified(sources, results, layout, stage.fingerprint, started)
         ordered = [results[s.id] for s in sources if s.id in results]
+        summary_extra["timeline"] = timeline(finished)
         if stage.forcing is not None:
             summary_extra["forcing"] = stage.forcing.report()
         busy1 = engine_busy(engine) if busy0 is not None and not interrupted and not error else None
