@@ -59,8 +59,8 @@ def print_summary(s: dict, out) -> None:
         c.print(f"{q['mean']:,.0f} queries per image ({q['min']:,}-{q['max']:,}), {plan.get('mode')} rounds "
                 f"stopped by: {stops or '-'}")
     t = s.get("timeline")
-    if t and t["steady_s_per_map"] is not None:
-        c.print(f"first map after {t['first_map_s']:.1f} s, then {t['steady_s_per_map']:.2f} s per map")
+    if t and t["maps"] > 1:
+        c.print(f"first map after {t['first_map_s']:.1f} s, last after {t['last_map_s']:.1f} s")
     f = s.get("forcing")
     if f and (f.get("forced_queries") or f.get("off_reason")):
         c.print(f"answer forcing: {f['forced_queries']:,} forced, {f['agreed']}/{f['audited']} audited agreed"

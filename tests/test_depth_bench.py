@@ -67,7 +67,7 @@ def test_rows_say_whether_forcing_was_active_and_how_the_audit_agreed():
                      "same_text": 4, "retried_unforced": 0, "off_reason": None}}
     r = row(s, 1, 0.5)
     assert r["timeline"] is None  # summaries from before the timeline
-    assert row(dict(s, timeline={"maps": 1, "first_map_s": 2.0, "steady_s_per_map": None}), 1)["timeline"]["maps"] == 1
+    assert row(dict(s, timeline={"maps": 1, "first_map_s": 2.0, "last_map_s": 2.0}), 1)["timeline"]["maps"] == 1
     assert r["forcing"] is True and r["forcing_audit"]["agreement"] == 1.0 and r["forcing_audit"]["audited"] == 4
     assert r["valid"] and r["gpu_busy_share"] == 0.5 and r["startup_s"] == 3.0
     s.pop("forcing")
@@ -123,16 +123,16 @@ def test_table_rows_come_from_the_committed_results():
     assert len(table) == 3 and table[0].startswith("| file | engine |")
 
 
-def test_the_table_gives_the_steady_seconds_per_map_where_the_summary_has_a_timeline(tmp_path):
+def test_the_table_gives_the_first_map_where_the_summary_has_a_timeline(tmp_path):
     import json
 
     from benchmarks import depth_bench as db
 
     st = {"images": 8, "s_per_map": 3.5, "queries_per_image": {"mean": 1536}, "forcing": True,
-          "timeline": {"maps": 8, "first_map_s": 11.0, "steady_s_per_map": 2.35}}
+          "timeline": {"maps": 8, "first_map_s": 11.04, "last_map_s": 27.7}}
     f = tmp_path / "r.json"
     f.write_text(json.dumps({"engine": "e", "presets": {"p": {"streamed": st, "one_at_a_time": [], "valid": True}}}))
-    assert db.table_rows(f)[0]["steady s per map"] == "2.35 (first map 11.0 s)"
-    st["timeline"]["steady_s_per_map"] = None  # one map: no steady rate
+    assert db.table_rows(f)[0]["first map streamed"] == "11.0 s"
+    st.pop("timeline")  # results from before the timeline
     f.write_text(json.dumps({"engine": "e", "presets": {"p": {"streamed": st, "one_at_a_time": [], "valid": True}}}))
-    assert db.table_rows(f)[0]["steady s per map"] == "-"
+    assert db.table_rows(f)[0]["first map streamed"] == "-"

@@ -50,13 +50,13 @@ def _plans(results: list[DepthResult], cfg: DepthConfig) -> dict:
 
 
 def timeline(finished: list[float]) -> dict | None:
-    """When the maps came out: the first after the run began (it carries the engines' first requests and the
-    pipeline's ramp) and the steady seconds per map after it, (last - first) / (maps - 1)."""
+    """When the maps came out, in seconds from the run's start: the first (what a user waits for; it carries
+    the engines' first requests) and the last. No steady rate: images in flight progress together, so the gaps
+    between maps understate it until a run is many times longer than `images_in_flight`; wall / maps of a long
+    run gives it."""
     if not finished:
         return None
-    t = sorted(finished)
-    return {"maps": len(t), "first_map_s": round(t[0], 3),
-            "steady_s_per_map": round((t[-1] - t[0]) / (len(t) - 1), 3) if len(t) > 1 else None}
+    return {"maps": len(finished), "first_map_s": round(min(finished), 3), "last_map_s": round(max(finished), 3)}
 
 
 def summarize(results: list[DepthResult], wall: float, profile: Profile, cfg: DepthConfig, **extra) -> dict:
