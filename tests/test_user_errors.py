@@ -184,8 +184,11 @@ PACED = ("--set", "engine.options.answers_per_s=3000")
 
 def _start_until_a_result(out: Path, *argv, timeout: float = 120, pattern: str = "*/result.json") -> subprocess.Popen:
     """`densify ARGV` in a subprocess, returned once its first image is done (a result.json exists)."""
+    # as from a terminal: a shell without job control starts background jobs (`pytest ... &`) with SIGINT
+    # ignored, and children inherit that
     p = subprocess.Popen([sys.executable, "-m", "pipelines", *argv], cwd=REPO, stdout=subprocess.PIPE,
-                         stderr=subprocess.PIPE, text=True)
+                         stderr=subprocess.PIPE, text=True,
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + timeout
     while not list(out.glob(pattern)):
         assert p.poll() is None and time.monotonic() < deadline, p.communicate()[1]
