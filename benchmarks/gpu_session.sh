@@ -12,6 +12,8 @@
 #     (/tmp/densify-m4b-answer, built once per host on the GPU, ~10 GB: a minute or two the first time;
 #     `... depth --answer TEXT --images 0 --one 0` only builds it), the text declared as the answer format,
 #     forcing auto and audited, no structured decoding; result depth_bench-gpu-forced-<date>.json
+#   PIXTRAL_TRANSFORMERS=1 PYTEST_K=depthlm bash benchmarks/gpu_session.sh tests (then ... bench depthlm): DepthLM's
+#     Pixtral through vLLM on this host, with .whl-tf/ carried (transformers 5.16.1; see below)
 # After `bench`, /tmp/densify-best-options.json holds the engine options (beyond engine_bench's base) of the
 # fastest valid bf16 Ray-pool row at 12 tokens, for the next call: --engine-options "$(cat /tmp/densify-best-options.json)".
 # e.g. the last staging call and the tests together:
@@ -43,6 +45,19 @@ for w in .whl .whl-cv; do
       && touch "/tmp/site/.installed-$w"
   fi
 done
+# DepthLM's Pixtral on this host: the staged vLLM 0.26.0's Pixtral code imports two helpers that the host's
+# transformers 5.17 dropped (`python -m benchmarks.transformers_names` lists such names; 5.16.1 has them all).
+# Carry transformers 5.16.1 in .whl-tf/ (pip download --no-deps transformers==5.16.1 -d .whl-tf; 12 MB, the same
+# requirements as 5.17) and set PIXTRAL_TRANSFORMERS=1: installed once into /tmp/site-tf, first on the path of
+# that call only, so the other calls keep the host's transformers.
+if ls .whl-tf/*.whl >/dev/null 2>&1 && [ ! -f /tmp/site-tf/.installed ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site-tf .whl-tf/*.whl >/dev/null 2>&1 \
+    && touch /tmp/site-tf/.installed
+fi
+if [ "${PIXTRAL_TRANSFORMERS:-0}" = 1 ]; then
+  [ -f /tmp/site-tf/.installed ] || { echo "PIXTRAL_TRANSFORMERS=1: carry .whl-tf/ (transformers 5.16.1) first"; exit 2; }
+  export PYTHONPATH="$PWD:/tmp/site-tf:${PYTHONPATH#"$PWD:"}"
+fi
 export PATH="/tmp/site/bin:$PATH"
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 VLLM_NO_USAGE_STATS=1 DO_NOT_TRACK=1
 export TOKENIZERS_PARALLELISM=false
@@ -59,6 +74,8 @@ for m in ("torch", "transformers", "vllm", "tokenizers", "pynvml"):
     except Exception as exc:
         print(m, "MISSING", type(exc).__name__, exc)
 EOF
+  # names vLLM's multimodal model files import that this transformers lacks (DepthLM's Pixtral, Qwen3-VL)
+  python3 -m benchmarks.transformers_names --only pixtral,llava,qwen3_vl --brief 2>/dev/null
 } > "$OUT/env.txt" 2>&1
 cat "$OUT/env.txt"
 
