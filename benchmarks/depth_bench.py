@@ -128,7 +128,8 @@ def row(s: dict, images: int, gpu: dict | None = None) -> dict:
          "queries_per_image": s["plan"]["queries_per_image"], "stops": s["plan"]["stops"], "wall_s": s["wall_s"],
          "s_per_map": s["wall_s"] / max(images, 1), "command_s": round(s["command_s"], 2),
          "startup_s": round(s["command_s"] - s["wall_s"], 2), "engine_busy": s.get("engine_busy"),
-         "timeline": s.get("timeline"), "forcing": (s.get("forcing") or {}).get("active"), "valid": s["failed"] == 0 and answered == s["queries"]}
+         "timeline": s.get("timeline"), "forcing": (s.get("forcing") or {}).get("active"),
+         "valid": s["failed"] == 0 and answered == s["queries"]}
     if s.get("forcing"):  # forced and audited queries, and how often the audit's free answer agreed
         f = s["forcing"]
         r["forcing_audit"] = {k: f.get(k) for k in ("forced_queries", "audited", "agreed", "agreement", "same_text",

@@ -33,7 +33,8 @@ def imported_names(root: Path, only: list[str] | None = None) -> dict[tuple[str,
         except (SyntaxError, UnicodeDecodeError):
             continue
         for node in ast.walk(tree):
-            if isinstance(node, ast.ImportFrom) and node.level == 0 and (node.module or "").split(".")[0] == "transformers":
+            if (isinstance(node, ast.ImportFrom) and node.level == 0
+                    and (node.module or "").split(".")[0] == "transformers"):
                 for alias in node.names:
                     out.setdefault((node.module, alias.name), set()).add(rel)
     return {k: sorted(v) for k, v in out.items()}

@@ -1,6 +1,7 @@
 """A depth run as a whole: the depth stage over a list of images, and the run's summary (counts, failures
 by kind, answer failures, throughput, queries per image and why plans stopped, mean metrics, the forcing
-audit, the engines' busy share where they count it), written even when the run is interrupted."""
+audit, the engines' busy share where they count it, when the first and last maps came out), written even
+when the run is interrupted."""
 
 from __future__ import annotations
 
