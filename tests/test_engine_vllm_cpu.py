@@ -567,7 +567,7 @@ def test_cuda_graphs_cover_a_full_decode_batch(fake_vllm):
 def test_uuids_are_content_hashes_never_reused_for_other_pixels(fake_vllm):
     eng = make(fake_vllm)
     first, second = depth_batch(3, uid="same"), depth_batch(3, uid="same")
-    second.images["same"].pixels = 255 - second.images["same"].pixels  # a caller reusing a uid
+    second.images["same"].base = 255 - second.images["same"].base  # a caller reusing a uid
     eng.generate(first)
     eng.generate(second)
     llm = FakeLLM.instances[0]

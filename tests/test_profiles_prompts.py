@@ -6,6 +6,7 @@ from conftest import MODEL_FORMATS
 
 from densify.config.loading import ConfigError
 from densify.config.profiles import available_profiles, load_profile
+from densify.engines.base import PromptImage, content_ids
 from densify.io.cameras import Camera, prepare_image
 from densify.queries.plan import plan_queries
 from densify.queries.prompts import corr_batch, depth_batch, pose_batch, render_text
@@ -173,6 +174,30 @@ def test_depthlm_border_rule_and_mapping_by_hand():
     red = sorted(map(tuple, np.argwhere(np.all(img == RED, axis=2))[:, ::-1].tolist()))
     assert red == sorted([(70, 75), (71, 75), (72, 75), (73, 75), (74, 75), (73, 76), (73, 74), (72, 77), (72, 73)])
     assert tuple(img[75, 75]) == (40, 40, 40)
+
+
+def test_a_dense_depthlm_batch_holds_and_ships_one_image():
+    """1,000 marked queries share the prepared pixels: each image is painted when read, the batch pickles
+    (as the Ray pool ships it) to about one image, and the content ids differ exactly where pixels do."""
+    import pickle
+
+
+    rng = np.random.default_rng(3)
+    rgb = rng.integers(0, 200, (480, 640, 3), dtype=np.uint8)
+    pts = np.stack([rng.uniform(10, 630, 1000), rng.uniform(10, 470, 1000)], 1)
+    p, prep, plan, b = _depthlm_batch(rgb, Camera(1000.0, 1000.0, 320.0, 240.0, 640, 480), pts)
+    assert len(b.images) == len(plan) > 900
+    assert all(im.base is prep.pixels for im in b.images.values())
+    assert len(pickle.dumps(b, protocol=5)) < prep.pixels.nbytes + 500 * len(b.images)  # not 1,000 images
+    ids = content_ids(b.images)
+    assert len(set(ids.values())) == len(b.images)
+    for uid, im in list(b.images.items())[:20]:
+        x, y = map(int, uid.split(":m")[1].split(","))
+        assert np.array_equal(im.pixels, release_mark(prep.pixels, x, y))
+    assert not np.any(np.all(prep.pixels == RED, axis=2))  # reading never paints the shared base
+    again = depth_batch(prep, plan, p, uid="img")
+    assert content_ids(again.images) == ids  # the next round's same pixels: the same ids (vLLM's cache)
+    assert content_ids({"u": PromptImage("u", prep.pixels)})["u"] not in set(ids.values())
 
 
 def test_depthlm_size_truncates_and_fy_scales_with_fx():

@@ -34,7 +34,7 @@ from typing import Any, Iterable, Iterator
 
 from densify.config.profiles import Profile, load_profile
 from densify.engines.base import (Completion, Engine, EngineBatch, EngineError, EngineStartError, PromptImage, Query,
-                                  Sampling, check_batch)
+                                  Sampling, check_batch, content_ids)
 from densify.engines.chat import TEMPLATE_TEXT_KEYS, chat_messages
 from densify.engines.options import VLLMOptions
 from densify.engines.vllm_fast import FALLBACK, FAST, add_fast
@@ -155,7 +155,7 @@ class _PILCache:
 
     @staticmethod
     def uuid(img: PromptImage) -> str:
-        return "px-" + PromptImage.content_uid(img.pixels)
+        return "px-" + content_ids({"": img})[""]
 
     def get(self, img: PromptImage, uuid: str | None = None):
         key = uuid or self.uuid(img)
@@ -400,7 +400,7 @@ class VLLMEngine(Engine):
 
     def prompts(self, batch: EngineBatch) -> list[dict]:
         check_batch(batch)
-        uuids = {u: self._images.uuid(img) for u, img in batch.images.items()}  # one hash per image
+        uuids = {u: "px-" + c for u, c in content_ids(batch.images).items()}  # a shared base hashed once
         return [self.prompt(batch, q, uuids) for q in batch.queries]
 
     @staticmethod

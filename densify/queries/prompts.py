@@ -25,18 +25,27 @@ def sampling_for(profile: Profile, question: str | None = None, *, logprobs: boo
                     structured_regex=q.structured_regex if structured else None, logprobs=logprobs)
 
 
-def draw_marker(pixels: np.ndarray, x: int, y: int, marker: Marker) -> np.ndarray:
-    """A copy of the preprocessed image with the profile's marker pointing at integer pixel (x, y): each
-    of its pixels set to its colour, nothing else touched (no blending, no anti-aliasing). A pixel too
-    close to a border is refused, never marked with a clipped marker."""
-    h, w = pixels.shape[:2]
+def marker_pixels(size: tuple[int, int], x: int, y: int, marker: Marker) -> np.ndarray:
+    """The (x, y) pixels the profile's marker paints to point at integer pixel (x, y) of an image of `size`
+    (W, H). A pixel too close to a border is refused, never marked with a clipped marker."""
+    w, h = size
     if not markable(np.array([[x, y]]), (w, h), marker)[0]:
         raise ValueError(f"pixel ({x}, {y}) of a {w}x{h} image cannot be marked: the marker needs "
                          f"{marker.margin} <= x < {w - marker.margin} and {marker.margin} <= y < {h - marker.margin}")
-    out = np.array(pixels, copy=True)
-    off = np.asarray(marker.pixels, np.int64)
-    out[y + off[:, 1], x + off[:, 0]] = marker.color
-    return out
+    return np.asarray(marker.pixels, np.int64) + np.array([x, y], np.int64)
+
+
+def marked_image(uid: str, pixels: np.ndarray, x: int, y: int, marker: Marker,
+                 ref: ImageRef | None = None) -> PromptImage:
+    """The preprocessed image with the marker pointing at (x, y): each marker pixel set to its colour,
+    nothing else touched (no blending, no anti-aliasing); painted when the engine reads it."""
+    xy = marker_pixels((pixels.shape[1], pixels.shape[0]), x, y, marker)
+    return PromptImage(uid, pixels, ref, marks=xy, mark_color=tuple(marker.color))
+
+
+def draw_marker(pixels: np.ndarray, x: int, y: int, marker: Marker) -> np.ndarray:
+    """A marked copy of the preprocessed image (`marked_image`'s pixels)."""
+    return marked_image("", pixels, x, y, marker).pixels
 
 
 def marked_uid(uid: str, x: int, y: int) -> str:
@@ -52,7 +61,7 @@ def marked_images(prep: PreparedImage, plan: QueryPlan, profile: Profile, *, uid
     out = []
     for x, y in plan.marked.tolist():
         r = dataclasses.replace(ref, marker=(x, y)) if ref is not None else None
-        out.append(PromptImage(marked_uid(uid, x, y), draw_marker(prep.pixels, x, y, profile.marker), r))
+        out.append(marked_image(marked_uid(uid, x, y), prep.pixels, x, y, profile.marker, r))
     return out
 
 

@@ -42,7 +42,7 @@ COORD_RE = re.compile(r"\((\d+), (\d+)\)")
 
 
 def _pixel_map(img: PromptImage) -> PixelMap:
-    h, w = img.pixels.shape[:2]
+    h, w = img.shape[:2]
     return PixelMap(tuple(img.ref.size), (w, h), None, tuple(img.ref.scale))
 
 
@@ -145,7 +145,7 @@ class SimulatedEngine(Engine):
     # -- truth, in each prompt image's own frame (cached: a batch shows the same image thousands of times)
     @staticmethod
     def _key(img: PromptImage):
-        return (img.ref.id, img.ref.path, img.ref.scale, img.pixels.shape[:2]) if img.ref is not None else None
+        return (img.ref.id, img.ref.path, img.ref.scale, img.shape[:2]) if img.ref is not None else None
 
     def _image_truth(self, img: PromptImage) -> GroundTruth:
         key = self._key(img)
@@ -169,7 +169,7 @@ class SimulatedEngine(Engine):
 
     def _build_truth(self, img: PromptImage) -> GroundTruth | None:
         ref, t = img.ref, self.truth
-        h, w = img.pixels.shape[:2]
+        h, w = img.shape[:2]
         sx, sy = ref.scale
         depth, labels, ids = t.depth(ref), t.labels(ref), t.object_ids(ref)
         if depth is None and labels is None and ids is None:
@@ -216,7 +216,7 @@ class SimulatedEngine(Engine):
     def _pre_xy(self, q: Query, img: PromptImage) -> tuple[float, float] | None:
         m = COORD_RE.search(q.text)
         if m and self.profile.coord_range:
-            h, w = img.pixels.shape[:2]
+            h, w = img.shape[:2]
             r = self.profile.coord_range
             return int(m.group(1)) / r * w, int(m.group(2)) / r * h
         if img.ref is not None and img.ref.marker is not None:  # the marked pixel, from the image's provenance
@@ -246,7 +246,7 @@ class SimulatedEngine(Engine):
             return self._corr(q, img, batch.images[q.image_uids[1]], rng)
         if kind in ("predicate", "choice", "metric", "clock"):  # object questions: regions read from the text
             r = self.profile.regions
-            boxes, texts = regions_in_text(r.region_regex, q.text, r.coord_range, img.pixels.shape[1::-1])
+            boxes, texts = regions_in_text(r.region_regex, q.text, r.coord_range, img.shape[1::-1])
             cat = self.profile.questions[q.question].category or q.question
             text = answer_from_truth(cat, boxes, texts, self._image_truth(img), rng, self.object_error)
             if text == NO_TRUTH_ANSWER:
@@ -264,7 +264,7 @@ class SimulatedEngine(Engine):
         e = self.error
         if e.structured_depth:
             t = self._image_truth(img)
-            state = self._errors.depth(img.source_uid, img.pixels.shape[:2], t.depth, t.object_ids)
+            state = self._errors.depth(img.source_uid, img.shape[:2], t.depth, t.object_ids)
             pred, own, _ = depth_answer(e, gt, rng, state, (int(xy[0]), int(xy[1])), t.depth)
             return f"<think> </think><answer>{pred:.{e.decimals}f}</answer>", own
         if e.outlier_rate and rng.random() < e.outlier_rate:
@@ -295,7 +295,7 @@ class SimulatedEngine(Engine):
     def _corr(self, q: Query, img1: PromptImage, img2: PromptImage, rng):
         r = self.profile.coord_range or 1000
         xy = self._pre_xy(q, img1)
-        h2, w2 = img2.pixels.shape[:2]
+        h2, w2 = img2.shape[:2]
         target = None
         m, _ = self._pair_truth(img1, img2)
         if xy is not None:
