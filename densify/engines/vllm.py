@@ -154,11 +154,11 @@ class _PILCache:
         self._d: collections.OrderedDict[str, Any] = collections.OrderedDict()
 
     @staticmethod
-    def uuid(img: PromptImage) -> str:
-        return "px-" + content_ids({"": img})[""]
+    def uuids(images: dict[str, PromptImage]) -> dict[str, str]:
+        """Each image's vLLM uuid (a shared base hashed once)."""
+        return {u: "px-" + c for u, c in content_ids(images).items()}
 
-    def get(self, img: PromptImage, uuid: str | None = None):
-        key = uuid or self.uuid(img)
+    def get(self, img: PromptImage, key: str):
         pil = self._d.get(key)
         if pil is None:
             from PIL import Image
@@ -391,7 +391,7 @@ class VLLMEngine(Engine):
         p: dict[str, Any] = {"prompt": text}
         if q.image_uids:
             if uuids is None:
-                uuids = {u: self._images.uuid(batch.images[u]) for u in q.image_uids}
+                uuids = self._images.uuids({u: batch.images[u] for u in q.image_uids})
             ids = [uuids[u] for u in q.image_uids]
             p["multi_modal_data"] = {"image": [self._images.get(batch.images[u], i) for u, i in zip(q.image_uids, ids)]}
             if self.mm_uuids:
@@ -400,7 +400,7 @@ class VLLMEngine(Engine):
 
     def prompts(self, batch: EngineBatch) -> list[dict]:
         check_batch(batch)
-        uuids = {u: "px-" + c for u, c in content_ids(batch.images).items()}  # a shared base hashed once
+        uuids = self._images.uuids(batch.images)
         return [self.prompt(batch, q, uuids) for q in batch.queries]
 
     @staticmethod
